@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both create .venv when missing, install torch (the CPU wheel pip finds on this
+# machine's disk) and the package with its dev extras, and make sure Fashion-MNIST is there.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BT     := $(VENV)/bin/branchy-tee
+STAMP  := $(VENV)/.installed-stamp
+TORCH  := torch==2.13.0
+
+.PHONY: all setup data demo test fuzz bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+setup: $(STAMP)
+
+data:
+	@scripts/ensure-fashion-mnist.sh
+
+# Until the end-to-end demo lands this shows the model zoo and its cost per exit.
+demo: setup data
+	$(BT) models
+
+test: setup data
+	$(PY) -m pytest -q
+
+bench: setup data
+	$(BT) bench --json bench.json
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

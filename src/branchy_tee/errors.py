@@ -1,0 +1,34 @@
+"""Error types shared by every part of branchy-tee.
+
+The command line turns a ``BranchyError`` into one line on stderr and exit code 1
+(``UsageError``: exit code 2). Anything else is a bug and keeps its traceback.
+Standard library only: the enclave imports this module.
+"""
+
+
+class BranchyError(Exception):
+    """An expected failure: bad input, a refused operation, missing files."""
+
+    exit_code = 1
+
+
+class UsageError(BranchyError):
+    """The command was called wrongly (unknown name, conflicting flags)."""
+
+    exit_code = 2
+
+
+class DatasetError(BranchyError):
+    """A dataset file is missing, truncated, corrupted or has the wrong checksum."""
+
+
+class IntegrityError(BranchyError):
+    """Authenticated data did not verify: tampering, a wrong key or a foreign file."""
+
+
+class AttestationError(BranchyError):
+    """Evidence (a quote or a simulated document) did not verify."""
+
+
+class PolicyError(BranchyError):
+    """Evidence verified but the policy refuses it."""

@@ -1,0 +1,71 @@
+"""Atomic file writes and key-file handling. Standard library only (enclave side uses it)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from .errors import BranchyError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
+
+    The bytes go to a temporary file in the same directory, are fsynced, then renamed over ``path``.
+    A crash at any point leaves no partial ``path`` behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+KEY_BYTES = 32
+
+
+def write_key_file(path: str | os.PathLike, key: bytes) -> Path:
+    if len(key) != KEY_BYTES:
+        raise ValueError("keys are 32 bytes")
+    path = Path(path)
+    if path.exists():
+        raise BranchyError(f"{path} already exists; refusing to overwrite a key")
+    return atomic_write_bytes(path, key, mode=0o600)
+
+
+def read_key_file(path: str | os.PathLike) -> bytes:
+    """Read a 256-bit key; refuse (like ssh) a key file that others can read or write."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BranchyError(f"key file {path} not found") from None
+    except OSError as e:
+        raise BranchyError(f"cannot read key file {path}: {e.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise BranchyError(
+            f"key file {path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run 'chmod 600 {path}'"
+        )
+    if len(data) != KEY_BYTES:
+        raise BranchyError(f"key file {path} holds {len(data)} bytes, expected a {KEY_BYTES}-byte key")
+    return data
