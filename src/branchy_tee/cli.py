@@ -58,9 +58,197 @@ def cmd_models(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- train / eval / calibrate
+SEED_NETS = ["LeNet5", "AlexNet", "VGG16", "VGG19", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152",
+             "DenseNet121", "MobileNetv1", "MobileNetV2"]  # fmt: skip
+
+
+def _net_name(value: str) -> str:
+    from .models import resolve_name
+
+    try:
+        return resolve_name(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _floats(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def _key_value(value: str) -> tuple[str, object]:
+    key, sep, raw = value.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {value!r}")
+    for conv in (int, float):
+        try:
+            return key, conv(raw)
+        except ValueError:
+            pass
+    return key, raw
+
+
+def add_data_arguments(p, default="fashion-mnist", required=False) -> None:
+    from .data import DATASETS
+
+    p.add_argument("--dataset", choices=DATASETS, default=None if required else default,
+                   help=f"dataset (default: {'as trained' if default is None else default})")
+    p.add_argument("--data-dir", default=None, help="dataset location (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 (official URL, MD5 checked) when missing")
+
+
+def add_train(sub) -> None:
+    from .train.trainer import DISTILL, OPTIMIZERS
+
+    p = sub.add_parser("train", help="train a multi-exit model with distillation into the early exits",
+                       description="Train a multi-exit network (the seed's flags are accepted verbatim). "
+                                   "Writes RUN_DIR/model.safetensors, model.json, checkpoint.pt and metrics.jsonl, "
+                                   "then calibrates the exit thresholds on the validation split.")
+    # The seed's flags, verbatim (defaults as in the seed).
+    p.add_argument("--lr", type=float, default=0.0001, help="learning rate (default 0.0001)")
+    p.add_argument("--cuda", action="store_true", help="require CUDA (fail if there is none)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--net", type=_net_name, default="mobilenetv1", metavar="NET",
+                   help=f"model: one of {', '.join(SEED_NETS)} (any case) (default MobileNetv1)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--resume", "-r", action="store_true", help="resume from RUN_DIR/checkpoint.pt")
+    p.add_argument("--patience", "-p", type=int, default=7, help="early-stopping patience in epochs")
+    p.add_argument("--optim", "-o", choices=OPTIMIZERS, default="adamw")
+    # Ours.
+    add_data_arguments(p)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--distill", choices=DISTILL, default="final", help="teacher for the early exits (default: the final exit)")
+    p.add_argument("--teacher", metavar="CKPT", help="run directory or checkpoint.pt of a trained teacher (--distill teacher)")
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term")
+    p.add_argument("--exit-weights", type=_floats, metavar="W0,W1,...", help="cross-entropy weight per exit (default all 1)")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/latest", metavar="RUN_DIR", help="run directory (default runs/latest)")
+    p.add_argument("--max-batches", type=int, default=None, help="at most this many batches per epoch (quick runs)")
+    p.add_argument("--model-config", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra model option, e.g. width=16 for a narrow ResNet (repeatable)")
+    p.add_argument("--synthetic-channels", type=int, choices=[1, 3], default=3)
+    p.add_argument("--synthetic-size", type=int, default=32)
+    p.add_argument("--synthetic-samples", type=int, default=None, help="training samples of the synthetic set (default 10000)")
+    p.add_argument("--criterion", choices=["entropy", "maxprob"], default="entropy", help="exit criterion calibrated at the end")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="calibration budget (fraction; default 0.01 = 1 point)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .train.trainer import TrainConfig, fit
+
+    synthetic = {"channels": args.synthetic_channels, "size": args.synthetic_size}
+    if args.synthetic_samples:
+        synthetic["n"] = args.synthetic_samples
+    cfg = TrainConfig(
+        net=args.net, dataset=args.dataset, data_dir=args.data_dir, download=args.download, out=args.out,
+        lr=args.lr, batch_size=args.batch_size, num_workers=args.num_workers, epochs=args.epochs,
+        patience=args.patience, optim=args.optim, weight_decay=args.weight_decay, device=args.device,
+        require_cuda=args.cuda, distill=args.distill, teacher=args.teacher, temperature=args.temperature,
+        alpha=args.alpha, exit_weights=args.exit_weights, seed=args.seed, max_batches=args.max_batches,
+        resume=args.resume, model_config=dict(args.model_config), synthetic=synthetic if args.dataset == "synthetic" else {},
+        criterion=args.criterion, max_accuracy_drop=args.max_accuracy_drop, quiet=args.json,
+    )  # fmt: skip
+    summary = fit(cfg)
+    cal = summary.get("calibration")
+    if args.json:
+        if cal:
+            cal = {k: v for k, v in cal.items() if k != "candidates"}
+        emit_json({**summary, "calibration": cal, "run_dir": args.out})
+    elif cal:
+        _print_calibration(cal)
+        print(f"run directory: {args.out}")
+    return 0
+
+
+def _print_calibration(cal: dict) -> None:
+    fr = " / ".join(f"{100 * f:.1f}%" for f in cal["exit_fractions"])
+    print(f"calibrated ({cal['criterion']}, budget {100 * cal['max_accuracy_drop']:.2f} points, margin {cal['margin_se']} SE): "
+          f"thresholds {', '.join(f'{t:.4f}' for t in cal['thresholds'])}")
+    print(f"  validation accuracy {100 * cal['accuracy']:.2f}% vs final exit {100 * cal['final_accuracy']:.2f}%; "
+          f"mean cost {cal['mean_flops'] / cal['full_flops']:.3f} of the full model "
+          f"({cal['full_flops'] / max(cal['mean_flops'], 1):.2f}x fewer FLOPs); exits taken {fr}")
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="per-exit accuracy, cost, calibrated early exit, sweep and oracle on the test split")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    add_data_arguments(p, default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="PNG", help="write an accuracy-vs-cost plot")
+    p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches of 256")
+    p.add_argument("--latency-reps", type=int, default=20, help="timed repetitions per exit (batch 1)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .evaluate.exits import evaluate_run
+
+    report = evaluate_run(args.run_dir, args.dataset, args.data_dir, device=args.device, max_batches=args.max_batches,
+                          latency_reps=args.latency_reps, show=not args.json)
+    if args.plot:
+        from .evaluate.plots import plot_accuracy_vs_cost
+
+        report["plot"] = str(plot_accuracy_vs_cost(report, args.plot))
+    if args.json:
+        emit_json(report)
+        return 0
+    full = report["full_flops"]
+    print(f"{report['arch']} on {report['samples']} test samples")
+    print(f"{'exit':>4} {'accuracy':>9} {'GFLOPs':>8} {'of full':>8} {'latency ms':>11}")
+    for e in report["exits"]:
+        print(f"{e['index']:>4} {100 * e['accuracy']:>8.2f}% {e['flops'] / 1e9:>8.4f} {e['flops'] / full:>8.3f} {e['latency_ms']:>11.3f}")
+    cal, orc = report["calibrated"], report["oracle"]
+    label = "calibrated" if cal["calibrated"] else "uncalibrated (no early exits)"
+    fr = " / ".join(f"{100 * f:.1f}%" for f in cal["exit_fractions"])
+    print(f"{label} ({cal['criterion']}): accuracy {100 * cal['accuracy']:.2f}% (final exit {100 * report['final_accuracy']:.2f}%), "
+          f"mean cost {cal['mean_flops'] / full:.3f} of full ({full / max(cal['mean_flops'], 1):.2f}x fewer FLOPs); exits {fr}")
+    print(f"oracle: accuracy {100 * orc['accuracy']:.2f}%, mean cost {orc['mean_flops'] / full:.3f} of full "
+          f"({full / max(orc['mean_flops'], 1):.2f}x fewer FLOPs)")
+    if args.plot:
+        print(f"plot: {report['plot']}")
+    return 0
+
+
+def add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="choose exit thresholds on the validation split within an accuracy budget")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="allowed drop vs the final exit (fraction; default 0.01)")
+    p.add_argument("--criterion", choices=["entropy", "maxprob"], default=None, help="default: the model's current criterion")
+    p.add_argument("--margin-se", type=float, default=1.0,
+                   help="also keep this many standard errors of margin (default 1; 0 = exactly the budget on validation)")
+    add_data_arguments(p, default=None)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from .evaluate.calibrate import calibrate_run
+
+    if not 0 <= args.max_accuracy_drop < 1:
+        raise UsageError("--max-accuracy-drop is a fraction in [0, 1), e.g. 0.01 for one point")
+    result = calibrate_run(args.run_dir, args.max_accuracy_drop, args.criterion, args.margin_se,
+                           dataset=args.dataset, data_dir=args.data_dir, max_batches=args.max_batches, show=not args.json)
+    if args.json:
+        emit_json(result)
+    else:
+        _print_calibration(result)
+        print(f"thresholds written to {args.run_dir}/model.json")
+    return 0
+
+
 # --------------------------------------------------------------------------- wiring
 # Each entry adds one subcommand (or group) to the parser; keep them in the DESIGN.md order.
-BUILDERS: list[Callable] = [add_models]
+BUILDERS: list[Callable] = [add_models, add_train, add_eval, add_calibrate]
 
 
 def build_parser() -> ArgumentParser:

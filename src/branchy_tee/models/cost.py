@@ -1,4 +1,11 @@
-"""What it costs to reach each exit: FLOPs counted by ``torch.utils.flop_counter``, parameter counts."""
+"""What it costs to reach each exit: FLOPs counted by ``torch.utils.flop_counter``, parameter counts.
+
+Two views of the same numbers:
+- ``exit_flops[k]``: stages 0..k plus head k — the cost of a network that is cut at exit k
+  (what ``branchy-tee models`` reports; the last entry is the plain full model).
+- ``early_exit_cost(...)[k]``: stages 0..k plus *every* head 0..k — what a sample that leaves at exit k
+  costs in an early-exit run, which evaluated the heads it passed on the way.
+"""
 
 from __future__ import annotations
 
@@ -16,24 +23,43 @@ def _count_flops(fn, *args) -> tuple[int, object]:
 
 
 @torch.no_grad()
-def exit_flops(model: MultiExitNet, input_shape=(3, 32, 32)) -> list[int]:
-    """Cumulative FLOPs (multiply-add = 2) to reach each exit for one input: stages 0..k plus head k.
+def part_flops(model: MultiExitNet, input_shape=(3, 32, 32)) -> tuple[list[int], list[int]]:
+    """(FLOPs of each stage, FLOPs of each head) for one input; multiply-add = 2 FLOPs.
 
-    Counted on a single sample in eval mode, so BatchNorm and pooling are not counted (the counter
-    covers convolutions and matrix products, which dominate).
+    Counted in eval mode on one sample; the counter covers convolutions and matrix products,
+    which dominate (BatchNorm, activations and pooling are not counted).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     h = torch.zeros(1, *input_shape, device=device)
-    backbone, cumulative = 0, []
+    stages, heads = [], []
     for stage, head in zip(model.stages, model.exits):
-        stage_flops, h = _count_flops(stage, h)
-        head_flops, _ = _count_flops(head, h)
-        backbone += stage_flops
-        cumulative.append(backbone + head_flops)
+        f, h = _count_flops(stage, h)
+        stages.append(f)
+        heads.append(_count_flops(head, h)[0])
     model.train(was_training)
-    return cumulative
+    return stages, heads
+
+
+def exit_flops_from_parts(stage_flops: list[int], head_flops: list[int]) -> list[int]:
+    return [sum(stage_flops[: k + 1]) + head_flops[k] for k in range(len(stage_flops))]
+
+
+def early_exit_cost(stage_flops: list[int], head_flops: list[int]) -> list[int]:
+    return [sum(stage_flops[: k + 1]) + sum(head_flops[: k + 1]) for k in range(len(stage_flops))]
+
+
+def exit_flops(model: MultiExitNet, input_shape=(3, 32, 32)) -> list[int]:
+    """Cumulative FLOPs to reach each exit: stages 0..k plus head k."""
+    return exit_flops_from_parts(*part_flops(model, input_shape))
+
+
+def arch_part_flops(arch: str, config: dict, input_shape) -> tuple[list[int], list[int]]:
+    """``part_flops`` of an architecture, built on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = create_model(arch, **config)
+    return part_flops(model, tuple(input_shape))
 
 
 def param_counts(model: MultiExitNet) -> tuple[int, int]:

@@ -47,7 +47,12 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **confi
     if in_channels not in (1, 3):
         raise UsageError(f"in_channels must be 1 or 3, got {in_channels}")
     registered = resolve_name(name)
-    model = _MODELS[registered](num_classes=num_classes, in_channels=in_channels, **config)
+    try:
+        model = _MODELS[registered](num_classes=num_classes, in_channels=in_channels, **config)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise UsageError(f"model {registered} does not take option(s) {', '.join(sorted(config))}") from None
+        raise
     model.arch = registered
     model.config = {"num_classes": num_classes, "in_channels": in_channels, **config}
     return model

@@ -1,0 +1,1 @@
+"""Per-exit evaluation, threshold calibration and plots."""

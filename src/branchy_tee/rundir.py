@@ -1,0 +1,74 @@
+"""The run directory a training run writes and later steps read.
+
+``model.safetensors`` (weights, never pickle), ``model.json`` (architecture, config, classes,
+preprocessing, exit criterion and thresholds), ``checkpoint.pt`` (resumable training state, owner side
+only) and ``metrics.jsonl`` (one line per epoch).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import BranchyError
+from .fileio import atomic_write_bytes, atomic_write_text
+from .models import create_model
+
+MODEL_FORMAT = "branchy-tee/model/v1"
+
+
+def write_weights(path: Path, model: torch.nn.Module) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, st_save(state))
+
+
+def write_model_json(run_dir: Path, meta: dict) -> None:
+    atomic_write_text(Path(run_dir) / "model.json", json.dumps({"format": MODEL_FORMAT, **meta}, indent=2) + "\n")
+
+
+def read_model_json(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    path = run_dir / "model.json"
+    if not run_dir.is_dir():
+        raise BranchyError(f"{run_dir}: run directory not found")
+    if not path.is_file():
+        raise BranchyError(f"{run_dir}: not a branchy-tee run directory (no model.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BranchyError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise BranchyError(f"{path}: not a branchy-tee model description (format is not {MODEL_FORMAT})")
+    return meta
+
+
+def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
+    """The trained model (eval mode) and its ``model.json``."""
+    run_dir = Path(run_dir)
+    meta = read_model_json(run_dir)
+    model = create_model(meta["arch"], **meta["config"])
+    path = run_dir / "model.safetensors"
+    try:
+        state = st_load(path.read_bytes())
+    except FileNotFoundError:
+        raise BranchyError(f"{path}: missing (was training interrupted before the first epoch ended?)") from None
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise BranchyError(f"{path}: unreadable weights ({e})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise BranchyError(f"{path}: weights do not fit {meta['arch']} ({first})") from None
+    return model.eval(), meta
+
+
+def update_model_json(run_dir: str | Path, **changes) -> dict:
+    meta = read_model_json(run_dir)
+    meta.update(changes)
+    meta.pop("format")
+    write_model_json(Path(run_dir), meta)
+    return read_model_json(run_dir)

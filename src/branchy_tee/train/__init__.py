@@ -1,0 +1,1 @@
+"""Training multi-exit networks with knowledge distillation into the early exits."""

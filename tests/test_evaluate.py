@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from branchy_tee.cli import main
+from branchy_tee.evaluate.calibrate import calibrate, calibrate_run
+from branchy_tee.evaluate.exits import collect_logits, decide, load_split, oracle
+from branchy_tee.rundir import load_run
+from branchy_tee.runtime.criteria import exit_scores
+from branchy_tee.train.trainer import TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "run"
+    fit(TrainConfig(net="lenet5", dataset="synthetic", synthetic={"channels": 1, "size": 28, "n": 1000}, epochs=2,
+                    lr=3e-3, batch_size=50, num_workers=0, out=str(out), quiet=True))  # fmt: skip
+    return out
+
+
+def test_eval_json_is_consistent(run_dir, tmp_path, capsys):
+    png = tmp_path / "acc.png"
+    assert main(["eval", str(run_dir), "--json", "--plot", str(png), "--latency-reps", "3"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert {"exits", "final_accuracy", "calibrated", "oracle", "sweep"} <= set(r)
+    assert [e["index"] for e in r["exits"]] == [0, 1, 2]
+    for e in r["exits"]:
+        assert {"index", "accuracy", "flops", "latency_ms"} <= set(e) and 0 <= e["accuracy"] <= 1 and e["latency_ms"] > 0
+    assert r["final_accuracy"] == r["exits"][-1]["accuracy"]
+    cal = r["calibrated"]
+    assert {"criterion", "thresholds", "accuracy", "mean_flops", "exit_fractions"} <= set(cal)
+    assert sum(cal["exit_fractions"]) == pytest.approx(1.0)
+    assert r["oracle"]["accuracy"] >= r["final_accuracy"]
+    assert r["oracle"]["accuracy"] >= max(e["accuracy"] for e in r["exits"])
+    for s in r["sweep"]:
+        assert sum(s["exit_fractions"]) == pytest.approx(1.0)
+    never = r["sweep"][0]
+    assert never["exit_fractions"][-1] == 1.0 and never["accuracy"] == pytest.approx(r["final_accuracy"])
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+
+
+def test_decide_matches_a_per_sample_loop():
+    torch.manual_seed(1)
+    logits = [torch.randn(200, 10) * s for s in (1.0, 2.0, 3.0, 4.0)]
+    thresholds = [0.6, 0.7, 0.8]
+    exit_idx, preds = decide(logits, "entropy", thresholds)
+    for i in range(200):
+        k = next((k for k in range(3) if exit_scores(logits[k][i : i + 1], "entropy")[0] <= thresholds[k]), 3)
+        assert exit_idx[i] == k and preds[i] == logits[k][i].argmax()
+
+
+def test_oracle_takes_the_cheapest_correct_exit():
+    labels = torch.tensor([0, 1, 2])
+    logits = [torch.eye(3)[[0, 0, 0]], torch.eye(3)[[0, 1, 0]], torch.eye(3)[[1, 1, 1]]]
+    o = oracle(logits, labels, [1, 2, 3])
+    assert o["accuracy"] == pytest.approx(2 / 3)  # sample 2 is right nowhere
+    assert o["mean_flops"] == pytest.approx((1 + 2 + 3) / 3)
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "maxprob"])
+def test_calibration_meets_budget_and_is_the_cheapest_such_setting(run_dir, criterion):
+    model, meta = load_run(run_dir)
+    logits, labels = collect_logits(model, load_split(meta, "val"), show=False)
+    costs = [3, 5, 6]
+    for drop in (0.0, 0.01, 0.05):
+        r = calibrate(logits, labels, costs, criterion, drop, margin_se=0.0)
+        assert r["accuracy"] >= r["final_accuracy"] - drop - 1e-9
+        eligible = [c for c in r["candidates"] if c["accuracy"] >= r["final_accuracy"] - drop - 1e-9]
+        assert r["mean_flops"] == min(c["mean_flops"] for c in eligible)
+        # A margin never makes the choice cheaper, and the budget still holds.
+        safe = calibrate(logits, labels, costs, criterion, drop, margin_se=1.0)
+        assert safe["mean_flops"] >= r["mean_flops"] and safe["accuracy"] >= safe["final_accuracy"] - drop - 1e-9
+
+
+def test_calibrate_writes_model_json(run_dir, capsys):
+    assert main(["calibrate", str(run_dir), "--max-accuracy-drop", "0.02", "--criterion", "maxprob", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    meta = json.loads((run_dir / "model.json").read_text())
+    assert meta["criterion"] == "maxprob" and meta["thresholds"] == out["thresholds"]
+    assert meta["calibration"]["max_accuracy_drop"] == 0.02
+    calibrate_run(run_dir, criterion="entropy", show=False)  # back to the defaults for the other tests
