@@ -13,16 +13,9 @@ import sys
 from typing import Any, Callable
 
 from .errors import BranchyError, UsageError
+from .parsing import ArgumentParser
 
 PROG = "branchy-tee"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line usage error and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-        raise SystemExit(2)
 
 
 def emit_json(obj: Any) -> None:
@@ -315,9 +308,137 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- keys, sealing, inputs, predict, results
+def add_keygen(sub) -> None:
+    p = sub.add_parser("keygen", help="create a random 256-bit key (file mode 0600)")
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keygen)
+
+
+def cmd_keygen(args) -> int:
+    from .fileio import write_key_file
+    from .seal.keys import generate_key, key_id
+
+    key = generate_key()
+    write_key_file(args.out, key)
+    if args.json:
+        emit_json({"key_file": args.out, "key_id": key_id(key)})
+    else:
+        print(f"wrote {args.out} (key id {key_id(key)})")
+    return 0
+
+
+def add_seal(sub) -> None:
+    p = sub.add_parser("seal", help="seal a trained run into an encrypted, authenticated model bundle")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--key", required=True, metavar="MODEL_KEY", help="the model owner's key file")
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to create, e.g. model.btee")
+    p.add_argument("--version", type=int, default=1, help="model version (brokers can refuse older ones)")
+    p.add_argument("--chunk-size", type=int, default=1 << 20, help="AEAD chunk size in bytes (default 1 MiB)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_seal)
+
+
+def cmd_seal(args) -> int:
+    from .fileio import read_key_file
+    from .rundir import load_run
+    from .seal.bundle import seal_model
+
+    key = read_key_file(args.key)
+    model, meta = load_run(args.run_dir)
+    header = seal_model(model, meta, key, args.out, version=args.version, chunk_size=args.chunk_size)
+    summary = {"bundle": args.out, "bundle_id": header["bundle_id"], "model_version": header["model_version"],
+               "key_id": header["key_id"], "stages": [s["sealed_size"] for s in header["stages"]]}
+    if args.json:
+        emit_json(summary)
+    else:
+        sizes = ", ".join(f"{s / 2**20:.2f}" for s in summary["stages"])
+        print(f"sealed {meta['arch']} v{args.version} into {args.out} (bundle {header['bundle_id']}, model key id {header['key_id']}); "
+              f"stage files (MiB): {sizes}")
+    return 0
+
+
+def add_encrypt_input(sub) -> None:
+    p = sub.add_parser("encrypt-input", help="(data owner) preprocess images or a tensor file and encrypt them as a request")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images, or a .safetensors/.npy/.pt tensor file")
+    p.add_argument("--bundle", required=True, help="the sealed bundle (only its plaintext header is read)")
+    p.add_argument("--key", required=True, metavar="DATA_KEY", help="the data owner's key file")
+    p.add_argument("--out", required=True, metavar="REQUEST")
+    p.add_argument("--request-id", help="default: a random id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_encrypt_input)
+
+
+def cmd_encrypt_input(args) -> int:
+    from .data.preprocess import load_inputs
+    from .fileio import atomic_write_bytes, read_key_file
+    from .seal.bundle import read_header_unverified
+    from .seal.envelope import new_request_id, seal_request
+
+    key = read_key_file(args.key)
+    header = read_header_unverified(args.bundle)["header"]
+    x = load_inputs(args.inputs, header["preprocessing"])
+    request_id = args.request_id or new_request_id()
+    atomic_write_bytes(args.out, seal_request(x, key, request_id), mode=0o644)
+    if args.json:
+        emit_json({"request": args.out, "request_id": request_id, "samples": len(x)})
+    else:
+        print(f"wrote {args.out}: {len(x)} samples, request id {request_id}")
+    return 0
+
+
+def add_predict(sub) -> None:
+    from .runtime.predict import add_arguments
+
+    p = sub.add_parser("predict", help="(enclave) answer encrypted requests with the sealed model, early exit")
+    add_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the run statistics as JSON")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from .runtime.predict import run
+
+    stats = run(args)
+    if args.json:
+        emit_json(stats)
+    return 0
+
+
+def add_decrypt_result(sub) -> None:
+    p = sub.add_parser("decrypt-result", help="(data owner) decrypt and verify a result")
+    p.add_argument("result", metavar="RESULT")
+    p.add_argument("--key", required=True, metavar="DATA_KEY")
+    p.add_argument("--request-id", help="fail unless the result answers this request")
+    p.add_argument("--out", metavar="FILE", help="also write the records as JSON to FILE")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {index, label, class_name, confidence, exit}")
+    p.set_defaults(func=cmd_decrypt_result)
+
+
+def cmd_decrypt_result(args) -> int:
+    from .fileio import atomic_write_text, read_key_file
+    from .seal.envelope import open_result, read_file
+
+    key = read_key_file(args.key)
+    header, records = open_result(read_file(args.result), key, args.result, args.request_id)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(records, indent=1) + "\n", mode=0o600)
+    if args.json:
+        emit_json(records)
+        return 0
+    print(f"result for request {header['request_id']}: {len(records)} samples")
+    for r in records:
+        print(f"{r['index']:>6}  {r['class_name']:<16} confidence {r['confidence']:.3f}  exit {r['exit']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- wiring
 # Each entry adds one subcommand (or group) to the parser; keep them in the DESIGN.md order.
-BUILDERS: list[Callable] = [add_models, add_train, add_eval, add_calibrate, add_quote]
+BUILDERS: list[Callable] = [
+    add_models, add_train, add_eval, add_calibrate, add_keygen, add_seal, add_encrypt_input, add_predict,
+    add_decrypt_result, add_quote,
+]
 
 
 def build_parser() -> ArgumentParser:

@@ -1,0 +1,104 @@
+"""Data-owner side: turn images or a tensor file into the model's input tensor, using the
+preprocessing recorded in the bundle header (input shape, 0..1 scaling, per-channel mean/std)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BranchyError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+TENSOR_SUFFIXES = {".safetensors", ".npy", ".pt"}
+
+
+def _normalise(x: torch.Tensor, pre: dict) -> torch.Tensor:
+    mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def load_image(path: Path, shape) -> torch.Tensor:
+    """One image as uint8 (C, H, W): converted to grey or RGB as the model expects, resized if needed."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = shape
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if c == 1 else "RGB")
+            if im.size != (w, h):
+                im = im.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise BranchyError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise BranchyError(f"{path}: unreadable image ({e.__class__.__name__})") from None
+    return torch.from_numpy(arr.copy()).view(h, w, c).permute(2, 0, 1)
+
+
+def load_tensor_file(path: Path) -> torch.Tensor:
+    """A tensor of images: .safetensors (one tensor), .npy (no pickle) or .pt (weights_only)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+            if len(tensors) != 1:
+                raise BranchyError(f"{path}: expected exactly one tensor, found {len(tensors)}")
+            return next(iter(tensors.values()))
+        if path.suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, torch.Tensor):
+            raise BranchyError(f"{path}: holds a {type(obj).__name__}, expected a tensor")
+        return obj
+    except BranchyError:
+        raise
+    except FileNotFoundError:
+        raise BranchyError(f"{path}: file not found") from None
+    except Exception as e:
+        raise BranchyError(f"{path}: unreadable tensor file ({e.__class__.__name__})") from None
+
+
+def tensor_to_inputs(t: torch.Tensor, pre: dict, where: str) -> torch.Tensor:
+    """uint8 pixels (0..255) or floats on the 0..1 scale, shaped (N, C, H, W), (C, H, W) or, for one
+    channel, (N, H, W) -> normalised float32 (N, C, H, W)."""
+    c, h, w = pre["input_shape"]
+    if t.dim() == 3 and c == 1 and list(t.shape[1:]) == [h, w]:
+        t = t.unsqueeze(1)
+    elif t.dim() == 3:
+        t = t.unsqueeze(0)
+    if t.dim() != 4 or list(t.shape[1:]) != [c, h, w]:
+        raise BranchyError(f"{where}: tensor shape {tuple(t.shape)} does not match the model's input (N, {c}, {h}, {w})")
+    if t.dtype == torch.uint8:
+        x = t.float() / 255.0
+    elif t.dtype in (torch.float32, torch.float64, torch.float16):
+        x = t.float()
+        if not torch.isfinite(x).all():
+            raise BranchyError(f"{where}: tensor contains NaN or infinite values")
+    else:
+        raise BranchyError(f"{where}: tensor dtype {str(t.dtype).replace('torch.', '')} is not supported (uint8 pixels or float 0..1)")
+    return _normalise(x, pre)
+
+
+def load_inputs(paths: list[str], pre: dict) -> torch.Tensor:
+    """All inputs, in order, as one normalised float32 batch."""
+    if not paths:
+        raise BranchyError("no inputs given")
+    images, batches = [], []
+    for p in map(Path, paths):
+        if p.suffix.lower() in TENSOR_SUFFIXES:
+            if images:
+                batches.append(_normalise(torch.stack(images).float() / 255.0, pre))
+                images = []
+            batches.append(tensor_to_inputs(load_tensor_file(p), pre, str(p)))
+        else:
+            images.append(load_image(p, pre["input_shape"]))
+    if images:
+        batches.append(_normalise(torch.stack(images).float() / 255.0, pre))
+    x = torch.cat(batches)
+    if len(x) == 0:
+        raise BranchyError("the inputs hold no samples")
+    return x.contiguous()

@@ -1,0 +1,210 @@
+"""The enclave entry point: decrypt requests, run batched early exit over the sealed bundle, seal
+one result per request.
+
+Run as ``python -m branchy_tee.runtime.predict`` inside Gramine (or natively), or as
+``branchy-tee predict``. Nothing is written until every input has been verified and answered; each
+output appears atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import BranchyError, UsageError
+from ..parsing import ArgumentParser
+
+PROG = "branchy-tee predict"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="sealed model bundle directory (model.btee)")
+    p.add_argument("--input", action="append", required=True, metavar="REQUEST",
+                   help="encrypted request from a data owner (repeat for several)")
+    p.add_argument("--output", action="append", required=True, metavar="RESULT",
+                   help="encrypted result file, one per --input, in the same order")
+    keys = p.add_argument_group("keys (development: from files)")
+    keys.add_argument("--model-key", metavar="FILE", help="model owner's key file")
+    keys.add_argument("--data-key", action="append", default=[], metavar="FILE", help="a data owner's key file (repeatable)")
+    att = p.add_argument_group("keys by remote attestation")
+    att.add_argument("--attest", choices=["gramine", "simulated"], help="fetch keys from the owners' key brokers")
+    att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker")
+    att.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable)")
+    att.add_argument("--attestation-dir", default="/dev/attestation", help=argparse.SUPPRESS)
+    att.add_argument("--broker-ca", metavar="PEM", help="CA certificate for brokers served over HTTPS")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--memory-budget", type=float, metavar="MiB", help="limit for resident weights + one batch's activations")
+    p.add_argument("--min-version", type=int, default=0, help="refuse bundles older than this model version")
+    p.add_argument("--plaintext-result", metavar="FILE", help="also write the answers in plain text (the host can read it)")
+    p.add_argument("--mprofile", metavar="DIR", help="write an mprofile_<timestamp>.dat memory trace into DIR")
+    p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all cores)")
+    p.add_argument("--quiet", action="store_true")
+
+
+# Inside the enclave these come from the Gramine manifest's loader.env, which is part of MRENCLAVE,
+# so the untrusted host (who controls argv) cannot change them.
+ENV_ENCLAVE = "BRANCHY_TEE_ENCLAVE"  # "1": running inside an enclave
+ENV_ATTEST = "BRANCHY_TEE_ATTEST"  # evidence provider: gramine | simulated
+ENV_MODEL_BROKER = "BRANCHY_TEE_MODEL_BROKER"
+ENV_DATA_BROKERS = "BRANCHY_TEE_DATA_BROKERS"  # comma-separated URLs
+ENV_ALLOW_PLAINTEXT = "BRANCHY_TEE_ALLOW_PLAINTEXT"  # "1": --plaintext-result allowed
+ENV_MIN_VERSION = "BRANCHY_TEE_MIN_MODEL_VERSION"
+
+
+def apply_enclave_settings(args, env=os.environ) -> None:
+    """In an enclave, the measured settings override the host's command line.
+
+    Keys come only from attested key release, from the brokers the manifest names; plaintext
+    results are refused unless the manifest allows them; the minimum model version is at least the
+    manifest's.
+    """
+    if env.get(ENV_ENCLAVE) != "1":
+        return
+    if args.model_key or args.data_key:
+        raise UsageError("inside the enclave keys come only from attested key release; --model-key/--data-key are refused")
+    if args.plaintext_result and env.get(ENV_ALLOW_PLAINTEXT) != "1":
+        raise UsageError("this enclave was built without plaintext results; --plaintext-result is refused")
+    if args.attest and args.attest != env.get(ENV_ATTEST, "gramine"):
+        raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {env.get(ENV_ATTEST, 'gramine')}")
+    args.attest = env.get(ENV_ATTEST, "gramine")
+    brokers = [u for u in env.get(ENV_DATA_BROKERS, "").split(",") if u]
+    if env.get(ENV_MODEL_BROKER):
+        args.model_broker = env[ENV_MODEL_BROKER]
+    if brokers:
+        args.data_broker = brokers
+    args.min_version = max(args.min_version, int(env.get(ENV_MIN_VERSION, "0") or 0))
+
+
+def _key_source(args):
+    apply_enclave_settings(args)
+    if args.attest:
+        if args.model_key or args.data_key:
+            raise UsageError("use either key files (--model-key/--data-key) or --attest, not both")
+        if not args.model_broker or not args.data_broker:
+            raise UsageError("--attest needs --model-broker URL and at least one --data-broker URL")
+        from ..attest.client import AttestedKeys
+
+        return AttestedKeys(args.attest, args.model_broker, args.data_broker, attestation_dir=args.attestation_dir,
+                            ca_file=args.broker_ca, min_version=args.min_version)
+    if not args.model_key or not args.data_key:
+        raise UsageError("give --model-key and --data-key files, or --attest with key brokers")
+    from .keysource import FileKeys
+
+    return FileKeys(args.model_key, args.data_key, args.min_version)
+
+
+def records_for(answers, classes: list[str], lo: int, hi: int) -> list[dict]:
+    return [
+        {"index": i - lo, "label": int(answers.labels[i]), "class_name": classes[int(answers.labels[i])],
+         "confidence": round(float(answers.confidences[i]), 6), "exit": int(answers.exits[i])}
+        for i in range(lo, hi)
+    ]  # fmt: skip
+
+
+def plaintext_lines(request_id: str, records: list[dict]) -> list[str]:
+    lines = [f"# request {request_id}", "index\tlabel\tclass_name\tconfidence\texit"]
+    return lines + [f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records]
+
+
+def run(args) -> dict:
+    # Imported here so that building the command line (``--help``) does not load torch.
+    import torch
+
+    from ..fileio import atomic_write_bytes, atomic_write_text
+    from ..seal.bundle import open_bundle, read_header_unverified
+    from ..seal.envelope import REQUEST_MAGIC, open_request, read_envelope_header, read_file, seal_result
+    from .criteria import never_exit_threshold
+    from .engine import early_exit
+    from .memprof import MemorySampler
+    from .stages import MIB, StageStore
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
+    if len(args.input) != len(args.output):
+        raise UsageError(f"{len(args.input)} --input but {len(args.output)} --output; give one result file per request")
+    if len(set(map(os.path.abspath, args.output))) != len(args.output):
+        raise UsageError("two --output paths are the same")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+    if threads:
+        torch.set_num_threads(threads)
+    sampler = MemorySampler() if args.mprofile or args.stats_json else None
+    t0 = time.perf_counter()
+    if sampler:
+        sampler.__enter__()
+    try:
+        keys = _key_source(args)
+        bundle_header = read_header_unverified(args.bundle)["header"]
+        # Learn which data keys are needed before asking for any key.
+        raw_requests = [read_file(p) for p in args.input]
+        kids = [read_envelope_header(data, REQUEST_MAGIC, p)[0]["key_id"] for data, p in zip(raw_requests, args.input)]
+        model_key = keys.model_key(str(bundle_header.get("key_id")))
+        data_keys = keys.data_keys(sorted(set(kids)))
+        bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
+        h = bundle.header
+        log(f"bundle {h['arch']} v{h['model_version']} ({bundle.num_stages} stages) verified")
+        requests = [open_request(data, data_keys, h["preprocessing"]["input_shape"], p) for data, p in zip(raw_requests, args.input)]
+        x = torch.cat([r[1] for r in requests])
+        log(f"{len(requests)} request(s), {len(x)} samples verified")
+        store = StageStore(bundle, args.memory_budget, args.batch_size, log)
+        thresholds = h["thresholds"] or [never_exit_threshold(h["criterion"])] * (bundle.num_stages - 1)
+        answers = early_exit(store.get, bundle.num_stages, x, h["criterion"], thresholds, args.batch_size)
+        outputs, text, lo = [], [], 0
+        for (req_header, inputs), path in zip(requests, args.output):
+            hi = lo + len(inputs)
+            recs = records_for(answers, h["classes"], lo, hi)
+            outputs.append((path, seal_result(recs, req_header, data_keys[req_header["key_id"]])))
+            text += plaintext_lines(req_header["request_id"], recs)
+            lo = hi
+        for path, blob in outputs:  # all answers exist before the first file is written
+            atomic_write_bytes(path, blob)
+        if args.plaintext_result:
+            print(f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
+                  file=sys.stderr)
+            atomic_write_text(args.plaintext_result, "\n".join(text) + "\n")
+        seconds = time.perf_counter() - t0
+    finally:
+        if sampler:
+            sampler.__exit__(None, None, None)
+    stats = {
+        "samples": len(x),
+        "exit_counts": answers.exit_counts(bundle.num_stages),
+        "stages_loaded": sorted(store.loaded_ever),
+        "peak_rss_mib": round(sampler.peak_mib, 2) if sampler else None,
+        "seconds": round(seconds, 4),
+        "stage_loads": store.loads,
+        "evictions": store.evictions,
+        "resident_weights_peak_mib": round(store.resident_peak / MIB, 3),
+        "stage_load_seconds": round(store.load_seconds, 4),
+        "model_version": h["model_version"],
+        "requests": len(requests),
+        "batch_size": args.batch_size,
+        "memory_budget_mib": args.memory_budget,
+    }
+    if args.mprofile and sampler:
+        stats["mprofile"] = str(sampler.write(args.mprofile))
+    if args.stats_json:
+        atomic_write_text(args.stats_json, json.dumps(stats, indent=2) + "\n")
+    log(f"answered {len(x)} samples in {seconds:.3f} s; exits {stats['exit_counts']}; stages loaded {stats['stages_loaded']}")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except BranchyError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

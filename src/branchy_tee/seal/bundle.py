@@ -1,0 +1,216 @@
+"""The sealed model bundle: a directory with an authenticated plaintext header and one encrypted
+file per stage.
+
+    model.btee/
+      header.json       {"header": {...}, "mac": "<HMAC-SHA256 over the canonical header JSON>"}
+      stage-00.bin      chunked AES-256-GCM of safetensors bytes: stage 0's weights + exit head 0
+      stage-01.bin      ...
+
+Keys (all derived from the model key with HKDF): the header MAC key is bound to the bundle id; each
+stage's key is bound to (bundle id, model version, stage index), and every chunk's nonce and
+associated data also carry them. A fresh random bundle id per seal means that stage files swapped
+between bundles, or between versions of one model, fail authentication; a replayed older bundle is
+authentic but is refused below the minimum model version.
+
+The header is plaintext on purpose: data owners read the preprocessing from it without the model
+key. It reveals the architecture, class names and thresholds, not the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import BranchyError, IntegrityError
+from . import aead
+from .keys import derive, key_id
+
+BUNDLE_FORMAT = "branchy-tee/bundle/v1"
+HEADER_FILE = "header.json"
+MAX_HEADER_BYTES = 1 << 20
+
+
+def canonical_json(obj) -> bytes:
+    """The one byte string a JSON object is authenticated as."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _stage_context(bundle_id: str, version: int, index: int) -> bytes:
+    return f"stage|{bundle_id}|{version}|{index}|".encode()
+
+
+def _stage_key(model_key: bytes, bundle_id: str, version: int, index: int) -> bytes:
+    return derive(model_key, "bundle-stage", _stage_context(bundle_id, version, index))
+
+
+def _header_mac(model_key: bytes, header: dict) -> str:
+    mac_key = derive(model_key, "bundle-header", str(header.get("bundle_id", "")).encode())
+    return hmac.new(mac_key, canonical_json(header), hashlib.sha256).hexdigest()
+
+
+def stage_state(model, k: int) -> dict[str, torch.Tensor]:
+    """Stage k's weights and buffers with exit head k's, keyed ``stage.*`` and ``exit.*``."""
+    state = {f"stage.{n}": t for n, t in model.stages[k].state_dict().items()}
+    state.update({f"exit.{n}": t for n, t in model.exits[k].state_dict().items()})
+    return {n: t.detach().contiguous().cpu() for n, t in state.items()}
+
+
+# --------------------------------------------------------------------------- writing (model owner)
+def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, version: int = 1,
+               chunk_size: int = aead.DEFAULT_CHUNK) -> dict:
+    """Seal a trained model (``model`` in eval mode, ``meta`` from its model.json) into ``out``.
+
+    The bundle is built in a temporary directory beside ``out`` and renamed into place, so ``out``
+    either does not exist or is complete.
+    """
+    out = Path(out)
+    if out.exists():
+        raise BranchyError(f"{out} already exists; choose another --out or remove it")
+    if version < 1:
+        raise BranchyError("--version must be at least 1")
+    if chunk_size < 4096:
+        raise BranchyError("--chunk-size must be at least 4096 bytes")
+    bundle_id = secrets.token_hex(16)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
+    try:
+        stages = []
+        for k in range(model.num_exits):
+            state = stage_state(model, k)
+            plain = st_save(state, metadata={"stage": str(k)})
+            name = f"stage-{k:02d}.bin"
+            key = _stage_key(model_key, bundle_id, version, k)
+            with open(tmp / name, "wb") as f:
+                for chunk in aead.seal_chunks(key, plain, _stage_context(bundle_id, version, k), chunk_size):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
+            stages.append({"index": k, "file": name, "plaintext_size": len(plain), "weight_bytes": weight_bytes,
+                           "sealed_size": aead.sealed_size(len(plain), chunk_size)})
+        header = {
+            "format": BUNDLE_FORMAT,
+            "bundle_id": bundle_id,
+            "model_version": version,
+            "key_id": key_id(model_key),
+            "arch": meta["arch"],
+            "config": meta["config"],
+            "classes": meta["classes"],
+            "preprocessing": meta["preprocessing"],
+            "criterion": meta["criterion"],
+            "thresholds": meta["thresholds"],
+            "stage_flops": meta["stage_flops"],
+            "head_flops": meta["head_flops"],
+            "chunk_size": chunk_size,
+            "stages": stages,
+        }
+        doc = {"header": header, "mac": _header_mac(model_key, header)}
+        (tmp / HEADER_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the bundle is ciphertext and may be shared
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return header
+
+
+# --------------------------------------------------------------------------- reading (enclave)
+def read_header_unverified(path: str | os.PathLike) -> dict:
+    """The header as stored, without checking its MAC: for data owners (who have no model key) to
+    read the preprocessing, and for the enclave to learn which model key it needs."""
+    file = Path(path) / HEADER_FILE
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise BranchyError(f"{path}: not a sealed bundle (no {HEADER_FILE})") from None
+    except OSError as e:
+        raise BranchyError(f"{file}: cannot read ({e.strerror})") from None
+    if len(raw) > MAX_HEADER_BYTES:
+        raise IntegrityError(f"{file}: header larger than {MAX_HEADER_BYTES} bytes")
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IntegrityError(f"{file}: header is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("header"), dict) or not isinstance(doc.get("mac"), str):
+        raise IntegrityError(f"{file}: malformed bundle header")
+    header = doc["header"]
+    if header.get("format") != BUNDLE_FORMAT:
+        raise IntegrityError(f"{file}: unknown bundle format {header.get('format')!r}")
+    return doc
+
+
+@dataclass
+class SealedBundle:
+    path: Path
+    header: dict
+    model_key: bytes
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.header["stages"])
+
+    def read_stage(self, k: int) -> dict[str, torch.Tensor]:
+        """Decrypt, verify and deserialise stage k (its weights and its exit head)."""
+        h = self.header
+        entry = h["stages"][k]
+        file = self.path / entry["file"]
+        what = f"{self.path.name}/{entry['file']}"
+        key = _stage_key(self.model_key, h["bundle_id"], h["model_version"], k)
+        try:
+            with open(file, "rb", buffering=0) as f:
+                plain = aead.open_chunks(key, f, _stage_context(h["bundle_id"], h["model_version"], k),
+                                         entry["plaintext_size"], h["chunk_size"], what)
+        except FileNotFoundError:
+            raise IntegrityError(f"{what}: stage file missing") from None
+        except OSError as e:
+            raise BranchyError(f"{what}: cannot read ({e.strerror})") from None
+        try:
+            return st_load(bytes(plain))
+        except Exception as e:  # authentic bytes that are not safetensors: a bug at sealing time
+            raise IntegrityError(f"{what}: authentic but not a safetensors payload ({e})") from None
+
+
+def _check_header_fields(header: dict, where: str) -> None:
+    try:
+        stages = header["stages"]
+        ok = (
+            isinstance(header["bundle_id"], str) and isinstance(header["model_version"], int)
+            and isinstance(header["chunk_size"], int) and header["chunk_size"] > 0
+            and isinstance(stages, list) and len(stages) >= 2
+            and all(isinstance(s, dict) and s.get("index") == i and isinstance(s.get("plaintext_size"), int)
+                    and s["plaintext_size"] >= 0 and s.get("file") == f"stage-{i:02d}.bin" for i, s in enumerate(stages))
+        )  # fmt: skip
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise IntegrityError(f"{where}: authentic header with unusable fields")
+
+
+def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0) -> SealedBundle:
+    """Verify the header with the model key; refuse versions below ``min_version``."""
+    path = Path(path)
+    doc = read_header_unverified(path)
+    header = doc["header"]
+    where = f"{path.name}/{HEADER_FILE}"
+    if header.get("key_id") != key_id(model_key):
+        raise IntegrityError(f"{where}: sealed for model key id {header.get('key_id')}, but the key given has id {key_id(model_key)}")
+    try:
+        expected = _header_mac(model_key, header)
+    except ValueError as e:  # e.g. NaN smuggled into the JSON
+        raise IntegrityError(f"{where}: header cannot be authenticated ({e})") from None
+    if not hmac.compare_digest(expected, doc["mac"]):
+        raise IntegrityError(f"{where}: header failed authentication (tampered or wrong model key)")
+    _check_header_fields(header, where)
+    if header["model_version"] < min_version:
+        raise IntegrityError(f"{where}: model version {header['model_version']} is older than the minimum {min_version} (rollback refused)")
+    return SealedBundle(path, header, model_key)
