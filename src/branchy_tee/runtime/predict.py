@@ -180,6 +180,7 @@ def run(args) -> dict:
         "stage_loads": store.loads,
         "evictions": store.evictions,
         "resident_weights_peak_mib": round(store.resident_peak / MIB, 3),
+        "activation_allowance_mib": round(store.activation_bytes / MIB, 3),
         "stage_load_seconds": round(store.load_seconds, 4),
         "model_version": h["model_version"],
         "requests": len(requests),

@@ -1,0 +1,116 @@
+import io
+import os
+
+import pytest
+import torch
+
+from branchy_tee.errors import BranchyError, IntegrityError
+from branchy_tee.fileio import read_key_file, write_key_file
+from branchy_tee.seal import aead
+from branchy_tee.seal.bundle import open_bundle, seal_model
+from branchy_tee.seal.envelope import open_request, open_result, seal_request, seal_result
+from branchy_tee.seal.keys import derive, generate_key, key_id
+
+from runs import make_random_run
+
+KEY = bytes(range(32))
+
+
+def _stream(data, chunk=16, ctx=b"ctx"):
+    return b"".join(aead.seal_chunks(KEY, data, ctx, chunk))
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 64, 100])
+def test_stream_round_trip(size):
+    data = os.urandom(size)
+    sealed = _stream(data)
+    assert len(sealed) == aead.sealed_size(size, 16)
+    assert bytes(aead.open_chunks(KEY, io.BytesIO(sealed), b"ctx", size, 16, "s")) == data
+
+
+def test_stream_detects_every_kind_of_change():
+    data = os.urandom(100)
+    sealed = _stream(data)
+    step = 16 + aead.TAG
+    cases = {
+        "flipped": sealed[:40] + bytes([sealed[40] ^ 1]) + sealed[41:],
+        "truncated at a chunk boundary": sealed[: 3 * step],
+        "truncated inside a chunk": sealed[:-5],
+        "extended": sealed + b"\0",
+        "chunks swapped": sealed[step : 2 * step] + sealed[:step] + sealed[2 * step :],
+        "other context": _stream(data, ctx=b"other"),
+    }
+    for name, bad in cases.items():
+        with pytest.raises(IntegrityError):
+            aead.open_chunks(KEY, io.BytesIO(bad), b"ctx", 100, 16, name)
+    # A stream cut after chunk 2 and declared shorter fails: chunk 2 was not sealed as the last one.
+    with pytest.raises(IntegrityError, match="chunk 2"):
+        aead.open_chunks(KEY, io.BytesIO(sealed[: 3 * step]), b"ctx", 48, 16, "cut")
+
+
+def test_keys_are_separated_and_ids_public():
+    k = generate_key()
+    assert len(k) == 32 and k != generate_key()
+    assert derive(k, "a") != derive(k, "b") and derive(k, "a", b"1") != derive(k, "a", b"2")
+    assert len(key_id(k)) == 16 and key_id(k) != key_id(generate_key())
+    assert key_id(k) not in k.hex()
+
+
+def test_key_files_are_private(tmp_path):
+    p = tmp_path / "k.key"
+    write_key_file(p, KEY)
+    assert (p.stat().st_mode & 0o777) == 0o600
+    assert read_key_file(p) == KEY
+    with pytest.raises(BranchyError, match="already exists"):
+        write_key_file(p, KEY)
+    os.chmod(p, 0o644)
+    with pytest.raises(BranchyError, match="accessible by others.*chmod 600"):
+        read_key_file(p)
+    os.chmod(p, 0o600)
+    p.write_bytes(b"short")
+    with pytest.raises(BranchyError, match="5 bytes"):
+        read_key_file(p)
+
+
+def test_bundle_round_trip_and_header_binding(tmp_path):
+    model, meta = make_random_run(tmp_path / "run", "lenet5")
+    header = seal_model(model, meta, KEY, tmp_path / "m.btee", version=3, chunk_size=4096)
+    assert header["model_version"] == 3 and header["key_id"] == key_id(KEY)
+    b = open_bundle(tmp_path / "m.btee", KEY, min_version=3)
+    for k in range(b.num_stages):
+        state = b.read_stage(k)
+        for name, t in model.stages[k].state_dict().items():
+            assert torch.equal(state[f"stage.{name}"], t)
+        for name, t in model.exits[k].state_dict().items():
+            assert torch.equal(state[f"exit.{name}"], t)
+    with pytest.raises(IntegrityError, match="older than the minimum 4"):
+        open_bundle(tmp_path / "m.btee", KEY, min_version=4)
+    with pytest.raises(IntegrityError, match="model key id"):
+        open_bundle(tmp_path / "m.btee", generate_key())
+    with pytest.raises(BranchyError, match="already exists"):
+        seal_model(model, meta, KEY, tmp_path / "m.btee")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.btee", "run"]  # no temporary left behind
+
+
+def test_requests_and_results_are_bound_to_key_and_request():
+    do1, do2 = generate_key(), generate_key()
+    x = torch.randn(3, 1, 28, 28)
+    blob = seal_request(x, do1, "req-1")
+    header, got = open_request(blob, {key_id(do1): do1}, [1, 28, 28], "r")
+    assert header["request_id"] == "req-1" and torch.equal(got, x)
+    with pytest.raises(IntegrityError, match="no key for"):
+        open_request(blob, {key_id(do2): do2}, [1, 28, 28], "r")
+    # Relabelling the request for another key id does not help: the header is authenticated.
+    forged = blob.replace(key_id(do1).encode(), key_id(do2).encode())
+    with pytest.raises(IntegrityError, match="failed authentication"):
+        open_request(forged, {key_id(do2): do2}, [1, 28, 28], "r")
+    records = [{"index": 0, "label": 1, "class_name": "c1", "confidence": 0.5, "exit": 0}]
+    res = seal_result(records, header, do1)
+    assert open_result(res, do1, "res", "req-1")[1] == records
+    with pytest.raises(IntegrityError, match="answers request req-1, not req-2"):
+        open_result(res, do1, "res", "req-2")
+    with pytest.raises(IntegrityError):
+        open_result(res, do2, "res")
+    # A request can never be opened as a result (different key derivation and magic).
+    with pytest.raises(IntegrityError):
+        open_result(blob, do1, "res")
