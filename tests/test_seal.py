@@ -48,6 +48,24 @@ def test_stream_detects_every_kind_of_change():
         aead.open_chunks(KEY, io.BytesIO(sealed[: 3 * step]), b"ctx", 48, 16, "cut")
 
 
+def test_in_place_safetensors_reader_matches_the_library():
+    from safetensors.torch import load, save
+
+    from branchy_tee.seal.bundle import tensors_from_safetensors
+
+    state = {
+        "w": torch.randn(3, 4, 5), "b": torch.randn(7, dtype=torch.float64), "n": torch.tensor(5),
+        "h": torch.randn(2, 3).half(), "m": torch.tensor([True, False]), "e": torch.empty(0, 3), "i": torch.arange(9, dtype=torch.int32),
+    }  # fmt: skip
+    blob = save(state, metadata={"stage": "1"})
+    ours, ref = tensors_from_safetensors(bytearray(blob)), load(blob)
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
+    with pytest.raises(ValueError):
+        tensors_from_safetensors(bytearray(blob[:-3]))
+
+
 def test_keys_are_separated_and_ids_public():
     k = generate_key()
     assert len(k) == 32 and k != generate_key()

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any, Callable
 
+from .choices import CRITERIA
 from .errors import BranchyError, UsageError
 from .parsing import ArgumentParser
 
@@ -154,7 +155,7 @@ def _key_value(value: str) -> tuple[str, object]:
 
 
 def add_data_arguments(p, default="fashion-mnist", required=False) -> None:
-    from .data import DATASETS
+    from .choices import DATASETS
 
     p.add_argument("--dataset", choices=DATASETS, default=None if required else default,
                    help=f"dataset (default: {'as trained' if default is None else default})")
@@ -163,7 +164,7 @@ def add_data_arguments(p, default="fashion-mnist", required=False) -> None:
 
 
 def add_train(sub) -> None:
-    from .train.trainer import DISTILL, OPTIMIZERS
+    from .choices import DISTILL, OPTIMIZERS
 
     p = sub.add_parser("train", help="train a multi-exit model with distillation into the early exits",
                        description="Train a multi-exit network (the seed's flags are accepted verbatim). "
@@ -197,7 +198,7 @@ def add_train(sub) -> None:
     p.add_argument("--synthetic-channels", type=int, choices=[1, 3], default=3)
     p.add_argument("--synthetic-size", type=int, default=32)
     p.add_argument("--synthetic-samples", type=int, default=None, help="training samples of the synthetic set (default 10000)")
-    p.add_argument("--criterion", choices=["entropy", "maxprob"], default="entropy", help="exit criterion calibrated at the end")
+    p.add_argument("--criterion", choices=CRITERIA, default="entropy", help="exit criterion calibrated at the end")
     p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="calibration budget (fraction; default 0.01 = 1 point)")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.set_defaults(func=cmd_train)
@@ -284,7 +285,7 @@ def add_calibrate(sub) -> None:
     p = sub.add_parser("calibrate", help="choose exit thresholds on the validation split within an accuracy budget")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--max-accuracy-drop", type=float, default=0.01, help="allowed drop vs the final exit (fraction; default 0.01)")
-    p.add_argument("--criterion", choices=["entropy", "maxprob"], default=None, help="default: the model's current criterion")
+    p.add_argument("--criterion", choices=CRITERIA, default=None, help="default: the model's current criterion")
     p.add_argument("--margin-se", type=float, default=1.0,
                    help="also keep this many standard errors of margin (default 1; 0 = exactly the budget on validation)")
     add_data_arguments(p, default=None)
@@ -433,11 +434,197 @@ def cmd_decrypt_result(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- key broker
+def add_key_broker(sub) -> None:
+    p = sub.add_parser("key-broker", help="(owner) release keys to attested enclaves that match a policy",
+                       description="Serve a key broker: enclaves attest (DCAP quote, or simulated evidence when the "
+                                   "policy allows it) and get the keys the policy releases, HPKE-sealed to them. "
+                                   "Stops on SIGINT/SIGTERM.")
+    p.add_argument("--keys", required=True, metavar="KEYSTORE", help="directory of *.key files (mode 0600), or one key file")
+    p.add_argument("--policy", required=True, metavar="POLICY.toml", help="key-release policy (TOML)")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any free port)")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    p.add_argument("--audit-log", metavar="FILE", help="append one JSON line per decision (fsynced; never a key)")
+    p.add_argument("--nonce-ttl", type=float, default=60.0, metavar="SECONDS", help="nonce lifetime (default 60)")
+    p.add_argument("--quiet", action="store_true", help="no per-decision lines on stderr")
+    p.set_defaults(func=cmd_key_broker)
+
+
+def cmd_key_broker(args) -> int:
+    from .attest.broker import serve
+
+    return serve(args.keys, args.policy, args.listen, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                 audit_log=args.audit_log, nonce_ttl=args.nonce_ttl, quiet=args.quiet)
+
+
+# --------------------------------------------------------------------------- demo
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole flow end to end on this machine: train, seal, brokers, enclave, results")
+    p.add_argument("--out", default=None, help="demo directory (default runs/demo-<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="tiny model and 64 images (for tests)")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST location (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo model's training epochs")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    import time as _time
+
+    from .demo import run_demo
+
+    out = args.out or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_demo(out, quick=args.quick, data_dir=args.data_dir, epochs=args.epochs)
+    if args.json:
+        emit_json({k: v for k, v in summary.items() if k != "data_owners"} | {"data_owners": {
+            w: {k: v for k, v in o.items() if k != "records"} for w, o in summary["data_owners"].items()}})
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure early exit vs full model, staged memory, AEAD, cold start, quote verification")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    p.add_argument("--quick", action="store_true", help="tiny models and few repetitions (for tests; figures are not meaningful)")
+    p.add_argument("--cache-dir", default="runs/bench-cache", help="where the trained benchmark model is kept and reused")
+    p.add_argument("--skip", action="append", default=[], choices=["early_exit", "exit_profile", "sealed", "quote"],
+                   help="leave out one part (repeatable)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from .bench import format_report, run_bench
+    from .fileio import atomic_write_text
+
+    result = run_bench(quick=args.quick, cache_dir=args.cache_dir, skip=tuple(args.skip))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    print(format_report(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- enclave (Gramine packaging)
+def add_enclave(sub) -> None:
+    p = sub.add_parser("enclave", help="build, sign and run the Gramine SGX enclave")
+    esub = p.add_subparsers(dest="enclave_command", metavar="SUBCOMMAND", parser_class=ArgumentParser)
+    esub.required = True
+    b = esub.add_parser(
+        "build", help="render the Gramine manifest for a bundle, write a Makefile, sign with --sgx",
+        description="Write DIR/: the Gramine manifest (rendered with gramine-manifest when installed, else by "
+                    "branchy-tee for inspection), the enclave's entry script, a Makefile (`make SGX=1` builds and "
+                    "signs, `make` builds for gramine-direct) and enclave.json. With --sgx also sign with "
+                    "gramine-sgx-sign, print MRENCLAVE and write DIR/policy.toml for the key brokers.")  # fmt: skip
+    b.add_argument("--bundle", required=True, help="the sealed bundle the enclave serves (its size sets sgx.enclave_size)")
+    b.add_argument("--out", required=True, metavar="DIR", help="build directory")
+    b.add_argument("--sgx", action="store_true", help="sign for SGX (needs Gramine and a signing key)")
+    b.add_argument("--debug", action="store_true", help="debug enclave (sgx.debug = true; never for production)")
+    b.add_argument("--edmm", action="store_true", help="sgx.edmm_enable = true (SGX2 CPUs, Linux >= 6.0)")
+    b.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (measured)")
+    b.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable; measured)")
+    b.add_argument("--attest", choices=["gramine", "simulated"], default="gramine", help="evidence provider (default gramine: DCAP)")
+    b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
+    b.add_argument("--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8")
+    b.add_argument("--allow-plaintext-result", action="store_true", help="let predict --plaintext-result work in the enclave")
+    b.add_argument("--min-model-version", type=int, default=None, metavar="N",
+                   help="refuse older bundles (measured; default: the bundle's model version)")
+    b.add_argument("--io-dir", action="append", default=[], metavar="DIR",
+                   help="directory of requests and results, the only data the enclave may open besides the bundle "
+                        "(repeatable; default DIR/io)")
+    b.add_argument("--stats-dir", action="append", default=[], metavar="DIR", help="directory for --stats-json/--mprofile output (repeatable)")
+    b.add_argument("--signing-key", metavar="PEM",
+                   help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; create one with gramine-sgx-gen-private-key)")
+    b.add_argument("--isv-prod-id", type=int, default=0, help="sgx.isvprodid (default 0)")
+    b.add_argument("--isv-svn", type=int, default=0, help="sgx.isvsvn, raise it with every security fix (default 0)")
+    b.add_argument("--accept-tcb", action="append", default=None, metavar="STATUS",
+                   help="TCB status the policy snippet accepts (repeatable; default UpToDate)")
+    b.add_argument("--batch-size", type=int, default=64, help="largest predict --batch-size to size the enclave for (default 64)")
+    b.add_argument("--max-samples", type=int, default=4096, help="most samples per run to size the enclave for (default 4096)")
+    b.add_argument("--json", action="store_true", help="print a JSON summary")
+    b.set_defaults(func=cmd_enclave_build)
+
+    r = esub.add_parser(
+        "run", help="run predict in the enclave: gramine-sgx, gramine-direct or natively",
+        usage="branchy-tee enclave run [-h] [--backend {sgx,direct,native}] DIR -- predict ARGS...",
+        description="Launch predict for the enclave built in DIR: `gramine-sgx ./branchy-tee ARGS` (sgx), "
+                    "`gramine-direct ./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` "
+                    "with the manifest's environment (native). Exits with predict's exit code.")  # fmt: skip
+    r.add_argument("--backend", choices=["sgx", "direct", "native"], default="sgx", help="default sgx")
+    r.add_argument("dir", metavar="DIR", help="the build directory of `enclave build`")
+    r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- predict ARGS", help="predict's arguments")
+    r.set_defaults(func=cmd_enclave_run)
+
+    pol = esub.add_parser("policy", help="write DIR/policy.toml from the signed enclave (after `make SGX=1`)")
+    pol.add_argument("dir", metavar="DIR")
+    pol.add_argument("--json", action="store_true")
+    pol.set_defaults(func=cmd_enclave_policy)
+
+
+def _print_measurements(m: dict) -> None:
+    print(f"MRENCLAVE {m['mrenclave']}")
+    print(f"MRSIGNER  {m['mrsigner']}")
+    print(f"wrote {m['policy']} (policy snippet for the key brokers)")
+
+
+def cmd_enclave_build(args) -> int:
+    from .enclave.build import BuildOptions, build
+
+    opts = BuildOptions(
+        bundle=args.bundle, out=args.out, sgx=args.sgx, debug=args.debug, edmm=args.edmm,
+        model_broker=args.model_broker, data_brokers=args.data_broker, attest=args.attest, threads=args.threads,
+        allow_plaintext_result=args.allow_plaintext_result, min_model_version=args.min_model_version,
+        signing_key=args.signing_key, io_dirs=args.io_dir, stats_dirs=args.stats_dir, broker_ca=args.broker_ca,
+        isv_prod_id=args.isv_prod_id, isv_svn=args.isv_svn, batch_size=args.batch_size, max_samples=args.max_samples,
+        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
+    )  # fmt: skip
+    s = build(opts)
+    for w in s["warnings"]:
+        warn(w)
+    if args.json:
+        emit_json(s)
+        return 0
+    t = {k: v / 2**20 for k, v in s["enclave_size_rule"]["terms"].items()}
+    print(f"wrote {s['manifest']} (rendered by {s['rendered_by']})")
+    print(f"  sgx.enclave_size {s['enclave_size']} for {s['enclave_size_rule']['need'] / 2**20:.0f} MiB needed: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + " MiB")
+    print(f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, EDMM {'yes' if s['edmm'] else 'no'}")
+    print(f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, `make` builds for gramine-direct")
+    if s["signed"]:
+        print(f"signed: {s['sgx_manifest']}, {s['sigstruct']}")
+        _print_measurements(s)
+    else:
+        print(f"NOT SIGNED: nothing was signed ({'no --sgx' if not args.sgx else 'Gramine missing'}); on an SGX machine "
+              f"with Gramine run `make SGX=1` in {s['dir']}, then `branchy-tee enclave policy {s['dir']}`")
+    return 0
+
+
+def cmd_enclave_run(args) -> int:
+    from .enclave.launch import run_enclave, split_run_arguments
+
+    head, predict_args = split_run_arguments(args.predict_args)
+    if head:  # run options given after DIR: `enclave run DIR --backend native -- predict ...`
+        p = ArgumentParser(prog=f"{PROG} enclave run")
+        p.add_argument("--backend", choices=["sgx", "direct", "native"], default=args.backend)
+        args.backend = p.parse_args(head).backend
+    return run_enclave(args.dir, args.backend, predict_args)
+
+
+def cmd_enclave_policy(args) -> int:
+    from .enclave.build import write_policy
+
+    m = write_policy(args.dir)
+    if args.json:
+        emit_json(m)
+    else:
+        _print_measurements(m)
+    return 0
+
+
 # --------------------------------------------------------------------------- wiring
 # Each entry adds one subcommand (or group) to the parser; keep them in the DESIGN.md order.
 BUILDERS: list[Callable] = [
     add_models, add_train, add_eval, add_calibrate, add_keygen, add_seal, add_encrypt_input, add_predict,
-    add_decrypt_result, add_quote,
+    add_decrypt_result, add_quote, add_key_broker, add_demo, add_bench, add_enclave,
 ]
 
 

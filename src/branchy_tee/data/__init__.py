@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from ..choices import DATASETS
 from .base import ImageDataset, train_val_split
 from .cifar10 import load_cifar10
 from .idx import FASHION_MNIST_DIR, fashion_mnist_available, load_fashion_mnist, load_mnist
 from .synthetic import make_synthetic
 from .transforms import eval_transform, train_transform
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 SYNTHETIC_SIZES = {"train": 10000, "test": 2000}
 
 

@@ -37,18 +37,23 @@ def _split(blocks: list[nn.Module], cuts: list[int]) -> list[list[nn.Module]]:
 
 
 @register_model
-def mobilenetv1(num_classes=10, in_channels=3, head_width=128) -> MultiExitNet:
-    blocks, widths, cin = [], [], 32
+def mobilenetv1(num_classes=10, in_channels=3, head_width=128, width_mult=1.0) -> MultiExitNet:
+    """``width_mult`` is MobileNet's width multiplier alpha (1.0 = the standard network)."""
+
+    def ch(c: int) -> int:
+        return max(8, int(round(c * width_mult)))
+
+    blocks, widths, cin = [], [], ch(32)
     for item in _V1_CFG:
         cout, stride = item if isinstance(item, tuple) else (item, 1)
-        blocks.append(DepthwiseSeparable(cin, cout, stride))
-        widths.append(cout)
-        cin = cout
+        blocks.append(DepthwiseSeparable(cin, ch(cout), stride))
+        widths.append(ch(cout))
+        cin = ch(cout)
     groups = _split(blocks, _V1_EXITS_AFTER)
-    stem = [nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)]
+    stem = [nn.Conv2d(in_channels, ch(32), 3, padding=1, bias=False), nn.BatchNorm2d(ch(32)), nn.ReLU(inplace=True)]
     stages = [nn.Sequential(*(stem if i == 0 else []), *g) for i, g in enumerate(groups)]
     ends = [widths[c - 1] for c in _V1_EXITS_AFTER]
-    exits = [ExitHead(c, num_classes, width=head_width) for c in ends] + [PoolLinearHead(1024, num_classes)]
+    exits = [ExitHead(c, num_classes, width=head_width) for c in ends] + [PoolLinearHead(widths[-1], num_classes)]
     return MultiExitNet(stages, exits)
 
 

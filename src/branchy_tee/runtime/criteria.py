@@ -13,7 +13,7 @@ import math
 
 import torch
 
-CRITERIA = ("entropy", "maxprob")
+from ..choices import CRITERIA
 
 
 def check_criterion(criterion: str) -> str:
@@ -25,10 +25,15 @@ def check_criterion(criterion: str) -> str:
 def exit_scores(logits: torch.Tensor, criterion: str) -> torch.Tensor:
     """Per-sample confidence score of one exit's logits (N, C) -> (N,)."""
     logp = torch.log_softmax(logits.float(), dim=1)
+    return scores_from_log_probs(logp, logp.max(dim=1).values, criterion)
+
+
+def scores_from_log_probs(logp: torch.Tensor, max_logp: torch.Tensor, criterion: str) -> torch.Tensor:
+    """The score from log-probabilities (N, C) and their row maxima (N,), computed once by the caller."""
     if criterion == "entropy":
-        return -(logp.exp() * logp).sum(dim=1) / math.log(logits.shape[1])
+        return -(logp.exp() * logp).sum(dim=1) / math.log(logp.shape[1])
     if criterion == "maxprob":
-        return logp.max(dim=1).values.exp()
+        return max_logp.exp()
     raise ValueError(f"unknown exit criterion {criterion!r}")
 
 

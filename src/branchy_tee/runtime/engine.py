@@ -3,6 +3,10 @@
 Each batch runs stage k only on the samples still undecided; exit k's confident samples are answered
 and dropped from the batch. With BatchNorm in eval mode every operation is per-sample, so a sample's
 label and exit do not depend on which other samples share its batch.
+
+At batch size 1 the per-stage bookkeeping costs as much as a small stage, so it is kept to a few
+tensor operations: one log-softmax serves the score, the label and the confidence, and the common
+cases (the whole batch exits, or none of it does) skip the masking.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .criteria import confident, exit_scores
+from .criteria import confident, scores_from_log_probs
 
 
 @dataclass
@@ -29,27 +33,35 @@ def early_exit(get_stage, num_exits: int, x: torch.Tensor, criterion: str, thres
     """Answer every sample of ``x``. ``get_stage(k)`` returns (stage module, exit head) for stage k;
     it is called only when some sample of the batch reaches stage k."""
     n = len(x)
-    labels = torch.empty(n, dtype=torch.long)
-    exits = torch.empty(n, dtype=torch.long)
-    conf = torch.empty(n, dtype=torch.float32)
+    positions, labels, exits, confs = [], [], [], []
     final = num_exits - 1
     for start in range(0, n, batch_size):
-        idx = torch.arange(start, min(start + batch_size, n))
-        h = x[idx]
+        h = x[start : start + batch_size]
+        pos = torch.arange(start, start + len(h))
         for k in range(num_exits):
             stage, head = get_stage(k)
             h = stage(h)
-            logits = head(h)
+            logp = torch.log_softmax(head(h).float(), dim=1)
+            best, label = logp.max(dim=1)
             if k == final:
-                take = torch.ones(len(idx), dtype=torch.bool)
+                take_all = True
             else:
-                take = confident(exit_scores(logits, criterion), thresholds[k], criterion)
-            if take.any():
-                probs = torch.softmax(logits[take].float(), dim=1)
-                p, y = probs.max(dim=1)
-                labels[idx[take]], exits[idx[take]], conf[idx[take]] = y, k, p
-                keep = ~take
-                idx, h = idx[keep], h[keep]
-            if len(idx) == 0:
-                break
-    return Answers(labels, exits, conf)
+                take = confident(scores_from_log_probs(logp, best, criterion), thresholds[k], criterion)
+                taken = int(take.sum())
+                take_all = taken == len(h)
+                if not take_all:
+                    if taken:
+                        positions.append(pos[take])
+                        labels.append(label[take])
+                        exits.append(torch.full((taken,), k, dtype=torch.long))
+                        confs.append(best[take])
+                        keep = ~take
+                        pos, h = pos[keep], h[keep]
+                    continue
+            positions.append(pos)
+            labels.append(label)
+            exits.append(torch.full((len(pos),), k, dtype=torch.long))
+            confs.append(best)
+            break
+    order = torch.cat(positions).argsort()
+    return Answers(torch.cat(labels)[order], torch.cat(exits)[order], torch.cat(confs)[order].exp())

@@ -42,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plaintext-result", metavar="FILE", help="also write the answers in plain text (the host can read it)")
     p.add_argument("--mprofile", metavar="DIR", help="write an mprofile_<timestamp>.dat memory trace into DIR")
     p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON")
+    p.add_argument("--full-model", action="store_true",
+                   help="ignore the exit thresholds: every sample through the final exit (for comparisons)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all cores)")
     p.add_argument("--quiet", action="store_true")
 
@@ -54,6 +56,7 @@ ENV_MODEL_BROKER = "BRANCHY_TEE_MODEL_BROKER"
 ENV_DATA_BROKERS = "BRANCHY_TEE_DATA_BROKERS"  # comma-separated URLs
 ENV_ALLOW_PLAINTEXT = "BRANCHY_TEE_ALLOW_PLAINTEXT"  # "1": --plaintext-result allowed
 ENV_MIN_VERSION = "BRANCHY_TEE_MIN_MODEL_VERSION"
+ENV_BROKER_CA = "BRANCHY_TEE_BROKER_CA"  # CA certificate for HTTPS brokers (a trusted file)
 
 
 def apply_enclave_settings(args, env=os.environ) -> None:
@@ -78,6 +81,8 @@ def apply_enclave_settings(args, env=os.environ) -> None:
     if brokers:
         args.data_broker = brokers
     args.min_version = max(args.min_version, int(env.get(ENV_MIN_VERSION, "0") or 0))
+    args.broker_ca = env.get(ENV_BROKER_CA) or None
+    args.attestation_dir = "/dev/attestation"  # Gramine's pseudo-files; never a host-chosen directory
 
 
 def _key_source(args):
@@ -152,7 +157,9 @@ def run(args) -> dict:
         x = torch.cat([r[1] for r in requests])
         log(f"{len(requests)} request(s), {len(x)} samples verified")
         store = StageStore(bundle, args.memory_budget, args.batch_size, log)
-        thresholds = h["thresholds"] or [never_exit_threshold(h["criterion"])] * (bundle.num_stages - 1)
+        thresholds = h["thresholds"]
+        if args.full_model or not thresholds:
+            thresholds = [never_exit_threshold(h["criterion"])] * (bundle.num_stages - 1)
         answers = early_exit(store.get, bundle.num_stages, x, h["criterion"], thresholds, args.batch_size)
         outputs, text, lo = [], [], 0
         for (req_header, inputs), path in zip(requests, args.output):

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import BranchyError, IntegrityError
@@ -159,25 +158,68 @@ class SealedBundle:
     def num_stages(self) -> int:
         return len(self.header["stages"])
 
-    def read_stage(self, k: int) -> dict[str, torch.Tensor]:
-        """Decrypt, verify and deserialise stage k (its weights and its exit head)."""
+    def decrypt_stage(self, k: int) -> bytearray:
+        """Stage k's plaintext (safetensors bytes), every chunk verified."""
         h = self.header
         entry = h["stages"][k]
-        file = self.path / entry["file"]
         what = f"{self.path.name}/{entry['file']}"
         key = _stage_key(self.model_key, h["bundle_id"], h["model_version"], k)
         try:
-            with open(file, "rb", buffering=0) as f:
-                plain = aead.open_chunks(key, f, _stage_context(h["bundle_id"], h["model_version"], k),
-                                         entry["plaintext_size"], h["chunk_size"], what)
+            with open(self.path / entry["file"], "rb", buffering=0) as f:
+                return aead.open_chunks(key, f, _stage_context(h["bundle_id"], h["model_version"], k),
+                                        entry["plaintext_size"], h["chunk_size"], what)
         except FileNotFoundError:
             raise IntegrityError(f"{what}: stage file missing") from None
         except OSError as e:
             raise BranchyError(f"{what}: cannot read ({e.strerror})") from None
+
+    def read_stage(self, k: int) -> dict[str, torch.Tensor]:
+        """Decrypt, verify and deserialise stage k (its weights and its exit head)."""
+        plain = self.decrypt_stage(k)
         try:
-            return st_load(bytes(plain))
-        except Exception as e:  # authentic bytes that are not safetensors: a bug at sealing time
-            raise IntegrityError(f"{what}: authentic but not a safetensors payload ({e})") from None
+            return tensors_from_safetensors(plain)
+        except (ValueError, KeyError, TypeError) as e:  # authentic bytes that are not safetensors: a bug at sealing time
+            raise IntegrityError(f"{self.path.name}/{self.header['stages'][k]['file']}: authentic but not a safetensors payload ({e})") from None
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def tensors_from_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
+    """Tensors that view ``buf`` in place (safetensors layout: u64 header size, JSON header, data).
+
+    ``safetensors.torch.load`` needs ``bytes`` and copies every tensor out of them: two more copies
+    of the largest stage at the moment memory is tightest. Here the decrypted buffer itself backs
+    the tensors. The payload was authenticated before this runs; the checks guard against bugs.
+    """
+    if len(buf) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8:
+        raise ValueError("header size exceeds the payload")
+    header = json.loads(bytes(buf[8 : 8 + n]))
+    base, out = 8 + n, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"tensor {name}: unsupported dtype {info.get('dtype')}")
+        shape, (start, end) = list(info["shape"]), info["data_offsets"]
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= start <= end <= len(buf) - base or end - start != numel * itemsize:
+            raise ValueError(f"tensor {name}: data offsets do not match its shape")
+        if numel == 0:
+            out[name] = torch.empty(shape, dtype=dtype)
+        else:
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start).view(shape)
+    return out
 
 
 def _check_header_fields(header: dict, where: str) -> None:

@@ -31,8 +31,7 @@ from ..models.cost import arch_part_flops
 from ..rundir import load_run, read_model_json, update_model_json, write_model_json, write_weights
 from .losses import multi_exit_loss
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-DISTILL = ("final", "teacher", "none")
+from ..choices import DISTILL, OPTIMIZERS
 
 
 @dataclass

@@ -1,0 +1,626 @@
+"""Key broker (owner side): releases keys to enclaves whose evidence verifies and matches a policy.
+
+HTTP API (JSON; every error is ``{"error": "<one line>", "code": "<machine code>"}``)::
+
+    GET  /v1/health  -> {"status": "ok", "protocol": "branchy-tee/v1", "keys": n}
+    GET  /v1/nonce   -> {"protocol", "nonce": hex, "expires_in": s, "key_ids": [ids this policy releases]}
+    POST /v1/keys    {"evidence_type", "evidence": b64, "public_key": hex, "nonce": hex, "key_ids": [...],
+                      "collateral": {...} (optional; the policy's own collateral file wins)}
+                     -> {"protocol", "suite", "keys": {kid: b64(HPKE enc || ct)}, "min_model_version": n}
+
+A key request is checked in this order: well-formed (400, 413 over 64 KiB), key ids known (404) and
+released by the policy (403), nonce issued by this broker instance, unexpired and unused (403; it is
+marked used here, before anything else can answer), evidence verifies (403: DCAP quote chain and
+signatures with ``verify_quote``, or the simulated document's signature), the policy accepts the
+claims (403), REPORTDATA = SHA-256("branchy-tee/v1" || public key || nonce) || 0^32 (403). Then
+every key is HPKE-sealed to the enclave's public key (see ``protocol``). Every decision is one JSON
+line in the audit log (flushed and fsynced before the answer leaves; never a key); if the audit
+line cannot be written the keys are not released.
+
+Nonces are stateless to issue: issued-at time, 16 random bytes and an HMAC tag under a secret drawn
+when the broker starts. Only used nonces are remembered, until they expire; a restarted broker has a
+new secret, so it refuses every nonce of its previous life and can never re-issue one.
+
+Owner-side code (aiohttp). ``start_broker`` runs one in a background thread (tests, the demo);
+``serve`` runs one in the foreground (``branchy-tee key-broker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+import ssl
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from ..errors import AttestationError, BranchyError, PolicyError, UsageError
+from ..fileio import read_key_file
+from ..seal.keys import key_id
+from .policy import Claims, Policy, load_policy, parse_policy
+from .protocol import (
+    EVIDENCE_DCAP,
+    EVIDENCE_SIMULATED,
+    EVIDENCE_TYPES,
+    KEY_ID_RE,
+    MAX_BODY,
+    MAX_KEY_IDS,
+    NONCE_BYTES,
+    PROTOCOL,
+    PUBLIC_KEY_BYTES,
+    SUITE,
+    SUITE_NAME,
+    key_info,
+    pack_key,
+    report_data,
+)
+from .providers import simulated_warning, verify_simulated
+
+__all__ = ["Broker", "BrokerHandle", "NonceBook", "Refusal", "load_keystore", "make_app", "serve", "start_broker",
+           "verify_evidence"]
+
+# verify_quote uses warnings.catch_warnings (process-global): one verification at a time.
+_VERIFY_LOCK = threading.Lock()
+
+
+class Refusal(Exception):
+    """A refused request: HTTP status, machine-readable code, one-line reason."""
+
+    def __init__(self, status: int, code: str, reason: str):
+        super().__init__(reason)
+        self.status, self.code, self.reason = status, code, reason
+
+
+# --------------------------------------------------------------------------- keystore
+def load_keystore(path: str | os.PathLike) -> dict[str, bytes]:
+    """Key id -> key from a directory of ``*.key`` files (32 bytes, mode 0600) or one key file."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.key"))
+        if not files:
+            raise BranchyError(f"keystore {p} holds no *.key files")
+    elif p.exists():
+        files = [p]
+    else:
+        raise BranchyError(f"keystore {p} not found")
+    return {key_id(k): k for k in map(read_key_file, files)}
+
+
+def _as_keys(keys) -> dict[str, bytes]:
+    if isinstance(keys, (str, os.PathLike)):
+        return load_keystore(keys)
+    if isinstance(keys, Mapping):
+        out = dict(keys)
+        for kid, k in out.items():
+            if not isinstance(k, bytes) or len(k) != 32 or key_id(k) != kid:
+                raise BranchyError(f"keystore entry {kid!r} is not a 32-byte key with that id")
+        return out
+    out = {}
+    for k in keys:
+        if not isinstance(k, bytes) or len(k) != 32:
+            raise BranchyError("keys must be 32 bytes")
+        out[key_id(k)] = k
+    return out
+
+
+def _as_policy(policy) -> Policy:
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, Mapping):
+        return parse_policy(policy)
+    return load_policy(policy)
+
+
+# --------------------------------------------------------------------------- nonces
+class NonceBook:
+    """Single-use, expiring nonces: stateless to issue, remembered only once used, until expiry."""
+
+    TAG = 16
+
+    def __init__(self, ttl: float = 60.0, clock: Callable[[], float] = time.time, skew: float = 5.0):
+        if ttl <= 0:
+            raise ValueError("nonce lifetime must be positive")
+        self.ttl, self.clock, self.skew = float(ttl), clock, skew
+        self._secret = secrets.token_bytes(32)  # new on every start: old nonces die with the process
+        self._used: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self._next_prune = 0.0
+
+    def _tag(self, body: bytes) -> bytes:
+        return hmac.new(self._secret, b"branchy-tee/v1 nonce\0" + body, hashlib.sha256).digest()[: self.TAG]
+
+    def issue(self) -> bytes:
+        body = int(self.clock() * 1000).to_bytes(8, "big") + secrets.token_bytes(16)
+        return body + self._tag(body)
+
+    def consume(self, nonce: bytes) -> None:
+        """Accept a nonce once; raise Refusal if forged/foreign, expired or already used."""
+        if len(nonce) != NONCE_BYTES:
+            raise Refusal(400, "bad_request", f"nonce must be {NONCE_BYTES} bytes")
+        body, tag = nonce[:-self.TAG], nonce[-self.TAG:]
+        if not hmac.compare_digest(tag, self._tag(body)):
+            raise Refusal(403, "nonce_unknown", "nonce was not issued by this broker (forged, or issued before "
+                                                "a restart); get a fresh one from /v1/nonce")
+        issued = int.from_bytes(body[:8], "big") / 1000.0
+        now = self.clock()
+        with self._lock:
+            if nonce in self._used:
+                raise Refusal(403, "nonce_replayed", "nonce was already used (replayed request); "
+                                                     "every request needs a fresh nonce from /v1/nonce")
+            age = now - issued
+            if age > self.ttl:
+                raise Refusal(403, "nonce_expired", f"nonce expired: {age:.0f} s old, lifetime {self.ttl:g} s")
+            if age < -self.skew:
+                raise Refusal(403, "nonce_unknown", "nonce is from the future (broker clock went backwards)")
+            self._used[nonce] = issued + self.ttl
+            if now >= self._next_prune:
+                self._used = {n: exp for n, exp in self._used.items() if exp >= now}
+                self._next_prune = now + self.ttl / 4
+
+    @property
+    def used_count(self) -> int:
+        return len(self._used)
+
+
+# --------------------------------------------------------------------------- evidence
+def verify_evidence(policy: Policy, evidence_type: str, evidence: bytes, *, collateral: Mapping | None = None,
+                    now: datetime | None = None) -> Claims:
+    """Verify evidence (not yet its binding or the policy) and return its claims; AttestationError otherwise.
+
+    DCAP quotes are verified with the policy's collateral file when it has one, else with the
+    collateral sent along (it is Intel-signed and checked against the pinned root either way);
+    ``stale_collateral = "warn"`` turns expired collateral into warnings.
+    """
+    if evidence_type == EVIDENCE_DCAP:
+        from .verify import verify_quote
+
+        chosen = policy.collateral()
+        if chosen is None:
+            chosen = collateral
+        with _VERIFY_LOCK:
+            vq = verify_quote(evidence, collateral=chosen, now=now, strict_time=policy.strict_time)
+        return Claims.from_quote(vq)
+    if evidence_type == EVIDENCE_SIMULATED:
+        return Claims.from_simulated(verify_simulated(evidence))
+    raise AttestationError(f"unknown evidence type {evidence_type!r}")
+
+
+# --------------------------------------------------------------------------- the broker
+def _b64(value: Any, what: str, limit: int) -> bytes:
+    if not isinstance(value, str):
+        raise Refusal(400, "bad_request", f"'{what}' must be a base64 string")
+    if len(value) > limit * 4 // 3 + 4:
+        raise Refusal(400, "bad_request", f"'{what}' is too large")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Refusal(400, "bad_request", f"'{what}' is not valid base64") from None
+
+
+def _hex(value: Any, what: str, size: int) -> bytes:
+    if not isinstance(value, str) or len(value) != 2 * size:
+        raise Refusal(400, "bad_request", f"'{what}' must be {size} bytes as {2 * size} hex digits")
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise Refusal(400, "bad_request", f"'{what}' is not hex") from None
+
+
+class Broker:
+    """The key broker's logic, independent of HTTP: nonces, evidence, policy, sealing, audit."""
+
+    def __init__(self, keys, policy, *, audit_log: str | os.PathLike | None = None, nonce_ttl: float = 60.0,
+                 clock: Callable[[], float] | None = None, log: Callable[[str], None] | None = None):
+        self.keys = _as_keys(keys)
+        if not self.keys:
+            raise BranchyError("the keystore holds no keys")
+        self.policy = _as_policy(policy)
+        if self.policy.key_ids is not None:
+            missing = [k for k in self.policy.key_ids if k not in self.keys]
+            if missing:
+                raise BranchyError(f"policy {self.policy.source} releases key id(s) {', '.join(missing)}, "
+                                   f"which the keystore does not hold (it holds {', '.join(sorted(self.keys))})")
+        self.clock = clock or time.time
+        self.nonces = NonceBook(nonce_ttl, self.clock)
+        self.log = log or (lambda msg: None)
+        self.audit_path = Path(audit_log) if audit_log is not None else None
+        self._audit_fd: int | None = None
+        self._audit_lock = threading.Lock()
+        if self.audit_path is not None:
+            try:
+                self._audit_fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            except OSError as e:
+                raise BranchyError(f"cannot open audit log {self.audit_path}: {e.strerror or e}") from None
+        self.granted = 0
+        self.refused = 0
+
+    @property
+    def released_ids(self) -> list[str]:
+        return sorted(k for k in self.keys if self.policy.releases(k))
+
+    def close(self) -> None:
+        with self._audit_lock:
+            if self._audit_fd is not None:
+                os.close(self._audit_fd)
+                self._audit_fd = None
+
+    # ---- endpoints
+    def health(self) -> dict:
+        return {"status": "ok", "protocol": PROTOCOL, "keys": len(self.released_ids)}
+
+    def nonce(self) -> dict:
+        return {"protocol": PROTOCOL, "nonce": self.nonces.issue().hex(), "expires_in": self.nonces.ttl,
+                "key_ids": self.released_ids}
+
+    def request_keys(self, body: bytes, remote: str | None) -> dict:
+        """Handle one POST /v1/keys body: the response dict, or Refusal. Always audited."""
+        entry: dict[str, Any] = {"remote": remote}
+        try:
+            response = self._grant(body, entry)
+        except Refusal as r:
+            self._decide(entry, r.status, r.code, r.reason)
+            raise
+        except Exception as e:  # a bug: fail closed, audited, with the traceback for the operator
+            import traceback
+
+            traceback.print_exc()
+            r = Refusal(500, "internal_error", f"internal error ({type(e).__name__}); nothing released")
+            self._decide(entry, r.status, r.code, r.reason)
+            raise r from None
+        self._decide(entry, 200, "granted", None)
+        return response
+
+    def refuse_unread(self, remote: str | None, status: int, code: str, reason: str) -> Refusal:
+        """A request refused before its body was read (e.g. too large): audited like the others."""
+        self._decide({"remote": remote}, status, code, reason)
+        return Refusal(status, code, reason)
+
+    # ---- the checks
+    def _grant(self, body: bytes, entry: dict) -> dict:
+        try:
+            req = json.loads(body)
+        except (ValueError, RecursionError):
+            raise Refusal(400, "bad_request", "request body is not JSON") from None
+        if not isinstance(req, dict):
+            raise Refusal(400, "bad_request", "request body must be a JSON object")
+        if req.get("protocol", PROTOCOL) != PROTOCOL:
+            raise Refusal(400, "bad_request", f"unsupported protocol {str(req.get('protocol'))[:40]!r}; this broker speaks {PROTOCOL}")
+        etype = req.get("evidence_type")
+        if etype not in EVIDENCE_TYPES:
+            raise Refusal(400, "bad_request", f"'evidence_type' must be one of {', '.join(EVIDENCE_TYPES)}")
+        entry["evidence_type"] = etype
+        kids = req.get("key_ids")
+        if not isinstance(kids, list) or not kids or len(kids) > MAX_KEY_IDS or not all(isinstance(k, str) for k in kids):
+            raise Refusal(400, "bad_request", f"'key_ids' must be a list of 1..{MAX_KEY_IDS} key ids")
+        bad = [k for k in kids if not KEY_ID_RE.fullmatch(k)]
+        if bad:
+            raise Refusal(400, "bad_request", f"'key_ids': {bad[0][:40]!r} is not a key id (16 lower-case hex digits)")
+        kids = list(dict.fromkeys(kids))
+        entry["key_ids"] = kids
+        public_key = _hex(req.get("public_key"), "public_key", PUBLIC_KEY_BYTES)
+        nonce = _hex(req.get("nonce"), "nonce", NONCE_BYTES)
+        entry["nonce"] = nonce.hex()
+        evidence = _b64(req.get("evidence"), "evidence", MAX_BODY)
+        if not evidence:
+            raise Refusal(400, "bad_request", "'evidence' is empty")
+        collateral = req.get("collateral")
+        if collateral is not None and not isinstance(collateral, dict):
+            raise Refusal(400, "bad_request", "'collateral' must be a JSON object (dcap-qvl layout)")
+        try:
+            recipient = X25519PublicKey.from_public_bytes(public_key)
+            X25519PrivateKey.generate().exchange(recipient)  # refuses low-order points
+        except ValueError:
+            raise Refusal(400, "bad_request", "'public_key' is not a usable X25519 public key") from None
+
+        unknown = [k for k in kids if k not in self.keys]
+        if unknown:
+            raise Refusal(404, "unknown_key_id", f"this broker holds no key with id {', '.join(unknown)}")
+        withheld = [k for k in kids if not self.policy.releases(k)]
+        if withheld:
+            raise Refusal(403, "key_not_released", f"the policy does not release key id {', '.join(withheld)}")
+
+        self.nonces.consume(nonce)  # single use from here on, whatever the outcome
+
+        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        try:
+            claims = verify_evidence(self.policy, etype, evidence, collateral=collateral, now=now)
+        except AttestationError as e:
+            raise Refusal(403, "evidence_invalid", f"evidence does not verify: {e}") from None
+        except BranchyError as e:  # the broker's side, e.g. its collateral file vanished
+            raise Refusal(500, "broker_error", f"the broker cannot verify evidence now: {e}") from None
+        entry["claims"] = claims.summary()
+        try:
+            decision = self.policy.evaluate(claims)
+        except PolicyError as e:
+            raise Refusal(403, "policy_refused", f"policy refused: {e}") from None
+        entry["warnings"] = list(decision.warnings)
+        if not hmac.compare_digest(claims.report_data, report_data(public_key, nonce)):
+            raise Refusal(403, "binding_mismatch", "REPORTDATA does not bind this public key and nonce "
+                                                   "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)")
+        sealed = {}
+        for kid in kids:
+            ct = SUITE.encrypt(pack_key(self.keys[kid], decision.min_model_version), recipient, info=key_info(kid, nonce))
+            sealed[kid] = base64.b64encode(ct).decode()
+        entry["min_model_version"] = decision.min_model_version
+        if claims.simulated:
+            simulated_warning(f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(kids)} to {entry.get('remote')}")
+        return {"protocol": PROTOCOL, "suite": SUITE_NAME, "keys": sealed, "min_model_version": decision.min_model_version}
+
+    # ---- audit
+    def _decide(self, entry: dict, status: int, code: str, reason: str | None) -> None:
+        granted = status == 200
+        line = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": "key_request",
+                "decision": "granted" if granted else "refused", "status": status, "code": code, "reason": reason,
+                **entry}
+        try:
+            self.audit(line)
+        except OSError as e:
+            self.log(f"cannot write the audit log: {e.strerror or e}")
+            if granted:  # no unaudited release
+                raise Refusal(500, "audit_failed", f"audit log unavailable ({e.strerror or e}); keys not released") from None
+        with self._audit_lock:
+            if granted:
+                self.granted += 1
+            else:
+                self.refused += 1
+        who = line.get("claims", {}).get("mrenclave", "?")[:16]
+        self.log(f"{line['decision']} {', '.join(entry.get('key_ids', []) or ['-'])} to {entry.get('remote')} "
+                 f"(MRENCLAVE {who}...)" + (f": {reason}" if reason else ""))
+
+    def audit(self, record: dict) -> None:
+        """Append one JSON line to the audit log, flushed and fsynced (no-op without a log)."""
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        with self._audit_lock:  # one whole line at a time, in decision order
+            fd = self._audit_fd
+            if fd is None:
+                if self.audit_path is not None:
+                    raise OSError("audit log closed")
+                return
+            if os.write(fd, data) != len(data):
+                raise OSError("short write to the audit log")
+        # Outside the lock so concurrent decisions share one disk flush; this fsync starts after our
+        # write, so the line is durable before the answer leaves.
+        os.fsync(fd)
+
+
+# --------------------------------------------------------------------------- HTTP
+def make_app(broker: Broker):
+    """The aiohttp application serving ``broker``."""
+    from aiohttp import web
+
+    def reply(status: int, obj: dict):
+        return web.json_response(obj, status=status, headers={"Cache-Control": "no-store"})
+
+    @web.middleware
+    async def json_errors(request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as e:  # 404/405 from the router, etc.
+            if e.status < 400:
+                raise
+            return reply(e.status, {"error": e.reason, "code": "http"})
+
+    async def health(request):
+        return reply(200, broker.health())
+
+    async def nonce(request):
+        return reply(200, broker.nonce())
+
+    async def keys(request):
+        remote = request.remote
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            r = broker.refuse_unread(remote, 413, "too_large", f"request body over {MAX_BODY} bytes")
+            return reply(r.status, {"error": r.reason, "code": r.code})
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            r = broker.refuse_unread(remote, 413, "too_large", f"request body over {MAX_BODY} bytes")
+            return reply(r.status, {"error": r.reason, "code": r.code})
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(None, broker.request_keys, body, remote)
+        except Refusal as r:
+            return reply(r.status, {"error": r.reason, "code": r.code})
+        return reply(200, out)
+
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/nonce", nonce)
+    app.router.add_post("/v1/keys", keys)
+    return app
+
+
+def _ssl_context(tls_cert, tls_key) -> ssl.SSLContext | None:
+    if bool(tls_cert) != bool(tls_key):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    if not tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(tls_cert, tls_key)
+    except (OSError, ssl.SSLError) as e:
+        raise BranchyError(f"cannot load TLS certificate/key ({tls_cert}, {tls_key}): {e}") from None
+    return ctx
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(host: str, port: int, tls: bool) -> str:
+    h = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{h}:{port}"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"--listen expects HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        p = int(port)
+    except ValueError:
+        raise UsageError(f"--listen: port {port!r} is not a number") from None
+    if not 0 <= p <= 65535:
+        raise UsageError(f"--listen: port {p} is out of range")
+    return host, p
+
+
+async def _start_site(broker: Broker, host: str, port: int, ssl_ctx):
+    from aiohttp import web
+
+    runner = web.AppRunner(make_app(broker), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024)
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise BranchyError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return runner, runner.addresses[0][1]
+
+
+def _startup_warnings(broker: Broker, host: str, tls: bool, warn: Callable[[str], None]) -> None:
+    if not tls and not _is_loopback(host):
+        warn(f"serving plain HTTP on non-loopback address {host}: the network sees nonces and evidence (keys "
+             "stay HPKE-sealed to the enclave); use --tls-cert/--tls-key")
+    if broker.policy.allow_simulation:
+        simulated_warning(f"ALLOWED by policy {broker.policy.source}: this broker releases keys to non-enclaves")
+
+
+class BrokerHandle:
+    """A broker serving in a background thread. ``.url``, ``.stop()``; also a context manager."""
+
+    def __init__(self, broker: Broker, host: str, tls: bool):
+        self.broker, self.host, self.tls = broker, host, tls
+        self.port = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    @property
+    def url(self) -> str:
+        return _url(self.host, self.port, self.tls)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise BranchyError(f"key broker at {self.url} did not stop within {timeout} s")
+        self.broker.close()
+
+    def __enter__(self) -> "BrokerHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_broker(keys, policy, host: str = "127.0.0.1", port: int = 0, audit_log: str | os.PathLike | None = None, *,
+                 tls_cert=None, tls_key=None, nonce_ttl: float = 60.0, clock: Callable[[], float] | None = None,
+                 log: Callable[[str], None] | None = None) -> BrokerHandle:
+    """Serve a key broker in a background thread; return once it listens (``handle.url``).
+
+    ``keys``: a keystore path, a ``{key id: key}`` mapping or a list of keys. ``policy``: a
+    :class:`Policy`, a mapping of policy settings, or a TOML path. ``clock``: seconds since the
+    epoch (tests inject one to expire nonces or to verify quotes at a chosen time).
+    """
+    broker = Broker(keys, policy, audit_log=audit_log, nonce_ttl=nonce_ttl, clock=clock, log=log)
+    ssl_ctx = _ssl_context(tls_cert, tls_key)
+    handle = BrokerHandle(broker, host, ssl_ctx is not None)
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            runner, handle.port = loop.run_until_complete(_start_site(broker, host, port, ssl_ctx))
+        except BaseException as e:  # reported to the caller
+            failure.append(e)
+            started.set()
+            loop.close()
+            return
+        handle._loop = loop
+        started.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(runner.cleanup())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    thread = threading.Thread(target=run, name=f"key-broker-{host}", daemon=True)
+    handle._thread = thread
+    thread.start()
+    started.wait()
+    if failure:
+        broker.close()
+        raise failure[0]
+    _startup_warnings(broker, host, handle.tls, lambda m: sys.stderr.write(f"key-broker: warning: {m}\n"))
+    return handle
+
+
+def serve(keys_path, policy_path, listen: str, *, tls_cert=None, tls_key=None, audit_log=None,
+          nonce_ttl: float = 60.0, out=None, quiet: bool = False) -> int:
+    """Run a key broker in the foreground until SIGINT/SIGTERM (``branchy-tee key-broker``)."""
+    import signal
+
+    out = out or sys.stdout
+    host, port = parse_listen(listen)
+    if nonce_ttl <= 0:
+        raise UsageError("--nonce-ttl must be positive")
+    keys = load_keystore(keys_path)
+    policy = load_policy(policy_path)
+    err = lambda m: (sys.stderr.write(f"key-broker: {m}\n"), sys.stderr.flush())  # noqa: E731
+    broker = Broker(keys, policy, audit_log=audit_log, nonce_ttl=nonce_ttl, log=None if quiet else err)
+    ssl_ctx = _ssl_context(tls_cert, tls_key)
+
+    async def main() -> None:
+        runner, real_port = await _start_site(broker, host, port, ssl_ctx)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        _startup_warnings(broker, host, ssl_ctx is not None, lambda m: err(f"warning: {m}"))
+        out.write(f"key broker listening on {_url(host, real_port, ssl_ctx is not None)}\n")
+        out.write(f"  releases key id(s) {', '.join(broker.released_ids)} under policy {policy.source}"
+                  + (f"; audit log {audit_log}" if audit_log else "; no audit log") + "\n")
+        out.flush()
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main())
+    finally:
+        broker.close()
+    if not quiet:
+        err(f"stopped ({broker.granted} granted, {broker.refused} refused)")
+    return 0

@@ -1,0 +1,195 @@
+"""Enclave side of attested key release: a :class:`~branchy_tee.runtime.keysource.KeySource` whose
+keys come from the owners' key brokers after remote attestation (wire format: ``protocol``).
+
+One X25519 key pair per run. Per broker: ``GET /v1/nonce`` (which also lists the key ids the broker
+releases), evidence over ``report_data(public key, nonce)``, ``POST /v1/keys`` for the ids wanted
+from it, then each returned key is HPKE-opened and accepted only if its id is the id asked for.
+The model key comes from the model broker; each data key id from the first data broker that lists
+it, so several data owners, each with their own broker, work in one run. The minimum model version
+is the largest of the caller's and every broker's (it travels inside the sealed key record).
+
+Trusted computing base: standard library (``urllib``), ``cryptography`` and branchy_tee's
+errors/fileio/seal.keys and attest.protocol/providers only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import json
+import os
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from ..errors import AttestationError, BranchyError
+from ..seal.keys import key_id
+from .protocol import (
+    KEY_ID_RE,
+    MAX_RESPONSE,
+    NONCE_BYTES,
+    PROTOCOL,
+    SUITE,
+    key_info,
+    report_data,
+    unpack_key,
+)
+from .providers import DEFAULT_ATTESTATION_DIR, make_provider
+
+__all__ = ["AttestedKeys", "BrokerOffer"]
+
+
+def _one_line(text: object, limit: int = 300) -> str:
+    s = " ".join(str(text).split())
+    s = "".join(c if c.isprintable() else "?" for c in s)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _broker_url(url: str, what: str) -> str:
+    if not isinstance(url, str) or not url:
+        raise BranchyError(f"{what}: no URL given")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BranchyError(f"{what} {url!r} is not an http:// or https:// URL")
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True)
+class BrokerOffer:
+    """A broker's answer to GET /v1/nonce."""
+
+    url: str
+    nonce: bytes
+    key_ids: tuple[str, ...]
+
+
+class AttestedKeys:
+    """Keys by remote attestation from the owners' brokers (``predict --attest gramine|simulated``)."""
+
+    def __init__(self, attest: str, model_broker: str, data_brokers, attestation_dir: str = DEFAULT_ATTESTATION_DIR,
+                 ca_file: str | None = None, min_version: int = 0, *, dev_key_dir: str | os.PathLike | None = None,
+                 timeout: float = 30.0, provider=None):
+        self.provider = provider if provider is not None else make_provider(
+            attest, attestation_dir=attestation_dir, dev_key_dir=dev_key_dir)
+        self.model_broker = _broker_url(model_broker, "model key broker")
+        if isinstance(data_brokers, str):
+            data_brokers = [data_brokers]
+        self.data_brokers = [_broker_url(u, "data key broker") for u in data_brokers]
+        self.timeout = timeout
+        self._min_version = int(min_version)
+        self._sk = X25519PrivateKey.generate()  # one key pair per run; never leaves the enclave
+        self.public_key = self._sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        handlers: list = [urllib.request.ProxyHandler({})]  # talk to the brokers directly
+        if ca_file:
+            try:
+                ctx = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise BranchyError(f"cannot load broker CA certificate {ca_file}: {e}") from None
+            handlers.append(urllib.request.HTTPSHandler(context=ctx))
+        self._opener = urllib.request.build_opener(*handlers)
+        self._model: dict[str, bytes] = {}
+        self.sources: dict[str, str] = {}  # key id -> broker URL that released it
+
+    # ---- KeySource
+    def model_key(self, kid: str) -> bytes:
+        if kid not in self._model:
+            offer = self.offer(self.model_broker)
+            if kid not in offer.key_ids:
+                raise BranchyError(f"model key broker {offer.url} does not release model key id {kid} "
+                                   f"(it releases: {', '.join(offer.key_ids) or 'none'})")
+            self._model.update(self.exchange(offer, [kid]))
+        return self._model[kid]
+
+    def data_keys(self, kids: list[str]) -> dict[str, bytes]:
+        remaining = list(dict.fromkeys(kids))
+        out: dict[str, bytes] = {}
+        for url in self.data_brokers:
+            if not remaining:
+                break
+            offer = self.offer(url)
+            mine = [k for k in remaining if k in offer.key_ids]
+            if mine:
+                out.update(self.exchange(offer, mine))
+                remaining = [k for k in remaining if k not in out]
+        if remaining:
+            raise BranchyError(f"no data key broker releases data key id(s) {', '.join(remaining)} "
+                               f"(asked {', '.join(self.data_brokers) or 'none'})")
+        return out
+
+    def min_model_version(self) -> int:
+        return self._min_version
+
+    # ---- protocol steps
+    def offer(self, url: str) -> BrokerOffer:
+        """GET /v1/nonce: a fresh nonce and the key ids the broker releases."""
+        doc = self._call(url, "GET", "/v1/nonce")
+        try:
+            nonce = bytes.fromhex(doc["nonce"])
+            kids = doc.get("key_ids", [])
+            if len(nonce) != NONCE_BYTES or not isinstance(kids, list) or not all(
+                    isinstance(k, str) and KEY_ID_RE.fullmatch(k) for k in kids):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise AttestationError(f"key broker {url}: malformed nonce response") from None
+        return BrokerOffer(url, nonce, tuple(kids))
+
+    def exchange(self, offer: BrokerOffer, kids: list[str]) -> dict[str, bytes]:
+        """Attest to one broker with its nonce and return the keys ``kids`` it released."""
+        url, nonce = offer.url, offer.nonce
+        evidence = self.provider.evidence(report_data(self.public_key, nonce))
+        body = {"protocol": PROTOCOL, "evidence_type": self.provider.evidence_type,
+                "evidence": base64.b64encode(evidence).decode(), "public_key": self.public_key.hex(),
+                "nonce": nonce.hex(), "key_ids": list(kids)}  # fmt: skip
+        doc = self._call(url, "POST", "/v1/keys", json.dumps(body).encode())
+        sealed = doc.get("keys")
+        if not isinstance(sealed, dict) or set(sealed) != set(kids):
+            raise AttestationError(f"key broker {url}: response does not hold exactly the key ids asked for")
+        out: dict[str, bytes] = {}
+        for kid in kids:
+            try:
+                ct = base64.b64decode(sealed[kid], validate=True)
+                key, min_version = unpack_key(SUITE.decrypt(ct, self._sk, info=key_info(kid, nonce)))
+            except (InvalidTag, binascii.Error, ValueError, TypeError):
+                raise AttestationError(f"key broker {url}: sealed key {kid} does not open (tampered or misdirected)") from None
+            if key_id(key) != kid:  # only the key's owner can produce a key with this id
+                raise AttestationError(f"key broker {url}: returned a key with id {key_id(key)} for key id {kid}")
+            out[kid] = key
+            self.sources[kid] = url
+            self._min_version = max(self._min_version, min_version)
+        return out
+
+    def _call(self, base: str, method: str, path: str, body: bytes | None = None) -> dict:
+        req = urllib.request.Request(base + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json", "Accept": "application/json",
+                                              "User-Agent": "branchy-tee-enclave/1"})
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                data = resp.read(MAX_RESPONSE + 1)
+        except urllib.error.HTTPError as e:
+            try:
+                reason = json.loads(e.read(8192)).get("error") or e.reason
+            except Exception:  # noqa: BLE001 -- any unreadable error body
+                reason = e.reason
+            raise AttestationError(f"key broker {base} refused: {_one_line(reason)} (HTTP {e.code})") from None
+        except urllib.error.URLError as e:
+            raise BranchyError(f"key broker {base} is unreachable: {_one_line(e.reason)}") from None
+        except (OSError, http.client.HTTPException) as e:  # timeouts, resets, malformed HTTP
+            raise BranchyError(f"key broker {base} is unreachable: {_one_line(e) or type(e).__name__}") from None
+        if len(data) > MAX_RESPONSE:
+            raise AttestationError(f"key broker {base}: response larger than {MAX_RESPONSE} bytes")
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise AttestationError(f"key broker {base}: response is not a JSON object")
+        if doc.get("protocol", PROTOCOL) != PROTOCOL:
+            raise AttestationError(f"key broker {base} speaks {_one_line(doc.get('protocol'), 40)}, not {PROTOCOL}")
+        return doc

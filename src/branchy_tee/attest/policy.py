@@ -1,0 +1,326 @@
+"""Key-release policy (owner side): which enclaves get which keys. A TOML file, e.g.::
+
+    allowed_mrenclave = ["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"]
+    allowed_mrsigner  = []            # at least one of the two lists must be non-empty
+    isv_prod_id = 0                   # optional: require this product id
+    min_isv_svn = 0
+    allow_debug = false               # a DEBUG enclave's memory is readable by the host
+    accepted_tcb_statuses = ["UpToDate"]   # "Revoked" can never be accepted
+    min_model_version = 1             # sent to the enclave with the keys; older bundles are refused
+    allow_simulation = false          # development only
+    simulation_public_keys = []       # optional: pin the dev keys simulated evidence may be signed with
+    collateral = "collateral.json"    # dcap-qvl layout; relative to this file
+    require_collateral = true         # a real quote needs a TCB status
+    stale_collateral = "reject"       # or "warn": expired collateral only adds a warning
+    key_ids = ["0123456789abcdef"]    # keys this policy releases (default: every key in the keystore)
+
+Unknown settings are errors (a typo must not silently weaken a policy). :meth:`Policy.evaluate`
+accepts verified :class:`Claims` or raises :class:`~branchy_tee.errors.PolicyError` naming the
+field, what the policy expects and what the evidence shows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import threading
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import BranchyError, PolicyError
+from .protocol import EVIDENCE_DCAP, EVIDENCE_SIMULATED, KEY_ID_RE
+from .verify import TCB_STATUSES, read_collateral_file
+
+__all__ = ["Claims", "Decision", "Policy", "load_policy", "parse_policy"]
+
+SETTINGS = (
+    "allowed_mrenclave", "allowed_mrsigner", "isv_prod_id", "min_isv_svn", "allow_debug", "accepted_tcb_statuses",
+    "min_model_version", "allow_simulation", "simulation_public_keys", "collateral", "require_collateral",
+    "stale_collateral", "key_ids",
+)  # fmt: skip
+STALE_CHOICES = ("reject", "warn")
+
+
+# --------------------------------------------------------------------------- claims / decision
+@dataclass(frozen=True)
+class Claims:
+    """What verified evidence says about the enclave (untrusted until the evidence verified)."""
+
+    evidence_type: str  # "dcap" | "simulated"
+    tee: str  # "sgx" | "tdx" | "simulated"
+    mrenclave: bytes
+    mrsigner: bytes
+    isv_prod_id: int
+    isv_svn: int
+    debug: bool
+    report_data: bytes
+    tcb_status: str | None = None
+    advisories: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    signer_key: bytes | None = None  # simulated: the dev public key that signed the document
+
+    @property
+    def simulated(self) -> bool:
+        return self.evidence_type == EVIDENCE_SIMULATED
+
+    @classmethod
+    def from_quote(cls, vq) -> "Claims":
+        """From a :class:`~branchy_tee.attest.verify.VerifiedQuote`."""
+        return cls(EVIDENCE_DCAP, vq.tee, vq.mrenclave, vq.mrsigner, vq.isv_prod_id, vq.isv_svn, vq.debug,
+                   vq.report_data, vq.tcb_status, tuple(vq.advisories), tuple(vq.warnings))
+
+    @classmethod
+    def from_simulated(cls, doc) -> "Claims":
+        """From a :class:`~branchy_tee.attest.providers.SimulatedDocument`."""
+        return cls(EVIDENCE_SIMULATED, "simulated", doc.mrenclave, doc.mrsigner, doc.isv_prod_id, doc.isv_svn,
+                   doc.debug, doc.report_data, None, (), (), doc.public_key)
+
+    def summary(self) -> dict[str, Any]:
+        """For the audit log and error reports (no secrets in claims)."""
+        out = {"evidence_type": self.evidence_type, "tee": self.tee, "mrenclave": self.mrenclave.hex(),
+               "mrsigner": self.mrsigner.hex(), "isv_prod_id": self.isv_prod_id, "isv_svn": self.isv_svn,
+               "debug": self.debug, "tcb_status": self.tcb_status, "advisories": list(self.advisories)}
+        if self.signer_key is not None:
+            out["dev_public_key"] = self.signer_key.hex()
+        return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A grant: the minimum model version to hand to the enclave, and anything worth a warning."""
+
+    min_model_version: int
+    warnings: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- policy
+def _short(values, limit: int = 3) -> str:
+    items = sorted(values)
+    text = ", ".join(items[:limit])
+    return f"[{text}{', ...' if len(items) > limit else ''}]"
+
+
+@dataclass
+class Policy:
+    allowed_mrenclave: frozenset[bytes] = frozenset()
+    allowed_mrsigner: frozenset[bytes] = frozenset()
+    isv_prod_id: int | None = None
+    min_isv_svn: int = 0
+    allow_debug: bool = False
+    accepted_tcb_statuses: frozenset[str] = frozenset({"UpToDate"})
+    min_model_version: int = 0
+    allow_simulation: bool = False
+    simulation_public_keys: frozenset[bytes] = frozenset()
+    collateral_path: Path | None = None
+    require_collateral: bool = True
+    stale_collateral: str = "reject"
+    key_ids: tuple[str, ...] | None = None
+    source: str = "<policy>"
+    _collateral_cache: tuple | None = field(default=None, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.allowed_mrenclave and not self.allowed_mrsigner:
+            raise BranchyError(f"policy {self.source}: set allowed_mrenclave or allowed_mrsigner "
+                               "(a policy that names no enclave would accept any)")
+        if "Revoked" in self.accepted_tcb_statuses:
+            raise BranchyError(f"policy {self.source}: TCB status 'Revoked' can never be accepted")
+        if self.stale_collateral not in STALE_CHOICES:
+            raise BranchyError(f"policy {self.source}: stale_collateral must be 'reject' or 'warn'")
+
+    # ---- collateral
+    def collateral(self) -> dict | None:
+        """The policy's collateral file, re-read when it changes on disk (owners refresh it monthly)."""
+        if self.collateral_path is None:
+            return None
+        try:
+            st = os.stat(self.collateral_path)
+        except OSError as e:
+            raise BranchyError(f"policy {self.source}: cannot read collateral {self.collateral_path}: {e.strerror or e}") from None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            if self._collateral_cache is None or self._collateral_cache[0] != stamp:
+                self._collateral_cache = (stamp, read_collateral_file(self.collateral_path))
+            return self._collateral_cache[1]
+
+    @property
+    def strict_time(self) -> bool:
+        return self.stale_collateral == "reject"
+
+    def releases(self, kid: str) -> bool:
+        return self.key_ids is None or kid in self.key_ids
+
+    # ---- evaluation
+    def evaluate(self, claims: Claims) -> Decision:
+        """Accept ``claims`` (from evidence that verified) or raise PolicyError with the precise reason."""
+        warnings: list[str] = list(claims.warnings)
+        if claims.simulated:
+            if not self.allow_simulation:
+                raise PolicyError("simulated evidence refused: the policy has allow_simulation = false")
+            if self.simulation_public_keys and claims.signer_key not in self.simulation_public_keys:
+                raise PolicyError(
+                    f"simulation_public_keys: simulated evidence is signed by dev key {(claims.signer_key or b'').hex()}, "
+                    f"policy pins {_short(k.hex() for k in self.simulation_public_keys)}"
+                )
+            warnings.append("simulated evidence (no TEE) accepted: allow_simulation = true")
+        elif claims.evidence_type != EVIDENCE_DCAP:
+            raise PolicyError(f"evidence type {claims.evidence_type!r} is not supported")
+        elif claims.tee != "sgx":
+            raise PolicyError(f"tee: the evidence is a {claims.tee.upper()} quote; this policy accepts SGX enclaves only")
+        if self.allowed_mrenclave and claims.mrenclave not in self.allowed_mrenclave:
+            raise PolicyError(f"allowed_mrenclave: MRENCLAVE {claims.mrenclave.hex()} is not allowed "
+                              f"(policy allows {_short(m.hex() for m in self.allowed_mrenclave)})")
+        if self.allowed_mrsigner and claims.mrsigner not in self.allowed_mrsigner:
+            raise PolicyError(f"allowed_mrsigner: MRSIGNER {claims.mrsigner.hex()} is not allowed "
+                              f"(policy allows {_short(m.hex() for m in self.allowed_mrsigner)})")
+        if self.isv_prod_id is not None and claims.isv_prod_id != self.isv_prod_id:
+            raise PolicyError(f"isv_prod_id: the enclave's ISVPRODID is {claims.isv_prod_id}, policy requires {self.isv_prod_id}")
+        if claims.isv_svn < self.min_isv_svn:
+            raise PolicyError(f"min_isv_svn: the enclave's ISVSVN {claims.isv_svn} is below the policy minimum {self.min_isv_svn}")
+        if claims.debug and not self.allow_debug:
+            raise PolicyError("allow_debug: the enclave runs in DEBUG mode (the host can read its memory); "
+                              "policy has allow_debug = false")
+        if not claims.simulated:
+            status = claims.tcb_status
+            if status is None:
+                if self.require_collateral:
+                    raise PolicyError("require_collateral: the quote's TCB status is unknown (no collateral); give the "
+                                      "policy a collateral file or set require_collateral = false")
+                warnings.append("TCB status not checked (no collateral; require_collateral = false)")
+            elif status == "Revoked" or status not in self.accepted_tcb_statuses:
+                adv = f" (advisories {', '.join(claims.advisories)})" if claims.advisories else ""
+                raise PolicyError(f"accepted_tcb_statuses: the platform's TCB status is {status}{adv}; "
+                                  f"policy accepts {_short(self.accepted_tcb_statuses, 10)}")
+        return Decision(self.min_model_version, tuple(warnings))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "allowed_mrenclave": sorted(m.hex() for m in self.allowed_mrenclave),
+            "allowed_mrsigner": sorted(m.hex() for m in self.allowed_mrsigner),
+            "isv_prod_id": self.isv_prod_id, "min_isv_svn": self.min_isv_svn, "allow_debug": self.allow_debug,
+            "accepted_tcb_statuses": sorted(self.accepted_tcb_statuses), "min_model_version": self.min_model_version,
+            "allow_simulation": self.allow_simulation, "collateral": str(self.collateral_path) if self.collateral_path else None,
+            "require_collateral": self.require_collateral, "stale_collateral": self.stale_collateral,
+            "key_ids": list(self.key_ids) if self.key_ids is not None else None,
+        }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- parsing
+class _Reader:
+    def __init__(self, data: Mapping[str, Any], source: str):
+        self.data, self.source = data, source
+
+    def fail(self, name: str, msg: str) -> BranchyError:
+        return BranchyError(f"policy {self.source}: {name} {msg}")
+
+    def bool(self, name: str, default: bool) -> bool:
+        v = self.data.get(name, default)
+        if not isinstance(v, bool):
+            raise self.fail(name, f"must be true or false, not {v!r}")
+        return v
+
+    def int(self, name: str, default, hi: int) -> int | None:
+        v = self.data.get(name, default)
+        if v is None and default is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
+            raise self.fail(name, f"must be an integer in 0..{hi}, not {v!r}")
+        return v
+
+    def strings(self, name: str) -> list[str] | None:
+        if name not in self.data:
+            return None
+        v = self.data[name]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise self.fail(name, f"must be a list of strings, not {v!r}")
+        return v
+
+    def measurements(self, name: str) -> frozenset[bytes]:
+        out = set()
+        for s in self.strings(name) or []:
+            try:
+                b = bytes.fromhex(s)
+            except ValueError:
+                raise self.fail(name, f"entry {s!r} is not hex") from None
+            if len(b) != 32:
+                raise self.fail(name, f"entry {s!r} must be 32 bytes (64 hex digits), got {len(b)}")
+            out.add(b)
+        return frozenset(out)
+
+
+def parse_policy(data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike | None = None) -> Policy:
+    """A :class:`Policy` from a mapping (the parsed TOML). Relative paths resolve against ``base_dir``."""
+    if not isinstance(data, Mapping):
+        raise BranchyError(f"policy {source}: must be a table of settings")
+    unknown = [k for k in data if k not in SETTINGS]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), SETTINGS, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise BranchyError(f"policy {source}: unknown setting {', '.join(hints)}; known settings: {', '.join(SETTINGS)}")
+    r = _Reader(data, source)
+    statuses = r.strings("accepted_tcb_statuses")
+    if statuses is None:
+        statuses = ["UpToDate"]
+    for s in statuses:
+        if s == "Revoked":
+            raise r.fail("accepted_tcb_statuses", "lists 'Revoked', which can never be accepted")
+        if s not in TCB_STATUSES:
+            close = difflib.get_close_matches(s, sorted(TCB_STATUSES), n=1)
+            raise r.fail("accepted_tcb_statuses", f"lists unknown status {s!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    sim_keys = r.measurements("simulation_public_keys")
+    kids = r.strings("key_ids")
+    if kids is not None:
+        if not kids:
+            raise r.fail("key_ids", "is empty (leave it out to release every key in the keystore)")
+        for k in kids:
+            if not KEY_ID_RE.fullmatch(k):
+                raise r.fail("key_ids", f"entry {k!r} is not a key id (16 lower-case hex digits)")
+    collateral = data.get("collateral")
+    collateral_path = None
+    if collateral is not None:
+        if not isinstance(collateral, str) or not collateral:
+            raise r.fail("collateral", "must be a file name")
+        collateral_path = Path(collateral)
+        if not collateral_path.is_absolute() and base_dir is not None:
+            collateral_path = Path(base_dir) / collateral_path
+    stale = data.get("stale_collateral", "reject")
+    if stale not in STALE_CHOICES:
+        raise r.fail("stale_collateral", f"must be 'reject' or 'warn', not {stale!r}")
+    policy = Policy(
+        allowed_mrenclave=r.measurements("allowed_mrenclave"),
+        allowed_mrsigner=r.measurements("allowed_mrsigner"),
+        isv_prod_id=r.int("isv_prod_id", None, 0xFFFF),
+        min_isv_svn=r.int("min_isv_svn", 0, 0xFFFF),
+        allow_debug=r.bool("allow_debug", False),
+        accepted_tcb_statuses=frozenset(statuses),
+        min_model_version=r.int("min_model_version", 0, 2**63 - 1),
+        allow_simulation=r.bool("allow_simulation", False),
+        simulation_public_keys=sim_keys,
+        collateral_path=collateral_path,
+        require_collateral=r.bool("require_collateral", True),
+        stale_collateral=stale,
+        key_ids=tuple(dict.fromkeys(kids)) if kids is not None else None,
+        source=source,
+    )
+    if sim_keys and not policy.allow_simulation:
+        raise r.fail("simulation_public_keys", "is set but allow_simulation = false")
+    policy.collateral()  # fail now, not at the first request, when the file is unreadable
+    return policy
+
+
+def load_policy(path: str | os.PathLike) -> Policy:
+    """Read and check a TOML policy file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise BranchyError(f"cannot read policy {path}: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise BranchyError(f"policy {path} is not valid TOML: {e}") from None
+    return parse_policy(data, str(path), path.parent)

@@ -1,0 +1,54 @@
+import json
+from pathlib import Path
+
+import torch
+
+from branchy_tee.cli import main
+from branchy_tee.data import load_dataset
+from branchy_tee.data.preprocess import tensor_to_inputs
+from branchy_tee.evaluate.exits import decide
+from branchy_tee.rundir import load_run
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--json"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{\n"):])
+    assert "SIMULATED" in printed
+    # The data owners' decrypted answers are exactly the plain model's early-exit decisions.
+    model, meta = load_run(out / "mo" / "run")
+    test = load_dataset("synthetic", "test", synthetic=meta["data"]["synthetic"])
+    x = tensor_to_inputs(test.images[:64], meta["preprocessing"], "test")
+    with torch.no_grad():
+        exits, labels = decide(model(x), meta["criterion"], meta["thresholds"])
+    records = []
+    for who in ("do-a", "do-b"):
+        text = (out / who / "result.txt").read_text().splitlines()[1:]
+        records += [line.split("\t") for line in text]
+        assert summary["data_owners"][who]["cannot_read_other_owner"] is True
+    assert [int(r[1]) for r in records] == labels.tolist()
+    assert [int(r[4]) for r in records] == exits.tolist()
+    enclave = summary["enclave"]
+    assert sum(enclave["early_exit"]["exit_counts"]) == 64
+    assert enclave["full_model"]["exit_counts"][-1] == 64
+    for f in summary["files"]["mprofile"] + [summary["files"]["accuracy_plot"], summary["files"]["memory_plot"]]:
+        assert Path(f).is_file(), f
+    # Every broker logged its decisions, and stopped: nothing is listening any more.
+    for who in ("mo", "do-a", "do-b"):
+        lines = (out / "brokers" / f"{who}-audit.jsonl").read_text().splitlines()
+        assert len(lines) >= 2 and all(json.loads(line) for line in lines)
+
+
+def test_bench_quick_produces_every_key(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert {"latency_speedup", "throughput_speedup", "accuracy_drop_pp", "oracle_speedup", "model"} <= set(r["early_exit"])
+    assert {"peak_ratio", "staged_mib", "full_mib"} <= set(r["staged_memory"])
+    assert r["aead"]["decrypt_gbps"] > 0
+    assert r["cold_start_ratio"] > 0
+    assert "quote_verify_ms" in r
+    assert len(r["exit_profile"]) == 12 and all(len(p["exit_flops"]) == p["exits"] for p in r["exit_profile"])
+    assert r["staged_memory"]["staged_stages_loaded"] == [0, 1] and r["staged_memory"]["full_stages_loaded"] == [0, 1, 2, 3]
+    assert "early exit vs full forward" in capsys.readouterr().out
