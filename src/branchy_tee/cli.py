@@ -643,6 +643,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .runtime.tuning import tune_allocator
+
+    tune_allocator()
     try:
         return int(args.func(args) or 0)
     except BranchyError as e:

@@ -17,6 +17,7 @@ from safetensors.torch import save as st_save
 from .errors import BranchyError
 from .fileio import atomic_write_bytes, atomic_write_text
 from .models import create_model
+from .runtime.tuning import channels_last
 
 MODEL_FORMAT = "branchy-tee/model/v1"
 
@@ -47,7 +48,7 @@ def read_model_json(run_dir: str | Path) -> dict:
 
 
 def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The trained model (eval mode) and its ``model.json``."""
+    """The trained model (eval mode, channels-last weights) and its ``model.json``."""
     run_dir = Path(run_dir)
     meta = read_model_json(run_dir)
     model = create_model(meta["arch"], **meta["config"])
@@ -63,7 +64,7 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise BranchyError(f"{path}: weights do not fit {meta['arch']} ({first})") from None
-    return model.eval(), meta
+    return channels_last(model).eval(), meta
 
 
 def update_model_json(run_dir: str | Path, **changes) -> dict:

@@ -211,22 +211,8 @@ def runtime_library_bytes(site_dirs: list[str]) -> int:
 
 # --------------------------------------------------------------------------- enclave size
 def activation_bytes_per_sample(header: dict) -> int:
-    """The largest stage input + output of one sample (float32), measured on the model's shapes
-    (``meta`` device: no memory, no weights)."""
-    import torch
-
-    from ..models import create_model
-
-    with torch.device("meta"):
-        model = create_model(header["arch"], **header["config"]).eval()
-    h = torch.empty(1, *header["preprocessing"]["input_shape"], device="meta")
-    worst = 0
-    with torch.no_grad():
-        for stage in model.stages:
-            out = stage(h)
-            worst = max(worst, (h.numel() + out.numel()) * 4)
-            h = out
-    return worst
+    """The largest stage input + output of one sample (float32), as measured when the bundle was sealed."""
+    return 4 * max(int(s["activation_elems"]) for s in header["stages"])
 
 
 def next_power_of_two(n: int) -> int:

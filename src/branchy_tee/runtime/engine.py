@@ -63,5 +63,7 @@ def early_exit(get_stage, num_exits: int, x: torch.Tensor, criterion: str, thres
             exits.append(torch.full((len(pos),), k, dtype=torch.long))
             confs.append(best)
             break
+    if len(positions) == 1:  # one batch, one exit: already in order
+        return Answers(labels[0], exits[0], confs[0].exp())
     order = torch.cat(positions).argsort()
     return Answers(torch.cat(labels)[order], torch.cat(exits)[order], torch.cat(confs)[order].exp())

@@ -28,7 +28,19 @@ def rss_mib() -> float:
 
 
 def max_rss_mib() -> float:
-    """Peak RSS of this process as the kernel counts it (Linux reports KiB)."""
+    """Peak RSS of this process as the kernel counts it.
+
+    VmHWM (/proc/self/status) belongs to the process's own address space. ``ru_maxrss`` is only the
+    fallback: after fork+exec it starts from the *parent's* RSS, so a child launched by a big parent
+    would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -135,6 +135,9 @@ def run(args) -> dict:
         raise UsageError("two --output paths are the same")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    from .tuning import tune_allocator
+
+    tune_allocator()
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if threads:
         torch.set_num_threads(threads)

@@ -11,6 +11,7 @@ Decryption streams: a chunk is verified before any of its bytes are used.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import BinaryIO, Iterator
 
@@ -48,27 +49,45 @@ def seal_chunks(key: bytes, plaintext: bytes | memoryview, context: bytes, chunk
         yield aead.encrypt(nonce, bytes(view[i * chunk_size : (i + 1) * chunk_size]), aad)
 
 
-def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, chunk_size: int, what: str) -> bytearray:
-    """Read, verify and decrypt a whole stream of known size from ``f`` into one buffer.
+def _fresh_buffer(size: int):
+    """A zeroed, writable buffer. Large ones are their own mapping, populated up front: the kernel
+    maps all pages in one call (about twice as fast here as taking one fault per 4 KiB page while
+    decrypting), and the memory goes back to the system as soon as the stage using it is dropped."""
+    if size >= 1 << 20 and hasattr(mmap, "MAP_POPULATE"):
+        try:
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        except OSError:
+            pass
+    return bytearray(size)
+
+
+def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, chunk_size: int, what: str, into=None):
+    """Read, verify and decrypt a whole stream of known size from ``f`` into one buffer (``into``,
+    or a fresh one), which is returned.
 
     ``what`` names the stream in errors. Raises IntegrityError on any change: a flipped bit, a
     missing, moved or foreign chunk, a truncated or extended file.
     """
     aead = AESGCM(key)
-    out = bytearray(plaintext_size)
+    out = _fresh_buffer(plaintext_size) if into is None else into
+    if len(out) != plaintext_size:
+        raise ValueError("the output buffer must have the plaintext's size")
+    view = memoryview(out)
+    # One reusable input buffer and decryption straight into the output: no per-chunk allocation.
+    inbuf = memoryview(bytearray(min(plaintext_size, chunk_size) + TAG))
     n = num_chunks(plaintext_size, chunk_size)
     for i in range(n):
         last = i == n - 1
-        want = (plaintext_size - i * chunk_size if last else chunk_size) + TAG
-        sealed = f.read(want)
-        if len(sealed) != want:
-            raise IntegrityError(f"{what}: truncated (chunk {i} of {n} is {len(sealed)} bytes, expected {want})")
+        size = plaintext_size - i * chunk_size if last else chunk_size
+        sealed = inbuf[: size + TAG]
+        got = f.readinto(sealed)
+        if got != size + TAG:
+            raise IntegrityError(f"{what}: truncated (chunk {i} of {n} is {got or 0} bytes, expected {size + TAG})")
         nonce, aad = _nonce_and_aad(context, i, last)
         try:
-            chunk = aead.decrypt(nonce, sealed, aad)
+            aead.decrypt_into(nonce, sealed, aad, view[i * chunk_size : i * chunk_size + size])
         except InvalidTag:
             raise IntegrityError(f"{what}: chunk {i} failed authentication (tampered, reordered, foreign or wrong key)") from None
-        out[i * chunk_size : i * chunk_size + len(chunk)] = chunk
     if f.read(1):
         raise IntegrityError(f"{what}: unexpected data after the last chunk")
     return out

@@ -65,7 +65,32 @@ def stage_state(model, k: int) -> dict[str, torch.Tensor]:
     return {n: t.detach().contiguous().cpu() for n, t in state.items()}
 
 
+# Convolution weights are stored in (out, kh, kw, in) order: read back in place and permuted, they are
+# channels-last tensors, the fast layout on CPU (see runtime.tuning), without a copy at load time.
+CONV_LAYOUT_KEY, CONV_LAYOUT = "conv_layout", "ohwi"
+
+
+def _to_ohwi(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.permute(0, 2, 3, 1).contiguous() if t.dim() == 4 else t for n, t in state.items()}
+
+
 # --------------------------------------------------------------------------- writing (model owner)
+@torch.no_grad()
+def _activation_elems(model, input_shape) -> list[int]:
+    """Per stage, the elements of one sample's stage input plus output: what the runtime must hold
+    while running it. Recorded in the header so the enclave can budget memory without a dry run."""
+    was_training = model.training
+    model.eval()
+    h = torch.zeros(1, *input_shape)
+    out = []
+    for stage in model.stages:
+        nxt = stage(h)
+        out.append(h.numel() + nxt.numel())
+        h = nxt
+    model.train(was_training)
+    return out
+
+
 def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, version: int = 1,
                chunk_size: int = aead.DEFAULT_CHUNK) -> dict:
     """Seal a trained model (``model`` in eval mode, ``meta`` from its model.json) into ``out``.
@@ -81,12 +106,13 @@ def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, vers
     if chunk_size < 4096:
         raise BranchyError("--chunk-size must be at least 4096 bytes")
     bundle_id = secrets.token_hex(16)
+    activations = _activation_elems(model, meta["preprocessing"]["input_shape"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
         stages = []
         for k in range(model.num_exits):
             state = stage_state(model, k)
-            plain = st_save(state, metadata={"stage": str(k)})
+            plain = st_save(_to_ohwi(state), metadata={"stage": str(k), CONV_LAYOUT_KEY: CONV_LAYOUT})
             name = f"stage-{k:02d}.bin"
             key = _stage_key(model_key, bundle_id, version, k)
             with open(tmp / name, "wb") as f:
@@ -96,6 +122,7 @@ def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, vers
                 os.fsync(f.fileno())
             weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
             stages.append({"index": k, "file": name, "plaintext_size": len(plain), "weight_bytes": weight_bytes,
+                           "activation_elems": activations[k],
                            "sealed_size": aead.sealed_size(len(plain), chunk_size)})
         header = {
             "format": BUNDLE_FORMAT,
@@ -158,8 +185,8 @@ class SealedBundle:
     def num_stages(self) -> int:
         return len(self.header["stages"])
 
-    def decrypt_stage(self, k: int) -> bytearray:
-        """Stage k's plaintext (safetensors bytes), every chunk verified."""
+    def decrypt_stage(self, k: int, into=None):
+        """Stage k's plaintext (safetensors bytes, in ``into`` or a fresh buffer), every chunk verified."""
         h = self.header
         entry = h["stages"][k]
         what = f"{self.path.name}/{entry['file']}"
@@ -167,7 +194,7 @@ class SealedBundle:
         try:
             with open(self.path / entry["file"], "rb", buffering=0) as f:
                 return aead.open_chunks(key, f, _stage_context(h["bundle_id"], h["model_version"], k),
-                                        entry["plaintext_size"], h["chunk_size"], what)
+                                        entry["plaintext_size"], h["chunk_size"], what, into)
         except FileNotFoundError:
             raise IntegrityError(f"{what}: stage file missing") from None
         except OSError as e:
@@ -188,7 +215,7 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-def tensors_from_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
+def tensors_from_safetensors(buf) -> dict[str, torch.Tensor]:
     """Tensors that view ``buf`` in place (safetensors layout: u64 header size, JSON header, data).
 
     ``safetensors.torch.load`` needs ``bytes`` and copies every tensor out of them: two more copies
@@ -201,6 +228,7 @@ def tensors_from_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
     if n > len(buf) - 8:
         raise ValueError("header size exceeds the payload")
     header = json.loads(bytes(buf[8 : 8 + n]))
+    ohwi = (header.get("__metadata__") or {}).get(CONV_LAYOUT_KEY) == CONV_LAYOUT
     base, out = 8 + n, {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -216,9 +244,10 @@ def tensors_from_safetensors(buf: bytearray) -> dict[str, torch.Tensor]:
         if not 0 <= start <= end <= len(buf) - base or end - start != numel * itemsize:
             raise ValueError(f"tensor {name}: data offsets do not match its shape")
         if numel == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
+            t = torch.empty(shape, dtype=dtype)
         else:
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start).view(shape)
+            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start).view(shape)
+        out[name] = t.permute(0, 3, 1, 2) if ohwi and t.dim() == 4 else t
     return out
 
 
@@ -230,7 +259,9 @@ def _check_header_fields(header: dict, where: str) -> None:
             and isinstance(header["chunk_size"], int) and header["chunk_size"] > 0
             and isinstance(stages, list) and len(stages) >= 2
             and all(isinstance(s, dict) and s.get("index") == i and isinstance(s.get("plaintext_size"), int)
-                    and s["plaintext_size"] >= 0 and s.get("file") == f"stage-{i:02d}.bin" for i, s in enumerate(stages))
+                    and s["plaintext_size"] >= 0 and s.get("file") == f"stage-{i:02d}.bin"
+                    and isinstance(s.get("weight_bytes"), int) and isinstance(s.get("activation_elems"), int)
+                    for i, s in enumerate(stages))
         )  # fmt: skip
     except (KeyError, TypeError):
         ok = False

@@ -28,6 +28,7 @@ from ..errors import BranchyError, UsageError
 from ..fileio import atomic_write_bytes
 from ..models import create_model, resolve_name
 from ..models.cost import arch_part_flops
+from ..runtime.tuning import channels_last
 from ..rundir import load_run, read_model_json, update_model_json, write_model_json, write_weights
 from .losses import multi_exit_loss
 
@@ -273,7 +274,7 @@ def fit(cfg: TrainConfig) -> dict:
     if resume_ckpt is not None and resume_ckpt["model_config"] != model.config:
         raise BranchyError(f"--resume: {ckpt_path} was trained with {resume_ckpt['model_config']}, not {model.config}")
     stage_flops, head_flops = arch_part_flops(cfg.net, model.config, full.input_shape)
-    model.to(device)
+    channels_last(model).to(device)  # ~20% faster convolutions on CPU (see runtime.tuning)
     teacher = load_teacher(cfg.teacher, num_classes, device) if cfg.distill == "teacher" else None
 
     optimizer = make_optimizer(model.parameters(), cfg)
