@@ -24,19 +24,29 @@ setup: $(STAMP)
 data:
 	@scripts/ensure-fashion-mnist.sh
 
-# Until the end-to-end demo lands: the model zoo, then a short LeNet-5 training on Fashion-MNIST
-# (synthetic data when it is absent) with distillation, calibration and a per-exit evaluation.
-DEMO_DATA := $(if $(wildcard /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz),fashion-mnist,synthetic --synthetic-channels 1 --synthetic-size 28)
+# The main job: every party on this machine (train, calibrate, seal, key brokers, enclave, results).
 demo: setup data
-	$(BT) models
-	$(BT) train --net lenet5 --dataset $(DEMO_DATA) --epochs 2 --lr 0.003 --num-workers 0 --out runs/demo
-	$(BT) eval runs/demo --plot runs/demo/accuracy_vs_cost.png
+	$(BT) demo
 
 test: setup data
 	$(PY) -m pytest -q
 
+# The security figures (docs/SECURITY-SECTION.md): tamper campaign (1,000 trials per artifact), key broker
+# under 200 concurrent clients for 30 s, SIGKILL crash tests, then the atheris fuzzers for FUZZ_SECONDS in
+# total. Every part runs even if an earlier one fails; reports in fuzz/out/, a summary at the end.
+FUZZ_SECONDS ?= 600
+fuzz: setup data
+	$(PY) -m pip install --quiet --disable-pip-version-check 'atheris>=2.3'
+	@mkdir -p fuzz/out; status=0; \
+	$(PY) tests/security/campaign.py --trials 1000 --json fuzz/out/campaign.json || status=1; \
+	$(PY) tests/security/load.py --concurrency 200 --seconds 30 --json fuzz/out/load.json || status=1; \
+	$(PY) tests/security/crashes.py --kills 20 --restarts 3 --json fuzz/out/crashes.json || status=1; \
+	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS) --json fuzz/out/fuzz-report.json || status=1; \
+	$(PY) tests/security/report.py fuzz/out; \
+	exit $$status
+
 bench: setup data
-	$(BT) bench --json bench.json
+	$(BT) bench --json runs/bench.json
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -25,7 +25,7 @@ import torch
 
 from .errors import BranchyError
 
-DEMO_MODEL = {"net": "resnet18", "model_config": {"width": 8}, "epochs": 2, "lr": 3e-3, "batch_size": 128}
+DEMO_MODEL = {"net": "mobilenetv1", "model_config": {"width_mult": 0.25}, "epochs": 2, "lr": 3e-3, "batch_size": 128}
 QUICK_MODEL = {"net": "lenet5", "model_config": {}, "epochs": 1, "lr": 3e-3, "batch_size": 50}
 
 
@@ -46,9 +46,11 @@ def _predict_cmd(d: Path, urls: dict, tag: str, extra: list[str]) -> list[str]:
 
 
 def _run_enclave(cmd: list[str], env: dict, label: str) -> dict:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    for line in proc.stderr.splitlines():  # the enclave's log, simulated-attestation warnings included
-        say(f"    | {line}")
+    """Run the enclave runtime as its own process, showing its log (simulated-attestation warnings
+    included) as it goes."""
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as proc:
+        for line in proc.stderr:
+            say(f"    | {line.rstrip()}")
     if proc.returncode != 0:
         raise BranchyError(f"the enclave runtime failed ({label}); see its log above")
     return json.loads(Path(cmd[cmd.index("--stats-json") + 1]).read_text())

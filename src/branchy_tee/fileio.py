@@ -3,21 +3,44 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import BranchyError
 
 
+STALE_TEMPORARY_SECONDS = 60.0
+
+
+def _remove_stale_temporaries(path: Path, older_than: float = STALE_TEMPORARY_SECONDS) -> None:
+    """Remove ``.NAME.XXXXXXXX.tmp`` files of earlier writes to ``path`` that were killed before the
+    rename (SIGKILL, power loss). Only old ones: a younger one may belong to a write in progress."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    now = time.time()
+    try:
+        with os.scandir(path.parent) as entries:
+            for e in entries:
+                if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                    if now - e.stat(follow_symlinks=False).st_mtime > older_than:
+                        os.unlink(e.path)
+    except OSError:  # best effort: never a reason to fail the write itself
+        pass
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
 
-    The bytes go to a temporary file in the same directory, are fsynced, then renamed over ``path``.
-    A crash at any point leaves no partial ``path`` behind.
+    The bytes go to a temporary file in the same directory (created with mode 0600, so a secret is
+    never readable by others while it is written), are fsynced, then renamed over ``path``. A crash
+    at any point leaves no partial ``path`` behind; a temporary left by a killed writer is removed
+    by a later write to the same path once it is a minute old.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

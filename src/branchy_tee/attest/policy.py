@@ -321,6 +321,6 @@ def load_policy(path: str | os.PathLike) -> Policy:
         raise BranchyError(f"cannot read policy {path}: {e.strerror or e}") from None
     try:
         data = tomllib.loads(text.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, UnicodeDecodeError, nesting, huge integers
         raise BranchyError(f"policy {path} is not valid TOML: {e}") from None
     return parse_policy(data, str(path), path.parent)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import os
 import sys
@@ -138,7 +139,7 @@ def _check_quote_carries(quote: bytes, report_data: bytes, where: Path) -> None:
     tee_type = int.from_bytes(quote[4:8], "little")
     if version not in (3, 4) or tee_type != 0:
         raise AttestationError(f"{where}: not an SGX DCAP quote (version {version}, TEE type {tee_type:#x})")
-    if quote[48 + 320 : 48 + 384] != report_data:
+    if not hmac.compare_digest(quote[48 + 320 : 48 + 384], report_data):
         raise AttestationError(f"{where}: the quote does not carry the report data just written (stale or foreign quote)")
 
 
@@ -274,7 +275,7 @@ def verify_simulated(evidence: bytes) -> SimulatedDocument:
     except (InvalidSignature, ValueError):
         raise AttestationError("simulated evidence: signature does not verify") from None
     mrsigner = _hexfield(doc, "mrsigner", 32)
-    if mrsigner != hashlib.sha256(public_key).digest():
+    if not hmac.compare_digest(mrsigner, hashlib.sha256(public_key).digest()):
         raise AttestationError("simulated evidence: mrsigner is not SHA-256 of the signing key")
     return SimulatedDocument(
         mrenclave=_hexfield(doc, "mrenclave", 32),

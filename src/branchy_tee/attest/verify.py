@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import json
 import os
 import warnings
@@ -690,30 +691,27 @@ def _check_crl(
 
 
 # --------------------------------------------------------------------------- TCB evaluation
+def _component_svns(tcb: Mapping, field: str, what: str) -> list[int]:
+    """The 16 ``svn`` values of a TCB level's component list (``sgxtcbcomponents``/``tdxtcbcomponents``)."""
+    comps = _list(tcb, field, what)
+    if len(comps) != 16:
+        raise _fail(f"{what}: '{field}' must have 16 entries")
+    out = []
+    for c in comps:
+        if not isinstance(c, dict):
+            raise _fail(f"{what}: '{field}' entry is not an object")
+        out.append(_int(c, "svn", what))
+    return out
+
+
 def _level_sgx_svns(tcb: Mapping, version: int, what: str) -> list[int]:
     if version >= 3:
-        comps = _list(tcb, "sgxtcbcomponents", what)
-        if len(comps) != 16:
-            raise _fail(f"{what}: 'sgxtcbcomponents' must have 16 entries")
-        out = []
-        for c in comps:
-            if not isinstance(c, dict):
-                raise _fail(f"{what}: TCB component is not an object")
-            out.append(_int(c, "svn", what))
-        return out
+        return _component_svns(tcb, "sgxtcbcomponents", what)
     return [_int(tcb, f"sgxtcbcomp{i:02d}svn", what) for i in range(1, 17)]
 
 
 def _level_tdx_svns(tcb: Mapping, what: str) -> list[int]:
-    comps = _list(tcb, "tdxtcbcomponents", what)
-    if len(comps) != 16:
-        raise _fail(f"{what}: 'tdxtcbcomponents' must have 16 entries")
-    out = []
-    for c in comps:
-        if not isinstance(c, dict):
-            raise _fail(f"{what}: TDX TCB component is not an object")
-        out.append(_int(c, "svn", what))
-    return out
+    return _component_svns(tcb, "tdxtcbcomponents", what)
 
 
 def _masked_equal(value: bytes, mask: bytes, expected: bytes) -> bool:
@@ -957,7 +955,7 @@ def _verify(
                     "QE report signature (PCK key)")
     # 3. QE report data binds the attestation key and the QE auth data
     expected = hashlib.sha256(sd.attestation_key + sd.qe_auth_data).digest() + bytes(32)
-    if sd.qe_report.report_data != expected:
+    if not hmac.compare_digest(sd.qe_report.report_data, expected):
         raise _fail("QE report data is not SHA-256(attestation key || QE auth data) || 0^32")
     # 4. quote signature by the attestation key over header || body
     _verify_raw_sig(_p256_from_raw(sd.attestation_key, "attestation key"), sd.signature, q.signed_data,

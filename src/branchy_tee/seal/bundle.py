@@ -141,7 +141,7 @@ def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, vers
             "stages": stages,
         }
         doc = {"header": header, "mac": _header_mac(model_key, header)}
-        (tmp / HEADER_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+        (tmp / HEADER_FILE).write_bytes(header_file_bytes(doc))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the bundle is ciphertext and may be shared
         os.replace(tmp, out)
     except BaseException:
@@ -150,10 +150,19 @@ def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, vers
     return header
 
 
+def header_file_bytes(doc: dict) -> bytes:
+    """The exact bytes of header.json for a header document (what ``seal_model`` writes)."""
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
 # --------------------------------------------------------------------------- reading (enclave)
 def read_header_unverified(path: str | os.PathLike) -> dict:
     """The header as stored, without checking its MAC: for data owners (who have no model key) to
     read the preprocessing, and for the enclave to learn which model key it needs."""
+    return _read_header(path)[0]
+
+
+def _read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
     file = Path(path) / HEADER_FILE
     try:
         raw = file.read_bytes()
@@ -165,14 +174,14 @@ def read_header_unverified(path: str | os.PathLike) -> dict:
         raise IntegrityError(f"{file}: header larger than {MAX_HEADER_BYTES} bytes")
     try:
         doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also nesting too deep, integers too long
         raise IntegrityError(f"{file}: header is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("header"), dict) or not isinstance(doc.get("mac"), str):
         raise IntegrityError(f"{file}: malformed bundle header")
     header = doc["header"]
     if header.get("format") != BUNDLE_FORMAT:
         raise IntegrityError(f"{file}: unknown bundle format {header.get('format')!r}")
-    return doc
+    return doc, raw
 
 
 @dataclass
@@ -205,7 +214,7 @@ class SealedBundle:
         plain = self.decrypt_stage(k)
         try:
             return tensors_from_safetensors(plain)
-        except (ValueError, KeyError, TypeError) as e:  # authentic bytes that are not safetensors: a bug at sealing time
+        except ValueError as e:  # authentic bytes that are not safetensors: a bug at sealing time
             raise IntegrityError(f"{self.path.name}/{self.header['stages'][k]['file']}: authentic but not a safetensors payload ({e})") from None
 
 
@@ -221,22 +230,36 @@ def tensors_from_safetensors(buf) -> dict[str, torch.Tensor]:
     ``safetensors.torch.load`` needs ``bytes`` and copies every tensor out of them: two more copies
     of the largest stage at the moment memory is tightest. Here the decrypted buffer itself backs
     the tensors. The payload was authenticated before this runs; the checks guard against bugs.
+    Anything that is not a well-formed payload raises ValueError (and nothing else).
     """
     if len(buf) < 8:
         raise ValueError("shorter than a safetensors header")
     n = int.from_bytes(buf[:8], "little")
     if n > len(buf) - 8:
         raise ValueError("header size exceeds the payload")
-    header = json.loads(bytes(buf[8 : 8 + n]))
-    ohwi = (header.get("__metadata__") or {}).get(CONV_LAYOUT_KEY) == CONV_LAYOUT
+    try:
+        header = json.loads(bytes(buf[8 : 8 + n]))
+    except RecursionError:
+        raise ValueError("safetensors header nests too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError("safetensors header is not a JSON object")
+    meta = header.get("__metadata__")
+    ohwi = isinstance(meta, dict) and meta.get(CONV_LAYOUT_KEY) == CONV_LAYOUT
     base, out = 8 + n, {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name}: entry is not a JSON object")
+        dtype = _ST_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
         if dtype is None:
-            raise ValueError(f"tensor {name}: unsupported dtype {info.get('dtype')}")
-        shape, (start, end) = list(info["shape"]), info["data_offsets"]
+            raise ValueError(f"tensor {name}: unsupported dtype {info.get('dtype')!r}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name}: shape is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+            raise ValueError(f"tensor {name}: data_offsets is not a pair of integers")
+        start, end = offsets
         numel = 1
         for d in shape:
             numel *= d
@@ -272,17 +295,22 @@ def _check_header_fields(header: dict, where: str) -> None:
 def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0) -> SealedBundle:
     """Verify the header with the model key; refuse versions below ``min_version``."""
     path = Path(path)
-    doc = read_header_unverified(path)
+    doc, raw = _read_header(path)
     header = doc["header"]
     where = f"{path.name}/{HEADER_FILE}"
     if header.get("key_id") != key_id(model_key):
         raise IntegrityError(f"{where}: sealed for model key id {header.get('key_id')}, but the key given has id {key_id(model_key)}")
     try:
         expected = _header_mac(model_key, header)
-    except ValueError as e:  # e.g. NaN smuggled into the JSON
+    except (ValueError, RecursionError) as e:  # e.g. NaN smuggled into the JSON
         raise IntegrityError(f"{where}: header cannot be authenticated ({e})") from None
-    if not hmac.compare_digest(expected, doc["mac"]):
+    # compare_digest refuses non-ASCII str (TypeError): only a hex MAC can be the right one anyway.
+    if not doc["mac"].isascii() or not hmac.compare_digest(expected, doc["mac"]):
         raise IntegrityError(f"{where}: header failed authentication (tampered or wrong model key)")
+    # The MAC covers the parsed header; also refuse any change to the file's bytes that parses to
+    # the same header (whitespace, escapes, digits): the file must be byte for byte as sealed.
+    if raw != header_file_bytes(doc):
+        raise IntegrityError(f"{where}: header bytes differ from the sealed file (reformatted or tampered)")
     _check_header_fields(header, where)
     if header["model_version"] < min_version:
         raise IntegrityError(f"{where}: model version {header['model_version']} is older than the minimum {min_version} (rollback refused)")

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import struct
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from cryptography.exceptions import InvalidTag
@@ -32,6 +32,7 @@ REQUEST_MAGIC = b"BTEEREQ1"
 RESULT_MAGIC = b"BTEERES1"
 MAX_HEADER = 64 * 1024
 NONCE = 12
+MAX_FILE = 1 << 30  # largest request or result file read (1 GiB)
 
 
 @dataclass
@@ -67,7 +68,7 @@ def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, in
         raise IntegrityError(f"{what}: truncated or malformed {kind} header")
     try:
         header = json.loads(data[12 : 12 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # also nesting too deep, integers too long
         raise IntegrityError(f"{what}: {kind} header is not valid JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("request_id"), str) or not isinstance(header.get("key_id"), str):
         raise IntegrityError(f"{what}: {kind} header lacks a request id or key id")
@@ -89,13 +90,25 @@ def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) 
     return Envelope(header, payload)
 
 
-def read_file(path: str | os.PathLike, what: str | None = None) -> bytes:
+def read_file(path: str | os.PathLike, what: str | None = None, limit: int = MAX_FILE) -> bytes:
+    """A request or result file's bytes: a regular file of at most ``limit`` bytes (checked before
+    reading, so a huge or endless file, e.g. /dev/zero, is refused instead of exhausting memory)."""
     try:
-        return Path(path).read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag)
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise BranchyError(f"{path}: not a regular file")
+            if st.st_size > limit:
+                raise BranchyError(f"{path}: {st.st_size} bytes, over the {limit}-byte limit for a request or result file")
+            data = f.read(st.st_size + 1)  # not read(limit): that would allocate the limit up front
     except FileNotFoundError:
         raise BranchyError(f"{path}: file not found") from None
     except OSError as e:
         raise BranchyError(f"{path}: cannot read ({e.strerror})") from None
+    if len(data) > st.st_size:
+        raise BranchyError(f"{path}: the file grew while it was read")
+    return data
 
 
 # --------------------------------------------------------------------------- requests
@@ -145,7 +158,7 @@ def open_result(data: bytes, data_key: bytes, what: str, request_id: str | None 
         raise IntegrityError(f"{what}: answers request {env.header['request_id']}, not {request_id}")
     try:
         records = json.loads(env.payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         raise IntegrityError(f"{what}: authentic but malformed result payload") from None
     if not isinstance(records, list) or len(records) != env.header.get("samples"):
         raise IntegrityError(f"{what}: result payload does not match its header")

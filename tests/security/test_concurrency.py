@@ -1,0 +1,57 @@
+"""Two data owners using one running enclave at the same time: each gets exactly its own answers,
+sealed so that only it can read them. (The 200-concurrent burst on one key broker is in
+tests/test_broker.py; the 30-second load run is tests/security/load.py, in `make fuzz`.)"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+import pytest
+
+from branchy_tee.attest.broker import start_broker
+from branchy_tee.attest.providers import code_measurement
+from branchy_tee.errors import IntegrityError
+from branchy_tee.runtime import predict
+from branchy_tee.seal.envelope import open_result
+from world import quiet_call
+
+
+def _args(world, owner, out, mo_url, do_url):
+    p = argparse.ArgumentParser()
+    predict.add_arguments(p)
+    return p.parse_args(["--bundle", str(world.bundle), "--input", str(world.requests[owner]), "--output", str(out),
+                         "--attest", "simulated", "--model-broker", mo_url, "--data-broker", do_url, "--quiet",
+                         "--threads", "1"])
+
+
+def test_two_data_owners_in_parallel_runs_never_see_each_others_results(world, tmp_path, xdg):
+    policy = {"allowed_mrenclave": [code_measurement().hex()], "allow_simulation": True}
+    keys = {o: world.key(o) for o in ("mo", "do1", "do2")}
+    with quiet_call(start_broker, [keys["mo"]], policy)[0] as mo, quiet_call(start_broker, [keys["do1"]], policy)[0] as b1, \
+         quiet_call(start_broker, [keys["do2"]], policy)[0] as b2:  # fmt: skip
+        errors, outs = [], {}
+
+        def run(owner, broker, i):
+            out = tmp_path / f"{owner}-{i}.res"
+            try:
+                predict.run(_args(world, owner, out, mo.url, broker.url))  # not quiet_call: redirects are process-wide
+                outs[(owner, i)] = out
+            except BaseException as e:  # noqa: BLE001 -- reported below
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=run, args=(o, b, i)) for i in range(3) for o, b in (("do1", b1), ("do2", b2))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        # each data owner's broker released only its own key, once per run
+        assert (mo.broker.granted, b1.broker.granted, b2.broker.granted) == (6, 3, 3)
+    for (owner, i), out in outs.items():
+        other = "do2" if owner == "do1" else "do1"
+        blob = out.read_bytes()
+        assert open_result(blob, keys[owner], out.name, world.request_ids[owner])[1] == world.records[owner]
+        with pytest.raises(IntegrityError, match="sealed for data key id"):
+            open_result(blob, keys[other], out.name)
+    assert len(outs) == 6
