@@ -107,9 +107,15 @@ def bench_early_exit(run_dir: Path, quick: bool, samples: int | None = None, dat
     acc_early = float((early.labels == y).float().mean())
     acc_full = float((full_pred == y).float().mean())
 
-    # Batch-1 latency, early exit and full forward interleaved sample by sample (same conditions).
+    # Batch-1 latency, all measured sample by sample in one interleaved loop, so that drift of this
+    # machine's speed hits every figure alike: the calibrated early exit, the full forward, and
+    # (for the oracle) leaving at each exit k through the same engine, stages and heads on the way.
+    from .runtime.criteria import always_exit_threshold, never_exit_threshold
+
+    forced = [[never_exit_threshold(criterion)] * k + [always_exit_threshold(criterion)] * (k_final - k)
+              for k in range(model.num_exits)]  # fmt: skip
     n_lat = 60 if quick else 1000
-    t_early, t_full = [], []
+    t_early, t_full, t_exit = [], [], [[] for _ in forced]
     for i in range(min(n_lat, len(x))):
         xi = x[i : i + 1]
         t = time.perf_counter()
@@ -118,6 +124,10 @@ def bench_early_exit(run_dir: Path, quick: bool, samples: int | None = None, dat
         t = time.perf_counter()
         full_forward(xi)
         t_full.append(time.perf_counter() - t)
+        for k, th in enumerate(forced):
+            t = time.perf_counter()
+            early_exit(get_stage, model.num_exits, xi, criterion, th, batch_size=1)
+            t_exit[k].append(time.perf_counter() - t)
 
     # Batch-128 throughput over the same samples.
     def throughput(fn) -> float:
@@ -130,21 +140,10 @@ def bench_early_exit(run_dir: Path, quick: bool, samples: int | None = None, dat
     tp_early = max(throughput(lambda b: early_exit(get_stage, model.num_exits, b, criterion, thresholds, 128)) for _ in range(reps))
     tp_full = max(throughput(full_forward) for _ in range(reps))
 
-    # The oracle: each sample at its cheapest correct exit, costed with the measured batch-1 latency of
-    # leaving at each exit (stages and heads on the way).
+    # The oracle: each sample at its cheapest correct exit, costed with the latencies above.
     logits, labels = collect_logits(model, torch.utils.data.TensorDataset(x, y), show=False)
     orc = oracle(logits, labels, list(range(model.num_exits)))
-    per_exit = []
-    for k in range(model.num_exits):
-        ts = []
-        for i in range(20 if quick else 100):
-            t = time.perf_counter()
-            h = x[i : i + 1]
-            for j in range(k + 1):
-                h = model.stages[j](h)
-                model.exits[j](h)
-            ts.append(time.perf_counter() - t)
-        per_exit.append(statistics.median(ts))
+    per_exit = [statistics.mean(ts) for ts in t_exit]
     oracle_latency = sum(f * t for f, t in zip(orc["exit_fractions"], per_exit))
     mean_early, mean_full = statistics.mean(t_early), statistics.mean(t_full)
     exit_idx, _ = decide(logits, criterion, thresholds)

@@ -216,6 +216,9 @@ def format_summary(s: dict) -> str:
     lines.append(f"enclave peak RSS:          {e['peak_rss_mib']:.0f} MiB staged vs {f['peak_rss_mib']:.0f} MiB full model "
                  f"({e['peak_rss_mib'] / f['peak_rss_mib']:.2f}x); resident weights {e['resident_weights_peak_mib']:.2f} vs "
                  f"{f['resident_weights_peak_mib']:.2f} MiB")
+    if f["resident_weights_peak_mib"] < 0.05 * f["peak_rss_mib"]:
+        lines.append("                           (this model's weights are a small part of the process: Python and torch "
+                     "dominate; 'branchy-tee bench' measures ResNet-152)")
     for who, o in s["data_owners"].items():
         lines.append(f"data owner {who[-1].upper()}:              {o['samples']} answers, accuracy {100 * o['accuracy']:.2f}%, "
                      f"result.txt (decrypted by the data owner): {o['result_txt']}")

@@ -54,15 +54,24 @@ def default_dev_key_dir() -> Path:
     return Path(base) / "branchy-tee" / "dev-attestation-key"
 
 
+_explained = False
+
+
 def simulated_warning(what: str) -> None:
-    """The loud warning both sides print every time simulated evidence is produced or accepted."""
-    bar = "!" * 78
-    sys.stderr.write(
-        f"{bar}\n!! WARNING: SIMULATED ATTESTATION {what}.\n"
-        "!! Development only: no TEE protects this process; any key released to it is exposed\n"
-        "!! to whoever runs it. Never allow simulation in a production policy.\n"
-        f"{bar}\n"
-    )
+    """The warning both sides print every time simulated evidence is produced or accepted: a boxed
+    explanation the first time in a process, one line every time after that."""
+    global _explained
+    if _explained:
+        sys.stderr.write(f"!! WARNING: SIMULATED ATTESTATION {what} (development only, not a TEE)\n")
+    else:
+        bar = "!" * 78
+        sys.stderr.write(
+            f"{bar}\n!! WARNING: SIMULATED ATTESTATION {what}.\n"
+            "!! Development only: no TEE protects this process; any key released to it is exposed\n"
+            "!! to whoever runs it. Never allow simulation in a production policy.\n"
+            f"{bar}\n"
+        )
+        _explained = True
     sys.stderr.flush()
 
 

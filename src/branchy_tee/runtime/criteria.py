@@ -42,6 +42,11 @@ def confident(scores: torch.Tensor, threshold: float, criterion: str) -> torch.T
     return scores <= threshold if criterion == "entropy" else scores >= threshold
 
 
+def always_exit_threshold(criterion: str) -> float:
+    """A threshold every sample passes (normalised entropy <= 1 and probability >= 0, with room for rounding)."""
+    return 2.0 if criterion == "entropy" else -1.0
+
+
 def never_exit_threshold(criterion: str) -> float:
     """A threshold no sample passes (entropy >= 0 and probability <= 1 always)."""
     return -1.0 if criterion == "entropy" else 2.0
