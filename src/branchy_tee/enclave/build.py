@@ -28,8 +28,9 @@ Enclave size rule (``sgx.enclave_size``)
     loading     = the largest plaintext_size + one AEAD chunk (chunk_size): the stage being loaded.
                   Its decrypted buffer is counted once more here in case the tensors are copied out
                   of it and not viewed in place. The ciphertext is read one chunk at a time.
-    activations = 4 x batch x the largest (stage input + stage output) float32 size per sample. This
-                  is the runtime's own per-batch estimate, times 4 for the temporaries inside a stage.
+    activations = 4 x batch x the runtime's own activation bound per sample (``runtime.budget``: the
+                  hungriest stage's input + output, plus the samples queued before later stages),
+                  times 4 for the temporaries inside a stage.
     inputs      = 3 x max_samples x input bytes per sample: the sealed request, its decrypted
                   payload and the batched tensor.
     sgx.enclave_size = the smallest power of two >= need, and at least 256 MiB. SGX enclave sizes
@@ -51,6 +52,7 @@ from pathlib import Path
 import jinja2
 
 from ..errors import BranchyError, UsageError
+from ..runtime.budget import activation_bytes_per_sample
 from . import MANIFEST_NAME
 
 MIB = 1 << 20
@@ -210,11 +212,6 @@ def runtime_library_bytes(site_dirs: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- enclave size
-def activation_bytes_per_sample(header: dict) -> int:
-    """The largest stage input + output of one sample (float32), as measured when the bundle was sealed."""
-    return 4 * max(int(s["activation_elems"]) for s in header["stages"])
-
-
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 

@@ -22,8 +22,9 @@ class DenseLayer(nn.Module):
         self.conv2 = nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
 
     def forward(self, x):
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
+        # ReLU in place on BatchNorm's fresh output (never on x, which the concatenation keeps).
+        out = self.conv1(F.relu(self.bn1(x), inplace=True))
+        out = self.conv2(F.relu(self.bn2(out), inplace=True))
         return torch.cat([out, x], 1)
 
 
@@ -35,7 +36,7 @@ class Transition(nn.Module):
 
     def forward(self, x):
         # ceil_mode so that 28x28 inputs (7x7 after two transitions) do not lose a row.
-        return F.avg_pool2d(self.conv(F.relu(self.bn(x))), 2, ceil_mode=True)
+        return F.avg_pool2d(self.conv(F.relu(self.bn(x), inplace=True)), 2, ceil_mode=True)
 
 
 class FinalClassifier(nn.Module):
@@ -45,7 +46,7 @@ class FinalClassifier(nn.Module):
         self.linear = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        out = F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1)
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(x), inplace=True), 1)
         return self.linear(out.flatten(1))
 
 

