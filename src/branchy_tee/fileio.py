@@ -30,13 +30,15 @@ def _remove_stale_temporaries(path: Path, older_than: float = STALE_TEMPORARY_SE
         pass
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
 
     The bytes go to a temporary file in the same directory (created with mode 0600, so a secret is
     never readable by others while it is written), are fsynced, then renamed over ``path``. A crash
     at any point leaves no partial ``path`` behind; a temporary left by a killed writer is removed
-    by a later write to the same path once it is a minute old.
+    by a later write to the same path once it is a minute old. With ``overwrite=False`` an existing
+    ``path`` is never replaced, not even one created by someone else during the write: the temporary
+    is hard-linked into place, which fails if the name is taken (FileExistsError).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) 
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -69,9 +75,10 @@ def write_key_file(path: str | os.PathLike, key: bytes) -> Path:
     if len(key) != KEY_BYTES:
         raise ValueError("keys are 32 bytes")
     path = Path(path)
-    if path.exists():
-        raise BranchyError(f"{path} already exists; refusing to overwrite a key")
-    return atomic_write_bytes(path, key, mode=0o600)
+    try:
+        return atomic_write_bytes(path, key, mode=0o600, overwrite=False)
+    except FileExistsError:
+        raise BranchyError(f"{path} already exists; refusing to overwrite a key") from None
 
 
 def read_key_file(path: str | os.PathLike) -> bytes:

@@ -136,6 +136,22 @@ def test_keygen_and_decrypted_records_are_private(tmp_path, world):
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o600  # plaintext answers
 
 
+def test_keygen_never_replaces_an_existing_key_or_follows_a_planted_link(tmp_path):
+    first = tmp_path / "a.key"
+    assert quiet_call(main, ["keygen", "--out", str(first)])[0] == 0
+    before = first.read_bytes()
+    code, _, err = quiet_call(main, ["keygen", "--out", str(first)])
+    assert code == 1 and "already exists; refusing to overwrite a key" in err
+    assert first.read_bytes() == before
+    # A link planted where the key is to go (say by another user of a shared directory) is not
+    # followed: the key is not written through it.
+    target = tmp_path / "elsewhere"
+    (tmp_path / "b.key").symlink_to(target)
+    code, _, err = quiet_call(main, ["keygen", "--out", str(tmp_path / "b.key")])
+    assert code == 1 and "already exists" in err and not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "b.key"]  # no temporary left
+
+
 # --------------------------------------------------------------------------- constant-time comparisons
 _SECRETISH = re.compile(r"(^|_)(mac|macs|tag|tags|digest|hmac|report_data|expected)(_|$)", re.I)
 _DIGEST_CALLS = {"digest", "hexdigest", "_tag", "_header_mac", "report_data", "new"}

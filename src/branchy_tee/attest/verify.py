@@ -997,6 +997,9 @@ def _verify(
         # 6. CRLs
         covered = [c for ch in (chain, *signing_chains) for c in ch]
         _check_crl(_load_crl(collateral["root_ca_crl"], "root CA CRL"), "root CA CRL", root, covered, clock)
+        # The PCK CRL must be signed by the very CA that issued this quote's PCK certificate (already
+        # chained to the pinned root), so the collateral's own pck_crl_issuer_chain adds nothing and
+        # is not trusted for this; a CRL from another PCK CA fails here.
         _check_crl(_load_crl(collateral["pck_crl"], "PCK CRL"), "PCK CRL", pck_ca, covered, clock)
         # 7. windows
         clock.window("TCB info", _date(tcb_info, "issueDate", "TCB info"), _date(tcb_info, "nextUpdate", "TCB info"))
