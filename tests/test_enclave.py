@@ -233,7 +233,7 @@ def test_switches_reach_the_manifest(sealed, tmp_path, no_gramine):
                            "--data-broker", "http://127.0.0.1:8103")) == 0  # fmt: skip
     m = read_manifest(out)
     assert m["sgx"]["edmm_enable"] is True and m["sgx"]["debug"] is True
-    assert m["sgx"]["max_threads"] == 14 and m["loader"]["env"]["OMP_NUM_THREADS"] == "6"
+    assert m["sgx"]["max_threads"] == 17 and m["loader"]["env"]["OMP_NUM_THREADS"] == "6"
     assert (m["sgx"]["isvprodid"], m["sgx"]["isvsvn"]) == (7, 2)
     env = m["loader"]["env"]
     assert env["BRANCHY_TEE_ALLOW_PLAINTEXT"] == "1" and env["BRANCHY_TEE_MIN_MODEL_VERSION"] == "3"

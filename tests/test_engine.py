@@ -67,3 +67,9 @@ def test_a_stage_is_not_fetched_when_nobody_reaches_it(setting):
 
     ans = early_exit(get_stage, model.num_exits, x, "entropy", [2.0] * (model.num_exits - 1), batch_size=16)
     assert set(fetched) == {0} and ans.exits.tolist() == [0] * len(x)
+
+
+def test_no_samples_no_work(setting):
+    model, x, thresholds, *_ = setting
+    ans = early_exit(recording(model, log := []), model.num_exits, x[:0], "entropy", thresholds, batch_size=8)
+    assert len(ans.labels) == len(ans.exits) == len(ans.confidences) == 0 and log == []

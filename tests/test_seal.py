@@ -48,6 +48,35 @@ def test_stream_detects_every_kind_of_change():
         aead.open_chunks(KEY, io.BytesIO(sealed[: 3 * step]), b"ctx", 48, 16, "cut")
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("bad", ["first", "middle", "last", "truncated", "extended"])
+def test_a_failed_stream_leaves_no_unverified_plaintext_and_names_the_first_bad_chunk(monkeypatch, workers, bad):
+    # AES-GCM decrypt_into writes a chunk's plaintext before it checks the tag; the output buffer
+    # must be wiped before the error escapes, with one thread or several.
+    monkeypatch.setattr(aead, "_decrypt_workers", lambda: workers)
+    data = b"A" * (16 * 12)
+    sealed = bytearray(_stream(data))
+    step = 16 + aead.TAG
+    flip = {"first": 0, "middle": 5, "last": 11}
+    if bad in flip:
+        sealed[flip[bad] * step + 3] ^= 1
+        sealed[9 * step + 3] ^= 1  # a later bad chunk too: the first one is named
+    elif bad == "truncated":
+        sealed = sealed[:-3]
+    else:
+        sealed += b"x"
+    into = bytearray(len(data))
+    with pytest.raises(IntegrityError) as e:
+        aead.open_chunks(KEY, io.BytesIO(bytes(sealed)), b"ctx", len(data), 16, "s", into=into)
+    assert into == bytes(len(data))
+    if bad in flip:
+        assert f"chunk {min(flip[bad], 9)} failed" in str(e.value)
+    else:
+        assert ("truncated" if bad == "truncated" else "after the last chunk") in str(e.value)
+    # the same stream, intact, decrypts whole with any number of workers
+    assert bytes(aead.open_chunks(KEY, io.BytesIO(_stream(data)), b"ctx", len(data), 16, "s")) == data
+
+
 def test_in_place_safetensors_reader_matches_the_library():
     from safetensors.torch import load, save
 

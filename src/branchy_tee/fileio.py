@@ -53,8 +53,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, 
         if overwrite:
             os.replace(tmp, path)
         else:
-            os.link(tmp, path)
-            os.unlink(tmp)
+            _link_exclusively(tmp, path, data, mode)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -62,6 +61,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, 
             pass
         raise
     return path
+
+
+class TargetExists(FileExistsError):
+    """``atomic_write_bytes(..., overwrite=False)`` found its target path taken."""
+
+
+def _link_exclusively(tmp: str, path: Path, data: bytes, mode: int) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise TargetExists(f"{path} already exists") from None
+    except OSError:
+        # No hard links here (FAT, some network and FUSE file systems): create the name exclusively,
+        # never through a link, and write it there. Not atomic, but never a replacement; a torn
+        # key file is refused later by its length.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+        except FileExistsError:
+            raise TargetExists(f"{path} already exists") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(path)
+            raise
+    try:
+        os.unlink(tmp)
+    except OSError:  # the data is in place; a stale temporary is removed by a later write
+        pass
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> Path:
@@ -77,8 +107,11 @@ def write_key_file(path: str | os.PathLike, key: bytes) -> Path:
     path = Path(path)
     try:
         return atomic_write_bytes(path, key, mode=0o600, overwrite=False)
-    except FileExistsError:
+    except TargetExists:
         raise BranchyError(f"{path} already exists; refusing to overwrite a key") from None
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename and str(e.filename) != str(path) else ""
+        raise BranchyError(f"cannot write key file {path}: {where}{e.strerror or e}") from None
 
 
 def read_key_file(path: str | os.PathLike) -> bytes:

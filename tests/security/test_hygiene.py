@@ -152,6 +152,24 @@ def test_keygen_never_replaces_an_existing_key_or_follows_a_planted_link(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key", "b.key"]  # no temporary left
 
 
+def test_keygen_without_hard_links_still_never_replaces_a_key(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # what FAT and some FUSE mounts say
+
+    monkeypatch.setattr(os, "link", no_links)
+    key = tmp_path / "a.key"
+    assert quiet_call(main, ["keygen", "--out", str(key)])[0] == 0
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(read_key_file(key)) == 32
+    before = key.read_bytes()
+    code, _, err = quiet_call(main, ["keygen", "--out", str(key)])
+    assert code == 1 and "already exists" in err and key.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.key"]
+    # a parent that is a file is reported as what it is, not as an existing key
+    (tmp_path / "plain").write_text("x")
+    code, _, err = quiet_call(main, ["keygen", "--out", str(tmp_path / "plain" / "k.key")])
+    assert code != 0 and "already exists; refusing to overwrite a key" not in err
+
+
 # --------------------------------------------------------------------------- constant-time comparisons
 _SECRETISH = re.compile(r"(^|_)(mac|macs|tag|tags|digest|hmac|report_data|expected)(_|$)", re.I)
 _DIGEST_CALLS = {"digest", "hexdigest", "_tag", "_header_mac", "report_data", "new"}

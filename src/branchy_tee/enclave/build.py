@@ -25,9 +25,10 @@ Enclave size rule (``sgx.enclave_size``)
     weights     = the sum of plaintext_size over all stages (each stage's safetensors bytes: its
                   weight_bytes plus a small header). predict's --memory-budget is a host argument,
                   not a measured one, so any stage ever needed may stay resident.
-    loading     = the largest plaintext_size + one AEAD chunk (chunk_size): the stage being loaded.
-                  Its decrypted buffer is counted once more here in case the tensors are copied out
-                  of it and not viewed in place. The ciphertext is read one chunk at a time.
+    loading     = the largest plaintext_size + (MAX_DECRYPT_WORKERS + 1) AEAD chunks: the stage being
+                  loaded. Its decrypted buffer is counted once more here in case the tensors are
+                  copied out of it and not viewed in place. The ciphertext is read one chunk at a
+                  time into a ring of buffers, one per chunk being decrypted (``seal.aead``).
     activations = 4 x batch x the runtime's own activation bound per sample (``runtime.budget``: the
                   hungriest stage's input + output, plus the samples queued before later stages),
                   times 4 for the temporaries inside a stage.
@@ -53,6 +54,7 @@ import jinja2
 
 from ..errors import BranchyError, UsageError
 from ..runtime.budget import activation_bytes_per_sample
+from ..seal.aead import MAX_DECRYPT_WORKERS
 from . import MANIFEST_NAME
 
 MIB = 1 << 20
@@ -230,7 +232,7 @@ def enclave_size_rule(header: dict, batch_size: int, max_samples: int, max_threa
         "runtime_heap": BASE_HEAP_MIB * MIB,
         "stacks": STACK_MIB * MIB * max_threads,
         "weights": sum(int(s["plaintext_size"]) for s in stages),
-        "loading": max(int(s["plaintext_size"]) for s in stages) + int(header["chunk_size"]),
+        "loading": max(int(s["plaintext_size"]) for s in stages) + (MAX_DECRYPT_WORKERS + 1) * int(header["chunk_size"]),
         "activations": ACTIVATION_FACTOR * batch_size * activation_bytes_per_sample(header),
         "inputs": INPUT_COPIES * max_samples * input_bytes,
     }
@@ -360,7 +362,8 @@ def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict
                 raise UsageError(f"data directory {d} overlaps the trusted code/configuration path {t}; "
                                  "keep bundles, requests and results apart from Python, the venv and the build directory's files")
 
-    max_threads = opts.threads + GRAMINE_HELPER_THREADS
+    # the compute threads, Gramine's and Python's own, and the stage decryption workers (seal.aead)
+    max_threads = opts.threads + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1
     rule = enclave_size_rule(header, opts.batch_size, opts.max_samples, max_threads,
                              runtime_library_bytes(layout.site_dirs))  # fmt: skip
     signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()

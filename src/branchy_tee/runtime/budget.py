@@ -3,9 +3,11 @@ that ``enclave build`` can size the enclave without importing torch).
 
 The engine (``runtime.engine``) runs one batch through one stage at a time and parks the samples
 that go on to stage k in a queue until a full batch of them is waiting. So besides the batch in
-flight (the hungriest stage's input and output), up to batch-1 samples wait in front of every later
-stage. ``activation_elems`` per stage is recorded at sealing time: one sample's stage input plus
-output, which over-counts a waiting sample (only its input is held) and so gives an upper bound.
+flight (the hungriest stage's input and output), fewer than 2 x batch samples (batch-1 waiting, plus
+up to a batch just added by the run of stage k-1) wait in front of every later stage k, each holding
+stage k's input. ``activation_elems`` per stage is recorded at sealing time: one sample's stage
+input plus output. Stage k's input is stage k-1's output, so it is at most the smaller of the two
+stages' figures; the bound below uses that.
 """
 
 from __future__ import annotations
@@ -16,4 +18,5 @@ FLOAT_BYTES = 4
 def activation_bytes_per_sample(header: dict) -> int:
     """Upper bound of the activation bytes per unit of batch size, from a bundle header."""
     elems = [int(s["activation_elems"]) for s in header["stages"]]
-    return FLOAT_BYTES * (max(elems) + sum(elems[1:]))
+    waiting = sum(min(elems[k - 1], elems[k]) for k in range(1, len(elems)))
+    return FLOAT_BYTES * (max(elems) + 2 * waiting)

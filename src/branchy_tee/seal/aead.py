@@ -58,7 +58,7 @@ def _fresh_buffer(size: int):
     the decryption threads fault them in, in parallel, as they write their chunks (measured here on
     a 156 MiB stage with 2 threads: 1.54 GB/s, against 1.35 GB/s when the kernel maps every page
     first in one thread); huge pages, where the kernel offers them, cut the faults 512-fold."""
-    if size >= 1 << 20:
+    if size >= 1 << 20 and hasattr(mmap, "MAP_ANONYMOUS"):
         try:
             buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError:
@@ -72,10 +72,26 @@ def _fresh_buffer(size: int):
     return bytearray(size)
 
 
+MAX_DECRYPT_WORKERS = 4  # the enclave's thread count (enclave/build.py) and size rule allow for these
+
+
 def _decrypt_workers() -> int:
     """Decryption threads: AES-GCM in ``cryptography`` releases the GIL, so chunks decrypt in
-    parallel (2 cores here: 2.3 -> 3.2 GB/s). A few are enough; reading is sequential anyway."""
-    return max(1, min(4, os.cpu_count() or 1))
+    parallel (2 cores here: 2.3 -> 3.2 GB/s). A few are enough; reading is sequential anyway. No
+    more than the compute threads the runtime was given (OMP_NUM_THREADS, set in the enclave)."""
+    limit = os.cpu_count() or 1
+    try:
+        limit = min(limit, int(os.environ.get("OMP_NUM_THREADS", "") or limit))
+    except ValueError:
+        pass
+    return max(1, min(MAX_DECRYPT_WORKERS, limit))
+
+
+def _wipe(view: memoryview, step: int = 1 << 20) -> None:
+    zeros = bytes(min(step, len(view)))
+    for i in range(0, len(view), step):
+        n = min(step, len(view) - i)
+        view[i : i + n] = zeros[:n]
 
 
 def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, chunk_size: int, what: str, into=None):
@@ -86,6 +102,8 @@ def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, ch
     missing, moved or foreign chunk, a truncated or extended file. The file is read in order, one
     chunk at a time; while the next chunk is read, earlier ones are decrypted and verified on other
     threads, each straight into its place in the output. Errors are reported for the first bad chunk.
+    AES-GCM's ``decrypt_into`` writes a chunk's plaintext before it checks the tag, so on any
+    failure the whole output is wiped before the error is raised: no unverified byte survives.
     """
     aead = AESGCM(key)
     out = _fresh_buffer(plaintext_size) if into is None else into
@@ -105,6 +123,16 @@ def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, ch
         except InvalidTag:
             raise IntegrityError(f"{what}: chunk {i} failed authentication (tampered, reordered, foreign or wrong key)") from None
 
+    def inline(i: int, sealed, size: int, last: bool) -> Future:
+        """Decrypt on this thread; the outcome kept like a worker's, so errors surface in chunk order."""
+        fut = Future()
+        try:
+            decrypt(i, sealed, size, last)
+            fut.set_result(None)
+        except IntegrityError as e:
+            fut.set_exception(e)
+        return fut
+
     pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
     try:
         for i in range(n):
@@ -119,20 +147,26 @@ def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, ch
                     fut.result()
                 raise IntegrityError(f"{what}: truncated (chunk {i} of {n} is {got or 0} bytes, expected {size + TAG})")
             if pool is None or i % workers == 0:  # the reading thread takes its share too
-                fut = Future()
-                try:
-                    decrypt(i, sealed, size, last)
-                    fut.set_result(None)
-                except IntegrityError as e:
-                    fut.set_exception(e)
+                fut = inline(i, sealed, size, last)
             else:
-                fut = pool.submit(decrypt, i, sealed, size, last)
+                try:
+                    fut = pool.submit(decrypt, i, sealed, size, last)
+                except RuntimeError:  # no thread to be had (an enclave's thread slots are few): go on alone
+                    pool.shutdown(wait=True)
+                    pool = None
+                    fut = inline(i, sealed, size, last)
             pending.append((i, fut))
         while pending:
             pending.popleft()[1].result()
-    finally:
+        if f.read(1):
+            raise IntegrityError(f"{what}: unexpected data after the last chunk")
+    except BaseException:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    if f.read(1):
-        raise IntegrityError(f"{what}: unexpected data after the last chunk")
+            pool = None
+        _wipe(view)
+        raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     return out
