@@ -70,3 +70,21 @@ def reference_decisions(model, x, criterion, thresholds):
 def keygen(path: Path) -> Path:
     assert main(["keygen", "--out", str(path)]) == 0
     return path
+
+
+def mutate_bytes(raw: bytes, edits) -> bytes:
+    """Apply (op, position, payload) edits: xor one byte, delete, insert or overwrite (set) bytes;
+    positions wrap around the current length (the shape hypothesis strategies generate)."""
+    b = bytearray(raw)
+    for op, pos, payload in edits:
+        pos %= len(b) + 1
+        if op == "xor" and pos < len(b):
+            b[pos] ^= payload[0] or 1
+        elif op == "delete":
+            del b[pos : pos + len(payload)]
+        elif op == "insert":
+            b[pos:pos] = payload
+        else:
+            b[pos : pos + len(payload)] = payload
+    return bytes(b)
+

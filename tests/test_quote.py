@@ -25,6 +25,7 @@ from branchy_tee.attest.quote import INTEL_QE_VENDOR_ID, TdReportBody, parse_quo
 from branchy_tee.attest.verify import parse_pck_extension, verify_quote
 from branchy_tee.cli import main
 from branchy_tee.errors import AttestationError
+from runs import mutate_bytes
 
 QUOTES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "sgx-quotes"
 SKIP_REASON = f"real SGX quotes not found in {QUOTES} (the shared test data sits beside the repo)"
@@ -395,25 +396,10 @@ def test_fuzz_parse_valid_header_then_random(prefix, rest):
 _mutation = st.tuples(st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 10**6), st.binary(min_size=1, max_size=8))
 
 
-def _mutate(raw: bytes, edits) -> bytes:
-    b = bytearray(raw)
-    for op, pos, payload in edits:
-        pos %= len(b) + 1
-        if op == "xor" and pos < len(b):
-            b[pos] ^= payload[0] or 1
-        elif op == "delete":
-            del b[pos : pos + len(payload)]
-        elif op == "insert":
-            b[pos:pos] = payload
-        else:
-            b[pos : pos + len(payload)] = payload
-    return bytes(b)
-
-
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(["phala-1", "phala-2"]), st.lists(_mutation, min_size=1, max_size=4))
 def test_fuzz_mutated_real_quotes(name, edits):
-    mutated = _mutate(_quote(name), edits)
+    mutated = mutate_bytes(_quote(name), edits)
     try:
         parse_quote(mutated)
     except AttestationError:

@@ -29,6 +29,7 @@ from branchy_tee.seal.bundle import HEADER_FILE, open_bundle, read_header_unveri
 from branchy_tee.seal.envelope import (REQUEST_MAGIC, RESULT_MAGIC, open_request, open_result, read_envelope_header,
                                        seal_envelope)
 from branchy_tee.seal.keys import generate_key, key_id
+from runs import mutate_bytes
 from world import SGX_QUOTES
 
 FUZZ = settings(max_examples=150, deadline=None,
@@ -158,18 +159,10 @@ def test_bundle_header_authentic_but_unusable(tmp_path, world, sealed_header, ov
 @given(st.lists(st.tuples(st.sampled_from(["xor", "delete", "insert"]), st.integers(0, 10**5), st.binary(min_size=1, max_size=4)),
                 min_size=1, max_size=3))
 def test_bundle_header_byte_edits_never_verify(tmp_path, world, edits):
-    raw = bytearray((world.bundle / HEADER_FILE).read_bytes())
-    orig = bytes(raw)
-    for op, pos, payload in edits:
-        pos %= len(raw) + 1
-        if op == "xor" and pos < len(raw):
-            raw[pos] ^= payload[0] or 1
-        elif op == "delete":
-            del raw[pos : pos + len(payload)]
-        elif op == "insert":
-            raw[pos:pos] = payload
-    assume(bytes(raw) != orig)
-    d = _write_bundle(tmp_path, bytes(raw))
+    orig = (world.bundle / HEADER_FILE).read_bytes()
+    raw = mutate_bytes(orig, edits)
+    assume(raw != orig)
+    d = _write_bundle(tmp_path, raw)
     with pytest.raises(IntegrityError):
         open_bundle(d, world.key("mo"))
 
