@@ -44,8 +44,10 @@ def test_multi_exit_loss_combines_terms_and_detaches_teacher():
     outs = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
     y = torch.tensor([0, 1, 2, 3])
     loss, ces = losses.multi_exit_loss(outs, y, [1.0, 0.5, 2.0], alpha=0.3, temperature=2.0, teacher_logits=outs[-1])
-    manual = sum(w * F.cross_entropy(o, y) for w, o in zip([1.0, 0.5, 2.0], outs))
-    manual = manual + 0.3 * sum(losses.distillation_term(o, outs[-1], 2.0) for o in outs[:-1])
+    # Each early exit: (1 - alpha) * CE + alpha * T^2 * KL, times its weight; the final exit: CE only.
+    manual = 2.0 * F.cross_entropy(outs[-1], y)
+    for w, o in zip([1.0, 0.5], outs[:-1]):
+        manual = manual + w * (0.7 * F.cross_entropy(o, y) + 0.3 * losses.distillation_term(o, outs[-1], 2.0))
     assert torch.allclose(loss, manual)
     assert ces == pytest.approx([float(F.cross_entropy(o, y).detach()) for o in outs])
     loss.backward()

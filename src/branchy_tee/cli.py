@@ -154,11 +154,11 @@ def _key_value(value: str) -> tuple[str, object]:
     return key, raw
 
 
-def add_data_arguments(p, default="fashion-mnist", required=False) -> None:
+def add_data_arguments(p, default="fashion-mnist", required=False, default_help=None) -> None:
     from .choices import DATASETS
 
     p.add_argument("--dataset", choices=DATASETS, default=None if required else default,
-                   help=f"dataset (default: {'as trained' if default is None else default})")
+                   help=f"dataset (default: {default_help or ('as trained' if default is None else default)})")
     p.add_argument("--data-dir", default=None, help="dataset location (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 (official URL, MD5 checked) when missing")
 
@@ -175,20 +175,34 @@ def add_train(sub) -> None:
     p.add_argument("--cuda", action="store_true", help="require CUDA (fail if there is none)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--net", type=_net_name, default="mobilenetv1", metavar="NET",
-                   help=f"model: one of {', '.join(SEED_NETS)} (any case) (default MobileNetv1)")
+    p.add_argument("--net", type=_net_name, default=None, metavar="NET",
+                   help=f"model: one of {', '.join(SEED_NETS)} (any case) (default MobileNetv1, or the run's with --attach-exits)")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--resume", "-r", action="store_true", help="resume from RUN_DIR/checkpoint.pt")
     p.add_argument("--patience", "-p", type=int, default=7, help="early-stopping patience in epochs")
     p.add_argument("--optim", "-o", choices=OPTIMIZERS, default="adamw")
     # Ours.
-    add_data_arguments(p)
+    add_data_arguments(p, default=None, default_help="fashion-mnist, or the run's with --attach-exits")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--distill", choices=DISTILL, default="final", help="teacher for the early exits (default: the final exit)")
     p.add_argument("--teacher", metavar="CKPT", help="run directory or checkpoint.pt of a trained teacher (--distill teacher)")
     p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term")
-    p.add_argument("--exit-weights", type=_floats, metavar="W0,W1,...", help="cross-entropy weight per exit (default all 1)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="share of distillation in each early exit's loss: (1-alpha)*CE + alpha*T^2*KL (default 0.5)")
+    p.add_argument("--distill-warmup", type=float, default=0.0, metavar="EPOCHS",
+                   help="ramp alpha up linearly from 0 over this many epochs (default 0)")
+    p.add_argument("--exit-weights", type=_floats, metavar="W0,W1,...", help="loss weight per exit (default all 1)")
+    p.add_argument("--exit-grad-scale", type=float, default=1.0, metavar="G",
+                   help="scale the gradient the early exits send into the shared backbone (default 1)")
+    attach = p.add_mutually_exclusive_group()
+    attach.add_argument("--attach-exits", metavar="RUN_DIR",
+                        help="train only the early exits of a trained run: its backbone and final exit stay frozen "
+                             "(bit for bit), its data set and validation split are reused")
+    attach.add_argument("--backbone-weights", metavar="FILE",
+                        help="attach new early exits to a plain single-exit --net (safetensors or weights-only torch "
+                             "state dict; names in docs/training.md); backbone and final exit stay frozen")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out for validation "
+                                                                   "and calibration (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", metavar="RUN_DIR", help="run directory (default runs/latest)")
@@ -215,7 +229,9 @@ def cmd_train(args) -> int:
         lr=args.lr, batch_size=args.batch_size, num_workers=args.num_workers, epochs=args.epochs,
         patience=args.patience, optim=args.optim, weight_decay=args.weight_decay, device=args.device,
         require_cuda=args.cuda, distill=args.distill, teacher=args.teacher, temperature=args.temperature,
-        alpha=args.alpha, exit_weights=args.exit_weights, seed=args.seed, max_batches=args.max_batches,
+        alpha=args.alpha, exit_weights=args.exit_weights, distill_warmup=args.distill_warmup,
+        exit_grad_scale=args.exit_grad_scale, attach_exits=args.attach_exits, backbone_weights=args.backbone_weights,
+        val_fraction=args.val_fraction, seed=args.seed, max_batches=args.max_batches,
         resume=args.resume, model_config=dict(args.model_config), synthetic=synthetic if args.dataset == "synthetic" else {},
         criterion=args.criterion, max_accuracy_drop=args.max_accuracy_drop, quiet=args.json,
     )  # fmt: skip

@@ -30,6 +30,7 @@ from ..models import create_model, resolve_name
 from ..models.cost import arch_part_flops
 from ..runtime.tuning import channels_last
 from ..rundir import load_run, read_model_json, update_model_json, write_model_json, write_weights
+from . import attach
 from .losses import multi_exit_loss
 
 from ..choices import DISTILL, OPTIMIZERS
@@ -37,8 +38,8 @@ from ..choices import DISTILL, OPTIMIZERS
 
 @dataclass
 class TrainConfig:
-    net: str = "mobilenetv1"
-    dataset: str = "fashion-mnist"
+    net: str | None = None  # None: mobilenetv1, or the architecture of --attach-exits
+    dataset: str | None = None  # None: fashion-mnist, or the data set of --attach-exits
     data_dir: str | None = None
     download: bool = False
     out: str = "runs/latest"
@@ -56,6 +57,10 @@ class TrainConfig:
     temperature: float = 4.0
     alpha: float = 0.5
     exit_weights: list[float] | None = None
+    distill_warmup: float = 0.0  # epochs over which alpha ramps up linearly from 0
+    exit_grad_scale: float = 1.0  # factor on the gradient the early exits send into the backbone
+    attach_exits: str | None = None  # a run directory: freeze its backbone and final exit, train the early exits
+    backbone_weights: str | None = None  # a plain single-exit state dict: the same, for --net
     seed: int = 0
     max_batches: int | None = None
     resume: bool = False
@@ -118,10 +123,16 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise UsageError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim!r}")
 
 
-def load_datasets(cfg: TrainConfig):
+def data_spec(cfg: TrainConfig) -> dict:
+    """Which data set and validation split a run uses (``model.json``'s ``data``)."""
+    return {"dataset": cfg.dataset or "fashion-mnist", "synthetic": {"seed": cfg.seed, **cfg.synthetic},
+            "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+
+
+def load_datasets(cfg: TrainConfig, data: dict):
     """(train, validation) subsets of the training split, with their transforms."""
-    full = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download, {"seed": cfg.seed, **cfg.synthetic})
-    train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, seed=cfg.seed)
+    full = load_dataset(data["dataset"], "train", cfg.data_dir, cfg.download, data["synthetic"])
+    train_idx, val_idx = train_val_split(len(full), data["val_fraction"], seed=data["seed"])
     size = full.input_shape[-1]
     aug = train_transform(full.mean, full.std, size=size, padding=max(2, size // 8))
     return full.subset(train_idx, aug), full.subset(val_idx, eval_transform(full.mean, full.std)), full
@@ -166,10 +177,18 @@ def _accuracies(correct: list[int], seen: int) -> list[float]:
     return [c / max(seen, 1) for c in correct]
 
 
-def train_one_epoch(model, loader, optimizer, cfg: TrainConfig, device, epoch: int, teacher=None, show=True) -> dict:
+def distill_alpha(cfg: TrainConfig, progress: float) -> float:
+    """The distillation weight after ``progress`` epochs: ramped up linearly over the warm-up."""
+    if cfg.distill_warmup <= 0:
+        return cfg.alpha
+    return cfg.alpha * min(1.0, progress / cfg.distill_warmup)
+
+
+def train_one_epoch(model, loader, optimizer, cfg: TrainConfig, device, epoch: int, teacher=None, show=True,
+                    frozen=False) -> dict:
     from tqdm import tqdm
 
-    model.train()
+    attach.set_train_mode(model, frozen)
     total, seen, correct = 0.0, 0, None
     num_batches = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
     bar = tqdm(loader, total=num_batches, desc=f"epoch {epoch + 1} train", leave=False, disable=None if show else True)
@@ -186,7 +205,8 @@ def train_one_epoch(model, loader, optimizer, cfg: TrainConfig, device, epoch: i
         else:
             teacher_logits = None
         weights = cfg.exit_weights or [1.0] * len(outputs)
-        loss, _ = multi_exit_loss(outputs, y, weights, cfg.alpha, cfg.temperature, teacher_logits)
+        alpha = distill_alpha(cfg, epoch + i / num_batches)
+        loss, _ = multi_exit_loss(outputs, y, weights, alpha, cfg.temperature, teacher_logits)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}")
         optimizer.zero_grad(set_to_none=True)
@@ -244,12 +264,21 @@ def _check_config(cfg: TrainConfig) -> None:
         raise UsageError("--lr must be a positive number")
     if cfg.temperature <= 0:
         raise UsageError("--temperature must be positive")
+    if not 0 <= cfg.alpha <= 1:
+        raise UsageError("--alpha is the share of distillation in each early exit's loss, in [0, 1]")
+    if cfg.distill_warmup < 0 or cfg.exit_grad_scale < 0:
+        raise UsageError("--distill-warmup and --exit-grad-scale must not be negative")
+    if not 0 < cfg.val_fraction < 1:
+        raise UsageError("--val-fraction must be in (0, 1)")
+    attach.check_options(cfg)
 
 
 def fit(cfg: TrainConfig) -> dict:
     """Train, keep the best model (lowest validation loss) in ``cfg.out``, calibrate it; return a summary."""
     _check_config(cfg)
-    cfg.net = resolve_name(cfg.net)
+    frozen = attach.is_attaching(cfg)
+    source_meta = read_model_json(cfg.attach_exits) if cfg.attach_exits else None
+    cfg.net = source_meta["arch"] if source_meta and not cfg.net else resolve_name(cfg.net or "mobilenetv1")
     out = Path(cfg.out)
     device = pick_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = init_distributed(device.type)
@@ -265,10 +294,17 @@ def fit(cfg: TrainConfig) -> dict:
         if resume_ckpt["arch"] != cfg.net:
             raise BranchyError(f"--resume: {ckpt_path} is a {resume_ckpt['arch']} checkpoint, not {cfg.net}")
 
-    train_ds, val_ds, full = load_datasets(cfg)
+    data = attach.source_data(cfg, source_meta) if source_meta else data_spec(cfg)
+    train_ds, val_ds, full = load_datasets(cfg, data)
     in_channels, num_classes = full.input_shape[0], full.num_classes
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = create_model(cfg.net, num_classes=num_classes, in_channels=in_channels, **cfg.model_config)
+    source = None
+    if frozen:
+        model, source = attach.source_model(cfg, source_meta, full.input_shape, num_classes)
+        attach.freeze_backbone(model)
+    else:
+        model = create_model(cfg.net, num_classes=num_classes, in_channels=in_channels, **cfg.model_config)
+    model.exit_grad_scale = cfg.exit_grad_scale
     if cfg.exit_weights is not None and len(cfg.exit_weights) != model.num_exits:
         raise UsageError(f"--exit-weights needs {model.num_exits} values for {cfg.net}, got {len(cfg.exit_weights)}")
     if resume_ckpt is not None and resume_ckpt["model_config"] != model.config:
@@ -277,7 +313,7 @@ def fit(cfg: TrainConfig) -> dict:
     channels_last(model).to(device)  # ~20% faster convolutions on CPU (see runtime.tuning)
     teacher = load_teacher(cfg.teacher, num_classes, device) if cfg.distill == "teacher" else None
 
-    optimizer = make_optimizer(model.parameters(), cfg)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     start_epoch, best_loss, best_epoch, bad_epochs = 0, math.inf, -1, 0
     if resume_ckpt is not None:
@@ -310,8 +346,8 @@ def fit(cfg: TrainConfig) -> dict:
         "thresholds": None,  # until calibration: never exit early
         "stage_flops": stage_flops,
         "head_flops": head_flops,
-        "data": {"dataset": cfg.dataset, "synthetic": {"seed": cfg.seed, **cfg.synthetic}, "val_fraction": cfg.val_fraction, "seed": cfg.seed},
-        "training": {"config": _jsonable(cfg), "world_size": world},
+        "data": data,
+        "training": {"config": _jsonable(cfg), "world_size": world, **({"attached_to": source} if source else {})},
     }
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -325,7 +361,7 @@ def fit(cfg: TrainConfig) -> dict:
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         try:
-            tr = train_one_epoch(train_model, train_loader, optimizer, cfg, device, epoch, teacher, show)
+            tr = train_one_epoch(train_model, train_loader, optimizer, cfg, device, epoch, teacher, show, frozen)
         except NonFiniteLoss as e:
             kept = f"the last good checkpoint ({ckpt_path}, epoch {epoch}) is kept" if epoch > 0 else "no checkpoint was written"
             raise BranchyError(f"{e}; training stopped, {kept}; try a lower --lr") from None
