@@ -82,3 +82,18 @@ def test_calibrate_writes_model_json(run_dir, capsys):
     assert meta["criterion"] == "maxprob" and meta["thresholds"] == out["thresholds"]
     assert meta["calibration"]["max_accuracy_drop"] == 0.02
     calibrate_run(run_dir, criterion="entropy", show=False)  # back to the defaults for the other tests
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "maxprob"])
+def test_calibration_candidates_decide_as_the_runtime_does(criterion):
+    from branchy_tee.evaluate.calibrate import candidate_thresholds, shared_threshold_settings
+    from branchy_tee.evaluate.exits import run_setting
+
+    torch.manual_seed(3)
+    labels = torch.randint(0, 10, (300,))
+    logits = [torch.randn(300, 10) * s + 3 * torch.nn.functional.one_hot(labels, 10) for s in (2.0, 1.5, 1.0)]
+    thresholds = candidate_thresholds(logits, criterion, points=50)
+    for t, fast in zip(thresholds, shared_threshold_settings(logits, labels, [1, 2, 4], criterion, thresholds)):
+        ref = run_setting(logits, labels, criterion, [t, t], [1, 2, 4])
+        assert fast["accuracy"] == ref["accuracy"] and fast["exit_fractions"] == ref["exit_fractions"]
+        assert fast["mean_flops"] == pytest.approx(ref["mean_flops"])

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.criteria import check_criterion, exit_scores, never_exit_threshold
-from .exits import collect_logits, costs_of, decide, run_setting
+from ..runtime.criteria import check_criterion, confident, exit_scores, never_exit_threshold
+from .exits import collect_logits, costs_of
+
+# How many standard errors of the paired accuracy difference the choice keeps in hand (see the
+# module docstring and docs/training.md for how this was measured).
+DEFAULT_MARGIN_SE = 1.0
 
 
 def candidate_thresholds(logits, criterion: str, points: int = 400) -> list[float]:
@@ -33,28 +37,58 @@ def paired_standard_error(correct_a: torch.Tensor, correct_b: torch.Tensor) -> f
     return float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
 
 
-def calibrate(logits, labels, costs: list[int], criterion="entropy", max_accuracy_drop=0.01, margin_se=1.0) -> dict:
+def shared_threshold_settings(logits, labels, costs: list[int], criterion: str, thresholds) -> list[dict]:
+    """Every candidate: one threshold shared by the early exits, its accuracy, mean cost, exit fractions
+    and the standard error of its accuracy difference to the final exit.
+
+    The decision is the runtime's (``evaluate.exits.decide``: the first exit whose score passes
+    answers), computed here from scores and predictions taken once, since hundreds of candidates are
+    tried; a test checks that the two agree.
+    """
+    k_final = len(logits) - 1
+    scores = [exit_scores(lg, criterion) for lg in logits[:-1]]
+    correct = torch.stack([lg.argmax(1) == labels for lg in logits])  # (K, N)
+    n = len(labels)
+    out = []
+    for t in thresholds:
+        exit_idx = torch.full((n,), k_final, dtype=torch.long)
+        undecided = torch.ones(n, dtype=torch.bool)
+        for k in range(k_final):
+            take = undecided & confident(scores[k], t, criterion)
+            exit_idx[take] = k
+            undecided &= ~take
+        right = correct.gather(0, exit_idx.view(1, -1)).squeeze(0)
+        counts = torch.bincount(exit_idx, minlength=k_final + 1).tolist()
+        out.append({
+            "criterion": criterion, "thresholds": [float(t)] * k_final,
+            "accuracy": float(right.float().mean()),
+            "mean_flops": float(sum(c * costs[k] for k, c in enumerate(counts)) / n),
+            "exit_fractions": [c / n for c in counts],
+            "standard_error": paired_standard_error(right, correct[-1]),
+        })  # fmt: skip
+    return out
+
+
+def choose(candidates: list[dict], final_accuracy: float, max_accuracy_drop: float, margin_se: float) -> dict:
+    """The selection rule: the cheapest candidate whose accuracy, less ``margin_se`` standard errors,
+    is at least the final exit's less the budget. 'Never exit early' always qualifies (difference 0)."""
+    eligible = [c for c in candidates
+                if c["accuracy"] - margin_se * c["standard_error"] >= final_accuracy - max_accuracy_drop - 1e-12]
+    return min(eligible, key=lambda c: (c["mean_flops"], -c["accuracy"]))
+
+
+def calibrate(logits, labels, costs: list[int], criterion="entropy", max_accuracy_drop=0.01, margin_se=DEFAULT_MARGIN_SE) -> dict:
     """Pick the cheapest shared threshold whose validation accuracy is at least
     final-exit accuracy - ``max_accuracy_drop`` (+ ``margin_se`` standard errors).
 
     Returns the choice and the whole candidate list (each with ``eligible``), so that callers can check it.
     """
     check_criterion(criterion)
-    k = len(logits) - 1
-    final_correct = logits[-1].argmax(1) == labels
-    final_acc = float(final_correct.float().mean())
-    candidates = []
-    for t in candidate_thresholds(logits, criterion):
-        exit_idx, preds = decide(logits, criterion, [t] * k)
-        correct = preds == labels
-        acc = float(correct.float().mean())
-        se = paired_standard_error(correct, final_correct)
-        setting = run_setting(logits, labels, criterion, [t] * k, costs)
-        setting["eligible"] = acc - margin_se * se >= final_acc - max_accuracy_drop - 1e-12
-        setting["standard_error"] = se
-        candidates.append(setting)
-    eligible = [c for c in candidates if c["eligible"]]  # never-exit is always eligible (difference 0)
-    best = min(eligible, key=lambda c: (c["mean_flops"], -c["accuracy"]))
+    final_acc = float((logits[-1].argmax(1) == labels).float().mean())
+    candidates = shared_threshold_settings(logits, labels, costs, criterion, candidate_thresholds(logits, criterion))
+    best = choose(candidates, final_acc, max_accuracy_drop, margin_se)
+    for c in candidates:
+        c["eligible"] = c["accuracy"] - margin_se * c["standard_error"] >= final_acc - max_accuracy_drop - 1e-12
     return {
         "criterion": criterion,
         "thresholds": best["thresholds"],
@@ -69,7 +103,7 @@ def calibrate(logits, labels, costs: list[int], criterion="entropy", max_accurac
     }
 
 
-def calibrate_run(run_dir, max_accuracy_drop=0.01, criterion=None, margin_se=1.0, device="cpu",
+def calibrate_run(run_dir, max_accuracy_drop=0.01, criterion=None, margin_se=DEFAULT_MARGIN_SE, device="cpu",
                   dataset=None, data_dir=None, max_batches=None, val_set=None, show=True) -> dict:
     """Calibrate a run directory on its validation split and write the thresholds into model.json."""
     from ..rundir import load_run, update_model_json
