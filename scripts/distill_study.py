@@ -30,6 +30,13 @@ import torch
 MODELS = {
     "lenet5": {"net": "lenet5", "model_config": {}, "epochs": 5, "lr": 3e-3, "batch_size": 128},
     "mobilenetv1-0.25": {"net": "mobilenetv1", "model_config": {"width_mult": 0.25}, "epochs": 4, "lr": 3e-3, "batch_size": 128},
+    "resnet18-w8": {"net": "resnet18", "model_config": {"width": 8}, "epochs": 4, "lr": 3e-3, "batch_size": 128},
+    "resnet18-w8-3ep-noaug": {"net": "resnet18", "model_config": {"width": 8}, "epochs": 3, "lr": 3e-3, "batch_size": 128,
+                              "augment": False},
+    "resnet18-w8-2ep-noaug": {"net": "resnet18", "model_config": {"width": 8}, "epochs": 2, "lr": 3e-3, "batch_size": 128,
+                              "augment": False},
+    "lenet5-8ep-noaug": {"net": "lenet5", "model_config": {}, "epochs": 8, "lr": 3e-3, "batch_size": 128, "augment": False},
+    "lenet5-10ep-noaug": {"net": "lenet5", "model_config": {}, "epochs": 10, "lr": 3e-3, "batch_size": 128, "augment": False},
 }
 
 # A recipe is a list of phases; each phase is a set of TrainConfig fields. A phase with
@@ -51,7 +58,7 @@ RECIPES = {
 }
 STAGES = {
     "screen": {"models": ["lenet5"], "recipes": list(RECIPES)},
-    "confirm": {"models": ["mobilenetv1-0.25"], "recipes": ["none", "previous-default", "convex"]},
+    "confirm": {"models": ["resnet18-w8-3ep-noaug"], "recipes": ["none", "previous-default", "convex-a0.2", "two-phase"]},
 }
 MARGINS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
 BUDGET = 0.01
@@ -73,8 +80,9 @@ def phase_configs(model: str, recipe: str, seed: int, run_dir: Path) -> list:
             epochs = spec["epochs"] - frozen_epochs
         early, final = p.pop("early_weight", 1.0), p.pop("final_weight", 1.0)
         out = run_dir if i == len(phases) - 1 else run_dir / f"phase{i + 1}"
-        common = dict(dataset="fashion-mnist", epochs=epochs, lr=spec["lr"], batch_size=spec["batch_size"], num_workers=0,
-                      out=str(out), seed=seed, quiet=True, patience=epochs)  # fmt: skip
+        extra = {k: v for k, v in spec.items() if k not in ("net", "model_config", "epochs")}  # lr, batch size, ...
+        common = dict(dataset="fashion-mnist", epochs=epochs, num_workers=0, out=str(out), seed=seed, quiet=True,
+                      patience=epochs, **extra)  # fmt: skip
         if frozen:
             cfg = TrainConfig(attach_exits=str(configs[-1].out), **common, **p)
         else:

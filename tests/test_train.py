@@ -193,3 +193,32 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     assert meta["training"]["world_size"] == 2
     assert meta["training"]["ddp_identical_weights"] is True
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only rank 0 wrote
+
+
+def test_exit_grad_scale_scales_what_early_exits_send_into_the_backbone():
+    from branchy_tee.models import create_model
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+
+    def grads(scale):
+        model = create_model("lenet5", num_classes=10, in_channels=1)
+        torch.manual_seed(0)
+        model.load_state_dict(create_model("lenet5", num_classes=10, in_channels=1).state_dict())
+        model.exit_grad_scale = scale
+        outs = model(x)
+        F.cross_entropy(outs[0], y).backward()  # an early exit's loss only
+        return model.stages[0][0].weight.grad.clone(), model.exits[0][-1].weight.grad.clone()
+
+    (stem1, head1), (stem_half, head_half), (stem0, head0) = grads(1.0), grads(0.5), grads(0.0)
+    assert torch.allclose(stem_half, 0.5 * stem1) and not torch.equal(stem1, torch.zeros_like(stem1))
+    assert torch.equal(stem0, torch.zeros_like(stem0))
+    assert torch.equal(head1, head_half) and torch.equal(head1, head0)  # the head itself learns as before
+
+
+def test_distillation_warmup_ramps_alpha():
+    from branchy_tee.train.trainer import distill_alpha
+
+    cfg = TrainConfig(alpha=0.4, distill_warmup=2.0)
+    assert [distill_alpha(cfg, p) for p in (0.0, 1.0, 2.0, 3.5)] == pytest.approx([0.0, 0.2, 0.4, 0.4])
+    assert distill_alpha(TrainConfig(alpha=0.4), 0.0) == 0.4

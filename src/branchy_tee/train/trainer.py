@@ -52,10 +52,10 @@ class TrainConfig:
     weight_decay: float | None = None  # None: 5e-4 for SGD, 0.01 for AdamW, 0 for Adam
     device: str = "auto"
     require_cuda: bool = False  # the seed's --cuda
-    distill: str = "final"
+    distill: str = "none"  # measured: docs/training.md
     teacher: str | None = None
     temperature: float = 4.0
-    alpha: float = 0.5
+    alpha: float = 0.2  # when distilling; the least harmful of those measured (docs/training.md)
     exit_weights: list[float] | None = None
     distill_warmup: float = 0.0  # epochs over which alpha ramps up linearly from 0
     exit_grad_scale: float = 1.0  # factor on the gradient the early exits send into the backbone
@@ -65,6 +65,7 @@ class TrainConfig:
     max_batches: int | None = None
     resume: bool = False
     val_fraction: float = 0.1
+    augment: bool = True  # random crop (padded) and horizontal flip of training images
     model_config: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"width": 16}
     synthetic: dict = field(default_factory=dict)  # make_synthetic arguments for --dataset synthetic
     criterion: str = "entropy"
@@ -134,7 +135,10 @@ def load_datasets(cfg: TrainConfig, data: dict):
     full = load_dataset(data["dataset"], "train", cfg.data_dir, cfg.download, data["synthetic"])
     train_idx, val_idx = train_val_split(len(full), data["val_fraction"], seed=data["seed"])
     size = full.input_shape[-1]
-    aug = train_transform(full.mean, full.std, size=size, padding=max(2, size // 8))
+    if cfg.augment:
+        aug = train_transform(full.mean, full.std, size=size, padding=max(2, size // 8))
+    else:
+        aug = eval_transform(full.mean, full.std)
     return full.subset(train_idx, aug), full.subset(val_idx, eval_transform(full.mean, full.std)), full
 
 
