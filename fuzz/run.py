@@ -60,7 +60,7 @@ def build_world(world: Path) -> None:
 
     sk = rec["sk"].private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     (world / "client-exchange.json").write_text(json.dumps({
-        "sk": sk.hex(), "pk": rec["pk"].hex(), "kid": rec["kid"], "key": keys[0].hex(),
+        "sk": sk.hex(), "pk": rec["pk"].hex(), "kid": rec["kid"], "key": keys[0].hex(), "identity": rec["identity"].hex(),
         "nonce_body": rec["nonce_body"].decode(), "keys_body": rec["keys_body"].decode()}))
 
 

@@ -24,6 +24,12 @@ def make_random_run(out: Path, arch: str, in_channels: int = 1, size: int = 28, 
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
+    # Spread each exit's logits (a random deep net's are nearly uniform), so that the scores of
+    # different samples differ by far more than float rounding between two correct implementations.
+    with torch.no_grad():
+        for head in model.exits:
+            last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.mul_(30.0 / max(float(last.weight.abs().max()), 1e-12))
     stage_flops, head_flops = arch_part_flops(arch, model.config, (in_channels, size, size))
     meta = {
         "arch": arch, "config": model.config, "classes": [f"c{i}" for i in range(10)], "dataset": "synthetic",

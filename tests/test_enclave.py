@@ -20,6 +20,7 @@ from branchy_tee.enclave.launch import split_run_arguments
 from branchy_tee.errors import UsageError
 
 BROKER_M = "http://127.0.0.1:8101"
+BROKER_M_IDENTITY = "5a" * 32
 BROKER_D = "http://127.0.0.1:8102"
 
 
@@ -147,7 +148,8 @@ def signing_key(tmp_path) -> Path:
 
 def build_args(sealed, out, *extra):
     return ["enclave", "build", "--bundle", str(sealed / "model.btee"), "--out", str(out),
-            "--model-broker", BROKER_M, "--data-broker", BROKER_D, *extra]  # fmt: skip
+            "--model-broker", BROKER_M, "--model-broker-identity", BROKER_M_IDENTITY, "--data-broker", BROKER_D,
+            *extra]  # fmt: skip
 
 
 def read_manifest(out) -> dict:
@@ -191,6 +193,9 @@ def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramin
     assert env == cfg["env"]
     assert env["BRANCHY_TEE_ENCLAVE"] == "1" and env["BRANCHY_TEE_ATTEST"] == "gramine"
     assert env["BRANCHY_TEE_MODEL_BROKER"] == BROKER_M and env["BRANCHY_TEE_DATA_BROKERS"] == BROKER_D
+    assert env["BRANCHY_TEE_MODEL_BROKER_IDENTITY"] == BROKER_M_IDENTITY
+    header = json.loads((sealed / "model.btee" / "header.json").read_text())["header"]
+    assert (env["BRANCHY_TEE_BUNDLE_ID"], env["BRANCHY_TEE_MODEL_KEY_ID"]) == (header["bundle_id"], header["key_id"])
     assert env["BRANCHY_TEE_ALLOW_PLAINTEXT"] == "0" and env["BRANCHY_TEE_MIN_MODEL_VERSION"] == "1"
     assert env["OMP_NUM_THREADS"] == "4" and env["LD_LIBRARY_PATH"].startswith("/lib:")
     # SGX settings, current syntax only.
@@ -281,12 +286,20 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     assert view["argv"] == ["branchy-tee.sig"]
     sig = (out / "branchy-tee.sig").read_bytes()
     assert summary["signed"] and summary["mrenclave"] == sig[9:41].hex() and summary["mrsigner"] == sig[41:73].hex()
-    policy = tomllib.loads((out / "policy.toml").read_text())
-    assert policy == {"allowed_mrenclave": [sig[9:41].hex()], "allowed_mrsigner": [sig[41:73].hex()], "isv_prod_id": 0,
-                      "min_isv_svn": 0, "allow_debug": False, "accepted_tcb_statuses": ["UpToDate"],
-                      "min_model_version": 1}  # fmt: skip
-    policy_mod = pytest.importorskip("branchy_tee.attest.policy")
-    policy_mod.parse_policy(policy, "policy.toml")  # the brokers accept the snippet as it is
+    assert not (out / "policy.toml").exists()  # owners never pin what the host printed
+    # The model owner (having reproduced this build) signs a release statement; a data owner writes its policy.
+    from branchy_tee.attest.identity import create_identity, identity_hex
+
+    mo = identity_hex(create_identity(tmp_path / "mo.id"))
+    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--out", str(tmp_path / "r.json")]) == 0
+    release = json.loads((tmp_path / "r.json").read_text())
+    assert (release["mrenclave"], release["mrsigner"], release["attest"]) == (sig[9:41].hex(), sig[41:73].hex(), "gramine")
+    assert release["model_broker_identity"] == BROKER_M_IDENTITY and release["model_owner"] == mo
+    assert main(["enclave", "policy", "--release", str(tmp_path / "r.json"), "--model-owner", mo,
+                 "--out", str(tmp_path / "p.toml")]) == 0  # fmt: skip
+    policy = tomllib.loads((tmp_path / "p.toml").read_text())
+    assert policy == {"allowed_mrenclave": [sig[9:41].hex()], "isv_prod_id": 0, "min_isv_svn": 0, "allow_debug": False,
+                      "accepted_tcb_statuses": ["UpToDate"], "min_model_version": 1}  # fmt: skip
 
 
 def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypatch, capsys):
@@ -310,11 +323,14 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
     again = subprocess.run(["make", "SGX=1"], cwd=out, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and len(log.read_text().splitlines()) == 3
     monkeypatch.setenv("PATH", env["PATH"])
+    from branchy_tee.attest.identity import create_identity
+
+    create_identity(tmp_path / "mo.id")
     capsys.readouterr()
-    assert main(["enclave", "policy", str(out), "--json"]) == 0
+    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--out", str(tmp_path / "r.json"),
+                 "--json"]) == 0  # fmt: skip
     measured = json.loads(capsys.readouterr().out)
     assert measured["mrenclave"] == (out / "branchy-tee.sig").read_bytes()[9:41].hex()
-    assert tomllib.loads((out / "policy.toml").read_text())["allowed_mrenclave"] == [measured["mrenclave"]]
 
 
 def test_run_sgx_launches_gramine_sgx_with_the_manifest_and_predict_arguments(sealed, tmp_path, gramine, monkeypatch, capsys):
@@ -370,8 +386,8 @@ def test_native_backend_runs_predict_end_to_end(sealed, tmp_path, no_gramine, ca
                "--data-key", str(keys / "data.key"), "--quiet"])  # fmt: skip
     assert rc == 0 and res.is_file()
     capsys.readouterr()
-    assert main(["decrypt-result", str(res), "--key", str(keys / "data.key"), "--request-id", "req-1", "--json"]) == 0
-    records = json.loads(capsys.readouterr().out)
+    assert main(["decrypt-result", str(res), "--key", str(keys / "data.key"), "--request", str(req), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
     assert [r["index"] for r in records] == list(range(5))
     assert all(0 <= r["label"] < 10 and 0 <= r["exit"] < 3 for r in records)
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from branchy_tee.cli import main
 from branchy_tee.fileio import read_key_file
 from branchy_tee.rundir import update_model_json
-from branchy_tee.seal.envelope import open_result
+from branchy_tee.seal.envelope import open_result, request_digest
 from runs import keygen, make_random_run, reference_decisions, spreading_thresholds
 
 ARCHS = [
@@ -45,8 +45,8 @@ def predict(tmp, *extra, out="res.enc", bundle="m.btee", req="req.enc", data_key
                  "--model-key", str(tmp / "mo.key"), "--data-key", str(tmp / data_key), "--quiet", *extra])  # fmt: skip
 
 
-def results(tmp, out="res.enc"):
-    return open_result((tmp / out).read_bytes(), read_key_file(tmp / "do.key"), out, "r1")[1]
+def results(tmp, out="res.enc", req="req.enc"):
+    return open_result((tmp / out).read_bytes(), read_key_file(tmp / "do.key"), out, request_digest((tmp / req).read_bytes()))[1]
 
 
 @pytest.mark.parametrize("arch,channels,size,config", ARCHS, ids=[a[0] for a in ARCHS])
@@ -120,8 +120,12 @@ def test_images_round_trip_with_mprofile(tmp_path, capsys):
     capsys.readouterr()
     assert predict(tmp_path, "--mprofile", str(tmp_path / "prof"), "--plaintext-result", str(tmp_path / "result.txt")) == 0
     assert "the host can read them" in capsys.readouterr().err
-    assert main(["decrypt-result", str(tmp_path / "res.enc"), "--key", str(do), "--json", "--request-id", "r1"]) == 0
-    recs = json.loads(capsys.readouterr().out)
+    assert main(["decrypt-result", str(tmp_path / "res.enc"), "--key", str(do), "--json", "--request",
+                 str(tmp_path / "req.enc")]) == 0  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    header = json.loads((tmp_path / "m.btee" / "header.json").read_text())["header"]
+    assert (doc["bundle_id"], doc["model_version"], doc["model_key_id"]) == (header["bundle_id"], 1, header["key_id"])
+    recs = doc["records"]
     assert [r["index"] for r in recs] == [0, 1, 2, 3]
     assert all({"index", "label", "class_name", "confidence", "exit"} == set(r) for r in recs)
     # The reference: the same preprocessing by hand, through the plain model.
@@ -151,9 +155,11 @@ def test_two_data_owners_in_one_run(tmp_path, capsys):
                "--quiet"])  # fmt: skip
     assert rc == 0
     assert len(results(tmp_path, "a.enc")) == 40
-    assert len(open_result((tmp_path / "b.enc").read_bytes(), read_key_file(do2), "b", "r2")[1]) == 5
+    assert len(open_result((tmp_path / "b.enc").read_bytes(), read_key_file(do2), "b",
+                           request_digest((tmp_path / "req2.enc").read_bytes()))[1]) == 5  # fmt: skip
     capsys.readouterr()
-    assert main(["decrypt-result", str(tmp_path / "b.enc"), "--key", str(tmp_path / "do.key")]) == 1
+    assert main(["decrypt-result", str(tmp_path / "b.enc"), "--key", str(tmp_path / "do.key"), "--request",
+                 str(tmp_path / "req2.enc")]) == 1  # fmt: skip
     assert "no key for" in capsys.readouterr().err
 
 
@@ -246,7 +252,8 @@ def test_flipped_request_and_result(sealed, capsys):
     assert predict(sealed) == 0
     _flip(sealed / "res.enc", 200)
     capsys.readouterr()
-    assert main(["decrypt-result", str(sealed / "res.enc"), "--key", str(sealed / "do.key"), "--out", str(sealed / "r.json")]) == 1
+    assert main(["decrypt-result", str(sealed / "res.enc"), "--key", str(sealed / "do.key"), "--request",
+                 str(sealed / "req.enc"), "--out", str(sealed / "r.json")]) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert "failed authentication" in err and len(err.strip().splitlines()) == 1
     assert not (sealed / "r.json").exists()

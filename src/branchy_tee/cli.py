@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any, Callable
 
 from .choices import CRITERIA
-from .errors import BranchyError, UsageError
+from .errors import BranchyError, UsageError, shown
 from .parsing import ArgumentParser
 
 PROG = "branchy-tee"
@@ -311,8 +312,11 @@ def cmd_calibrate(args) -> int:
 
 # --------------------------------------------------------------------------- keys, sealing, inputs, predict, results
 def add_keygen(sub) -> None:
-    p = sub.add_parser("keygen", help="create a random 256-bit key (file mode 0600)")
-    p.add_argument("--out", required=True, metavar="FILE")
+    p = sub.add_parser("keygen", help="create a random 256-bit key, or with --identity a party's Ed25519 identity (mode 0600)")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to create (never overwritten)")
+    p.add_argument("--identity", action="store_true",
+                   help="an Ed25519 identity (PEM) for a key broker, the model owner or a data owner; prints "
+                        "`identity: <64 hex>`, the public part others pin")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keygen)
 
@@ -321,6 +325,16 @@ def cmd_keygen(args) -> int:
     from .fileio import write_key_file
     from .seal.keys import generate_key, key_id
 
+    if args.identity:
+        from .attest.identity import create_identity, identity_hex
+
+        public = identity_hex(create_identity(args.out))
+        if args.json:
+            emit_json({"identity_file": args.out, "identity": public})
+        else:
+            print(f"wrote {args.out} (Ed25519 identity, mode 0600)")
+            print(f"identity: {public}")
+        return 0
     key = generate_key()
     write_key_file(args.out, key)
     if args.json:
@@ -375,17 +389,20 @@ def cmd_encrypt_input(args) -> int:
     from .data.preprocess import load_inputs
     from .fileio import atomic_write_bytes, read_key_file
     from .seal.bundle import read_header_unverified
-    from .seal.envelope import new_request_id, seal_request
+    from .seal.envelope import check_request_id, new_request_id, request_digest, seal_request
 
+    request_id = check_request_id(args.request_id) if args.request_id is not None else new_request_id()
     key = read_key_file(args.key)
     header = read_header_unverified(args.bundle)["header"]
     x = load_inputs(args.inputs, header["preprocessing"])
-    request_id = args.request_id or new_request_id()
-    atomic_write_bytes(args.out, seal_request(x, key, request_id), mode=0o644)
+    sealed = seal_request(x, key, request_id)
+    atomic_write_bytes(args.out, sealed, mode=0o644)
+    digest = request_digest(sealed)
     if args.json:
-        emit_json({"request": args.out, "request_id": request_id, "samples": len(x)})
+        emit_json({"request": args.out, "request_id": request_id, "samples": len(x), "request_sha256": digest})
     else:
         print(f"wrote {args.out}: {len(x)} samples, request id {request_id}")
+        print(f"request digest (SHA-256; its result binds it): {digest}")
     return 0
 
 
@@ -408,27 +425,45 @@ def cmd_predict(args) -> int:
 
 
 def add_decrypt_result(sub) -> None:
-    p = sub.add_parser("decrypt-result", help="(data owner) decrypt and verify a result")
+    p = sub.add_parser("decrypt-result", help="(data owner) verify and decrypt the result of one of your requests",
+                       description="Open a result only as the answer to the request it answers: give that request "
+                                   "file (--request) or its digest (--request-digest, printed by encrypt-input). A "
+                                   "result for any other request, e.g. an old one replayed for a reused request id, is "
+                                   "refused. Prints which sealed model answered.")  # fmt: skip
     p.add_argument("result", metavar="RESULT")
     p.add_argument("--key", required=True, metavar="DATA_KEY")
-    p.add_argument("--request-id", help="fail unless the result answers this request")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--request", metavar="REQUEST", help="the request file this result answers")
+    which.add_argument("--request-digest", metavar="HEX", help="that request's SHA-256 (encrypt-input prints it)")
     p.add_argument("--out", metavar="FILE", help="also write the records as JSON to FILE")
-    p.add_argument("--json", action="store_true", help="print a JSON list of {index, label, class_name, confidence, exit}")
+    p.add_argument("--json", action="store_true",
+                   help="print {request_id, request_sha256, bundle_id, model_version, model_key_id, records: "
+                        "[{index, label, class_name, confidence, exit}]}")
     p.set_defaults(func=cmd_decrypt_result)
 
 
 def cmd_decrypt_result(args) -> int:
     from .fileio import atomic_write_text, read_key_file
-    from .seal.envelope import open_result, read_file
+    from .seal.envelope import MODEL_FIELDS, open_result, read_file, request_digest
 
+    if args.request is not None:
+        digest = request_digest(read_file(args.request, "request"))
+    else:
+        digest = args.request_digest.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise UsageError("--request-digest is a SHA-256: 64 hex characters")
     key = read_key_file(args.key)
-    header, records = open_result(read_file(args.result), key, args.result, args.request_id)
+    header, records = open_result(read_file(args.result, "result"), key, args.result, digest)
+    model = {k: header[k] for k in MODEL_FIELDS}
     if args.out:
         atomic_write_text(args.out, json.dumps(records, indent=1) + "\n", mode=0o600)
     if args.json:
-        emit_json(records)
+        emit_json({"request_id": header["request_id"], "request_sha256": header["request_sha256"], **model,
+                   "records": records})
         return 0
     print(f"result for request {header['request_id']}: {len(records)} samples")
+    print(f"answered by bundle {shown(model['bundle_id'], 40)}, model version {shown(model['model_version'])}, "
+          f"model key id {shown(model['model_key_id'], 20)}")
     for r in records:
         print(f"{r['index']:>6}  {r['class_name']:<16} confidence {r['confidence']:.3f}  exit {r['exit']}")
     return 0
@@ -441,6 +476,8 @@ def add_key_broker(sub) -> None:
                                    "policy allows it) and get the keys the policy releases, HPKE-sealed to them. "
                                    "Stops on SIGINT/SIGTERM.")
     p.add_argument("--keys", required=True, metavar="KEYSTORE", help="directory of *.key files (mode 0600), or one key file")
+    p.add_argument("--identity", required=True, metavar="FILE",
+                   help="the broker's Ed25519 identity (`keygen --identity`); it signs every key release")
     p.add_argument("--policy", required=True, metavar="POLICY.toml", help="key-release policy (TOML)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any free port)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
@@ -454,8 +491,8 @@ def add_key_broker(sub) -> None:
 def cmd_key_broker(args) -> int:
     from .attest.broker import serve
 
-    return serve(args.keys, args.policy, args.listen, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                 audit_log=args.audit_log, nonce_ttl=args.nonce_ttl, quiet=args.quiet)
+    return serve(args.keys, args.policy, args.listen, identity=args.identity, tls_cert=args.tls_cert,
+                 tls_key=args.tls_key, audit_log=args.audit_log, nonce_ttl=args.nonce_ttl, quiet=args.quiet)
 
 
 # --------------------------------------------------------------------------- demo
@@ -513,14 +550,18 @@ def add_enclave(sub) -> None:
         "build", help="render the Gramine manifest for a bundle, write a Makefile, sign with --sgx",
         description="Write DIR/: the Gramine manifest (rendered with gramine-manifest when installed, else by "
                     "branchy-tee for inspection), the enclave's entry script, a Makefile (`make SGX=1` builds and "
-                    "signs, `make` builds for gramine-direct) and enclave.json. With --sgx also sign with "
-                    "gramine-sgx-sign, print MRENCLAVE and write DIR/policy.toml for the key brokers.")  # fmt: skip
+                    "signs, `make` builds for gramine-direct) and enclave.json. The model broker's URL and identity "
+                    "and the bundle (id, model key id, minimum version) are measured. With --sgx also sign with "
+                    "gramine-sgx-sign and print MRENCLAVE. Owners do not pin what the host prints: the model owner "
+                    "reproduces the build and signs a release statement (`enclave release`).")  # fmt: skip
     b.add_argument("--bundle", required=True, help="the sealed bundle the enclave serves (its size sets sgx.enclave_size)")
     b.add_argument("--out", required=True, metavar="DIR", help="build directory")
     b.add_argument("--sgx", action="store_true", help="sign for SGX (needs Gramine and a signing key)")
     b.add_argument("--debug", action="store_true", help="debug enclave (sgx.debug = true; never for production)")
     b.add_argument("--edmm", action="store_true", help="sgx.edmm_enable = true (SGX2 CPUs, Linux >= 6.0)")
     b.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (measured)")
+    b.add_argument("--model-broker-identity", metavar="HEX",
+                   help="its identity (measured; required with --model-broker): only releases it signed are accepted")
     b.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable; measured)")
     b.add_argument("--attest", choices=["gramine", "simulated"], default="gramine", help="evidence provider (default gramine: DCAP)")
     b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
@@ -554,16 +595,32 @@ def add_enclave(sub) -> None:
     r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- predict ARGS", help="predict's arguments")
     r.set_defaults(func=cmd_enclave_run)
 
-    pol = esub.add_parser("policy", help="write DIR/policy.toml from the signed enclave (after `make SGX=1`)")
-    pol.add_argument("dir", metavar="DIR")
+    rel = esub.add_parser(
+        "release", help="(model owner) sign a release statement for the enclave you built (reproduced) in DIR",
+        description="Sign, with the model owner's identity, what the enclave built in DIR is: its measurement "
+                    "(MRENCLAVE, MRSIGNER; the simulated measurement for --attest simulated) and what it pins (bundle "
+                    "id, model version, model key id, minimum version, model broker and its identity). Build it "
+                    "yourself from the same commit and bundle first: never sign a measurement the host printed.")  # fmt: skip
+    rel.add_argument("dir", metavar="DIR")
+    rel.add_argument("--identity", required=True, metavar="FILE", help="the model owner's identity (`keygen --identity`)")
+    rel.add_argument("--out", required=True, metavar="release.json")
+    rel.add_argument("--json", action="store_true")
+    rel.set_defaults(func=cmd_enclave_release)
+
+    pol = esub.add_parser(
+        "policy", help="(owners) verify a model owner's release statement and write a key-broker policy from it",
+        description="Verify release.json under the model owner's identity and write a key-broker policy that "
+                    "releases keys only to the enclave it names (MRENCLAVE pinned, no debug, minimum model version).")  # fmt: skip
+    pol.add_argument("--release", required=True, metavar="release.json")
+    pol.add_argument("--model-owner", required=True, metavar="HEX", help="the model owner's identity, known out of band")
+    pol.add_argument("--out", required=True, metavar="POLICY.toml")
+    pol.add_argument("--accept-tcb", action="append", default=None, metavar="STATUS",
+                     help="TCB status to accept (repeatable; default UpToDate)")
+    pol.add_argument("--collateral", metavar="FILE", help="collateral file for DCAP quotes (dcap-qvl layout)")
+    pol.add_argument("--allowed-data-owner", action="append", default=None, metavar="HEX",
+                     help="(model owner's own policy) a data owner's identity that may use the model (repeatable)")
     pol.add_argument("--json", action="store_true")
     pol.set_defaults(func=cmd_enclave_policy)
-
-
-def _print_measurements(m: dict) -> None:
-    print(f"MRENCLAVE {m['mrenclave']}")
-    print(f"MRSIGNER  {m['mrsigner']}")
-    print(f"wrote {m['policy']} (policy snippet for the key brokers)")
 
 
 def cmd_enclave_build(args) -> int:
@@ -571,7 +628,8 @@ def cmd_enclave_build(args) -> int:
 
     opts = BuildOptions(
         bundle=args.bundle, out=args.out, sgx=args.sgx, debug=args.debug, edmm=args.edmm,
-        model_broker=args.model_broker, data_brokers=args.data_broker, attest=args.attest, threads=args.threads,
+        model_broker=args.model_broker, model_broker_identity=args.model_broker_identity,
+        data_brokers=args.data_broker, attest=args.attest, threads=args.threads,
         allow_plaintext_result=args.allow_plaintext_result, min_model_version=args.min_model_version,
         signing_key=args.signing_key, io_dirs=args.io_dir, stats_dirs=args.stats_dir, broker_ca=args.broker_ca,
         isv_prod_id=args.isv_prod_id, isv_svn=args.isv_svn, batch_size=args.batch_size, max_samples=args.max_samples,
@@ -589,12 +647,18 @@ def cmd_enclave_build(args) -> int:
           + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + " MiB")
     print(f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, EDMM {'yes' if s['edmm'] else 'no'}")
     print(f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, `make` builds for gramine-direct")
+    print(f"  measured: bundle {s['bundle_id']} (model key id {s['model_key_id']}, minimum model version "
+          f"{s['min_model_version']}); model broker {s['model_broker'] or 'none'}"
+          + (f" (identity {s['model_broker_identity']})" if s["model_broker_identity"] else ""))
     if s["signed"]:
         print(f"signed: {s['sgx_manifest']}, {s['sigstruct']}")
-        _print_measurements(s)
+        print(f"MRENCLAVE {s['mrenclave']}")
+        print(f"MRSIGNER  {s['mrsigner']}")
     else:
         print(f"NOT SIGNED: nothing was signed ({'no --sgx' if not args.sgx else 'Gramine missing'}); on an SGX machine "
-              f"with Gramine run `make SGX=1` in {s['dir']}, then `branchy-tee enclave policy {s['dir']}`")
+              f"with Gramine run `make SGX=1` in {s['dir']}")
+    print(f"the model owner reproduces this build and signs it: `branchy-tee enclave release {s['dir']} --identity "
+          "mo.id --out release.json`")
     return 0
 
 
@@ -609,14 +673,33 @@ def cmd_enclave_run(args) -> int:
     return run_enclave(args.dir, args.backend, predict_args)
 
 
-def cmd_enclave_policy(args) -> int:
-    from .enclave.build import write_policy
+def cmd_enclave_release(args) -> int:
+    from .attest.identity import load_identity
+    from .enclave.release import write_release
 
-    m = write_policy(args.dir)
+    statement = write_release(args.dir, load_identity(args.identity), args.out)
     if args.json:
-        emit_json(m)
-    else:
-        _print_measurements(m)
+        emit_json(statement)
+        return 0
+    print(f"wrote {args.out}: release statement signed by {statement['model_owner']}")
+    print(f"  MRENCLAVE {statement['mrenclave']} ({statement['attest']})")
+    print(f"  bundle {statement['bundle_id']} (model version {statement['model_version']}), model broker identity "
+          f"{statement['model_broker_identity']}")
+    return 0
+
+
+def cmd_enclave_policy(args) -> int:
+    from .enclave.release import write_policy_from_release
+
+    statement = write_policy_from_release(args.release, args.model_owner, args.out,
+                                          accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
+                                          collateral=args.collateral, allowed_data_owners=args.allowed_data_owner)  # fmt: skip
+    if args.json:
+        emit_json({"policy": args.out, "release": statement})
+        return 0
+    print(f"release statement verified (signed by the model owner {args.model_owner})")
+    print(f"wrote {args.out}: releases keys only to MRENCLAVE {statement['mrenclave']} "
+          f"(bundle {statement['bundle_id']}, model version >= {statement['min_model_version']})")
     return 0
 
 

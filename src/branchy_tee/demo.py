@@ -2,14 +2,19 @@
 
 1. The model owner trains a multi-exit model on Fashion-MNIST with distillation, calibrates its exit
    thresholds (1 point accuracy budget), evaluates it and seals it.
-2. Three key brokers start on loopback: the model owner's and two data owners'. Attestation is
-   SIMULATED (there is no SGX here), and every party says so loudly.
+2. Every owner makes its Ed25519 identity; the host builds the enclave for the bundle, measuring the
+   model broker's address and identity and the bundle; the model owner (who would reproduce the build)
+   signs a release statement; each data owner writes its broker's policy from that statement, and the
+   model owner its own, allowing data owners A and B.
 3. Each data owner encrypts its half of the test images with its own key.
-4. The enclave runtime (native backend, a separate process) attests to each broker, receives the
-   keys, and answers both requests with batched early exit and on-demand stage loading.
-5. Each data owner decrypts its own results; neither can read the other's.
-6. For comparison the same runtime answers once more with the full model, and latency/throughput of
-   early exit vs the full forward are measured in process.
+4. Three key brokers start on loopback, each with its owner's identity. Attestation is SIMULATED
+   (there is no SGX here), and every party says so loudly.
+5. The enclave (``enclave run --backend native``: the runtime with the manifest's measured settings, in
+   a separate process) attests to each broker, accepts only releases signed by the identities it
+   trusts, and answers both requests with batched early exit and on-demand stage loading.
+6. Each data owner decrypts its own results, bound to its request and naming the model that answered;
+   neither can read the other's. For comparison the enclave answers once more with the full model,
+   and latency/throughput of early exit vs the full forward are measured in process.
 """
 
 from __future__ import annotations
@@ -38,11 +43,21 @@ def step(n: int, total: int, who: str, what: str) -> None:
 
 
 def _predict_cmd(d: Path, urls: dict, tag: str, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "branchy_tee.runtime.predict", "--bundle", str(d / "model.btee"),
-           "--attest", "simulated", "--model-broker", urls["mo"]]  # fmt: skip
+    """The host's command: the enclave built in d/enclave runs predict (natively: no SGX here)."""
+    cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", "native", str(d / "enclave"), "--",
+           "predict", "--bundle", str(d / "model.btee")]  # fmt: skip
     for who in ("do-a", "do-b"):
-        cmd += ["--input", str(d / who / "request.enc"), "--output", str(d / who / f"result{tag}.enc"), "--data-broker", urls[who]]
-    return cmd + ["--stats-json", str(d / "enclave" / f"stats{tag}.json"), *extra]
+        cmd += ["--input", str(d / "io" / f"{who}-request.enc"), "--output", str(d / "io" / f"{who}-result{tag}.enc"),
+                "--data-broker", urls[who]]  # fmt: skip
+    return cmd + ["--stats-json", str(d / "io" / f"stats{tag}.json"), *extra]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _run_enclave(cmd: list[str], env: dict, label: str) -> dict:
@@ -54,6 +69,28 @@ def _run_enclave(cmd: list[str], env: dict, label: str) -> dict:
     if proc.returncode != 0:
         raise BranchyError(f"the enclave runtime failed ({label}); see its log above")
     return json.loads(Path(cmd[cmd.index("--stats-json") + 1]).read_text())
+
+
+def _trust_setup(d: Path, identities: dict, mo_url: str, say) -> dict:
+    """Host: build the enclave; model owner: sign the release; owners: policies from it. Returns it."""
+    from .enclave.build import BuildOptions, build
+    from .enclave.release import write_policy_from_release, write_release
+
+    built = build(BuildOptions(bundle=str(d / "model.btee"), out=str(d / "enclave"), attest="simulated",
+                               model_broker=mo_url, model_broker_identity=identities["mo"][1],
+                               io_dirs=[str(d / "io")], threads=2))  # fmt: skip
+    say(f"    host: enclave built in enclave/ for bundle {built['bundle_id']}; measured: model broker {mo_url}, "
+        f"its identity {identities['mo'][1][:16]}..., minimum model version {built['min_model_version']}")
+    release = write_release(d / "enclave", identities["mo"][0], d / "mo" / "release.json")
+    say(f"    model owner: reproduces the build and signs mo/release.json (MRENCLAVE {release['mrenclave'][:16]}..., simulated)")
+    allowed = [identities["do-a"][1], identities["do-b"][1]]
+    write_policy_from_release(d / "mo" / "release.json", identities["mo"][1], d / "mo" / "policy.toml",
+                              allowed_data_owners=allowed)  # fmt: skip
+    for who in ("do-a", "do-b"):
+        write_policy_from_release(d / "mo" / "release.json", identities["mo"][1], d / who / "policy.toml")
+    say("    data owners A and B: verify the release under the model owner's identity and write their brokers' policies;\n"
+        "    the model owner's policy allows exactly A and B to use the model (allowed_data_owners)")
+    return release
 
 
 def _read_mprofile(path: str) -> tuple[list[float], list[float]]:
@@ -69,7 +106,7 @@ def _read_mprofile(path: str) -> tuple[list[float], list[float]]:
 def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir=None, epochs: int | None = None) -> dict:
     """Run the whole flow in ``out`` (which must not exist or be empty); return the summary."""
     from .attest.broker import start_broker
-    from .attest.providers import SimulatedProvider
+    from .attest.identity import create_identity, identity_hex
     from .bench import bench_early_exit
     from .data import fashion_mnist_available, load_dataset
     from .data.preprocess import tensor_to_inputs
@@ -79,7 +116,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
     from .fileio import atomic_write_bytes, atomic_write_text, write_key_file
     from .rundir import load_run
     from .seal.bundle import seal_model
-    from .seal.envelope import open_result, seal_request
+    from .seal.envelope import MODEL_FIELDS, open_result, request_digest, seal_request
     from .seal.keys import generate_key, key_id
     from .train.trainer import TrainConfig, fit
 
@@ -87,9 +124,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
     d = Path(out)
     if d.exists() and any(d.iterdir()):
         raise BranchyError(f"{d} already exists and is not empty; remove it or choose another --out")
-    for sub in ("mo", "do-a", "do-b", "enclave", "brokers"):
+    for sub in ("mo", "do-a", "do-b", "io", "brokers"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    total = 7
+    total = 8
     spec = dict(QUICK_MODEL if quick else DEMO_MODEL)
     if epochs:
         spec["epochs"] = epochs
@@ -120,8 +157,18 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
     header = seal_model(model, meta, mo_key, d / "model.btee", version=1)
     say(f"    {d / 'model.btee'}: {len(header['stages'])} stage files, model key id {key_id(mo_key)}")
 
+    # ------------------------------------------------------------------ whom the enclave trusts
+    step(4, total, "everyone", "identities, the enclave build, the model owner's signed release, the brokers' policies")
+    identities = {}
+    for who in ("mo", "do-a", "do-b"):
+        key = create_identity(d / who / "identity.pem")
+        identities[who] = (key, identity_hex(key))
+        say(f"    {who}: identity {identities[who][1]} ({who}/identity.pem)")
+    mo_url = f"http://127.0.0.1:{_free_port()}"
+    release = _trust_setup(d, identities, mo_url, say)
+
     # ------------------------------------------------------------------ data owners
-    step(4, total, "data owners A and B", "each encrypts its half of the test images with its own key")
+    step(5, total, "data owners A and B", "each encrypts its half of the test images with its own key")
     test = load_dataset(dataset, "test", data_dir, synthetic=synthetic or None)
     n = 64 if quick else len(test)
     halves = {"do-a": slice(0, n // 2), "do-b": slice(n // 2, n)}
@@ -131,30 +178,30 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
         write_key_file(d / who / "data.key", keys[who])
         x = tensor_to_inputs(test.images[sl], meta["preprocessing"], f"{who} images")
         truth[who] = test.labels[sl]
-        atomic_write_bytes(d / who / "request.enc", seal_request(x, keys[who], request_id=f"{who}-request-1"))
-        say(f"    data owner {who[-1].upper()}: {len(x)} images -> {who}/request.enc (key id {key_id(keys[who])})")
+        atomic_write_bytes(d / "io" / f"{who}-request.enc", seal_request(x, keys[who], request_id=f"{who}-request-1"))
+        say(f"    data owner {who[-1].upper()}: {len(x)} images -> io/{who}-request.enc (key id {key_id(keys[who])})")
 
     # ------------------------------------------------------------------ brokers and the enclave
-    step(5, total, "key brokers", "the model owner and each data owner start a key broker on loopback")
-    config_home = (d / "enclave" / "config").resolve()
-    env = dict(os.environ, XDG_CONFIG_HOME=str(config_home), OMP_NUM_THREADS=str(torch.get_num_threads()))
-    ident = SimulatedProvider(key_dir=config_home / "branchy-tee" / "dev-attestation-key").identity()
+    step(6, total, "key brokers", "the model owner and each data owner start a key broker on loopback, with their identities")
+    # The simulated provider's dev key lives under XDG_CONFIG_HOME: keep the demo's in the demo directory.
+    env = dict(os.environ, XDG_CONFIG_HOME=str((d / "config").resolve()), OMP_NUM_THREADS=str(torch.get_num_threads()))
     say("    ATTESTATION IS SIMULATED here (no SGX on this machine): evidence is signed by a local development key and\n"
         "    the brokers accept it only because their policies say allow_simulation = true. Never do this in production.")
-    policy = {"allowed_mrenclave": [ident["mrenclave"]], "allowed_mrsigner": [ident["mrsigner"]], "allow_simulation": True,
-              "simulation_public_keys": [ident["public_key"]], "min_model_version": 1}
     handles = []
     try:
         urls = {}
         for who, k in (("mo", mo_key), ("do-a", keys["do-a"]), ("do-b", keys["do-b"])):
-            handles.append(start_broker({key_id(k): k}, policy, audit_log=d / "brokers" / f"{who}-audit.jsonl"))
+            port = int(mo_url.rsplit(":", 1)[1]) if who == "mo" else 0  # the model broker at its measured address
+            handles.append(start_broker({key_id(k): k}, d / who / "policy.toml", port=port, identity=identities[who][0],
+                                        audit_log=d / "brokers" / f"{who}-audit.jsonl"))  # fmt: skip
             urls[who] = handles[-1].url
             say(f"    {who} broker at {urls[who]} (audit log brokers/{who}-audit.jsonl)")
-        step(6, total, "enclave (native backend)", "attest to the three brokers, get the keys, answer both requests "
-                                                   "with batched early exit, loading later stages only when needed")
-        stats = _run_enclave(_predict_cmd(d, urls, "", ["--mprofile", str(d / "enclave")]), env, "early exit")
+        step(7, total, "enclave (native backend)", "attest to the three brokers, accept only releases signed by the "
+                                                   "identities it trusts, answer both requests with batched early exit, "
+                                                   "loading later stages only when needed")  # fmt: skip
+        stats = _run_enclave(_predict_cmd(d, urls, "", ["--mprofile", str(d / "io")]), env, "early exit")
         say("    ... and once more with the full model, for comparison")
-        full = _run_enclave(_predict_cmd(d, urls, "-full", ["--full-model", "--quiet", "--mprofile", str(d / "enclave" / "full")]),
+        full = _run_enclave(_predict_cmd(d, urls, "-full", ["--full-model", "--quiet", "--mprofile", str(d / "io" / "full")]),
                             env, "full model")  # fmt: skip
     finally:
         for h in handles:
@@ -162,10 +209,14 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
         say("    key brokers stopped")
 
     # ------------------------------------------------------------------ data owners read their results
-    step(7, total, "data owners A and B", "each decrypts its own results")
+    step(8, total, "data owners A and B", "each decrypts its own results, bound to its request, and sees which model answered")
     per_owner = {}
     for who in halves:
-        _, records = open_result((d / who / "result.enc").read_bytes(), keys[who], f"{who}/result.enc", f"{who}-request-1")
+        mine = request_digest((d / "io" / f"{who}-request.enc").read_bytes())
+        header, records = open_result((d / "io" / f"{who}-result.enc").read_bytes(), keys[who], f"{who}-result.enc", mine)
+        answered_by = {k: header[k] for k in MODEL_FIELDS}
+        if answered_by["bundle_id"] != release["bundle_id"]:
+            raise BranchyError(f"{who}: the result names bundle {answered_by['bundle_id']}, not the released one")
         labels = torch.tensor([r["label"] for r in records])
         acc = float((labels == truth[who]).float().mean())
         lines = ["index\tlabel\tclass_name\tconfidence\texit"]
@@ -173,14 +224,15 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
         atomic_write_text(d / who / "result.txt", "\n".join(lines) + "\n", mode=0o600)
         other = "do-b" if who == "do-a" else "do-a"
         try:
-            open_result((d / other / "result.enc").read_bytes(), keys[who], f"{other}/result.enc")
+            open_result((d / "io" / f"{other}-result.enc").read_bytes(), keys[who], f"{other}-result.enc", mine)
             isolated = False
         except IntegrityError:
             isolated = True
         per_owner[who] = {"samples": len(records), "accuracy": acc, "result_txt": str(d / who / "result.txt"),
-                          "cannot_read_other_owner": isolated, "records": records}  # fmt: skip
-        say(f"    data owner {who[-1].upper()}: {len(records)} answers, accuracy {100 * acc:.2f}% -> {who}/result.txt; "
-            f"opening {other}'s result with its key: {'refused, as it must be' if isolated else 'SUCCEEDED (bug!)'}")
+                          "cannot_read_other_owner": isolated, "answered_by": answered_by, "records": records}  # fmt: skip
+        say(f"    data owner {who[-1].upper()}: {len(records)} answers from bundle {answered_by['bundle_id'][:12]}... "
+            f"v{answered_by['model_version']}, accuracy {100 * acc:.2f}% -> {who}/result.txt; opening {other}'s result "
+            f"with its key: {'refused, as it must be' if isolated else 'SUCCEEDED (bug!)'}")
 
     say("\n    measuring batch-1 latency and batch-128 throughput, early exit vs the full model ...")
     timing = bench_early_exit(run_dir, quick=quick, samples=200 if quick else 2000, data_dir=data_dir)
@@ -192,7 +244,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
         "final_accuracy": report["final_accuracy"], "calibrated": report["calibrated"], "oracle": report["oracle"],
         "enclave": {"early_exit": stats, "full_model": full}, "timing": timing, "data_owners": per_owner,
         "files": {"result_txt": [per_owner[w]["result_txt"] for w in halves], "mprofile": [stats["mprofile"], full["mprofile"]],
-                  "accuracy_plot": str(plot_acc), "memory_plot": str(mem_plot), "bundle": str(d / "model.btee")},
+                  "accuracy_plot": str(plot_acc), "memory_plot": str(mem_plot), "bundle": str(d / "model.btee"),
+                  "release": str(d / "mo" / "release.json")},
+        "release": {k: release[k] for k in ("mrenclave", "bundle_id", "model_version", "model_owner", "model_broker_identity")},
         "seconds": round(time.time() - t_start, 1),
     }  # fmt: skip
     atomic_write_text(d / "summary.json", json.dumps(summary, indent=1) + "\n")

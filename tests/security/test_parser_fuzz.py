@@ -26,7 +26,7 @@ from branchy_tee.attest.verify import verify_quote
 from branchy_tee.errors import AttestationError, BranchyError, IntegrityError
 from branchy_tee.seal import bundle as bundle_mod
 from branchy_tee.seal.bundle import HEADER_FILE, open_bundle, read_header_unverified, tensors_from_safetensors
-from branchy_tee.seal.envelope import (REQUEST_MAGIC, RESULT_MAGIC, open_request, open_result, read_envelope_header,
+from branchy_tee.seal.envelope import (REQUEST_MAGIC, RESULT_FORMAT, RESULT_MAGIC, open_request, open_result, read_envelope_header,
                                        seal_envelope)
 from branchy_tee.seal.keys import generate_key, key_id
 from runs import mutate_bytes
@@ -209,9 +209,18 @@ def test_envelope_crafted_headers(world, header, tail, length):
         except BranchyError as e:
             assert "\n" not in str(e)
         try:
-            open_result(blob, world.key("do1"), "res")
+            open_result(blob, world.key("do1"), "res", DIGEST)
         except BranchyError as e:
             assert "\n" not in str(e)
+
+
+DIGEST = "ab" * 32  # the request a crafted result claims to answer
+
+
+def result_header(rid, samples) -> dict:
+    """A result header with every member a result has (so that parsing reaches the payload)."""
+    return {"format": RESULT_FORMAT, "request_id": rid, "request_sha256": DIGEST, "bundle_id": "cd" * 16,
+            "model_version": 1, "model_key_id": "ef" * 8, "samples": samples}
 
 
 tensor_dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])
@@ -232,9 +241,9 @@ def test_authentic_requests_and_results_with_odd_payloads(world, payload, sample
         open_request(req, {key_id(key): key}, [1, 28, 28], "req")
     except BranchyError as e:
         assert "\n" not in str(e)
-    res = seal_envelope(RESULT_MAGIC, {"request_id": rid, "samples": samples}, payload, key)
+    res = seal_envelope(RESULT_MAGIC, result_header(rid, samples), payload, key)
     try:
-        open_result(res, key, "res", rid)
+        open_result(res, key, "res", DIGEST)
     except BranchyError as e:
         assert "\n" not in str(e)
 
@@ -242,9 +251,9 @@ def test_authentic_requests_and_results_with_odd_payloads(world, payload, sample
 def test_result_payload_regressions(world):
     key = world.key("do1")
     for payload in (b"[" * 100_000, b"1" * 5000):  # RecursionError, ValueError (integer digit limit) before the fix
-        res = seal_envelope(RESULT_MAGIC, {"request_id": "r", "samples": 1}, payload, key)
+        res = seal_envelope(RESULT_MAGIC, result_header("r", 1), payload, key)
         with pytest.raises(IntegrityError, match="malformed result payload"):
-            open_result(res, key, "res")
+            open_result(res, key, "res", DIGEST)
     for header in (b"[" * 60_000, b"1" * 5000):
         blob = REQUEST_MAGIC + struct.pack(">I", len(header)) + header + bytes(40)
         with pytest.raises(IntegrityError, match="header is not valid JSON"):

@@ -35,6 +35,12 @@ class World:
     records: dict[str, list[dict]]  # the decrypted records of those results
     inputs: dict[str, "object"] = field(default_factory=dict)  # plaintext input tensors
 
+    def digest(self, owner: str) -> str:
+        """SHA-256 of the owner's request file: what its result binds."""
+        from branchy_tee.seal.envelope import request_digest
+
+        return request_digest(self.requests[owner].read_bytes())
+
     def key(self, name: str) -> bytes:
         from branchy_tee.fileio import read_key_file
 
@@ -91,5 +97,5 @@ def build_world(d: str | Path, samples: dict[str, int] | None = None, chunk: int
     assert rc == 0, err
     for o in samples:
         w.results[o] = ref / f"{o}.res"
-        w.records[o] = open_result(w.results[o].read_bytes(), keys[o], o, w.request_ids[o])[1]
+        w.records[o] = open_result(w.results[o].read_bytes(), keys[o], o, w.digest(o))[1]
     return w

@@ -2,18 +2,22 @@
 
 HTTP API (JSON; every error is ``{"error": "<one line>", "code": "<machine code>"}``)::
 
-    GET  /v1/health  -> {"status": "ok", "protocol": "branchy-tee/v1", "keys": n}
-    GET  /v1/nonce   -> {"protocol", "nonce": hex, "expires_in": s, "key_ids": [ids this policy releases]}
-    POST /v1/keys    {"evidence_type", "evidence": b64, "public_key": hex, "nonce": hex, "key_ids": [...],
-                      "collateral": {...} (optional; the policy's own collateral file wins)}
-                     -> {"protocol", "suite", "keys": {kid: b64(HPKE enc || ct)}, "min_model_version": n}
+    GET  /v1/health   -> {"status": "ok", "protocol": "branchy-tee/v1", "keys": n}
+    GET  /v1/identity -> {"protocol", "identity": hex (the broker's Ed25519 public key)}
+    GET  /v1/nonce    -> {"protocol", "identity", "nonce": hex, "expires_in": s, "key_ids": [ids released]}
+    POST /v1/keys     {"evidence_type", "evidence": b64, "public_key": hex, "nonce": hex, "key_ids": [...],
+                       "collateral": {...} (optional; used only if the policy accepts client collateral)}
+                      -> {"protocol", "suite", "identity", "keys": {kid: b64(HPKE enc || ct)},
+                          "min_model_version": n, "allowed_data_owners": [hex] | null, "signature": hex}
 
 A key request is checked in this order: well-formed (400, 413 over 64 KiB), key ids known (404) and
 released by the policy (403), nonce issued by this broker instance, unexpired and unused (403; it is
 marked used here, before anything else can answer), evidence verifies (403: DCAP quote chain and
 signatures with ``verify_quote``, or the simulated document's signature), the policy accepts the
 claims (403), REPORTDATA = SHA-256("branchy-tee/v1" || public key || nonce) || 0^32 (403). Then
-every key is HPKE-sealed to the enclave's public key (see ``protocol``). Every decision is one JSON
+every key is HPKE-sealed to the enclave's public key and the whole release (nonce, public key,
+sealed keys, minimum model version, the policy's ``allowed_data_owners``) is signed with the
+broker's identity (see ``protocol``). Every decision is one JSON
 line in the audit log (flushed and fsynced before the answer leaves; never a key); if the audit
 line cannot be written the keys are not released.
 
@@ -44,9 +48,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from ..errors import AttestationError, BranchyError, PolicyError, UsageError
+from ..errors import AttestationError, BranchyError, PolicyError, UsageError, shown
 from ..fileio import read_key_file
 from ..seal.keys import key_id
 from .policy import Claims, Policy, load_policy, parse_policy
@@ -60,16 +65,21 @@ from .protocol import (
     NONCE_BYTES,
     PROTOCOL,
     PUBLIC_KEY_BYTES,
+    RELEASE_PURPOSE,
     SUITE,
     SUITE_NAME,
+    KeyRelease,
     key_info,
     pack_key,
+    release_document,
+    release_message,
     report_data,
 )
+from . import identity as ident
 from .providers import simulated_warning, verify_simulated
 
-__all__ = ["Broker", "BrokerHandle", "NonceBook", "Refusal", "load_keystore", "make_app", "serve", "start_broker",
-           "verify_evidence"]
+__all__ = ["Broker", "BrokerHandle", "NonceBook", "Refusal", "load_keystore", "make_app", "serve", "serve_in_background",
+           "start_broker", "verify_evidence"]
 
 # verify_quote uses warnings.catch_warnings (process-global): one verification at a time.
 _VERIFY_LOCK = threading.Lock()
@@ -179,22 +189,52 @@ def verify_evidence(policy: Policy, evidence_type: str, evidence: bytes, *, coll
                     now: datetime | None = None) -> Claims:
     """Verify evidence (not yet its binding or the policy) and return its claims; AttestationError otherwise.
 
-    DCAP quotes are verified with the policy's collateral file when it has one, else with the
-    collateral sent along (it is Intel-signed and checked against the pinned root either way);
-    ``stale_collateral = "warn"`` turns expired collateral into warnings.
+    DCAP quotes are verified with the policy's own collateral file. Collateral sent by the client is
+    Intel-signed, but the host chooses which: it could send an old one from before a TCB recovery.
+    So it is ignored unless the policy says ``accept_client_collateral = true`` (which requires
+    ``min_tcb_evaluation_data_number``, checked by the policy). ``stale_collateral = "warn"`` turns
+    expired collateral into warnings.
     """
     if evidence_type == EVIDENCE_DCAP:
         from .verify import verify_quote
 
         chosen = policy.collateral()
-        if chosen is None:
+        if chosen is None and policy.accept_client_collateral:
             chosen = collateral
         with _VERIFY_LOCK:
             vq = verify_quote(evidence, collateral=chosen, now=now, strict_time=policy.strict_time)
-        return Claims.from_quote(vq)
+        number = tcb_evaluation_data_number(chosen) if vq.tcb_status is not None else None
+        return Claims.from_quote(vq, number)
     if evidence_type == EVIDENCE_SIMULATED:
         return Claims.from_simulated(verify_simulated(evidence))
     raise AttestationError(f"unknown evidence type {evidence_type!r}")
+
+
+def tcb_evaluation_data_number(collateral: Mapping | None) -> int | None:
+    """The lower of the TCB info's and QE identity's ``tcbEvaluationDataNumber`` in collateral that
+    verified (dcap-qvl layout; both are signed by Intel's TCB signing key)."""
+    if collateral is None:
+        return None
+    numbers = []
+    for member, inner in (("tcb_info", "tcbInfo"), ("qe_identity", "enclaveIdentity")):
+        try:
+            doc = json.loads(collateral[member])
+            doc = doc.get(inner, doc)
+            number = doc["tcbEvaluationDataNumber"]
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+            return None
+        if type(number) is not int:
+            return None
+        numbers.append(number)
+    return min(numbers)
+
+
+def _as_identity(identity) -> Ed25519PrivateKey:
+    if identity is None:  # tests and the demo: a fresh identity per broker (``.identity_hex`` tells it)
+        return Ed25519PrivateKey.generate()
+    if isinstance(identity, Ed25519PrivateKey):
+        return identity
+    return ident.load_identity(identity)
 
 
 # --------------------------------------------------------------------------- the broker
@@ -221,8 +261,11 @@ def _hex(value: Any, what: str, size: int) -> bytes:
 class Broker:
     """The key broker's logic, independent of HTTP: nonces, evidence, policy, sealing, audit."""
 
-    def __init__(self, keys, policy, *, audit_log: str | os.PathLike | None = None, nonce_ttl: float = 60.0,
-                 clock: Callable[[], float] | None = None, log: Callable[[str], None] | None = None):
+    def __init__(self, keys, policy, *, identity=None, audit_log: str | os.PathLike | None = None,
+                 nonce_ttl: float = 60.0, clock: Callable[[], float] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.identity = _as_identity(identity)
+        self.identity_bytes = ident.public_bytes(self.identity)
         self.keys = _as_keys(keys)
         if not self.keys:
             raise BranchyError("the keystore holds no keys")
@@ -260,9 +303,16 @@ class Broker:
     def health(self) -> dict:
         return {"status": "ok", "protocol": PROTOCOL, "keys": len(self.released_ids)}
 
+    @property
+    def identity_hex(self) -> str:
+        return self.identity_bytes.hex()
+
+    def identity_document(self) -> dict:
+        return {"protocol": PROTOCOL, "identity": self.identity_hex}
+
     def nonce(self) -> dict:
-        return {"protocol": PROTOCOL, "nonce": self.nonces.issue().hex(), "expires_in": self.nonces.ttl,
-                "key_ids": self.released_ids}
+        return {"protocol": PROTOCOL, "identity": self.identity_hex, "nonce": self.nonces.issue().hex(),
+                "expires_in": self.nonces.ttl, "key_ids": self.released_ids}
 
     def request_keys(self, body: bytes, remote: str | None) -> dict:
         """Handle one POST /v1/keys body: the response dict, or Refusal. Always audited."""
@@ -296,7 +346,7 @@ class Broker:
         if not isinstance(req, dict):
             raise Refusal(400, "bad_request", "request body must be a JSON object")
         if req.get("protocol", PROTOCOL) != PROTOCOL:
-            raise Refusal(400, "bad_request", f"unsupported protocol {str(req.get('protocol'))[:40]!r}; this broker speaks {PROTOCOL}")
+            raise Refusal(400, "bad_request", f"unsupported protocol {shown(req.get('protocol'), 40)}; this broker speaks {PROTOCOL}")
         etype = req.get("evidence_type")
         if etype not in EVIDENCE_TYPES:
             raise Refusal(400, "bad_request", f"'evidence_type' must be one of {', '.join(EVIDENCE_TYPES)}")
@@ -306,7 +356,7 @@ class Broker:
             raise Refusal(400, "bad_request", f"'key_ids' must be a list of 1..{MAX_KEY_IDS} key ids")
         bad = [k for k in kids if not KEY_ID_RE.fullmatch(k)]
         if bad:
-            raise Refusal(400, "bad_request", f"'key_ids': {bad[0][:40]!r} is not a key id (16 lower-case hex digits)")
+            raise Refusal(400, "bad_request", f"'key_ids': {shown(bad[0], 40)} is not a key id (16 lower-case hex digits)")
         kids = list(dict.fromkeys(kids))
         entry["key_ids"] = kids
         public_key = _hex(req.get("public_key"), "public_key", PUBLIC_KEY_BYTES)
@@ -349,14 +399,17 @@ class Broker:
         if not hmac.compare_digest(claims.report_data, report_data(public_key, nonce)):
             raise Refusal(403, "binding_mismatch", "REPORTDATA does not bind this public key and nonce "
                                                    "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)")
-        sealed = {}
-        for kid in kids:
-            ct = SUITE.encrypt(pack_key(self.keys[kid], decision.min_model_version), recipient, info=key_info(kid, nonce))
-            sealed[kid] = base64.b64encode(ct).decode()
+        sealed = tuple((kid, SUITE.encrypt(pack_key(self.keys[kid], decision.min_model_version), recipient,
+                                           info=key_info(kid, nonce))) for kid in kids)  # fmt: skip
+        release = KeyRelease(self.identity_bytes, nonce, public_key, tuple(sorted(sealed)), decision.min_model_version,
+                             decision.allowed_data_owners)  # fmt: skip
+        signature = ident.sign(self.identity, RELEASE_PURPOSE, release_message(release))
         entry["min_model_version"] = decision.min_model_version
+        if decision.allowed_data_owners is not None:
+            entry["allowed_data_owners"] = len(decision.allowed_data_owners)
         if claims.simulated:
             simulated_warning(f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(kids)} to {entry.get('remote')}")
-        return {"protocol": PROTOCOL, "suite": SUITE_NAME, "keys": sealed, "min_model_version": decision.min_model_version}
+        return {"protocol": PROTOCOL, "suite": SUITE_NAME, **release_document(release, signature)}
 
     # ---- audit
     def _decide(self, entry: dict, status: int, code: str, reason: str | None) -> None:
@@ -418,6 +471,9 @@ def make_app(broker: Broker):
     async def nonce(request):
         return reply(200, broker.nonce())
 
+    async def identity(request):
+        return reply(200, broker.identity_document())
+
     async def keys(request):
         remote = request.remote
         if request.content_length is not None and request.content_length > MAX_BODY:
@@ -438,6 +494,7 @@ def make_app(broker: Broker):
     app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/nonce", nonce)
+    app.router.add_get("/v1/identity", identity)
     app.router.add_post("/v1/keys", keys)
     return app
 
@@ -542,16 +599,27 @@ class BrokerHandle:
 
 
 def start_broker(keys, policy, host: str = "127.0.0.1", port: int = 0, audit_log: str | os.PathLike | None = None, *,
-                 tls_cert=None, tls_key=None, nonce_ttl: float = 60.0, clock: Callable[[], float] | None = None,
-                 log: Callable[[str], None] | None = None) -> BrokerHandle:
+                 identity=None, tls_cert=None, tls_key=None, nonce_ttl: float = 60.0,
+                 clock: Callable[[], float] | None = None, log: Callable[[str], None] | None = None) -> BrokerHandle:
     """Serve a key broker in a background thread; return once it listens (``handle.url``).
 
     ``keys``: a keystore path, a ``{key id: key}`` mapping or a list of keys. ``policy``: a
-    :class:`Policy`, a mapping of policy settings, or a TOML path. ``clock``: seconds since the
-    epoch (tests inject one to expire nonces or to verify quotes at a chosen time).
+    :class:`Policy`, a mapping of policy settings, or a TOML path. ``identity``: an identity file,
+    an Ed25519 private key, or None for a fresh one (``handle.broker.identity_hex``). ``clock``:
+    seconds since the epoch (tests inject one to expire nonces or to verify quotes at a chosen time).
     """
-    broker = Broker(keys, policy, audit_log=audit_log, nonce_ttl=nonce_ttl, clock=clock, log=log)
-    ssl_ctx = _ssl_context(tls_cert, tls_key)
+    broker = Broker(keys, policy, identity=identity, audit_log=audit_log, nonce_ttl=nonce_ttl, clock=clock, log=log)
+    return serve_in_background(broker, host, port, tls_cert=tls_cert, tls_key=tls_key)
+
+
+def serve_in_background(broker: Broker, host: str = "127.0.0.1", port: int = 0, *, tls_cert=None,
+                        tls_key=None) -> BrokerHandle:
+    """Serve an existing :class:`Broker` in a background thread (``start_broker`` builds one for you)."""
+    try:
+        ssl_ctx = _ssl_context(tls_cert, tls_key)
+    except BranchyError:
+        broker.close()
+        raise
     handle = BrokerHandle(broker, host, ssl_ctx is not None)
     started = threading.Event()
     failure: list[BaseException] = []
@@ -586,7 +654,7 @@ def start_broker(keys, policy, host: str = "127.0.0.1", port: int = 0, audit_log
     return handle
 
 
-def serve(keys_path, policy_path, listen: str, *, tls_cert=None, tls_key=None, audit_log=None,
+def serve(keys_path, policy_path, listen: str, *, identity, tls_cert=None, tls_key=None, audit_log=None,
           nonce_ttl: float = 60.0, out=None, quiet: bool = False) -> int:
     """Run a key broker in the foreground until SIGINT/SIGTERM (``branchy-tee key-broker``)."""
     import signal
@@ -598,7 +666,8 @@ def serve(keys_path, policy_path, listen: str, *, tls_cert=None, tls_key=None, a
     keys = load_keystore(keys_path)
     policy = load_policy(policy_path)
     err = lambda m: (sys.stderr.write(f"key-broker: {m}\n"), sys.stderr.flush())  # noqa: E731
-    broker = Broker(keys, policy, audit_log=audit_log, nonce_ttl=nonce_ttl, log=None if quiet else err)
+    broker = Broker(keys, policy, identity=ident.load_identity(identity), audit_log=audit_log, nonce_ttl=nonce_ttl,
+                    log=None if quiet else err)
     ssl_ctx = _ssl_context(tls_cert, tls_key)
 
     async def main() -> None:
@@ -609,6 +678,7 @@ def serve(keys_path, policy_path, listen: str, *, tls_cert=None, tls_key=None, a
             loop.add_signal_handler(sig, stop.set)
         _startup_warnings(broker, host, ssl_ctx is not None, lambda m: err(f"warning: {m}"))
         out.write(f"key broker listening on {_url(host, real_port, ssl_ctx is not None)}\n")
+        out.write(f"  identity {broker.identity_hex}\n")
         out.write(f"  releases key id(s) {', '.join(broker.released_ids)} under policy {policy.source}"
                   + (f"; audit log {audit_log}" if audit_log else "; no audit log") + "\n")
         out.flush()

@@ -3,10 +3,16 @@ keys come from the owners' key brokers after remote attestation (wire format: ``
 
 One X25519 key pair per run. Per broker: ``GET /v1/nonce`` (which also lists the key ids the broker
 releases), evidence over ``report_data(public key, nonce)``, ``POST /v1/keys`` for the ids wanted
-from it, then each returned key is HPKE-opened and accepted only if its id is the id asked for.
-The model key comes from the model broker; each data key id from the first data broker that lists
+from it. A response counts only if its signature verifies under the identity expected of that
+broker, over this run's public key and nonce and everything the enclave acts on; then each key is
+HPKE-opened and accepted only if its id is the id asked for.
+
+Whom the enclave trusts: the model broker's identity is given (inside an enclave: measured). Its
+signed release carries the model owner's ``allowed_data_owners``; data keys are taken only from
+brokers whose identity is on that list, whatever URL the host gives for them, and not at all when
+the list is missing or empty. Each data key id comes from the first allowed data broker that lists
 it, so several data owners, each with their own broker, work in one run. The minimum model version
-is the largest of the caller's and every broker's (it travels inside the sealed key record).
+is the largest of the caller's and every broker's (signed, and inside the sealed key record).
 
 Trusted computing base: standard library (``urllib``), ``cryptography`` and branchy_tee's
 errors/fileio/seal.keys and attest.protocol/providers only.
@@ -15,7 +21,6 @@ errors/fileio/seal.keys and attest.protocol/providers only.
 from __future__ import annotations
 
 import base64
-import binascii
 import http.client
 import json
 import os
@@ -29,15 +34,20 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..errors import AttestationError, BranchyError
+from ..errors import AttestationError, BranchyError, shown
 from ..seal.keys import key_id
+from .identity import verify as verify_signature
 from .protocol import (
     KEY_ID_RE,
     MAX_RESPONSE,
     NONCE_BYTES,
     PROTOCOL,
+    RELEASE_PURPOSE,
     SUITE,
+    KeyRelease,
     key_info,
+    parse_release,
+    release_message,
     report_data,
     unpack_key,
 )
@@ -48,16 +58,20 @@ __all__ = ["AttestedKeys", "BrokerOffer"]
 
 def _one_line(text: object, limit: int = 300) -> str:
     s = " ".join(str(text).split())
-    s = "".join(c if c.isprintable() else "?" for c in s)
+    s = "".join(c if c.isprintable() and c.isascii() else "?" for c in s)  # host-controlled text
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _broker_url(url: str, what: str) -> str:
     if not isinstance(url, str) or not url:
         raise BranchyError(f"{what}: no URL given")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise BranchyError(f"{what} {url!r} is not an http:// or https:// URL")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.netloc
+            or not (url.isascii() and url.isprintable()) or " " in url):
+        raise BranchyError(f"{what} {shown(url)} is not an http:// or https:// URL")
     return url.rstrip("/")
 
 
@@ -73,12 +87,16 @@ class BrokerOffer:
 class AttestedKeys:
     """Keys by remote attestation from the owners' brokers (``predict --attest gramine|simulated``)."""
 
-    def __init__(self, attest: str, model_broker: str, data_brokers, attestation_dir: str = DEFAULT_ATTESTATION_DIR,
-                 ca_file: str | None = None, min_version: int = 0, *, dev_key_dir: str | os.PathLike | None = None,
-                 timeout: float = 30.0, provider=None):
+    def __init__(self, attest: str, model_broker: str, model_broker_identity: bytes, data_brokers,
+                 attestation_dir: str = DEFAULT_ATTESTATION_DIR, ca_file: str | None = None, min_version: int = 0, *,
+                 dev_key_dir: str | os.PathLike | None = None, timeout: float = 30.0, provider=None):
         self.provider = provider if provider is not None else make_provider(
             attest, attestation_dir=attestation_dir, dev_key_dir=dev_key_dir)
         self.model_broker = _broker_url(model_broker, "model key broker")
+        if not isinstance(model_broker_identity, bytes) or len(model_broker_identity) != 32:
+            raise BranchyError("the model key broker's identity must be 32 bytes (its Ed25519 public key)")
+        self.model_broker_identity = model_broker_identity
+        self.allowed_data_owners: tuple[bytes, ...] | None = None  # from the model broker's signed release
         if isinstance(data_brokers, str):
             data_brokers = [data_brokers]
         self.data_brokers = [_broker_url(u, "data key broker") for u in data_brokers]
@@ -96,18 +114,31 @@ class AttestedKeys:
         self._opener = urllib.request.build_opener(*handlers)
         self._model: dict[str, bytes] = {}
         self.sources: dict[str, str] = {}  # key id -> broker URL that released it
+        self.identities: dict[str, str] = {}  # key id -> identity (hex) of the broker that signed it
 
     # ---- KeySource
     def model_key(self, kid: str) -> bytes:
+        if not isinstance(kid, str) or not KEY_ID_RE.fullmatch(kid):
+            raise BranchyError(f"model key id {shown(kid)} is not a key id (16 lower-case hex digits)")
         if kid not in self._model:
             offer = self.offer(self.model_broker)
             if kid not in offer.key_ids:
                 raise BranchyError(f"model key broker {offer.url} does not release model key id {kid} "
                                    f"(it releases: {', '.join(offer.key_ids) or 'none'})")
-            self._model.update(self.exchange(offer, [kid]))
+            keys, release = self.exchange(offer, [kid], self.model_broker_identity)
+            self._model.update(keys)
+            self.allowed_data_owners = release.allowed_data_owners or ()
         return self._model[kid]
 
     def data_keys(self, kids: list[str]) -> dict[str, bytes]:
+        bad = [k for k in kids if not isinstance(k, str) or not KEY_ID_RE.fullmatch(k)]
+        if bad:
+            raise BranchyError(f"data key id {shown(bad[0])} is not a key id (16 lower-case hex digits)")
+        if self.allowed_data_owners is None:
+            raise BranchyError("data keys are fetched after the model key (its broker says who may use the model)")
+        if not self.allowed_data_owners:
+            raise AttestationError(f"the model owner's broker {self.model_broker} allows no data owner to use this model "
+                                   "(its policy has no allowed_data_owners); no data key is used")
         remaining = list(dict.fromkeys(kids))
         out: dict[str, bytes] = {}
         for url in self.data_brokers:
@@ -116,7 +147,7 @@ class AttestedKeys:
             offer = self.offer(url)
             mine = [k for k in remaining if k in offer.key_ids]
             if mine:
-                out.update(self.exchange(offer, mine))
+                out.update(self.exchange(offer, mine, None)[0])
                 remaining = [k for k in remaining if k not in out]
         if remaining:
             raise BranchyError(f"no data key broker releases data key id(s) {', '.join(remaining)} "
@@ -140,30 +171,54 @@ class AttestedKeys:
             raise AttestationError(f"key broker {url}: malformed nonce response") from None
         return BrokerOffer(url, nonce, tuple(kids))
 
-    def exchange(self, offer: BrokerOffer, kids: list[str]) -> dict[str, bytes]:
-        """Attest to one broker with its nonce and return the keys ``kids`` it released."""
+    def exchange(self, offer: BrokerOffer, kids: list[str], expect: bytes | None) -> tuple[dict[str, bytes], KeyRelease]:
+        """Attest to one broker with its nonce; return the keys ``kids`` it released and its signed release.
+
+        ``expect``: the identity the release must be signed by (the model broker's), or None for a
+        data broker, whose identity must then be on the model owner's allow-list."""
         url, nonce = offer.url, offer.nonce
         evidence = self.provider.evidence(report_data(self.public_key, nonce))
         body = {"protocol": PROTOCOL, "evidence_type": self.provider.evidence_type,
                 "evidence": base64.b64encode(evidence).decode(), "public_key": self.public_key.hex(),
                 "nonce": nonce.hex(), "key_ids": list(kids)}  # fmt: skip
-        doc = self._call(url, "POST", "/v1/keys", json.dumps(body).encode())
-        sealed = doc.get("keys")
-        if not isinstance(sealed, dict) or set(sealed) != set(kids):
-            raise AttestationError(f"key broker {url}: response does not hold exactly the key ids asked for")
+        release = self.verify_release(url, self._call(url, "POST", "/v1/keys", json.dumps(body).encode()), nonce,
+                                      kids, expect)  # fmt: skip
         out: dict[str, bytes] = {}
-        for kid in kids:
+        min_version = release.min_model_version
+        for kid, ct in release.keys:
             try:
-                ct = base64.b64decode(sealed[kid], validate=True)
-                key, min_version = unpack_key(SUITE.decrypt(ct, self._sk, info=key_info(kid, nonce)))
-            except (InvalidTag, binascii.Error, ValueError, TypeError):
+                key, sealed_version = unpack_key(SUITE.decrypt(ct, self._sk, info=key_info(kid, nonce)))
+            except (InvalidTag, ValueError, TypeError):
                 raise AttestationError(f"key broker {url}: sealed key {kid} does not open (tampered or misdirected)") from None
             if key_id(key) != kid:  # only the key's owner can produce a key with this id
                 raise AttestationError(f"key broker {url}: returned a key with id {key_id(key)} for key id {kid}")
             out[kid] = key
             self.sources[kid] = url
-            self._min_version = max(self._min_version, min_version)
-        return out
+            self.identities[kid] = release.broker.hex()
+            min_version = max(min_version, sealed_version)
+        self._min_version = max(self._min_version, min_version)
+        return out, release
+
+    def verify_release(self, url: str, doc: dict, nonce: bytes, kids: list[str], expect: bytes | None) -> KeyRelease:
+        """The signed release in ``doc``, checked: well-formed, exactly the key ids asked for, signed over
+        this run's nonce and public key by the expected identity (or, for a data broker, by an identity
+        on the model owner's allow-list)."""
+        try:
+            release, signature = parse_release(doc, nonce, self.public_key)
+        except ValueError:
+            raise AttestationError(f"key broker {url}: malformed key release") from None
+        if expect is not None and release.broker != expect:
+            raise AttestationError(f"key broker {url} answered with identity {release.broker.hex()}, not the expected "
+                                   f"{expect.hex()} (impersonated, or the wrong broker at that address)")
+        if expect is None and release.broker not in (self.allowed_data_owners or ()):
+            raise AttestationError(f"data key broker {url} has identity {release.broker.hex()}, which the model owner "
+                                   "does not allow to use this model (not in allowed_data_owners); its keys are refused")
+        if not verify_signature(release.broker, RELEASE_PURPOSE, release_message(release), signature):
+            raise AttestationError(f"key broker {url}: the key release's signature does not verify under identity "
+                                   f"{release.broker.hex()} (forged or tampered)")
+        if sorted(kid for kid, _ in release.keys) != sorted(set(kids)):
+            raise AttestationError(f"key broker {url}: response does not hold exactly the key ids asked for")
+        return release
 
     def _call(self, base: str, method: str, path: str, body: bytes | None = None) -> dict:
         req = urllib.request.Request(base + path, data=body, method=method,

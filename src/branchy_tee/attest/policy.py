@@ -1,7 +1,8 @@
 """Key-release policy (owner side): which enclaves get which keys. A TOML file, e.g.::
 
     allowed_mrenclave = ["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"]
-    allowed_mrsigner  = []            # at least one of the two lists must be non-empty
+    allowed_mrsigner  = []            # may add to allowed_mrenclave; alone only with own_signing_key
+    own_signing_key = false           # true: you sign your enclaves yourself, so MRSIGNER alone pins them
     isv_prod_id = 0                   # optional: require this product id
     min_isv_svn = 0
     allow_debug = false               # a DEBUG enclave's memory is readable by the host
@@ -10,9 +11,16 @@
     allow_simulation = false          # development only
     simulation_public_keys = []       # optional: pin the dev keys simulated evidence may be signed with
     collateral = "collateral.json"    # dcap-qvl layout; relative to this file
+    accept_client_collateral = false  # true: use collateral the enclave sends (needs the minimum below)
+    min_tcb_evaluation_data_number = 17   # refuse collateral from before this TCB recovery
     require_collateral = true         # a real quote needs a TCB status
     stale_collateral = "reject"       # or "warn": expired collateral only adds a warning
     key_ids = ["0123456789abcdef"]    # keys this policy releases (default: every key in the keystore)
+    allowed_data_owners = ["<64 hex>"]   # model owner: the data owners' identities that may use the model
+
+The host builds and signs the enclave, so a policy must pin ``allowed_mrenclave`` (reproduce the
+build, or take it from the model owner's signed release statement); ``allowed_mrsigner`` alone pins
+the host's signing key unless ``own_signing_key = true`` says the policy's owner signs its enclaves.
 
 Unknown settings are errors (a typo must not silently weaken a policy). :meth:`Policy.evaluate`
 accepts verified :class:`Claims` or raises :class:`~branchy_tee.errors.PolicyError` naming the
@@ -29,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import BranchyError, PolicyError
+from ..errors import BranchyError, PolicyError, shown
+from ..measured import IDENTITY_RE
 from .protocol import EVIDENCE_DCAP, EVIDENCE_SIMULATED, KEY_ID_RE
 from .verify import TCB_STATUSES, read_collateral_file
 
@@ -38,7 +47,8 @@ __all__ = ["Claims", "Decision", "Policy", "load_policy", "parse_policy"]
 SETTINGS = (
     "allowed_mrenclave", "allowed_mrsigner", "isv_prod_id", "min_isv_svn", "allow_debug", "accepted_tcb_statuses",
     "min_model_version", "allow_simulation", "simulation_public_keys", "collateral", "require_collateral",
-    "stale_collateral", "key_ids",
+    "stale_collateral", "key_ids", "own_signing_key", "allowed_data_owners", "accept_client_collateral",
+    "min_tcb_evaluation_data_number",
 )  # fmt: skip
 STALE_CHOICES = ("reject", "warn")
 
@@ -60,16 +70,19 @@ class Claims:
     advisories: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     signer_key: bytes | None = None  # simulated: the dev public key that signed the document
+    tcb_evaluation_data_number: int | None = None  # of the collateral the TCB status came from
 
     @property
     def simulated(self) -> bool:
         return self.evidence_type == EVIDENCE_SIMULATED
 
     @classmethod
-    def from_quote(cls, vq) -> "Claims":
-        """From a :class:`~branchy_tee.attest.verify.VerifiedQuote`."""
+    def from_quote(cls, vq, tcb_evaluation_data_number: int | None = None) -> "Claims":
+        """From a :class:`~branchy_tee.attest.verify.VerifiedQuote` (and the collateral's TCB evaluation
+        data number, when the TCB status came from collateral)."""
         return cls(EVIDENCE_DCAP, vq.tee, vq.mrenclave, vq.mrsigner, vq.isv_prod_id, vq.isv_svn, vq.debug,
-                   vq.report_data, vq.tcb_status, tuple(vq.advisories), tuple(vq.warnings))
+                   vq.report_data, vq.tcb_status, tuple(vq.advisories), tuple(vq.warnings),
+                   tcb_evaluation_data_number=tcb_evaluation_data_number)
 
     @classmethod
     def from_simulated(cls, doc) -> "Claims":
@@ -81,7 +94,8 @@ class Claims:
         """For the audit log and error reports (no secrets in claims)."""
         out = {"evidence_type": self.evidence_type, "tee": self.tee, "mrenclave": self.mrenclave.hex(),
                "mrsigner": self.mrsigner.hex(), "isv_prod_id": self.isv_prod_id, "isv_svn": self.isv_svn,
-               "debug": self.debug, "tcb_status": self.tcb_status, "advisories": list(self.advisories)}
+               "debug": self.debug, "tcb_status": self.tcb_status, "advisories": list(self.advisories),
+               "tcb_evaluation_data_number": self.tcb_evaluation_data_number}
         if self.signer_key is not None:
             out["dev_public_key"] = self.signer_key.hex()
         return out
@@ -89,10 +103,12 @@ class Claims:
 
 @dataclass(frozen=True)
 class Decision:
-    """A grant: the minimum model version to hand to the enclave, and anything worth a warning."""
+    """A grant: the minimum model version and the allowed data owners to hand to the enclave, and
+    anything worth a warning."""
 
     min_model_version: int
     warnings: tuple[str, ...] = ()
+    allowed_data_owners: tuple[bytes, ...] | None = None
 
 
 # --------------------------------------------------------------------------- policy
@@ -117,14 +133,27 @@ class Policy:
     require_collateral: bool = True
     stale_collateral: str = "reject"
     key_ids: tuple[str, ...] | None = None
+    own_signing_key: bool = False
+    allowed_data_owners: tuple[bytes, ...] | None = None
+    accept_client_collateral: bool = False
+    min_tcb_evaluation_data_number: int | None = None
     source: str = "<policy>"
     _collateral_cache: tuple | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.allowed_mrenclave and not self.allowed_mrsigner:
-            raise BranchyError(f"policy {self.source}: set allowed_mrenclave or allowed_mrsigner "
+            raise BranchyError(f"policy {self.source}: set allowed_mrenclave "
                                "(a policy that names no enclave would accept any)")
+        if not self.allowed_mrenclave and not self.own_signing_key:
+            raise BranchyError(f"policy {self.source}: pins only allowed_mrsigner, but the host builds and signs the "
+                               "enclave, so MRSIGNER alone pins the host's own key; pin allowed_mrenclave (from the "
+                               "model owner's release statement), or set own_signing_key = true if you sign your "
+                               "enclaves yourself")
+        if self.accept_client_collateral and self.min_tcb_evaluation_data_number is None:
+            raise BranchyError(f"policy {self.source}: accept_client_collateral = true needs "
+                               "min_tcb_evaluation_data_number (else the host may send old, Intel-signed collateral "
+                               "from before a TCB recovery)")
         if "Revoked" in self.accepted_tcb_statuses:
             raise BranchyError(f"policy {self.source}: TCB status 'Revoked' can never be accepted")
         if self.stale_collateral not in STALE_CHOICES:
@@ -193,7 +222,13 @@ class Policy:
                 adv = f" (advisories {', '.join(claims.advisories)})" if claims.advisories else ""
                 raise PolicyError(f"accepted_tcb_statuses: the platform's TCB status is {status}{adv}; "
                                   f"policy accepts {_short(self.accepted_tcb_statuses, 10)}")
-        return Decision(self.min_model_version, tuple(warnings))
+            minimum = self.min_tcb_evaluation_data_number
+            if status is not None and minimum is not None:
+                number = claims.tcb_evaluation_data_number
+                if number is None or number < minimum:
+                    raise PolicyError(f"min_tcb_evaluation_data_number: the collateral's TCB evaluation data number is "
+                                      f"{number}, below the policy minimum {minimum} (collateral from before a TCB recovery)")
+        return Decision(self.min_model_version, tuple(warnings), self.allowed_data_owners)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -204,6 +239,9 @@ class Policy:
             "allow_simulation": self.allow_simulation, "collateral": str(self.collateral_path) if self.collateral_path else None,
             "require_collateral": self.require_collateral, "stale_collateral": self.stale_collateral,
             "key_ids": list(self.key_ids) if self.key_ids is not None else None,
+            "own_signing_key": self.own_signing_key, "accept_client_collateral": self.accept_client_collateral,
+            "min_tcb_evaluation_data_number": self.min_tcb_evaluation_data_number,
+            "allowed_data_owners": None if self.allowed_data_owners is None else sorted(o.hex() for o in self.allowed_data_owners),
         }  # fmt: skip
 
 
@@ -236,6 +274,15 @@ class _Reader:
         if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
             raise self.fail(name, f"must be a list of strings, not {v!r}")
         return v
+
+    def identities(self, name: str) -> tuple[bytes, ...] | None:
+        values = self.strings(name)
+        if values is None:
+            return None
+        for s in values:
+            if not IDENTITY_RE.fullmatch(s):
+                raise self.fail(name, f"entry {shown(s)} is not an identity (64 lower-case hex characters)")
+        return tuple(sorted({bytes.fromhex(s) for s in values}))
 
     def measurements(self, name: str) -> frozenset[bytes]:
         out = set()
@@ -304,6 +351,10 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>", base_dir: st
         require_collateral=r.bool("require_collateral", True),
         stale_collateral=stale,
         key_ids=tuple(dict.fromkeys(kids)) if kids is not None else None,
+        own_signing_key=r.bool("own_signing_key", False),
+        allowed_data_owners=r.identities("allowed_data_owners"),
+        accept_client_collateral=r.bool("accept_client_collateral", False),
+        min_tcb_evaluation_data_number=r.int("min_tcb_evaluation_data_number", None, 2**32 - 1),
         source=source,
     )
     if sim_keys and not policy.allow_simulation:

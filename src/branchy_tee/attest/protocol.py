@@ -2,7 +2,7 @@
 
 One exchange per broker::
 
-    enclave                                        broker
+    enclave                                        broker (Ed25519 identity I)
     X25519 key pair (sk, pk), once per run
     GET  /v1/nonce                           ->    {"nonce": hex(40 bytes), "expires_in": s,
                                              <-     "key_ids": [ids this broker releases], ...}
@@ -11,26 +11,35 @@ One exchange per broker::
     POST /v1/keys {"protocol", "evidence_type", "evidence": b64, "public_key": hex(pk),
                    "nonce": hex, "key_ids": [...], "collateral": {...} (optional)}
                                              ->    verify evidence, policy, binding, nonce
-                                             <-    {"keys": {kid: b64(HPKE enc || ct)},
-                                                    "min_model_version": n, ...}
+                                             <-    {"identity": hex(I), "keys": {kid: b64(HPKE enc || ct)},
+                                                    "min_model_version": n,
+                                                    "allowed_data_owners": [hex, ...] | null,
+                                                    "signature": hex(Ed25519 by I over release_message)}
 
 Each key is sealed with HPKE (RFC 9180, base mode) suite X25519 / HKDF-SHA256 / AES-256-GCM to
 ``pk``; ``info`` binds the protocol label, the key id and the nonce, and the plaintext is
-``b"BTK1" || u64 min_model_version || key``. HPKE base mode does not authenticate the sender: the
-enclave accepts a key only if its id (``seal.keys.key_id``, an HKDF of the key) is the id it asked
-for, which nobody without the key can arrange, so the plaintext (min model version included) is
-authentic once the id matches.
+``b"BTK1" || u64 min_model_version || key``. HPKE base mode does not authenticate the sender, so
+the broker signs the whole release with its identity: the enclave's public key, the nonce, every
+key id with its sealed key, the minimum model version and the allow-list of data owners
+(``release_message``, a length-prefixed binary encoding). The enclave accepts a release only under
+the identity it expects (the model broker's is measured; a data broker's must be on the model
+owner's signed allow-list), and a key only if its id (``seal.keys.key_id``, an HKDF of the key) is
+the id it asked for.
 
 Standard library and ``cryptography`` only: the enclave imports this module.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
-import re
 import struct
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hpke
+
+from ..seal.keys import KEY_ID_RE
 
 PROTOCOL = "branchy-tee/v1"
 LABEL = PROTOCOL.encode()
@@ -48,7 +57,6 @@ MAX_KEY_IDS = 64
 MAX_BODY = 64 * 1024  # request body limit of the broker
 MAX_RESPONSE = 1 << 20  # response size limit of the client
 
-KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 _KEY_MAGIC = b"BTK1"
 
 
@@ -76,3 +84,81 @@ def unpack_key(plaintext: bytes) -> tuple[bytes, int]:
         raise ValueError("malformed key record")
     (min_version,) = struct.unpack(">Q", plaintext[4:12])
     return plaintext[12:], min_version
+
+
+# --------------------------------------------------------------------------- signed key release
+RELEASE_PURPOSE = b"key-release"
+IDENTITY_BYTES = 32
+MAX_ALLOWED_DATA_OWNERS = 4096
+
+
+@dataclass(frozen=True)
+class KeyRelease:
+    """Everything a key-release response says that the enclave acts on (all of it signed)."""
+
+    broker: bytes  # the broker's identity (raw Ed25519 public key)
+    nonce: bytes
+    public_key: bytes  # the enclave's X25519 public key the keys are sealed to
+    keys: tuple[tuple[str, bytes], ...]  # (key id, HPKE enc || ciphertext), sorted by key id
+    min_model_version: int
+    allowed_data_owners: tuple[bytes, ...] | None  # None: this broker says nothing about data owners
+
+
+def release_message(r: KeyRelease) -> bytes:
+    """The canonical bytes a broker signs: fixed-size fields as they are, variable ones length-prefixed,
+    lists sorted, so that two releases have the same bytes exactly when they say the same thing."""
+    out = [LABEL, b"\0", r.broker, struct.pack(">H", len(r.nonce)), r.nonce, r.public_key,
+           struct.pack(">I", len(r.keys))]  # fmt: skip
+    for kid, sealed in sorted(r.keys):
+        k = kid.encode("ascii")
+        out += [struct.pack(">H", len(k)), k, struct.pack(">I", len(sealed)), sealed]
+    out.append(struct.pack(">Q", r.min_model_version))
+    if r.allowed_data_owners is None:
+        out.append(b"\0")
+    else:
+        owners = sorted(set(r.allowed_data_owners))
+        out += [b"\1", struct.pack(">I", len(owners)), *owners]
+    return b"".join(out)
+
+
+def release_document(r: KeyRelease, signature: bytes) -> dict:
+    """The JSON members of a signed release (the broker adds ``protocol`` and ``suite``)."""
+    return {
+        "identity": r.broker.hex(),
+        "keys": {kid: base64.b64encode(sealed).decode() for kid, sealed in r.keys},
+        "min_model_version": r.min_model_version,
+        "allowed_data_owners": None if r.allowed_data_owners is None else sorted(o.hex() for o in r.allowed_data_owners),
+        "signature": signature.hex(),
+    }
+
+
+def parse_release(doc: dict, nonce: bytes, public_key: bytes) -> tuple[KeyRelease, bytes]:
+    """(release, signature) from a response, for the nonce and public key the enclave used; ValueError
+    when a member is missing or malformed. The signature is not checked here."""
+
+    def hexbytes(v, size: int) -> bytes:
+        if not isinstance(v, str) or len(v) != 2 * size:
+            raise ValueError
+        return bytes.fromhex(v)
+
+    try:
+        broker = hexbytes(doc["identity"], IDENTITY_BYTES)
+        signature = hexbytes(doc["signature"], 64)
+        keys_doc, version, owners_doc = doc["keys"], doc["min_model_version"], doc["allowed_data_owners"]
+        if not isinstance(keys_doc, dict) or not 0 < len(keys_doc) <= MAX_KEY_IDS:
+            raise ValueError
+        keys = []
+        for kid, sealed in keys_doc.items():
+            if not KEY_ID_RE.fullmatch(kid) or not isinstance(sealed, str):
+                raise ValueError
+            keys.append((kid, base64.b64decode(sealed, validate=True)))
+        if type(version) is not int or not 0 <= version < 1 << 63:
+            raise ValueError
+        owners = None
+        if owners_doc is not None:
+            if not isinstance(owners_doc, list) or len(owners_doc) > MAX_ALLOWED_DATA_OWNERS:
+                raise ValueError
+            owners = tuple(hexbytes(o, IDENTITY_BYTES) for o in owners_doc)
+    except (KeyError, TypeError, binascii.Error):
+        raise ValueError("malformed key release") from None
+    return KeyRelease(broker, nonce, public_key, tuple(sorted(keys)), version, owners), signature

@@ -9,8 +9,10 @@
     No TEE at all: a JSON document ``{mrenclave, mrsigner, isv_prod_id, isv_svn, debug,
     report_data, public_key, ...}`` signed with a local Ed25519 dev key, created on first use in
     ``$XDG_CONFIG_HOME/branchy-tee/dev-attestation-key`` (default ``~/.config/...``; directory
-    0700, key file 0600). ``mrenclave`` is a SHA-256 over the installed ``branchy_tee`` package
-    files (:func:`code_measurement`), so a policy can pin the code; ``mrsigner`` is SHA-256 of the
+    0700, key file 0600). ``mrenclave`` (:func:`simulated_mrenclave`) is a SHA-256 over the
+    installed ``branchy_tee`` package files (:func:`code_measurement`) and the enclave's measured
+    settings (``branchy_tee.measured``: the manifest's ``loader.env`` values, as a real MRENCLAVE
+    covers them), so a policy pins the code and every measured pin; ``mrsigner`` is SHA-256 of the
     dev public key, so pinning MRSIGNER pins the dev key. Brokers refuse it unless their policy
     says ``allow_simulation = true``; both sides print a loud warning every time.
 
@@ -31,10 +33,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Mapping
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from .. import measured
 from ..errors import AttestationError, BranchyError
 from ..fileio import read_key_file
 
@@ -97,6 +102,15 @@ def code_measurement(root: str | os.PathLike | None = None) -> bytes:
         data = full.read_bytes()
         h.update(rel.encode() + b"\0" + len(data).to_bytes(8, "big") + data)
     return h.digest()
+
+
+def simulated_mrenclave(env: Mapping[str, str] | None = None, code: bytes | None = None) -> bytes:
+    """The MRENCLAVE simulated evidence reports: the code measurement together with the measured
+    settings in ``env`` (default: this process's environment), so that changing any pin (the model
+    broker, its identity, the bundle) changes the measurement, as it would on SGX."""
+    code = code_measurement() if code is None else code
+    settings = measured.settings_bytes(os.environ if env is None else env)
+    return hashlib.sha256(b"branchy-tee/v1 simulated-mrenclave\0" + code + settings).digest()
 
 
 # --------------------------------------------------------------------------- gramine
@@ -205,7 +219,7 @@ class SimulatedProvider:
         self._key = load_or_create_dev_key(key_dir)
         self.public_key = _raw_public(self._key.public_key())
         self.mrsigner = hashlib.sha256(self.public_key).digest()
-        self.mrenclave = mrenclave if mrenclave is not None else code_measurement()
+        self.mrenclave = mrenclave if mrenclave is not None else simulated_mrenclave()
         if len(self.mrenclave) != 32:
             raise ValueError("mrenclave must be 32 bytes")
         self.isv_prod_id, self.isv_svn, self.debug = isv_prod_id, isv_svn, debug

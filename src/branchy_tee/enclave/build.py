@@ -1,5 +1,10 @@
-"""Build the Gramine enclave for a sealed bundle: manifest, entry script, Makefile, signature and
-a policy snippet for the key brokers.
+"""Build the Gramine enclave for a sealed bundle: manifest, entry script, Makefile and signature.
+
+What the enclave trusts is measured (``branchy_tee.measured``, the manifest's ``loader.env``): the
+model broker's URL and Ed25519 identity, and the bundle it serves (bundle id, model key id, minimum
+model version), read from the bundle's plaintext header (no key needed). So an MRENCLAVE names
+exactly one model and one model owner's broker. The model owner reproduces this build and signs a
+release statement (``enclave.release``) from which data owners write their brokers' policies.
 
 How the manifest is rendered
 ----------------------------
@@ -52,6 +57,7 @@ from pathlib import Path
 
 import jinja2
 
+from .. import measured
 from ..errors import BranchyError, UsageError
 from ..runtime.budget import activation_bytes_per_sample
 from ..seal.aead import MAX_DECRYPT_WORKERS
@@ -65,7 +71,6 @@ SGX_MANIFEST = f"{MANIFEST_NAME}.manifest.sgx"
 SIGSTRUCT = f"{MANIFEST_NAME}.sig"
 LAUNCHER = f"{MANIFEST_NAME}-predict"
 CONFIG = "enclave.json"
-POLICY = "policy.toml"
 CONFIG_FORMAT = "branchy-tee/enclave/v1"
 
 # gramine.runtimedir() of Gramine's Debian/Ubuntu packages: used only when gramine-manifest is absent.
@@ -91,6 +96,7 @@ class BuildOptions:
     debug: bool = False
     edmm: bool = False
     model_broker: str | None = None
+    model_broker_identity: str | None = None
     data_brokers: list[str] = field(default_factory=list)
     attest: str = "gramine"
     threads: int = 4
@@ -266,15 +272,18 @@ def manifest_env(cfg: dict) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
         "PYTHONSAFEPATH": "1",
-        "BRANCHY_TEE_ENCLAVE": "1",
-        "BRANCHY_TEE_ATTEST": cfg["attest"],
-        "BRANCHY_TEE_MODEL_BROKER": cfg["model_broker"],
-        "BRANCHY_TEE_DATA_BROKERS": ",".join(cfg["data_brokers"]),
-        "BRANCHY_TEE_ALLOW_PLAINTEXT": "1" if cfg["allow_plaintext"] else "0",
-        "BRANCHY_TEE_MIN_MODEL_VERSION": str(cfg["min_model_version"]),
+        measured.ENCLAVE: "1",
+        measured.ATTEST: cfg["attest"],
+        measured.MODEL_BROKER: cfg["model_broker"],
+        measured.MODEL_BROKER_IDENTITY: cfg["model_broker_identity"],
+        measured.DATA_BROKERS: ",".join(cfg["data_brokers"]),
+        measured.BUNDLE_ID: cfg["bundle_id"],
+        measured.MODEL_KEY_ID: cfg["model_key_id"],
+        measured.MIN_MODEL_VERSION: str(cfg["min_model_version"]),
+        measured.ALLOW_PLAINTEXT: "1" if cfg["allow_plaintext"] else "0",
     }
     if cfg.get("broker_ca"):
-        env["BRANCHY_TEE_BROKER_CA"] = cfg["broker_ca"]
+        env[measured.BROKER_CA] = cfg["broker_ca"]
     return env
 
 
@@ -297,6 +306,9 @@ def manifest_defines(cfg: dict) -> dict[str, str]:
         "isvsvn": str(cfg["isv_svn"]),
         "attest": cfg["attest"],
         "model_broker": cfg["model_broker"],
+        "model_broker_identity": cfg["model_broker_identity"],
+        "bundle_id": cfg["bundle_id"],
+        "model_key_id": cfg["model_key_id"],
         "data_brokers": ",".join(cfg["data_brokers"]),
         "allow_plaintext": "1" if cfg["allow_plaintext"] else "0",
         "min_model_version": str(cfg["min_model_version"]),
@@ -340,6 +352,14 @@ def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict
     if min_version < 0:
         raise UsageError("--min-model-version must not be negative")
     model_broker = _check_url(opts.model_broker, "--model-broker") if opts.model_broker else ""
+    identity = opts.model_broker_identity or ""
+    if model_broker and not identity:
+        raise UsageError("--model-broker needs --model-broker-identity HEX (the broker's identity, as `branchy-tee keygen "
+                         "--identity` printed it): the enclave accepts only key releases signed by it")
+    if identity and not model_broker:
+        raise UsageError("--model-broker-identity needs --model-broker URL")
+    if identity and not measured.IDENTITY_RE.fullmatch(identity):
+        raise UsageError(f"--model-broker-identity {identity!r} is not an identity (64 lower-case hex characters)")
     data_brokers = [_check_url(u, "--data-broker") for u in opts.data_brokers]
     broker_ca = None
     if opts.broker_ca:
@@ -375,6 +395,7 @@ def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict
         "bundle": bundle,
         "bundle_files": bundle_files,
         "bundle_id": header["bundle_id"],
+        "model_key_id": header["key_id"],
         "model_version": header["model_version"],
         "arch": header["arch"],
         "io_dirs": io_dirs,
@@ -399,6 +420,7 @@ def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict
         "isv_svn": opts.isv_svn,
         "attest": opts.attest,
         "model_broker": model_broker,
+        "model_broker_identity": identity,
         "data_brokers": data_brokers,
         "allow_plaintext": opts.allow_plaintext_result,
         "min_model_version": min_version,
@@ -460,32 +482,6 @@ def parse_sigstruct_view(text: str) -> dict:
         raise BranchyError("cannot read MRENCLAVE/MRSIGNER from gramine-sgx-sigstruct-view's output") from None
 
 
-def policy_toml(cfg: dict, sig: dict) -> str:
-    """A policy snippet for the key brokers: accept exactly this enclave."""
-    import tomli_w
-
-    policy = {
-        "allowed_mrenclave": [sig["mrenclave"]],
-        "allowed_mrsigner": [sig["mrsigner"]],
-        "isv_prod_id": sig["isv_prod_id"],
-        "min_isv_svn": sig["isv_svn"],
-        "allow_debug": False,
-        "accepted_tcb_statuses": cfg["accepted_tcb_statuses"],
-        "min_model_version": cfg["min_model_version"],
-    }
-    lines = [
-        f"# Key-broker policy for the enclave built in {cfg['dir']} (branchy-tee enclave build).",
-        f"# MRENCLAVE/MRSIGNER/ISV ids from gramine-sgx-sigstruct-view {SIGSTRUCT}; bundle {cfg['bundle_id']} ({cfg['arch']}).",
-        "# Add the broker's own settings, e.g. collateral = \"collateral.json\" (DCAP quotes need a TCB status).",
-    ]
-    if sig["debug"]:
-        lines.append("# This is a DEBUG enclave (built with --debug): allow_debug = false makes brokers refuse it.")
-    if cfg["attest"] == "simulated":
-        policy["allow_simulation"] = True
-        lines.append("# Built with --attest simulated: development only; brokers accept simulated evidence only with this.")
-    return "\n".join(lines) + "\n" + tomli_w.dumps(policy)
-
-
 def load_config(directory: str | os.PathLike) -> dict:
     path = Path(directory) / CONFIG
     try:
@@ -499,25 +495,21 @@ def load_config(directory: str | os.PathLike) -> dict:
     return cfg
 
 
-def write_policy(directory: str | os.PathLike) -> dict:
-    """Read the signed enclave's SIGSTRUCT and write DIR/policy.toml. Returns the measurements."""
-    from ..fileio import atomic_write_text
-
+def read_measurements(directory: str | os.PathLike) -> dict:
+    """MRENCLAVE, MRSIGNER, ISV ids and the debug flag of the signed enclave in ``directory``."""
     d = Path(directory)
-    cfg = load_config(d)
+    load_config(d)
     if not (d / SIGSTRUCT).is_file():
         raise BranchyError(f"{d / SIGSTRUCT} does not exist: nothing was signed; run `make SGX=1` in {d} first")
     if not which("gramine-sgx-sigstruct-view"):
         raise BranchyError(f"gramine-sgx-sigstruct-view is not installed: {INSTALL_HINT}")
-    sig = parse_sigstruct_view(run_tool(["gramine-sgx-sigstruct-view", SIGSTRUCT], cwd=str(d)))
-    atomic_write_text(d / POLICY, policy_toml(cfg, sig))
-    return {**sig, "policy": str(d / POLICY)}
+    return parse_sigstruct_view(run_tool(["gramine-sgx-sigstruct-view", SIGSTRUCT], cwd=str(d)))
 
 
 # --------------------------------------------------------------------------- build
 def build(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
     """Write OUT/: the manifest template and its rendering, the entry script, the Makefile and
-    enclave.json; with ``opts.sgx`` also sign and write policy.toml. Returns a summary."""
+    enclave.json; with ``opts.sgx`` also sign and read the measurements. Returns a summary."""
     from ..fileio import atomic_write_text
 
     cfg = build_config(opts, layout)
@@ -525,7 +517,7 @@ def build(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for d in cfg["io_dirs"]:
         Path(d).mkdir(parents=True, exist_ok=True)
-    for stale in (MANIFEST, SGX_MANIFEST, SIGSTRUCT, POLICY):  # never leave a signature of an older build
+    for stale in (MANIFEST, SGX_MANIFEST, SIGSTRUCT):  # never leave a signature of an older build
         (out / stale).unlink(missing_ok=True)
     shutil.copyfile(TEMPLATES / MANIFEST_TEMPLATE, out / MANIFEST_TEMPLATE)
     launcher = _render("branchy-tee-predict.template", python=cfg["interpreter"], site_dirs=repr(cfg["site_dirs"]),
@@ -538,13 +530,19 @@ def build(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
     summary = {"dir": str(out), "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
                "enclave_size": cfg["enclave_size"], "enclave_size_rule": cfg["enclave_size_rule"],
                "max_threads": cfg["max_threads"], "debug": cfg["debug"], "edmm": cfg["edmm"],
-               "signed": False, "mrenclave": None, "mrsigner": None, "policy": None, "warnings": []}  # fmt: skip
+               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": [],
+               "bundle_id": cfg["bundle_id"], "model_key_id": cfg["model_key_id"],
+               "min_model_version": cfg["min_model_version"], "model_broker": cfg["model_broker"],
+               "model_broker_identity": cfg["model_broker_identity"]}  # fmt: skip
     warnings = summary["warnings"]
-    if not cfg["model_broker"] or not cfg["data_brokers"]:
-        warnings.append("no --model-broker/--data-broker: inside the enclave keys come only from attested key release, "
-                        "so this enclave cannot get keys (fine for --backend native with key files)")
+    if not cfg["model_broker"]:
+        warnings.append("no --model-broker: inside the enclave keys come only from attested key release, so this enclave "
+                        "can never get the model key (fine for --backend native with key files)")
+    elif cfg["model_broker"].startswith("http://"):
+        warnings.append("plain-http model broker: key releases are signed by its measured identity and keys are "
+                        "HPKE-sealed, but the network sees nonces and evidence")
     if cfg["debug"]:
-        warnings.append("--debug: a debug enclave's memory can be read by the host; the policy snippet keeps allow_debug = false")
+        warnings.append("--debug: a debug enclave's memory can be read by the host; policies keep allow_debug = false")
     if cfg["attest"] == "simulated":
         warnings.append("--attest simulated: development only; brokers must set allow_simulation = true to accept it")
 
@@ -570,7 +568,7 @@ def build(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
         run_tool(sign_argv(cfg["signing_key"]), cwd=str(out))
         if not (out / SGX_MANIFEST).is_file() or not (out / SIGSTRUCT).is_file():
             raise BranchyError(f"gramine-sgx-sign did not write {SGX_MANIFEST} and {SIGSTRUCT} in {out}")
-        sig = write_policy(out)
+        sig = read_measurements(out)
         summary.update(signed=True, sgx_manifest=str(out / SGX_MANIFEST), sigstruct=str(out / SIGSTRUCT),
-                       mrenclave=sig["mrenclave"], mrsigner=sig["mrsigner"], policy=sig["policy"])  # fmt: skip
+                       mrenclave=sig["mrenclave"], mrsigner=sig["mrsigner"])  # fmt: skip
     return summary

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import BranchyError, UsageError
+from .. import measured
+from ..errors import BranchyError, IntegrityError, UsageError, shown
 from ..parsing import ArgumentParser
 
 PROG = "branchy-tee predict"
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     att = p.add_argument_group("keys by remote attestation")
     att.add_argument("--attest", choices=["gramine", "simulated"], help="fetch keys from the owners' key brokers")
     att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker")
+    att.add_argument("--model-broker-identity", metavar="HEX",
+                     help="its identity (64 hex, `keygen --identity` prints it); only releases it signed are accepted")
     att.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable)")
     att.add_argument("--attestation-dir", default="/dev/attestation", help=argparse.SUPPRESS)
     att.add_argument("--broker-ca", metavar="PEM", help="CA certificate for brokers served over HTTPS")
@@ -46,42 +49,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ignore the exit thresholds: every sample through the final exit (for comparisons)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all cores)")
     p.add_argument("--quiet", action="store_true")
+    p.set_defaults(pinned_bundle_id=None, pinned_model_key_id=None)  # set only from measured settings
 
 
-# Inside the enclave these come from the Gramine manifest's loader.env, which is part of MRENCLAVE,
-# so the untrusted host (who controls argv) cannot change them.
-ENV_ENCLAVE = "BRANCHY_TEE_ENCLAVE"  # "1": running inside an enclave
-ENV_ATTEST = "BRANCHY_TEE_ATTEST"  # evidence provider: gramine | simulated
-ENV_MODEL_BROKER = "BRANCHY_TEE_MODEL_BROKER"
-ENV_DATA_BROKERS = "BRANCHY_TEE_DATA_BROKERS"  # comma-separated URLs
-ENV_ALLOW_PLAINTEXT = "BRANCHY_TEE_ALLOW_PLAINTEXT"  # "1": --plaintext-result allowed
-ENV_MIN_VERSION = "BRANCHY_TEE_MIN_MODEL_VERSION"
-ENV_BROKER_CA = "BRANCHY_TEE_BROKER_CA"  # CA certificate for HTTPS brokers (a trusted file)
+def _measured_only(args, dest: str, option: str, value: str, what: str) -> None:
+    """Inside the enclave ``value`` (measured) decides; the host may repeat it, never change it."""
+    given = getattr(args, dest)
+    if given and given != value:
+        raise UsageError(f"inside the enclave {what} comes only from its measured settings; {option} {shown(given)} "
+                         f"is refused (measured: {shown(value) if value else 'none'})")
+    setattr(args, dest, value or None)
 
 
 def apply_enclave_settings(args, env=os.environ) -> None:
-    """In an enclave, the measured settings override the host's command line.
+    """In an enclave, the measured settings (the manifest's loader.env, part of MRENCLAVE) decide
+    whom it trusts; the host's command line cannot change them.
 
-    Keys come only from attested key release, from the brokers the manifest names; plaintext
-    results are refused unless the manifest allows them; the minimum model version is at least the
-    manifest's.
+    Keys come only from attested key release: the model key from the measured model broker, signed
+    by its measured identity, for the measured bundle and model key id. Data-broker URLs may come from
+    the command line (their identities are checked against the model owner's signed allow-list).
+    Plaintext results are refused unless the manifest allows them; the minimum model version is at
+    least the manifest's.
     """
-    if env.get(ENV_ENCLAVE) != "1":
+    if not measured.inside_enclave(env):
         return
     if args.model_key or args.data_key:
         raise UsageError("inside the enclave keys come only from attested key release; --model-key/--data-key are refused")
-    if args.plaintext_result and env.get(ENV_ALLOW_PLAINTEXT) != "1":
+    if args.plaintext_result and env.get(measured.ALLOW_PLAINTEXT) != "1":
         raise UsageError("this enclave was built without plaintext results; --plaintext-result is refused")
-    if args.attest and args.attest != env.get(ENV_ATTEST, "gramine"):
-        raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {env.get(ENV_ATTEST, 'gramine')}")
-    args.attest = env.get(ENV_ATTEST, "gramine")
-    brokers = [u for u in env.get(ENV_DATA_BROKERS, "").split(",") if u]
-    if env.get(ENV_MODEL_BROKER):
-        args.model_broker = env[ENV_MODEL_BROKER]
-    if brokers:
-        args.data_broker = brokers
-    args.min_version = max(args.min_version, int(env.get(ENV_MIN_VERSION, "0") or 0))
-    args.broker_ca = env.get(ENV_BROKER_CA) or None
+    attest = env.get(measured.ATTEST) or "gramine"
+    if args.attest and args.attest != attest:
+        raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {attest}")
+    args.attest = attest
+    _measured_only(args, "model_broker", "--model-broker", env.get(measured.MODEL_BROKER, ""), "the model broker")
+    _measured_only(args, "model_broker_identity", "--model-broker-identity", env.get(measured.MODEL_BROKER_IDENTITY, ""),
+                   "the model broker's identity")  # fmt: skip
+    if not args.model_broker or not args.model_broker_identity:
+        raise UsageError("this enclave was built without a model broker and its identity (measured "
+                         f"{measured.MODEL_BROKER} is empty), so it can never get the model key; rebuild it with "
+                         "`enclave build --model-broker URL --model-broker-identity HEX`")
+    if not args.data_broker:
+        args.data_broker = [u for u in env.get(measured.DATA_BROKERS, "").split(",") if u]
+    args.pinned_bundle_id = env.get(measured.BUNDLE_ID) or None
+    args.pinned_model_key_id = env.get(measured.MODEL_KEY_ID) or None
+    if not args.pinned_bundle_id or not args.pinned_model_key_id:
+        raise UsageError(f"this enclave was built without a measured bundle ({measured.BUNDLE_ID}, {measured.MODEL_KEY_ID} "
+                         "are empty); rebuild it with `enclave build --bundle B`")
+    args.min_version = max(args.min_version, int(env.get(measured.MIN_MODEL_VERSION, "0") or 0))
+    args.broker_ca = env.get(measured.BROKER_CA) or None
     args.attestation_dir = "/dev/attestation"  # Gramine's pseudo-files; never a host-chosen directory
 
 
@@ -90,17 +105,29 @@ def _key_source(args):
     if args.attest:
         if args.model_key or args.data_key:
             raise UsageError("use either key files (--model-key/--data-key) or --attest, not both")
-        if not args.model_broker or not args.data_broker:
-            raise UsageError("--attest needs --model-broker URL and at least one --data-broker URL")
+        if not args.model_broker or not args.model_broker_identity or not args.data_broker:
+            raise UsageError("--attest needs --model-broker URL, --model-broker-identity HEX and at least one "
+                             "--data-broker URL")
         from ..attest.client import AttestedKeys
+        from ..attest.identity import parse_identity
 
-        return AttestedKeys(args.attest, args.model_broker, args.data_broker, attestation_dir=args.attestation_dir,
-                            ca_file=args.broker_ca, min_version=args.min_version)
+        identity = parse_identity(args.model_broker_identity, "--model-broker-identity")
+        return AttestedKeys(args.attest, args.model_broker, identity, args.data_broker,
+                            attestation_dir=args.attestation_dir, ca_file=args.broker_ca, min_version=args.min_version)
     if not args.model_key or not args.data_key:
         raise UsageError("give --model-key and --data-key files, or --attest with key brokers")
     from .keysource import FileKeys
 
     return FileKeys(args.model_key, args.data_key, args.min_version)
+
+
+def check_pins(header: dict, args, what: str) -> None:
+    """The bundle must be the one the enclave was built for (measured bundle id and model key id)."""
+    for field, pinned, name in (("bundle_id", args.pinned_bundle_id, "bundle"),
+                                ("key_id", args.pinned_model_key_id, "model key id")):  # fmt: skip
+        if pinned is not None and header.get(field) != pinned:
+            raise IntegrityError(f"{what}: {name} {shown(header.get(field), 40)} is not the measured {name} {pinned} "
+                                 "this enclave serves (another model is refused)")
 
 
 def records_for(answers, classes: list[str], lo: int, hi: int) -> list[dict]:
@@ -122,7 +149,14 @@ def run(args) -> dict:
 
     from ..fileio import atomic_write_bytes, atomic_write_text
     from ..seal.bundle import open_bundle, read_header_unverified
-    from ..seal.envelope import REQUEST_MAGIC, open_request, read_envelope_header, read_file, seal_result
+    from ..seal.envelope import (
+        REQUEST_MAGIC,
+        open_request,
+        read_envelope_header,
+        read_file,
+        request_digest,
+        seal_result,
+    )
     from .criteria import never_exit_threshold
     from .engine import early_exit
     from .memprof import MemorySampler
@@ -148,13 +182,16 @@ def run(args) -> dict:
     try:
         keys = _key_source(args)
         bundle_header = read_header_unverified(args.bundle)["header"]
+        check_pins(bundle_header, args, args.bundle)
         # Learn which data keys are needed before asking for any key.
-        raw_requests = [read_file(p) for p in args.input]
+        raw_requests = [read_file(p, "request") for p in args.input]
         kids = [read_envelope_header(data, REQUEST_MAGIC, p)[0]["key_id"] for data, p in zip(raw_requests, args.input)]
-        model_key = keys.model_key(str(bundle_header.get("key_id")))
+        model_key = keys.model_key(args.pinned_model_key_id or str(bundle_header.get("key_id")))
         data_keys = keys.data_keys(sorted(set(kids)))
         bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
         h = bundle.header
+        check_pins(h, args, args.bundle)  # the file read first may have been swapped since
+        model = {"bundle_id": h["bundle_id"], "model_version": h["model_version"], "model_key_id": h["key_id"]}
         log(f"bundle {h['arch']} v{h['model_version']} ({bundle.num_stages} stages) verified")
         requests = [open_request(data, data_keys, h["preprocessing"]["input_shape"], p) for data, p in zip(raw_requests, args.input)]
         x = torch.cat([r[1] for r in requests])
@@ -165,10 +202,11 @@ def run(args) -> dict:
             thresholds = [never_exit_threshold(h["criterion"])] * (bundle.num_stages - 1)
         answers = early_exit(store.get, bundle.num_stages, x, h["criterion"], thresholds, args.batch_size)
         outputs, text, lo = [], [], 0
-        for (req_header, inputs), path in zip(requests, args.output):
+        for (req_header, inputs), raw, path in zip(requests, raw_requests, args.output):
             hi = lo + len(inputs)
             recs = records_for(answers, h["classes"], lo, hi)
-            outputs.append((path, seal_result(recs, req_header, data_keys[req_header["key_id"]])))
+            blob = seal_result(recs, req_header, request_digest(raw), model, data_keys[req_header["key_id"]])
+            outputs.append((path, blob))
             text += plaintext_lines(req_header["request_id"], recs)
             lo = hi
         for path, blob in outputs:  # all answers exist before the first file is written
@@ -192,7 +230,7 @@ def run(args) -> dict:
         "resident_weights_peak_mib": round(store.resident_peak / MIB, 3),
         "activation_allowance_mib": round(store.activation_bytes / MIB, 3),
         "stage_load_seconds": round(store.load_seconds, 4),
-        "model_version": h["model_version"],
+        **model,
         "requests": len(requests),
         "batch_size": args.batch_size,
         "memory_budget_mib": args.memory_budget,

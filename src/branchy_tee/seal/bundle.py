@@ -31,13 +31,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as st_save
 
-from ..errors import BranchyError, IntegrityError
+from ..errors import BranchyError, IntegrityError, shown
+from ..fileio import read_regular_file
 from . import aead
 from .keys import derive, key_id
 
 BUNDLE_FORMAT = "branchy-tee/bundle/v1"
 HEADER_FILE = "header.json"
 MAX_HEADER_BYTES = 1 << 20
+# header.json holds exactly these members, in this order (as seal_model writes them): anything else
+# is refused before the MAC is even computed.
+DOC_MEMBERS = ("header", "mac")
+HEADER_MEMBERS = ("format", "bundle_id", "model_version", "key_id", "arch", "config", "classes", "preprocessing",
+                  "criterion", "thresholds", "stage_flops", "head_flops", "chunk_size", "stages")  # fmt: skip
+STAGE_MEMBERS = ("index", "file", "plaintext_size", "weight_bytes", "activation_elems", "sealed_size")
 
 
 def canonical_json(obj) -> bytes:
@@ -164,23 +171,26 @@ def read_header_unverified(path: str | os.PathLike) -> dict:
 
 def _read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
     file = Path(path) / HEADER_FILE
-    try:
-        raw = file.read_bytes()
-    except FileNotFoundError:
-        raise BranchyError(f"{path}: not a sealed bundle (no {HEADER_FILE})") from None
-    except OSError as e:
-        raise BranchyError(f"{file}: cannot read ({e.strerror})") from None
-    if len(raw) > MAX_HEADER_BYTES:
-        raise IntegrityError(f"{file}: header larger than {MAX_HEADER_BYTES} bytes")
+    if not os.path.lexists(file):
+        raise BranchyError(f"{path}: not a sealed bundle (no {HEADER_FILE})")
+    try:  # a regular file of bounded size, checked before reading (never a link to /dev/zero)
+        raw = read_regular_file(file, "bundle header", MAX_HEADER_BYTES)
+    except BranchyError as e:
+        raise IntegrityError(str(e)) from None
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:  # also nesting too deep, integers too long
         raise IntegrityError(f"{file}: header is not valid JSON ({e.__class__.__name__})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("header"), dict) or not isinstance(doc.get("mac"), str):
-        raise IntegrityError(f"{file}: malformed bundle header")
+    if not isinstance(doc, dict) or tuple(doc) != DOC_MEMBERS or not isinstance(doc["header"], dict) \
+            or not isinstance(doc["mac"], str):
+        raise IntegrityError(f"{file}: malformed bundle header (not exactly the members 'header' and 'mac')")
     header = doc["header"]
     if header.get("format") != BUNDLE_FORMAT:
-        raise IntegrityError(f"{file}: unknown bundle format {header.get('format')!r}")
+        raise IntegrityError(f"{file}: unknown bundle format {shown(header.get('format'), 40)}")
+    stages = header.get("stages")
+    if tuple(header) != HEADER_MEMBERS or not isinstance(stages, list) or not all(
+            isinstance(st, dict) and tuple(st) == STAGE_MEMBERS for st in stages):
+        raise IntegrityError(f"{file}: the header does not have exactly the members a sealed bundle has")
     return doc, raw
 
 

@@ -4,16 +4,22 @@ One file each:  MAGIC (8) | header length (u32, big endian) | header (canonical 
 
 The header is authenticated as associated data and names the request id and the data owner's key id
 (so the enclave knows which key opens it, and nobody can relabel it). The AES-256-GCM key is derived
-from the data owner's key and the request id, and differs between requests and results, so a result
-can only be opened as the result of the request it answers.
+from the data owner's key and the request id, and differs between requests and results.
+
+A result's header also carries the SHA-256 of the request file it answers (``request_sha256``) and
+the model that answered it (bundle id, model version, model key id). A data owner opens a result
+only together with its request (or that request's digest), so an old result replayed for a new
+request with the same request id is refused, and it learns which sealed model answered.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import re
 import secrets
-import stat
 import struct
 import uuid
 from dataclasses import dataclass
@@ -24,12 +30,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..errors import BranchyError, IntegrityError
+from ..errors import BranchyError, IntegrityError, UsageError, shown
+from ..fileio import read_regular_file
 from .bundle import canonical_json
-from .keys import derive, key_id
+from .keys import KEY_ID_RE, derive, key_id
 
 REQUEST_MAGIC = b"BTEEREQ1"
 RESULT_MAGIC = b"BTEERES1"
+RESULT_FORMAT = "branchy-tee/result/v2"
+MAX_REQUEST_ID = 128
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HEADER = 64 * 1024
 NONCE = 12
 MAX_FILE = 1 << 30  # largest request or result file read (1 GiB)
@@ -43,6 +53,32 @@ class Envelope:
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def request_id_problem(request_id: object) -> str | None:
+    """Why ``request_id`` cannot be a request id (None when it can): 1-128 printable characters of
+    valid Unicode (no lone surrogates: the id is encoded into key derivations and shown in logs)."""
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= MAX_REQUEST_ID:
+        return f"must be 1 to {MAX_REQUEST_ID} characters"
+    try:
+        request_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text"
+    if not request_id.isprintable():
+        return "must be printable text"
+    return None
+
+
+def check_request_id(request_id: object) -> str:
+    problem = request_id_problem(request_id)
+    if problem:
+        raise UsageError(f"request id {shown(request_id)} {problem}")
+    return request_id  # type: ignore[return-value]
+
+
+def request_digest(envelope: bytes) -> str:
+    """The SHA-256 (hex) of a request file's bytes: what its result binds."""
+    return hashlib.sha256(envelope).hexdigest()
 
 
 def _key(data_key: bytes, magic: bytes, request_id: str) -> bytes:
@@ -72,6 +108,11 @@ def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, in
         raise IntegrityError(f"{what}: {kind} header is not valid JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("request_id"), str) or not isinstance(header.get("key_id"), str):
         raise IntegrityError(f"{what}: {kind} header lacks a request id or key id")
+    if not KEY_ID_RE.fullmatch(header["key_id"]):
+        raise IntegrityError(f"{what}: {kind} header's key id {shown(header['key_id'], 40)} is not a key id")
+    problem = request_id_problem(header["request_id"])
+    if problem:
+        raise IntegrityError(f"{what}: {kind} header's request id {shown(header['request_id'])} {problem}")
     return header, 12 + n
 
 
@@ -81,7 +122,8 @@ def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) 
     key = keys.get(header["key_id"])
     if key is None:
         known = ", ".join(sorted(keys)) or "none"
-        raise IntegrityError(f"{what}: sealed for data key id {header['key_id']}, which this run has no key for (have: {known})")
+        raise IntegrityError(f"{what}: sealed for data key id {shown(header['key_id'], 40)}, which this run has no key for "
+                             f"(have: {known})")
     nonce, body = data[off : off + NONCE], data[off + NONCE :]
     try:
         payload = AESGCM(_key(key, magic, header["request_id"])).decrypt(nonce, body, data[:off])
@@ -90,31 +132,16 @@ def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) 
     return Envelope(header, payload)
 
 
-def read_file(path: str | os.PathLike, what: str | None = None, limit: int = MAX_FILE) -> bytes:
+def read_file(path: str | os.PathLike, what: str = "request or result file", limit: int = MAX_FILE) -> bytes:
     """A request or result file's bytes: a regular file of at most ``limit`` bytes (checked before
     reading, so a huge or endless file, e.g. /dev/zero, is refused instead of exhausting memory)."""
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag)
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise BranchyError(f"{path}: not a regular file")
-            if st.st_size > limit:
-                raise BranchyError(f"{path}: {st.st_size} bytes, over the {limit}-byte limit for a request or result file")
-            data = f.read(st.st_size + 1)  # not read(limit): that would allocate the limit up front
-    except FileNotFoundError:
-        raise BranchyError(f"{path}: file not found") from None
-    except OSError as e:
-        raise BranchyError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) > st.st_size:
-        raise BranchyError(f"{path}: the file grew while it was read")
-    return data
+    return read_regular_file(path, what, limit)
 
 
 # --------------------------------------------------------------------------- requests
 def seal_request(inputs: torch.Tensor, data_key: bytes, request_id: str | None = None) -> bytes:
     check_inputs(inputs, None, "inputs")
-    header = {"format": "branchy-tee/request/v1", "request_id": request_id or new_request_id(),
+    header = {"format": "branchy-tee/request/v1", "request_id": check_request_id(new_request_id() if request_id is None else request_id),
               "samples": int(inputs.shape[0]), "shape": list(inputs.shape[1:]), "dtype": "float32"}
     return seal_envelope(REQUEST_MAGIC, header, st_save({"inputs": inputs.contiguous()}), data_key)
 
@@ -147,15 +174,31 @@ def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) ->
 
 
 # --------------------------------------------------------------------------- results
-def seal_result(records: list[dict], request_header: dict, data_key: bytes) -> bytes:
-    header = {"format": "branchy-tee/result/v1", "request_id": request_header["request_id"], "samples": len(records)}
+MODEL_FIELDS = ("bundle_id", "model_version", "model_key_id")
+
+
+def seal_result(records: list[dict], request_header: dict, request_sha256: str, model: dict, data_key: bytes) -> bytes:
+    """The sealed answer to one request: bound to that request's exact bytes (``request_sha256``) and
+    naming the model that answered (``model``: bundle id, model version, model key id)."""
+    header = {"format": RESULT_FORMAT, "request_id": request_header["request_id"], "request_sha256": request_sha256,
+              **{k: model[k] for k in MODEL_FIELDS}, "samples": len(records)}  # fmt: skip
     return seal_envelope(RESULT_MAGIC, header, json.dumps(records).encode(), data_key)
 
 
-def open_result(data: bytes, data_key: bytes, what: str, request_id: str | None = None) -> tuple[dict, list[dict]]:
+def open_result(data: bytes, data_key: bytes, what: str, request_sha256: str) -> tuple[dict, list[dict]]:
+    """(header, records) of a result, which must answer the request whose file has SHA-256
+    ``request_sha256`` (see :func:`request_digest`); IntegrityError otherwise."""
+    if not isinstance(request_sha256, str) or not DIGEST_RE.fullmatch(request_sha256):
+        raise UsageError("a result is opened only with the digest of the request it answers (64 lower-case hex)")
     env = open_envelope(data, RESULT_MAGIC, {key_id(data_key): data_key}, what)
-    if request_id is not None and env.header["request_id"] != request_id:
-        raise IntegrityError(f"{what}: answers request {env.header['request_id']}, not {request_id}")
+    h = env.header
+    if h.get("format") != RESULT_FORMAT or not isinstance(h.get("request_sha256"), str) or not all(
+            k in h for k in MODEL_FIELDS):
+        raise IntegrityError(f"{what}: authentic, but not a {RESULT_FORMAT} result (no request digest or model)")
+    if not hmac.compare_digest(h["request_sha256"], request_sha256):
+        raise IntegrityError(f"{what}: answers another request (request {shown(h['request_id'])} with SHA-256 "
+                             f"{shown(h['request_sha256'], 64)}), not the one with SHA-256 {request_sha256}: "
+                             "a replayed or misdirected result")
     try:
         records = json.loads(env.payload)
     except (ValueError, RecursionError):
