@@ -21,8 +21,9 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from branchy_tee.attest.pck import parse_pck_extension
 from branchy_tee.attest.quote import INTEL_QE_VENDOR_ID, TdReportBody, parse_quote
-from branchy_tee.attest.verify import parse_pck_extension, verify_quote
+from branchy_tee.attest.verify import verify_quote
 from branchy_tee.cli import main
 from branchy_tee.errors import AttestationError
 from runs import mutate_bytes
