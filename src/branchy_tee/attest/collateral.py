@@ -105,6 +105,10 @@ def _date(obj: Mapping, key: str, what: str) -> datetime:
     return dt.astimezone(timezone.utc)
 
 
+def _evaluation_data_number(obj: Mapping, what: str) -> int | None:
+    return _int(obj, "tcbEvaluationDataNumber", what) if "tcbEvaluationDataNumber" in obj else None
+
+
 def _tcb_of(level: Any, what: str) -> Mapping:
     if not isinstance(level, dict) or not isinstance(level.get("tcb"), dict):
         raise fail(f"{what}: not an object with 'tcb'")
@@ -231,6 +235,7 @@ class TcbInfo:
     pce_id: bytes  # 2
     issue_date: datetime
     next_update: datetime
+    evaluation_data_number: int | None  # tcbEvaluationDataNumber
     levels: tuple[TcbLevel, ...]  # in Intel's order: the first one a platform meets is its level
     tdx_module: TdxModule | None  # TDX: identity of the module for major version 0
     tdx_module_identities: tuple[TdxModule, ...] | None  # TDX: identities by major version
@@ -247,6 +252,7 @@ class TcbInfo:
         fmspc = _hex_field(obj, "fmspc", what, 6)
         pce_id = _hex_field(obj, "pceId", what, 2)
         issue, next_update = _date(obj, "issueDate", what), _date(obj, "nextUpdate", what)
+        number = _evaluation_data_number(obj, what)
         tdx = tcb_id == "TDX"
         levels = tuple(
             TcbLevel.parse(level, f"TCB info level {n}", version, tdx)
@@ -260,6 +266,7 @@ class TcbInfo:
             pce_id=pce_id,
             issue_date=issue,
             next_update=next_update,
+            evaluation_data_number=number,
             levels=levels,
             tdx_module=TdxModule.parse(module, "TDX module") if isinstance(module, dict) else None,
             tdx_module_identities=_module_identities(obj),
@@ -280,6 +287,7 @@ class QeIdentity:
     attributes: bytes  # 16
     issue_date: datetime
     next_update: datetime
+    evaluation_data_number: int | None  # tcbEvaluationDataNumber
     levels: tuple[IsvLevel, ...]  # by QE ISVSVN, highest first
 
     @classmethod
@@ -294,6 +302,7 @@ class QeIdentity:
         attributes_mask = _hex_field(obj, "attributesMask", what, 16)
         attributes = _hex_field(obj, "attributes", what, 16)
         issue, next_update = _date(obj, "issueDate", what), _date(obj, "nextUpdate", what)
+        number = _evaluation_data_number(obj, what)
         levels = _isv_levels(obj, what)
         return cls(
             id=qe_id,
@@ -306,6 +315,7 @@ class QeIdentity:
             attributes=attributes,
             issue_date=issue,
             next_update=next_update,
+            evaluation_data_number=number,
             levels=levels,
         )
 
@@ -316,6 +326,14 @@ class Collateral:
 
     tcb_info: TcbInfo
     qe_identity: QeIdentity
+
+    @property
+    def tcb_evaluation_data_number(self) -> int | None:
+        """The lower of the TCB info's and the QE identity's ``tcbEvaluationDataNumber`` (what
+        Intel's QVL reports as ``tcb_eval_ref_num``); None when either lacks one. Intel raises it
+        with each TCB recovery, so a policy can require a minimum to refuse older collateral."""
+        a, b = self.tcb_info.evaluation_data_number, self.qe_identity.evaluation_data_number
+        return None if a is None or b is None else min(a, b)
 
 
 # --------------------------------------------------------------------------- reading and checking

@@ -86,6 +86,12 @@ class VerifiedQuote:
     quote: Quote | None = field(default=None, repr=False, compare=False)
     collateral: Collateral | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def tcb_evaluation_data_number(self) -> int | None:
+        """The collateral's TCB evaluation data number (the lower of TCB info's and QE identity's),
+        for a policy minimum; None without collateral or when either document lacks one."""
+        return self.collateral.tcb_evaluation_data_number if self.collateral else None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
