@@ -35,6 +35,8 @@ SGX_REPORT_LEN = 384
 TD10_REPORT_LEN = 584
 ECDSA_SIG_LEN = 64
 ECDSA_KEY_LEN = 64
+SGX_REPORT_DATA_AT = 320  # REPORTDATA (64 bytes) within an SGX report body
+REPORT_DATA_LEN = 64
 
 ATT_KEY_TYPE_ECDSA_P256 = 2
 TEE_TYPE_SGX = 0x00000000
@@ -258,8 +260,8 @@ def _parse_sgx_report(raw: bytes) -> SgxReportBody:
         isv_prod_id=isv_prod_id,
         isv_svn=isv_svn,
         config_svn=config_svn,
-        isv_family_id=raw[304:320],
-        report_data=raw[320:384],
+        isv_family_id=raw[304:SGX_REPORT_DATA_AT],
+        report_data=raw[SGX_REPORT_DATA_AT : SGX_REPORT_DATA_AT + REPORT_DATA_LEN],
     )
 
 
@@ -312,6 +314,22 @@ def _qe_part(r: _Reader, spans: list) -> tuple[SgxReportBody, bytes, bytes, Cert
 def split_pem_chain(data: bytes) -> tuple[bytes, ...]:
     """The ``-----BEGIN CERTIFICATE-----`` blocks in ``data`` (trailing NULs etc. are ignored)."""
     return tuple(m.group(0) for m in _PEM_CERT_RE.finditer(data))
+
+
+def peek_sgx_report_data(data: bytes) -> bytes:
+    """REPORTDATA of an SGX quote (v3/v4), read at its fixed offset without parsing the rest.
+
+    For an enclave's sanity check of the quote it was just handed (did it get its own?); this
+    verifies nothing, :func:`branchy_tee.attest.verify.verify_quote` does. Raises
+    :class:`AttestationError` when ``data`` is too short or not an SGX DCAP quote.
+    """
+    start = HEADER_LEN + SGX_REPORT_DATA_AT
+    if len(data) < HEADER_LEN + SGX_REPORT_LEN:
+        raise AttestationError(f"{len(data)} bytes is too short for an SGX quote")
+    version, _, tee_type = struct.unpack_from("<HHI", data)  # the header's first three fields
+    if version not in (3, 4) or tee_type != TEE_TYPE_SGX:
+        raise AttestationError(f"not an SGX DCAP quote (version {version}, TEE type {tee_type:#x})")
+    return data[start : start + REPORT_DATA_LEN]
 
 
 def parse_quote(data: bytes) -> Quote:
