@@ -344,12 +344,16 @@ def read_collateral_file(path: str | os.PathLike) -> dict:
             data = f.read()
     except OSError as e:
         raise BranchyError(f"cannot read collateral {path}: {e.strerror or e}") from None
+    return _json_object(data, f"collateral {path}")
+
+
+def _json_object(data: bytes, what: str) -> dict:
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError) as e:
-        raise fail(f"collateral {path} is not JSON ({e})") from None
+        raise fail(f"{what} is not JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise fail(f"collateral {path} is not a JSON object")
+        raise fail(f"{what} is not a JSON object")
     return obj
 
 
@@ -362,13 +366,7 @@ def _signed_json(collateral: Mapping, key: str, what: str) -> tuple[bytes, dict]
         data = bytes(text)
     else:
         raise fail(f"collateral: '{key}' must be the signed JSON text")
-    try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise fail(f"{what} is not JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise fail(f"{what} is not a JSON object")
-    return data, obj
+    return data, _json_object(data, what)
 
 
 def _signing_chains(collateral: Mapping, root: PinnedRoot, now: datetime) -> dict[str, tuple[x509.Certificate, ...]]:
