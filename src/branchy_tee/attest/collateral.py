@@ -18,11 +18,12 @@ Matching the quote against the collateral is :mod:`branchy_tee.attest.tcb`'s job
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from cryptography import x509
 
@@ -357,8 +358,8 @@ def _json_object(data: bytes, what: str) -> dict:
     return obj
 
 
-def _signed_json(collateral: Mapping, key: str, what: str) -> tuple[bytes, dict]:
-    """The exact signed bytes of a JSON document in the collateral, and the document."""
+def _signed_json(collateral: Mapping, key: str, what: str) -> bytes:
+    """The exact signed bytes of a JSON document in the collateral (which must be a JSON object)."""
     text = collateral.get(key)
     if isinstance(text, str):
         data = text.encode("utf-8", "surrogatepass")
@@ -366,7 +367,19 @@ def _signed_json(collateral: Mapping, key: str, what: str) -> tuple[bytes, dict]
         data = bytes(text)
     else:
         raise fail(f"collateral: '{key}' must be the signed JSON text")
-    return data, _json_object(data, what)
+    _json_object(data, what)  # malformed JSON is reported before the signature is checked
+    return data
+
+
+_Document = TypeVar("_Document", TcbInfo, QeIdentity)
+
+
+@functools.lru_cache(maxsize=32)
+def _typed(kind: type[_Document], data: bytes) -> _Document:
+    """``kind.parse`` of a signed document (text already read as a JSON object), once per text: one
+    TCB info serves every quote of its FMSPC for weeks, so a key broker would otherwise parse the
+    same levels again for every request. The typed documents are frozen, so sharing them is safe."""
+    return kind.parse(json.loads(data))
 
 
 def _signing_chains(collateral: Mapping, root: PinnedRoot, now: datetime) -> dict[str, tuple[x509.Certificate, ...]]:
@@ -400,8 +413,8 @@ def verify_collateral(collateral: Mapping[str, Any], root: PinnedRoot, pck: PckC
         raise fail(f"collateral lacks {', '.join(missing)}")
     # 5. TCB signing chains and signatures
     chains = _signing_chains(collateral, root, clock.now)
-    tcb_bytes, tcb_obj = _signed_json(collateral, "tcb_info", "TCB info")
-    qe_bytes, qe_obj = _signed_json(collateral, "qe_identity", "QE identity")
+    tcb_bytes = _signed_json(collateral, "tcb_info", "TCB info")
+    qe_bytes = _signed_json(collateral, "qe_identity", "QE identity")
     _check_signed(collateral, chains, "tcb_info", tcb_bytes, "TCB info")
     _check_signed(collateral, chains, "qe_identity", qe_bytes, "QE identity")
     # 6. CRLs
@@ -412,7 +425,7 @@ def verify_collateral(collateral: Mapping[str, Any], root: PinnedRoot, pck: PckC
     # is not trusted for this; a CRL from another PCK CA fails here.
     check_crl(load_crl(collateral["pck_crl"], "PCK CRL"), "PCK CRL", pck.ca, covered, clock)
     # 7. the signed documents, typed, and their windows
-    tcb_info, qe_identity = TcbInfo.parse(tcb_obj), QeIdentity.parse(qe_obj)
+    tcb_info, qe_identity = _typed(TcbInfo, tcb_bytes), _typed(QeIdentity, qe_bytes)
     clock.window("TCB info", tcb_info.issue_date, tcb_info.next_update)
     clock.window("QE identity", qe_identity.issue_date, qe_identity.next_update)
     return Collateral(tcb_info, qe_identity)
