@@ -18,8 +18,10 @@ from cryptography import x509
 from cryptography.x509 import verification as xv
 
 from ..errors import AttestationError
-from .pki import TAG_BIT_STRING, TAG_SEQUENCE, X509_ERRORS, cn, der, der_items, fail, iso, strict_parse
+from .pki import X509_ERRORS, cn, der, der_items, fail, iso, strict_parse
 from .quote import split_pem_chain
+
+_TAG_BIT_STRING, _TAG_SEQUENCE = 0x03, 0x30  # DER universal tags
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,10 @@ def _check_signature_bits(data: bytes) -> None:
     0 unused bits. cryptography ignores that count, so without this check a changed count would
     give a different byte string for the same certificate (a signature-preserving mutation)."""
     top = der_items(data, 0, len(data), "certificate")
-    if len(top) != 1 or top[0][0] != TAG_SEQUENCE:
+    if len(top) != 1 or top[0][0] != _TAG_SEQUENCE:
         raise fail("certificate: not one DER SEQUENCE")
     parts = der_items(data, top[0][1], top[0][2], "certificate")
-    if len(parts) != 3 or parts[2][0] != TAG_BIT_STRING or parts[2][2] <= parts[2][1]:
+    if len(parts) != 3 or parts[2][0] != _TAG_BIT_STRING or parts[2][2] <= parts[2][1]:
         raise fail("certificate: not (tbsCertificate, signatureAlgorithm, signatureValue)")
     if data[parts[2][1]] != 0:
         raise fail("certificate: signature BIT STRING has unused bits")

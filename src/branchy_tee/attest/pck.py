@@ -16,11 +16,12 @@ from typing import Iterator, Sequence
 from cryptography import x509
 
 from .chain import PinnedRoot, load_chain, verify_chain
-from .pki import TAG_INTEGER, TAG_OCTETS, TAG_OID, TAG_SEQUENCE, der_items, fail
+from .pki import der_items, fail
 
 PCK_LEAF_CN = "Intel SGX PCK Certificate"
 PCK_CA_CNS = ("Intel SGX PCK Processor CA", "Intel SGX PCK Platform CA")
 SGX_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113741.1.13.1")
+_TAG_INTEGER, _TAG_OCTETS, _TAG_OID, _TAG_SEQUENCE = 0x02, 0x04, 0x06, 0x30  # DER universal tags
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,10 @@ def _oid_value_pairs(raw: bytes, start: int, end: int, what: str) -> Iterator[tu
     """A SEQUENCE's content that is a list of SEQUENCE { OID, value }: (OID bytes, value item) each,
     one at a time (so the caller's checks run in entry order)."""
     for tag, s, e in der_items(raw, start, end):
-        if tag != TAG_SEQUENCE:
+        if tag != _TAG_SEQUENCE:
             raise fail(f"SGX extension: {what} is not a SEQUENCE")
         pair = der_items(raw, s, e)
-        if len(pair) != 2 or pair[0][0] != TAG_OID:
+        if len(pair) != 2 or pair[0][0] != _TAG_OID:
             raise fail(f"SGX extension: {what} is not (OID, value)")
         yield raw[pair[0][1] : pair[0][2]], pair[1]
 
@@ -118,7 +119,7 @@ def _extension_bytes(cert: x509.Certificate) -> bytes:
 
 def _tcb_entries(raw: bytes, fields: dict[bytes, _Item]) -> dict[int, _Item]:
     """The TCB entry's 18 known parts by index (1-16 component SVNs, 17 PCESVN, 18 CPUSVN)."""
-    if _OID_TCB not in fields or fields[_OID_TCB][0] != TAG_SEQUENCE:
+    if _OID_TCB not in fields or fields[_OID_TCB][0] != _TAG_SEQUENCE:
         raise fail("SGX extension: TCB missing")
     _, ts, te = fields[_OID_TCB]
     comps: dict[int, _Item] = {}
@@ -136,7 +137,7 @@ def _tcb_entries(raw: bytes, fields: dict[bytes, _Item]) -> dict[int, _Item]:
 
 def _tcb_svn(raw: bytes, item: _Item, what: str, limit: int) -> int:
     tag, s, e = item
-    if tag != TAG_INTEGER:
+    if tag != _TAG_INTEGER:
         raise fail(f"SGX extension: {what} is not an INTEGER")
     v = _der_uint(raw, s, e, what)
     if v > limit:
@@ -148,7 +149,7 @@ def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
     """Read PPID, TCB (16 component SVNs, PCESVN, CPUSVN), PCE-ID and FMSPC from a PCK certificate."""
     raw = _extension_bytes(cert)
     top = der_items(raw, 0, len(raw))
-    if len(top) != 1 or top[0][0] != TAG_SEQUENCE:
+    if len(top) != 1 or top[0][0] != _TAG_SEQUENCE:
         raise fail("SGX extension: expected one SEQUENCE")
     fields: dict[bytes, _Item] = {}
     for oid, item in _oid_value_pairs(raw, top[0][1], top[0][2], "entry"):
@@ -160,7 +161,7 @@ def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
         if oid not in fields:
             raise fail(f"SGX extension: {what} missing")
         tag, s, e = fields[oid]
-        if tag != TAG_OCTETS or e - s != size:
+        if tag != _TAG_OCTETS or e - s != size:
             raise fail(f"SGX extension: {what} is not a {size}-byte OCTET STRING")
         return raw[s:e]
 
@@ -171,6 +172,6 @@ def parse_pck_extension(cert: x509.Certificate) -> PckExtension:
     svns = tuple(_tcb_svn(raw, comps[i], f"TCB component {i}", 255) for i in range(1, 17))
     pce_svn = _tcb_svn(raw, comps[17], "PCESVN", 0xFFFF)
     tag, s, e = comps[18]
-    if tag != TAG_OCTETS or e - s != 16:
+    if tag != _TAG_OCTETS or e - s != 16:
         raise fail("SGX extension: CPUSVN is not a 16-byte OCTET STRING")
     return PckExtension(ppid=ppid, tcb_comp_svns=svns, pce_svn=pce_svn, cpu_svn=raw[s:e], pce_id=pce_id, fmspc=fmspc)

@@ -22,8 +22,6 @@ from ..errors import AttestationError
 
 T = TypeVar("T")
 
-TAG_INTEGER, TAG_BIT_STRING, TAG_OCTETS, TAG_OID, TAG_SEQUENCE = 0x02, 0x03, 0x04, 0x06, 0x30
-
 # What cryptography raises for malformed certificates/CRLs (some fields are parsed lazily).
 X509_ERRORS = (
     ValueError,
