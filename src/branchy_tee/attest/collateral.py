@@ -6,12 +6,14 @@ The input is the dcap-qvl ``QuoteCollateralV3`` JSON layout: PEM issuer chains, 
 :func:`verify_collateral` checks, in this order:
 
 5. the TCB info and QE identity issuer chains ("Intel SGX TCB Signing" + root) verify to the
-   pinned root, and both signatures verify with that leaf;
+   pinned root, both texts are JSON objects, and both signatures verify with that leaf;
 6. the root CA CRL (issuer: root) and the PCK CRL (issuer: the quote's PCK CA) have valid
    signatures, and no certificate of the PCK or signing chains is revoked;
-7. the signed JSON is parsed, once, into :class:`TcbInfo` and :class:`QeIdentity` (every field
-   the TCB evaluation reads, in every level, is checked here), and their windows
-   (issueDate <= now <= nextUpdate) and the CRL windows go to the :class:`~.crl.Clock`.
+7. the signed texts are parsed into :class:`TcbInfo` and :class:`QeIdentity` (every field the
+   TCB evaluation reads, in every level, is checked here; each text is parsed once per process).
+
+Validity windows (CRLs: thisUpdate..nextUpdate; TCB info, QE identity: issueDate..nextUpdate) go
+to the :class:`~.crl.Clock`, which raises or collects them as warnings.
 
 Matching the quote against the collateral is :mod:`branchy_tee.attest.tcb`'s job.
 """

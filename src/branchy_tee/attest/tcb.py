@@ -41,16 +41,17 @@ def evaluate_tcb(quote: Quote, pck: PckExtension, tcb_info: TcbInfo, qe_identity
     # TEE_TCB_SVN[1] is the TDX module's major version; from version 1 on, the first two bytes
     # belong to the module identity's level, not to the platform level.
     module_version = td.tee_tcb_svn[1] if td else 0
-    tdx_svns = (td.tee_tcb_svn, 2 if module_version > 0 else 0) if td else None
-    platform = _platform_level(tcb_info.levels, pck, tdx_svns)
+    tee_tcb = (td.tee_tcb_svn, 2 if module_version > 0 else 0) if td else None
+    platform = _platform_level(tcb_info.levels, pck, tee_tcb)
     module = _tdx_module_level(td, module_version, tcb_info) if td else None
     qe = _qe_level(quote.signature_data.qe_report, qe_identity, tdx=td is not None)
 
     status = platform.status
     if module is not None:
         status = _converge(status, module.status)
-    # Intel QVL: a QE level other than UpToDate counts as "ISVSVN out of date" unless it is Revoked.
-    qe_status = qe.status if qe else "Revoked"  # Intel: an ISVSVN below every level is treated as revoked
+    # Intel QVL: a QE ISVSVN below every level is treated as revoked, and a QE level other than
+    # UpToDate counts as "ISVSVN out of date" unless it is Revoked.
+    qe_status = qe.status if qe else "Revoked"
     status = _converge(status, qe_status if qe_status in ("UpToDate", "Revoked") else "OutOfDate")
     return TcbResult(
         status=status,
