@@ -84,7 +84,7 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
             from cryptography import x509
 
             from branchy_tee.attest.quote import parse_quote
-            from branchy_tee.attest.verify import SGX_EXTENSION_OID
+            from branchy_tee.attest.pck import SGX_EXTENSION_OID
 
             leaf = x509.load_pem_x509_certificate(parse_quote(q).pck_chain_pem[0])
             ext.append(leaf.extensions.get_extension_for_oid(SGX_EXTENSION_OID).value.value)

@@ -16,7 +16,8 @@
     dev public key, so pinning MRSIGNER pins the dev key. Brokers refuse it unless their policy
     says ``allow_simulation = true``; both sides print a loud warning every time.
 
-Standard library, ``cryptography`` and branchy_tee's errors/fileio only: this is enclave code.
+Standard library, ``cryptography`` and branchy_tee's errors, fileio and attest.quote (standard library
+only): this is enclave code.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from .. import measured
 from ..errors import AttestationError, BranchyError
 from ..fileio import read_key_file
+from .quote import peek_sgx_report_data
 
 DEFAULT_ATTESTATION_DIR = "/dev/attestation"
 SIMULATED_FORMAT = "branchy-tee/simulated-evidence/v1"
@@ -156,13 +158,11 @@ class GramineProvider:
 
 def _check_quote_carries(quote: bytes, report_data: bytes, where: Path) -> None:
     """Sanity check (the broker verifies for real): an SGX quote v3/v4 carries our report data."""
-    if len(quote) < 48 + 384:
-        raise AttestationError(f"{where}: {len(quote)} bytes is too short for an SGX quote")
-    version = int.from_bytes(quote[0:2], "little")
-    tee_type = int.from_bytes(quote[4:8], "little")
-    if version not in (3, 4) or tee_type != 0:
-        raise AttestationError(f"{where}: not an SGX DCAP quote (version {version}, TEE type {tee_type:#x})")
-    if not hmac.compare_digest(quote[48 + 320 : 48 + 384], report_data):
+    try:
+        carried = peek_sgx_report_data(quote)
+    except AttestationError as e:
+        raise AttestationError(f"{where}: {e}") from None
+    if not hmac.compare_digest(carried, report_data):
         raise AttestationError(f"{where}: the quote does not carry the report data just written (stale or foreign quote)")
 
 
