@@ -196,3 +196,29 @@ def test_build_refuses_a_model_broker_url_the_enclave_refuses(world, tmp_path, u
     never run, found out only at the first run, after the owners wrote policies for its MRENCLAVE."""
     assert _cli("enclave", "build", "--bundle", world.bundle, "--out", tmp_path / "e", "--attest", "simulated",
                 "--model-broker", url, "--model-broker-identity", world.ids["mo"]) == 2  # fmt: skip
+
+
+# --------------------------------------------------------------------------- collateral chosen by the host
+def test_host_cannot_skip_the_minimum_tcb_evaluation_number_by_sending_no_collateral(sgx_quotes_dir):
+    """`accept_client_collateral = true` with `min_tcb_evaluation_data_number` exists so that the host
+    cannot pick old Intel-signed collateral (phala-1's is number 17; the minimum here is 18). With
+    `require_collateral = false` (the setting for a broker without a collateral file) the host sends
+    no collateral at all: the TCB status is unknown, the minimum is not checked, and the quote is
+    accepted: the oldest possible choice passes where number 17 is refused."""
+    from test_broker import PHALA1_MRENCLAVE, PHALA_NOW, post_quote
+
+    from branchy_tee.seal.keys import generate_key
+
+    key = generate_key()
+    quote = (sgx_quotes_dir / "phala-1.quote.bin").read_bytes()
+    col = json.loads((sgx_quotes_dir / "phala-1.collateral.json").read_text())
+    policy = {"allowed_mrenclave": [PHALA1_MRENCLAVE], "accept_client_collateral": True,
+              "min_tcb_evaluation_data_number": 18, "require_collateral": False,
+              "accepted_tcb_statuses": ["UpToDate", "ConfigurationAndSWHardeningNeeded"]}  # fmt: skip
+    with start_broker([key], policy, clock=lambda: PHALA_NOW.timestamp()) as b:
+        st, out = post_quote(b, quote, key_id(key), collateral=col)
+        assert (st, out["code"]) == (403, "policy_refused") and "below the policy minimum 18" in out["error"]
+        st, out = post_quote(b, quote, key_id(key))  # no collateral
+        assert (st, out["code"]) == (403, "policy_refused"), (
+            f"without collateral the quote passed the policy (it failed only at {out['code']}): the minimum TCB "
+            "evaluation data number is skipped when the host sends none")
