@@ -215,7 +215,11 @@ def test_host_cannot_skip_the_minimum_tcb_evaluation_number_by_sending_no_collat
     policy = {"allowed_mrenclave": [PHALA1_MRENCLAVE], "accept_client_collateral": True,
               "min_tcb_evaluation_data_number": 18, "require_collateral": False,
               "accepted_tcb_statuses": ["UpToDate", "ConfigurationAndSWHardeningNeeded"]}  # fmt: skip
-    with start_broker([key], policy, clock=lambda: PHALA_NOW.timestamp()) as b:
+    try:
+        handle = start_broker([key], policy, clock=lambda: PHALA_NOW.timestamp())
+    except BranchyError:
+        return  # the policy is refused at broker start: also a fix
+    with handle as b:
         st, out = post_quote(b, quote, key_id(key), collateral=col)
         assert (st, out["code"]) == (403, "policy_refused") and "below the policy minimum 18" in out["error"]
         st, out = post_quote(b, quote, key_id(key))  # no collateral
