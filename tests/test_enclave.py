@@ -291,7 +291,9 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     from branchy_tee.attest.identity import create_identity, identity_hex
 
     mo = identity_hex(create_identity(tmp_path / "mo.id"))
-    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--out", str(tmp_path / "r.json")]) == 0
+    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--model-key",
+                 str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
+                 "--out", str(tmp_path / "r.json")]) == 0  # fmt: skip
     release = json.loads((tmp_path / "r.json").read_text())
     assert (release["mrenclave"], release["mrsigner"], release["attest"]) == (sig[9:41].hex(), sig[41:73].hex(), "gramine")
     assert release["model_broker_identity"] == BROKER_M_IDENTITY and release["model_owner"] == mo
@@ -327,8 +329,9 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
 
     create_identity(tmp_path / "mo.id")
     capsys.readouterr()
-    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--out", str(tmp_path / "r.json"),
-                 "--json"]) == 0  # fmt: skip
+    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--model-key",
+                 str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
+                 "--out", str(tmp_path / "r.json"), "--json"]) == 0  # fmt: skip
     measured = json.loads(capsys.readouterr().out)
     assert measured["mrenclave"] == (out / "branchy-tee.sig").read_bytes()[9:41].hex()
 

@@ -74,12 +74,13 @@ def test_release_statement_names_what_its_measurement_pins(world, tmp_path, capf
         measured.BUNDLE_ID: header["bundle_id"], measured.MODEL_KEY_ID: header["key_id"]})  # fmt: skip
 
     release = tmp_path / "release.json"
-    if _cli("enclave", "release", doctored, "--identity", world.path("mo.id"), "--out", release) != 0:
+    if _cli("enclave", "release", doctored, "--identity", world.path("mo.id"), "--model-key", world.path("mo.key"),
+            "--out", release) != 0:
         return  # refused: the statement would not have described its measurement
     statement = json.loads(release.read_text())
     assert (statement["model_broker_identity"], statement["bundle_id"]) == (world.ids["mo"], world.header["bundle_id"])
     policy = tmp_path / "do1-policy.toml"
-    assert _cli("enclave", "policy", "--release", release, "--model-owner", world.ids["mo"], "--out", policy) == 0
+    assert _cli("enclave", "policy", "--allow-simulated", "--release", release, "--model-owner", world.ids["mo"], "--out", policy) == 0
     capfd.readouterr()
 
     host_policy = {"allowed_mrenclave": [statement["mrenclave"]], "allow_simulation": True,
@@ -114,10 +115,11 @@ def test_release_statement_text_cannot_add_settings_to_a_data_owners_policy(worl
     cfg.update(attest="gramine", model_broker=f"{cfg['model_broker']}\nallow_simulation = true\n#")
     (d / "enclave.json").write_text(json.dumps(cfg))
     release = tmp_path / "release.json"
-    if _cli("enclave", "release", d, "--identity", world.path("mo.id"), "--out", release) != 0:
+    if _cli("enclave", "release", d, "--identity", world.path("mo.id"), "--model-key", world.path("mo.key"),
+            "--out", release) != 0:
         return  # refused at signing
     policy = tmp_path / "do1-policy.toml"
-    if _cli("enclave", "policy", "--release", release, "--model-owner", world.ids["mo"], "--out", policy) != 0:
+    if _cli("enclave", "policy", "--allow-simulated", "--release", release, "--model-owner", world.ids["mo"], "--out", policy) != 0:
         return  # refused when writing the policy
     broker = Broker(world.path("do1.key"), load_policy(policy), identity=world.path("do1.id"))
     try:

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from branchy_tee import measured
 from branchy_tee.attest.broker import Broker, serve_in_background, start_broker
 from branchy_tee.attest.client import AttestedKeys
-from branchy_tee.attest.identity import create_identity, identity_hex, load_identity
+from branchy_tee.attest.identity import create_identity, identity_hex, load_identity, sign
 from branchy_tee.attest.protocol import report_data
 from branchy_tee.attest.providers import SimulatedProvider, simulated_mrenclave
 from branchy_tee.cli import main
-from branchy_tee.errors import AttestationError
+from branchy_tee.errors import AttestationError, BranchyError
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.bundle import seal_model
 from branchy_tee.seal.keys import generate_key, key_id
@@ -82,10 +82,11 @@ def world(tmp_path_factory) -> World:
                     "--model-broker", f"http://127.0.0.1:{port}", "--model-broker-identity", ids["mo"],
                     "--io-dir", d / "io") == 0  # fmt: skip
         # The model owner reproduces the build (here: the same one) and signs what it is.
-        assert _cli("enclave", "release", d / "enclave", "--identity", d / "mo.id", "--out", d / "release.json") == 0
-        assert _cli("enclave", "policy", "--release", d / "release.json", "--model-owner", ids["mo"],
+        assert _cli("enclave", "release", d / "enclave", "--identity", d / "mo.id", "--model-key", d / "mo.key",
+                    "--out", d / "release.json") == 0  # fmt: skip
+        assert _cli("enclave", "policy", "--allow-simulated", "--release", d / "release.json", "--model-owner", ids["mo"],
                     "--out", d / "do-policy.toml") == 0  # fmt: skip
-        assert _cli("enclave", "policy", "--release", d / "release.json", "--model-owner", ids["mo"],
+        assert _cli("enclave", "policy", "--allow-simulated", "--release", d / "release.json", "--model-owner", ids["mo"],
                     "--allowed-data-owner", ids["do1"], "--allowed-data-owner", ids["do2"],
                     "--out", d / "mo-policy.toml") == 0  # fmt: skip
         import torch
@@ -248,7 +249,7 @@ def test_data_broker_not_on_the_allow_list_is_refused(world, tmp_path, capfd):
         assert run_enclave(world, out, ("host",), [hb.url]) == 1
         err = capfd.readouterr().err
         assert f"has identity {world.ids['host']}, which the model owner does not allow" in err
-        assert nothing_written(out)
+        assert nothing_written(out) and hb.broker.granted == 0  # refused before any evidence went to it
     release = json.loads(world.path("release.json").read_text())
     lines = audit(tmp_path / "mo-audit.jsonl")
     assert [(ln["decision"], ln["claims"]["mrenclave"]) for ln in lines] == [("granted", release["mrenclave"])]
@@ -297,7 +298,7 @@ def test_release_statement_tampered_or_signed_by_another_identity_is_refused(wor
         f = tmp_path / "release.json"
         f.write_bytes(doc_or_bytes if isinstance(doc_or_bytes, bytes) else json.dumps(doc_or_bytes).encode())
         capfd.readouterr()
-        rc = _cli("enclave", "policy", "--release", f, "--model-owner", owner, "--out", out)
+        rc = _cli("enclave", "policy", "--allow-simulated", "--release", f, "--model-owner", owner, "--out", out)
         return rc, capfd.readouterr().err
 
     assert policy(good)[0] == 0 and out.exists()
@@ -310,9 +311,13 @@ def test_release_statement_tampered_or_signed_by_another_identity_is_refused(wor
     raw = world.path("release.json").read_bytes()
     rc, err = policy(raw[:40] + bytes([raw[40] ^ 1]) + raw[41:])
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    # the host signs a statement of its own (its own enclave), claiming to be the model owner or not
-    assert _cli("enclave", "release", world.enclave, "--identity", world.path("host.id"), "--out", tmp_path / "h.json") == 0
-    host_doc = json.loads((tmp_path / "h.json").read_text())
+    # the host signs a statement of its own (any content it likes), claiming to be the model owner or not
+    from branchy_tee.enclave.release import FIELDS, RELEASE_PURPOSE
+    from branchy_tee.seal.bundle import canonical_json
+
+    host_statement = {k: good[k] for k in FIELDS} | {"model_owner": world.ids["host"], "mrenclave": "ab" * 32}
+    signature = sign(load_identity(world.path("host.id")), RELEASE_PURPOSE, canonical_json(host_statement))
+    host_doc = {**host_statement, "signature": signature.hex()}
     rc, err = policy(host_doc)
     assert rc == 1 and f"signed by '{world.ids['host']}', not by the model owner" in err
     rc, err = policy(dict(host_doc, model_owner=world.ids["mo"]))
@@ -421,7 +426,69 @@ def test_cli_surfaces_are_one_line(world, tmp_path, capfd):
     assert _cli("enclave", "build", "--bundle", world.bundle, "--out", tmp_path / "e", "--model-broker",
                 "http://127.0.0.1:1") == 2  # fmt: skip
     assert "--model-broker needs --model-broker-identity" in capfd.readouterr().err
-    assert _cli("enclave", "policy", "--release", world.path("release.json"), "--model-owner", "xyz",
+    assert _cli("enclave", "policy", "--allow-simulated", "--release", world.path("release.json"), "--model-owner", "xyz",
                 "--out", tmp_path / "p.toml") == 2  # fmt: skip
     err = capfd.readouterr().err
     assert "is not an identity" in err and len(err.strip().splitlines()) == 1
+
+
+def test_release_is_refused_for_an_enclave_that_pins_another_model_or_broker(world, tmp_path, capfd):
+    """The model owner's `enclave release` checks what the build pins against its own model key and
+    identity, whatever the (possibly host-made) build directory claims."""
+    keygen(tmp_path / "other.key")
+    out = tmp_path / "r.json"
+    assert _cli("enclave", "release", world.enclave, "--identity", world.path("mo.id"), "--model-key",
+                tmp_path / "other.key", "--out", out) == 1  # fmt: skip
+    assert "it would serve another model" in capfd.readouterr().err
+    assert _cli("enclave", "release", world.enclave, "--identity", world.path("host.id"), "--model-key",
+                world.path("mo.key"), "--out", out) == 1  # fmt: skip
+    assert f"trusts model broker identity {world.ids['mo']}, not {world.ids['host']}" in capfd.readouterr().err
+    assert not out.exists()
+    # and a data owner writes a policy for a simulated enclave only when it says so
+    assert _cli("enclave", "policy", "--release", world.path("release.json"), "--model-owner", world.ids["mo"],
+                "--out", tmp_path / "p.toml") == 1  # fmt: skip
+    assert "names a SIMULATED enclave" in capfd.readouterr().err and not (tmp_path / "p.toml").exists()
+
+
+def test_decrypt_result_can_require_the_released_bundle(world, tmp_path, capfd):
+    out = tmp_path / "out"
+    with brokers(world, data=("do1",)) as b:
+        assert run_enclave(world, out, ("do1",), [b["do1"].url]) == 0
+    argv = ["decrypt-result", out / "do1.res", "--key", world.path("do1.key"), "--request", world.d / "io" / "do1.req"]
+    assert _cli(*argv, "--expect-bundle", world.header["bundle_id"]) == 0
+    assert _cli(*argv, "--expect-bundle", "0" * 32) == 1
+    assert "not the expected '00000000" in capfd.readouterr().err
+
+
+def test_a_broker_that_drips_its_answer_is_cut_off(tmp_path):
+    """The enclave's timeout holds for the whole answer, not per byte."""
+    import threading
+    import time
+
+    stop = threading.Event()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def drip():
+        conn, _ = srv.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+        while not stop.is_set():
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                break
+            time.sleep(0.2)
+        conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    client = AttestedKeys("simulated", url, bytes.fromhex("ab" * 32), [], provider=SimulatedProvider(tmp_path / "k"),
+                          timeout=1.5)  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(BranchyError, match="no complete answer within 1.5 s"):
+        client.offer(url)
+    assert time.monotonic() - t0 < 5
+    stop.set()
+    srv.close()

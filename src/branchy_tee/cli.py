@@ -435,6 +435,7 @@ def add_decrypt_result(sub) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--request", metavar="REQUEST", help="the request file this result answers")
     which.add_argument("--request-digest", metavar="HEX", help="that request's SHA-256 (encrypt-input prints it)")
+    p.add_argument("--expect-bundle", metavar="ID", help="refuse a result answered by any other sealed bundle")
     p.add_argument("--out", metavar="FILE", help="also write the records as JSON to FILE")
     p.add_argument("--json", action="store_true",
                    help="print {request_id, request_sha256, bundle_id, model_version, model_key_id, records: "
@@ -455,6 +456,9 @@ def cmd_decrypt_result(args) -> int:
     key = read_key_file(args.key)
     header, records = open_result(read_file(args.result, "result"), key, args.result, digest)
     model = {k: header[k] for k in MODEL_FIELDS}
+    if args.expect_bundle is not None and model["bundle_id"] != args.expect_bundle:
+        raise BranchyError(f"{args.result} was answered by bundle {shown(model['bundle_id'], 40)}, not the expected "
+                           f"{shown(args.expect_bundle, 40)}")
     if args.out:
         atomic_write_text(args.out, json.dumps(records, indent=1) + "\n", mode=0o600)
     if args.json:
@@ -466,6 +470,55 @@ def cmd_decrypt_result(args) -> int:
           f"model key id {shown(model['model_key_id'], 20)}")
     for r in records:
         print(f"{r['index']:>6}  {r['class_name']:<16} confidence {r['confidence']:.3f}  exit {r['exit']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- online service
+def add_serve(sub) -> None:
+    from .runtime.server import add_arguments
+
+    p = sub.add_parser("serve", help="(enclave) answer data owners online over attested TLS, batching across requests",
+                       description="Serve the sealed model online: get the model key by attestation (the measured pins "
+                                   "inside an enclave), then answer over TLS with an RA-TLS certificate (the quote binds "
+                                   "its key); data owners authenticate with client certificates from their identities, "
+                                   "matched against the model owner's allow-list; requests are batched across "
+                                   "connections. Stops on SIGINT/SIGTERM after finishing accepted requests.")  # fmt: skip
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from .runtime.server import run
+
+    return run(args)
+
+
+def add_query(sub) -> None:
+    p = sub.add_parser("query", help="(data owner) verify the server's attestation, then classify images online",
+                       description="Connect to `branchy-tee serve` (one or more replicas), verify the enclave's "
+                                   "RA-TLS certificate against your policy before sending anything, authenticate "
+                                   "with your identity, and print one answer per input.")  # fmt: skip
+    p.add_argument("url", metavar="URL", help="https://HOST:PORT of a server (comma-separated for replicas)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images, or a .safetensors/.npy/.pt tensor file")
+    p.add_argument("--policy", required=True, metavar="POLICY.toml", help="your policy (the one your key broker uses)")
+    p.add_argument("--identity", required=True, metavar="FILE", help="your identity (`keygen --identity`)")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--json", action="store_true", help="print a JSON list of {label, class_name, confidence, exit, model}")
+    p.set_defaults(func=cmd_query)
+
+
+def cmd_query(args) -> int:
+    from .client import Client
+
+    with Client(args.url.split(","), policy=args.policy, identity=args.identity, timeout=args.timeout) as c:
+        results = c.predict(args.inputs)
+    if args.json:
+        emit_json(results)
+        return 0
+    model = results[0]["model"]
+    print(f"answered by bundle {model['bundle_id']} (model version {model['model_version']}), attestation verified")
+    for i, r in enumerate(results):
+        print(f"{i:>6}  {r['class_name']:<16} confidence {r['confidence']:.3f}  exit {r['exit']}")
     return 0
 
 
@@ -603,6 +656,10 @@ def add_enclave(sub) -> None:
                     "yourself from the same commit and bundle first: never sign a measurement the host printed.")  # fmt: skip
     rel.add_argument("dir", metavar="DIR")
     rel.add_argument("--identity", required=True, metavar="FILE", help="the model owner's identity (`keygen --identity`)")
+    rel.add_argument("--model-key", required=True, metavar="FILE",
+                     help="your model key: the enclave must pin your bundle, sealed under it")
+    rel.add_argument("--model-broker-identity", metavar="HEX",
+                     help="your key broker's identity, if it is not the --identity itself")
     rel.add_argument("--out", required=True, metavar="release.json")
     rel.add_argument("--json", action="store_true")
     rel.set_defaults(func=cmd_enclave_release)
@@ -619,6 +676,8 @@ def add_enclave(sub) -> None:
     pol.add_argument("--collateral", metavar="FILE", help="collateral file for DCAP quotes (dcap-qvl layout)")
     pol.add_argument("--allowed-data-owner", action="append", default=None, metavar="HEX",
                      help="(model owner's own policy) a data owner's identity that may use the model (repeatable)")
+    pol.add_argument("--allow-simulated", action="store_true",
+                     help="accept a release statement for a SIMULATED enclave (development only: no TEE)")
     pol.add_argument("--json", action="store_true")
     pol.set_defaults(func=cmd_enclave_policy)
 
@@ -677,7 +736,10 @@ def cmd_enclave_release(args) -> int:
     from .attest.identity import load_identity
     from .enclave.release import write_release
 
-    statement = write_release(args.dir, load_identity(args.identity), args.out)
+    from .fileio import read_key_file
+
+    statement = write_release(args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key),
+                              args.model_broker_identity)  # fmt: skip
     if args.json:
         emit_json(statement)
         return 0
@@ -693,7 +755,8 @@ def cmd_enclave_policy(args) -> int:
 
     statement = write_policy_from_release(args.release, args.model_owner, args.out,
                                           accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
-                                          collateral=args.collateral, allowed_data_owners=args.allowed_data_owner)  # fmt: skip
+                                          collateral=args.collateral, allowed_data_owners=args.allowed_data_owner,
+                                          allow_simulated=args.allow_simulated)  # fmt: skip
     if args.json:
         emit_json({"policy": args.out, "release": statement})
         return 0
@@ -707,7 +770,7 @@ def cmd_enclave_policy(args) -> int:
 # Each entry adds one subcommand (or group) to the parser; keep them in the DESIGN.md order.
 BUILDERS: list[Callable] = [
     add_models, add_train, add_eval, add_calibrate, add_keygen, add_seal, add_encrypt_input, add_predict,
-    add_decrypt_result, add_quote, add_key_broker, add_demo, add_bench, add_enclave,
+    add_decrypt_result, add_quote, add_key_broker, add_demo, add_bench, add_enclave, add_serve, add_query,
 ]
 
 

@@ -71,7 +71,7 @@ def _run_enclave(cmd: list[str], env: dict, label: str) -> dict:
     return json.loads(Path(cmd[cmd.index("--stats-json") + 1]).read_text())
 
 
-def _trust_setup(d: Path, identities: dict, mo_url: str, say) -> dict:
+def _trust_setup(d: Path, identities: dict, mo_url: str, mo_key: bytes, say) -> dict:
     """Host: build the enclave; model owner: sign the release; owners: policies from it. Returns it."""
     from .enclave.build import BuildOptions, build
     from .enclave.release import write_policy_from_release, write_release
@@ -81,13 +81,14 @@ def _trust_setup(d: Path, identities: dict, mo_url: str, say) -> dict:
                                io_dirs=[str(d / "io")], threads=2))  # fmt: skip
     say(f"    host: enclave built in enclave/ for bundle {built['bundle_id']}; measured: model broker {mo_url}, "
         f"its identity {identities['mo'][1][:16]}..., minimum model version {built['min_model_version']}")
-    release = write_release(d / "enclave", identities["mo"][0], d / "mo" / "release.json")
+    release = write_release(d / "enclave", identities["mo"][0], d / "mo" / "release.json", mo_key)
     say(f"    model owner: reproduces the build and signs mo/release.json (MRENCLAVE {release['mrenclave'][:16]}..., simulated)")
     allowed = [identities["do-a"][1], identities["do-b"][1]]
     write_policy_from_release(d / "mo" / "release.json", identities["mo"][1], d / "mo" / "policy.toml",
-                              allowed_data_owners=allowed)  # fmt: skip
+                              allowed_data_owners=allowed, allow_simulated=True)  # fmt: skip
     for who in ("do-a", "do-b"):
-        write_policy_from_release(d / "mo" / "release.json", identities["mo"][1], d / who / "policy.toml")
+        write_policy_from_release(d / "mo" / "release.json", identities["mo"][1], d / who / "policy.toml",
+                                  allow_simulated=True)  # fmt: skip
     say("    data owners A and B: verify the release under the model owner's identity and write their brokers' policies;\n"
         "    the model owner's policy allows exactly A and B to use the model (allowed_data_owners)")
     return release
@@ -165,7 +166,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
         identities[who] = (key, identity_hex(key))
         say(f"    {who}: identity {identities[who][1]} ({who}/identity.pem)")
     mo_url = f"http://127.0.0.1:{_free_port()}"
-    release = _trust_setup(d, identities, mo_url, say)
+    release = _trust_setup(d, identities, mo_url, mo_key, say)
 
     # ------------------------------------------------------------------ data owners
     step(5, total, "data owners A and B", "each encrypts its half of the test images with its own key")

@@ -42,3 +42,10 @@ def shown(value: object, limit: int = 80) -> str:
     if len(text) > limit:
         text = text[:limit] + "..."
     return ascii(text)
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """Text from elsewhere (a broker's error, a parser's complaint) as one printable ASCII line."""
+    s = " ".join(str(text).split())
+    s = "".join(c if c.isprintable() and c.isascii() else "?" for c in s)
+    return s if len(s) <= limit else s[: limit - 3] + "..."

@@ -29,6 +29,55 @@ NAMES = (ENCLAVE, ATTEST, MODEL_BROKER, MODEL_BROKER_IDENTITY, DATA_BROKERS, BUN
 
 IDENTITY_RE = re.compile(r"[0-9a-f]{64}")  # a raw Ed25519 public key, lower-case hex
 
+# Ed25519 public keys of small order (libsodium's blocklist; the sign bit is ignored). Under such a
+# key, signatures that verify for every message exist (OpenSSL does not refuse them), so it is no
+# identity at all: refused wherever an identity is accepted.
+_SMALL_ORDER = tuple(bytes.fromhex(h) for h in (
+    "00" * 32,  # y = 0 (order 4)
+    "01" + "00" * 31,  # y = 1 (order 1)
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "ec" + "ff" * 30 + "7f",  # y = p - 1 (order 2)
+    "ed" + "ff" * 30 + "7f",  # y = p, a non-canonical 0
+    "ee" + "ff" * 30 + "7f",  # y = p + 1, a non-canonical 1
+))
+
+
+def identity_problem(identity: object) -> str | None:
+    """Why ``identity`` (64 hex characters, or 32 raw bytes) is not a usable identity; None if it is."""
+    if isinstance(identity, str):
+        if not IDENTITY_RE.fullmatch(identity):
+            return "is not an identity (64 lower-case hex characters, as `branchy-tee keygen --identity` prints)"
+        identity = bytes.fromhex(identity)
+    if not isinstance(identity, bytes) or len(identity) != 32:
+        return "is not an identity (32 bytes)"
+    masked = identity[:31] + bytes([identity[31] & 0x7F])
+    if masked in _SMALL_ORDER:
+        return "is a small-order Ed25519 key, under which anyone can sign anything: not an identity"
+    return None
+
+
+# Broker URLs are measured (manifest TOML strings, ',' separates the data brokers) and shown in
+# messages: printable ASCII of RFC 3986, without quotes, backslashes, '$' or ','.
+_URL_RE = re.compile(r"https?://[A-Za-z0-9\-._~:/?#\[\]@!&()*+;=%]+")
+
+
+def broker_url_problem(url: object) -> str | None:
+    """Why ``url`` cannot be a key broker's URL (None if it can): the one check the build and the
+    enclave share, so that the build never measures a URL the enclave would refuse."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(url, str) or not _URL_RE.fullmatch(url):
+        return "is not an http:// or https:// URL of printable ASCII (no spaces, quotes, '\\', '$' or ',')"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError:
+        return "is not a well-formed URL"
+    if not parts.hostname:
+        return "names no host"
+    return None
+
 
 def inside_enclave(env: Mapping[str, str]) -> bool:
     return env.get(ENCLAVE) == "1"

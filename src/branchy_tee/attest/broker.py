@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from ..errors import AttestationError, BranchyError, PolicyError, UsageError, shown
+from ..parsing import parse_listen
 from ..fileio import read_key_file
 from ..seal.keys import key_id
 from .policy import Claims, Policy, load_policy, parse_policy
@@ -203,30 +204,10 @@ def verify_evidence(policy: Policy, evidence_type: str, evidence: bytes, *, coll
             chosen = collateral
         with _VERIFY_LOCK:
             vq = verify_quote(evidence, collateral=chosen, now=now, strict_time=policy.strict_time)
-        number = tcb_evaluation_data_number(chosen) if vq.tcb_status is not None else None
-        return Claims.from_quote(vq, number)
+        return Claims.from_quote(vq, vq.tcb_evaluation_data_number if vq.tcb_status is not None else None)
     if evidence_type == EVIDENCE_SIMULATED:
         return Claims.from_simulated(verify_simulated(evidence))
     raise AttestationError(f"unknown evidence type {evidence_type!r}")
-
-
-def tcb_evaluation_data_number(collateral: Mapping | None) -> int | None:
-    """The lower of the TCB info's and QE identity's ``tcbEvaluationDataNumber`` in collateral that
-    verified (dcap-qvl layout; both are signed by Intel's TCB signing key)."""
-    if collateral is None:
-        return None
-    numbers = []
-    for member, inner in (("tcb_info", "tcbInfo"), ("qe_identity", "enclaveIdentity")):
-        try:
-            doc = json.loads(collateral[member])
-            doc = doc.get(inner, doc)
-            number = doc["tcbEvaluationDataNumber"]
-        except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
-            return None
-        if type(number) is not int:
-            return None
-        numbers.append(number)
-    return min(numbers)
 
 
 def _as_identity(identity) -> Ed25519PrivateKey:
@@ -525,22 +506,6 @@ def _is_loopback(host: str) -> bool:
 def _url(host: str, port: int, tls: bool) -> str:
     h = f"[{host}]" if ":" in host else host
     return f"{'https' if tls else 'http'}://{h}:{port}"
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"--listen expects HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        p = int(port)
-    except ValueError:
-        raise UsageError(f"--listen: port {port!r} is not a number") from None
-    if not 0 <= p <= 65535:
-        raise UsageError(f"--listen: port {p} is out of range")
-    return host, p
 
 
 async def _start_site(broker: Broker, host: str, port: int, ssl_ctx):

@@ -10,8 +10,9 @@ HPKE-opened and accepted only if its id is the id asked for.
 Whom the enclave trusts: the model broker's identity is given (inside an enclave: measured). Its
 signed release carries the model owner's ``allowed_data_owners``; data keys are taken only from
 brokers whose identity is on that list, whatever URL the host gives for them, and not at all when
-the list is missing or empty. Each data key id comes from the first allowed data broker that lists
-it, so several data owners, each with their own broker, work in one run. The minimum model version
+the list is missing or empty. Each data key id is asked of the first data broker that lists it; if
+that broker's identity is not on the list the run is refused (before any evidence is sent to it).
+Several data owners, each with their own broker, work in one run. The minimum model version
 is the largest of the caller's and every broker's (signed, and inside the sealed key record).
 
 Trusted computing base: standard library (``urllib``), ``cryptography`` and branchy_tee's
@@ -25,8 +26,8 @@ import http.client
 import json
 import os
 import ssl
+import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 
@@ -34,7 +35,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..errors import AttestationError, BranchyError, shown
+from ..errors import AttestationError, BranchyError, one_line, shown
+from ..measured import broker_url_problem
 from ..seal.keys import key_id
 from .identity import verify as verify_signature
 from .protocol import (
@@ -56,22 +58,12 @@ from .providers import DEFAULT_ATTESTATION_DIR, make_provider
 __all__ = ["AttestedKeys", "BrokerOffer"]
 
 
-def _one_line(text: object, limit: int = 300) -> str:
-    s = " ".join(str(text).split())
-    s = "".join(c if c.isprintable() and c.isascii() else "?" for c in s)  # host-controlled text
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
 def _broker_url(url: str, what: str) -> str:
     if not isinstance(url, str) or not url:
         raise BranchyError(f"{what}: no URL given")
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        parts = None
-    if (parts is None or parts.scheme not in ("http", "https") or not parts.netloc
-            or not (url.isascii() and url.isprintable()) or " " in url):
-        raise BranchyError(f"{what} {shown(url)} is not an http:// or https:// URL")
+    problem = broker_url_problem(url)
+    if problem:
+        raise BranchyError(f"{what} {shown(url)} {problem}")
     return url.rstrip("/")
 
 
@@ -82,6 +74,7 @@ class BrokerOffer:
     url: str
     nonce: bytes
     key_ids: tuple[str, ...]
+    identity: bytes | None = None  # as the broker claims it (unauthenticated: the signed release decides)
 
 
 class AttestedKeys:
@@ -130,6 +123,14 @@ class AttestedKeys:
             self.allowed_data_owners = release.allowed_data_owners or ()
         return self._model[kid]
 
+    def renew(self, kid: str) -> tuple[bytes, ...]:
+        """Attest to the model broker again (a long-running server does this periodically): the model
+        owner may have changed the allow-list, or revoked the deployment. Returns the new allow-list;
+        raises like :meth:`model_key` when the broker refuses."""
+        self._model.pop(kid, None)
+        self.model_key(kid)
+        return self.allowed_data_owners or ()
+
     def data_keys(self, kids: list[str]) -> dict[str, bytes]:
         bad = [k for k in kids if not isinstance(k, str) or not KEY_ID_RE.fullmatch(k)]
         if bad:
@@ -146,6 +147,11 @@ class AttestedKeys:
                 break
             offer = self.offer(url)
             mine = [k for k in remaining if k in offer.key_ids]
+            if mine and offer.identity not in self.allowed_data_owners:
+                # refuse before sending evidence (the signed release would be refused anyway)
+                who = offer.identity.hex() if offer.identity else "none given"
+                raise AttestationError(f"data key broker {url} has identity {who}, which the model owner does not "
+                                       "allow to use this model (not in allowed_data_owners); its keys are refused")
             if mine:
                 out.update(self.exchange(offer, mine, None)[0])
                 remaining = [k for k in remaining if k not in out]
@@ -164,12 +170,14 @@ class AttestedKeys:
         try:
             nonce = bytes.fromhex(doc["nonce"])
             kids = doc.get("key_ids", [])
+            claimed = doc.get("identity")
+            identity = bytes.fromhex(claimed) if isinstance(claimed, str) and len(claimed) == 64 else None
             if len(nonce) != NONCE_BYTES or not isinstance(kids, list) or not all(
                     isinstance(k, str) and KEY_ID_RE.fullmatch(k) for k in kids):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise AttestationError(f"key broker {url}: malformed nonce response") from None
-        return BrokerOffer(url, nonce, tuple(kids))
+        return BrokerOffer(url, nonce, tuple(kids), identity)
 
     def exchange(self, offer: BrokerOffer, kids: list[str], expect: bytes | None) -> tuple[dict[str, bytes], KeyRelease]:
         """Attest to one broker with its nonce; return the keys ``kids`` it released and its signed release.
@@ -224,19 +232,29 @@ class AttestedKeys:
         req = urllib.request.Request(base + path, data=body, method=method,
                                      headers={"Content-Type": "application/json", "Accept": "application/json",
                                               "User-Agent": "branchy-tee-enclave/1"})
+        deadline = time.monotonic() + self.timeout  # for the whole answer: a broker dripping bytes is cut off
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
-                data = resp.read(MAX_RESPONSE + 1)
+                chunks, size = [], 0
+                while size <= MAX_RESPONSE:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"no complete answer within {self.timeout:g} s")
+                    chunk = resp.read1(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                data = b"".join(chunks)
         except urllib.error.HTTPError as e:
             try:
                 reason = json.loads(e.read(8192)).get("error") or e.reason
             except Exception:  # noqa: BLE001 -- any unreadable error body
                 reason = e.reason
-            raise AttestationError(f"key broker {base} refused: {_one_line(reason)} (HTTP {e.code})") from None
+            raise AttestationError(f"key broker {base} refused: {one_line(reason)} (HTTP {e.code})") from None
         except urllib.error.URLError as e:
-            raise BranchyError(f"key broker {base} is unreachable: {_one_line(e.reason)}") from None
+            raise BranchyError(f"key broker {base} is unreachable: {one_line(e.reason)}") from None
         except (OSError, http.client.HTTPException) as e:  # timeouts, resets, malformed HTTP
-            raise BranchyError(f"key broker {base} is unreachable: {_one_line(e) or type(e).__name__}") from None
+            raise BranchyError(f"key broker {base} is unreachable: {one_line(e) or type(e).__name__}") from None
         if len(data) > MAX_RESPONSE:
             raise AttestationError(f"key broker {base}: response larger than {MAX_RESPONSE} bytes")
         try:
@@ -246,5 +264,5 @@ class AttestedKeys:
         if not isinstance(doc, dict):
             raise AttestationError(f"key broker {base}: response is not a JSON object")
         if doc.get("protocol", PROTOCOL) != PROTOCOL:
-            raise AttestationError(f"key broker {base} speaks {_one_line(doc.get('protocol'), 40)}, not {PROTOCOL}")
+            raise AttestationError(f"key broker {base} speaks {one_line(doc.get('protocol'), 40)}, not {PROTOCOL}")
         return doc

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from ..errors import BranchyError, UsageError, shown
 from ..fileio import TargetExists, atomic_write_bytes, read_private_file
-from ..measured import IDENTITY_RE
+from ..measured import identity_problem
 
 IDENTITY_BYTES = 32
 SIGNATURE_BYTES = 64
@@ -45,10 +45,10 @@ def identity_hex(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
 
 def parse_identity(text: object, what: str = "identity") -> bytes:
     """A 64-hex-character identity as 32 bytes; UsageError when it is not one."""
-    if not isinstance(text, str) or not IDENTITY_RE.fullmatch(text):
-        raise UsageError(f"{what} {shown(text)} is not an identity (64 lower-case hex characters, "
-                         "as `branchy-tee keygen --identity` prints)")
-    return bytes.fromhex(text)
+    problem = identity_problem(text)
+    if problem:
+        raise UsageError(f"{what} {shown(text)} {problem}")
+    return bytes.fromhex(text)  # type: ignore[arg-type]
 
 
 def create_identity(path: str | os.PathLike) -> Ed25519PrivateKey:
@@ -83,7 +83,7 @@ def sign(key: Ed25519PrivateKey, purpose: bytes, message: bytes) -> bytes:
 
 def verify(identity: bytes, purpose: bytes, message: bytes, signature: bytes) -> bool:
     """True when ``signature`` is ``identity``'s signature of ``message`` for ``purpose``."""
-    if len(identity) != IDENTITY_BYTES or len(signature) != SIGNATURE_BYTES:
+    if len(signature) != SIGNATURE_BYTES or identity_problem(identity):
         return False
     try:
         Ed25519PublicKey.from_public_bytes(identity).verify(signature, _DOMAIN + purpose + b"\0" + message)

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import BranchyError, PolicyError, shown
-from ..measured import IDENTITY_RE
+from ..measured import identity_problem
+from .protocol import MAX_ALLOWED_DATA_OWNERS
 from .protocol import EVIDENCE_DCAP, EVIDENCE_SIMULATED, KEY_ID_RE
 from .verify import TCB_STATUSES, read_collateral_file
 
@@ -213,6 +214,9 @@ class Policy:
                               "policy has allow_debug = false")
         if not claims.simulated:
             status = claims.tcb_status
+            if status is None and self.min_tcb_evaluation_data_number is not None:
+                raise PolicyError("min_tcb_evaluation_data_number: the quote's TCB status is unknown (no collateral), "
+                                  "so the minimum cannot be checked")
             if status is None:
                 if self.require_collateral:
                     raise PolicyError("require_collateral: the quote's TCB status is unknown (no collateral); give the "
@@ -279,9 +283,12 @@ class _Reader:
         values = self.strings(name)
         if values is None:
             return None
+        if len(values) > MAX_ALLOWED_DATA_OWNERS:
+            raise self.fail(name, f"lists {len(values)} identities; at most {MAX_ALLOWED_DATA_OWNERS} fit in a key release")
         for s in values:
-            if not IDENTITY_RE.fullmatch(s):
-                raise self.fail(name, f"entry {shown(s)} is not an identity (64 lower-case hex characters)")
+            problem = identity_problem(s)
+            if problem:
+                raise self.fail(name, f"entry {shown(s)} {problem}")
         return tuple(sorted({bytes.fromhex(s) for s in values}))
 
     def measurements(self, name: str) -> frozenset[bytes]:

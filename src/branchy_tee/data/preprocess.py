@@ -20,22 +20,29 @@ def _normalise(x: torch.Tensor, pre: dict) -> torch.Tensor:
     return (x - mean) / std
 
 
-def load_image(path: Path, shape) -> torch.Tensor:
-    """One image as uint8 (C, H, W): converted to grey or RGB as the model expects, resized if needed."""
-    from PIL import Image, UnidentifiedImageError
+def image_to_pixels(im, shape) -> torch.Tensor:
+    """A PIL image as uint8 (C, H, W): converted to grey or RGB as the model expects, resized if needed."""
+    from PIL import Image
 
     c, h, w = shape
+    im = im.convert("L" if c == 1 else "RGB")
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).view(h, w, c).permute(2, 0, 1)
+
+
+def load_image(path: Path, shape) -> torch.Tensor:
+    """One image file as uint8 (C, H, W) (see :func:`image_to_pixels`)."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            return image_to_pixels(im, shape)
     except FileNotFoundError:
         raise BranchyError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise BranchyError(f"{path}: unreadable image ({e.__class__.__name__})") from None
-    return torch.from_numpy(arr.copy()).view(h, w, c).permute(2, 0, 1)
 
 
 def load_tensor_file(path: Path) -> torch.Tensor:

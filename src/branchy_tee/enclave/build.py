@@ -259,8 +259,9 @@ def _abs_path(path: str, what: str) -> str:
 
 
 def _check_url(url: str, what: str) -> str:
-    if not re.fullmatch(r"https?://[^\s\"'\\$,]+", url):
-        raise UsageError(f"{what} {url!r} is not an http(s) URL (no spaces, quotes, '$' or ',')")
+    problem = measured.broker_url_problem(url)
+    if problem:
+        raise UsageError(f"{what} {url!r} {problem}")
     return url
 
 
@@ -358,8 +359,9 @@ def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict
                          "--identity` printed it): the enclave accepts only key releases signed by it")
     if identity and not model_broker:
         raise UsageError("--model-broker-identity needs --model-broker URL")
-    if identity and not measured.IDENTITY_RE.fullmatch(identity):
-        raise UsageError(f"--model-broker-identity {identity!r} is not an identity (64 lower-case hex characters)")
+    problem = measured.identity_problem(identity) if identity else None
+    if problem:
+        raise UsageError(f"--model-broker-identity {identity!r} {problem}")
     data_brokers = [_check_url(u, "--data-broker") for u in opts.data_brokers]
     broker_ca = None
     if opts.broker_ca:

@@ -20,22 +20,69 @@ the same way, adding the data owners it allows (``--allowed-data-owner``).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from pathlib import Path
 
+from .. import measured
 from ..attest.identity import identity_hex, parse_identity, sign, verify
 from ..errors import BranchyError, shown
 from ..fileio import atomic_write_text, read_regular_file
 from ..seal.bundle import canonical_json
-from .build import MANIFEST, load_config, read_measurements
+from .build import MANIFEST, SGX_MANIFEST, load_config, manifest_env, read_measurements
 
 RELEASE_FORMAT = "branchy-tee/release/v1"
 RELEASE_PURPOSE = b"enclave-release"
 MAX_RELEASE_BYTES = 64 * 1024
 FIELDS = ("format", "attest", "mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "debug", "bundle_id", "model_version",
           "model_key_id", "min_model_version", "model_broker", "model_broker_identity", "manifest_sha256",
-          "model_owner")  # fmt: skip
+          "released_at", "model_owner")  # fmt: skip
+
+
+def measured_env(directory: Path, cfg: dict) -> dict[str, str]:
+    """The environment the measurement covers, from the one place the measurement is computed from:
+    the signed manifest's ``loader.env`` for SGX, ``enclave.json``'s ``env`` (what the native backend
+    runs with and simulated evidence measures) otherwise. Refused when enclave.json contradicts itself."""
+    import tomllib
+
+    if manifest_env(cfg) != cfg["env"]:
+        raise BranchyError(f"{directory}/enclave.json is inconsistent (its measured environment differs from its "
+                           "settings): edited after the build; rebuild it yourself before you release it")
+    if cfg["attest"] == "simulated":
+        return dict(cfg["env"])
+    try:
+        manifest = tomllib.loads((directory / SGX_MANIFEST).read_text())
+        env = manifest["loader"]["env"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BranchyError(f"cannot read the measured environment from {directory / SGX_MANIFEST}: {e}") from None
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise BranchyError(f"{directory / SGX_MANIFEST}: loader.env is not a table of strings")
+    return env
+
+
+def _pins(env: dict[str, str], directory: Path) -> dict:
+    """What the measured environment pins, each value checked (no text reaches a policy unchecked)."""
+    from ..seal.keys import KEY_ID_RE
+
+    pins = {"bundle_id": env.get(measured.BUNDLE_ID, ""), "model_key_id": env.get(measured.MODEL_KEY_ID, ""),
+            "model_broker": env.get(measured.MODEL_BROKER, ""),
+            "model_broker_identity": env.get(measured.MODEL_BROKER_IDENTITY, "")}  # fmt: skip
+    if not pins["model_broker"]:
+        raise BranchyError(f"{directory} was built without --model-broker: such an enclave can never get the model key, "
+                           "so there is nothing to release")
+    problems = [measured.broker_url_problem(pins["model_broker"]),
+                measured.identity_problem(pins["model_broker_identity"]),
+                None if KEY_ID_RE.fullmatch(pins["model_key_id"]) else "bad model key id",
+                None if len(pins["bundle_id"]) == 32 and all(c in "0123456789abcdef" for c in pins["bundle_id"])
+                else "bad bundle id"]  # fmt: skip
+    try:
+        pins["min_model_version"] = int(env.get(measured.MIN_MODEL_VERSION, ""))
+    except ValueError:
+        problems.append("bad minimum model version")
+    if any(problems):
+        raise BranchyError(f"{directory}: the measured settings are unusable ({'; '.join(filter(None, problems))})")
+    return pins
 
 
 def _simulated_measurements(cfg: dict) -> dict:
@@ -54,33 +101,55 @@ def _simulated_measurements(cfg: dict) -> dict:
             "isv_prod_id": cfg["isv_prod_id"], "isv_svn": cfg["isv_svn"], "debug": cfg["debug"]}  # fmt: skip
 
 
-def make_release(directory: str | os.PathLike, identity) -> dict:
+def make_release(directory: str | os.PathLike, identity, model_key: bytes, broker_identity: str | None = None) -> dict:
     """The signed release statement for the enclave built in ``directory`` (``identity``: the model
-    owner's Ed25519 private key). A real-SGX build must have been signed (``make SGX=1``)."""
+    owner's Ed25519 private key). A real-SGX build must have been signed (``make SGX=1``).
+
+    Whatever the directory says, the statement is refused unless the enclave pins the model owner's
+    own bundle (its header authenticates under ``model_key``, whose id is the pinned model key id)
+    and the model owner's broker (``broker_identity``, by default the signing identity itself). The
+    code in the measurement is only as good as the build: reproduce it yourself first."""
+    import datetime
+
     d = Path(directory)
     cfg = load_config(d)
-    if not cfg.get("model_broker"):
-        raise BranchyError(f"{d} was built without --model-broker: such an enclave can never get the model key, "
-                           "so there is nothing to release")
+    env = measured_env(d, cfg)
+    pins = _pins(env, d)
     if cfg["attest"] == "simulated":
-        m = _simulated_measurements(cfg)
+        m = _simulated_measurements({**cfg, "env": env})
     else:
         m = read_measurements(d)
+    from ..seal.bundle import open_bundle
+    from ..seal.keys import key_id
+
+    if key_id(model_key) != pins["model_key_id"]:
+        raise BranchyError(f"the enclave in {d} pins model key id {pins['model_key_id']}, not your model key's "
+                           f"{key_id(model_key)}: it would serve another model")
+    header = open_bundle(cfg["bundle"], model_key).header  # the bundle authenticates under your key
+    if header["bundle_id"] != pins["bundle_id"]:
+        raise BranchyError(f"the enclave in {d} pins bundle {pins['bundle_id']}, not your bundle {header['bundle_id']}")
+    expected = broker_identity or identity_hex(identity)
+    if not hmac.compare_digest(pins["model_broker_identity"], expected):  # (public values; the lint asks for it)
+        raise BranchyError(f"the enclave in {d} trusts model broker identity {pins['model_broker_identity']}, not "
+                           f"{expected}" + ("" if broker_identity else " (yours; give --model-broker-identity if your "
+                                            "broker runs with another identity)"))
     manifest = d / MANIFEST
     statement = {
         "format": RELEASE_FORMAT, "attest": cfg["attest"], **{k: m[k] for k in ("mrenclave", "mrsigner", "isv_prod_id",
                                                                                     "isv_svn", "debug")},
-        "bundle_id": cfg["bundle_id"], "model_version": cfg["model_version"], "model_key_id": cfg["model_key_id"],
-        "min_model_version": cfg["min_model_version"], "model_broker": cfg["model_broker"],
-        "model_broker_identity": cfg["model_broker_identity"],
+        "bundle_id": pins["bundle_id"], "model_version": header["model_version"], "model_key_id": pins["model_key_id"],
+        "min_model_version": pins["min_model_version"], "model_broker": pins["model_broker"],
+        "model_broker_identity": pins["model_broker_identity"],
         "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+        "released_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "model_owner": identity_hex(identity),
     }  # fmt: skip
     return {**statement, "signature": sign(identity, RELEASE_PURPOSE, canonical_json(statement)).hex()}
 
 
-def write_release(directory: str | os.PathLike, identity, out: str | os.PathLike) -> dict:
-    statement = make_release(directory, identity)
+def write_release(directory: str | os.PathLike, identity, out: str | os.PathLike, model_key: bytes,
+                  broker_identity: str | None = None) -> dict:
+    statement = make_release(directory, identity, model_key, broker_identity)
     atomic_write_text(out, json.dumps(statement, indent=1) + "\n")
     return statement
 
@@ -121,8 +190,11 @@ def _check_fields(s: dict, what: str) -> None:
           and (s["mrsigner"] is None or is_hex(s["mrsigner"], 64)) and is_int(s["isv_prod_id"], 0xFFFF)
           and is_int(s["isv_svn"], 0xFFFF) and isinstance(s["debug"], bool) and is_hex(s["bundle_id"], 32)
           and is_int(s["model_version"], 2**63 - 1) and is_hex(s["model_key_id"], 16)
-          and is_int(s["min_model_version"], 2**63 - 1) and is_hex(s["model_broker_identity"], 64)
-          and isinstance(s["model_broker"], str))  # fmt: skip
+          and is_int(s["min_model_version"], 2**63 - 1) and measured.identity_problem(s["model_broker_identity"]) is None
+          and measured.broker_url_problem(s["model_broker"]) is None
+          and (s["manifest_sha256"] is None or is_hex(s["manifest_sha256"], 64))
+          and isinstance(s["released_at"], str) and len(s["released_at"]) == 20
+          and all(c in "0123456789-:TZ" for c in s["released_at"]))  # fmt: skip
     if not ok:
         raise BranchyError(f"{what}: signed, but a member has an unusable value")
 
@@ -137,17 +209,21 @@ def read_release(path: str | os.PathLike, model_owner: str) -> dict:
 
 
 def policy_from_release(statement: dict, *, accepted_tcb_statuses=("UpToDate",), collateral: str | None = None,
-                        allowed_data_owners: list[str] | None = None) -> str:
-    """A key-broker policy (TOML text) that releases keys only to the enclave the statement names."""
+                        allowed_data_owners: list[str] | None = None, allow_simulated: bool = False) -> str:
+    """A key-broker policy (TOML text) that releases keys only to the enclave the statement names.
+    Every value written, comments included, was checked by :func:`verify_release` (no raw text)."""
     import tomli_w
 
+    if statement["attest"] == "simulated" and not allow_simulated:
+        raise BranchyError("the release statement names a SIMULATED enclave (no TEE: development only); a policy for "
+                           "it is written only with --allow-simulated")
     policy: dict = {"allowed_mrenclave": [statement["mrenclave"]], "isv_prod_id": statement["isv_prod_id"],
                     "min_isv_svn": statement["isv_svn"], "allow_debug": False,
                     "accepted_tcb_statuses": list(dict.fromkeys(accepted_tcb_statuses)),
                     "min_model_version": statement["min_model_version"]}  # fmt: skip
     lines = [
         "# Key-broker policy written by `branchy-tee enclave policy` from a release statement signed by the",
-        f"# model owner {statement['model_owner']} (signature verified).",
+        f"# model owner {statement['model_owner']} (signature verified), released {statement['released_at']}.",
         f"# The enclave serves bundle {statement['bundle_id']} (model version {statement['model_version']}, model key id "
         f"{statement['model_key_id']}),",
         f"# gets its model key from {statement['model_broker']} (identity {statement['model_broker_identity']}).",
