@@ -23,3 +23,13 @@ def sgx_quotes_dir() -> Path:
     if not (SGX_QUOTES / "phala-1.quote.bin").is_file():
         pytest.skip(f"real SGX quotes not found in {SGX_QUOTES} (the shared test data sits beside the repo)")
     return SGX_QUOTES
+
+
+@pytest.fixture(scope="session")
+def enclave_env():
+    """The enclave's Python environment, made once: REPO/.enclave-env, the one `make enclave-env` and
+    `branchy-tee enclave build` use, so later test runs reuse it (about 30 s to make)."""
+    from branchy_tee.enclave.env import ensure_env
+
+    return ensure_env(REPO / ".enclave-env")
+
