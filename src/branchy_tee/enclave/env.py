@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -313,7 +314,7 @@ def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: Non
         _clear_caches(home)
     created = False
     if not (record and record.get("spec") == spec and home.is_dir()
-            and _digest(listing(env / "lib", skip=site / PACKAGE)) == record.get("files_sha256")):  # fmt: skip
+            and _same(_digest(listing(env / "lib", skip=site / PACKAGE)), record.get("files_sha256"))):  # fmt: skip
         if env.exists() and not (env / RECORD).is_file():
             raise BranchyError(f"{env} exists and is not an enclave environment; remove it or choose another --env")
         log(f"creating the enclave environment {env}: Python {py.version} standard library, {' '.join(requirements)}")
@@ -332,7 +333,7 @@ def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: Non
             raise
         record = {"spec": spec, "files_sha256": _digest(listing(env / "lib", skip=site / PACKAGE))}
         created = True
-    if record.get("package_sha256") != pkg_digest or not (site / PACKAGE).is_dir():
+    if not _same(record.get("package_sha256"), pkg_digest) or not (site / PACKAGE).is_dir():
         _copy_package(site, files)
         record["package_sha256"] = pkg_digest
         created = True
@@ -346,6 +347,11 @@ def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: Non
     unpinned = sorted(f"{n}=={v}" for n, v in versions.items() if n.replace("_", "-") not in pinned)
     return EnclaveEnv(dir=str(env), python=py.executable, home_lib=str(home), site_packages=str(site),
                       requirements=requirements, packages=versions, unpinned=unpinned, created=created)  # fmt: skip
+
+
+def _same(a, b) -> bool:
+    """Two recorded hashes are equal (in constant time, as every digest comparison in this project)."""
+    return isinstance(a, str) and isinstance(b, str) and hmac.compare_digest(a.encode(), b.encode())
 
 
 def _read_record(env: Path) -> dict | None:
