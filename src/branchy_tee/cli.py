@@ -586,11 +586,11 @@ def cmd_enclave_env(args) -> int:
 
     e = ensure_env(args.env, log=_progress)
     summary = {"env": e.dir, "python": e.python, "requirements": e.requirements, "packages": e.packages,
-               "unpinned": e.unpinned, "files": count_files(e.home_lib), "created": e.created}  # fmt: skip
+               "unpinned": e.unpinned, "files": count_files(e.home_lib), "status": e.status}  # fmt: skip
     if args.json:
         emit_json(summary)
         return 0
-    print(f"{'made' if e.created else 'reused'} {e.dir}: Python {e.python}, {summary['files']} files; "
+    print(f"{e.status} {e.dir}: Python {e.python}, {summary['files']} files; "
           + " ".join(f"{n}=={v}" for n, v in sorted(e.packages.items())))
     if e.unpinned:
         warn(f"not pinned by the enclave extra or constraints.txt: {', '.join(e.unpinned)}")

@@ -436,6 +436,8 @@ def load_config(directory: str | os.PathLike) -> dict:
         raise BranchyError(f"{directory} is not an enclave build directory (no {CONFIG}); run `branchy-tee enclave build` first") from None
     except (OSError, json.JSONDecodeError) as e:
         raise BranchyError(f"{path}: unreadable ({e})") from None
+    if isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("branchy-tee/enclave/") and cfg["format"] != CONFIG_FORMAT:
+        raise BranchyError(f"{path}: written by an older branchy-tee; rebuild with `branchy-tee enclave build`")
     if not isinstance(cfg, dict) or cfg.get("format") != CONFIG_FORMAT:
         raise BranchyError(f"{path}: not a branchy-tee enclave configuration")
     return cfg

@@ -278,7 +278,7 @@ class EnclaveEnv:
     requirements: list[str]
     packages: dict[str, str]  # every distribution in it: name -> version
     unpinned: list[str]  # installed but pinned neither by the extra nor by constraints.txt
-    created: bool  # made (or its package part renewed) by this call
+    status: str  # "made", "updated" (branchy_tee's files renewed) or "reused" by this call
 
 
 def _spec(py: Interpreter, requirements: list[str]) -> dict:
@@ -312,7 +312,7 @@ def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: Non
     record = _read_record(env)
     if home.is_dir():
         _clear_caches(home)
-    created = False
+    status = "reused"
     if not (record and record.get("spec") == spec and home.is_dir()
             and _same(_digest(listing(env / "lib", skip=site / PACKAGE)), record.get("files_sha256"))):  # fmt: skip
         if env.exists() and not (env / RECORD).is_file():
@@ -332,21 +332,21 @@ def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: Non
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         record = {"spec": spec, "files_sha256": _digest(listing(env / "lib", skip=site / PACKAGE))}
-        created = True
+        status = "made"
     if not _same(record.get("package_sha256"), pkg_digest) or not (site / PACKAGE).is_dir():
         _copy_package(site, files)
         record["package_sha256"] = pkg_digest
-        created = True
+        status = "updated" if status == "reused" else status
     versions = _installed_versions(site)
     pinned = _pinned_names(requirements)
     record.update(packages=versions, package_files=files)
-    if created:
+    if status != "reused":
         from ..fileio import atomic_write_text
 
         atomic_write_text(env / RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
     unpinned = sorted(f"{n}=={v}" for n, v in versions.items() if n.replace("_", "-") not in pinned)
     return EnclaveEnv(dir=str(env), python=py.executable, home_lib=str(home), site_packages=str(site),
-                      requirements=requirements, packages=versions, unpinned=unpinned, created=created)  # fmt: skip
+                      requirements=requirements, packages=versions, unpinned=unpinned, status=status)  # fmt: skip
 
 
 def _same(a, b) -> bool:
