@@ -365,6 +365,14 @@ def test_sigstruct_view_json_output():
             eb.parse_sigstruct_view(bad)
 
 
+def test_ldd_output_is_read_into_normalised_paths():
+    from branchy_tee.enclave.env import parse_ldd
+
+    out = ("/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n"
+           "\tlibq.so => not found\n\tlibo.so => /e/numpy/_core/../../numpy.libs/libo.so (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n")
+    assert parse_ldd(out) == {"/lib/x86_64-linux-gnu/libz.so.1", "/e/numpy.libs/libo.so", "/lib64/ld-linux-x86-64.so.2"}
+
+
 def test_run_argument_splitting():
     assert split_run_arguments(["--", "predict", "--bundle", "b"]) == ([], ["--bundle", "b"])
     assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (["--backend", "native"], ["--bundle", "b"])

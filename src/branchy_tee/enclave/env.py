@@ -386,14 +386,15 @@ def shared_objects(directory: str | os.PathLike) -> list[str]:
 
 
 def parse_ldd(output: str) -> set[str]:
-    """Absolute library paths in ``ldd`` output (several files' sections; no vdso, no 'not found')."""
+    """Absolute library paths in ``ldd`` output (several files' sections; no vdso, no 'not found'),
+    normalised: a RUNPATH of ``$ORIGIN/../../x.libs`` shows up with its ``..`` parts."""
     libs = set()
     for line in output.splitlines():
         parts = line.split()
         if len(parts) >= 3 and parts[1] == "=>" and parts[2].startswith("/"):
-            libs.add(parts[2])
+            libs.add(os.path.normpath(parts[2]))
         elif len(parts) >= 2 and parts[0].startswith("/") and parts[1].startswith("("):
-            libs.add(parts[0])
+            libs.add(os.path.normpath(parts[0]))
     return libs
 
 
