@@ -9,7 +9,7 @@ BT     := $(VENV)/bin/branchy-tee
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: all setup data demo test fuzz bench clean
+.PHONY: all setup data tools enclave-env demo test fuzz bench clean
 
 all: test
 
@@ -24,11 +24,20 @@ setup: $(STAMP)
 data:
 	@scripts/ensure-fashion-mnist.sh
 
+# Test tools from the system: strace (the enclave's run-time file policy test).
+tools:
+	@scripts/ensure-strace.sh
+
+# The enclave's own Python environment (.enclave-env): the standard library and only what the enclave
+# runs, from the `enclave` extra's pins. `branchy-tee enclave build` makes or reuses the same one.
+enclave-env: setup
+	$(BT) enclave env
+
 # The main job: every party on this machine (train, calibrate, seal, key brokers, enclave, results).
 demo: setup data
 	$(BT) demo
 
-test: setup data
+test: setup data tools
 	$(PY) -m pytest -q
 
 # The security figures (docs/SECURITY-SECTION.md): tamper campaign (1,000 trials per artifact), key broker
@@ -49,4 +58,4 @@ bench: setup data
 	$(BT) bench --json runs/bench.json
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .enclave-env build src/*.egg-info .pytest_cache .hypothesis

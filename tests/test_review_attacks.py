@@ -23,7 +23,7 @@ from branchy_tee.errors import AttestationError, BranchyError, UsageError
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.bundle import seal_model
 from branchy_tee.seal.keys import key_id
-from test_trust_chain import _cli, _dev_key, _free_port, nothing_written, run_enclave, world  # noqa: F401 (fixtures)
+from test_trust_chain import BUILD, _cli, _dev_key, _free_port, nothing_written, run_enclave, world  # noqa: F401 (fixtures)
 
 
 def _doctored_copy(world, dest: Path, **env_changes) -> dict:
@@ -148,7 +148,7 @@ def test_small_order_identities_are_refused(world, tmp_path):
             parse_identity(weak)
         with pytest.raises(BranchyError):
             parse_policy({"allowed_mrenclave": ["ab" * 32], "allowed_data_owners": [weak]})
-        assert _cli("enclave", "build", "--bundle", world.bundle, "--out", tmp_path / "e", "--attest", "simulated",
+        assert _cli(*BUILD, "--bundle", world.bundle, "--out", tmp_path / "e", "--attest", "simulated",
                     "--model-broker", "http://127.0.0.1:1", "--model-broker-identity", weak) == 2  # fmt: skip
 
     # What the enclave does with it: a release the host made up, with the made-up signature.
@@ -196,7 +196,7 @@ def test_build_refuses_a_model_broker_url_the_enclave_refuses(world, tmp_path, u
     """`enclave build` measures a model-broker URL that the enclave's own check refuses (non-ASCII,
     control characters; the latter also make the manifest's TOML string invalid): an enclave that can
     never run, found out only at the first run, after the owners wrote policies for its MRENCLAVE."""
-    assert _cli("enclave", "build", "--bundle", world.bundle, "--out", tmp_path / "e", "--attest", "simulated",
+    assert _cli(*BUILD, "--bundle", world.bundle, "--out", tmp_path / "e", "--attest", "simulated",
                 "--model-broker", url, "--model-broker-identity", world.ids["mo"]) == 2  # fmt: skip
 
 

@@ -34,6 +34,9 @@ from branchy_tee.seal.keys import generate_key, key_id
 from runs import keygen, make_random_run, mutate_bytes
 
 PARTIES = ("mo", "do1", "do2", "host")
+# `enclave build` with the session's enclave environment (conftest's enclave_env) and a given size:
+# these tests are about trust, not about the measured enclave size (tests/test_enclave*.py).
+BUILD = ("enclave", "build", "--env", str(Path(__file__).resolve().parents[1] / ".enclave-env"), "--enclave-size", "1G")
 
 
 def _free_port() -> int:
@@ -64,7 +67,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
+def world(tmp_path_factory, enclave_env) -> World:
     """A sealed LeNet-5, four parties with keys and identities, an enclave built for the bundle and the
     model owner's broker (simulated attestation), the model owner's release statement, both policies
     written from it, and one request per data owner."""
@@ -78,7 +81,7 @@ def world(tmp_path_factory) -> World:
             ids[p] = identity_hex(create_identity(d / f"{p}.id"))
         assert _cli("seal", d / "run", "--key", d / "mo.key", "--out", d / "model.btee") == 0
         port = _free_port()
-        assert _cli("enclave", "build", "--bundle", d / "model.btee", "--out", d / "enclave", "--attest", "simulated",
+        assert _cli(*BUILD, "--bundle", d / "model.btee", "--out", d / "enclave", "--attest", "simulated",
                     "--model-broker", f"http://127.0.0.1:{port}", "--model-broker-identity", ids["mo"],
                     "--io-dir", d / "io") == 0  # fmt: skip
         # The model owner reproduces the build (here: the same one) and signs what it is.
@@ -223,7 +226,7 @@ def test_host_resealed_model_with_its_own_key_and_broker_is_refused(world, tmp_p
 
 def test_enclave_built_without_a_model_broker_refuses_one_on_the_command_line(world, tmp_path, capfd):
     bare = tmp_path / "bare-enclave"
-    assert _cli("enclave", "build", "--bundle", world.bundle, "--out", bare, "--attest", "simulated",
+    assert _cli(*BUILD, "--bundle", world.bundle, "--out", bare, "--attest", "simulated",
                 "--io-dir", world.d / "io") == 0  # fmt: skip
     capfd.readouterr()
     with brokers(world, data=("do1",)) as b:
@@ -338,7 +341,11 @@ def test_release_names_the_measurement_of_the_built_enclave(world):
 
     cfg = load_config(world.enclave)
     release = json.loads(world.path("release.json").read_text())
-    assert release["mrenclave"] == simulated_mrenclave({k: v for k, v in cfg["env"].items()}).hex()
+    from branchy_tee.attest.providers import code_measurement
+
+    # the code is the enclave environment's copy of branchy_tee (what `enclave run` runs), not this checkout
+    code = code_measurement(Path(cfg["package_dir"]) / "branchy_tee")
+    assert release["mrenclave"] == simulated_mrenclave(cfg["env"], code).hex()
     assert (release["bundle_id"], release["model_key_id"], release["model_broker_identity"]) == (
         world.header["bundle_id"], world.header["key_id"], world.ids["mo"])
 
@@ -423,7 +430,7 @@ def test_cli_surfaces_are_one_line(world, tmp_path, capfd):
     """keygen --identity never overwrites; bad identities are one-line usage errors."""
     assert _cli("keygen", "--identity", "--out", world.path("mo.id")) == 1
     assert "refusing to overwrite an identity" in capfd.readouterr().err
-    assert _cli("enclave", "build", "--bundle", world.bundle, "--out", tmp_path / "e", "--model-broker",
+    assert _cli(*BUILD, "--bundle", world.bundle, "--out", tmp_path / "e", "--model-broker",
                 "http://127.0.0.1:1") == 2  # fmt: skip
     assert "--model-broker needs --model-broker-identity" in capfd.readouterr().err
     assert _cli("enclave", "policy", "--allow-simulated", "--release", world.path("release.json"), "--model-owner", "xyz",

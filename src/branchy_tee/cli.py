@@ -607,7 +607,7 @@ def add_enclave(sub) -> None:
                     "and the bundle (id, model key id, minimum version) are measured. With --sgx also sign with "
                     "gramine-sgx-sign and print MRENCLAVE. Owners do not pin what the host prints: the model owner "
                     "reproduces the build and signs a release statement (`enclave release`).")  # fmt: skip
-    b.add_argument("--bundle", required=True, help="the sealed bundle the enclave serves (its size sets sgx.enclave_size)")
+    b.add_argument("--bundle", required=True, help="the sealed bundle the enclave serves (its architecture sets sgx.enclave_size)")
     b.add_argument("--out", required=True, metavar="DIR", help="build directory")
     b.add_argument("--sgx", action="store_true", help="sign for SGX (needs Gramine and a signing key)")
     b.add_argument("--debug", action="store_true", help="debug enclave (sgx.debug = true; never for production)")
@@ -634,8 +634,22 @@ def add_enclave(sub) -> None:
                    help="TCB status the policy snippet accepts (repeatable; default UpToDate)")
     b.add_argument("--batch-size", type=int, default=64, help="largest predict --batch-size to size the enclave for (default 64)")
     b.add_argument("--max-samples", type=int, default=4096, help="most samples per run to size the enclave for (default 4096)")
+    b.add_argument("--env", default=ENCLAVE_ENV, metavar="DIR",
+                   help=f"the enclave's Python environment, made when missing (default {ENCLAVE_ENV}; see `enclave env`)")
+    b.add_argument("--enclave-size", metavar="SIZE",
+                   help="sgx.enclave_size (e.g. 1G) instead of measuring the runtime: to reproduce a build (its "
+                        "enclave.json has the size)")  # fmt: skip
     b.add_argument("--json", action="store_true", help="print a JSON summary")
     b.set_defaults(func=cmd_enclave_build)
+
+    e = esub.add_parser(
+        "env", help="make (or check and reuse) the enclave's own Python environment",
+        description="Make DIR: the standard library without test suites and the like, and only the packages the "
+                    "enclave-side code imports (the `enclave` extra of pyproject.toml, pinned; constraints.txt pins "
+                    "what they pull in), without .pyc, headers, stubs and tests. `enclave build` does this too.")  # fmt: skip
+    e.add_argument("--env", default=ENCLAVE_ENV, metavar="DIR", help=f"default {ENCLAVE_ENV}")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_enclave_env)
 
     r = esub.add_parser(
         "run", help="run predict in the enclave: gramine-sgx, gramine-direct or natively",
@@ -682,6 +696,29 @@ def add_enclave(sub) -> None:
     pol.set_defaults(func=cmd_enclave_policy)
 
 
+ENCLAVE_ENV = ".enclave-env"  # = enclave.env.DEFAULT_ENV_DIR (not imported here: the parser stays light)
+
+
+def _progress(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_enclave_env(args) -> int:
+    from .enclave.env import count_files, ensure_env
+
+    e = ensure_env(args.env, log=_progress)
+    summary = {"env": e.dir, "python": e.python, "requirements": e.requirements, "packages": e.packages,
+               "unpinned": e.unpinned, "files": count_files(e.home_lib), "status": e.status}  # fmt: skip
+    if args.json:
+        emit_json(summary)
+        return 0
+    print(f"{e.status} {e.dir}: Python {e.python}, {summary['files']} files; "
+          + " ".join(f"{n}=={v}" for n, v in sorted(e.packages.items())))
+    if e.unpinned:
+        warn(f"not pinned by the enclave extra or constraints.txt: {', '.join(e.unpinned)}")
+    return 0
+
+
 def cmd_enclave_build(args) -> int:
     from .enclave.build import BuildOptions, build
 
@@ -692,18 +729,32 @@ def cmd_enclave_build(args) -> int:
         allow_plaintext_result=args.allow_plaintext_result, min_model_version=args.min_model_version,
         signing_key=args.signing_key, io_dirs=args.io_dir, stats_dirs=args.stats_dir, broker_ca=args.broker_ca,
         isv_prod_id=args.isv_prod_id, isv_svn=args.isv_svn, batch_size=args.batch_size, max_samples=args.max_samples,
-        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
+        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"], env=args.env, enclave_size=args.enclave_size,
     )  # fmt: skip
-    s = build(opts)
+    s = build(opts, log=_progress)
     for w in s["warnings"]:
         warn(w)
     if args.json:
         emit_json(s)
         return 0
-    t = {k: v / 2**20 for k, v in s["enclave_size_rule"]["terms"].items()}
+    mib = 2**20
     print(f"wrote {s['manifest']} (rendered by {s['rendered_by']})")
-    print(f"  sgx.enclave_size {s['enclave_size']} for {s['enclave_size_rule']['need'] / 2**20:.0f} MiB needed: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + " MiB")
+    if s["manifest_sha256"]:
+        print(f"  trusted files {s['trusted_files']:,}; hashed manifest {s['manifest_bytes'] / 1e6:.2f} MB, "
+              f"SHA-256 {s['manifest_sha256']}")
+    else:
+        print(f"  trusted files {s['trusted_files']:,} (counted by branchy-tee); the hashed manifest, its size and its "
+              "SHA-256 come from gramine-manifest (`make` in the build directory)")
+    print(f"  enclave environment {s['env']}: {' '.join(s['env_requirements'])}")
+    d = s["enclave_size_detail"]
+    if d["given"]:
+        print(f"  sgx.enclave_size {s['enclave_size']} (given with --enclave-size, not measured)")
+    else:
+        t = {k: v / mib for k, v in d["terms"].items()}
+        print(f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB (VmPeak, {d['samples']} "
+              f"samples at batch size {d['batch_size']}{', measured earlier' if d['cached'] else ''}) + margin "
+              f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
+              f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, {d['spare'] / mib:.0f} MiB spare")
     print(f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, EDMM {'yes' if s['edmm'] else 'no'}")
     print(f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, `make` builds for gramine-direct")
     print(f"  measured: bundle {s['bundle_id']} (model key id {s['model_key_id']}, minimum model version "

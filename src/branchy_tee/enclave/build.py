@@ -18,40 +18,42 @@ StrictUndefined, as gramine-manifest does). The only value we then have to guess
 runtime directory, ``gramine.runtimedir()``; we use the Debian/Ubuntu package's path. That manifest is
 for inspection: its mtime is set to 0 so that ``make`` on a machine with Gramine renders it again.
 
-Enclave size rule (``sgx.enclave_size``)
-----------------------------------------
-    need = base + weights + loading + activations + inputs
-    base        = the shared libraries the runtime maps. This is measured: all ``*.so*`` files of
-                  torch, numpy(.libs), cryptography and safetensors in the venv. Under SGX, Gramine
-                  copies mapped files into enclave memory.
-                  + 192 MiB for Gramine's LibOS/PAL and the Python heap after importing torch & co.
-                  (about 140 MiB measured natively on x86-64 with torch 2.x).
-                  + sys.stack.size (2 MiB) for every thread slot (sgx.max_threads).
-    weights     = the sum of plaintext_size over all stages (each stage's safetensors bytes: its
-                  weight_bytes plus a small header). predict's --memory-budget is a host argument,
-                  not a measured one, so any stage ever needed may stay resident.
-    loading     = the largest plaintext_size + (MAX_DECRYPT_WORKERS + 1) AEAD chunks: the stage being
-                  loaded. Its decrypted buffer is counted once more here in case the tensors are
-                  copied out of it and not viewed in place. The ciphertext is read one chunk at a
-                  time into a ring of buffers, one per chunk being decrypted (``seal.aead``).
-    activations = 4 x batch x the runtime's own activation bound per sample (``runtime.budget``: the
-                  hungriest stage's input + output, plus the samples queued before later stages),
-                  times 4 for the temporaries inside a stage.
-    inputs      = 3 x max_samples x input bytes per sample: the sealed request, its decrypted
-                  payload and the batched tensor.
-    sgx.enclave_size = the smallest power of two >= need, and at least 256 MiB. SGX enclave sizes
-                  are powers of two.
+The Python side (``env``)
+------------------------
+The enclave runs the system's interpreter with ``PYTHONHOME`` set to its own environment (see
+``env``): a copy of the standard library without test suites and the like, and only the packages
+the enclave-side code imports. Trusted files are that environment's library folder, the interpreter,
+the shared libraries ``ldd`` finds for them (except glibc's, which Gramine brings), the entry script
+and the broker CA: about 5,000 files, a hashed manifest of about 1 MB.
+
+Reproducible measurement
+------------------------
+Nothing in the manifest depends on modification times, the time of the build or the checkout's
+history: the environment holds no ``.pyc`` (Python compiles the trusted sources at start and writes
+none: PYTHONDONTWRITEBYTECODE), every value comes from the build's options, the bundle's header and
+the files' contents. Two builds with the same options, paths, bundle, interpreter and packages
+render the same hashed manifest; ``enclave build`` prints its SHA-256 so an owner can compare.
+
+Enclave size (``sgx.enclave_size``)
+----------------------------------
+Measured, not estimated: see ``measure``.
+
+Gramine releases
+----------------
+Gramine 1.8 or later: from 1.8 on, gramine-manifest adds ``loader.entrypoint`` (Gramine's LibOS and
+its hash) and hashes every trusted file; 1.7 and older do neither, and the build refuses their
+gramine-manifest in one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import subprocess
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,9 +61,10 @@ import jinja2
 
 from .. import measured
 from ..errors import BranchyError, UsageError
-from ..runtime.budget import activation_bytes_per_sample
 from ..seal.aead import MAX_DECRYPT_WORKERS
 from . import MANIFEST_NAME
+from . import env as enclave_env
+from . import measure
 
 MIB = 1 << 20
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -71,18 +74,13 @@ SGX_MANIFEST = f"{MANIFEST_NAME}.manifest.sgx"
 SIGSTRUCT = f"{MANIFEST_NAME}.sig"
 LAUNCHER = f"{MANIFEST_NAME}-predict"
 CONFIG = "enclave.json"
-CONFIG_FORMAT = "branchy-tee/enclave/v1"
+CONFIG_FORMAT = "branchy-tee/enclave/v2"
 
 # gramine.runtimedir() of Gramine's Debian/Ubuntu packages: used only when gramine-manifest is absent.
 DEBIAN_GRAMINE_RUNTIME = "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"
-
-BASE_HEAP_MIB = 192
-STACK_MIB = 2  # sys.stack.size in the template
-ACTIVATION_FACTOR = 4
-INPUT_COPIES = 3
-MIN_ENCLAVE = 256 * MIB
+SUPPORTED_GRAMINE = "1.8 or later"
+SHEBANG_LIMIT = 256  # bytes of a script's first line that Gramine (like Linux) reads: INTERP_PATH_SIZE
 GRAMINE_HELPER_THREADS = 8  # Gramine's IPC/async/TLS helpers, Python's main thread, the memory sampler, headroom
-RUNTIME_LIBRARIES = ("torch", "numpy", "numpy.libs", "cryptography", "safetensors")
 
 INSTALL_HINT = ("install Gramine from its apt repository (https://gramine.readthedocs.io/en/stable/installation.html; "
                 "on Ubuntu: add packages.gramineproject.io, then `sudo apt install gramine`)")  # fmt: skip
@@ -111,6 +109,8 @@ class BuildOptions:
     batch_size: int = 64
     max_samples: int = 4096
     accepted_tcb_statuses: list[str] = field(default_factory=lambda: ["UpToDate"])
+    env: str = enclave_env.DEFAULT_ENV_DIR  # the enclave's Python environment (made when missing)
+    enclave_size: str | None = None  # given instead of measured (e.g. to reproduce a build)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -138,113 +138,14 @@ def _render(name: str, **values) -> str:
     return jinja_environment().get_template(name).render(**values)
 
 
-# --------------------------------------------------------------------------- the Python side
-@dataclass
-class PythonLayout:
-    python: str  # the venv's interpreter as installed (often a symlink)
-    interpreter: str  # its real path: Gramine does not follow host symlinks everywhere
-    dirs: list[str]  # directories to mount and trust: stdlib, venv site-packages, our package
-    site_dirs: list[str]  # the venv's site directories (added by the entry script)
-    package_dir: str  # the directory holding branchy_tee/
-    libs: list[str]  # libpython when the interpreter links it from outside the system libdirs
-    arch_libdir: str  # e.g. /lib/x86_64-linux-gnu
-
-    @property
-    def ld_library_path(self) -> str:
-        dirs = ["/lib", self.arch_libdir, f"/usr{self.arch_libdir}"] + [str(Path(p).parent) for p in self.libs]
-        return ":".join(dict.fromkeys(dirs))
-
-
-_PROBE = r"""
-import json, os, site, sys, sysconfig
-import branchy_tee
-libdir, soname = sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or ""
-print(json.dumps({
-    "executable": sys.executable,
-    "realpath": os.path.realpath(sys.executable),
-    "sys_path": [p for p in sys.path if p],
-    "site_dirs": site.getsitepackages(),
-    "package_dir": os.path.dirname(os.path.dirname(os.path.abspath(branchy_tee.__file__))),
-    "shared": bool(sysconfig.get_config_var("Py_ENABLE_SHARED")),
-    "libpython": os.path.realpath(os.path.join(libdir, soname)) if libdir and soname else "",
-    "multiarch": sysconfig.get_config_var("MULTIARCH") or "",
-}))
-"""
-
-
-def _outermost(paths: list[str]) -> list[str]:
-    """Existing directories, without those inside another one of them, in first-seen order."""
-    seen: list[Path] = []
-    for p in (Path(os.path.realpath(p)) for p in paths):
-        if p.is_dir() and p not in seen:
-            seen.append(p)
-    return [str(p) for p in seen if not any(q != p and q in p.parents for q in seen)]
-
-
-def python_layout(python: str | None = None) -> PythonLayout:
-    """What the enclave needs of the Python installation, asked of the interpreter itself (a clean
-    ``sys.path``: no script directory, no PYTHONPATH, no user site)."""
-    python = python or sys.executable
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(PYTHONNOUSERSITE="1", PYTHONSAFEPATH="1")
-    try:
-        out = subprocess.run([python, "-c", _PROBE], env=env, cwd="/", capture_output=True, text=True, check=True).stdout
-        info = json.loads(out)
-    except (OSError, subprocess.CalledProcessError, json.JSONDecodeError) as e:
-        raise BranchyError(f"cannot inspect the Python installation {python}: {e}") from None
-    arch = f"/lib/{info['multiarch']}" if info["multiarch"] else "/lib/x86_64-linux-gnu"
-    site_dirs = _outermost(info["site_dirs"])
-    dirs = _outermost(info["sys_path"] + site_dirs + [info["package_dir"]])
-    system = (arch, f"/usr{arch}")
-    libs = []
-    if info["shared"] and info["libpython"] and Path(info["libpython"]).is_file():
-        if not any(info["libpython"].startswith(d + "/") for d in system):
-            libs.append(info["libpython"])
-    return PythonLayout(python=info["executable"], interpreter=info["realpath"], dirs=dirs, site_dirs=site_dirs,
-                        package_dir=info["package_dir"], libs=libs, arch_libdir=arch)  # fmt: skip
-
-
-def runtime_library_bytes(site_dirs: list[str]) -> int:
-    """Total size of the shared libraries of torch, numpy, cryptography and safetensors."""
-    total = 0
-    for site_dir in site_dirs:
-        for name in RUNTIME_LIBRARIES:
-            for root, _dirs, files in os.walk(Path(site_dir) / name):
-                for f in files:
-                    if f.endswith(".so") or ".so." in f:
-                        try:
-                            total += os.stat(os.path.join(root, f)).st_size
-                        except OSError:
-                            pass
-    return total
-
-
-# --------------------------------------------------------------------------- enclave size
-def next_power_of_two(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
-
-
-def size_string(n: int) -> str:
-    """Gramine's size syntax: "512M", "2G"."""
-    return f"{n // (1 << 30)}G" if n % (1 << 30) == 0 else f"{n // MIB}M"
-
-
-def enclave_size_rule(header: dict, batch_size: int, max_samples: int, max_threads: int, library_bytes: int) -> dict:
-    """The documented rule (module docstring): every term in bytes, the total and the size to use."""
-    stages = header["stages"]
-    input_bytes = 4 * math.prod(header["preprocessing"]["input_shape"])
-    terms = {
-        "libraries": library_bytes,
-        "runtime_heap": BASE_HEAP_MIB * MIB,
-        "stacks": STACK_MIB * MIB * max_threads,
-        "weights": sum(int(s["plaintext_size"]) for s in stages),
-        "loading": max(int(s["plaintext_size"]) for s in stages) + (MAX_DECRYPT_WORKERS + 1) * int(header["chunk_size"]),
-        "activations": ACTIVATION_FACTOR * batch_size * activation_bytes_per_sample(header),
-        "inputs": INPUT_COPIES * max_samples * input_bytes,
-    }
-    need = sum(terms.values())
-    size = max(MIN_ENCLAVE, next_power_of_two(need))
-    return {"terms": terms, "need": need, "enclave_size": size, "enclave_size_str": size_string(size)}
+def entry_script(python: str) -> str:
+    """The entry script: its first line names the interpreter, and must fit Gramine's limit."""
+    text = _render("branchy-tee-predict.template", python=python)
+    first_line = len(text.encode().split(b"\n", 1)[0]) + 1
+    if first_line > SHEBANG_LIMIT:
+        raise UsageError(f"the interpreter's path {python} is too long for a script's first line "
+                         f"({first_line} bytes with '#!' and the newline; Gramine reads {SHEBANG_LIMIT})")
+    return text
 
 
 # --------------------------------------------------------------------------- values
@@ -270,6 +171,8 @@ def manifest_env(cfg: dict) -> dict[str, str]:
     env = {
         "LD_LIBRARY_PATH": cfg["ld_library_path"],
         "OMP_NUM_THREADS": str(cfg["threads"]),
+        "MALLOC_ARENA_MAX": "1",  # one malloc arena: no 64 MiB reservation per thread (virtual memory is enclave memory)
+        "PYTHONHOME": cfg["env_dir"],
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
         "PYTHONSAFEPATH": "1",
@@ -294,8 +197,9 @@ def manifest_defines(cfg: dict) -> dict[str, str]:
         "log_level": "warning" if cfg["debug"] else "error",
         "launcher": cfg["launcher"],
         "python": cfg["interpreter"],
-        "python_dirs": ":".join(cfg["python_dirs"]),
-        "python_libs": ":".join(cfg["python_libs"]),
+        "python_home": cfg["env_dir"],
+        "python_lib": cfg["env_lib"],
+        "libs": ":".join(cfg["libs"]),
         "arch_libdir": cfg["arch_libdir"],
         "ld_library_path": cfg["ld_library_path"],
         "threads": str(cfg["threads"]),
@@ -330,8 +234,15 @@ def default_signing_key() -> str:
     return os.path.join(base, "gramine", "enclave-key.pem")
 
 
-def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
-    """Check the options and work out every value of the build (written to OUT/enclave.json)."""
+def _multiarch() -> str:
+    import sysconfig
+
+    return sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+
+
+def build_config(opts: BuildOptions, log=lambda msg: None) -> dict:
+    """Check the options, make or reuse the enclave environment, measure the runtime's memory and
+    work out every value of the build (written to OUT/enclave.json)."""
     from ..seal.bundle import HEADER_FILE, read_header_unverified
 
     out = _abs_path(opts.out, "--out")
@@ -368,26 +279,27 @@ def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict
         broker_ca = _abs_path(opts.broker_ca, "--broker-ca")
         if not Path(broker_ca).is_file():
             raise BranchyError(f"--broker-ca {broker_ca}: no such file")
-
-    layout = layout or python_layout()
-    for p in [layout.interpreter, *layout.dirs, *layout.libs]:
-        _abs_path(p, "Python path")
+    given_size = measure.parse_size(opts.enclave_size) if opts.enclave_size else None
     launcher = os.path.join(out, LAUNCHER)
     bundle_files = [os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s["file"]) for s in header["stages"]]
     io_dirs = [_abs_path(d, "--io-dir") for d in opts.io_dirs] or [os.path.join(out, "io")]
     io_dirs += [_abs_path(d, "--stats-dir") for d in opts.stats_dirs]
     io_dirs = list(dict.fromkeys(io_dirs))
-    trusted = [*layout.dirs, layout.interpreter, *layout.libs, launcher] + ([broker_ca] if broker_ca else [])
+    env_dir = _abs_path(opts.env, "--env")
     for d in [bundle, *io_dirs]:
-        for t in trusted:
+        for t in [env_dir, launcher] + ([broker_ca] if broker_ca else []):
             if _overlaps(d, t):
                 raise UsageError(f"data directory {d} overlaps the trusted code/configuration path {t}; "
-                                 "keep bundles, requests and results apart from Python, the venv and the build directory's files")
+                                 "keep bundles, requests and results apart from the enclave environment and the build directory's files")
 
+    env = enclave_env.ensure_env(env_dir, log=log)
+    arch = f"/lib/{_multiarch()}"
+    libs, search = enclave_env.system_libraries(env.python, env.dir, [arch, f"/usr{arch}"])
+    for p in [env.python, env.home_lib, *libs]:
+        _abs_path(p, "Python path")
+    entry_script(env.python)  # the interpreter's path must fit the entry script's first line
     # the compute threads, Gramine's and Python's own, and the stage decryption workers (seal.aead)
     max_threads = opts.threads + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1
-    rule = enclave_size_rule(header, opts.batch_size, opts.max_samples, max_threads,
-                             runtime_library_bytes(layout.site_dirs))  # fmt: skip
     signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
     if _BAD_PATH.search(signing_key) or " " in signing_key:
         raise UsageError(f"--signing-key {signing_key!r}: spaces, quotes, '$' and ':' are not supported")
@@ -401,19 +313,18 @@ def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict
         "model_version": header["model_version"],
         "arch": header["arch"],
         "io_dirs": io_dirs,
-        "python": layout.python,
-        "interpreter": layout.interpreter,
-        "python_dirs": layout.dirs,
-        "python_libs": layout.libs,
-        "site_dirs": layout.site_dirs,
-        "package_dir": layout.package_dir,
-        "arch_libdir": layout.arch_libdir,
-        "ld_library_path": layout.ld_library_path,
+        "interpreter": env.python,
+        "env_dir": env.dir,
+        "env_lib": env.home_lib,
+        "package_dir": env.site_packages,  # where the enclave's branchy_tee is (what simulated evidence measures)
+        "env_requirements": env.requirements,
+        "env_packages": env.packages,
+        "libs": libs,
+        "arch_libdir": arch,
+        "ld_library_path": ":".join(["/lib", *search]),
         "launcher": launcher,
         "threads": opts.threads,
         "max_threads": max_threads,
-        "enclave_size": rule["enclave_size_str"],
-        "enclave_size_rule": rule,
         "batch_size": opts.batch_size,
         "max_samples": opts.max_samples,
         "debug": opts.debug,
@@ -431,6 +342,12 @@ def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict
         "signing_key": signing_key,
     }
     cfg["env"] = manifest_env(cfg)
+    if given_size:
+        cfg["enclave_size"], cfg["enclave_size_detail"] = measure.size_string(given_size), {"given": True}
+    else:
+        peak = measure.measure_peak(header, env.python, env.dir, cfg["env"], opts.batch_size, opts.max_samples, log)
+        sizing = measure.enclave_size(header, peak, opts.max_samples)
+        cfg["enclave_size"], cfg["enclave_size_detail"] = sizing["enclave_size_str"], {"given": False, **peak, **sizing}
     cfg["defines"] = manifest_defines(cfg)
     return cfg
 
@@ -440,7 +357,7 @@ def which(tool: str) -> str | None:
     return shutil.which(tool)
 
 
-def run_tool(argv: list[str], cwd: str) -> str:
+def run_tool(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
     """Run a Gramine tool; its failure becomes one line."""
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
@@ -449,7 +366,7 @@ def run_tool(argv: list[str], cwd: str) -> str:
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise BranchyError(f"{Path(argv[0]).name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
-    return proc.stdout
+    return proc
 
 
 def gramine_manifest_argv(defines: dict[str, str]) -> list[str]:
@@ -461,27 +378,53 @@ def sign_argv(signing_key: str) -> list[str]:
     return ["gramine-sgx-sign", "--key", signing_key, "--manifest", MANIFEST, "--output", SGX_MANIFEST]
 
 
-_SIG_FIELD = re.compile(r"^\s*(mr_enclave|mr_signer|isv_prod_id|isv_svn|debug_enclave)\s*[:=]\s*\"?([^\"\s]+)\"?\s*$",
-                        re.MULTILINE | re.IGNORECASE)  # fmt: skip
+SIGSTRUCT_VIEW_ARGV = ["gramine-sgx-sigstruct-view", "--output-format", "json", SIGSTRUCT]
 
 
 def parse_sigstruct_view(text: str) -> dict:
-    """MRENCLAVE, MRSIGNER, ISV ids and the debug flag from gramine-sgx-sigstruct-view's output
-    (the plain ``key: value`` layout and the TOML ``key = "value"`` layout)."""
-    fields = {m.group(1).lower(): m.group(2) for m in _SIG_FIELD.finditer(text)}
+    """MRENCLAVE, MRSIGNER, ISV ids and the debug flag from ``gramine-sgx-sigstruct-view
+    --output-format json`` (its text format is documented as unstable)."""
     try:
-        mrenclave, mrsigner = fields["mr_enclave"].lower(), fields["mr_signer"].lower()
+        fields = json.loads(text)
+        mrenclave, mrsigner = str(fields["mr_enclave"]).lower(), str(fields["mr_signer"]).lower()
         if not (re.fullmatch(r"[0-9a-f]{64}", mrenclave) and re.fullmatch(r"[0-9a-f]{64}", mrsigner)):
             raise ValueError
-        return {
-            "mrenclave": mrenclave,
-            "mrsigner": mrsigner,
-            "isv_prod_id": int(fields.get("isv_prod_id", "0"), 0),
-            "isv_svn": int(fields.get("isv_svn", "0"), 0),
-            "debug": fields.get("debug_enclave", "false").lower() in ("true", "1", "yes"),
-        }
-    except (KeyError, ValueError):
-        raise BranchyError("cannot read MRENCLAVE/MRSIGNER from gramine-sgx-sigstruct-view's output") from None
+        isv_prod_id, isv_svn, debug = fields["isv_prod_id"], fields["isv_svn"], fields["debug_enclave"]
+        if not (type(isv_prod_id) is int and type(isv_svn) is int and type(debug) is bool):
+            raise ValueError
+    except (KeyError, ValueError, TypeError):
+        raise BranchyError("cannot read MRENCLAVE/MRSIGNER from gramine-sgx-sigstruct-view's JSON output") from None
+    return {"mrenclave": mrenclave, "mrsigner": mrsigner, "isv_prod_id": isv_prod_id, "isv_svn": isv_svn, "debug": debug}
+
+
+def read_sigstruct(directory: str | os.PathLike) -> dict:
+    """The measurements in DIR's SIGSTRUCT, read by gramine-sgx-sigstruct-view."""
+    d = Path(directory)
+    if not (d / SIGSTRUCT).is_file():
+        raise BranchyError(f"{d / SIGSTRUCT} does not exist: nothing was signed; run `make SGX=1` in {d} first")
+    if not which("gramine-sgx-sigstruct-view"):
+        raise BranchyError(f"gramine-sgx-sigstruct-view is not installed: {INSTALL_HINT}")
+    return parse_sigstruct_view(run_tool(SIGSTRUCT_VIEW_ARGV, cwd=str(d)).stdout)
+
+
+def manifest_figures(path: str | os.PathLike) -> dict:
+    """Trusted files, size and SHA-256 of a manifest rendered by gramine-manifest; refuses one that
+    Gramine 1.7 or older rendered (no loader.entrypoint, trusted files not hashed)."""
+    data = Path(path).read_bytes()
+    manifest = tomllib.loads(data.decode())
+    trusted = manifest.get("sgx", {}).get("trusted_files", [])
+    hashed = isinstance(manifest.get("loader", {}).get("entrypoint"), dict) and "sha256" in manifest["loader"]["entrypoint"]
+    if not hashed or not all(isinstance(t, dict) and "sha256" in t for t in trusted):
+        raise BranchyError(f"the gramine-manifest on PATH ({which('gramine-manifest')}) did not add loader.entrypoint "
+                           f"and hash the trusted files, so it is Gramine 1.7 or older; this enclave needs Gramine {SUPPORTED_GRAMINE}")
+    return {"trusted_files": len(trusted), "manifest_bytes": len(data), "manifest_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME) -> int:
+    """The trusted files a rendering would list, counted without Gramine (for the build's report)."""
+    entries = tomllib.loads(render_manifest(defines, runtimedir))["sgx"]["trusted_files"]
+    paths = [e[len("file:"):] for e in entries]
+    return sum(enclave_env.count_files(p) if p.endswith("/") else 1 for p in paths)
 
 
 def load_config(directory: str | os.PathLike) -> dict:
@@ -492,6 +435,8 @@ def load_config(directory: str | os.PathLike) -> dict:
         raise BranchyError(f"{directory} is not an enclave build directory (no {CONFIG}); run `branchy-tee enclave build` first") from None
     except (OSError, json.JSONDecodeError) as e:
         raise BranchyError(f"{path}: unreadable ({e})") from None
+    if isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("branchy-tee/enclave/") and cfg["format"] != CONFIG_FORMAT:
+        raise BranchyError(f"{path}: written by an older branchy-tee; rebuild with `branchy-tee enclave build`")
     if not isinstance(cfg, dict) or cfg.get("format") != CONFIG_FORMAT:
         raise BranchyError(f"{path}: not a branchy-tee enclave configuration")
     return cfg
@@ -501,20 +446,16 @@ def read_measurements(directory: str | os.PathLike) -> dict:
     """MRENCLAVE, MRSIGNER, ISV ids and the debug flag of the signed enclave in ``directory``."""
     d = Path(directory)
     load_config(d)
-    if not (d / SIGSTRUCT).is_file():
-        raise BranchyError(f"{d / SIGSTRUCT} does not exist: nothing was signed; run `make SGX=1` in {d} first")
-    if not which("gramine-sgx-sigstruct-view"):
-        raise BranchyError(f"gramine-sgx-sigstruct-view is not installed: {INSTALL_HINT}")
-    return parse_sigstruct_view(run_tool(["gramine-sgx-sigstruct-view", SIGSTRUCT], cwd=str(d)))
+    return read_sigstruct(d)
 
 
 # --------------------------------------------------------------------------- build
-def build(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
+def build(opts: BuildOptions, log=lambda msg: None) -> dict:
     """Write OUT/: the manifest template and its rendering, the entry script, the Makefile and
     enclave.json; with ``opts.sgx`` also sign and read the measurements. Returns a summary."""
     from ..fileio import atomic_write_text
 
-    cfg = build_config(opts, layout)
+    cfg = build_config(opts, log)
     out = Path(cfg["dir"])
     out.mkdir(parents=True, exist_ok=True)
     for d in cfg["io_dirs"]:
@@ -522,16 +463,16 @@ def build(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
     for stale in (MANIFEST, SGX_MANIFEST, SIGSTRUCT):  # never leave a signature of an older build
         (out / stale).unlink(missing_ok=True)
     shutil.copyfile(TEMPLATES / MANIFEST_TEMPLATE, out / MANIFEST_TEMPLATE)
-    launcher = _render("branchy-tee-predict.template", python=cfg["interpreter"], site_dirs=repr(cfg["site_dirs"]),
-                       package_dir=repr(cfg["package_dir"]))  # fmt: skip
-    atomic_write_text(cfg["launcher"], launcher, mode=0o755)
+    atomic_write_text(cfg["launcher"], entry_script(cfg["interpreter"]), mode=0o755)
     defines = [f"{k}={v}" for k, v in cfg["defines"].items()]
     atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg["signing_key"]))
     atomic_write_text(out / CONFIG, json.dumps(cfg, indent=1) + "\n")
 
     summary = {"dir": str(out), "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
-               "enclave_size": cfg["enclave_size"], "enclave_size_rule": cfg["enclave_size_rule"],
+               "env": cfg["env_dir"], "env_requirements": cfg["env_requirements"],
+               "enclave_size": cfg["enclave_size"], "enclave_size_detail": cfg["enclave_size_detail"],
                "max_threads": cfg["max_threads"], "debug": cfg["debug"], "edmm": cfg["edmm"],
+               "trusted_files": None, "manifest_bytes": None, "manifest_sha256": None,
                "signed": False, "mrenclave": None, "mrsigner": None, "warnings": [],
                "bundle_id": cfg["bundle_id"], "model_key_id": cfg["model_key_id"],
                "min_model_version": cfg["min_model_version"], "model_broker": cfg["model_broker"],
@@ -549,15 +490,23 @@ def build(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
         warnings.append("--attest simulated: development only; brokers must set allow_simulation = true to accept it")
 
     if which("gramine-manifest"):
-        run_tool(gramine_manifest_argv(cfg["defines"]), cwd=str(out))
+        proc = run_tool(gramine_manifest_argv(cfg["defines"]), cwd=str(out))
+        try:
+            summary.update(manifest_figures(out / MANIFEST))
+        except BranchyError:
+            (out / MANIFEST).unlink(missing_ok=True)
+            raise
+        warnings += [f"gramine-manifest: {line}" for line in proc.stderr.splitlines() if line.strip()]
         summary["rendered_by"] = "gramine-manifest"
     else:
         text = render_manifest(cfg["defines"])
         atomic_write_text(out / MANIFEST, text)
         os.utime(out / MANIFEST, (0, 0))  # older than the template: `make` re-renders it with gramine-manifest
         summary["rendered_by"] = "branchy-tee"
-        warnings.append("gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection "
-                        f"(Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` re-renders it")
+        summary["trusted_files"] = count_trusted(cfg["defines"])
+        warnings.append("gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection, "
+                        f"without hashes (Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` "
+                        f"re-renders it with Gramine {SUPPORTED_GRAMINE}, which hashes it")  # fmt: skip
 
     if opts.sgx:
         missing = [t for t in ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view") if not which(t)]

@@ -1,5 +1,6 @@
 """Launch the enclave runtime built by ``enclave build``: under gramine-sgx, gramine-direct, or
-natively (``python -m branchy_tee.runtime.predict``) with the environment the manifest sets.
+natively (``python -m branchy_tee.runtime.predict`` from the enclave environment) with the
+environment the manifest sets.
 
 For the Gramine backends, predict's arguments are parsed here first, with predict's own parser,
 and passed on in canonical form (``--option=value``, paths made absolute). Gramine runs in the
@@ -112,11 +113,12 @@ def check_for_enclave(ns: argparse.Namespace, cfg: dict) -> None:
 
 
 def native_environment(cfg: dict, with_key_files: bool) -> dict[str, str]:
-    """The process environment plus the manifest's loader.env (minus LD_LIBRARY_PATH, which names
-    Gramine's in-enclave library directories). With key files there is no enclave to pretend to be:
-    BRANCHY_TEE_ENCLAVE is left out, since predict refuses key files inside an enclave."""
-    env = dict(os.environ)
-    env.update({k: v for k, v in cfg["env"].items() if k != "LD_LIBRARY_PATH"})
+    """The process environment without its PYTHON* variables, plus the manifest's loader.env: the
+    enclave environment's interpreter and packages (PYTHONHOME), its libraries, its settings. With
+    key files there is no enclave to pretend to be: BRANCHY_TEE_ENCLAVE is left out, since predict
+    refuses key files inside an enclave."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(cfg["env"])
     if with_key_files:
         env.pop("BRANCHY_TEE_ENCLAVE", None)
     return env
@@ -137,8 +139,7 @@ def run_enclave(directory: str, backend: str, predict_args: list[str]) -> int:
         if keys:
             print("branchy-tee enclave run: note: native run with key files: no enclave, so the manifest's measured "
                   "settings (brokers, plaintext results, minimum model version) are not enforced", file=sys.stderr)
-        python = cfg["python"] if os.access(cfg["python"], os.X_OK) else sys.executable
-        argv = [python, "-m", "branchy_tee.runtime.predict", *predict_args]
+        argv = [cfg["interpreter"], "-m", "branchy_tee.runtime.predict", *predict_args]
         return subprocess.run(argv, env=native_environment(cfg, keys)).returncode
 
     check_for_enclave(ns, cfg)
