@@ -32,8 +32,6 @@ Owner-side code (aiohttp). ``start_broker`` runs one in a background thread (tes
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
 import ipaddress
@@ -51,32 +49,30 @@ from typing import Any, Callable, Mapping
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from ..errors import AttestationError, BranchyError, PolicyError, UsageError, shown
-from ..parsing import parse_listen
+from ..errors import AttestationError, BranchyError, PolicyError, UsageError
 from ..fileio import read_key_file
+from ..parsing import parse_listen
 from ..seal.keys import key_id
+from . import identity as ident
 from .policy import Claims, Policy, load_policy, parse_policy
 from .protocol import (
     EVIDENCE_DCAP,
     EVIDENCE_SIMULATED,
-    EVIDENCE_TYPES,
-    KEY_ID_RE,
     MAX_BODY,
-    MAX_KEY_IDS,
     NONCE_BYTES,
     PROTOCOL,
-    PUBLIC_KEY_BYTES,
     RELEASE_PURPOSE,
     SUITE,
-    SUITE_NAME,
     KeyRelease,
+    KeyRequest,
+    MessageError,
+    NonceOffer,
     key_info,
     pack_key,
     release_document,
     release_message,
     report_data,
 )
-from . import identity as ident
 from .providers import simulated_warning, verify_simulated
 
 __all__ = ["Broker", "BrokerHandle", "NonceBook", "Refusal", "load_keystore", "make_app", "serve", "serve_in_background",
@@ -219,26 +215,6 @@ def _as_identity(identity) -> Ed25519PrivateKey:
 
 
 # --------------------------------------------------------------------------- the broker
-def _b64(value: Any, what: str, limit: int) -> bytes:
-    if not isinstance(value, str):
-        raise Refusal(400, "bad_request", f"'{what}' must be a base64 string")
-    if len(value) > limit * 4 // 3 + 4:
-        raise Refusal(400, "bad_request", f"'{what}' is too large")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise Refusal(400, "bad_request", f"'{what}' is not valid base64") from None
-
-
-def _hex(value: Any, what: str, size: int) -> bytes:
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise Refusal(400, "bad_request", f"'{what}' must be {size} bytes as {2 * size} hex digits")
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise Refusal(400, "bad_request", f"'{what}' is not hex") from None
-
-
 class Broker:
     """The key broker's logic, independent of HTTP: nonces, evidence, policy, sealing, audit."""
 
@@ -292,8 +268,8 @@ class Broker:
         return {"protocol": PROTOCOL, "identity": self.identity_hex}
 
     def nonce(self) -> dict:
-        return {"protocol": PROTOCOL, "identity": self.identity_hex, "nonce": self.nonces.issue().hex(),
-                "expires_in": self.nonces.ttl, "key_ids": self.released_ids}
+        offer = NonceOffer(self.nonces.issue(), tuple(self.released_ids), self.identity_bytes, self.nonces.ttl)
+        return offer.to_json()
 
     def request_keys(self, body: bytes, remote: str | None) -> dict:
         """Handle one POST /v1/keys body: the response dict, or Refusal. Always audited."""
@@ -321,34 +297,11 @@ class Broker:
     # ---- the checks
     def _grant(self, body: bytes, entry: dict) -> dict:
         try:
-            req = json.loads(body)
-        except (ValueError, RecursionError):
-            raise Refusal(400, "bad_request", "request body is not JSON") from None
-        if not isinstance(req, dict):
-            raise Refusal(400, "bad_request", "request body must be a JSON object")
-        if req.get("protocol", PROTOCOL) != PROTOCOL:
-            raise Refusal(400, "bad_request", f"unsupported protocol {shown(req.get('protocol'), 40)}; this broker speaks {PROTOCOL}")
-        etype = req.get("evidence_type")
-        if etype not in EVIDENCE_TYPES:
-            raise Refusal(400, "bad_request", f"'evidence_type' must be one of {', '.join(EVIDENCE_TYPES)}")
-        entry["evidence_type"] = etype
-        kids = req.get("key_ids")
-        if not isinstance(kids, list) or not kids or len(kids) > MAX_KEY_IDS or not all(isinstance(k, str) for k in kids):
-            raise Refusal(400, "bad_request", f"'key_ids' must be a list of 1..{MAX_KEY_IDS} key ids")
-        bad = [k for k in kids if not KEY_ID_RE.fullmatch(k)]
-        if bad:
-            raise Refusal(400, "bad_request", f"'key_ids': {shown(bad[0], 40)} is not a key id (16 lower-case hex digits)")
-        kids = list(dict.fromkeys(kids))
-        entry["key_ids"] = kids
-        public_key = _hex(req.get("public_key"), "public_key", PUBLIC_KEY_BYTES)
-        nonce = _hex(req.get("nonce"), "nonce", NONCE_BYTES)
-        entry["nonce"] = nonce.hex()
-        evidence = _b64(req.get("evidence"), "evidence", MAX_BODY)
-        if not evidence:
-            raise Refusal(400, "bad_request", "'evidence' is empty")
-        collateral = req.get("collateral")
-        if collateral is not None and not isinstance(collateral, dict):
-            raise Refusal(400, "bad_request", "'collateral' must be a JSON object (dcap-qvl layout)")
+            req = KeyRequest.parse(body)
+        except MessageError as e:
+            raise Refusal(400, "bad_request", str(e)) from None
+        kids, public_key, nonce = list(req.key_ids), req.public_key, req.nonce
+        entry.update(evidence_type=req.evidence_type, key_ids=kids, nonce=nonce.hex())
         try:
             recipient = X25519PublicKey.from_public_bytes(public_key)
             X25519PrivateKey.generate().exchange(recipient)  # refuses low-order points
@@ -366,7 +319,7 @@ class Broker:
 
         now = datetime.fromtimestamp(self.clock(), timezone.utc)
         try:
-            claims = verify_evidence(self.policy, etype, evidence, collateral=collateral, now=now)
+            claims = verify_evidence(self.policy, req.evidence_type, req.evidence, collateral=req.collateral, now=now)
         except AttestationError as e:
             raise Refusal(403, "evidence_invalid", f"evidence does not verify: {e}") from None
         except BranchyError as e:  # the broker's side, e.g. its collateral file vanished
@@ -390,7 +343,7 @@ class Broker:
             entry["allowed_data_owners"] = len(decision.allowed_data_owners)
         if claims.simulated:
             simulated_warning(f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(kids)} to {entry.get('remote')}")
-        return {"protocol": PROTOCOL, "suite": SUITE_NAME, **release_document(release, signature)}
+        return release_document(release, signature)
 
     # ---- audit
     def _decide(self, entry: dict, status: int, code: str, reason: str | None) -> None:

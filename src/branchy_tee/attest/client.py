@@ -21,7 +21,6 @@ errors/fileio/seal.keys and attest.protocol/providers only.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import os
@@ -42,11 +41,13 @@ from .identity import verify as verify_signature
 from .protocol import (
     KEY_ID_RE,
     MAX_RESPONSE,
-    NONCE_BYTES,
     PROTOCOL,
     RELEASE_PURPOSE,
     SUITE,
     KeyRelease,
+    KeyRequest,
+    MessageError,
+    NonceOffer,
     key_info,
     parse_release,
     release_message,
@@ -166,18 +167,11 @@ class AttestedKeys:
     # ---- protocol steps
     def offer(self, url: str) -> BrokerOffer:
         """GET /v1/nonce: a fresh nonce and the key ids the broker releases."""
-        doc = self._call(url, "GET", "/v1/nonce")
         try:
-            nonce = bytes.fromhex(doc["nonce"])
-            kids = doc.get("key_ids", [])
-            claimed = doc.get("identity")
-            identity = bytes.fromhex(claimed) if isinstance(claimed, str) and len(claimed) == 64 else None
-            if len(nonce) != NONCE_BYTES or not isinstance(kids, list) or not all(
-                    isinstance(k, str) and KEY_ID_RE.fullmatch(k) for k in kids):
-                raise ValueError
-        except (KeyError, TypeError, ValueError):
-            raise AttestationError(f"key broker {url}: malformed nonce response") from None
-        return BrokerOffer(url, nonce, tuple(kids), identity)
+            offer = NonceOffer.parse(self._call(url, "GET", "/v1/nonce"))
+        except MessageError as e:
+            raise AttestationError(f"key broker {url}: malformed nonce response ({e})") from None
+        return BrokerOffer(url, offer.nonce, offer.key_ids, offer.identity)
 
     def exchange(self, offer: BrokerOffer, kids: list[str], expect: bytes | None) -> tuple[dict[str, bytes], KeyRelease]:
         """Attest to one broker with its nonce; return the keys ``kids`` it released and its signed release.
@@ -186,9 +180,7 @@ class AttestedKeys:
         data broker, whose identity must then be on the model owner's allow-list."""
         url, nonce = offer.url, offer.nonce
         evidence = self.provider.evidence(report_data(self.public_key, nonce))
-        body = {"protocol": PROTOCOL, "evidence_type": self.provider.evidence_type,
-                "evidence": base64.b64encode(evidence).decode(), "public_key": self.public_key.hex(),
-                "nonce": nonce.hex(), "key_ids": list(kids)}  # fmt: skip
+        body = KeyRequest(self.provider.evidence_type, evidence, self.public_key, nonce, tuple(kids)).to_json()
         release = self.verify_release(url, self._call(url, "POST", "/v1/keys", json.dumps(body).encode()), nonce,
                                       kids, expect)  # fmt: skip
         out: dict[str, bytes] = {}
@@ -213,8 +205,8 @@ class AttestedKeys:
         on the model owner's allow-list)."""
         try:
             release, signature = parse_release(doc, nonce, self.public_key)
-        except ValueError:
-            raise AttestationError(f"key broker {url}: malformed key release") from None
+        except MessageError as e:
+            raise AttestationError(f"key broker {url}: {e}") from None
         if expect is not None and release.broker != expect:
             raise AttestationError(f"key broker {url} answered with identity {release.broker.hex()}, not the expected "
                                    f"{expect.hex()} (impersonated, or the wrong broker at that address)")

@@ -86,6 +86,124 @@ def unpack_key(plaintext: bytes) -> tuple[bytes, int]:
     return plaintext[12:], min_version
 
 
+# --------------------------------------------------------------------------- typed messages
+class MessageError(ValueError):
+    """A message that is not what the protocol says (one-line reason, no secrets)."""
+
+
+def _hexfield(doc: dict, name: str, size: int) -> bytes:
+    v = doc.get(name)
+    if not isinstance(v, str) or len(v) != 2 * size:
+        raise MessageError(f"'{name}' must be {size} bytes as {2 * size} hex digits")
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise MessageError(f"'{name}' is not hex") from None
+
+
+def _b64field(doc: dict, name: str, limit: int) -> bytes:
+    v = doc.get(name)
+    if not isinstance(v, str):
+        raise MessageError(f"'{name}' must be a base64 string")
+    if len(v) > limit * 4 // 3 + 4:
+        raise MessageError(f"'{name}' is too large")
+    try:
+        return base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise MessageError(f"'{name}' is not valid base64") from None
+
+
+def _json_object(body: bytes | dict, what: str) -> dict:
+    import json
+
+    if isinstance(body, dict):
+        return body
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        raise MessageError(f"{what} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise MessageError(f"{what} must be a JSON object")
+    return doc
+
+
+def _key_ids(v) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or len(v) > MAX_KEY_IDS or not all(isinstance(k, str) for k in v):
+        raise MessageError(f"'key_ids' must be a list of 1..{MAX_KEY_IDS} key ids")
+    bad = [k for k in v if not KEY_ID_RE.fullmatch(k)]
+    if bad:
+        raise MessageError(f"'key_ids': {ascii(bad[0][:40])} is not a key id (16 lower-case hex digits)")
+    return tuple(dict.fromkeys(v))
+
+
+@dataclass(frozen=True)
+class NonceOffer:
+    """GET /v1/nonce: a single-use nonce, the key ids the broker releases, and its identity (claimed
+    here, unauthenticated: the signed release decides)."""
+
+    nonce: bytes
+    key_ids: tuple[str, ...]
+    identity: bytes | None
+    expires_in: float
+
+    def to_json(self) -> dict:
+        return {"protocol": PROTOCOL, "identity": self.identity.hex() if self.identity else None,
+                "nonce": self.nonce.hex(), "expires_in": self.expires_in, "key_ids": list(self.key_ids)}  # fmt: skip
+
+    @classmethod
+    def parse(cls, body: bytes | dict) -> "NonceOffer":
+        doc = _json_object(body, "nonce response")
+        nonce = _hexfield(doc, "nonce", NONCE_BYTES)
+        kids = doc.get("key_ids", [])
+        if not isinstance(kids, list) or len(kids) > MAX_KEY_IDS or not all(
+                isinstance(k, str) and KEY_ID_RE.fullmatch(k) for k in kids):
+            raise MessageError("'key_ids' must be a list of key ids")
+        identity = _hexfield(doc, "identity", IDENTITY_BYTES) if doc.get("identity") is not None else None
+        ttl = doc.get("expires_in", 0)
+        return cls(nonce, tuple(kids), identity, float(ttl) if isinstance(ttl, (int, float)) else 0.0)
+
+
+@dataclass(frozen=True)
+class KeyRequest:
+    """POST /v1/keys: evidence bound to the enclave's public key and the broker's nonce, and the key
+    ids wanted. ``collateral`` (dcap-qvl layout) is used only where the broker's policy accepts it."""
+
+    evidence_type: str
+    evidence: bytes
+    public_key: bytes
+    nonce: bytes
+    key_ids: tuple[str, ...]
+    collateral: dict | None = None
+
+    def to_json(self) -> dict:
+        doc = {"protocol": PROTOCOL, "evidence_type": self.evidence_type,
+               "evidence": base64.b64encode(self.evidence).decode(), "public_key": self.public_key.hex(),
+               "nonce": self.nonce.hex(), "key_ids": list(self.key_ids)}  # fmt: skip
+        if self.collateral is not None:
+            doc["collateral"] = self.collateral
+        return doc
+
+    @classmethod
+    def parse(cls, body: bytes | dict) -> "KeyRequest":
+        """Every member checked in turn (MessageError names the first that is wrong)."""
+        doc = _json_object(body, "request body")
+        if doc.get("protocol", PROTOCOL) != PROTOCOL:
+            raise MessageError(f"unsupported protocol {ascii(str(doc.get('protocol'))[:40])}; this broker speaks {PROTOCOL}")
+        etype = doc.get("evidence_type")
+        if etype not in EVIDENCE_TYPES:
+            raise MessageError(f"'evidence_type' must be one of {', '.join(EVIDENCE_TYPES)}")
+        kids = _key_ids(doc.get("key_ids"))
+        public_key = _hexfield(doc, "public_key", PUBLIC_KEY_BYTES)
+        nonce = _hexfield(doc, "nonce", NONCE_BYTES)
+        evidence = _b64field(doc, "evidence", MAX_BODY)
+        if not evidence:
+            raise MessageError("'evidence' is empty")
+        collateral = doc.get("collateral")
+        if collateral is not None and not isinstance(collateral, dict):
+            raise MessageError("'collateral' must be a JSON object (dcap-qvl layout)")
+        return cls(etype, evidence, public_key, nonce, kids, collateral)
+
+
 # --------------------------------------------------------------------------- signed key release
 RELEASE_PURPOSE = b"key-release"
 IDENTITY_BYTES = 32
@@ -122,8 +240,10 @@ def release_message(r: KeyRelease) -> bytes:
 
 
 def release_document(r: KeyRelease, signature: bytes) -> dict:
-    """The JSON members of a signed release (the broker adds ``protocol`` and ``suite``)."""
+    """The JSON of a signed release (the broker's POST /v1/keys answer)."""
     return {
+        "protocol": PROTOCOL,
+        "suite": SUITE_NAME,
         "identity": r.broker.hex(),
         "keys": {kid: base64.b64encode(sealed).decode() for kid, sealed in r.keys},
         "min_model_version": r.min_model_version,
@@ -133,32 +253,26 @@ def release_document(r: KeyRelease, signature: bytes) -> dict:
 
 
 def parse_release(doc: dict, nonce: bytes, public_key: bytes) -> tuple[KeyRelease, bytes]:
-    """(release, signature) from a response, for the nonce and public key the enclave used; ValueError
-    when a member is missing or malformed. The signature is not checked here."""
-
-    def hexbytes(v, size: int) -> bytes:
-        if not isinstance(v, str) or len(v) != 2 * size:
-            raise ValueError
-        return bytes.fromhex(v)
-
+    """(release, signature) from a response, for the nonce and public key the enclave used;
+    MessageError when a member is missing or malformed. The signature is not checked here."""
     try:
-        broker = hexbytes(doc["identity"], IDENTITY_BYTES)
-        signature = hexbytes(doc["signature"], 64)
+        broker = _hexfield(doc, "identity", IDENTITY_BYTES)
+        signature = _hexfield(doc, "signature", 64)
         keys_doc, version, owners_doc = doc["keys"], doc["min_model_version"], doc["allowed_data_owners"]
         if not isinstance(keys_doc, dict) or not 0 < len(keys_doc) <= MAX_KEY_IDS:
-            raise ValueError
+            raise MessageError("'keys' must map 1..64 key ids to sealed keys")
         keys = []
         for kid, sealed in keys_doc.items():
             if not KEY_ID_RE.fullmatch(kid) or not isinstance(sealed, str):
-                raise ValueError
+                raise MessageError("'keys' must map key ids to base64 strings")
             keys.append((kid, base64.b64decode(sealed, validate=True)))
         if type(version) is not int or not 0 <= version < 1 << 63:
-            raise ValueError
+            raise MessageError("'min_model_version' must be an integer")
         owners = None
         if owners_doc is not None:
             if not isinstance(owners_doc, list) or len(owners_doc) > MAX_ALLOWED_DATA_OWNERS:
-                raise ValueError
-            owners = tuple(hexbytes(o, IDENTITY_BYTES) for o in owners_doc)
-    except (KeyError, TypeError, binascii.Error):
-        raise ValueError("malformed key release") from None
+                raise MessageError("'allowed_data_owners' must be a list of identities")
+            owners = tuple(_hexfield({"o": o}, "o", IDENTITY_BYTES) for o in owners_doc)
+    except (KeyError, TypeError, binascii.Error, ValueError) as e:
+        raise MessageError(f"malformed key release ({e if isinstance(e, MessageError) else 'a member is missing'})") from None
     return KeyRelease(broker, nonce, public_key, tuple(sorted(keys)), version, owners), signature
