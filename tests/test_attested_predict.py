@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from branchy_tee.attest.broker import start_broker
+from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.identity import identity_hex
 from branchy_tee.attest.providers import simulated_mrenclave
 from branchy_tee.cli import main

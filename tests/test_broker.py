@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from branchy_tee.attest.broker import Broker, load_keystore, start_broker
+from branchy_tee.attest.broker import Broker, load_keystore
+from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.client import AttestedKeys
 from branchy_tee.attest.identity import create_identity, identity_hex
 from branchy_tee.attest.policy import load_policy

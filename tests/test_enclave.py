@@ -393,14 +393,15 @@ def test_ldd_output_is_read_into_normalised_paths():
 
 
 def test_run_argument_splitting():
-    assert split_run_arguments(["--", "predict", "--bundle", "b"]) == ([], ["--bundle", "b"])
-    assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (["--backend", "native"], ["--bundle", "b"])
-    assert split_run_arguments(["predict", "--bundle", "b"]) == ([], ["--bundle", "b"])
-    assert split_run_arguments(["--bundle", "b"]) == ([], ["--bundle", "b"])
-    assert split_run_arguments(["--backend=native", "predict", "--bundle", "b"]) == (["--backend=native"], ["--bundle", "b"])
-    with pytest.raises(UsageError):
+    assert split_run_arguments(["--", "predict", "--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (["--backend", "native"], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["predict", "--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--backend=native", "predict", "--bundle", "b"]) == (["--backend=native"], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--", "serve", "--bundle", "b"]) == ([], "serve", ["--bundle", "b"])
+    with pytest.raises(UsageError, match="only predict or serve run in the enclave"):
         split_run_arguments(["--", "train", "--epochs", "1"])
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="nothing to run"):
         split_run_arguments([])
 
 

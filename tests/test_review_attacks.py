@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from branchy_tee import measured
-from branchy_tee.attest.broker import Broker, Refusal, serve_in_background, start_broker
+from branchy_tee.attest.broker import Broker, Refusal
+from branchy_tee.attest.broker_server import serve_in_background, start_broker
 from branchy_tee.attest.client import AttestedKeys
 from branchy_tee.attest.identity import parse_identity, verify
 from branchy_tee.attest.policy import load_policy, parse_policy

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from branchy_tee.attest.broker import start_broker
+from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.identity import create_identity, identity_hex
 from branchy_tee.attest.providers import SimulatedProvider, simulated_mrenclave
 from branchy_tee.cli import main
@@ -125,7 +125,7 @@ def test_evidence_copied_from_another_server_is_refused(world):
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from branchy_tee.attest import ratls
+    from branchy_tee.attest import ratls, ratls_verify
     from branchy_tee.attest.policy import parse_policy
 
     sim = SimulatedProvider()
@@ -134,13 +134,13 @@ def test_evidence_copied_from_another_server_is_refused(world):
     host_key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([])
     forged = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(host_key.public_key())
-              .serial_number(1).not_valid_before(ratls._NOT_BEFORE).not_valid_after(ratls._NOT_AFTER)
+              .serial_number(1).not_valid_before(ratls.NOT_BEFORE).not_valid_after(ratls.NOT_AFTER)
               .add_extension(x509.UnrecognizedExtension(ratls.RATLS_QUOTE_OID, evidence), critical=False)
               .sign(host_key, hashes.SHA256())).public_bytes(serialization.Encoding.DER)  # fmt: skip
     policy = parse_policy(do_policy(world, allowed_mrenclave=[sim.mrenclave.hex()]))
-    assert ratls.verify_server_certificate(genuine, policy).mrenclave == sim.mrenclave
+    assert ratls_verify.verify_server_certificate(genuine, policy).mrenclave == sim.mrenclave
     with pytest.raises(AttestationError, match="does not bind the key of the certificate"):
-        ratls.verify_server_certificate(forged, policy)
+        ratls_verify.verify_server_certificate(forged, policy)
 
 
 # --------------------------------------------------------------------------- who may query
@@ -169,8 +169,8 @@ def test_a_forged_anchor_in_the_clients_chain_does_not_help(world, tmp_path):
 
     leaf = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-            .issuer_name(ratls._identity_name(allowed_hex)).public_key(stranger.public_key()).serial_number(2)
-            .not_valid_before(ratls._NOT_BEFORE).not_valid_after(ratls._NOT_AFTER).sign(stranger, None))  # fmt: skip
+            .issuer_name(ratls.identity_name(allowed_hex)).public_key(stranger.public_key()).serial_number(2)
+            .not_valid_before(ratls.NOT_BEFORE).not_valid_after(ratls.NOT_AFTER).sign(stranger, None))  # fmt: skip
     pem = stranger.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     (tmp_path / "c.pem").write_bytes(pem + leaf.public_bytes(serialization.Encoding.PEM) + fake_anchor)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -408,3 +408,16 @@ def test_server_killed_under_load_gives_clear_errors_never_wrong_answers_and_cli
     assert stats["wrong"] == 0 and not stats["unclear"], stats
     assert stats["ok_before"] > 0 and stats["ok_after"] > 0 and stats["errors"] > 0, stats
     assert all(v >= 2 for v in stats["verifications"]), stats  # every client re-attested the new server
+
+
+def test_a_model_broker_gone_for_good_stops_the_answers_after_a_grace(world):
+    with Served(world, extra=("--renew", "0.2")) as s:
+        with s.client("do1") as c:
+            check_answers(world, c.predict(world["x"][:2]))
+            s.broker.stop()  # unreachable, not refusing: tolerated for Renewal.GRACE renewals
+            deadline = time.time() + 20
+            while s.server.state != "revoked" and time.time() < deadline:
+                time.sleep(0.1)
+            assert s.server.state == "revoked"
+            with pytest.raises(BranchyError):
+                c.predict(world["x"][:2])

@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from branchy_tee import measured
-from branchy_tee.attest.broker import Broker, serve_in_background, start_broker
+from branchy_tee.attest.broker import Broker
+from branchy_tee.attest.broker_server import serve_in_background, start_broker
 from branchy_tee.attest.client import AttestedKeys
 from branchy_tee.attest.identity import create_identity, identity_hex, load_identity, sign
 from branchy_tee.attest.protocol import report_data
@@ -344,8 +345,8 @@ def test_release_names_the_measurement_of_the_built_enclave(world):
     from branchy_tee.attest.providers import code_measurement
 
     # the code is the enclave environment's copy of branchy_tee (what `enclave run` runs), not this checkout
-    code = code_measurement(Path(cfg["package_dir"]) / "branchy_tee")
-    assert release["mrenclave"] == simulated_mrenclave(cfg["env"], code).hex()
+    code = code_measurement(Path(cfg.package_dir) / "branchy_tee")
+    assert release["mrenclave"] == simulated_mrenclave(cfg.env, code).hex()
     assert (release["bundle_id"], release["model_key_id"], release["model_broker_identity"]) == (
         world.header["bundle_id"], world.header["key_id"], world.ids["mo"])
 

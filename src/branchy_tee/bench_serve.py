@@ -122,7 +122,7 @@ def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=No
     """Seal ``run_dir``'s model, serve it twice (early exit, full model) and load both in turn."""
     import numpy as np
 
-    from .attest.broker import start_broker
+    from .attest.broker_server import start_broker
     from .attest.identity import create_identity, identity_hex
     from .attest.providers import simulated_mrenclave
     from .data import load_dataset

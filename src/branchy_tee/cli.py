@@ -542,7 +542,7 @@ def add_key_broker(sub) -> None:
 
 
 def cmd_key_broker(args) -> int:
-    from .attest.broker import serve
+    from .attest.broker_server import serve
 
     return serve(args.keys, args.policy, args.listen, identity=args.identity, tls_cert=args.tls_cert,
                  tls_key=args.tls_key, audit_log=args.audit_log, nonce_ttl=args.nonce_ttl, quiet=args.quiet)
@@ -639,6 +639,10 @@ def add_enclave(sub) -> None:
     b.add_argument("--enclave-size", metavar="SIZE",
                    help="sgx.enclave_size (e.g. 1G) instead of measuring the runtime: to reproduce a build (its "
                         "enclave.json has the size)")  # fmt: skip
+    b.add_argument("--serve", action="store_true",
+                   help="the enclave runs `serve` (online, attested TLS) instead of `predict`")
+    b.add_argument("--max-connections", type=int, default=64,
+                   help="serve: concurrent connections to have threads for (sgx.max_threads; default 64)")
     b.add_argument("--json", action="store_true", help="print a JSON summary")
     b.set_defaults(func=cmd_enclave_build)
 
@@ -652,14 +656,15 @@ def add_enclave(sub) -> None:
     e.set_defaults(func=cmd_enclave_env)
 
     r = esub.add_parser(
-        "run", help="run predict in the enclave: gramine-sgx, gramine-direct or natively",
-        usage="branchy-tee enclave run [-h] [--backend {sgx,direct,native}] DIR -- predict ARGS...",
-        description="Launch predict for the enclave built in DIR: `gramine-sgx ./branchy-tee ARGS` (sgx), "
-                    "`gramine-direct ./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` "
-                    "with the manifest's environment (native). Exits with predict's exit code.")  # fmt: skip
+        "run", help="run predict (or serve) in the enclave: gramine-sgx, gramine-direct or natively",
+        usage="branchy-tee enclave run [-h] [--backend {sgx,direct,native}] DIR -- {predict,serve} ARGS...",
+        description="Launch the enclave built in DIR: `gramine-sgx ./branchy-tee ARGS` (sgx), `gramine-direct "
+                    "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
+                    "serve) from the enclave environment with the manifest's environment (native). The command must "
+                    "be the one the enclave was built for (serve: `enclave build --serve`). Exits with its exit code.")  # fmt: skip
     r.add_argument("--backend", choices=["sgx", "direct", "native"], default="sgx", help="default sgx")
     r.add_argument("dir", metavar="DIR", help="the build directory of `enclave build`")
-    r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- predict ARGS", help="predict's arguments")
+    r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- {predict,serve} ARGS", help="its arguments")
     r.set_defaults(func=cmd_enclave_run)
 
     rel = esub.add_parser(
@@ -730,6 +735,7 @@ def cmd_enclave_build(args) -> int:
         signing_key=args.signing_key, io_dirs=args.io_dir, stats_dirs=args.stats_dir, broker_ca=args.broker_ca,
         isv_prod_id=args.isv_prod_id, isv_svn=args.isv_svn, batch_size=args.batch_size, max_samples=args.max_samples,
         accepted_tcb_statuses=args.accept_tcb or ["UpToDate"], env=args.env, enclave_size=args.enclave_size,
+        serve=args.serve, max_connections=args.max_connections,
     )  # fmt: skip
     s = build(opts, log=_progress)
     for w in s["warnings"]:
@@ -768,19 +774,19 @@ def cmd_enclave_build(args) -> int:
         print(f"NOT SIGNED: nothing was signed ({'no --sgx' if not args.sgx else 'Gramine missing'}); on an SGX machine "
               f"with Gramine run `make SGX=1` in {s['dir']}")
     print(f"the model owner reproduces this build and signs it: `branchy-tee enclave release {s['dir']} --identity "
-          "mo.id --out release.json`")
+          "mo.id --model-key mo.key --out release.json`")
     return 0
 
 
 def cmd_enclave_run(args) -> int:
     from .enclave.launch import run_enclave, split_run_arguments
 
-    head, predict_args = split_run_arguments(args.predict_args)
+    head, command, command_args = split_run_arguments(args.predict_args)
     if head:  # run options given after DIR: `enclave run DIR --backend native -- predict ...`
         p = ArgumentParser(prog=f"{PROG} enclave run")
         p.add_argument("--backend", choices=["sgx", "direct", "native"], default=args.backend)
         args.backend = p.parse_args(head).backend
-    return run_enclave(args.dir, args.backend, predict_args)
+    return run_enclave(args.dir, args.backend, command_args, command)
 
 
 def cmd_enclave_release(args) -> int:

@@ -40,7 +40,7 @@ def _client_context(identity) -> ssl.SSLContext:
     checked by a CA (it is self-signed): it is checked by its attestation, after the handshake."""
     from cryptography.hazmat.primitives import serialization
 
-    from .attest.ratls import client_certificate
+    from .attest.ratls_verify import client_certificate
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -105,7 +105,7 @@ class Client:
 
     # ---- connections
     def _connect(self, r: _Replica) -> http.client.HTTPSConnection:
-        from .attest.ratls import verify_server_certificate
+        from .attest.ratls_verify import verify_server_certificate
 
         conn = http.client.HTTPSConnection(r.host, r.port, timeout=self.timeout, context=self._ctx)
         t0 = time.perf_counter()

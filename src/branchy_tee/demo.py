@@ -106,7 +106,7 @@ def _read_mprofile(path: str) -> tuple[list[float], list[float]]:
 
 def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir=None, epochs: int | None = None) -> dict:
     """Run the whole flow in ``out`` (which must not exist or be empty); return the summary."""
-    from .attest.broker import start_broker
+    from .attest.broker_server import start_broker
     from .attest.identity import create_identity, identity_hex
     from .bench import bench_early_exit
     from .data import fashion_mnist_available, load_dataset

@@ -435,7 +435,7 @@ class BrokerPostTarget(Target):
     name = "broker/POST /v1/keys body"
 
     def __init__(self, work: Path, keys: list[bytes]):
-        from branchy_tee.attest.broker import start_broker
+        from branchy_tee.attest.broker_server import start_broker
         from branchy_tee.attest.providers import SimulatedProvider
         from branchy_tee.seal.keys import key_id
 
@@ -601,7 +601,7 @@ class ClientResponseTarget(Target):
 
 def record_exchange(work: Path, keys: list[bytes]) -> dict:
     """One real nonce + key exchange with a broker (simulated evidence), as raw response bytes."""
-    from branchy_tee.attest.broker import start_broker
+    from branchy_tee.attest.broker_server import start_broker
     from branchy_tee.attest.protocol import report_data
     from branchy_tee.attest.providers import SimulatedProvider
     from branchy_tee.seal.keys import key_id

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from branchy_tee.attest.broker import start_broker
+from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.providers import SimulatedProvider
 from branchy_tee.cli import main
 from branchy_tee.seal.envelope import MAX_FILE, REQUEST_MAGIC

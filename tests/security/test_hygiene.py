@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from branchy_tee import fileio
-from branchy_tee.attest.broker import start_broker
+from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.providers import SimulatedProvider, simulated_mrenclave
 from branchy_tee.cli import main
 from branchy_tee.errors import BranchyError

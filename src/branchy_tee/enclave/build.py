@@ -65,6 +65,7 @@ from ..seal.aead import MAX_DECRYPT_WORKERS
 from . import MANIFEST_NAME
 from . import env as enclave_env
 from . import measure
+from .config import CONFIG, ENTRIES, EnclaveConfig, load_config, manifest_defines, manifest_env  # noqa: F401 (re-exported)
 
 MIB = 1 << 20
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -72,15 +73,13 @@ MANIFEST_TEMPLATE = f"{MANIFEST_NAME}.manifest.template"
 MANIFEST = f"{MANIFEST_NAME}.manifest"
 SGX_MANIFEST = f"{MANIFEST_NAME}.manifest.sgx"
 SIGSTRUCT = f"{MANIFEST_NAME}.sig"
-LAUNCHER = f"{MANIFEST_NAME}-predict"
-CONFIG = "enclave.json"
-CONFIG_FORMAT = "branchy-tee/enclave/v2"
 
 # gramine.runtimedir() of Gramine's Debian/Ubuntu packages: used only when gramine-manifest is absent.
 DEBIAN_GRAMINE_RUNTIME = "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"
 SUPPORTED_GRAMINE = "1.8 or later"
 SHEBANG_LIMIT = 256  # bytes of a script's first line that Gramine (like Linux) reads: INTERP_PATH_SIZE
 GRAMINE_HELPER_THREADS = 8  # Gramine's IPC/async/TLS helpers, Python's main thread, the memory sampler, headroom
+SERVER_THREADS = 2  # serve's batcher and key renewal (plus one per connection: --max-connections)
 
 INSTALL_HINT = ("install Gramine from its apt repository (https://gramine.readthedocs.io/en/stable/installation.html; "
                 "on Ubuntu: add packages.gramineproject.io, then `sudo apt install gramine`)")  # fmt: skip
@@ -111,6 +110,8 @@ class BuildOptions:
     accepted_tcb_statuses: list[str] = field(default_factory=lambda: ["UpToDate"])
     env: str = enclave_env.DEFAULT_ENV_DIR  # the enclave's Python environment (made when missing)
     enclave_size: str | None = None  # given instead of measured (e.g. to reproduce a build)
+    serve: bool = False  # the entry point is `serve` (online) instead of `predict`
+    max_connections: int = 64  # serve: concurrent connections (one thread each) the enclave has threads for
 
 
 # --------------------------------------------------------------------------- rendering
@@ -138,9 +139,9 @@ def _render(name: str, **values) -> str:
     return jinja_environment().get_template(name).render(**values)
 
 
-def entry_script(python: str) -> str:
+def entry_script(python: str, entry: str = "predict") -> str:
     """The entry script: its first line names the interpreter, and must fit Gramine's limit."""
-    text = _render("branchy-tee-predict.template", python=python)
+    text = _render("branchy-tee-entry.template", python=python, module=ENTRIES[entry], command=entry)
     first_line = len(text.encode().split(b"\n", 1)[0]) + 1
     if first_line > SHEBANG_LIMIT:
         raise UsageError(f"the interpreter's path {python} is too long for a script's first line "
@@ -166,64 +167,6 @@ def _check_url(url: str, what: str) -> str:
     return url
 
 
-def manifest_env(cfg: dict) -> dict[str, str]:
-    """The environment the manifest sets (loader.env), from the build configuration."""
-    env = {
-        "LD_LIBRARY_PATH": cfg["ld_library_path"],
-        "OMP_NUM_THREADS": str(cfg["threads"]),
-        "MALLOC_ARENA_MAX": "1",  # one malloc arena: no 64 MiB reservation per thread (virtual memory is enclave memory)
-        "PYTHONHOME": cfg["env_dir"],
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONNOUSERSITE": "1",
-        "PYTHONSAFEPATH": "1",
-        measured.ENCLAVE: "1",
-        measured.ATTEST: cfg["attest"],
-        measured.MODEL_BROKER: cfg["model_broker"],
-        measured.MODEL_BROKER_IDENTITY: cfg["model_broker_identity"],
-        measured.DATA_BROKERS: ",".join(cfg["data_brokers"]),
-        measured.BUNDLE_ID: cfg["bundle_id"],
-        measured.MODEL_KEY_ID: cfg["model_key_id"],
-        measured.MIN_MODEL_VERSION: str(cfg["min_model_version"]),
-        measured.ALLOW_PLAINTEXT: "1" if cfg["allow_plaintext"] else "0",
-    }
-    if cfg.get("broker_ca"):
-        env[measured.BROKER_CA] = cfg["broker_ca"]
-    return env
-
-
-def manifest_defines(cfg: dict) -> dict[str, str]:
-    """The template's values, as the strings gramine-manifest's -D options carry."""
-    return {
-        "log_level": "warning" if cfg["debug"] else "error",
-        "launcher": cfg["launcher"],
-        "python": cfg["interpreter"],
-        "python_home": cfg["env_dir"],
-        "python_lib": cfg["env_lib"],
-        "libs": ":".join(cfg["libs"]),
-        "arch_libdir": cfg["arch_libdir"],
-        "ld_library_path": cfg["ld_library_path"],
-        "threads": str(cfg["threads"]),
-        "max_threads": str(cfg["max_threads"]),
-        "enclave_size": cfg["enclave_size"],
-        "debug": "true" if cfg["debug"] else "false",
-        "edmm": "true" if cfg["edmm"] else "false",
-        "isvprodid": str(cfg["isv_prod_id"]),
-        "isvsvn": str(cfg["isv_svn"]),
-        "attest": cfg["attest"],
-        "model_broker": cfg["model_broker"],
-        "model_broker_identity": cfg["model_broker_identity"],
-        "bundle_id": cfg["bundle_id"],
-        "model_key_id": cfg["model_key_id"],
-        "data_brokers": ",".join(cfg["data_brokers"]),
-        "allow_plaintext": "1" if cfg["allow_plaintext"] else "0",
-        "min_model_version": str(cfg["min_model_version"]),
-        "broker_ca": cfg.get("broker_ca") or "",
-        "bundle_dir": cfg["bundle"],
-        "bundle_files": ":".join(cfg["bundle_files"]),
-        "io_dirs": ":".join(cfg["io_dirs"]),
-    }
-
-
 def _overlaps(a: str, b: str) -> bool:
     pa, pb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
     return pa == pb or pa in pb.parents or pb in pa.parents
@@ -240,24 +183,18 @@ def _multiarch() -> str:
     return sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
 
 
-def build_config(opts: BuildOptions, log=lambda msg: None) -> dict:
-    """Check the options, make or reuse the enclave environment, measure the runtime's memory and
-    work out every value of the build (written to OUT/enclave.json)."""
-    from ..seal.bundle import HEADER_FILE, read_header_unverified
+def _check_options(opts: BuildOptions, header: dict) -> tuple[str, str, list[str], int]:
+    """The options that need no files: (model broker, its identity, data brokers, minimum version)."""
+    from ..attest.verify import TCB_STATUSES
 
-    out = _abs_path(opts.out, "--out")
-    bundle = _abs_path(opts.bundle, "--bundle")
-    header = read_header_unverified(bundle)["header"]
     if not 1 <= opts.threads <= 256:
         raise UsageError("--threads must be between 1 and 256")
-    if opts.batch_size < 1 or opts.max_samples < 1:
-        raise UsageError("--batch-size and --max-samples must be at least 1")
+    if opts.batch_size < 1 or opts.max_samples < 1 or opts.max_connections < 1:
+        raise UsageError("--batch-size, --max-samples and --max-connections must be at least 1")
     if not (0 <= opts.isv_prod_id < 1 << 16 and 0 <= opts.isv_svn < 1 << 16):
         raise UsageError("--isv-prod-id and --isv-svn are 16-bit numbers (0..65535)")
     if opts.attest not in ("gramine", "simulated"):
         raise UsageError("--attest is gramine or simulated")
-    from ..attest.verify import TCB_STATUSES
-
     if not opts.accepted_tcb_statuses or any(s not in TCB_STATUSES or s == "Revoked" for s in opts.accepted_tcb_statuses):
         raise UsageError(f"--accept-tcb takes one of {', '.join(sorted(TCB_STATUSES - {'Revoked'}))}")
     min_version = header["model_version"] if opts.min_model_version is None else opts.min_model_version
@@ -273,83 +210,73 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> dict:
     problem = measured.identity_problem(identity) if identity else None
     if problem:
         raise UsageError(f"--model-broker-identity {identity!r} {problem}")
-    data_brokers = [_check_url(u, "--data-broker") for u in opts.data_brokers]
+    return model_broker, identity, [_check_url(u, "--data-broker") for u in opts.data_brokers], min_version
+
+
+def _paths(opts: BuildOptions, out: str, bundle: str) -> tuple[list[str], str, str | None, str]:
+    """(data directories, the enclave environment, the broker CA, the signing key), checked."""
+    io_dirs = [_abs_path(d, "--io-dir") for d in opts.io_dirs] or [os.path.join(out, "io")]
+    io_dirs = list(dict.fromkeys(io_dirs + [_abs_path(d, "--stats-dir") for d in opts.stats_dirs]))
     broker_ca = None
     if opts.broker_ca:
         broker_ca = _abs_path(opts.broker_ca, "--broker-ca")
         if not Path(broker_ca).is_file():
             raise BranchyError(f"--broker-ca {broker_ca}: no such file")
-    given_size = measure.parse_size(opts.enclave_size) if opts.enclave_size else None
-    launcher = os.path.join(out, LAUNCHER)
-    bundle_files = [os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s["file"]) for s in header["stages"]]
-    io_dirs = [_abs_path(d, "--io-dir") for d in opts.io_dirs] or [os.path.join(out, "io")]
-    io_dirs += [_abs_path(d, "--stats-dir") for d in opts.stats_dirs]
-    io_dirs = list(dict.fromkeys(io_dirs))
     env_dir = _abs_path(opts.env, "--env")
+    launcher = os.path.join(out, f"{MANIFEST_NAME}-{'serve' if opts.serve else 'predict'}")
     for d in [bundle, *io_dirs]:
         for t in [env_dir, launcher] + ([broker_ca] if broker_ca else []):
             if _overlaps(d, t):
                 raise UsageError(f"data directory {d} overlaps the trusted code/configuration path {t}; "
                                  "keep bundles, requests and results apart from the enclave environment and the build directory's files")
+    signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
+    if _BAD_PATH.search(signing_key) or " " in signing_key:
+        raise UsageError(f"--signing-key {signing_key!r}: spaces, quotes, '$' and ':' are not supported")
+    return io_dirs, env_dir, broker_ca, signing_key
 
+
+def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
+    """Check the options, make or reuse the enclave environment, measure the runtime's memory and
+    work out every value of the build (written to OUT/enclave.json)."""
+    from ..seal.bundle import HEADER_FILE, read_header_unverified
+
+    out = _abs_path(opts.out, "--out")
+    bundle = _abs_path(opts.bundle, "--bundle")
+    header = read_header_unverified(bundle)["header"]
+    model_broker, identity, data_brokers, min_version = _check_options(opts, header)
+    given_size = measure.parse_size(opts.enclave_size) if opts.enclave_size else None
+    io_dirs, env_dir, broker_ca, signing_key = _paths(opts, out, bundle)
     env = enclave_env.ensure_env(env_dir, log=log)
     arch = f"/lib/{_multiarch()}"
     libs, search = enclave_env.system_libraries(env.python, env.dir, [arch, f"/usr{arch}"])
     for p in [env.python, env.home_lib, *libs]:
         _abs_path(p, "Python path")
-    entry_script(env.python)  # the interpreter's path must fit the entry script's first line
-    # the compute threads, Gramine's and Python's own, and the stage decryption workers (seal.aead)
+    entry = "serve" if opts.serve else "predict"
+    entry_script(env.python, entry)  # the interpreter's path must fit the entry script's first line
+    # the compute threads, Gramine's and Python's own, the stage decryption workers (seal.aead), and for
+    # serve one thread per connection plus the batcher and the key renewal
     max_threads = opts.threads + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1
-    signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
-    if _BAD_PATH.search(signing_key) or " " in signing_key:
-        raise UsageError(f"--signing-key {signing_key!r}: spaces, quotes, '$' and ':' are not supported")
-    cfg = {
-        "format": CONFIG_FORMAT,
-        "dir": out,
-        "bundle": bundle,
-        "bundle_files": bundle_files,
-        "bundle_id": header["bundle_id"],
-        "model_key_id": header["key_id"],
-        "model_version": header["model_version"],
-        "arch": header["arch"],
-        "io_dirs": io_dirs,
-        "interpreter": env.python,
-        "env_dir": env.dir,
-        "env_lib": env.home_lib,
-        "package_dir": env.site_packages,  # where the enclave's branchy_tee is (what simulated evidence measures)
-        "env_requirements": env.requirements,
-        "env_packages": env.packages,
-        "libs": libs,
-        "arch_libdir": arch,
-        "ld_library_path": ":".join(["/lib", *search]),
-        "launcher": launcher,
-        "threads": opts.threads,
-        "max_threads": max_threads,
-        "batch_size": opts.batch_size,
-        "max_samples": opts.max_samples,
-        "debug": opts.debug,
-        "edmm": opts.edmm,
-        "isv_prod_id": opts.isv_prod_id,
-        "isv_svn": opts.isv_svn,
-        "attest": opts.attest,
-        "model_broker": model_broker,
-        "model_broker_identity": identity,
-        "data_brokers": data_brokers,
-        "allow_plaintext": opts.allow_plaintext_result,
-        "min_model_version": min_version,
-        "broker_ca": broker_ca,
-        "accepted_tcb_statuses": list(dict.fromkeys(opts.accepted_tcb_statuses)),
-        "signing_key": signing_key,
-    }
-    cfg["env"] = manifest_env(cfg)
+    if opts.serve:
+        max_threads += opts.max_connections + SERVER_THREADS
+    cfg = EnclaveConfig(
+        dir=out, entry=entry, bundle=bundle,
+        bundle_files=tuple([os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s["file"]) for s in header["stages"]]),
+        bundle_id=header["bundle_id"], model_key_id=header["key_id"], model_version=header["model_version"],
+        arch=header["arch"], io_dirs=tuple(io_dirs), interpreter=env.python, env_dir=env.dir, env_lib=env.home_lib,
+        package_dir=env.site_packages, env_requirements=tuple(env.requirements), env_packages=dict(env.packages),
+        libs=tuple(libs), arch_libdir=arch, ld_library_path=":".join(["/lib", *search]),
+        launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"), threads=opts.threads, max_threads=max_threads,
+        batch_size=opts.batch_size, max_samples=opts.max_samples, debug=opts.debug, edmm=opts.edmm,
+        isv_prod_id=opts.isv_prod_id, isv_svn=opts.isv_svn, attest=opts.attest, model_broker=model_broker,
+        model_broker_identity=identity, data_brokers=tuple(data_brokers), allow_plaintext=opts.allow_plaintext_result,
+        min_model_version=min_version, broker_ca=broker_ca,
+        accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)), signing_key=signing_key,
+    )  # fmt: skip
     if given_size:
-        cfg["enclave_size"], cfg["enclave_size_detail"] = measure.size_string(given_size), {"given": True}
-    else:
-        peak = measure.measure_peak(header, env.python, env.dir, cfg["env"], opts.batch_size, opts.max_samples, log)
-        sizing = measure.enclave_size(header, peak, opts.max_samples)
-        cfg["enclave_size"], cfg["enclave_size_detail"] = sizing["enclave_size_str"], {"given": False, **peak, **sizing}
-    cfg["defines"] = manifest_defines(cfg)
-    return cfg
+        return cfg.replace(enclave_size=measure.size_string(given_size), enclave_size_detail={"given": True})
+    peak = measure.measure_peak(header, env.python, env.dir, cfg.env, opts.batch_size, opts.max_samples, log)
+    sizing = measure.enclave_size(header, peak, opts.max_samples)
+    return cfg.replace(enclave_size=sizing["enclave_size_str"], enclave_size_detail={"given": False, **peak, **sizing})
 
 
 # --------------------------------------------------------------------------- Gramine tools
@@ -427,21 +354,6 @@ def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNT
     return sum(enclave_env.count_files(p) if p.endswith("/") else 1 for p in paths)
 
 
-def load_config(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BranchyError(f"{directory} is not an enclave build directory (no {CONFIG}); run `branchy-tee enclave build` first") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise BranchyError(f"{path}: unreadable ({e})") from None
-    if isinstance(cfg, dict) and str(cfg.get("format", "")).startswith("branchy-tee/enclave/") and cfg["format"] != CONFIG_FORMAT:
-        raise BranchyError(f"{path}: written by an older branchy-tee; rebuild with `branchy-tee enclave build`")
-    if not isinstance(cfg, dict) or cfg.get("format") != CONFIG_FORMAT:
-        raise BranchyError(f"{path}: not a branchy-tee enclave configuration")
-    return cfg
-
-
 def read_measurements(directory: str | os.PathLike) -> dict:
     """MRENCLAVE, MRSIGNER, ISV ids and the debug flag of the signed enclave in ``directory``."""
     d = Path(directory)
@@ -456,70 +368,77 @@ def build(opts: BuildOptions, log=lambda msg: None) -> dict:
     from ..fileio import atomic_write_text
 
     cfg = build_config(opts, log)
-    out = Path(cfg["dir"])
+    out = Path(cfg.dir)
     out.mkdir(parents=True, exist_ok=True)
-    for d in cfg["io_dirs"]:
+    for d in cfg.io_dirs:
         Path(d).mkdir(parents=True, exist_ok=True)
     for stale in (MANIFEST, SGX_MANIFEST, SIGSTRUCT):  # never leave a signature of an older build
         (out / stale).unlink(missing_ok=True)
     shutil.copyfile(TEMPLATES / MANIFEST_TEMPLATE, out / MANIFEST_TEMPLATE)
-    atomic_write_text(cfg["launcher"], entry_script(cfg["interpreter"]), mode=0o755)
-    defines = [f"{k}={v}" for k, v in cfg["defines"].items()]
-    atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg["signing_key"]))
-    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=1) + "\n")
+    atomic_write_text(cfg.launcher, entry_script(cfg.interpreter, cfg.entry), mode=0o755)
+    defines = [f"{k}={v}" for k, v in cfg.defines.items()]
+    atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg.signing_key))
+    atomic_write_text(out / CONFIG, json.dumps(cfg.to_json(), indent=1) + "\n")
+    summary = {"dir": str(out), "entry": cfg.entry, "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
+               "env": cfg.env_dir, "env_requirements": list(cfg.env_requirements), "enclave_size": cfg.enclave_size,
+               "enclave_size_detail": cfg.enclave_size_detail, "max_threads": cfg.max_threads, "debug": cfg.debug,
+               "edmm": cfg.edmm, "trusted_files": None, "manifest_bytes": None, "manifest_sha256": None,
+               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": _warnings(cfg),
+               "bundle_id": cfg.bundle_id, "model_key_id": cfg.model_key_id, "min_model_version": cfg.min_model_version,
+               "model_broker": cfg.model_broker, "model_broker_identity": cfg.model_broker_identity}  # fmt: skip
+    summary.update(_render_manifest_file(cfg, out, summary["warnings"]))
+    if opts.sgx:
+        summary.update(_sign(cfg, out))
+    return summary
 
-    summary = {"dir": str(out), "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
-               "env": cfg["env_dir"], "env_requirements": cfg["env_requirements"],
-               "enclave_size": cfg["enclave_size"], "enclave_size_detail": cfg["enclave_size_detail"],
-               "max_threads": cfg["max_threads"], "debug": cfg["debug"], "edmm": cfg["edmm"],
-               "trusted_files": None, "manifest_bytes": None, "manifest_sha256": None,
-               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": [],
-               "bundle_id": cfg["bundle_id"], "model_key_id": cfg["model_key_id"],
-               "min_model_version": cfg["min_model_version"], "model_broker": cfg["model_broker"],
-               "model_broker_identity": cfg["model_broker_identity"]}  # fmt: skip
-    warnings = summary["warnings"]
-    if not cfg["model_broker"]:
+
+def _warnings(cfg: EnclaveConfig) -> list[str]:
+    warnings = []
+    if not cfg.model_broker:
         warnings.append("no --model-broker: inside the enclave keys come only from attested key release, so this enclave "
                         "can never get the model key (fine for --backend native with key files)")
-    elif cfg["model_broker"].startswith("http://"):
+    elif cfg.model_broker.startswith("http://"):
         warnings.append("plain-http model broker: key releases are signed by its measured identity and keys are "
                         "HPKE-sealed, but the network sees nonces and evidence")
-    if cfg["debug"]:
+    if cfg.debug:
         warnings.append("--debug: a debug enclave's memory can be read by the host; policies keep allow_debug = false")
-    if cfg["attest"] == "simulated":
+    if cfg.attest == "simulated":
         warnings.append("--attest simulated: development only; brokers must set allow_simulation = true to accept it")
+    return warnings
+
+
+def _render_manifest_file(cfg: EnclaveConfig, out: Path, warnings: list[str]) -> dict:
+    """Render OUT/branchy-tee.manifest with gramine-manifest (hashed), or without Gramine for inspection."""
+    from ..fileio import atomic_write_text
 
     if which("gramine-manifest"):
-        proc = run_tool(gramine_manifest_argv(cfg["defines"]), cwd=str(out))
+        proc = run_tool(gramine_manifest_argv(cfg.defines), cwd=str(out))
         try:
-            summary.update(manifest_figures(out / MANIFEST))
+            figures = manifest_figures(out / MANIFEST)
         except BranchyError:
             (out / MANIFEST).unlink(missing_ok=True)
             raise
         warnings += [f"gramine-manifest: {line}" for line in proc.stderr.splitlines() if line.strip()]
-        summary["rendered_by"] = "gramine-manifest"
-    else:
-        text = render_manifest(cfg["defines"])
-        atomic_write_text(out / MANIFEST, text)
-        os.utime(out / MANIFEST, (0, 0))  # older than the template: `make` re-renders it with gramine-manifest
-        summary["rendered_by"] = "branchy-tee"
-        summary["trusted_files"] = count_trusted(cfg["defines"])
-        warnings.append("gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection, "
-                        f"without hashes (Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` "
-                        f"re-renders it with Gramine {SUPPORTED_GRAMINE}, which hashes it")  # fmt: skip
+        return {**figures, "rendered_by": "gramine-manifest"}
+    atomic_write_text(out / MANIFEST, render_manifest(cfg.defines))
+    os.utime(out / MANIFEST, (0, 0))  # older than the template: `make` re-renders it with gramine-manifest
+    warnings.append("gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection, "
+                    f"without hashes (Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` "
+                    f"re-renders it with Gramine {SUPPORTED_GRAMINE}, which hashes it")  # fmt: skip
+    return {"rendered_by": "branchy-tee", "trusted_files": count_trusted(cfg.defines)}
 
-    if opts.sgx:
-        missing = [t for t in ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view") if not which(t)]
-        if missing:
-            raise BranchyError(f"--sgx: {', '.join(missing)} not installed, so nothing was signed "
-                               f"(the manifest and Makefile are in {out}); {INSTALL_HINT}")
-        if not Path(cfg["signing_key"]).is_file():
-            raise BranchyError(f"--sgx: no signing key at {cfg['signing_key']}, so nothing was signed; "
-                               "create one with `gramine-sgx-gen-private-key` or pass --signing-key PEM (RSA-3072, exponent 3)")
-        run_tool(sign_argv(cfg["signing_key"]), cwd=str(out))
-        if not (out / SGX_MANIFEST).is_file() or not (out / SIGSTRUCT).is_file():
-            raise BranchyError(f"gramine-sgx-sign did not write {SGX_MANIFEST} and {SIGSTRUCT} in {out}")
-        sig = read_measurements(out)
-        summary.update(signed=True, sgx_manifest=str(out / SGX_MANIFEST), sigstruct=str(out / SIGSTRUCT),
-                       mrenclave=sig["mrenclave"], mrsigner=sig["mrsigner"])  # fmt: skip
-    return summary
+
+def _sign(cfg: EnclaveConfig, out: Path) -> dict:
+    missing = [t for t in ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view") if not which(t)]
+    if missing:
+        raise BranchyError(f"--sgx: {', '.join(missing)} not installed, so nothing was signed "
+                           f"(the manifest and Makefile are in {out}); {INSTALL_HINT}")
+    if not Path(cfg.signing_key).is_file():
+        raise BranchyError(f"--sgx: no signing key at {cfg.signing_key}, so nothing was signed; "
+                           "create one with `gramine-sgx-gen-private-key` or pass --signing-key PEM (RSA-3072, exponent 3)")
+    run_tool(sign_argv(cfg.signing_key), cwd=str(out))
+    if not (out / SGX_MANIFEST).is_file() or not (out / SIGSTRUCT).is_file():
+        raise BranchyError(f"gramine-sgx-sign did not write {SGX_MANIFEST} and {SIGSTRUCT} in {out}")
+    sig = read_measurements(out)
+    return {"signed": True, "sgx_manifest": str(out / SGX_MANIFEST), "sigstruct": str(out / SIGSTRUCT),
+            "mrenclave": sig["mrenclave"], "mrsigner": sig["mrsigner"]}

@@ -51,9 +51,10 @@ DISTRIBUTION = "branchy-tee"
 EXTRA = "enclave"
 CONSTRAINTS = Path(__file__).resolve().parent / "constraints.txt"
 PACKAGE = "branchy_tee"
-# What the enclave runs of this package: the entry script imports this module; everything it imports
-# (also inside functions) is copied, nothing else (package_closure).
-ENTRY_MODULE = "branchy_tee.runtime.predict"
+# What the enclave runs of this package: the entry script imports one of these modules (predict, or
+# serve for `enclave build --serve`); everything they import (also inside functions) is copied,
+# nothing else (package_closure).
+ENTRY_MODULES = ("branchy_tee.runtime.predict", "branchy_tee.runtime.server")
 
 # Top-level names in the standard library folder that the enclave never runs.
 STDLIB_EXCLUDED = frozenset({
@@ -154,12 +155,12 @@ def _imported(tree: ast.AST, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def package_closure(entry: str = ENTRY_MODULE) -> list[str]:
+def package_closure(entries: tuple[str, ...] = ENTRY_MODULES) -> list[str]:
     """The files of this package that the enclave can import, relative to the package's parent
-    folder: ``entry``, everything it imports at any depth (imports inside functions too), and the
-    ``__init__.py`` of every package on the way."""
+    folder: the ``entries``, everything they import at any depth (imports inside functions too),
+    and the ``__init__.py`` of every package on the way."""
     src = Path(__file__).resolve().parents[2]
-    todo, seen, files = [entry], set(), set()
+    todo, seen, files = list(entries), set(), set()
     while todo:
         module = todo.pop()
         if module in seen or not (module == PACKAGE or module.startswith(PACKAGE + ".")):

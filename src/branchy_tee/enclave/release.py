@@ -30,7 +30,8 @@ from ..attest.identity import identity_hex, parse_identity, sign, verify
 from ..errors import BranchyError, shown
 from ..fileio import atomic_write_text, read_regular_file
 from ..seal.bundle import canonical_json
-from .build import MANIFEST, SGX_MANIFEST, load_config, manifest_env, read_measurements
+from .build import MANIFEST, SGX_MANIFEST, read_measurements
+from .config import EnclaveConfig, load_config
 
 RELEASE_FORMAT = "branchy-tee/release/v1"
 RELEASE_PURPOSE = b"enclave-release"
@@ -40,17 +41,14 @@ FIELDS = ("format", "attest", "mrenclave", "mrsigner", "isv_prod_id", "isv_svn",
           "released_at", "model_owner")  # fmt: skip
 
 
-def measured_env(directory: Path, cfg: dict) -> dict[str, str]:
+def measured_env(directory: Path, cfg: EnclaveConfig) -> dict[str, str]:
     """The environment the measurement covers, from the one place the measurement is computed from:
     the signed manifest's ``loader.env`` for SGX, ``enclave.json``'s ``env`` (what the native backend
     runs with and simulated evidence measures) otherwise. Refused when enclave.json contradicts itself."""
     import tomllib
 
-    if manifest_env(cfg) != cfg["env"]:
-        raise BranchyError(f"{directory}/enclave.json is inconsistent (its measured environment differs from its "
-                           "settings): edited after the build; rebuild it yourself before you release it")
-    if cfg["attest"] == "simulated":
-        return dict(cfg["env"])
+    if cfg.attest == "simulated":  # (load_config refused an enclave.json whose env is not its settings')
+        return cfg.env
     try:
         manifest = tomllib.loads((directory / SGX_MANIFEST).read_text())
         env = manifest["loader"]["env"]
@@ -85,10 +83,10 @@ def _pins(env: dict[str, str], directory: Path) -> dict:
     return pins
 
 
-def _simulated_measurements(cfg: dict) -> dict:
+def _simulated_measurements(cfg: EnclaveConfig, env: dict[str, str]) -> dict:
     from ..attest.providers import DEV_KEY_FILE, code_measurement, default_dev_key_dir, simulated_mrenclave
 
-    code = code_measurement(Path(cfg["package_dir"]) / "branchy_tee")
+    code = code_measurement(Path(cfg.package_dir) / "branchy_tee")
     # MRSIGNER of simulated evidence is the hash of the dev key of whoever runs it: known here only if
     # that is this machine's dev key. Policies written from a release never pin it.
     dev_key = default_dev_key_dir() / DEV_KEY_FILE
@@ -97,8 +95,8 @@ def _simulated_measurements(cfg: dict) -> dict:
         from ..attest.providers import SimulatedProvider
 
         mrsigner = SimulatedProvider(default_dev_key_dir(), mrenclave=bytes(32)).mrsigner.hex()
-    return {"mrenclave": simulated_mrenclave(cfg["env"], code).hex(), "mrsigner": mrsigner,
-            "isv_prod_id": cfg["isv_prod_id"], "isv_svn": cfg["isv_svn"], "debug": cfg["debug"]}  # fmt: skip
+    return {"mrenclave": simulated_mrenclave(env, code).hex(), "mrsigner": mrsigner,
+            "isv_prod_id": cfg.isv_prod_id, "isv_svn": cfg.isv_svn, "debug": cfg.debug}  # fmt: skip
 
 
 def make_release(directory: str | os.PathLike, identity, model_key: bytes, broker_identity: str | None = None) -> dict:
@@ -115,17 +113,14 @@ def make_release(directory: str | os.PathLike, identity, model_key: bytes, broke
     cfg = load_config(d)
     env = measured_env(d, cfg)
     pins = _pins(env, d)
-    if cfg["attest"] == "simulated":
-        m = _simulated_measurements({**cfg, "env": env})
-    else:
-        m = read_measurements(d)
+    m = _simulated_measurements(cfg, env) if cfg.attest == "simulated" else read_measurements(d)
     from ..seal.bundle import open_bundle
     from ..seal.keys import key_id
 
     if key_id(model_key) != pins["model_key_id"]:
         raise BranchyError(f"the enclave in {d} pins model key id {pins['model_key_id']}, not your model key's "
                            f"{key_id(model_key)}: it would serve another model")
-    header = open_bundle(cfg["bundle"], model_key).header  # the bundle authenticates under your key
+    header = open_bundle(cfg.bundle, model_key).header  # the bundle authenticates under your key
     if header["bundle_id"] != pins["bundle_id"]:
         raise BranchyError(f"the enclave in {d} pins bundle {pins['bundle_id']}, not your bundle {header['bundle_id']}")
     expected = broker_identity or identity_hex(identity)
@@ -135,7 +130,7 @@ def make_release(directory: str | os.PathLike, identity, model_key: bytes, broke
                                             "broker runs with another identity)"))
     manifest = d / MANIFEST
     statement = {
-        "format": RELEASE_FORMAT, "attest": cfg["attest"], **{k: m[k] for k in ("mrenclave", "mrsigner", "isv_prod_id",
+        "format": RELEASE_FORMAT, "attest": cfg.attest, **{k: m[k] for k in ("mrenclave", "mrsigner", "isv_prod_id",
                                                                                     "isv_svn", "debug")},
         "bundle_id": pins["bundle_id"], "model_version": header["model_version"], "model_key_id": pins["model_key_id"],
         "min_model_version": pins["min_model_version"], "model_broker": pins["model_broker"],
