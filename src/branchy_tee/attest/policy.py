@@ -304,10 +304,7 @@ class _Reader:
         return frozenset(out)
 
 
-def parse_policy(data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike | None = None) -> Policy:
-    """A :class:`Policy` from a mapping (the parsed TOML). Relative paths resolve against ``base_dir``."""
-    if not isinstance(data, Mapping):
-        raise BranchyError(f"policy {source}: must be a table of settings")
+def _check_known(data: Mapping[str, Any], source: str) -> None:
     unknown = [k for k in data if k not in SETTINGS]
     if unknown:
         hints = []
@@ -315,49 +312,65 @@ def parse_policy(data: Mapping[str, Any], source: str = "<policy>", base_dir: st
             close = difflib.get_close_matches(str(k), SETTINGS, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise BranchyError(f"policy {source}: unknown setting {', '.join(hints)}; known settings: {', '.join(SETTINGS)}")
-    r = _Reader(data, source)
+
+
+def _statuses(r: "_Reader") -> frozenset[str]:
     statuses = r.strings("accepted_tcb_statuses")
-    if statuses is None:
-        statuses = ["UpToDate"]
-    for s in statuses:
+    for s in statuses or []:
         if s == "Revoked":
             raise r.fail("accepted_tcb_statuses", "lists 'Revoked', which can never be accepted")
         if s not in TCB_STATUSES:
             close = difflib.get_close_matches(s, sorted(TCB_STATUSES), n=1)
             raise r.fail("accepted_tcb_statuses", f"lists unknown status {s!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    sim_keys = r.measurements("simulation_public_keys")
+    return frozenset(["UpToDate"] if statuses is None else statuses)
+
+
+def _key_ids(r: "_Reader") -> tuple[str, ...] | None:
     kids = r.strings("key_ids")
-    if kids is not None:
-        if not kids:
-            raise r.fail("key_ids", "is empty (leave it out to release every key in the keystore)")
-        for k in kids:
-            if not KEY_ID_RE.fullmatch(k):
-                raise r.fail("key_ids", f"entry {k!r} is not a key id (16 lower-case hex digits)")
-    collateral = data.get("collateral")
-    collateral_path = None
-    if collateral is not None:
-        if not isinstance(collateral, str) or not collateral:
-            raise r.fail("collateral", "must be a file name")
-        collateral_path = Path(collateral)
-        if not collateral_path.is_absolute() and base_dir is not None:
-            collateral_path = Path(base_dir) / collateral_path
+    if kids is None:
+        return None
+    if not kids:
+        raise r.fail("key_ids", "is empty (leave it out to release every key in the keystore)")
+    for k in kids:
+        if not KEY_ID_RE.fullmatch(k):
+            raise r.fail("key_ids", f"entry {k!r} is not a key id (16 lower-case hex digits)")
+    return tuple(dict.fromkeys(kids))
+
+
+def _collateral_path(r: "_Reader", base_dir) -> Path | None:
+    collateral = r.data.get("collateral")
+    if collateral is None:
+        return None
+    if not isinstance(collateral, str) or not collateral:
+        raise r.fail("collateral", "must be a file name")
+    path = Path(collateral)
+    return Path(base_dir) / path if not path.is_absolute() and base_dir is not None else path
+
+
+def parse_policy(data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike | None = None) -> Policy:
+    """A :class:`Policy` from a mapping (the parsed TOML). Relative paths resolve against ``base_dir``."""
+    if not isinstance(data, Mapping):
+        raise BranchyError(f"policy {source}: must be a table of settings")
+    _check_known(data, source)
+    r = _Reader(data, source)
     stale = data.get("stale_collateral", "reject")
     if stale not in STALE_CHOICES:
         raise r.fail("stale_collateral", f"must be 'reject' or 'warn', not {stale!r}")
+    sim_keys = r.measurements("simulation_public_keys")
     policy = Policy(
         allowed_mrenclave=r.measurements("allowed_mrenclave"),
         allowed_mrsigner=r.measurements("allowed_mrsigner"),
         isv_prod_id=r.int("isv_prod_id", None, 0xFFFF),
         min_isv_svn=r.int("min_isv_svn", 0, 0xFFFF),
         allow_debug=r.bool("allow_debug", False),
-        accepted_tcb_statuses=frozenset(statuses),
+        accepted_tcb_statuses=_statuses(r),
         min_model_version=r.int("min_model_version", 0, 2**63 - 1),
         allow_simulation=r.bool("allow_simulation", False),
         simulation_public_keys=sim_keys,
-        collateral_path=collateral_path,
+        collateral_path=_collateral_path(r, base_dir),
         require_collateral=r.bool("require_collateral", True),
         stale_collateral=stale,
-        key_ids=tuple(dict.fromkeys(kids)) if kids is not None else None,
+        key_ids=_key_ids(r),
         own_signing_key=r.bool("own_signing_key", False),
         allowed_data_owners=r.identities("allowed_data_owners"),
         accept_client_collateral=r.bool("accept_client_collateral", False),
