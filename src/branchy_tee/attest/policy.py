@@ -29,6 +29,7 @@ field, what the policy expects and what the evidence shows.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import threading
@@ -41,6 +42,7 @@ from ..errors import BranchyError, PolicyError, shown
 from ..measured import identity_problem
 from .protocol import MAX_ALLOWED_DATA_OWNERS
 from .protocol import EVIDENCE_DCAP, EVIDENCE_SIMULATED, KEY_ID_RE
+from .quote import EnclaveClaims
 from .verify import TCB_STATUSES, read_collateral_file
 
 __all__ = ["Claims", "Decision", "Policy", "load_policy", "parse_policy"]
@@ -55,18 +57,16 @@ STALE_CHOICES = ("reject", "warn")
 
 
 # --------------------------------------------------------------------------- claims / decision
-@dataclass(frozen=True)
-class Claims:
+def _enclave_fields(claims: EnclaveClaims) -> dict[str, Any]:
+    return {f.name: getattr(claims, f.name) for f in dataclasses.fields(EnclaveClaims)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claims(EnclaveClaims):
     """What verified evidence says about the enclave (untrusted until the evidence verified)."""
 
     evidence_type: str  # "dcap" | "simulated"
     tee: str  # "sgx" | "tdx" | "simulated"
-    mrenclave: bytes
-    mrsigner: bytes
-    isv_prod_id: int
-    isv_svn: int
-    debug: bool
-    report_data: bytes
     tcb_status: str | None = None
     advisories: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
@@ -81,15 +81,14 @@ class Claims:
     def from_quote(cls, vq, tcb_evaluation_data_number: int | None = None) -> "Claims":
         """From a :class:`~branchy_tee.attest.verify.VerifiedQuote` (and the collateral's TCB evaluation
         data number, when the TCB status came from collateral)."""
-        return cls(EVIDENCE_DCAP, vq.tee, vq.mrenclave, vq.mrsigner, vq.isv_prod_id, vq.isv_svn, vq.debug,
-                   vq.report_data, vq.tcb_status, tuple(vq.advisories), tuple(vq.warnings),
+        return cls(**_enclave_fields(vq), evidence_type=EVIDENCE_DCAP, tee=vq.tee, tcb_status=vq.tcb_status,
+                   advisories=tuple(vq.advisories), warnings=tuple(vq.warnings),
                    tcb_evaluation_data_number=tcb_evaluation_data_number)
 
     @classmethod
     def from_simulated(cls, doc) -> "Claims":
         """From a :class:`~branchy_tee.attest.providers.SimulatedDocument`."""
-        return cls(EVIDENCE_SIMULATED, "simulated", doc.mrenclave, doc.mrsigner, doc.isv_prod_id, doc.isv_svn,
-                   doc.debug, doc.report_data, None, (), (), doc.public_key)
+        return cls(**_enclave_fields(doc), evidence_type=EVIDENCE_SIMULATED, tee="simulated", signer_key=doc.public_key)
 
     def summary(self) -> dict[str, Any]:
         """For the audit log and error reports (no secrets in claims)."""

@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from .. import measured
 from ..errors import AttestationError, BranchyError
 from ..fileio import read_key_file
-from .quote import peek_sgx_report_data
+from .quote import EnclaveClaims, peek_sgx_report_data
 
 DEFAULT_ATTESTATION_DIR = "/dev/attestation"
 SIMULATED_FORMAT = "branchy-tee/simulated-evidence/v1"
@@ -167,16 +167,10 @@ def _check_quote_carries(quote: bytes, report_data: bytes, where: Path) -> None:
 
 
 # --------------------------------------------------------------------------- simulated
-@dataclass(frozen=True)
-class SimulatedDocument:
+@dataclass(frozen=True, kw_only=True)
+class SimulatedDocument(EnclaveClaims):
     """The claims of simulated evidence whose signature verified."""
 
-    mrenclave: bytes
-    mrsigner: bytes
-    isv_prod_id: int
-    isv_svn: int
-    debug: bool
-    report_data: bytes
     public_key: bytes  # raw Ed25519 public key that signed it
     produced_at: str
 

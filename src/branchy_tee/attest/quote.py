@@ -53,6 +53,20 @@ _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\r\n\t ]*?-
 
 # --------------------------------------------------------------------------- data classes
 @dataclass(frozen=True)
+class EnclaveClaims:
+    """What any evidence says about an enclave: the report fields a policy judges. Verified quotes
+    (``verify.VerifiedQuote``), verified simulated documents (``providers.SimulatedDocument``) and a
+    broker's ``policy.Claims`` all carry these; each adds its own, keyword-only."""
+
+    mrenclave: bytes  # 32 (TDX: MRTD, 48)
+    mrsigner: bytes  # 32 (TDX: MRSIGNERSEAM, 48)
+    isv_prod_id: int
+    isv_svn: int
+    debug: bool
+    report_data: bytes  # 64
+
+
+@dataclass(frozen=True)
 class QuoteHeader:
     version: int
     att_key_type: int

@@ -39,7 +39,7 @@ from .collateral import TCB_STATUSES, Collateral, read_collateral_file, verify_c
 from .crl import Clock, check_crl, load_crl
 from .pck import SGX_EXTENSION_OID, PckChain, PckExtension, parse_pck_extension, verify_pck_chain
 from .pki import cn, fail, p256_from_raw, require_p256, verify_raw_sig
-from .quote import CERT_TYPE_PCK_CHAIN, INTEL_QE_VENDOR_ID, Quote, parse_quote
+from .quote import CERT_TYPE_PCK_CHAIN, INTEL_QE_VENDOR_ID, EnclaveClaims, Quote, parse_quote
 from .tcb import TcbResult, evaluate_tcb
 
 __all__ = [
@@ -54,8 +54,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class VerifiedQuote:
+@dataclass(frozen=True, kw_only=True)
+class VerifiedQuote(EnclaveClaims):
     """Claims of a quote that verified. Hex is lower-case in ``to_json``.
 
     ``tcb_status`` is None when no collateral was given (then neither the QE identity nor the TCB
@@ -68,12 +68,6 @@ class VerifiedQuote:
 
     version: int
     tee: str
-    mrenclave: bytes
-    mrsigner: bytes
-    isv_prod_id: int
-    isv_svn: int
-    debug: bool
-    report_data: bytes
     tcb_status: str | None
     advisories: list[str]
     fmspc: str  # hex, from the PCK certificate
