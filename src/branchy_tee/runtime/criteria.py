@@ -29,7 +29,7 @@ def check_criterion(criterion: str) -> str:
 def scores_from_log_probs(log_probs: np.ndarray, criterion: str) -> np.ndarray:
     """Per-sample confidence score of one exit's log-probabilities (N, C) -> (N,) float32."""
     if criterion == "entropy":
-        return -np.einsum("ij,ij->i", np.exp(log_probs), log_probs) / np.float32(math.log(log_probs.shape[1]))
+        return (np.exp(log_probs) * log_probs).sum(axis=1) / -math.log(log_probs.shape[1])
     if criterion == "maxprob":
         return np.exp(log_probs.max(axis=1))
     raise ValueError(f"unknown exit criterion {criterion!r}")

@@ -77,39 +77,56 @@ def early_exit(get_stage, num_exits: int, x: np.ndarray, criterion: str, thresho
     positions, labels, exits, best = [], [], [], []
 
     def run(k, pos, h):
+        """Run stage k on samples ``pos`` (inputs ``h``), answer those exit k is confident about and
+        return the others with their features (None when none is left)."""
         h, logp = get_stage(k)(h)
         if observe is not None:
             observe(k, pos, logp)
+        rest = None
         if k < final:
             take = confident(scores_from_log_probs(logp, criterion), thresholds[k], criterion)
             taken = int(np.count_nonzero(take))
             if taken < len(pos):
                 if not taken:
-                    waiting[k + 1].add(pos, h)
-                    return
+                    return pos, h
                 keep = ~take
-                waiting[k + 1].add(pos[keep], h[keep])
+                rest = pos[keep], h[keep]
                 pos, logp = pos[take], logp[take]
         positions.append(pos)
         labels.append(logp.argmax(axis=1))
-        exits.append(np.full(len(pos), k, dtype=np.int64))
+        exits.append((k, len(pos)))
         best.append(logp.max(axis=1))
+        return rest
 
     n = len(x)
-    if n == 0:
+    if n <= batch_size:  # one batch: who goes on past exit k is stage k+1's whole batch, nobody waits
+        rest = (np.arange(n), x) if n else None
+        for k in range(num_exits):
+            if rest is None:
+                break
+            rest = run(k, *rest)
+    else:
+        waiting = [_Waiting() for _ in range(num_exits)]
+
+        def run_and_queue(k, pos, h):
+            rest = run(k, pos, h)
+            if rest is not None:
+                waiting[k + 1].add(*rest)
+
+        for start in range(0, n, batch_size):
+            run_and_queue(0, np.arange(start, min(start + batch_size, n)), x[start : start + batch_size])
+            for k in range(1, num_exits):
+                while waiting[k].count >= batch_size:
+                    run_and_queue(k, *waiting[k].pop(batch_size))
+        for k in range(1, num_exits):  # the input is used up: run what is still waiting, in part-batches
+            while waiting[k].count:
+                run_and_queue(k, *waiting[k].pop(batch_size))
+
+    if not positions:
         empty = np.empty(0, dtype=np.int64)
         return Answers(empty, empty.copy(), np.empty(0, dtype=np.float32))
-    waiting = [_Waiting() for _ in range(num_exits)]
-    for start in range(0, n, batch_size):
-        run(0, np.arange(start, min(start + batch_size, n)), x[start : start + batch_size])
-        for k in range(1, num_exits):
-            while waiting[k].count >= batch_size:
-                run(k, *waiting[k].pop(batch_size))
-    for k in range(1, num_exits):  # the input is used up: run what is still waiting, in part-batches
-        while waiting[k].count:
-            run(k, *waiting[k].pop(batch_size))
-
     if len(positions) == 1:  # one batch, one exit: already in order
-        return Answers(labels[0].astype(np.int64), exits[0], np.exp(best[0]))
+        return Answers(labels[0].astype(np.int64, copy=False), np.full(n, exits[0][0], dtype=np.int64), np.exp(best[0]))
+    exit_of = np.repeat(np.array([k for k, _ in exits], dtype=np.int64), [c for _, c in exits])
     order = np.concatenate(positions).argsort(kind="stable")
-    return Answers(np.concatenate(labels)[order].astype(np.int64), np.concatenate(exits)[order], np.exp(np.concatenate(best)[order]))
+    return Answers(np.concatenate(labels)[order].astype(np.int64, copy=False), exit_of[order], np.exp(np.concatenate(best)[order]))
