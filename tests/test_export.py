@@ -70,3 +70,22 @@ def test_sealed_stage_graphs_give_the_pytorch_models_outputs(tmp_path, name):
     assert store.loaded_ever == list(range(model.num_exits))
     for k in range(model.num_exits):
         assert np.allclose(got[k], expected[k], rtol=1e-4, atol=1e-4), (k, float(np.abs(got[k] - expected[k]).max()))
+
+
+def test_a_graph_changed_after_export_is_refused_and_export_redoes_it(tmp_path, capsys):
+    make_random_run(tmp_path / "run", "lenet5", 1, 28)
+    graph = tmp_path / "run" / "onnx" / "stage-01.onnx"
+    original = graph.read_bytes()
+    graph.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    mo = keygen(tmp_path / "mo.key")
+    capsys.readouterr()
+    assert main(["seal", str(tmp_path / "run"), "--key", str(mo), "--out", str(tmp_path / "m.btee")]) == 1
+    err = capsys.readouterr().err
+    assert "stage-01.onnx: does not match export.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.btee").exists()
+    assert main(["export", str(tmp_path / "run"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert graph.read_bytes() == original  # the export is deterministic
+    assert [e["file"] for e in doc["stages"]] == ["stage-00.onnx", "stage-01.onnx", "stage-02.onnx"]
+    assert all(e["weight_bytes"] > 0 and e["activation_elems"] > 0 for e in doc["stages"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.json", "model.safetensors", "onnx"]
