@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
 from branchy_tee.cli import main
-from branchy_tee.evaluate.exits import decide
+from branchy_tee.evaluate.exits import collect_log_probs, decide, exit_scores, stage_graphs
+from branchy_tee.export.onnx import EXPORT_DIR, export_run
 from branchy_tee.models import create_model
 from branchy_tee.models.cost import arch_part_flops
 from branchy_tee.rundir import write_model_json, write_weights
-from branchy_tee.runtime.criteria import exit_scores
+
+# Exports by weights digest: tests make the same seeded random runs again and again, and exporting
+# (a few seconds per stage) would dominate the suite. Held in memory: nothing is written outside
+# the tests' own directories.
+_EXPORTS: dict[str, dict[str, bytes]] = {}
+
+
+def export_cached(run_dir: Path) -> None:
+    """RUN_DIR/onnx as ``branchy-tee export`` writes it, reusing an earlier export of the same weights."""
+    digest = hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    if digest not in _EXPORTS:
+        export_run(run_dir, show=False)
+        _EXPORTS[digest] = {p.name: p.read_bytes() for p in (run_dir / EXPORT_DIR).iterdir()}
+        return
+    (run_dir / EXPORT_DIR).mkdir(exist_ok=True)
+    for name, data in _EXPORTS[digest].items():
+        (run_dir / EXPORT_DIR / name).write_bytes(data)
 
 
 def make_random_run(out: Path, arch: str, in_channels: int = 1, size: int = 28, seed: int = 0, criterion="entropy",
-                    thresholds=None, **config) -> tuple[torch.nn.Module, dict]:
-    """A run directory holding a randomly initialised model (eval mode), as training would write it."""
+                    thresholds=None, export=True, **config) -> tuple[torch.nn.Module, dict]:
+    """A run directory holding a randomly initialised model (eval mode) and, with ``export``, its
+    stage graphs, as training would write them."""
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=10, in_channels=in_channels, **config).eval()
     # Random BatchNorm statistics, so that random-weight networks give varied, input-dependent logits.
@@ -41,14 +60,22 @@ def make_random_run(out: Path, arch: str, in_channels: int = 1, size: int = 28, 
     out.mkdir(parents=True, exist_ok=True)
     write_weights(out / "model.safetensors", model)
     write_model_json(out, meta)
+    if export:
+        export_cached(out)
     return model, meta
 
 
-@torch.no_grad()
-def spreading_thresholds(model, x: torch.Tensor, criterion: str = "entropy") -> list[float]:
+def graph_log_probs(run_dir: Path, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every exit's log-probabilities of ``x`` as eval computes them: the run's exported stage graphs
+    through the enclave's engine."""
+    data = torch.utils.data.TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
+    return collect_log_probs(stage_graphs(run_dir, show=False), data, show=False)[0]
+
+
+def spreading_thresholds(run_dir: Path, x: torch.Tensor, criterion: str = "entropy") -> list[float]:
     """Thresholds that send roughly equal shares of ``x`` to every exit, each placed in the middle of a
     gap between samples' scores so that float noise cannot flip a decision."""
-    logits = model(x)
+    logits = graph_log_probs(run_dir, x)
     k = len(logits)
     remaining = torch.ones(len(x), dtype=torch.bool)
     thresholds = []
@@ -66,10 +93,10 @@ def spreading_thresholds(model, x: torch.Tensor, criterion: str = "entropy") -> 
     return thresholds
 
 
-@torch.no_grad()
-def reference_decisions(model, x, criterion, thresholds):
-    """(labels, exits) of the plain model, all exits computed on the whole batch in eval mode."""
-    exits, labels = decide(model(x), criterion, thresholds)
+def reference_decisions(run_dir: Path, x: torch.Tensor, criterion, thresholds):
+    """(labels, exits) as eval decides them: all exits computed by the run's stage graphs, then the
+    runtime's criterion."""
+    exits, labels = decide(graph_log_probs(run_dir, x), criterion, thresholds)
     return labels, exits
 
 

@@ -56,8 +56,8 @@ def built(sealed, enclave_env, tmp_path_factory):
 def test_the_enclave_environment_holds_only_what_the_enclave_runs(enclave_env):
     home = Path(enclave_env.home_lib)
     names = set(enclave_env.packages)
-    assert {"torch", "safetensors", "cryptography"} <= names
-    assert not names & {"numpy", "pillow", "matplotlib", "aiohttp", "tqdm", "psutil", "pytest", "hypothesis", "pip"}
+    assert {"onnxruntime", "numpy", "safetensors", "cryptography"} <= names
+    assert not names & {"torch", "pillow", "matplotlib", "aiohttp", "tqdm", "psutil", "pytest", "hypothesis", "pip"}
     assert all("==" in r for r in enclave_env.requirements) and enclave_env.unpinned == []
     # Our package: exactly the modules the entry point can import, none of the owner's tools.
     ours = sorted(p.relative_to(home / "site-packages").as_posix() for p in (home / "site-packages" / "branchy_tee").rglob("*")
@@ -176,7 +176,8 @@ PSEUDO_FILES = {"/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"}  # Gram
 # and the OpenMP runtime use their built-in defaults (no loader cache, C locale, UTC, no user
 # database, OpenSSL's default configuration, no CPU quota).
 ABSENT = ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf", "/etc/passwd", "/usr/share/locale/locale.alias",
-          "/usr/lib/locale/", "/usr/lib/x86_64-linux-gnu/gconv/", "/usr/lib/ssl/openssl.cnf", "/sys/fs/cgroup/")  # fmt: skip
+          "/usr/lib/locale/", "/usr/lib/x86_64-linux-gnu/gconv/", "/usr/lib/ssl/openssl.cnf", "/sys/fs/cgroup/",
+          "/sys/bus/pci/", "/etc/os-release")  # fmt: skip  (ONNX Runtime looks for GPUs and the OS name there)
 _CALL = re.compile(r'^\d+\s+(open|openat|openat2|creat|execve|execveat)\((?:(?:AT_FDCWD|\d+)<([^>]*)>, )?"([^"]*)"[^,]*, (.*)$')
 
 
@@ -206,7 +207,7 @@ def policy_violations(trace: str, manifest: dict, entry: str, extra_allowed: set
         if call.startswith("execve"):
             ok = path == entry  # the entry script is the only program; the enclave starts no process
         elif "O_DIRECTORY" in flags:  # listing a mounted folder (the import system does): no file content
-            ok = under(path, mounts + allowed_dirs)
+            ok = under(path, mounts + allowed_dirs) or (path + "/").startswith(ABSENT)
         elif "O_WRONLY" in flags or "O_RDWR" in flags or "O_CREAT" in flags or call == "creat":
             ok = under(path, allowed_dirs) or path in PSEUDO_FILES  # writes only where the host may read anyway
         else:
@@ -245,8 +246,9 @@ def test_the_entry_script_opens_only_what_the_manifest_allows(built, sealed, enc
                                "-e", "status=successful", entry, *argv], env=run_env, cwd="/", capture_output=True, text=True)  # fmt: skip
         assert done.returncode == rc, f"{name}: {done.stderr[-2000:]}"
         trace = log.read_text()
-        assert len(opened_files(trace)) > 500, name  # the log is read correctly: torch alone opens hundreds of files
-        assert policy_violations(trace, manifest, entry, extra) == [], name
+        assert len(opened_files(trace)) > 100, name  # the log is read correctly: the interpreter and runtime open hundreds
+        bad = policy_violations(trace, manifest, entry, extra)
+        assert bad == [], f"{name}: " + "; ".join(bad)
     assert res.is_file()
     # Nothing was written into the trusted environment (no .pyc at run time).
     assert not list(Path(enclave_env.home_lib).rglob("__pycache__"))

@@ -6,9 +6,8 @@ from PIL import Image
 
 from branchy_tee.cli import main
 from branchy_tee.evaluate.calibrate import calibrate, calibrate_run
-from branchy_tee.evaluate.exits import collect_logits, decide, load_split, oracle
-from branchy_tee.rundir import load_run
-from branchy_tee.runtime.criteria import exit_scores
+from branchy_tee.evaluate.exits import collect_log_probs, decide, exit_scores, load_split, oracle, stage_graphs
+from branchy_tee.rundir import read_model_json
 from branchy_tee.train.trainer import TrainConfig, fit
 
 
@@ -44,7 +43,7 @@ def test_eval_json_is_consistent(run_dir, tmp_path, capsys):
 
 def test_decide_matches_a_per_sample_loop():
     torch.manual_seed(1)
-    logits = [torch.randn(200, 10) * s for s in (1.0, 2.0, 3.0, 4.0)]
+    logits = [torch.log_softmax(torch.randn(200, 10) * s, dim=1) for s in (1.0, 2.0, 3.0, 4.0)]
     thresholds = [0.6, 0.7, 0.8]
     exit_idx, preds = decide(logits, "entropy", thresholds)
     for i in range(200):
@@ -62,8 +61,8 @@ def test_oracle_takes_the_cheapest_correct_exit():
 
 @pytest.mark.parametrize("criterion", ["entropy", "maxprob"])
 def test_calibration_meets_budget_and_is_the_cheapest_such_setting(run_dir, criterion):
-    model, meta = load_run(run_dir)
-    logits, labels = collect_logits(model, load_split(meta, "val"), show=False)
+    meta = read_model_json(run_dir)
+    logits, labels = collect_log_probs(stage_graphs(run_dir, show=False), load_split(meta, "val"), show=False)
     costs = [3, 5, 6]
     for drop in (0.0, 0.01, 0.05):
         r = calibrate(logits, labels, costs, criterion, drop, margin_se=0.0)

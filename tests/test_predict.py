@@ -28,7 +28,7 @@ def setup_bundle(tmp, arch, channels, size, config, n=40, criterion="entropy", t
     x = (torch.rand(n, channels, size, size) * 255).to(torch.uint8)
     xn = (x.float() / 255 - 0.5) / 0.25
     if thresholds == "spread":
-        thresholds = spreading_thresholds(model, xn, criterion)
+        thresholds = spreading_thresholds(tmp / "run", xn, criterion)
     if thresholds is not None:
         update_model_json(tmp / "run", thresholds=thresholds)
     mo, do = keygen(tmp / "mo.key"), keygen(tmp / "do.key")
@@ -50,11 +50,13 @@ def results(tmp, out="res.enc", req="req.enc"):
 
 
 @pytest.mark.parametrize("arch,channels,size,config", ARCHS, ids=[a[0] for a in ARCHS])
-def test_predict_equals_the_plain_models_early_exit_decision(tmp_path, arch, channels, size, config):
+def test_predict_gives_evals_labels_and_exits(tmp_path, arch, channels, size, config):
+    """What is sealed is what is evaluated: predict's answers are exactly those eval computes from the
+    run's stage graphs (on refilled batches of 7 here, all exits at once in eval)."""
     model, xn, thresholds = setup_bundle(tmp_path, arch, channels, size, config)
     assert predict(tmp_path, "--batch-size", "7", "--stats-json", str(tmp_path / "stats.json")) == 0
     recs = results(tmp_path)
-    labels, exits = reference_decisions(model, xn, "entropy", thresholds)
+    labels, exits = reference_decisions(tmp_path / "run", xn, "entropy", thresholds)
     assert [r["label"] for r in recs] == labels.tolist()
     assert [r["exit"] for r in recs] == exits.tolist()
     assert len(set(exits.tolist())) >= 3  # the thresholds really spread samples over the exits
@@ -131,7 +133,7 @@ def test_images_round_trip_with_mprofile(tmp_path, capsys):
     # The reference: the same preprocessing by hand, through the plain model.
     imgs = [np.asarray(Image.open(p).convert("L").resize((28, 28), Image.BILINEAR)) for p in paths]
     x = (torch.tensor(np.stack(imgs)).float().unsqueeze(1) / 255 - 0.5) / 0.25
-    labels, exits = reference_decisions(model, x, "entropy", [-1.0, -1.0])
+    labels, exits = reference_decisions(tmp_path / "run", x, "entropy", [-1.0, -1.0])
     assert [r["label"] for r in recs] == labels.tolist() and all(r["exit"] == 2 for r in recs)
     text = (tmp_path / "result.txt").read_text().splitlines()
     assert text[0] == "# request r1" and len(text) == 2 + 4
@@ -161,6 +163,40 @@ def test_two_data_owners_in_one_run(tmp_path, capsys):
     assert main(["decrypt-result", str(tmp_path / "b.enc"), "--key", str(tmp_path / "do.key"), "--request",
                  str(tmp_path / "req2.enc")]) == 1  # fmt: skip
     assert "no key for" in capsys.readouterr().err
+
+
+# Run predict in a fresh interpreter in which the owner-side libraries cannot be imported at all, then
+# list what it did import: the enclave's import closure.
+WITHOUT_OWNER_SIDE = r"""
+import json, sys
+OWNER_SIDE = {"torch", "onnx", "onnxscript", "PIL", "matplotlib", "jinja2", "tqdm", "aiohttp"}
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in OWNER_SIDE:
+            raise ImportError(f"{name} is owner-side; the enclave must not import it")
+sys.meta_path.insert(0, Refuse())
+from branchy_tee.runtime.predict import main
+rc = main(sys.argv[2:])
+json.dump(sorted({m.split(".")[0] for m in sys.modules}), open(sys.argv[1], "w"))
+sys.exit(rc)
+"""
+
+
+def test_the_enclave_imports_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    model, xn, thresholds = setup_bundle(tmp_path, "lenet5", 1, 28, {})
+    args = ["--bundle", str(tmp_path / "m.btee"), "--input", str(tmp_path / "req.enc"), "--output", str(tmp_path / "res.enc"),
+            "--model-key", str(tmp_path / "mo.key"), "--data-key", str(tmp_path / "do.key"), "--quiet"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_OWNER_SIDE, str(tmp_path / "modules.json"), *args],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    imported = set(json.loads((tmp_path / "modules.json").read_text()))
+    assert {"onnxruntime", "numpy", "cryptography", "safetensors"} <= imported
+    assert not imported & {"torch", "onnx", "onnxscript", "PIL", "matplotlib"}
+    labels, exits = reference_decisions(tmp_path / "run", xn, "entropy", thresholds)
+    assert [r["label"] for r in results(tmp_path)] == labels.tolist()
 
 
 # --------------------------------------------------------------------------- integrity: exit 1, one line, nothing written

@@ -39,12 +39,12 @@ def world(tmp_path_factory):
         torch.manual_seed(7)
         x = torch.rand(48, 1, 28, 28)
         xn = (x - 0.5) / 0.25
-        thresholds = spreading_thresholds(model, xn)
+        thresholds = spreading_thresholds(d / "run", xn)
         update_model_json(d / "run", thresholds=thresholds)
         keygen(d / "mo.key")
         ids = {p: identity_hex(create_identity(d / f"{p}.id")) for p in PARTIES}
         assert main(["seal", str(d / "run"), "--key", str(d / "mo.key"), "--out", str(d / "model.btee")]) == 0
-        labels, exits = reference_decisions(model, xn, "entropy", thresholds)
+        labels, exits = reference_decisions(d / "run", xn, "entropy", thresholds)
         yield {"d": d, "ids": ids, "x": x.numpy(), "labels": labels.tolist(), "exits": exits.tolist(),
                "mrenclave": simulated_mrenclave().hex()}
 

@@ -242,21 +242,22 @@ def _print_calibration(cal: dict) -> None:
 
 
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="per-exit accuracy, cost, calibrated early exit, sweep and oracle on the test split")
+    p = sub.add_parser("eval", help="per-exit accuracy, cost, calibrated early exit, sweep and oracle on the test split",
+                       description="Evaluate the run's exported stage graphs (exported first if missing or stale) on the "
+                                   "test split, run by the enclave's engine on ONNX Runtime: what is sealed is what is evaluated.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     add_data_arguments(p, default=None)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="PNG", help="write an accuracy-vs-cost plot")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches of 256")
     p.add_argument("--latency-reps", type=int, default=20, help="timed repetitions per exit (batch 1)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     from .evaluate.exits import evaluate_run
 
-    report = evaluate_run(args.run_dir, args.dataset, args.data_dir, device=args.device, max_batches=args.max_batches,
+    report = evaluate_run(args.run_dir, args.dataset, args.data_dir, max_batches=args.max_batches,
                           latency_reps=args.latency_reps, show=not args.json)
     if args.plot:
         from .evaluate.plots import plot_accuracy_vs_cost
@@ -310,6 +311,28 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export each stage with its exit head as an ONNX graph into RUN_DIR/onnx",
+                       description="Export the run's model as one ONNX graph per stage (stage input -> stage output and "
+                                   "the exit's log-probabilities; dynamic batch). Training does this at its end; eval, "
+                                   "calibrate and seal redo it when the weights changed since.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print export.json")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export.onnx import EXPORT_DIR, export_run
+
+    doc = export_run(args.run_dir, show=not args.json)
+    if args.json:
+        emit_json(doc)
+    else:
+        for e in doc["stages"]:
+            print(f"{args.run_dir}/{EXPORT_DIR}/{e['file']}: {e['size'] / 2**20:.2f} MiB, weights {e['weight_bytes'] / 2**20:.2f} MiB")
+    return 0
+
+
 # --------------------------------------------------------------------------- keys, sealing, inputs, predict, results
 def add_keygen(sub) -> None:
     p = sub.add_parser("keygen", help="create a random 256-bit key, or with --identity a party's Ed25519 identity (mode 0600)")
@@ -345,7 +368,9 @@ def cmd_keygen(args) -> int:
 
 
 def add_seal(sub) -> None:
-    p = sub.add_parser("seal", help="seal a trained run into an encrypted, authenticated model bundle")
+    p = sub.add_parser("seal", help="seal a trained run into an encrypted, authenticated model bundle",
+                       description="Encrypt the run's exported stage graphs (exported first if missing or stale), one "
+                                   "AES-256-GCM file per stage, under an authenticated header.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--key", required=True, metavar="MODEL_KEY", help="the model owner's key file")
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to create, e.g. model.btee")
@@ -357,19 +382,17 @@ def add_seal(sub) -> None:
 
 def cmd_seal(args) -> int:
     from .fileio import read_key_file
-    from .rundir import load_run
-    from .seal.bundle import seal_model
+    from .seal.bundle import seal_run
 
     key = read_key_file(args.key)
-    model, meta = load_run(args.run_dir)
-    header = seal_model(model, meta, key, args.out, version=args.version, chunk_size=args.chunk_size)
+    header = seal_run(args.run_dir, key, args.out, version=args.version, chunk_size=args.chunk_size, show=not args.json)
     summary = {"bundle": args.out, "bundle_id": header["bundle_id"], "model_version": header["model_version"],
                "key_id": header["key_id"], "stages": [s["sealed_size"] for s in header["stages"]]}
     if args.json:
         emit_json(summary)
     else:
         sizes = ", ".join(f"{s / 2**20:.2f}" for s in summary["stages"])
-        print(f"sealed {meta['arch']} v{args.version} into {args.out} (bundle {header['bundle_id']}, model key id {header['key_id']}); "
+        print(f"sealed {header['arch']} v{args.version} into {args.out} (bundle {header['bundle_id']}, model key id {header['key_id']}); "
               f"stage files (MiB): {sizes}")
     return 0
 
@@ -578,7 +601,7 @@ def add_bench(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     p.add_argument("--quick", action="store_true", help="tiny models and few repetitions (for tests; figures are not meaningful)")
     p.add_argument("--cache-dir", default="runs/bench-cache", help="where the trained benchmark model is kept and reused")
-    p.add_argument("--skip", action="append", default=[], choices=["early_exit", "exit_profile", "sealed", "quote"],
+    p.add_argument("--skip", action="append", default=[], choices=["early_exit", "enclave", "exit_profile", "sealed", "quote"],
                    help="leave out one part (repeatable)")
     p.set_defaults(func=cmd_bench)
 
@@ -826,7 +849,7 @@ def cmd_enclave_policy(args) -> int:
 # --------------------------------------------------------------------------- wiring
 # Each entry adds one subcommand (or group) to the parser; keep them in the DESIGN.md order.
 BUILDERS: list[Callable] = [
-    add_models, add_train, add_eval, add_calibrate, add_keygen, add_seal, add_encrypt_input, add_predict,
+    add_models, add_train, add_eval, add_calibrate, add_export, add_keygen, add_seal, add_encrypt_input, add_predict,
     add_decrypt_result, add_quote, add_key_broker, add_demo, add_bench, add_enclave, add_serve, add_query,
 ]
 

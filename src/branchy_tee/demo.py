@@ -115,8 +115,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
     from .evaluate.exits import evaluate_run
     from .evaluate.plots import plot_accuracy_vs_cost, plot_memory_timeline
     from .fileio import atomic_write_bytes, atomic_write_text, write_key_file
-    from .rundir import load_run
-    from .seal.bundle import seal_model
+    from .rundir import read_model_json
+    from .seal.bundle import seal_run
     from .seal.envelope import MODEL_FIELDS, open_result, request_digest, seal_request
     from .seal.keys import generate_key, key_id
     from .train.trainer import TrainConfig, fit
@@ -154,8 +154,8 @@ def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir
     step(3, total, "model owner", "seal the model: one AES-256-GCM file per stage, authenticated header")
     mo_key = generate_key()
     write_key_file(d / "mo" / "model.key", mo_key)
-    model, meta = load_run(run_dir)
-    header = seal_model(model, meta, mo_key, d / "model.btee", version=1)
+    meta = read_model_json(run_dir)
+    header = seal_run(run_dir, mo_key, d / "model.btee", version=1)
     say(f"    {d / 'model.btee'}: {len(header['stages'])} stage files, model key id {key_id(mo_key)}")
 
     # ------------------------------------------------------------------ whom the enclave trusts

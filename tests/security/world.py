@@ -70,7 +70,7 @@ def build_world(d: str | Path, samples: dict[str, int] | None = None, chunk: int
 
     from branchy_tee.fileio import write_key_file
     from branchy_tee.runtime import predict
-    from branchy_tee.seal.bundle import seal_model
+    from branchy_tee.seal.bundle import seal_run
     from branchy_tee.seal.envelope import open_result, seal_request
     from branchy_tee.seal.keys import generate_key
     from runs import make_random_run
@@ -82,7 +82,7 @@ def build_world(d: str | Path, samples: dict[str, int] | None = None, chunk: int
     keys = {"mo": generate_key(), **{o: generate_key() for o in samples}}
     for name, k in keys.items():
         write_key_file(d / f"{name}.key", k)
-    seal_model(model, meta, keys["mo"], d / "model.btee", chunk_size=chunk)
+    seal_run(d / "run", keys["mo"], d / "model.btee", chunk_size=chunk)
     g = torch.Generator().manual_seed(seed + 1)
     w = World(dir=d, bundle=d / "model.btee", mo_key=d / "mo.key", do_keys={o: d / f"{o}.key" for o in samples},
               requests={}, request_ids={}, results={}, records={})

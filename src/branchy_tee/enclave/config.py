@@ -116,6 +116,9 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
         "PYTHONSAFEPATH": "1",
+        # ONNX Runtime 1.32 starts Microsoft's 1DS telemetry at import on Linux: a device id and an event
+        # database under $HOME/.cache, and HTTPS uploads. Never from an enclave.
+        "ORT_DISABLE_TELEMETRY": "1",
         measured.ENCLAVE: "1",
         measured.ATTEST: cfg.attest,
         measured.MODEL_BROKER: cfg.model_broker,
@@ -133,7 +136,10 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
 
 def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
     """The template's values, as the strings gramine-manifest's -D options carry."""
+    env = manifest_env(cfg)
     return {
+        # loader.env as a TOML inline table: every value is a checked path, URL, hex or number (no quotes)
+        "loader_env": "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items()) + " }",
         "log_level": "warning" if cfg.debug else "error",
         "launcher": cfg.launcher,
         "python": cfg.interpreter,
@@ -141,22 +147,12 @@ def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
         "python_lib": cfg.env_lib,
         "libs": ":".join(cfg.libs),
         "arch_libdir": cfg.arch_libdir,
-        "ld_library_path": cfg.ld_library_path,
-        "threads": str(cfg.threads),
         "max_threads": str(cfg.max_threads),
         "enclave_size": cfg.enclave_size,
         "debug": "true" if cfg.debug else "false",
         "edmm": "true" if cfg.edmm else "false",
         "isvprodid": str(cfg.isv_prod_id),
         "isvsvn": str(cfg.isv_svn),
-        "attest": cfg.attest,
-        "model_broker": cfg.model_broker,
-        "model_broker_identity": cfg.model_broker_identity,
-        "bundle_id": cfg.bundle_id,
-        "model_key_id": cfg.model_key_id,
-        "data_brokers": ",".join(cfg.data_brokers),
-        "allow_plaintext": "1" if cfg.allow_plaintext else "0",
-        "min_model_version": str(cfg.min_model_version),
         "broker_ca": cfg.broker_ca or "",
         "bundle_dir": cfg.bundle,
         "bundle_files": ":".join(cfg.bundle_files),

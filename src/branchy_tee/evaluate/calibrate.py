@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.criteria import check_criterion, exit_scores, never_exit_threshold
-from .exits import collect_logits, costs_of, decide, run_setting
+from ..runtime.criteria import check_criterion, never_exit_threshold
+from .exits import collect_log_probs, costs_of, decide, exit_scores, run_setting, stage_graphs
 
 
 def candidate_thresholds(logits, criterion: str, points: int = 400) -> list[float]:
@@ -71,14 +71,19 @@ def calibrate(logits, labels, costs: list[int], criterion="entropy", max_accurac
 
 def calibrate_run(run_dir, max_accuracy_drop=0.01, criterion=None, margin_se=1.0, device="cpu",
                   dataset=None, data_dir=None, max_batches=None, val_set=None, show=True) -> dict:
-    """Calibrate a run directory on its validation split and write the thresholds into model.json."""
-    from ..rundir import load_run, update_model_json
+    """Calibrate a run directory on its validation split and write the thresholds into model.json.
+
+    The scores are those of the run's exported stage graphs run by the enclave's engine (exported
+    first if missing or stale): the thresholds are chosen on the numbers the enclave computes.
+    ``device`` is accepted for callers and unused: the graphs run on ONNX Runtime's CPU provider, as
+    in the enclave."""
+    from ..rundir import read_model_json, update_model_json
     from .exits import load_split
 
-    model, meta = load_run(run_dir)
+    meta = read_model_json(run_dir)
     criterion = criterion or meta.get("criterion") or "entropy"
     val = val_set if val_set is not None else load_split(meta, "val", dataset, data_dir)
-    logits, labels = collect_logits(model, val, device=device, max_batches=max_batches, show=show)
+    logits, labels = collect_log_probs(stage_graphs(run_dir, show=show), val, max_batches=max_batches, show=show)
     exit_f, cost = costs_of(meta)
     # The saving is reported against the plain full model (no early-exit heads at all).
     result = calibrate(logits, labels, cost, criterion, max_accuracy_drop, margin_se)

@@ -1,8 +1,11 @@
 """Per-exit evaluation: accuracy, cost, the early-exit decision at given thresholds, sweeps, oracle.
 
-Everything here works on the logits of *all* exits collected once; the early-exit decision is then
-simulated with the runtime's own criterion (``runtime.criteria``), so what is reported is what the
-enclave will do.
+What is evaluated is what is sealed: the run's exported stage graphs (``export.onnx``), run on ONNX
+Runtime by the enclave's own engine (``runtime.engine``). The log-probabilities of *all* exits are
+collected once through it; the early-exit decision is then simulated with the runtime's own
+criterion (``runtime.criteria``) on those very numbers, so what is reported is what the enclave
+will do (every operation of a stage graph is per-sample, so a sample's numbers do not depend on the
+batch it shares).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -17,7 +21,8 @@ from ..data import ImageDataset, load_dataset, train_val_split
 from ..data.transforms import eval_transform
 from ..errors import BranchyError
 from ..models.cost import early_exit_cost, exit_flops_from_parts
-from ..runtime.criteria import confident, exit_scores, never_exit_threshold
+from ..runtime.criteria import always_exit_threshold, confident, never_exit_threshold, scores_from_log_probs
+from ..runtime.engine import early_exit
 
 
 # --------------------------------------------------------------------------- data for a trained run
@@ -44,30 +49,57 @@ def load_split(meta: dict, split: str, dataset: str | None = None, data_dir=None
     return full
 
 
-@torch.no_grad()
-def collect_logits(model, dataset, batch_size: int = 256, device="cpu", max_batches=None, show=True):
-    """(list of per-exit logits (N, C), labels (N,)) for the whole dataset in eval mode."""
+def stage_graphs(run_dir, show: bool = True) -> list:
+    """The run's stage graphs (exported first if missing or stale) as the enclave runs them."""
+    from ..export.onnx import exported_graphs
+    from ..runtime.graphs import StageGraph, load_session
+
+    graphs, doc = exported_graphs(run_dir, show=show)
+    return [StageGraph(load_session(g, f"{run_dir}/onnx/{e['file']}"), e["file"]) for g, e in zip(graphs, doc["stages"])]
+
+
+def collect_log_probs(stages: list, dataset, batch_size: int = 256, max_batches=None, show=True):
+    """(list of per-exit log-probabilities (N, C), labels (N,)) of the whole dataset: every sample
+    through every stage graph, by the enclave's engine (no sample exits early)."""
     from tqdm import tqdm
 
-    model.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
-    per_exit, labels = None, []
-    for i, (x, y) in enumerate(tqdm(loader, total=total, desc="collect logits", leave=False, disable=None if show else True)):
+    num_exits = len(stages)
+    per_exit: list[list[np.ndarray]] = [[] for _ in range(num_exits)]
+    labels = []
+    for i, (x, y) in enumerate(tqdm(loader, total=total, desc="collect log-probabilities", leave=False,
+                                    disable=None if show else True)):  # fmt: skip
         if i >= total:
             break
-        outs = [o.float().cpu() for o in model(x.to(device))]
-        per_exit = [[o] for o in outs] if per_exit is None else [acc + [o] for acc, o in zip(per_exit, outs)]
+        got: list = [None] * num_exits
+
+        def observe(k, pos, log_probs):
+            if got[k] is None:
+                got[k] = np.empty((len(x), log_probs.shape[1]), np.float32)
+            got[k][pos] = log_probs
+
+        never = [never_exit_threshold("entropy")] * (num_exits - 1)
+        early_exit(stages.__getitem__, num_exits, x.numpy(), "entropy", never, batch_size=len(x), observe=observe)
+        for k in range(num_exits):
+            per_exit[k].append(got[k])
         labels.append(y)
-    if per_exit is None:
+    if not labels:
         raise BranchyError("the dataset is empty")
-    return [torch.cat(chunks) for chunks in per_exit], torch.cat(labels)
+    return [torch.from_numpy(np.concatenate(chunks)) for chunks in per_exit], torch.cat(labels)
 
 
 # --------------------------------------------------------------------------- decisions
+def exit_scores(log_probs: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Per-sample confidence score (N,) of one exit's log-probabilities (N, C): the runtime's own
+    computation (``runtime.criteria``), on the numbers the stage graph returned."""
+    return torch.from_numpy(scores_from_log_probs(log_probs.numpy(), criterion))
+
+
 def decide(logits: list[torch.Tensor], criterion: str, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
     """(exit index, predicted label) per sample under the early-exit rule: the first exit whose
-    confidence passes its threshold answers; the final exit answers everything left."""
+    confidence passes its threshold answers; the final exit answers everything left. ``logits``:
+    each exit's log-probabilities as the stage graphs give them (``collect_log_probs``)."""
     n, k_final = len(logits[0]), len(logits) - 1
     exit_idx = torch.full((n,), k_final, dtype=torch.long)
     undecided = torch.ones(n, dtype=torch.bool)
@@ -120,25 +152,25 @@ def sweep(logits, labels, criterion, costs, thresholds=None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- latency
-@torch.inference_mode()
-def exit_latency_ms(model, input_shape, reps: int = 20, warmup: int = 3) -> list[float]:
-    """Median batch-1 latency to reach each exit (stages 0..k and head k), in milliseconds."""
-    model.eval()
-    x = torch.randn(1, *input_shape)
-    out = []
-    for k in range(model.num_exits):
-        def reach():
-            h = x
-            for j in range(k + 1):
-                h = model.stages[j](h)
-            return model.exits[k](h)
+def forced_thresholds(criterion: str, num_exits: int, k: int) -> list[float]:
+    """Thresholds that send every sample out at exit k (no earlier exit passes, exit k always does)."""
+    final = num_exits - 1
+    return [never_exit_threshold(criterion)] * k + [always_exit_threshold(criterion)] * (final - k)
 
+
+def exit_latency_ms(stages: list, input_shape, criterion: str = "entropy", reps: int = 20, warmup: int = 3) -> list[float]:
+    """Median batch-1 latency of a sample that leaves at each exit, through the engine and stage
+    graphs as in the enclave (stages 0..k with their heads), in milliseconds."""
+    x = np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)
+    out = []
+    for k in range(len(stages)):
+        th = forced_thresholds(criterion, len(stages), k)
         for _ in range(warmup):
-            reach()
+            early_exit(stages.__getitem__, len(stages), x, criterion, th, batch_size=1)
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            reach()
+            early_exit(stages.__getitem__, len(stages), x, criterion, th, batch_size=1)
             times.append(time.perf_counter() - t)
         out.append(1000 * sorted(times)[len(times) // 2])
     return out
@@ -150,16 +182,15 @@ def costs_of(meta: dict) -> tuple[list[int], list[int]]:
     return exit_flops_from_parts(meta["stage_flops"], meta["head_flops"]), early_exit_cost(meta["stage_flops"], meta["head_flops"])
 
 
-def evaluate_run(run_dir: str | Path, dataset=None, data_dir=None, device="cpu", max_batches=None,
-                 latency_reps: int = 20, show=True) -> dict:
-    from ..rundir import load_run
+def evaluate_run(run_dir: str | Path, dataset=None, data_dir=None, max_batches=None, latency_reps: int = 20, show=True) -> dict:
+    from ..rundir import read_model_json
 
-    model, meta = load_run(run_dir)
+    meta = read_model_json(run_dir)
     test = load_split(meta, "test", dataset, data_dir)
-    logits, labels = collect_logits(model, test, device=device, max_batches=max_batches, show=show)
-    model.to("cpu")
+    stages = stage_graphs(run_dir, show=show)
+    logits, labels = collect_log_probs(stages, test, max_batches=max_batches, show=show)
     exit_f, cost = costs_of(meta)
-    latency = exit_latency_ms(model, meta["preprocessing"]["input_shape"], reps=latency_reps)
+    latency = exit_latency_ms(stages, meta["preprocessing"]["input_shape"], meta["criterion"], reps=latency_reps)
     exits = [{"index": k, "accuracy": float((lg.argmax(1) == labels).float().mean()), "flops": exit_f[k], "latency_ms": latency[k]}
              for k, lg in enumerate(logits)]  # fmt: skip
     criterion = meta["criterion"]

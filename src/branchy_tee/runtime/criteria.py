@@ -1,17 +1,21 @@
 """The exit criterion: when is an exit confident enough to answer?
 
 One implementation, used by the enclave runtime, by evaluation and by calibration, so that the
-decision measured offline is exactly the decision made in the enclave.
+decision measured offline is exactly the decision made in the enclave. It works on the exit's
+log-probabilities as the stage graph outputs them (numpy float32), never on re-normalised logits:
+evaluation and calibration score the very numbers the enclave scores.
 
 - ``entropy``: normalised entropy H(p)/log(C) in [0, 1]; exit when it is <= the threshold.
 - ``maxprob``: the largest softmax probability; exit when it is >= the threshold.
+
+Standard library and numpy only (enclave side).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
 from ..choices import CRITERIA
 
@@ -22,22 +26,16 @@ def check_criterion(criterion: str) -> str:
     return criterion
 
 
-def exit_scores(logits: torch.Tensor, criterion: str) -> torch.Tensor:
-    """Per-sample confidence score of one exit's logits (N, C) -> (N,)."""
-    logp = torch.log_softmax(logits.float(), dim=1)
-    return scores_from_log_probs(logp, logp.max(dim=1).values, criterion)
-
-
-def scores_from_log_probs(logp: torch.Tensor, max_logp: torch.Tensor, criterion: str) -> torch.Tensor:
-    """The score from log-probabilities (N, C) and their row maxima (N,), computed once by the caller."""
+def scores_from_log_probs(log_probs: np.ndarray, criterion: str) -> np.ndarray:
+    """Per-sample confidence score of one exit's log-probabilities (N, C) -> (N,) float32."""
     if criterion == "entropy":
-        return -(logp.exp() * logp).sum(dim=1) / math.log(logp.shape[1])
+        return (np.exp(log_probs) * log_probs).sum(axis=1) / -math.log(log_probs.shape[1])
     if criterion == "maxprob":
-        return max_logp.exp()
+        return np.exp(log_probs.max(axis=1))
     raise ValueError(f"unknown exit criterion {criterion!r}")
 
 
-def confident(scores: torch.Tensor, threshold: float, criterion: str) -> torch.Tensor:
+def confident(scores: np.ndarray, threshold: float, criterion: str) -> np.ndarray:
     """Boolean mask of samples whose score passes ``threshold``."""
     return scores <= threshold if criterion == "entropy" else scores >= threshold
 

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON")
     p.add_argument("--full-model", action="store_true",
                    help="ignore the exit thresholds: every sample through the final exit (for comparisons)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="inference threads (default: OMP_NUM_THREADS, else one per physical core)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(pinned_bundle_id=None, pinned_model_key_id=None)  # set only from measured settings
 
@@ -144,8 +145,8 @@ def plaintext_lines(request_id: str, records: list[dict]) -> list[str]:
 
 
 def run(args) -> dict:
-    # Imported here so that building the command line (``--help``) does not load torch.
-    import torch
+    # Imported here so that building the command line (``--help``) does not load the inference runtime.
+    import numpy as np
 
     from ..fileio import atomic_write_bytes, atomic_write_text
     from ..seal.bundle import open_bundle, read_header_unverified
@@ -159,6 +160,7 @@ def run(args) -> dict:
     )
     from .criteria import never_exit_threshold
     from .engine import early_exit
+    from .graphs import use_threads
     from .memprof import MemorySampler
     from .stages import MIB, StageStore
 
@@ -172,9 +174,7 @@ def run(args) -> dict:
     from .tuning import tune_allocator
 
     tune_allocator()
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
     sampler = MemorySampler() if args.mprofile or args.stats_json else None
     t0 = time.perf_counter()
     if sampler:
@@ -194,7 +194,7 @@ def run(args) -> dict:
         model = {"bundle_id": h["bundle_id"], "model_version": h["model_version"], "model_key_id": h["key_id"]}
         log(f"bundle {h['arch']} v{h['model_version']} ({bundle.num_stages} stages) verified")
         requests = [open_request(data, data_keys, h["preprocessing"]["input_shape"], p) for data, p in zip(raw_requests, args.input)]
-        x = torch.cat([r[1] for r in requests])
+        x = np.concatenate([r[1] for r in requests])
         log(f"{len(requests)} request(s), {len(x)} samples verified")
         store = StageStore(bundle, args.memory_budget, args.batch_size, log)
         thresholds = h["thresholds"]

@@ -30,6 +30,7 @@ slow clients time out (``--timeout``); SIGTERM/SIGINT finish what was accepted a
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -92,12 +93,9 @@ class LoadedModel:
         self.exit_counts = [0] * bundle.num_stages
 
     def answer(self, x):
-        import torch
-
         from .engine import early_exit
 
-        a = early_exit(self.store.get, self.bundle.num_stages, torch.from_numpy(x), self.criterion, self.thresholds,
-                       self.batch_size)  # fmt: skip
+        a = early_exit(self.store.get, self.bundle.num_stages, x, self.criterion, self.thresholds, self.batch_size)
         out = []
         for label, conf, ex in zip(a.labels.tolist(), a.confidences.tolist(), a.exits.tolist()):
             self.exit_counts[ex] += 1
@@ -205,10 +203,9 @@ def start(args, log=None):
     _check_limits(args)
     host, port = parse_listen(args.listen)
     tune_allocator()
-    if args.threads:
-        import torch
+    from .graphs import use_threads
 
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
     keys, kid, model = _load(args, log)
     tls_key, cert_der = make_server_certificate(keys.provider)
     signer = Ed25519PrivateKey.generate()  # signs the anchors (OpenSSL does not check their signatures)

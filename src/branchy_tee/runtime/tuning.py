@@ -7,7 +7,8 @@
   instead; the peak resident size is unchanged, it is just not given back between layers.
 - Tensor layout: convolutions on channels-last activations run 1.5-2x faster with oneDNN here;
   ``channels_last`` converts a module's 4-D weights so that its outputs come out channels-last.
-Standard library and torch only (enclave side).
+``tune_allocator`` is standard library only (the enclave calls it); ``channels_last`` is for PyTorch,
+owner side (training and export).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ file per stage.
 
     model.btee/
       header.json       {"header": {...}, "mac": "<HMAC-SHA256 over the canonical header JSON>"}
-      stage-00.bin      chunked AES-256-GCM of safetensors bytes: stage 0's weights + exit head 0
+      stage-00.bin      chunked AES-256-GCM of stage 0's ONNX graph (the stage and exit head 0)
       stage-01.bin      ...
 
 Keys (all derived from the model key with HKDF): the header MAC key is bound to the bundle id; each
@@ -14,6 +14,10 @@ authentic but is refused below the minimum model version.
 
 The header is plaintext on purpose: data owners read the preprocessing from it without the model
 key. It reveals the architecture, class names and thresholds, not the weights.
+
+What is sealed is what the owner evaluated and calibrated: the stage graphs exported into the run
+directory (``export.onnx``), byte for byte. The enclave builds each stage's ONNX Runtime session
+from the decrypted bytes in memory (``runtime.graphs``).
 """
 
 from __future__ import annotations
@@ -28,15 +32,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import save as st_save
-
 from ..errors import BranchyError, IntegrityError, shown
 from ..fileio import read_regular_file
 from . import aead
 from .keys import derive, key_id
 
-BUNDLE_FORMAT = "branchy-tee/bundle/v1"
+BUNDLE_FORMAT = "branchy-tee/bundle/v2"  # v2: stage payloads are ONNX graphs (v1: safetensors)
 HEADER_FILE = "header.json"
 MAX_HEADER_BYTES = 1 << 20
 # header.json holds exactly these members, in this order (as seal_model writes them): anything else
@@ -65,42 +66,31 @@ def _header_mac(model_key: bytes, header: dict) -> str:
     return hmac.new(mac_key, canonical_json(header), hashlib.sha256).hexdigest()
 
 
-def stage_state(model, k: int) -> dict[str, torch.Tensor]:
-    """Stage k's weights and buffers with exit head k's, keyed ``stage.*`` and ``exit.*``."""
-    state = {f"stage.{n}": t for n, t in model.stages[k].state_dict().items()}
-    state.update({f"exit.{n}": t for n, t in model.exits[k].state_dict().items()})
-    return {n: t.detach().contiguous().cpu() for n, t in state.items()}
-
-
-# Convolution weights are stored in (out, kh, kw, in) order: read back in place and permuted, they are
-# channels-last tensors, the fast layout on CPU (see runtime.tuning), without a copy at load time.
-CONV_LAYOUT_KEY, CONV_LAYOUT = "conv_layout", "ohwi"
-
-
-def _to_ohwi(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: t.permute(0, 2, 3, 1).contiguous() if t.dim() == 4 else t for n, t in state.items()}
-
-
 # --------------------------------------------------------------------------- writing (model owner)
-@torch.no_grad()
-def _activation_elems(model, input_shape) -> list[int]:
-    """Per stage, the elements of one sample's stage input plus output: what the runtime must hold
-    while running it. Recorded in the header so the enclave can budget memory without a dry run."""
-    was_training = model.training
-    model.eval()
-    h = torch.zeros(1, *input_shape)
-    out = []
-    for stage in model.stages:
-        nxt = stage(h)
-        out.append(h.numel() + nxt.numel())
-        h = nxt
-    model.train(was_training)
-    return out
-
-
 def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, version: int = 1,
                chunk_size: int = aead.DEFAULT_CHUNK) -> dict:
-    """Seal a trained model (``model`` in eval mode, ``meta`` from its model.json) into ``out``.
+    """Export a model (eval mode; ``meta`` from its model.json) to stage graphs and seal them into ``out``."""
+    from ..export.onnx import export_stages
+
+    graphs, facts = export_stages(model, meta["preprocessing"]["input_shape"])
+    return seal_graphs(graphs, facts, meta, model_key, out, version, chunk_size)
+
+
+def seal_run(run_dir: str | os.PathLike, model_key: bytes, out: str | os.PathLike, version: int = 1,
+             chunk_size: int = aead.DEFAULT_CHUNK, show: bool = False) -> dict:
+    """Seal a run directory's exported stage graphs (exported first if they are missing or stale)."""
+    from ..export.onnx import exported_graphs
+    from ..rundir import read_model_json
+
+    meta = read_model_json(run_dir)
+    graphs, doc = exported_graphs(run_dir, show=show)
+    return seal_graphs(graphs, doc["stages"], meta, model_key, out, version, chunk_size)
+
+
+def seal_graphs(graphs: list[bytes], facts: list[dict], meta: dict, model_key: bytes, out: str | os.PathLike,
+                version: int = 1, chunk_size: int = aead.DEFAULT_CHUNK) -> dict:
+    """Seal stage graphs (ONNX bytes, one per stage; ``facts`` per stage: weight_bytes and
+    activation_elems) into the bundle directory ``out``.
 
     The bundle is built in a temporary directory beside ``out`` and renamed into place, so ``out``
     either does not exist or is complete.
@@ -113,13 +103,10 @@ def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, vers
     if chunk_size < 4096:
         raise BranchyError("--chunk-size must be at least 4096 bytes")
     bundle_id = secrets.token_hex(16)
-    activations = _activation_elems(model, meta["preprocessing"]["input_shape"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
         stages = []
-        for k in range(model.num_exits):
-            state = stage_state(model, k)
-            plain = st_save(_to_ohwi(state), metadata={"stage": str(k), CONV_LAYOUT_KEY: CONV_LAYOUT})
+        for k, (plain, fact) in enumerate(zip(graphs, facts)):
             name = f"stage-{k:02d}.bin"
             key = _stage_key(model_key, bundle_id, version, k)
             with open(tmp / name, "wb") as f:
@@ -127,9 +114,10 @@ def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, vers
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            weight_bytes = sum(t.numel() * t.element_size() for t in state.values())
-            stages.append({"index": k, "file": name, "plaintext_size": len(plain), "weight_bytes": weight_bytes,
-                           "activation_elems": activations[k],
+            # plaintext_size: the graph's bytes (decrypted while its session is built); weight_bytes: what
+            # its session keeps resident, the unit of the enclave's memory budget.
+            stages.append({"index": k, "file": name, "plaintext_size": len(plain), "weight_bytes": int(fact["weight_bytes"]),
+                           "activation_elems": int(fact["activation_elems"]),
                            "sealed_size": aead.sealed_size(len(plain), chunk_size)})
         header = {
             "format": BUNDLE_FORMAT,
@@ -205,7 +193,7 @@ class SealedBundle:
         return len(self.header["stages"])
 
     def decrypt_stage(self, k: int, into=None):
-        """Stage k's plaintext (safetensors bytes, in ``into`` or a fresh buffer), every chunk verified."""
+        """Stage k's plaintext (its ONNX graph's bytes, in ``into`` or a fresh buffer), every chunk verified."""
         h = self.header
         entry = h["stages"][k]
         what = f"{self.path.name}/{entry['file']}"
@@ -218,70 +206,6 @@ class SealedBundle:
             raise IntegrityError(f"{what}: stage file missing") from None
         except OSError as e:
             raise BranchyError(f"{what}: cannot read ({e.strerror})") from None
-
-    def read_stage(self, k: int) -> dict[str, torch.Tensor]:
-        """Decrypt, verify and deserialise stage k (its weights and its exit head)."""
-        plain = self.decrypt_stage(k)
-        try:
-            return tensors_from_safetensors(plain)
-        except ValueError as e:  # authentic bytes that are not safetensors: a bug at sealing time
-            raise IntegrityError(f"{self.path.name}/{self.header['stages'][k]['file']}: authentic but not a safetensors payload ({e})") from None
-
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-
-
-def tensors_from_safetensors(buf) -> dict[str, torch.Tensor]:
-    """Tensors that view ``buf`` in place (safetensors layout: u64 header size, JSON header, data).
-
-    ``safetensors.torch.load`` needs ``bytes`` and copies every tensor out of them: two more copies
-    of the largest stage at the moment memory is tightest. Here the decrypted buffer itself backs
-    the tensors. The payload was authenticated before this runs; the checks guard against bugs.
-    Anything that is not a well-formed payload raises ValueError (and nothing else).
-    """
-    if len(buf) < 8:
-        raise ValueError("shorter than a safetensors header")
-    n = int.from_bytes(buf[:8], "little")
-    if n > len(buf) - 8:
-        raise ValueError("header size exceeds the payload")
-    try:
-        header = json.loads(bytes(buf[8 : 8 + n]))
-    except RecursionError:
-        raise ValueError("safetensors header nests too deeply") from None
-    if not isinstance(header, dict):
-        raise ValueError("safetensors header is not a JSON object")
-    meta = header.get("__metadata__")
-    ohwi = isinstance(meta, dict) and meta.get(CONV_LAYOUT_KEY) == CONV_LAYOUT
-    base, out = 8 + n, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict):
-            raise ValueError(f"tensor {name}: entry is not a JSON object")
-        dtype = _ST_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
-        if dtype is None:
-            raise ValueError(f"tensor {name}: unsupported dtype {info.get('dtype')!r}")
-        shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise ValueError(f"tensor {name}: shape is not a list of non-negative integers")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
-            raise ValueError(f"tensor {name}: data_offsets is not a pair of integers")
-        start, end = offsets
-        numel = 1
-        for d in shape:
-            numel *= d
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= start <= end <= len(buf) - base or end - start != numel * itemsize:
-            raise ValueError(f"tensor {name}: data offsets do not match its shape")
-        if numel == 0:
-            t = torch.empty(shape, dtype=dtype)
-        else:
-            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=base + start).view(shape)
-        out[name] = t.permute(0, 3, 1, 2) if ohwi and t.dim() == 4 else t
-    return out
 
 
 def _check_header_fields(header: dict, where: str) -> None:

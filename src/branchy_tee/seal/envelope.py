@@ -24,11 +24,11 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
 from ..errors import BranchyError, IntegrityError, UsageError, shown
 from ..fileio import read_regular_file
@@ -139,26 +139,28 @@ def read_file(path: str | os.PathLike, what: str = "request or result file", lim
 
 
 # --------------------------------------------------------------------------- requests
-def seal_request(inputs: torch.Tensor, data_key: bytes, request_id: str | None = None) -> bytes:
+def seal_request(inputs, data_key: bytes, request_id: str | None = None) -> bytes:
+    """``inputs``: a float32 array (N, C, H, W), numpy or anything that converts to one (a CPU tensor)."""
+    inputs = np.ascontiguousarray(inputs)
     check_inputs(inputs, None, "inputs")
     header = {"format": "branchy-tee/request/v1", "request_id": check_request_id(new_request_id() if request_id is None else request_id),
               "samples": int(inputs.shape[0]), "shape": list(inputs.shape[1:]), "dtype": "float32"}
-    return seal_envelope(REQUEST_MAGIC, header, st_save({"inputs": inputs.contiguous()}), data_key)
+    return seal_envelope(REQUEST_MAGIC, header, st_save({"inputs": inputs}), data_key)
 
 
-def check_inputs(x: torch.Tensor, shape, what: str) -> None:
-    if x.dtype != torch.float32:
-        raise BranchyError(f"{what}: tensor dtype is {str(x.dtype).replace('torch.', '')}, expected float32")
-    if x.dim() != 4 or (shape is not None and list(x.shape[1:]) != list(shape)):
+def check_inputs(x: np.ndarray, shape, what: str) -> None:
+    if x.dtype != np.float32:
+        raise BranchyError(f"{what}: tensor dtype is {x.dtype}, expected float32")
+    if x.ndim != 4 or (shape is not None and list(x.shape[1:]) != list(shape)):
         want = f"(N, {', '.join(map(str, shape))})" if shape is not None else "(N, C, H, W)"
         raise BranchyError(f"{what}: tensor shape {tuple(x.shape)} does not match the model's input {want}")
     if x.shape[0] == 0:
         raise BranchyError(f"{what}: the request holds no samples")
-    if not torch.isfinite(x).all():
+    if not np.isfinite(x).all():
         raise BranchyError(f"{what}: inputs contain NaN or infinite values")
 
 
-def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) -> tuple[dict, torch.Tensor]:
+def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) -> tuple[dict, np.ndarray]:
     env = open_envelope(data, REQUEST_MAGIC, keys, what)
     try:
         tensors = st_load(env.payload)

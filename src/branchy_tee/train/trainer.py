@@ -374,6 +374,9 @@ def fit(cfg: TrainConfig) -> dict:
         summary["ddp_identical_weights"] = len(set(digests)) == 1
     if is_main and (out / "model.safetensors").is_file():
         from ..evaluate.calibrate import calibrate_run
+        from ..export.onnx import export_run
+
+        export_run(out, show=show)  # the stage graphs that calibration, evaluation and sealing use
 
         if world > 1:
             meta_now = read_model_json(out)
