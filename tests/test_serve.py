@@ -421,3 +421,50 @@ def test_a_model_broker_gone_for_good_stops_the_answers_after_a_grace(world):
             assert s.server.state == "revoked"
             with pytest.raises(BranchyError):
                 c.predict(world["x"][:2])
+
+
+# --------------------------------------------------------------------------- the enclave build runs serve
+def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_the_release(world, tmp_path, enclave_env):
+    """`enclave build --serve` (measured: the model broker, its identity, the bundle), the model owner's
+    release statement, a data owner's policy from it, `enclave run --backend native -- serve`, and the
+    data owner's client verifying that enclave's RA-TLS certificate against that policy."""
+    import subprocess
+    import sys
+
+    from branchy_tee.enclave.build import BuildOptions, build
+    from branchy_tee.enclave.release import write_policy_from_release, write_release
+    from branchy_tee.fileio import read_key_file
+    from branchy_tee.attest.identity import load_identity
+
+    d = world["d"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        broker_port, serve_port = sock.getsockname()[1], None
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        serve_port = sock.getsockname()[1]
+    broker_url = f"http://127.0.0.1:{broker_port}"
+    build(BuildOptions(bundle=str(d / "model.btee"), out=str(tmp_path / "enc"), attest="simulated", serve=True,
+                       model_broker=broker_url, model_broker_identity=world["ids"]["mo"], env=enclave_env.dir,
+                       enclave_size="1G", io_dirs=[str(tmp_path / "io")]))  # fmt: skip
+    write_release(tmp_path / "enc", load_identity(d / "mo.id"), tmp_path / "release.json", read_key_file(d / "mo.key"))
+    write_policy_from_release(tmp_path / "release.json", world["ids"]["mo"], tmp_path / "mo.toml",
+                              allowed_data_owners=[world["ids"]["do1"]], allow_simulated=True)  # fmt: skip
+    write_policy_from_release(tmp_path / "release.json", world["ids"]["mo"], tmp_path / "do.toml", allow_simulated=True)
+    with start_broker(d / "mo.key", tmp_path / "mo.toml", identity=d / "mo.id", port=broker_port):
+        proc = subprocess.Popen([sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", "native",
+                                 str(tmp_path / "enc"), "--", "serve", "--bundle", str(d / "model.btee"),
+                                 "--listen", f"127.0.0.1:{serve_port}", "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("serving lenet5"), line + proc.stderr.read()
+            with Client(f"https://127.0.0.1:{serve_port}", policy=tmp_path / "do.toml", identity=d / "do1.id") as c:
+                check_answers(world, c.predict(world["x"][:6]))
+            # the same enclave, with a policy that pins the measurement of another build: refused
+            with Client(f"https://127.0.0.1:{serve_port}", policy=do_policy(world), identity=d / "do1.id") as c, \
+                 pytest.raises(AttestationError, match="allowed_mrenclave"):  # fmt: skip
+                c.predict(world["x"][:1])
+        finally:
+            proc.terminate()
+            assert proc.wait(30) == 0

@@ -149,8 +149,7 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
         if keys:
             print("branchy-tee enclave run: note: native run with key files: no enclave, so the manifest's measured "
                   "settings (brokers, plaintext results, minimum model version) are not enforced", file=sys.stderr)
-        argv = [cfg.interpreter, "-m", ENTRIES[command], *args]
-        return subprocess.run(argv, env=native_environment(cfg, keys)).returncode
+        return _run_forwarding_signals([cfg.interpreter, "-m", ENTRIES[command], *args], env=native_environment(cfg, keys))
 
     check_for_enclave(ns, cfg)
     needed = [SGX_MANIFEST, SIGSTRUCT] if backend == "sgx" else [MANIFEST]
@@ -160,5 +159,21 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
         raise BranchyError(f"{', '.join(missing)} missing in {d}: run {how}")
     if backend == "direct" and (d / MANIFEST).stat().st_mtime == 0:
         raise BranchyError(f"{d / MANIFEST} was rendered without Gramine (for inspection); run `make` in {d} first")
-    argv = [TOOLS[backend], f"./{MANIFEST_NAME}", *canonical_argv(parser, ns)]
-    return subprocess.run(argv, cwd=str(d)).returncode
+    return _run_forwarding_signals([TOOLS[backend], f"./{MANIFEST_NAME}", *canonical_argv(parser, ns)], cwd=str(d))
+
+
+def _run_forwarding_signals(argv: list[str], **kw) -> int:
+    """Run the enclave's process and pass SIGTERM/SIGINT on to it, so that stopping `enclave run`
+    stops (gracefully: serve finishes its accepted requests) what it started; its exit code."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen(argv, **kw)
+    forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
+    main_thread = threading.current_thread() is threading.main_thread()  # (only it may set handlers)
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
