@@ -30,6 +30,22 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     enclave = summary["enclave"]
     assert sum(enclave["early_exit"]["exit_counts"]) == 64
     assert enclave["full_model"]["exit_counts"][-1] == 64
+    # staged loading: easy images need stage 0 only; a budget below the weights evicts and answers the same
+    if enclave["easy_images"]:
+        assert enclave["easy_images"]["stages_loaded"] == [0]
+    budget = enclave["memory_budget"]
+    assert budget["resident_weights_peak_mib"] < enclave["full_model"]["resident_weights_peak_mib"]
+    assert budget["evictions"] > 0 or len(budget["stages_loaded"]) < 3  # all three stages never fit at once
+    for who in ("do-a", "do-b"):
+        from branchy_tee.fileio import read_key_file
+        from branchy_tee.seal.envelope import open_result, request_digest
+
+        key, digest = read_key_file(out / who / "data.key"), request_digest((out / "io" / f"{who}-request.enc").read_bytes())
+        answers = open_result((out / "io" / f"{who}-result.enc").read_bytes(), key, "r", digest)[1]
+        budgeted = open_result((out / "io" / f"{who}-result-budget.enc").read_bytes(), key, "r", digest)[1]
+        assert budgeted == answers  # the same answers under the budget
+    # online: both data owners were answered through attested TLS, by early exit and the full model
+    assert all(summary["online"][m]["requests"] == 40 for m in ("early_exit", "full_model"))
     for f in summary["files"]["mprofile"] + [summary["files"]["accuracy_plot"], summary["files"]["memory_plot"]]:
         assert Path(f).is_file(), f
     # Every broker logged its decisions, and stopped: nothing is listening any more.
