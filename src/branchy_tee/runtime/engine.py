@@ -122,6 +122,11 @@ def early_exit(get_stage, num_exits: int, x: np.ndarray, criterion: str, thresho
             while waiting[k].count:
                 run_and_queue(k, *waiting[k].pop(batch_size))
 
+    return _in_input_order(n, positions, labels, exits, best)
+
+
+def _in_input_order(n: int, positions, labels, exits, best) -> Answers:
+    """Put the answers, collected batch by batch in the order they were decided, back in input order."""
     if not positions:
         empty = np.empty(0, dtype=np.int64)
         return Answers(empty, empty.copy(), np.empty(0, dtype=np.float32))

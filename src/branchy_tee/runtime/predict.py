@@ -9,11 +9,11 @@ output appears atomically (temporary file, then rename).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from .. import measured
 from ..errors import BranchyError, IntegrityError, UsageError, shown
@@ -144,81 +144,87 @@ def plaintext_lines(request_id: str, records: list[dict]) -> list[str]:
     return lines + [f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records]
 
 
-def run(args) -> dict:
-    # Imported here so that building the command line (``--help``) does not load the inference runtime.
-    import numpy as np
-
-    from ..fileio import atomic_write_bytes, atomic_write_text
-    from ..seal.bundle import open_bundle, read_header_unverified
-    from ..seal.envelope import (
-        REQUEST_MAGIC,
-        open_request,
-        read_envelope_header,
-        read_file,
-        request_digest,
-        seal_result,
-    )
-    from .criteria import never_exit_threshold
-    from .engine import early_exit
-    from .graphs import use_threads
-    from .memprof import MemorySampler
-    from .stages import MIB, StageStore
-
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
+def _check_arguments(args) -> None:
     if len(args.input) != len(args.output):
         raise UsageError(f"{len(args.input)} --input but {len(args.output)} --output; give one result file per request")
     if len(set(map(os.path.abspath, args.output))) != len(args.output):
         raise UsageError("two --output paths are the same")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+
+
+def _open_bundle_and_requests(args, log):
+    """Verify the bundle and every request; return (bundle, [(header, inputs, raw)], data keys)."""
+    from ..seal.bundle import open_bundle, read_header_unverified
+    from ..seal.envelope import REQUEST_MAGIC, open_request, read_envelope_header, read_file
+
+    keys = _key_source(args)
+    bundle_header = read_header_unverified(args.bundle)["header"]
+    check_pins(bundle_header, args, args.bundle)
+    # Learn which data keys are needed before asking for any key.
+    raw_requests = [read_file(p, "request") for p in args.input]
+    kids = [read_envelope_header(data, REQUEST_MAGIC, p)[0]["key_id"] for data, p in zip(raw_requests, args.input)]
+    model_key = keys.model_key(args.pinned_model_key_id or str(bundle_header.get("key_id")))
+    data_keys = keys.data_keys(sorted(set(kids)))
+    bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
+    h = bundle.header
+    check_pins(h, args, args.bundle)  # the file read first may have been swapped since
+    log(f"bundle {h['arch']} v{h['model_version']} ({bundle.num_stages} stages) verified")
+    shape = h["preprocessing"]["input_shape"]
+    requests = [(*open_request(data, data_keys, shape, p), data) for data, p in zip(raw_requests, args.input)]
+    log(f"{len(requests)} request(s), {sum(len(r[1]) for r in requests)} samples verified")
+    return bundle, requests, data_keys
+
+
+def _write_results(args, bundle, requests, data_keys, answers, model: dict) -> None:
+    """Seal every data owner's answers for it; all answers exist before the first file is written."""
+    from ..fileio import atomic_write_bytes, atomic_write_text
+    from ..seal.envelope import request_digest, seal_result
+
+    outputs, text, lo = [], [], 0
+    for (req_header, inputs, raw), path in zip(requests, args.output):
+        hi = lo + len(inputs)
+        recs = records_for(answers, bundle.header["classes"], lo, hi)
+        outputs.append((path, seal_result(recs, req_header, request_digest(raw), model, data_keys[req_header["key_id"]])))
+        text += plaintext_lines(req_header["request_id"], recs)
+        lo = hi
+    for path, blob in outputs:
+        atomic_write_bytes(path, blob)
+    if args.plaintext_result:
+        print(f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
+              file=sys.stderr)  # fmt: skip
+        atomic_write_text(args.plaintext_result, "\n".join(text) + "\n")
+
+
+def run(args) -> dict:
+    # Imported here so that building the command line (``--help``) does not load the inference runtime.
+    import numpy as np
+
+    from ..fileio import atomic_write_text
+    from .criteria import never_exit_threshold
+    from .engine import early_exit
+    from .graphs import use_threads
+    from .memprof import MemorySampler
+    from .stages import MIB, StageStore
     from .tuning import tune_allocator
 
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
+    _check_arguments(args)
     tune_allocator()
     use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
-    sampler = MemorySampler() if args.mprofile or args.stats_json else None
     t0 = time.perf_counter()
-    if sampler:
-        sampler.__enter__()
-    try:
-        keys = _key_source(args)
-        bundle_header = read_header_unverified(args.bundle)["header"]
-        check_pins(bundle_header, args, args.bundle)
-        # Learn which data keys are needed before asking for any key.
-        raw_requests = [read_file(p, "request") for p in args.input]
-        kids = [read_envelope_header(data, REQUEST_MAGIC, p)[0]["key_id"] for data, p in zip(raw_requests, args.input)]
-        model_key = keys.model_key(args.pinned_model_key_id or str(bundle_header.get("key_id")))
-        data_keys = keys.data_keys(sorted(set(kids)))
-        bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
+    with MemorySampler() if args.mprofile or args.stats_json else contextlib.nullcontext() as sampler:
+        bundle, requests, data_keys = _open_bundle_and_requests(args, log)
         h = bundle.header
-        check_pins(h, args, args.bundle)  # the file read first may have been swapped since
         model = {"bundle_id": h["bundle_id"], "model_version": h["model_version"], "model_key_id": h["key_id"]}
-        log(f"bundle {h['arch']} v{h['model_version']} ({bundle.num_stages} stages) verified")
-        requests = [open_request(data, data_keys, h["preprocessing"]["input_shape"], p) for data, p in zip(raw_requests, args.input)]
         x = np.concatenate([r[1] for r in requests])
-        log(f"{len(requests)} request(s), {len(x)} samples verified")
         store = StageStore(bundle, args.memory_budget, args.batch_size, log)
         thresholds = h["thresholds"]
         if args.full_model or not thresholds:
             thresholds = [never_exit_threshold(h["criterion"])] * (bundle.num_stages - 1)
         answers = early_exit(store.get, bundle.num_stages, x, h["criterion"], thresholds, args.batch_size)
-        outputs, text, lo = [], [], 0
-        for (req_header, inputs), raw, path in zip(requests, raw_requests, args.output):
-            hi = lo + len(inputs)
-            recs = records_for(answers, h["classes"], lo, hi)
-            blob = seal_result(recs, req_header, request_digest(raw), model, data_keys[req_header["key_id"]])
-            outputs.append((path, blob))
-            text += plaintext_lines(req_header["request_id"], recs)
-            lo = hi
-        for path, blob in outputs:  # all answers exist before the first file is written
-            atomic_write_bytes(path, blob)
-        if args.plaintext_result:
-            print(f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
-                  file=sys.stderr)
-            atomic_write_text(args.plaintext_result, "\n".join(text) + "\n")
+        _write_results(args, bundle, requests, data_keys, answers, model)
         seconds = time.perf_counter() - t0
-    finally:
-        if sampler:
-            sampler.__exit__(None, None, None)
     stats = {
         "samples": len(x),
         "exit_counts": answers.exit_counts(bundle.num_stages),
