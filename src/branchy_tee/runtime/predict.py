@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-model", action="store_true",
                    help="ignore the exit thresholds: every sample through the final exit (for comparisons)")
     p.add_argument("--threads", type=int, default=None,
-                   help="inference threads (default: OMP_NUM_THREADS, else one per physical core)")
+                   help="intra-op threads of each stage's session (default: OMP_NUM_THREADS, else 1)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -140,7 +140,7 @@ def run(args) -> dict:
     from .tuning import tune_allocator
 
     tune_allocator()
-    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
+    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1)
     sampler = MemorySampler() if args.mprofile or args.stats_json else None
     t0 = time.perf_counter()
     if sampler:
