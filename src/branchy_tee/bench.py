@@ -417,13 +417,19 @@ def bench_sealed(work: Path, quick: bool) -> dict:
         session = ort.InferenceSession(str(work / "plain.onnx"), session_options(), providers=PROVIDERS)
         session.run(None, {INPUT: x1})
 
-    sealed_t, plain_t = [], []
+    def staged_start():  # the sample leaves by exit 1: stages 0 and 1 are all that is decrypted and built
+        b = open_bundle(bundles["staged"], model_key)
+        store = StageStore(b)
+        early_exit(store.get, b.num_stages, x1, "entropy", b.header["thresholds"])
+
+    sealed_t, plain_t, staged_t = [], [], []
     for _ in range(2 if quick else 5):
-        for fn, acc in ((plain_start, plain_t), (sealed_start, sealed_t)):
+        for fn, acc in ((plain_start, plain_t), (sealed_start, sealed_t), (staged_start, staged_t)):
             with _timer() as t:
                 fn()
             acc.append(t[1])
-    cold = {"sealed_s": statistics.median(sealed_t), "plain_s": statistics.median(plain_t)}
+    cold = {"sealed_s": statistics.median(sealed_t), "plain_s": statistics.median(plain_t),
+            "sealed_exit_1_s": statistics.median(staged_t)}
     cold["ratio"] = cold["sealed_s"] / cold["plain_s"]
     return {"staged_memory": memory, "aead": aead_result, "cold_start": cold}
 
@@ -603,7 +609,8 @@ def format_report(r: dict) -> str:
             f"{m['full_mib']:.0f} MiB -> {m['peak_ratio']:.2f}x (batch 16: {m['batch_16']['peak_ratio']:.2f}x)",
             f"AES-256-GCM decrypt+verify of a {a['stage_mib']:.0f} MiB stage file: {a['decrypt_gbps']:.2f} GB/s into a reused buffer, "
             f"{a['stage_load_gbps']:.2f} GB/s into fresh memory",
-            f"cold start to first prediction: sealed {c['sealed_s']:.3f} s vs the plain ONNX file {c['plain_s']:.3f} s -> {c['ratio']:.2f}x",
+            f"cold start to first prediction: sealed {c['sealed_s']:.3f} s vs the plain ONNX file {c['plain_s']:.3f} s -> {c['ratio']:.2f}x"
+            f" (sealed, a sample leaving by exit 1: {c['sealed_exit_1_s']:.3f} s)",
         ]
     if r.get("quote_verify"):
         q = r["quote_verify"]
