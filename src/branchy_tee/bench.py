@@ -536,7 +536,8 @@ def bench_quote_verify(quick: bool) -> dict | None:
 
 
 # --------------------------------------------------------------------------- the whole suite
-def run_bench(quick: bool = False, cache_dir: str | os.PathLike = "runs/bench-cache", skip: tuple = ()) -> dict:
+def run_bench(quick: bool = False, cache_dir: str | os.PathLike = "runs/bench-cache", skip: tuple = (),
+              serve: bool = False) -> dict:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     from .runtime.graphs import use_threads
@@ -544,7 +545,7 @@ def run_bench(quick: bool = False, cache_dir: str | os.PathLike = "runs/bench-ca
     use_threads(ENGINE_THREADS)
     result: dict = {"machine": machine(), "quick": quick, "date": time.strftime("%Y-%m-%d")}
     t0 = time.perf_counter()
-    if "early_exit" not in skip or "enclave" not in skip:
+    if "early_exit" not in skip or "enclave" not in skip or serve:
         run = ensure_bench_model(cache_dir, quick)
     if "early_exit" not in skip:
         result["early_exit"] = bench_early_exit(run, quick)
@@ -564,6 +565,11 @@ def run_bench(quick: bool = False, cache_dir: str | os.PathLike = "runs/bench-ca
         q = bench_quote_verify(quick)
         result["quote_verify"] = q
         result["quote_verify_ms"] = q["with_collateral_ms"] if q else None
+    if serve:
+        from .bench_serve import run_serve_bench
+
+        _log("online service: early exit vs --full-model under closed-loop load")
+        result["serve"] = run_serve_bench(run, quick, log=_log)
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -615,5 +621,20 @@ def format_report(r: dict) -> str:
     if r.get("quote_verify"):
         q = r["quote_verify"]
         lines.append(f"DCAP quote verification: {q['chain_ms']:.2f} ms (chain + signatures), {q['with_collateral_ms']:.2f} ms with collateral")
+    if "serve" in r:
+        lines += _format_serve(r["serve"])
     lines.append(f"({r['seconds']:.0f} s)")
     return "\n".join(lines)
+
+
+def _format_serve(s: dict) -> list[str]:
+    lines = ["online service (closed loop, one image per request): early exit vs the same server with --full-model"]
+    for ee, full in zip(s["early_exit"], s["full_model"]):
+        lines.append(f"  {ee['clients']:>3} client(s): {ee['throughput_per_s']:.0f} vs {full['throughput_per_s']:.0f} requests/s, "
+                     f"p50 {ee['p50_ms']:.2f} vs {full['p50_ms']:.2f} ms, p99 {ee['p99_ms']:.2f} vs {full['p99_ms']:.2f} ms, "
+                     f"compute p50 {ee['compute_p50_ms']:.2f} vs {full['compute_p50_ms']:.2f} ms, errors {ee['errors']}+{full['errors']}")
+    m = s["summary"]
+    lines.append(f"  throughput {m['throughput_speedup_at_max_clients']:.2f}x at the most clients; compute p50 "
+                 f"{m['compute_p50_speedup_at_1_client']:.2f}x lower at 1 client; protocol overhead "
+                 f"{m['protocol_overhead_ms_at_1_client']:.2f} ms; attestation {m['attest_ms_per_connection']} ms per connection")
+    return lines
