@@ -205,7 +205,7 @@ def start(args, log=None):
     tune_allocator()
     from .graphs import use_threads
 
-    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
+    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1)
     keys, kid, model = _load(args, log)
     tls_key, cert_der = make_server_certificate(keys.provider)
     signer = Ed25519PrivateKey.generate()  # signs the anchors (OpenSSL does not check their signatures)
