@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import measured
+from ..choices import EvidenceProvider
 from ..errors import BranchyError
 
 CONFIG = "enclave.json"
@@ -54,7 +55,7 @@ class EnclaveConfig:
     edmm: bool
     isv_prod_id: int
     isv_svn: int
-    attest: str
+    attest: EvidenceProvider
     model_broker: str
     model_broker_identity: str
     data_brokers: tuple[str, ...]
@@ -100,6 +101,9 @@ class EnclaveConfig:
             raise BranchyError(f"{where}: unusable ({e})") from None
         if cfg.entry not in ENTRIES:
             raise BranchyError(f"{where}: unknown entry {cfg.entry!r}")
+        if cfg.attest not in EvidenceProvider.names():
+            raise BranchyError(f"{where}: unknown evidence provider {ascii(str(cfg.attest))[:40]}")
+        cfg = cfg.replace(attest=EvidenceProvider(cfg.attest))
         if doc["env"] != cfg.env or doc["defines"] != cfg.defines:
             raise BranchyError(f"{where} contradicts itself (its measured environment or manifest values differ from its "
                                "settings): edited after the build; rebuild it")
@@ -120,7 +124,7 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
         # database under $HOME/.cache, and HTTPS uploads. Never from an enclave.
         "ORT_DISABLE_TELEMETRY": "1",
         measured.ENCLAVE: "1",
-        measured.ATTEST: cfg.attest,
+        measured.ATTEST: str(cfg.attest),
         measured.MODEL_BROKER: cfg.model_broker,
         measured.MODEL_BROKER_IDENTITY: cfg.model_broker_identity,
         measured.DATA_BROKERS: ",".join(cfg.data_brokers),

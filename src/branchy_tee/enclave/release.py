@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 from .. import measured
+from ..choices import EvidenceProvider
 from ..attest.identity import identity_hex, parse_identity, sign, verify
 from ..errors import BranchyError, shown
 from ..fileio import atomic_write_text, read_regular_file
@@ -47,7 +48,7 @@ def measured_env(directory: Path, cfg: EnclaveConfig) -> dict[str, str]:
     runs with and simulated evidence measures) otherwise. Refused when enclave.json contradicts itself."""
     import tomllib
 
-    if cfg.attest == "simulated":  # (load_config refused an enclave.json whose env is not its settings')
+    if cfg.attest == EvidenceProvider.SIMULATED:  # (load_config refused an enclave.json whose env is not its settings')
         return cfg.env
     try:
         manifest = tomllib.loads((directory / SGX_MANIFEST).read_text())
@@ -113,7 +114,7 @@ def make_release(directory: str | os.PathLike, identity, model_key: bytes, broke
     cfg = load_config(d)
     env = measured_env(d, cfg)
     pins = _pins(env, d)
-    m = _simulated_measurements(cfg, env) if cfg.attest == "simulated" else read_measurements(d)
+    m = _simulated_measurements(cfg, env) if cfg.attest == EvidenceProvider.SIMULATED else read_measurements(d)
     from ..seal.bundle import open_bundle
     from ..seal.keys import key_id
 
@@ -121,8 +122,8 @@ def make_release(directory: str | os.PathLike, identity, model_key: bytes, broke
         raise BranchyError(f"the enclave in {d} pins model key id {pins['model_key_id']}, not your model key's "
                            f"{key_id(model_key)}: it would serve another model")
     header = open_bundle(cfg.bundle, model_key).header  # the bundle authenticates under your key
-    if header["bundle_id"] != pins["bundle_id"]:
-        raise BranchyError(f"the enclave in {d} pins bundle {pins['bundle_id']}, not your bundle {header['bundle_id']}")
+    if header.bundle_id != pins["bundle_id"]:
+        raise BranchyError(f"the enclave in {d} pins bundle {pins['bundle_id']}, not your bundle {header.bundle_id}")
     expected = broker_identity or identity_hex(identity)
     if not hmac.compare_digest(pins["model_broker_identity"], expected):  # (public values; the lint asks for it)
         raise BranchyError(f"the enclave in {d} trusts model broker identity {pins['model_broker_identity']}, not "
@@ -132,7 +133,7 @@ def make_release(directory: str | os.PathLike, identity, model_key: bytes, broke
     statement = {
         "format": RELEASE_FORMAT, "attest": cfg.attest, **{k: m[k] for k in ("mrenclave", "mrsigner", "isv_prod_id",
                                                                                     "isv_svn", "debug")},
-        "bundle_id": pins["bundle_id"], "model_version": header["model_version"], "model_key_id": pins["model_key_id"],
+        "bundle_id": pins["bundle_id"], "model_version": header.model_version, "model_key_id": pins["model_key_id"],
         "min_model_version": pins["min_model_version"], "model_broker": pins["model_broker"],
         "model_broker_identity": pins["model_broker_identity"],
         "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
@@ -181,7 +182,7 @@ def _check_fields(s: dict, what: str) -> None:
     def is_int(v, hi: int) -> bool:
         return type(v) is int and 0 <= v <= hi
 
-    ok = (s["attest"] in ("gramine", "simulated") and is_hex(s["mrenclave"], 64)
+    ok = (s["attest"] in EvidenceProvider.names() and is_hex(s["mrenclave"], 64)
           and (s["mrsigner"] is None or is_hex(s["mrsigner"], 64)) and is_int(s["isv_prod_id"], 0xFFFF)
           and is_int(s["isv_svn"], 0xFFFF) and isinstance(s["debug"], bool) and is_hex(s["bundle_id"], 32)
           and is_int(s["model_version"], 2**63 - 1) and is_hex(s["model_key_id"], 16)
@@ -209,7 +210,7 @@ def policy_from_release(statement: dict, *, accepted_tcb_statuses=("UpToDate",),
     Every value written, comments included, was checked by :func:`verify_release` (no raw text)."""
     import tomli_w
 
-    if statement["attest"] == "simulated" and not allow_simulated:
+    if statement["attest"] == EvidenceProvider.SIMULATED and not allow_simulated:
         raise BranchyError("the release statement names a SIMULATED enclave (no TEE: development only); a policy for "
                            "it is written only with --allow-simulated")
     policy: dict = {"allowed_mrenclave": [statement["mrenclave"]], "isv_prod_id": statement["isv_prod_id"],
@@ -229,7 +230,7 @@ def policy_from_release(statement: dict, *, accepted_tcb_statuses=("UpToDate",),
         policy["collateral"] = collateral
     else:
         lines.append('# Add collateral = "collateral.json" (Intel TCB info, QE identity, CRLs): DCAP quotes need a TCB status.')
-    if statement["attest"] == "simulated":
+    if statement["attest"] == EvidenceProvider.SIMULATED:
         policy["allow_simulation"] = True
         lines.append("# SIMULATED attestation (development only): no TEE protects the process that gets the keys.")
     if allowed_data_owners is not None:
