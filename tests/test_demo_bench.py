@@ -69,3 +69,15 @@ def test_bench_quick_produces_every_key(tmp_path, capsys):
     assert len(r["exit_profile"]) == 12 and all(len(p["exit_flops"]) == p["exits"] for p in r["exit_profile"])
     assert r["staged_memory"]["staged_stages_loaded"] == [0, 1] and r["staged_memory"]["full_stages_loaded"] == [0, 1, 2, 3]
     assert "early exit vs full forward" in capsys.readouterr().out
+
+
+def test_bench_serve_compares_the_online_service_with_its_full_model(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    skip = [a for part in ("early_exit", "enclave", "exit_profile", "sealed", "quote") for a in ("--skip", part)]
+    assert main(["bench", "--quick", "--serve", *skip, "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["serve"]
+    assert [r["clients"] for r in s["early_exit"]] == [r["clients"] for r in s["full_model"]] == [1, 4]
+    for r in s["early_exit"] + s["full_model"]:
+        assert r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    assert s["summary"]["attest_ms_per_connection"] > 0
+    assert "online service" in capsys.readouterr().out

@@ -128,7 +128,7 @@ def test_two_fresh_checkouts_render_byte_identical_hashed_manifests(sealed, tmp_
     rendered, size = [], []
     for _ in range(2):  # one after the other at the same path, each with an environment of its own
         fresh_checkout(checkout)
-        # The second build is the owner's rebuild (README): the size from the first's enclave.json, not measured again.
+        # The second build is the owner's rebuild (docs/sgx.md): the size from the first's enclave.json, not measured again.
         done = build(sealed, out, tmp_path / "bin", *size, cwd=checkout, env_dir=checkout / ".enclave-env",
                      pythonpath=checkout / "src")  # fmt: skip
         assert done.returncode == 0, done.stderr

@@ -427,5 +427,5 @@ def format_summary(s: dict) -> str:
     files = s["files"]
     lines.append(f"memory traces (mprof):     {', '.join(files['mprofile'])}")
     lines.append(f"plots:                     {files['accuracy_plot']}, {files['memory_plot']}")
-    lines.append("attestation was SIMULATED (no SGX here); see README 'Running on real SGX'.")
+    lines.append("attestation was SIMULATED (no SGX here); see docs/sgx.md.")
     return "\n".join(lines)

@@ -103,6 +103,8 @@ def add_bench(sub) -> None:
     p.add_argument("--cache-dir", default="runs/bench-cache", help="where the trained benchmark model is kept and reused")
     p.add_argument("--skip", action="append", default=[], choices=["early_exit", "enclave", "exit_profile", "sealed", "quote"],
                    help="leave out one part (repeatable)")
+    p.add_argument("--serve", action="store_true",
+                   help="also load the online service at 1, 8 and 64 clients, early exit vs --full-model (1-2 min more)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -110,7 +112,7 @@ def cmd_bench(args) -> int:
     from ..bench import format_report, run_bench
     from ..fileio import atomic_write_text
 
-    result = run_bench(quick=args.quick, cache_dir=args.cache_dir, skip=tuple(args.skip))
+    result = run_bench(quick=args.quick, cache_dir=args.cache_dir, skip=tuple(args.skip), serve=args.serve)
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     print(format_report(result))

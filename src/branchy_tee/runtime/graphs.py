@@ -26,15 +26,17 @@ from ..errors import IntegrityError
 INPUT, FEATURES, LOG_PROBS = "input", "features", "log_probs"
 PROVIDERS = ["CPUExecutionProvider"]
 
-_threads = 0
+_threads = 1  # predict's default too: see use_threads
 _arena_registered = False
 
 
 def use_threads(threads: int) -> None:
-    """Intra-op threads of every stage session created from now on (0: one per physical core), and,
-    once per process, the memory arena they all share. With an arena per session, each would keep
-    the high-water mark of its own stage's activations; shared, they reuse the same memory (measured
-    on the benchmark model at batch 64: 42 against 23 MiB over the sessions' weights)."""
+    """Intra-op threads of every stage session created from now on (0: one per physical core; 1 by
+    default: on a 2-core machine shared with other jobs a second thread that sleeps between operators
+    made early exit slower at batch 1 and at batch 128, and spinning ones were far worse), and, once
+    per process, the memory arena they all share. With an arena per session, each would keep the
+    high-water mark of its own stage's activations; shared, they reuse the same memory (measured on
+    the benchmark model at batch 64: 42 against 23 MiB over the sessions' weights)."""
     global _threads, _arena_registered
     _threads = max(0, int(threads))
     if not _arena_registered:
@@ -70,7 +72,7 @@ def load_session(graph: bytes, what: str) -> ort.InferenceSession:
     if not isinstance(graph, bytes):
         graph = bytes(graph)
     if not _arena_registered:
-        use_threads(0)
+        use_threads(_threads)
     try:
         session = ort.InferenceSession(graph, session_options(), providers=PROVIDERS)
     except Exception as e:  # onnxruntime raises its own exception types for malformed graphs

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-model", action="store_true",
                    help="ignore the exit thresholds: every sample through the final exit (for comparisons)")
     p.add_argument("--threads", type=int, default=None,
-                   help="inference threads (default: OMP_NUM_THREADS, else one per physical core)")
+                   help="intra-op threads of each stage's session (default: OMP_NUM_THREADS, else 1)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(pinned_bundle_id=None, pinned_model_key_id=None)  # set only from measured settings
 
@@ -216,7 +216,7 @@ def run(args) -> dict:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
     _check_arguments(args)
     tune_allocator()
-    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0))
+    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1)
     t0 = time.perf_counter()
     with MemorySampler() if args.mprofile or args.stats_json else contextlib.nullcontext() as sampler:
         bundle, requests, data_keys = _open_bundle_and_requests(args, log)
