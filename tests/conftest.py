@@ -43,8 +43,8 @@ def sealed(tmp_path_factory):
     The run directory is written directly (random weights) instead of by a training run: packaging
     does not care what the weights are, and this keeps the file well under its time budget."""
     from branchy_tee.cli import main
-    from branchy_tee.models import create_model
     from branchy_tee.modelcard import ModelCard
+    from branchy_tee.models import create_model
     from branchy_tee.preprocessing import Preprocessing
     from branchy_tee.rundir import write_model_card, write_weights
     from branchy_tee.runtime.criteria import ENTROPY

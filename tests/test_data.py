@@ -262,7 +262,8 @@ def test_training_and_inference_preprocess_images_identically(tmp_path, channels
         "evaluation": torch.stack([evaluation[i][0] for i in range(6)]),
         "encrypt-input, tensor file": load_inputs([str(tmp_path / "x.npy")], pre),
         "encrypt-input, PNG files": load_inputs(pngs, pre),
-        "client, PIL images": tensor_to_inputs(torch.stack([image_to_pixels(im, pre.input_shape) for im in pil]), pre, "x"),
+        "client, PIL images": tensor_to_inputs(torch.stack([image_to_pixels(im, pre.input_shape) for im in pil]), pre,
+                                               "x"),
         "client, array": tensor_to_inputs(images, pre, "x"),
     }
     for where, x in paths.items():

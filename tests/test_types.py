@@ -39,7 +39,8 @@ def test_model_card_round_trips_byte_for_byte_and_replace_checks():
     text = json.dumps(CARD, indent=2) + "\n"
     card = ModelCard.parse(json.loads(text), "run/model.json")
     assert json.dumps(card.to_json(), indent=2) + "\n" == text
-    assert card.criterion is ENTROPY and card.preprocessing.input_shape == (1, 28, 28) and card.calibration.samples == 100
+    assert card.criterion is ENTROPY and card.preprocessing.input_shape == (1, 28, 28)
+    assert card.calibration is not None and card.calibration.samples == 100
     assert card.replace(thresholds=None).exit_thresholds() == (ENTROPY.never,) * 2
     with pytest.raises(BranchyError, match="3 thresholds for 2 early exits"):
         card.replace(thresholds=(0.1, 0.2, 0.3))
@@ -84,8 +85,8 @@ def test_bundle_header_round_trips_and_refuses_what_the_runtime_cannot_use():
 
 
 def test_envelope_headers_round_trip_and_are_strict():
-    req = {"format": "branchy-tee/request/v1", "request_id": "r1", "samples": 3, "shape": [1, 28, 28], "dtype": "float32",
-           "key_id": "ab" * 8}  # fmt: skip
+    req = {"format": "branchy-tee/request/v1", "request_id": "r1", "samples": 3, "shape": [1, 28, 28],
+           "dtype": "float32", "key_id": "ab" * 8}
     assert RequestHeader.parse(req, "req").to_json() == req
     res = {"format": "branchy-tee/result/v2", "request_id": "r1", "request_sha256": "ef" * 32, "bundle_id": "ab" * 16,
            "model_version": 1, "model_key_id": "cd" * 8, "samples": 3, "key_id": "ab" * 8}  # fmt: skip

@@ -137,7 +137,8 @@ class Demo:
         from .enclave.release import write_policy_from_release, write_release
 
         mo_url = f"http://127.0.0.1:{self.mo_port}"
-        built = build(BuildOptions(bundle=str(self.d / "model.btee"), out=str(self.d / name), attest=EvidenceProvider.SIMULATED,
+        built = build(BuildOptions(bundle=str(self.d / "model.btee"), out=str(self.d / name),
+                                   attest=EvidenceProvider.SIMULATED,
                                    model_broker=mo_url, model_broker_identity=self.ids["mo"][1], serve=serve,
                                    io_dirs=[str(self.d / "io")], threads=2, enclave_size=enclave_size))  # fmt: skip
         self.enclave_size = built["enclave_size"]
@@ -194,7 +195,8 @@ class Demo:
 
     def _predict(self, tag: str, inputs: dict[str, Path], *extra: str, quiet: bool = False) -> dict:
         """The host's command: the enclave in d/enclave runs predict (natively: no SGX here)."""
-        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE, str(self.d / "enclave"),
+        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
+               str(self.d / "enclave"),
                "--", "predict", "--bundle", str(self.d / "model.btee")]  # fmt: skip
         for who, req in inputs.items():
             cmd += ["--input", str(req), "--output", str(self.d / "io" / f"{who}-result{tag}.enc"), "--data-broker", self.urls[who]]
@@ -254,7 +256,8 @@ class Demo:
             except IntegrityError:
                 isolated = True
             self.per_owner[who] = {"samples": len(records), "accuracy": acc, "result_txt": str(self.d / who / "result.txt"),
-                                   "cannot_read_other_owner": isolated, "answered_by": model.to_json(), "records": records}  # fmt: skip
+                                   "cannot_read_other_owner": isolated, "answered_by": model.to_json(),
+                                   "records": records}  # fmt: skip
             say(f"    data owner {who[-1].upper()}: {len(records)} answers from bundle {model.bundle_id[:12]}... "
                 f"v{model.model_version}, accuracy {100 * acc:.2f}% -> {who}/result.txt; opening {other}'s result "
                 f"with its key: {'refused, as it must be' if isolated else 'SUCCEEDED (bug!)'}")
@@ -317,7 +320,8 @@ class Demo:
         from .client import Client
 
         port = _free_port()
-        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE, str(self.d / "enclave-serve"),
+        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
+               str(self.d / "enclave-serve"),
                "--", "serve", "--bundle", str(self.d / "model.btee"), "--listen", f"127.0.0.1:{port}", "--quiet"]
         proc = subprocess.Popen(cmd + (["--full-model"] if full else []), env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)  # fmt: skip

@@ -27,6 +27,10 @@ from .strict import Fields
 MODEL_FORMAT = "branchy-tee/model/v1"
 
 
+def _criterion(f: Fields) -> Criterion:
+    return criterion(f.check("criterion", lambda v: v in NAMES, f"one of {', '.join(NAMES)}"))
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Which data set a run was trained on and how its validation split was carved (so that
@@ -38,7 +42,8 @@ class DataSpec:
     seed: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "synthetic": self.synthetic, "val_fraction": self.val_fraction, "seed": self.seed}
+        return {"dataset": self.dataset, "synthetic": self.synthetic, "val_fraction": self.val_fraction,
+                "seed": self.seed}
 
     @classmethod
     def parse(cls, f: Fields) -> "DataSpec":
@@ -71,9 +76,9 @@ class Calibration:
 
     @classmethod
     def parse(cls, f: Fields) -> "Calibration":
-        c = cls(criterion(f.text("criterion"), f"{f.where}: calibration"), f.numbers("thresholds"), f.number("accuracy"),
-                f.number("mean_flops"), f.numbers("exit_fractions"), f.number("final_accuracy"), f.integer("full_flops", 0),
-                f.number("max_accuracy_drop"), f.number("margin_se"), f.integer("samples", 0))  # fmt: skip
+        c = cls(_criterion(f), f.numbers("thresholds"), f.number("accuracy"), f.number("mean_flops"),
+                f.numbers("exit_fractions"), f.number("final_accuracy"), f.integer("full_flops", 0),
+                f.number("max_accuracy_drop"), f.number("margin_se"), f.integer("samples", 0))
         f.done()
         return c
 
@@ -98,11 +103,11 @@ class ModelFacts:
 
     @property
     def num_classes(self) -> int:
-        return self.config["num_classes"]
+        return int(self.config["num_classes"])
 
     @property
     def in_channels(self) -> int:
-        return self.config["in_channels"]
+        return int(self.config["in_channels"])
 
     def exit_thresholds(self, full_model: bool = False) -> tuple[float, ...]:
         """The thresholds early exit runs with: the calibrated ones, or (uncalibrated, or
@@ -126,7 +131,7 @@ class ModelFacts:
         """The members as keyword arguments (for the artifact's constructor)."""
         return dict(arch=f.text("arch"), config=f.obj("config"), classes=f.texts("classes"),
                     preprocessing=f.nested("preprocessing", Preprocessing.parse),
-                    criterion=criterion(f.check("criterion", lambda v: v in NAMES, f"one of {', '.join(NAMES)}")),
+                    criterion=_criterion(f),
                     thresholds=f.or_null("thresholds", f.numbers), stage_flops=f.integers("stage_flops", lo=0),
                     head_flops=f.integers("head_flops", lo=0))  # fmt: skip
 

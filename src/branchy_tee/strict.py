@@ -22,7 +22,8 @@ from .errors import BranchyError, shown
 T = TypeVar("T")
 
 
-def hex_member(doc: Mapping, name: str, size: int, error: Callable[[str], Exception], what: str = "") -> bytes:
+def hex_member(doc: Mapping[str, Any], name: str, size: int, error: Callable[[str], Exception],
+               what: str = "") -> bytes:
     """Member ``name`` of ``doc``: ``size`` bytes as ``2 * size`` hex digits; ``error(reason)`` is
     raised otherwise (``what`` prefixes the reason)."""
     prefix = f"{what}: " if what else ""
@@ -88,23 +89,28 @@ class Fields:
         return v
 
     def text(self, name: str, ok: Callable[[str], bool] = lambda v: True, want: str = "a string") -> str:
-        return self.check(name, lambda v: isinstance(v, str) and ok(v), want)
+        v: str = self.check(name, lambda v: isinstance(v, str) and ok(v), want)
+        return v
 
     def integer(self, name: str, lo: int | None = None) -> int:
         want = "an integer" if lo is None else f"an integer >= {lo}"
-        return self.check(name, lambda v: _is_int(v) and (lo is None or v >= lo), want)
+        v: int = self.check(name, lambda v: _is_int(v) and (lo is None or v >= lo), want)
+        return v
 
     def number(self, name: str) -> float:
-        return self.check(name, _is_number, "a finite number")
+        v: float = self.check(name, _is_number, "a finite number")
+        return v
 
     def flag(self, name: str) -> bool:
-        return self.check(name, lambda v: isinstance(v, bool), "true or false")
+        v: bool = self.check(name, lambda v: isinstance(v, bool), "true or false")
+        return v
 
     def obj(self, name: str) -> dict[str, Any]:
         """A JSON object kept as it is (a record whose members no code decides on)."""
-        return self.check(name, lambda v: isinstance(v, dict), "a JSON object")
+        v: dict[str, Any] = self.check(name, lambda v: isinstance(v, dict), "a JSON object")
+        return v
 
-    def items(self, name: str, ok: Callable[[Any], bool], want: str, count: int | None = None) -> tuple:
+    def items(self, name: str, ok: Callable[[Any], bool], want: str, count: int | None = None) -> tuple[Any, ...]:
         """A list whose items ``ok`` accepts (``count`` of them when given), as a tuple."""
         size = "" if count is None else f"{count} "
         v = self.check(name, lambda v: isinstance(v, list) and (count is None or len(v) == count) and all(map(ok, v)),
@@ -112,7 +118,8 @@ class Fields:
         return tuple(v)
 
     def integers(self, name: str, lo: int | None = None, count: int | None = None) -> tuple[int, ...]:
-        return self.items(name, lambda v: _is_int(v) and (lo is None or v >= lo), "integers" + (f" >= {lo}" if lo is not None else ""), count)
+        want = "integers" if lo is None else f"integers >= {lo}"
+        return self.items(name, lambda v: _is_int(v) and (lo is None or v >= lo), want, count)
 
     def numbers(self, name: str, count: int | None = None) -> tuple[float, ...]:
         return self.items(name, _is_number, "finite numbers", count)
@@ -127,7 +134,8 @@ class Fields:
     def each(self, name: str, parse: Callable[["Fields", int], T]) -> tuple[T, ...]:
         """A list of artifacts: ``parse(fields, index)`` reads each one."""
         v = self.check(name, lambda v: isinstance(v, list), "a list")
-        return tuple(parse(Fields(item, self.where, name, self.error, f"{self.path}{name}[{i}]."), i) for i, item in enumerate(v))
+        return tuple(parse(Fields(item, self.where, name, self.error, f"{self.path}{name}[{i}]."), i)
+                     for i, item in enumerate(v))
 
     def optional(self, name: str, read: Callable[[str], T]) -> T | None:
         """``read(name)`` when the member is there (absent: None; present as null: refused by ``read``)."""

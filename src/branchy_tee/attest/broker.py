@@ -172,7 +172,8 @@ class NonceBook:
 
 
 # --------------------------------------------------------------------------- evidence
-def verify_evidence(policy: Policy, evidence_type: EvidenceType | str, evidence: bytes, *, collateral: Mapping | None = None,
+def verify_evidence(policy: Policy, evidence_type: EvidenceType | str, evidence: bytes, *,
+                    collateral: Mapping | None = None,
                     now: datetime | None = None) -> Claims:
     """Verify evidence (not yet its binding or the policy) and return its claims; AttestationError otherwise.
 

@@ -30,10 +30,10 @@ from typing import Any, Mapping, TypeVar
 from cryptography import x509
 
 from ..errors import BranchyError
+from ..strict import iso8601
 from .chain import PinnedRoot, chain_from_pem_text, verify_chain
 from .crl import Clock, check_crl, load_crl
 from .pck import PckChain
-from ..strict import iso8601
 from .pki import fail, hex_bytes, require_p256, verify_raw_sig
 
 TCB_STATUSES = frozenset(

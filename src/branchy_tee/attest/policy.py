@@ -88,7 +88,8 @@ class Claims(EnclaveClaims):
     @classmethod
     def from_simulated(cls, doc) -> "Claims":
         """From a :class:`~branchy_tee.attest.providers.SimulatedDocument`."""
-        return cls(**_enclave_fields(doc), evidence_type=EvidenceType.SIMULATED, tee="simulated", signer_key=doc.public_key)
+        return cls(**_enclave_fields(doc), evidence_type=EvidenceType.SIMULATED, tee="simulated",
+                   signer_key=doc.public_key)
 
     def summary(self) -> dict[str, Any]:
         """For the audit log and error reports (no secrets in claims)."""

@@ -245,7 +245,8 @@ class KeyRelease:
             "identity": self.broker.hex(),
             "keys": {kid: base64.b64encode(sealed).decode() for kid, sealed in self.keys},
             "min_model_version": self.min_model_version,
-            "allowed_data_owners": None if self.allowed_data_owners is None else sorted(o.hex() for o in self.allowed_data_owners),
+            "allowed_data_owners": None if self.allowed_data_owners is None
+            else sorted(o.hex() for o in self.allowed_data_owners),
             "signature": signature.hex(),
         }
 
@@ -272,6 +273,7 @@ class KeyRelease:
                     raise MessageError("'allowed_data_owners' must be a list of identities")
                 owners = tuple(_hexfield({"o": o}, "o", IDENTITY_BYTES) for o in owners_doc)
         except (KeyError, TypeError, binascii.Error, ValueError) as e:
-            raise MessageError(f"malformed key release ({e if isinstance(e, MessageError) else 'a member is missing'})") from None
+            why = e if isinstance(e, MessageError) else "a member is missing"
+            raise MessageError(f"malformed key release ({why})") from None
         return cls(broker, nonce, public_key, tuple(sorted(keys)), version, owners), signature
 

@@ -310,4 +310,5 @@ def make_provider(name: EvidenceProvider | str, *, attestation_dir: str | os.Pat
         return GramineProvider(attestation_dir)
     if name == EvidenceProvider.SIMULATED:
         return SimulatedProvider(dev_key_dir)
-    raise BranchyError(f"unknown evidence provider {ascii(str(name))} (choose from {', '.join(EvidenceProvider.names())})")
+    names = ", ".join(EvidenceProvider.names())
+    raise BranchyError(f"unknown evidence provider {ascii(str(name))} (choose from {names})")

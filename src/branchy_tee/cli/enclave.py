@@ -38,7 +38,8 @@ def _add_build(esub) -> None:
     b.add_argument("--model-broker-identity", metavar="HEX",
                    help="its identity (measured; required with --model-broker): only releases it signed are accepted")
     b.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable; measured)")
-    b.add_argument("--attest", choices=EvidenceProvider.names(), default=EvidenceProvider.GRAMINE.value, help="evidence provider (default gramine: DCAP)")
+    b.add_argument("--attest", choices=EvidenceProvider.names(), default=EvidenceProvider.GRAMINE.value,
+                   help="evidence provider (default gramine: DCAP)")
     b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
     b.add_argument("--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8")
     b.add_argument("--allow-plaintext-result", action="store_true", help="let predict --plaintext-result work in the enclave")

@@ -116,7 +116,8 @@ def cmd_seal(args) -> int:
         emit_json(summary)
     else:
         sizes = ", ".join(f"{s / 2**20:.2f}" for s in summary["stages"])
-        print(f"sealed {header.arch} v{args.version} into {args.out} (bundle {header.bundle_id}, model key id {header.key_id}); "
+        print(f"sealed {header.arch} v{args.version} into {args.out} (bundle {header.bundle_id}, "
+              f"model key id {header.key_id}); "
               f"stage files (MiB): {sizes}")
     return 0
 

@@ -83,7 +83,8 @@ def tensor_to_inputs(t: torch.Tensor, pre: Preprocessing, where: str) -> torch.T
         if not torch.isfinite(x).all():
             raise BranchyError(f"{where}: tensor contains NaN or infinite values")
         return Normalize(pre)(x)
-    raise BranchyError(f"{where}: tensor dtype {str(t.dtype).replace('torch.', '')} is not supported (uint8 pixels or float 0..1)")
+    dtype = str(t.dtype).replace("torch.", "")
+    raise BranchyError(f"{where}: tensor dtype {dtype} is not supported (uint8 pixels or float 0..1)")
 
 
 def load_inputs(paths: list[str], pre: Preprocessing) -> torch.Tensor:

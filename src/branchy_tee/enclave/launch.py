@@ -24,7 +24,7 @@ from . import MANIFEST_NAME
 from .build import INSTALL_HINT, MANIFEST, SGX_MANIFEST, SIGSTRUCT, which
 from .config import ENTRIES, EnclaveConfig, load_config
 
-TOOLS = {LaunchBackend.SGX: "gramine-sgx", LaunchBackend.DIRECT: "gramine-direct"}
+TOOLS: dict[str, str] = {LaunchBackend.SGX: "gramine-sgx", LaunchBackend.DIRECT: "gramine-direct"}
 # predict's options that name files the enclave reads or writes.
 DATA_PATHS = ("input", "output", "plaintext_result", "mprofile", "stats_json")
 PATH_OPTIONS = {"bundle", "model_key", "data_key", "broker_ca", *DATA_PATHS}
@@ -155,7 +155,8 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
     needed = [SGX_MANIFEST, SIGSTRUCT] if backend == LaunchBackend.SGX else [MANIFEST]
     missing = [n for n in needed if not (d / n).is_file()]
     if missing:
-        how = f"`make SGX=1` in {d} (or `branchy-tee enclave build --sgx`)" if backend == LaunchBackend.SGX else f"`make` in {d}"
+        sgx = backend == LaunchBackend.SGX
+        how = f"`make SGX=1` in {d} (or `branchy-tee enclave build --sgx`)" if sgx else f"`make` in {d}"
         raise BranchyError(f"{', '.join(missing)} missing in {d}: run {how}")
     if backend == LaunchBackend.DIRECT and (d / MANIFEST).stat().st_mtime == 0:
         raise BranchyError(f"{d / MANIFEST} was rendered without Gramine (for inspection); run `make` in {d} first")

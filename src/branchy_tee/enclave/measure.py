@@ -38,7 +38,6 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from ..errors import BranchyError
@@ -78,7 +77,8 @@ def parse_size(text: str) -> int:
 
 def stand_in(header: BundleHeader, workdir: Path, samples: int) -> list[str]:
     """A bundle of the header's architecture with random weights, sealed the way ``seal`` seals a
-    trained model (with the header's model facts: everything the runtime's memory depends on), its keys, and one encrypted request of ``samples`` random inputs, in
+    trained model (with the header's model facts: everything the runtime's memory depends on), its
+    keys, and one encrypted request of ``samples`` random inputs, in
     ``workdir``. Returns predict's arguments for them (the hook: see the module docstring)."""
     import torch
 
@@ -107,7 +107,8 @@ def measurement_environment(loader_env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in loader_env.items() if k != "BRANCHY_TEE_ENCLAVE"}
 
 
-def _cache_key(header: BundleHeader, python: str, env_record: dict, loader_env: dict, batch_size: int, samples: int) -> str:
+def _cache_key(header: BundleHeader, python: str, env_record: dict, loader_env: dict, batch_size: int,
+               samples: int) -> str:
     what = {
         "runner": hashlib.sha256(RUNNER.read_bytes()).hexdigest(), "python": python, "env": env_record,
         "header": {**header.facts_json(), "chunk_size": header.chunk_size},

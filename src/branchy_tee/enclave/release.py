@@ -26,8 +26,8 @@ import os
 from pathlib import Path
 
 from .. import measured
-from ..choices import EvidenceProvider
 from ..attest.identity import identity_hex, parse_identity, sign, verify
+from ..choices import EvidenceProvider
 from ..errors import BranchyError, shown
 from ..fileio import atomic_write_text, read_regular_file
 from ..seal.bundle import canonical_json

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from ..runtime.criteria import Criterion, criterion as criterion_named
+from ..runtime.criteria import Criterion
+from ..runtime.criteria import criterion as criterion_named
 from .exits import collect_log_probs, costs_of, decide, exit_scores, run_setting, stage_graphs
 
 

@@ -20,14 +20,15 @@ from torch.utils.data import DataLoader
 from ..data import ImageDataset, load_dataset, train_val_split
 from ..data.transforms import eval_transform
 from ..errors import BranchyError
-from ..models.cost import early_exit_cost, exit_flops_from_parts
 from ..modelcard import ModelCard
+from ..models.cost import early_exit_cost, exit_flops_from_parts
 from ..runtime.criteria import ENTROPY, Criterion
 from ..runtime.engine import early_exit
 
 
 # --------------------------------------------------------------------------- data for a trained run
-def load_split(card: ModelCard, split: str, dataset: str | None = None, data_dir=None, download: bool = False) -> ImageDataset:
+def load_split(card: ModelCard, split: str, dataset: str | None = None, data_dir=None,
+               download: bool = False) -> ImageDataset:
     """The run's validation split ('val', carved from the training set exactly as in training)
     or the test split ('test'), preprocessed as the model expects; checks that it fits the model."""
     data = card.data
@@ -42,7 +43,8 @@ def load_split(card: ModelCard, split: str, dataset: str | None = None, data_dir
     if full.num_classes != card.num_classes:
         raise BranchyError(f"dataset {name} has {full.num_classes} classes; the model has {card.num_classes}")
     if shape != card.preprocessing.input_shape:
-        raise BranchyError(f"dataset {name} has {list(shape)} images; the model was trained on {list(card.preprocessing.input_shape)}")
+        trained = list(card.preprocessing.input_shape)
+        raise BranchyError(f"dataset {name} has {list(shape)} images; the model was trained on {trained}")
     transform = eval_transform(card.preprocessing)
     if split == "val":
         _, val_idx = train_val_split(len(full), data.val_fraction, seed=data.seed)
@@ -125,7 +127,8 @@ def summarize(exit_idx, preds, labels, costs: list[int]) -> dict:
 
 def run_setting(logits, labels, criterion: Criterion, thresholds, costs) -> dict:
     exit_idx, preds = decide(logits, criterion, thresholds)
-    return {"criterion": criterion.name, "thresholds": list(map(float, thresholds)), **summarize(exit_idx, preds, labels, costs)}
+    return {"criterion": criterion.name, "thresholds": list(map(float, thresholds)),
+            **summarize(exit_idx, preds, labels, costs)}
 
 
 def oracle(logits, labels, costs) -> dict:
@@ -160,7 +163,8 @@ def forced_thresholds(criterion: Criterion, num_exits: int, k: int) -> list[floa
     return [criterion.never] * k + [criterion.always] * (final - k)
 
 
-def exit_latency_ms(stages: list, input_shape, criterion: Criterion = ENTROPY, reps: int = 20, warmup: int = 3) -> list[float]:
+def exit_latency_ms(stages: list, input_shape, criterion: Criterion = ENTROPY, reps: int = 20,
+                    warmup: int = 3) -> list[float]:
     """Median batch-1 latency of a sample that leaves at each exit, through the engine and stage
     graphs as in the enclave (stages 0..k with their heads), in milliseconds."""
     x = np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)
@@ -203,7 +207,8 @@ def evaluate_run(run_dir: str | Path, dataset=None, data_dir=None, max_batches=N
         "exits": exits,
         "final_accuracy": exits[-1]["accuracy"],
         "full_flops": exit_f[-1],
-        "calibrated": {**run_setting(logits, labels, criterion, thresholds, cost), "calibrated": card.thresholds is not None},
+        "calibrated": {**run_setting(logits, labels, criterion, thresholds, cost),
+                       "calibrated": card.thresholds is not None},
         "oracle": oracle(logits, labels, cost),
         "sweep": sweep(logits, labels, criterion, cost),
     }

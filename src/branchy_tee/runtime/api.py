@@ -25,7 +25,8 @@ class ModelInfo:
 
     @classmethod
     def of(cls, header: BundleHeader) -> "ModelInfo":
-        return cls(header.arch, header.classes, header.preprocessing, header.criterion, header.num_stages, header.model_ref)
+        h = header
+        return cls(h.arch, h.classes, h.preprocessing, h.criterion, h.num_stages, h.model_ref)
 
     def to_json(self) -> dict[str, Any]:
         return {"arch": self.arch, "classes": list(self.classes), "preprocessing": self.preprocessing.to_json(),
@@ -35,7 +36,7 @@ class ModelInfo:
     def parse(cls, doc: object, where: str) -> "ModelInfo":
         f = Fields(doc, where, "the model description", BranchyError)
         info = cls(f.text("arch"), f.texts("classes"), f.nested("preprocessing", Preprocessing.parse),
-                   criterion(f.check("criterion", lambda v: v in NAMES, f"one of {', '.join(NAMES)}")),
+                   criterion(f.check("criterion", lambda v: v in NAMES, "one of " + ", ".join(NAMES))),
                    f.integer("num_exits", 2),
                    ModelRef(f.text("bundle_id"), f.integer("model_version", 1), f.text("model_key_id")))  # fmt: skip
         f.done()

@@ -52,12 +52,12 @@ class _Entropy(Criterion):
     always = 2.0  # normalised entropy is <= 1, with room for rounding
     never = -1.0  # and >= 0
 
-    def score(self, log_probs):
+    def score(self, log_probs: Any) -> Any:
         import numpy as np
 
         return (np.exp(log_probs) * log_probs).sum(axis=1) / -math.log(log_probs.shape[1])
 
-    def passes(self, scores, threshold: float):
+    def passes(self, scores: Any, threshold: float) -> Any:
         return scores <= threshold
 
 
@@ -66,12 +66,12 @@ class _MaxProb(Criterion):
     always = -1.0  # a probability is >= 0
     never = 2.0  # and <= 1
 
-    def score(self, log_probs):
+    def score(self, log_probs: Any) -> Any:
         import numpy as np
 
         return np.exp(log_probs.max(axis=1))
 
-    def passes(self, scores, threshold: float):
+    def passes(self, scores: Any, threshold: float) -> Any:
         return scores >= threshold
 
 

@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="sealed model bundle directory (model.btee)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any free port)")
     att = p.add_argument_group("the model key, by remote attestation")
-    att.add_argument("--attest", choices=EvidenceProvider.names(), help="evidence provider (inside an enclave: measured)")
+    att.add_argument("--attest", choices=EvidenceProvider.names(),
+                     help="evidence provider (inside an enclave: measured)")
     att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (inside an enclave: measured)")
     att.add_argument("--model-broker-identity", metavar="HEX", help="its identity (inside an enclave: measured)")
     att.add_argument("--broker-ca", metavar="PEM", help="CA certificate for a broker served over HTTPS")

@@ -113,10 +113,10 @@ def seal_graphs(graphs: list[bytes], facts: list[dict], card: ModelFacts, model_
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            stages.append(StageEntry(k, stage_file(k), len(plain), int(fact["weight_bytes"]), int(fact["activation_elems"]),
-                                     aead.sealed_size(len(plain), chunk_size)))  # fmt: skip
-        header = BundleHeader(bundle_id=bundle_id, model_version=version, key_id=key_id(model_key), chunk_size=chunk_size,
-                              stages=tuple(stages), **card.facts())  # fmt: skip
+            stages.append(StageEntry(k, stage_file(k), len(plain), int(fact["weight_bytes"]),
+                                     int(fact["activation_elems"]), aead.sealed_size(len(plain), chunk_size)))
+        header = BundleHeader(bundle_id=bundle_id, model_version=version, key_id=key_id(model_key),
+                              chunk_size=chunk_size, stages=tuple(stages), **card.facts())
         header.check(f"{out}/{HEADER_FILE}", BranchyError)
         header_doc = header.to_json()
         doc = {"header": header_doc, "mac": _header_mac(model_key, header_doc)}
@@ -212,8 +212,8 @@ def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0)
     sealed = doc["header"]  # untyped until authenticated
     where = _where(path)
     if sealed.get("key_id") != key_id(model_key):
-        raise IntegrityError(f"{where}: sealed for model key id {shown(sealed.get('key_id'), 40)}, but the key given has id "
-                             f"{key_id(model_key)}")  # fmt: skip
+        raise IntegrityError(f"{where}: sealed for model key id {shown(sealed.get('key_id'), 40)}, but the key given "
+                             f"has id {key_id(model_key)}")
     try:
         expected = _header_mac(model_key, sealed)
     except (ValueError, RecursionError) as e:  # e.g. NaN smuggled into the JSON
@@ -228,7 +228,9 @@ def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0)
     try:
         header = BundleHeader.parse(sealed, where)
     except IntegrityError as e:
-        raise IntegrityError(str(e).replace(f"{where}: ", f"{where}: authentic header with unusable fields: ", 1)) from None
+        detail = str(e).removeprefix(f"{where}: ")
+        raise IntegrityError(f"{where}: authentic header with unusable fields: {detail}") from None
     if header.model_version < min_version:
-        raise IntegrityError(f"{where}: model version {header.model_version} is older than the minimum {min_version} (rollback refused)")
+        raise IntegrityError(f"{where}: model version {header.model_version} is older than the minimum {min_version} "
+                             "(rollback refused)")
     return SealedBundle(path, header, model_key)

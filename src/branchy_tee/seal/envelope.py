@@ -129,7 +129,8 @@ class ResultHeader:
         f.text("format")
         h = cls(f.text("request_id", _is_request_id, "a request id"),
                 f.text("request_sha256", lambda v: DIGEST_RE.fullmatch(v) is not None, "a SHA-256 (64 lower-case hex)"),
-                ModelRef(f.text("bundle_id"), f.integer("model_version", 1), f.text("model_key_id", _is_key_id, "a key id")),
+                ModelRef(f.text("bundle_id"), f.integer("model_version", 1),
+                         f.text("model_key_id", _is_key_id, "a key id")),
                 f.integer("samples", 0), f.text("key_id", _is_key_id, "a key id"))  # fmt: skip
         f.done()
         return h
@@ -245,7 +246,8 @@ def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) ->
 
 
 # --------------------------------------------------------------------------- results
-def seal_result(records: list[dict], request: RequestHeader, request_sha256: str, model: ModelRef, data_key: bytes) -> bytes:
+def seal_result(records: list[dict], request: RequestHeader, request_sha256: str, model: ModelRef,
+                data_key: bytes) -> bytes:
     """The sealed answer to one request: bound to that request's exact bytes (``request_sha256``) and
     naming the model that answered."""
     header = ResultHeader(request.request_id, request_sha256, model, len(records), key_id(data_key))

@@ -91,7 +91,8 @@ class BundleHeader(ModelFacts):
         """IntegrityError (one line, naming ``where`` and the member) unless ``doc`` is a header."""
         f = Fields(doc, where, "the bundle header", IntegrityError)
         f.text("format", lambda v: v == BUNDLE_FORMAT, BUNDLE_FORMAT)
-        header = cls(bundle_id=f.text("bundle_id", lambda v: BUNDLE_ID_RE.fullmatch(v) is not None, "32 hex digits"), model_version=f.integer("model_version", 1),
+        header = cls(bundle_id=f.text("bundle_id", lambda v: BUNDLE_ID_RE.fullmatch(v) is not None, "32 hex digits"),
+                     model_version=f.integer("model_version", 1),
                      key_id=f.text("key_id", lambda v: KEY_ID_RE.fullmatch(v) is not None, "a key id (16 hex digits)"),
                      **cls.parse_facts(f), chunk_size=f.integer("chunk_size", 1),
                      stages=f.each("stages", StageEntry.parse))  # fmt: skip

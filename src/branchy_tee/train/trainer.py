@@ -353,8 +353,9 @@ def fit(cfg: TrainConfig) -> dict:
         if is_main:
             if improved:
                 write_weights(out / "model.safetensors", model)
-                write_model_card(out, card.replace(training={**(card.training or {}), "best_epoch": epoch + 1, "val_loss": best_loss,
-                                                             "val_exit_accuracy": va["exit_accuracy"]}))
+                training = {**(card.training or {}), "best_epoch": epoch + 1, "val_loss": best_loss,
+                            "val_exit_accuracy": va["exit_accuracy"]}
+                write_model_card(out, card.replace(training=training))
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, best_loss, best_epoch, bad_epochs, cfg)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -382,7 +383,8 @@ def fit(cfg: TrainConfig) -> dict:
 
         if world > 1:
             now = read_model_card(out)
-            write_model_card(out, now.replace(training={**(now.training or {}), "ddp_identical_weights": summary["ddp_identical_weights"]}))
+            same = summary["ddp_identical_weights"]
+            write_model_card(out, now.replace(training={**(now.training or {}), "ddp_identical_weights": same}))
         summary["calibration"] = calibrate_run(out, max_accuracy_drop=cfg.max_accuracy_drop, criterion=cfg.criterion,
                                                device=device, max_batches=cfg.max_batches, val_set=val_ds, show=show)
     if world > 1:
