@@ -114,3 +114,17 @@ def test_enum_values_are_their_strings():
     assert json.dumps({"attest": EvidenceProvider.SIMULATED}) == '{"attest": "simulated"}'
     assert f"{LaunchBackend.NATIVE}" == "native" and EvidenceProvider("gramine") is EvidenceProvider.GRAMINE
     assert LaunchBackend.names() == ("sgx", "direct", "native")
+
+
+def test_release_statement_round_trips_and_names_the_bad_member():
+    from branchy_tee.enclave.release import ReleaseStatement
+
+    doc = {"format": "branchy-tee/release/v1", "attest": "simulated", "mrenclave": "ab" * 32, "mrsigner": None,
+           "isv_prod_id": 0, "isv_svn": 1, "debug": False, "bundle_id": "cd" * 16, "model_version": 1,
+           "model_key_id": "ef" * 8, "min_model_version": 1, "model_broker": "http://127.0.0.1:8000",
+           "model_broker_identity": "5a" * 32, "manifest_sha256": None, "released_at": "2026-01-02T03:04:05Z",
+           "model_owner": "5a" * 32}  # fmt: skip
+    s = ReleaseStatement.parse(dict(doc), "release.json")
+    assert s.to_json() == doc and list(s.to_json()) == list(doc) and s.attest is EvidenceProvider.SIMULATED
+    with pytest.raises(BranchyError, match="release.json: field 'isv_svn' must be a 16-bit number"):
+        ReleaseStatement.parse({**doc, "isv_svn": 1 << 16}, "release.json")

@@ -31,9 +31,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .choices import EvidenceProvider, LaunchBackend
 from .errors import BranchyError
+
+if TYPE_CHECKING:
+    from .enclave.release import ReleaseStatement
 
 DEMO_MODEL = {"net": "mobilenetv1", "model_config": {"width_mult": 0.25}, "epochs": 2, "lr": 3e-3, "batch_size": 128}
 QUICK_MODEL = {"net": "lenet5", "model_config": {}, "epochs": 1, "lr": 3e-3, "batch_size": 50}
@@ -128,10 +132,11 @@ class Demo:
             say(f"    {who}: identity {self.ids[who][1]} ({who}/identity.pem)")
         self.mo_port = _free_port()
         self.release = self._build_and_release("enclave", serve=False)
-        self.summary["release"] = {k: self.release[k] for k in ("mrenclave", "bundle_id", "model_version", "model_owner",
-                                                                  "model_broker_identity")}  # fmt: skip
+        r = self.release
+        self.summary["release"] = {"mrenclave": r.mrenclave, "bundle_id": r.bundle_id, "model_version": r.model_version,
+                                   "model_owner": r.model_owner, "model_broker_identity": r.model_broker_identity}
 
-    def _build_and_release(self, name: str, serve: bool, enclave_size: str | None = None) -> dict:
+    def _build_and_release(self, name: str, serve: bool, enclave_size: str | None = None) -> ReleaseStatement:
         """Host: build; model owner: sign the release; owners: policies from it (policy files per build)."""
         from .enclave.build import BuildOptions, build
         from .enclave.release import write_policy_from_release, write_release
@@ -145,8 +150,8 @@ class Demo:
         say(f"    host: built {name}/ ({'serve' if serve else 'predict'}) for bundle {built['bundle_id'][:12]}...; measured: "
             f"model broker {mo_url} and its identity, the bundle, minimum model version {built['min_model_version']}; "
             f"sgx.enclave_size {built['enclave_size']}")
-        release = write_release(self.d / name, self.ids["mo"][0], self.d / "mo" / f"release-{name}.json", self.mo_key)
-        say(f"    model owner: reproduces the build, signs mo/release-{name}.json (MRENCLAVE {release['mrenclave'][:16]}..., "
+        release, _ = write_release(self.d / name, self.ids["mo"][0], self.d / "mo" / f"release-{name}.json", self.mo_key)
+        say(f"    model owner: reproduces the build, signs mo/release-{name}.json (MRENCLAVE {release.mrenclave[:16]}..., "
             "simulated)")
         mo_id = self.ids["mo"][1]
         write_policy_from_release(self.d / "mo" / f"release-{name}.json", mo_id, self.d / "mo" / f"policy-{name}.toml",
@@ -243,7 +248,7 @@ class Demo:
             header, records = open_result((self.d / "io" / f"{who}-result.enc").read_bytes(), self.keys[who],
                                           f"{who}-result.enc", mine)  # fmt: skip
             model = header.model
-            if model.bundle_id != self.release["bundle_id"]:
+            if model.bundle_id != self.release.bundle_id:
                 raise BranchyError(f"{who}: the result names bundle {model.bundle_id}, not the released one")
             acc = float((torch.tensor([r["label"] for r in records]) == self.truth[who]).float().mean())
             lines = ["index\tlabel\tclass_name\tconfidence\texit"]

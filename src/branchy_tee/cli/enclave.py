@@ -216,18 +216,16 @@ def cmd_enclave_run(args) -> int:
 def cmd_enclave_release(args) -> int:
     from ..attest.identity import load_identity
     from ..enclave.release import write_release
-
     from ..fileio import read_key_file
 
-    statement = write_release(args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key),
-                              args.model_broker_identity)  # fmt: skip
+    s, signature = write_release(args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key),
+                                 args.model_broker_identity)  # fmt: skip
     if args.json:
-        emit_json(statement)
+        emit_json(s.signed_json(signature))
         return 0
-    print(f"wrote {args.out}: release statement signed by {statement['model_owner']}")
-    print(f"  MRENCLAVE {statement['mrenclave']} ({statement['attest']})")
-    print(f"  bundle {statement['bundle_id']} (model version {statement['model_version']}), model broker identity "
-          f"{statement['model_broker_identity']}")
+    print(f"wrote {args.out}: release statement signed by {s.model_owner}")
+    print(f"  MRENCLAVE {s.mrenclave} ({s.attest})")
+    print(f"  bundle {s.bundle_id} (model version {s.model_version}), model broker identity {s.model_broker_identity}")
     return 0
 
 
@@ -239,10 +237,10 @@ def cmd_enclave_policy(args) -> int:
                                           collateral=args.collateral, allowed_data_owners=args.allowed_data_owner,
                                           allow_simulated=args.allow_simulated)  # fmt: skip
     if args.json:
-        emit_json({"policy": args.out, "release": statement})
+        emit_json({"policy": args.out, "release": statement.to_json()})
         return 0
     print(f"release statement verified (signed by the model owner {args.model_owner})")
-    print(f"wrote {args.out}: releases keys only to MRENCLAVE {statement['mrenclave']} "
-          f"(bundle {statement['bundle_id']}, model version >= {statement['min_model_version']})")
+    print(f"wrote {args.out}: releases keys only to MRENCLAVE {statement.mrenclave} "
+          f"(bundle {statement.bundle_id}, model version >= {statement.min_model_version})")
     return 0
 
