@@ -43,19 +43,22 @@ def sealed(tmp_path_factory):
     The run directory is written directly (random weights) instead of by a training run: packaging
     does not care what the weights are, and this keeps the file well under its time budget."""
     from branchy_tee.cli import main
+    from branchy_tee.modelcard import ModelCard
     from branchy_tee.models import create_model
-    from branchy_tee.rundir import write_model_json, write_weights
+    from branchy_tee.preprocessing import Preprocessing
+    from branchy_tee.rundir import write_model_card, write_weights
+    from branchy_tee.runtime.criteria import ENTROPY
 
     base = tmp_path_factory.mktemp("sealed")
     model = create_model("lenet5", num_classes=10, in_channels=1).eval()
     (base / "run").mkdir()
     write_weights(base / "run" / "model.safetensors", model)
-    write_model_json(base / "run", {
-        "arch": "lenet5", "config": {"num_classes": 10, "in_channels": 1}, "classes": [f"class-{i}" for i in range(10)],
-        "dataset": "synthetic", "preprocessing": {"input_shape": [1, 28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.3]},
-        "criterion": "entropy", "thresholds": [0.5, 0.5], "stage_flops": [235200, 480000, 96000],
-        "head_flops": [16384, 26624, 21840],
-    })  # fmt: skip
+    write_model_card(base / "run", ModelCard(
+        arch="lenet5", config={"num_classes": 10, "in_channels": 1}, classes=tuple(f"class-{i}" for i in range(10)),
+        dataset="synthetic", preprocessing=Preprocessing.for_images((1, 28, 28), [0.5], [0.3]),
+        criterion=ENTROPY, thresholds=(0.5, 0.5), stage_flops=(235200, 480000, 96000),
+        head_flops=(16384, 26624, 21840),
+    ))  # fmt: skip
     (base / "keys").mkdir()
     assert main(["keygen", "--out", str(base / "keys" / "model.key")]) == 0
     assert main(["keygen", "--out", str(base / "keys" / "data.key")]) == 0

@@ -23,7 +23,7 @@ from branchy_tee.attest.client import AttestedKeys
 from branchy_tee.attest.identity import create_identity, identity_hex
 from branchy_tee.attest.policy import load_policy
 from branchy_tee.attest.identity import verify as verify_signature
-from branchy_tee.attest.protocol import RELEASE_PURPOSE, SUITE, key_info, parse_release, release_message, report_data, unpack_key
+from branchy_tee.attest.protocol import RELEASE_PURPOSE, SUITE, KeyRelease, key_info, report_data, unpack_key
 from branchy_tee.attest.providers import GramineProvider, SimulatedProvider
 from branchy_tee.cli import main
 from branchy_tee.errors import AttestationError, BranchyError
@@ -120,8 +120,8 @@ def test_health_nonce_and_grant(tmp_path, sim, keys):
         assert st == 200 and out["min_model_version"] == 4 and set(out["keys"]) == {key_id(keys[0]), key_id(keys[1])}
         assert out["identity"] == identity_hex(me) and out["allowed_data_owners"] == [identity_hex(me)]
         nonce = bytes.fromhex(body["nonce"])
-        release, signature = parse_release(out, nonce, pk)
-        assert verify_signature(me.public_key().public_bytes_raw(), RELEASE_PURPOSE, release_message(release), signature)
+        release, signature = KeyRelease.parse(out, nonce, pk)
+        assert verify_signature(me.public_key().public_bytes_raw(), RELEASE_PURPOSE, release.message(), signature)
         for k in keys[:2]:
             ct = base64.b64decode(out["keys"][key_id(k)])
             assert unpack_key(SUITE.decrypt(ct, sk, info=key_info(key_id(k), nonce))) == (k, 4)

@@ -4,7 +4,7 @@ from pathlib import Path
 from branchy_tee.cli import main
 from branchy_tee.data import load_dataset
 from branchy_tee.data.preprocess import tensor_to_inputs
-from branchy_tee.rundir import read_model_json
+from branchy_tee.rundir import read_model_card
 from runs import reference_decisions
 
 
@@ -16,10 +16,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "SIMULATED" in printed
     # The data owners' decrypted answers are exactly the early-exit decisions eval computes from the
     # run's stage graphs (what was sealed is what was evaluated).
-    meta = read_model_json(out / "mo" / "run")
-    test = load_dataset("synthetic", "test", synthetic=meta["data"]["synthetic"])
-    x = tensor_to_inputs(test.images[:64], meta["preprocessing"], "test")
-    labels, exits = reference_decisions(out / "mo" / "run", x, meta["criterion"], meta["thresholds"])
+    card = read_model_card(out / "mo" / "run")
+    test = load_dataset("synthetic", "test", synthetic=card.data.synthetic)
+    x = tensor_to_inputs(test.images[:64], card.preprocessing, "test")
+    labels, exits = reference_decisions(out / "mo" / "run", x, card.criterion, card.thresholds)
     records = []
     for who in ("do-a", "do-b"):
         text = (out / who / "result.txt").read_text().splitlines()[1:]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from branchy_tee.evaluate.exits import stage_graphs
+from branchy_tee.runtime.criteria import ENTROPY
 from branchy_tee.runtime.engine import early_exit
 from runs import graph_log_probs, make_random_run, reference_decisions, spreading_thresholds
 
@@ -44,7 +45,7 @@ def recording(stages, log):
 @pytest.mark.parametrize("batch_size", [1, 4, 16, 90, 256])
 def test_answers_do_not_depend_on_the_batch_size(setting, batch_size):
     model, stages, x, thresholds, labels, exits, confidences = setting
-    ans = early_exit(recording(stages, []), model.num_exits, x, "entropy", thresholds, batch_size)
+    ans = early_exit(recording(stages, []), model.num_exits, x, ENTROPY, thresholds, batch_size)
     assert ans.labels.tolist() == labels.tolist()
     assert ans.exits.tolist() == exits.tolist()
     assert ans.exit_counts(model.num_exits) == torch.bincount(exits, minlength=model.num_exits).tolist()
@@ -54,7 +55,7 @@ def test_answers_do_not_depend_on_the_batch_size(setting, batch_size):
 def test_later_stages_run_on_full_batches(setting):
     model, stages, x, thresholds, _, exits, _ = setting
     log = []
-    early_exit(recording(stages, log), model.num_exits, x, "entropy", thresholds, batch_size=8)
+    early_exit(recording(stages, log), model.num_exits, x, ENTROPY, thresholds, batch_size=8)
     for k in range(1, model.num_exits):
         sizes = [n for j, n in log if j == k]
         reaching = int((exits >= k).sum())
@@ -72,11 +73,11 @@ def test_a_stage_is_not_fetched_when_nobody_reaches_it(setting):
         fetched.append(k)
         return stages[k]
 
-    ans = early_exit(get_stage, model.num_exits, x, "entropy", [2.0] * (model.num_exits - 1), batch_size=16)
+    ans = early_exit(get_stage, model.num_exits, x, ENTROPY, [2.0] * (model.num_exits - 1), batch_size=16)
     assert set(fetched) == {0} and ans.exits.tolist() == [0] * len(x)
 
 
 def test_no_samples_no_work(setting):
     model, stages, x, thresholds, *_ = setting
-    ans = early_exit(recording(stages, log := []), model.num_exits, x[:0], "entropy", thresholds, batch_size=8)
+    ans = early_exit(recording(stages, log := []), model.num_exits, x[:0], ENTROPY, thresholds, batch_size=8)
     assert len(ans.labels) == len(ans.exits) == len(ans.confidences) == 0 and log == []

@@ -7,7 +7,8 @@ from PIL import Image
 from branchy_tee.cli import main
 from branchy_tee.evaluate.calibrate import calibrate, calibrate_run
 from branchy_tee.evaluate.exits import collect_log_probs, decide, exit_scores, load_split, oracle, stage_graphs
-from branchy_tee.rundir import read_model_json
+from branchy_tee.rundir import read_model_card
+from branchy_tee.runtime.criteria import ENTROPY
 from branchy_tee.train.trainer import TrainConfig, fit
 
 
@@ -45,9 +46,9 @@ def test_decide_matches_a_per_sample_loop():
     torch.manual_seed(1)
     logits = [torch.log_softmax(torch.randn(200, 10) * s, dim=1) for s in (1.0, 2.0, 3.0, 4.0)]
     thresholds = [0.6, 0.7, 0.8]
-    exit_idx, preds = decide(logits, "entropy", thresholds)
+    exit_idx, preds = decide(logits, ENTROPY, thresholds)
     for i in range(200):
-        k = next((k for k in range(3) if exit_scores(logits[k][i : i + 1], "entropy")[0] <= thresholds[k]), 3)
+        k = next((k for k in range(3) if exit_scores(logits[k][i : i + 1], ENTROPY)[0] <= thresholds[k]), 3)
         assert exit_idx[i] == k and preds[i] == logits[k][i].argmax()
 
 
@@ -61,8 +62,8 @@ def test_oracle_takes_the_cheapest_correct_exit():
 
 @pytest.mark.parametrize("criterion", ["entropy", "maxprob"])
 def test_calibration_meets_budget_and_is_the_cheapest_such_setting(run_dir, criterion):
-    meta = read_model_json(run_dir)
-    logits, labels = collect_log_probs(stage_graphs(run_dir, show=False), load_split(meta, "val"), show=False)
+    card = read_model_card(run_dir)
+    logits, labels = collect_log_probs(stage_graphs(run_dir, show=False), load_split(card, "val"), show=False)
     costs = [3, 5, 6]
     for drop in (0.0, 0.01, 0.05):
         r = calibrate(logits, labels, costs, criterion, drop, margin_se=0.0)

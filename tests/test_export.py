@@ -17,7 +17,7 @@ import torch
 from branchy_tee.cli import main
 from branchy_tee.fileio import read_key_file
 from branchy_tee.models import list_models
-from branchy_tee.runtime.criteria import never_exit_threshold
+from branchy_tee.runtime.criteria import ENTROPY
 from branchy_tee.runtime.engine import early_exit
 from branchy_tee.runtime.stages import StageStore
 from branchy_tee.seal.bundle import open_bundle
@@ -61,9 +61,9 @@ def test_sealed_stage_graphs_give_the_pytorch_models_outputs(tmp_path, name):
     def observe(k, pos, log_probs):
         got[k][pos] = log_probs
 
-    never = [never_exit_threshold("entropy")] * (model.num_exits - 1)
+    never = [ENTROPY.never] * (model.num_exits - 1)
     # batches of 2: full batches and a part batch of 1, through the dynamic batch dimension
-    early_exit(store.get, model.num_exits, x.numpy(), "entropy", never, batch_size=2, observe=observe)
+    early_exit(store.get, model.num_exits, x.numpy(), ENTROPY, never, batch_size=2, observe=observe)
     assert store.loaded_ever == list(range(model.num_exits))
     for k in range(model.num_exits):
         assert np.allclose(got[k], expected[k], rtol=1e-4, atol=1e-4), (k, float(np.abs(got[k] - expected[k]).max()))

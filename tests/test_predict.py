@@ -10,9 +10,8 @@ from safetensors.torch import save_file
 
 from branchy_tee.cli import main
 from branchy_tee.fileio import read_key_file
-from branchy_tee.rundir import update_model_json
 from branchy_tee.seal.envelope import open_result, request_digest
-from runs import keygen, make_random_run, reference_decisions, spreading_thresholds
+from runs import keygen, make_random_run, reference_decisions, set_thresholds, spreading_thresholds
 
 ARCHS = [
     ("lenet5", 1, 28, {}),
@@ -30,7 +29,7 @@ def setup_bundle(tmp, arch, channels, size, config, n=40, criterion="entropy", t
     if thresholds == "spread":
         thresholds = spreading_thresholds(tmp / "run", xn, criterion)
     if thresholds is not None:
-        update_model_json(tmp / "run", thresholds=thresholds)
+        set_thresholds(tmp / "run", thresholds)
     mo, do = keygen(tmp / "mo.key"), keygen(tmp / "do.key")
     args = ["seal", str(tmp / "run"), "--key", str(mo), "--out", str(tmp / "m.btee"), "--version", str(version)]
     assert main(args + (["--chunk-size", str(chunk)] if chunk else [])) == 0

@@ -72,7 +72,7 @@ def test_release_statement_names_what_its_measurement_pins(world, tmp_path, capf
     doctored = tmp_path / "enclave"
     _doctored_copy(world, doctored, **{
         measured.MODEL_BROKER: f"http://127.0.0.1:{port}", measured.MODEL_BROKER_IDENTITY: world.ids["host"],
-        measured.BUNDLE_ID: header["bundle_id"], measured.MODEL_KEY_ID: header["key_id"]})  # fmt: skip
+        measured.BUNDLE_ID: header.bundle_id, measured.MODEL_KEY_ID: header.key_id})  # fmt: skip
 
     release = tmp_path / "release.json"
     if _cli("enclave", "release", doctored, "--identity", world.path("mo.id"), "--model-key", world.path("mo.key"),
@@ -93,7 +93,7 @@ def test_release_statement_names_what_its_measurement_pins(world, tmp_path, capf
         granted = do1.broker.granted
     assert (rc, granted) == (1, 0) and nothing_written(out), (
         "the data owner's broker released its key to an enclave that trusts the host's model broker and serves the "
-        f"host's bundle {header['bundle_id']}, because the model owner signed a statement naming bundle "
+        f"host's bundle {header.bundle_id}, because the model owner signed a statement naming bundle "
         f"{statement['bundle_id']} and broker identity {statement['model_broker_identity']} over that enclave's "
         f"measurement {statement['mrenclave']}")
 

@@ -11,6 +11,7 @@ from branchy_tee.fileio import read_key_file, write_key_file
 from branchy_tee.seal import aead
 from branchy_tee.seal.bundle import open_bundle, seal_model
 from branchy_tee.seal.envelope import open_request, open_result, request_digest, seal_request, seal_result
+from branchy_tee.seal.header import ModelRef
 from branchy_tee.seal.keys import derive, generate_key, key_id
 
 from runs import make_random_run
@@ -108,15 +109,15 @@ def test_bundle_round_trip_and_header_binding(tmp_path):
 
     make_random_run(tmp_path / "run", "lenet5")
     header = seal_run(tmp_path / "run", KEY, tmp_path / "m.btee", version=3, chunk_size=4096)
-    assert header["model_version"] == 3 and header["key_id"] == key_id(KEY)
+    assert header.model_version == 3 and header.key_id == key_id(KEY)
     b = open_bundle(tmp_path / "m.btee", KEY, min_version=3)
     # What is sealed is the run's exported stage graphs, byte for byte.
     export = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
     for k in range(b.num_stages):
         graph = (tmp_path / "run" / "onnx" / f"stage-{k:02d}.onnx").read_bytes()
         assert bytes(b.decrypt_stage(k)) == graph
-        assert header["stages"][k]["plaintext_size"] == len(graph)
-        assert header["stages"][k]["weight_bytes"] == export["stages"][k]["weight_bytes"] > 0
+        assert header.stages[k].plaintext_size == len(graph)
+        assert header.stages[k].weight_bytes == export["stages"][k]["weight_bytes"] > 0
     with pytest.raises(IntegrityError, match="older than the minimum 4"):
         open_bundle(tmp_path / "m.btee", KEY, min_version=4)
     with pytest.raises(IntegrityError, match="model key id"):
@@ -131,7 +132,7 @@ def test_requests_and_results_are_bound_to_key_and_request():
     x = np.random.default_rng(0).standard_normal((3, 1, 28, 28), dtype=np.float32)
     blob = seal_request(x, do1, "req-1")
     header, got = open_request(blob, {key_id(do1): do1}, [1, 28, 28], "r")
-    assert header["request_id"] == "req-1" and isinstance(got, np.ndarray) and np.array_equal(got, x)
+    assert header.request_id == "req-1" and isinstance(got, np.ndarray) and np.array_equal(got, x)
     assert np.array_equal(open_request(seal_request(torch.from_numpy(x), do1), {key_id(do1): do1}, [1, 28, 28], "r")[1], x)
     with pytest.raises(IntegrityError, match="no key for"):
         open_request(blob, {key_id(do2): do2}, [1, 28, 28], "r")
@@ -140,10 +141,10 @@ def test_requests_and_results_are_bound_to_key_and_request():
     with pytest.raises(IntegrityError, match="failed authentication"):
         open_request(forged, {key_id(do2): do2}, [1, 28, 28], "r")
     records = [{"index": 0, "label": 1, "class_name": "c1", "confidence": 0.5, "exit": 0}]
-    model = {"bundle_id": "ab" * 16, "model_version": 3, "model_key_id": "cd" * 8}
+    model = ModelRef("ab" * 16, 3, "cd" * 8)
     res = seal_result(records, header, request_digest(blob), model, do1)
     got_header, got = open_result(res, do1, "res", request_digest(blob))
-    assert got == records and {k: got_header[k] for k in model} == model
+    assert got == records and got_header.model == model
     # A new request that reuses the request id: the old result is a replay, refused.
     again = seal_request(x, do1, "req-1")
     with pytest.raises(IntegrityError, match="answers another request .* a replayed or misdirected result"):
@@ -214,7 +215,7 @@ def test_header_json_that_is_not_a_small_regular_file_is_never_read(bundle, tmp_
         read_header_unverified(path)
     header.unlink()
     header.write_bytes(good)
-    assert open_bundle(path, key).header["arch"] == "lenet5"
+    assert open_bundle(path, key).header.arch == "lenet5"
 
 
 def test_header_json_must_have_exactly_the_sealed_members_in_order(bundle):

@@ -23,9 +23,8 @@ from branchy_tee.cli import main
 from branchy_tee.client import Client
 from branchy_tee.errors import AttestationError, BranchyError
 from branchy_tee.parsing import ArgumentParser
-from branchy_tee.rundir import update_model_json
 from branchy_tee.runtime import server as srv
-from runs import keygen, make_random_run, reference_decisions, spreading_thresholds
+from runs import keygen, make_random_run, reference_decisions, set_thresholds, spreading_thresholds
 
 PARTIES = ("mo", "do1", "do2", "stranger")
 
@@ -40,7 +39,7 @@ def world(tmp_path_factory):
         x = torch.rand(48, 1, 28, 28)
         xn = (x - 0.5) / 0.25
         thresholds = spreading_thresholds(d / "run", xn)
-        update_model_json(d / "run", thresholds=thresholds)
+        set_thresholds(d / "run", thresholds)
         keygen(d / "mo.key")
         ids = {p: identity_hex(create_identity(d / f"{p}.id")) for p in PARTIES}
         assert main(["seal", str(d / "run"), "--key", str(d / "mo.key"), "--out", str(d / "model.btee")]) == 0
@@ -99,7 +98,7 @@ def check_answers(world, results, lo=0):
 def test_client_verifies_the_server_then_gets_predicts_answers(world):
     with Served(world) as s, s.client() as c:
         info = c.model_info()
-        assert info["arch"] == "lenet5" and info["bundle_id"] == json.loads(
+        assert info.arch == "lenet5" and info.model.bundle_id == json.loads(
             (world["d"] / "model.btee" / "header.json").read_text())["header"]["bundle_id"]
         results = c.predict(world["x"])
         check_answers(world, results)

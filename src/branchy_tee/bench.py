@@ -78,14 +78,16 @@ def ensure_bench_model(cache_dir: Path, quick: bool) -> Path:
     dataset = "fashion-mnist" if fashion_mnist_available() and not quick else "synthetic"
     tag = "-".join([spec["net"], *(f"{k}{v}" for k, v in spec["model_config"].items()), dataset, f"e{spec['epochs']}"])
     run = cache_dir / tag
-    if (run / "model.json").is_file() and json.loads((run / "model.json").read_text()).get("thresholds"):
+    from .rundir import MODEL_CARD, read_model_card
+
+    if (run / MODEL_CARD).is_file() and read_model_card(run).thresholds:
         from .evaluate.calibrate import calibrate_run
         from .export.onnx import read_export
 
         if read_export(run) is None:  # cached by a version that calibrated PyTorch's outputs, not the graphs'
             _log(f"exporting the cached benchmark model {run} and calibrating it on its stage graphs")
-            meta = json.loads((run / "model.json").read_text())
-            calibrate_run(run, max_accuracy_drop=meta.get("calibration", {}).get("max_accuracy_drop", 0.01), show=False)
+            calibration = read_model_card(run).calibration
+            calibrate_run(run, max_accuracy_drop=calibration.max_accuracy_drop if calibration else 0.01, show=False)
         _log(f"reusing the cached benchmark model {run}")
         return run
     if dataset == "synthetic" and not quick:
@@ -138,15 +140,15 @@ def bench_early_exit(run_dir: Path, quick: bool, samples: int | None = None, dat
     from .runtime.engine import early_exit
     from .runtime.graphs import INPUT
 
-    model, meta = load_run(run_dir)
+    model, card = load_run(run_dir)
     stages = stage_graphs(run_dir, show=False)
     num_exits, get = len(stages), stages.__getitem__
-    test = load_split(meta, "test", data_dir=data_dir)
+    test = load_split(card, "test", data_dir=data_dir)
     n_acc = min(samples or (200 if quick else len(test)), len(test))
     x = torch.stack([test[i][0] for i in range(n_acc)]).numpy()
     y = np.array([test[i][1] for i in range(n_acc)])
-    criterion, thresholds = meta["criterion"], meta["thresholds"]
-    ours, default = _onnxruntime_sessions(model, meta["preprocessing"]["input_shape"])
+    criterion, thresholds = card.criterion, card.exit_thresholds()
+    ours, default = _onnxruntime_sessions(model, card.preprocessing.input_shape)
     del model
 
     def full_model(session):
@@ -230,7 +232,7 @@ def bench_early_exit(run_dir: Path, quick: bool, samples: int | None = None, dat
     # What the engine adds per stage at batch 1 (deciding, queueing, answering) over calling the graphs alone.
     overhead = [(per_exit[k] - reach[k]) / (k + 1) for k in range(num_exits)]
     return {
-        "model": f"{meta['arch']} {meta['config']} trained on {meta['dataset']} ({run_dir})",
+        "model": f"{card.arch} {card.config} trained on {card.dataset} ({run_dir})",
         "runtime": f"onnxruntime {ort.__version__}, {ENGINE_THREADS} intra-op thread per stage session (the enclave's session options)",
         "test_samples": len(x),
         "accuracy_full": acc_full,
@@ -311,19 +313,24 @@ def bench_exit_profile(quick: bool) -> list[dict]:
 def _random_bundle(work: Path, arch: str, config: dict, thresholds_for: dict[str, list[float]]) -> dict[str, Path]:
     """Export one random-weight model once and seal its stage graphs several times, once per threshold
     setting; also write the full model as a plain ONNX file (``plain.onnx``, for the cold start)."""
+    import dataclasses
+
     from .export.onnx import export_full_model, export_stages
     from .fileio import write_key_file
+    from .modelcard import ModelFacts
     from .models import create_model
     from .models.cost import arch_part_flops
+    from .preprocessing import Preprocessing
+    from .runtime.criteria import ENTROPY
     from .seal.bundle import seal_graphs
     from .seal.keys import generate_key
 
     torch.manual_seed(0)
     model = create_model(arch, **config).eval()
     stage_flops, head_flops = arch_part_flops(arch, model.config, (3, 32, 32))
-    meta = {"arch": arch, "config": model.config, "classes": [str(i) for i in range(10)],
-            "preprocessing": {"input_shape": [3, 32, 32], "scale": 1 / 255, "mean": [0.5] * 3, "std": [0.25] * 3},
-            "criterion": "entropy", "stage_flops": stage_flops, "head_flops": head_flops}  # fmt: skip
+    card = ModelFacts(arch=arch, config=model.config, classes=tuple(str(i) for i in range(10)),
+                      preprocessing=Preprocessing.for_images((3, 32, 32), [0.5] * 3, [0.25] * 3), criterion=ENTROPY,
+                      thresholds=None, stage_flops=tuple(stage_flops), head_flops=tuple(head_flops))  # fmt: skip
     key = generate_key()
     write_key_file(work / "model.key", key)
     _log(f"exporting {arch} to ONNX stage graphs")
@@ -331,7 +338,7 @@ def _random_bundle(work: Path, arch: str, config: dict, thresholds_for: dict[str
     bundles = {}
     for name, thresholds in thresholds_for.items():
         bundles[name] = work / f"{name}.btee"
-        seal_graphs(graphs, facts, {**meta, "thresholds": thresholds}, key, bundles[name])
+        seal_graphs(graphs, facts, dataclasses.replace(card, thresholds=tuple(thresholds)), key, bundles[name])
     (work / "plain.onnx").write_bytes(export_full_model(model, (3, 32, 32)))
     return bundles
 
@@ -349,7 +356,7 @@ def _predict_subprocess(work: Path, bundle: Path, name: str, batch_size: int, re
 
 def bench_sealed(work: Path, quick: bool) -> dict:
     from .fileio import read_key_file, write_key_file
-    from .runtime.criteria import never_exit_threshold
+    from .runtime.criteria import ENTROPY
     from .runtime.engine import early_exit
     from .runtime.graphs import INPUT, PROVIDERS, session_options
     from .runtime.stages import StageStore
@@ -360,7 +367,7 @@ def bench_sealed(work: Path, quick: bool) -> dict:
     import onnxruntime as ort
 
     arch, config = ("resnet18", {"width": 16}) if quick else ("resnet152", {})
-    never = never_exit_threshold("entropy")
+    never = ENTROPY.never
     # "staged": everything leaves by exit 1 (exit 1 takes all: normalised entropy <= 1 always holds).
     bundles = _random_bundle(work, arch, config, {"staged": [never, 1.0, never], "full": [never] * 3})
     data_key = generate_key()
@@ -386,8 +393,8 @@ def bench_sealed(work: Path, quick: bool) -> dict:
     _log("AES-256-GCM decrypt+verify throughput")
     model_key = read_key_file(work / "model.key")
     bundle = open_bundle(bundles["full"], model_key)
-    big = max(range(bundle.num_stages), key=lambda k: bundle.header["stages"][k]["plaintext_size"])
-    size = bundle.header["stages"][big]["plaintext_size"]
+    big = max(range(bundle.num_stages), key=lambda k: bundle.header.stages[k].plaintext_size)
+    size = bundle.header.stages[big].plaintext_size
     warm = bytearray(size)
     reps = 3 if quick else 5
     warm_t, fresh_t = [], []
@@ -400,7 +407,7 @@ def bench_sealed(work: Path, quick: bool) -> dict:
         fresh_t.append(t[1])
         del buf
     aead_result = {"decrypt_gbps": size / min(warm_t) / 1e9, "stage_load_gbps": size / min(fresh_t) / 1e9,
-                   "stage_mib": size / 2**20, "chunk_mib": bundle.header["chunk_size"] / 2**20}  # fmt: skip
+                   "stage_mib": size / 2**20, "chunk_mib": bundle.header.chunk_size / 2**20}  # fmt: skip
 
     # Cold start to the first prediction through the whole model: the sealed bundle (verify the
     # header, decrypt every stage, build its session, run one sample through every stage) against
@@ -411,7 +418,7 @@ def bench_sealed(work: Path, quick: bool) -> dict:
     def sealed_start():
         b = open_bundle(bundles["full"], model_key)
         store = StageStore(b)
-        early_exit(store.get, b.num_stages, x1, "entropy", [never] * (b.num_stages - 1))
+        early_exit(store.get, b.num_stages, x1, ENTROPY, [never] * (b.num_stages - 1))
 
     def plain_start():
         session = ort.InferenceSession(str(work / "plain.onnx"), session_options(), providers=PROVIDERS)
@@ -420,7 +427,7 @@ def bench_sealed(work: Path, quick: bool) -> dict:
     def staged_start():  # the sample leaves by exit 1: stages 0 and 1 are all that is decrypted and built
         b = open_bundle(bundles["staged"], model_key)
         store = StageStore(b)
-        early_exit(store.get, b.num_stages, x1, "entropy", b.header["thresholds"])
+        early_exit(store.get, b.num_stages, x1, b.header.criterion, b.header.exit_thresholds())
 
     sealed_t, plain_t, staged_t = [], [], []
     for _ in range(2 if quick else 5):
@@ -480,17 +487,17 @@ def bench_enclave(run_dir: Path, work: Path, quick: bool, data_dir=None) -> dict
     256 test images at batch 64 (early exit, and the full model), and what it imported."""
     from .evaluate.exits import load_split
     from .fileio import write_key_file
-    from .rundir import read_model_json
-    from .seal.bundle import seal_run
+    from .rundir import read_model_card
+    from .seal.bundle import read_header_unverified, seal_run
     from .seal.envelope import seal_request
     from .seal.keys import generate_key
 
-    meta = read_model_json(run_dir)
+    card = read_model_card(run_dir)
     key, data_key = generate_key(), generate_key()
     write_key_file(work / "model.key", key)
     write_key_file(work / "data.key", data_key)
     seal_run(run_dir, key, work / "bench.btee")
-    test = load_split(meta, "test", data_dir=data_dir)
+    test = load_split(card, "test", data_dir=data_dir)
     n = min(256, len(test))
     (work / "req256.enc").write_bytes(seal_request(torch.stack([test[i][0] for i in range(n)]), data_key))
     _log(f"peak RSS of predict on the benchmark model ({n} images, batch 64): early exit vs full model")
@@ -504,7 +511,7 @@ def bench_enclave(run_dir: Path, work: Path, quick: bool, data_dir=None) -> dict
     closure = json.loads(probe.read_text())
     return {"samples": n, "batch_size": 64, "early_exit_peak_mib": early["peak_rss_mib"], "full_model_peak_mib": full["peak_rss_mib"],
             "early_exit_stages_loaded": early["stages_loaded"], "exit_counts": early["exit_counts"],
-            "weights_mib": sum(s["weight_bytes"] for s in json.loads((work / "bench.btee" / "header.json").read_text())["header"]["stages"]) / 2**20,
+            "weights_mib": sum(s.weight_bytes for s in read_header_unverified(work / "bench.btee").stages) / 2**20,
             "import_closure": import_closure(closure["modules"])}  # fmt: skip
 
 

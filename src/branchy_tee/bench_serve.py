@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from .choices import EvidenceProvider
+
 CONCURRENCY = (1, 8, 64)
 
 
@@ -89,7 +91,8 @@ def _payload(x) -> bytes:
 # --------------------------------------------------------------------------- the run
 def _start_server(bundle: Path, broker, identity_hex: str, port: int, full: bool, env: dict) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "branchy_tee.cli", "serve", "--bundle", str(bundle), "--listen", f"127.0.0.1:{port}",
-           "--attest", "simulated", "--model-broker", broker.url, "--model-broker-identity", identity_hex, "--quiet",
+           "--attest", EvidenceProvider.SIMULATED, "--model-broker", broker.url, "--model-broker-identity", identity_hex,
+           "--quiet",
            "--threads", "1"] + (["--full-model"] if full else [])  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     line = proc.stdout.readline()
@@ -125,7 +128,8 @@ def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=No
     from .attest.broker_server import start_broker
     from .attest.identity import create_identity, identity_hex
     from .attest.providers import simulated_mrenclave
-    from .data import load_dataset
+    from .data.transforms import eval_transform
+    from .evaluate.exits import load_split
     from .fileio import write_key_file
     from .rundir import load_run
     from .seal.bundle import seal_model
@@ -135,14 +139,12 @@ def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=No
     levels = (1, 4) if quick else CONCURRENCY
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), OMP_NUM_THREADS="1")
-    model, meta = load_run(run_dir)
+    model, card = load_run(run_dir)
     key = generate_key()
     write_key_file(work / "mo.key", key)
-    seal_model(model, meta, key, work / "model.btee")
-    test = load_dataset(meta["data"]["dataset"], "test", data_dir, synthetic=meta["data"].get("synthetic"))
-    images = test.images[:512].numpy()
-    np.save(work / "images.npy", ((images.astype(np.float32) / 255.0) - np.array(meta["preprocessing"]["mean"],
-            dtype=np.float32).reshape(1, -1, 1, 1)) / np.array(meta["preprocessing"]["std"], dtype=np.float32).reshape(1, -1, 1, 1))  # fmt: skip
+    seal_model(model, card, key, work / "model.btee")
+    test = load_split(card, "test", data_dir=data_dir)
+    np.save(work / "images.npy", eval_transform(card.preprocessing)(test.images[:512]).numpy())
     mo, do = create_identity(work / "mo.id"), create_identity(work / "do.id")
     sim = simulated_mrenclave({})  # the servers run natively, with no measured settings
     (work / "policy.toml").write_text(f'allowed_mrenclave = ["{sim.hex()}"]\nallow_simulation = true\n')

@@ -31,6 +31,7 @@ import urllib.parse
 from typing import Any, Iterable
 
 from .errors import AttestationError, BranchyError, UsageError, shown
+from .runtime.api import ModelInfo
 
 MAX_RESPONSE = 64 << 20
 
@@ -99,7 +100,7 @@ class Client:
         self._ctx = _client_context(self.identity)
         self._next = 0
         self._lock = threading.Lock()
-        self._info: dict | None = None
+        self._info: ModelInfo | None = None
         self.verifications = 0  # attestation checks made (one per connection)
         self.attest_seconds: list[float] = []
 
@@ -184,10 +185,12 @@ class Client:
         raise BranchyError("no server answered: " + "; ".join(errors[-len(self.replicas):]))
 
     # ---- API
-    def model_info(self) -> dict:
-        """The served model: architecture, classes, preprocessing, bundle id, model version, key id."""
+    def model_info(self) -> ModelInfo:
+        """The served model: architecture, classes, preprocessing, exit criterion, number of exits and
+        the sealed bundle (``.model``: bundle id, model version, model key id)."""
         if self._info is None:
-            self._info = self._request("GET", "/v1/model")[0]
+            doc, url = self._request("GET", "/v1/model")
+            self._info = ModelInfo.parse(doc, url)
         return self._info
 
     def predict(self, images) -> list[dict[str, Any]]:
@@ -208,13 +211,13 @@ class Client:
 
         from .data.preprocess import image_to_pixels, load_inputs, tensor_to_inputs
 
-        prep = self.model_info()["preprocessing"]
+        prep = self.model_info().preprocessing
         if isinstance(images, (str, os.PathLike)):
             images = [images]
         if isinstance(images, (list, tuple)) and images and all(isinstance(i, (str, os.PathLike)) for i in images):
             x = load_inputs([str(i) for i in images], prep)
         elif isinstance(images, (list, tuple)) and images and all(hasattr(i, "convert") for i in images):  # PIL
-            x = tensor_to_inputs(torch.stack([image_to_pixels(i, prep["input_shape"]) for i in images]), prep, "images")
+            x = tensor_to_inputs(torch.stack([image_to_pixels(i, prep.input_shape) for i in images]), prep, "images")
         else:
             t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
             x = tensor_to_inputs(t, prep, "images")

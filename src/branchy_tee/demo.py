@@ -31,8 +31,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .choices import EvidenceProvider, LaunchBackend
 from .errors import BranchyError
+
+if TYPE_CHECKING:
+    from .enclave.release import ReleaseStatement
 
 DEMO_MODEL = {"net": "mobilenetv1", "model_config": {"width_mult": 0.25}, "epochs": 2, "lr": 3e-3, "batch_size": 128}
 QUICK_MODEL = {"net": "lenet5", "model_config": {}, "epochs": 1, "lr": 3e-3, "batch_size": 50}
@@ -94,7 +99,7 @@ class Demo:
         from .evaluate.exits import evaluate_run
         from .evaluate.plots import plot_accuracy_vs_cost
         from .fileio import write_key_file
-        from .rundir import read_model_json
+        from .rundir import read_model_card
         from .seal.bundle import seal_run
         from .seal.keys import generate_key, key_id
         from .train.trainer import TrainConfig, fit
@@ -111,9 +116,9 @@ class Demo:
         self.summary["files"] = {"accuracy_plot": str(plot_accuracy_vs_cost(self.report, self.d / "accuracy_vs_cost.png"))}
         self.mo_key = generate_key()
         write_key_file(self.d / "mo" / "model.key", self.mo_key)
-        self.meta = read_model_json(self.run_dir)
+        self.card = read_model_card(self.run_dir)
         header = seal_run(self.run_dir, self.mo_key, self.d / "model.btee", version=1)
-        say(f"    sealed {self.d / 'model.btee'}: {len(header['stages'])} stage graphs, model key id {key_id(self.mo_key)}")
+        say(f"    sealed {self.d / 'model.btee'}: {header.num_stages} stage graphs, model key id {key_id(self.mo_key)}")
 
     # ------------------------------------------------------------------ whom the enclave trusts
     def trust(self) -> None:
@@ -127,24 +132,26 @@ class Demo:
             say(f"    {who}: identity {self.ids[who][1]} ({who}/identity.pem)")
         self.mo_port = _free_port()
         self.release = self._build_and_release("enclave", serve=False)
-        self.summary["release"] = {k: self.release[k] for k in ("mrenclave", "bundle_id", "model_version", "model_owner",
-                                                                  "model_broker_identity")}  # fmt: skip
+        r = self.release
+        self.summary["release"] = {"mrenclave": r.mrenclave, "bundle_id": r.bundle_id, "model_version": r.model_version,
+                                   "model_owner": r.model_owner, "model_broker_identity": r.model_broker_identity}
 
-    def _build_and_release(self, name: str, serve: bool, enclave_size: str | None = None) -> dict:
+    def _build_and_release(self, name: str, serve: bool, enclave_size: str | None = None) -> ReleaseStatement:
         """Host: build; model owner: sign the release; owners: policies from it (policy files per build)."""
         from .enclave.build import BuildOptions, build
         from .enclave.release import write_policy_from_release, write_release
 
         mo_url = f"http://127.0.0.1:{self.mo_port}"
-        built = build(BuildOptions(bundle=str(self.d / "model.btee"), out=str(self.d / name), attest="simulated",
+        built = build(BuildOptions(bundle=str(self.d / "model.btee"), out=str(self.d / name),
+                                   attest=EvidenceProvider.SIMULATED,
                                    model_broker=mo_url, model_broker_identity=self.ids["mo"][1], serve=serve,
                                    io_dirs=[str(self.d / "io")], threads=2, enclave_size=enclave_size))  # fmt: skip
         self.enclave_size = built["enclave_size"]
         say(f"    host: built {name}/ ({'serve' if serve else 'predict'}) for bundle {built['bundle_id'][:12]}...; measured: "
             f"model broker {mo_url} and its identity, the bundle, minimum model version {built['min_model_version']}; "
             f"sgx.enclave_size {built['enclave_size']}")
-        release = write_release(self.d / name, self.ids["mo"][0], self.d / "mo" / f"release-{name}.json", self.mo_key)
-        say(f"    model owner: reproduces the build, signs mo/release-{name}.json (MRENCLAVE {release['mrenclave'][:16]}..., "
+        release, _ = write_release(self.d / name, self.ids["mo"][0], self.d / "mo" / f"release-{name}.json", self.mo_key)
+        say(f"    model owner: reproduces the build, signs mo/release-{name}.json (MRENCLAVE {release.mrenclave[:16]}..., "
             "simulated)")
         mo_id = self.ids["mo"][1]
         write_policy_from_release(self.d / "mo" / f"release-{name}.json", mo_id, self.d / "mo" / f"policy-{name}.toml",
@@ -172,7 +179,7 @@ class Demo:
         for who, sl in self.halves.items():
             self.keys[who] = generate_key()
             write_key_file(self.d / who / "data.key", self.keys[who])
-            x = tensor_to_inputs(self.test.images[sl], self.meta["preprocessing"], f"{who} images")
+            x = tensor_to_inputs(self.test.images[sl], self.card.preprocessing, f"{who} images")
             self.truth[who] = self.test.labels[sl]
             atomic_write_bytes(self.d / "io" / f"{who}-request.enc", seal_request(x, self.keys[who], f"{who}-request-1"))
             say(f"    data owner {who[-1].upper()}: {len(x)} images -> io/{who}-request.enc (key id {key_id(self.keys[who])})")
@@ -193,7 +200,8 @@ class Demo:
 
     def _predict(self, tag: str, inputs: dict[str, Path], *extra: str, quiet: bool = False) -> dict:
         """The host's command: the enclave in d/enclave runs predict (natively: no SGX here)."""
-        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", "native", str(self.d / "enclave"),
+        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
+               str(self.d / "enclave"),
                "--", "predict", "--bundle", str(self.d / "model.btee")]  # fmt: skip
         for who, req in inputs.items():
             cmd += ["--input", str(req), "--output", str(self.d / "io" / f"{who}-result{tag}.enc"), "--data-broker", self.urls[who]]
@@ -231,7 +239,7 @@ class Demo:
 
         from .errors import IntegrityError
         from .fileio import atomic_write_text
-        from .seal.envelope import MODEL_FIELDS, open_result, request_digest
+        from .seal.envelope import open_result, request_digest
 
         step(6, "data owners A and B", "each decrypts its own results, bound to its request, and sees which model answered")
         self.per_owner = {}
@@ -239,9 +247,9 @@ class Demo:
             mine = request_digest((self.d / "io" / f"{who}-request.enc").read_bytes())
             header, records = open_result((self.d / "io" / f"{who}-result.enc").read_bytes(), self.keys[who],
                                           f"{who}-result.enc", mine)  # fmt: skip
-            answered_by = {k: header[k] for k in MODEL_FIELDS}
-            if answered_by["bundle_id"] != self.release["bundle_id"]:
-                raise BranchyError(f"{who}: the result names bundle {answered_by['bundle_id']}, not the released one")
+            model = header.model
+            if model.bundle_id != self.release.bundle_id:
+                raise BranchyError(f"{who}: the result names bundle {model.bundle_id}, not the released one")
             acc = float((torch.tensor([r["label"] for r in records]) == self.truth[who]).float().mean())
             lines = ["index\tlabel\tclass_name\tconfidence\texit"]
             lines += [f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records]
@@ -253,9 +261,10 @@ class Demo:
             except IntegrityError:
                 isolated = True
             self.per_owner[who] = {"samples": len(records), "accuracy": acc, "result_txt": str(self.d / who / "result.txt"),
-                                   "cannot_read_other_owner": isolated, "answered_by": answered_by, "records": records}  # fmt: skip
-            say(f"    data owner {who[-1].upper()}: {len(records)} answers from bundle {answered_by['bundle_id'][:12]}... "
-                f"v{answered_by['model_version']}, accuracy {100 * acc:.2f}% -> {who}/result.txt; opening {other}'s result "
+                                   "cannot_read_other_owner": isolated, "answered_by": model.to_json(),
+                                   "records": records}  # fmt: skip
+            say(f"    data owner {who[-1].upper()}: {len(records)} answers from bundle {model.bundle_id[:12]}... "
+                f"v{model.model_version}, accuracy {100 * acc:.2f}% -> {who}/result.txt; opening {other}'s result "
                 f"with its key: {'refused, as it must be' if isolated else 'SUCCEEDED (bug!)'}")
 
     # ------------------------------------------------------------------ staged loading
@@ -270,10 +279,10 @@ class Demo:
         from .seal.envelope import seal_request
 
         step(7, "enclave", "staged loading: easy images need only the first stage; a memory budget below the weights")
-        x = tensor_to_inputs(self.test.images[self.halves["do-a"]], self.meta["preprocessing"], "images")
+        x = tensor_to_inputs(self.test.images[self.halves["do-a"]], self.card.preprocessing, "images")
         candidates = torch.utils.data.TensorDataset(x[:512], torch.zeros(len(x[:512]), dtype=torch.long))
         log_probs = collect_log_probs(stage_graphs(self.run_dir, show=False), candidates, show=False)[0]
-        exits, _ = decide(log_probs, self.meta["criterion"], self.meta["thresholds"])  # as the enclave decides
+        exits, _ = decide(log_probs, self.card.criterion, self.card.exit_thresholds())  # as the enclave decides
         easy = x[:512][exits == 0][:16]
         if len(easy) == 0:
             say("    (no test image leaves at exit 0 with these thresholds: nothing to show)")
@@ -287,7 +296,7 @@ class Demo:
         from .seal.bundle import read_header_unverified
 
         # the smallest budget the store accepts: stage 0 and the largest later stage, never all of them
-        w = [s["weight_bytes"] for s in read_header_unverified(self.d / "model.btee")["header"]["stages"]]
+        w = [s.weight_bytes for s in read_header_unverified(self.d / "model.btee").stages]
         budget = (w[0] + max(w[1:])) / 2**20 + 0.001
         requests = {who: self.d / "io" / f"{who}-request.enc" for who in OWNERS}
         self.budgeted = self._predict("-budget", requests, "--memory-budget",
@@ -316,7 +325,8 @@ class Demo:
         from .client import Client
 
         port = _free_port()
-        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", "native", str(self.d / "enclave-serve"),
+        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
+               str(self.d / "enclave-serve"),
                "--", "serve", "--bundle", str(self.d / "model.btee"), "--listen", f"127.0.0.1:{port}", "--quiet"]
         proc = subprocess.Popen(cmd + (["--full-model"] if full else []), env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)  # fmt: skip
@@ -369,7 +379,7 @@ class Demo:
                                         self.d / "memory_timeline.png", title="enclave runtime: resident memory")  # fmt: skip
         r = self.report
         self.summary.update({
-            "model": f"{self.meta['arch']} {self.meta['config']}", "exits": r["exits"], "final_accuracy": r["final_accuracy"],
+            "model": f"{self.card.arch} {self.card.config}", "exits": r["exits"], "final_accuracy": r["final_accuracy"],
             "calibrated": r["calibrated"], "oracle": r["oracle"], "timing": timing, "data_owners": self.per_owner,
             "enclave": {"early_exit": self.stats, "full_model": self.full, "easy_images": self.easy,
                         "memory_budget": self.budgeted},

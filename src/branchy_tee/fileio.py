@@ -1,4 +1,4 @@
-"""Atomic file writes and key-file handling. Standard library only (enclave side uses it)."""
+"""Atomic file writes and key-file handling. Standard library and seal.keys (enclave side uses it)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import BranchyError
+from .seal.keys import KEY_BYTES
 
 
 STALE_TEMPORARY_SECONDS = 60.0
@@ -98,7 +99,6 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-KEY_BYTES = 32
 
 
 def write_key_file(path: str | os.PathLike, key: bytes) -> Path:

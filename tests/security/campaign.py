@@ -585,10 +585,10 @@ class ClientResponseTarget(Target):
                 return "key_ids changed in an id the client did not ask for (it only decides whom to ask)"
             used = ("nonce", "key_ids")
         else:
-            from branchy_tee.attest.protocol import parse_release
+            from branchy_tee.attest.protocol import KeyRelease
 
             nonce = bytes.fromhex(json.loads(self.rec["nonce_body"])["nonce"])
-            same = parse_release(t, nonce, self.rec["pk"]) == parse_release(o, nonce, self.rec["pk"])
+            same = KeyRelease.parse(t, nonce, self.rec["pk"]) == KeyRelease.parse(o, nonce, self.rec["pk"])
             used = ("identity", "keys", "min_model_version", "allowed_data_owners", "signature")
         if not same:
             return "other: used fields differ"
@@ -655,16 +655,16 @@ class ImpersonatedBrokerTarget(ClientResponseTarget):
 
         from branchy_tee.attest import identity as ident
         from branchy_tee.attest.protocol import (
-            RELEASE_PURPOSE, SUITE, key_info, pack_key, parse_release, release_document, release_message)
+            RELEASE_PURPOSE, SUITE, KeyRelease, key_info, pack_key)
         from branchy_tee.seal.keys import generate_key
 
         move = self.MOVES[self.trial % len(self.MOVES)]
         self.trial += 1
         nonce = bytes.fromhex(json.loads(self.rec["nonce_body"])["nonce"])
         try:
-            release, _ = parse_release(json.loads(tampered), nonce, self.rec["pk"])
+            release, _ = KeyRelease.parse(json.loads(tampered), nonce, self.rec["pk"])
         except (ValueError, RecursionError, TypeError, AttributeError):
-            release, _ = parse_release(json.loads(self.data), nonce, self.rec["pk"])
+            release, _ = KeyRelease.parse(json.loads(self.data), nonce, self.rec["pk"])
         host = ident.public_bytes(self.host)
         if move == "host key":
             ct = SUITE.encrypt(pack_key(generate_key(), 0), X25519PublicKey.from_public_bytes(self.rec["pk"]),
@@ -676,8 +676,8 @@ class ImpersonatedBrokerTarget(ClientResponseTarget):
             release = replace(release, allowed_data_owners=(host,))
         if move != "forged signature":
             release = replace(release, broker=host)
-        signature = ident.sign(self.host, RELEASE_PURPOSE, release_message(release))
-        forged = {"protocol": "branchy-tee/v1", **release_document(release, signature)}
+        signature = ident.sign(self.host, RELEASE_PURPOSE, release.message())
+        forged = {"protocol": "branchy-tee/v1", **release.to_json(signature)}
         out = super().run(json.dumps(forged).encode())
         return Outcome(out.kind, f"{move}: {out.detail}")
 

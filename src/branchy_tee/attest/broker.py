@@ -51,20 +51,17 @@ from ..seal.keys import key_id
 from . import identity as ident
 from .policy import Claims, Policy, load_policy, parse_policy
 from .protocol import (
-    EVIDENCE_DCAP,
-    EVIDENCE_SIMULATED,
     NONCE_BYTES,
     PROTOCOL,
     RELEASE_PURPOSE,
     SUITE,
+    EvidenceType,
     KeyRelease,
     KeyRequest,
     MessageError,
     NonceOffer,
     key_info,
     pack_key,
-    release_document,
-    release_message,
     report_data,
 )
 from .providers import simulated_warning, verify_simulated
@@ -175,7 +172,8 @@ class NonceBook:
 
 
 # --------------------------------------------------------------------------- evidence
-def verify_evidence(policy: Policy, evidence_type: str, evidence: bytes, *, collateral: Mapping | None = None,
+def verify_evidence(policy: Policy, evidence_type: EvidenceType | str, evidence: bytes, *,
+                    collateral: Mapping | None = None,
                     now: datetime | None = None) -> Claims:
     """Verify evidence (not yet its binding or the policy) and return its claims; AttestationError otherwise.
 
@@ -185,7 +183,7 @@ def verify_evidence(policy: Policy, evidence_type: str, evidence: bytes, *, coll
     ``min_tcb_evaluation_data_number``, checked by the policy). ``stale_collateral = "warn"`` turns
     expired collateral into warnings.
     """
-    if evidence_type == EVIDENCE_DCAP:
+    if evidence_type == EvidenceType.DCAP:
         from .verify import verify_quote
 
         chosen = policy.collateral()
@@ -194,9 +192,9 @@ def verify_evidence(policy: Policy, evidence_type: str, evidence: bytes, *, coll
         with _VERIFY_LOCK:
             vq = verify_quote(evidence, collateral=chosen, now=now, strict_time=policy.strict_time)
         return Claims.from_quote(vq, vq.tcb_evaluation_data_number if vq.tcb_status is not None else None)
-    if evidence_type == EVIDENCE_SIMULATED:
+    if evidence_type == EvidenceType.SIMULATED:
         return Claims.from_simulated(verify_simulated(evidence))
-    raise AttestationError(f"unknown evidence type {evidence_type!r}")
+    raise AttestationError(f"unknown evidence type {ascii(str(evidence_type))}")
 
 
 def _as_identity(identity) -> Ed25519PrivateKey:
@@ -330,13 +328,13 @@ class Broker:
                                            info=key_info(kid, nonce))) for kid in kids)  # fmt: skip
         release = KeyRelease(self.identity_bytes, nonce, public_key, tuple(sorted(sealed)), decision.min_model_version,
                              decision.allowed_data_owners)  # fmt: skip
-        signature = ident.sign(self.identity, RELEASE_PURPOSE, release_message(release))
+        signature = ident.sign(self.identity, RELEASE_PURPOSE, release.message())
         entry["min_model_version"] = decision.min_model_version
         if decision.allowed_data_owners is not None:
             entry["allowed_data_owners"] = len(decision.allowed_data_owners)
         if claims.simulated:
             simulated_warning(f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(kids)} to {entry.get('remote')}")
-        return release_document(release, signature)
+        return release.to_json(signature)
 
     # ---- audit
     def _decide(self, entry: dict, status: int, code: str, reason: str | None) -> None:

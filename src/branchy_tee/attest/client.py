@@ -49,8 +49,6 @@ from .protocol import (
     MessageError,
     NonceOffer,
     key_info,
-    parse_release,
-    release_message,
     report_data,
     unpack_key,
 )
@@ -204,7 +202,7 @@ class AttestedKeys:
         this run's nonce and public key by the expected identity (or, for a data broker, by an identity
         on the model owner's allow-list)."""
         try:
-            release, signature = parse_release(doc, nonce, self.public_key)
+            release, signature = KeyRelease.parse(doc, nonce, self.public_key)
         except MessageError as e:
             raise AttestationError(f"key broker {url}: {e}") from None
         if expect is not None and release.broker != expect:
@@ -213,7 +211,7 @@ class AttestedKeys:
         if expect is None and release.broker not in (self.allowed_data_owners or ()):
             raise AttestationError(f"data key broker {url} has identity {release.broker.hex()}, which the model owner "
                                    "does not allow to use this model (not in allowed_data_owners); its keys are refused")
-        if not verify_signature(release.broker, RELEASE_PURPOSE, release_message(release), signature):
+        if not verify_signature(release.broker, RELEASE_PURPOSE, release.message(), signature):
             raise AttestationError(f"key broker {url}: the key release's signature does not verify under identity "
                                    f"{release.broker.hex()} (forged or tampered)")
         if sorted(kid for kid, _ in release.keys) != sorted(set(kids)):

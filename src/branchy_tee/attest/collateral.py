@@ -30,6 +30,7 @@ from typing import Any, Mapping, TypeVar
 from cryptography import x509
 
 from ..errors import BranchyError
+from ..strict import iso8601
 from .chain import PinnedRoot, chain_from_pem_text, verify_chain
 from .crl import Clock, check_crl, load_crl
 from .pck import PckChain
@@ -98,9 +99,8 @@ def _hex_field(obj: Mapping, key: str, what: str, size: int) -> bytes:
 
 def _date(obj: Mapping, key: str, what: str) -> datetime:
     text = _str(obj, key, what)
-    t = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
     try:
-        dt = datetime.fromisoformat(t)
+        dt = iso8601(text)
     except ValueError:
         raise fail(f"{what}: '{key}' is not an ISO 8601 date ({text!r})") from None
     if dt.tzinfo is None:

@@ -41,7 +41,7 @@ from typing import Any, Mapping
 from ..errors import BranchyError, PolicyError, shown
 from ..measured import identity_problem
 from .protocol import MAX_ALLOWED_DATA_OWNERS
-from .protocol import EVIDENCE_DCAP, EVIDENCE_SIMULATED, KEY_ID_RE
+from .protocol import KEY_ID_RE, EvidenceType
 from .quote import EnclaveClaims
 from .verify import TCB_STATUSES, read_collateral_file
 
@@ -65,7 +65,7 @@ def _enclave_fields(claims: EnclaveClaims) -> dict[str, Any]:
 class Claims(EnclaveClaims):
     """What verified evidence says about the enclave (untrusted until the evidence verified)."""
 
-    evidence_type: str  # "dcap" | "simulated"
+    evidence_type: EvidenceType
     tee: str  # "sgx" | "tdx" | "simulated"
     tcb_status: str | None = None
     advisories: tuple[str, ...] = ()
@@ -75,20 +75,21 @@ class Claims(EnclaveClaims):
 
     @property
     def simulated(self) -> bool:
-        return self.evidence_type == EVIDENCE_SIMULATED
+        return self.evidence_type == EvidenceType.SIMULATED
 
     @classmethod
     def from_quote(cls, vq, tcb_evaluation_data_number: int | None = None) -> "Claims":
         """From a :class:`~branchy_tee.attest.verify.VerifiedQuote` (and the collateral's TCB evaluation
         data number, when the TCB status came from collateral)."""
-        return cls(**_enclave_fields(vq), evidence_type=EVIDENCE_DCAP, tee=vq.tee, tcb_status=vq.tcb_status,
+        return cls(**_enclave_fields(vq), evidence_type=EvidenceType.DCAP, tee=vq.tee, tcb_status=vq.tcb_status,
                    advisories=tuple(vq.advisories), warnings=tuple(vq.warnings),
                    tcb_evaluation_data_number=tcb_evaluation_data_number)
 
     @classmethod
     def from_simulated(cls, doc) -> "Claims":
         """From a :class:`~branchy_tee.attest.providers.SimulatedDocument`."""
-        return cls(**_enclave_fields(doc), evidence_type=EVIDENCE_SIMULATED, tee="simulated", signer_key=doc.public_key)
+        return cls(**_enclave_fields(doc), evidence_type=EvidenceType.SIMULATED, tee="simulated",
+                   signer_key=doc.public_key)
 
     def summary(self) -> dict[str, Any]:
         """For the audit log and error reports (no secrets in claims)."""
@@ -194,8 +195,8 @@ class Policy:
                     f"policy pins {_short(k.hex() for k in self.simulation_public_keys)}"
                 )
             warnings.append("simulated evidence (no TEE) accepted: allow_simulation = true")
-        elif claims.evidence_type != EVIDENCE_DCAP:
-            raise PolicyError(f"evidence type {claims.evidence_type!r} is not supported")
+        elif claims.evidence_type != EvidenceType.DCAP:
+            raise PolicyError(f"evidence type {ascii(str(claims.evidence_type))} is not supported")
         elif claims.tee != "sgx":
             raise PolicyError(f"tee: the evidence is a {claims.tee.upper()} quote; this policy accepts SGX enclaves only")
         if self.allowed_mrenclave and claims.mrenclave not in self.allowed_mrenclave:

@@ -16,8 +16,8 @@
     dev public key, so pinning MRSIGNER pins the dev key. Brokers refuse it unless their policy
     says ``allow_simulation = true``; both sides print a loud warning every time.
 
-Standard library, ``cryptography`` and branchy_tee's errors, fileio and attest.quote (standard library
-only): this is enclave code.
+Standard library, ``cryptography`` and branchy_tee's errors, fileio, choices, attest.protocol and
+attest.quote: this is enclave code.
 """
 
 from __future__ import annotations
@@ -41,9 +41,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .. import measured
+from ..choices import EvidenceProvider
 from ..errors import AttestationError, BranchyError
 from ..fileio import read_key_file
-from .quote import EnclaveClaims, peek_sgx_report_data
+from ..strict import hex_member
+from .protocol import EvidenceType
+from .quote import REPORT_DATA_LEN, EnclaveClaims, peek_sgx_report_data
 
 DEFAULT_ATTESTATION_DIR = "/dev/attestation"
 SIMULATED_FORMAT = "branchy-tee/simulated-evidence/v1"
@@ -119,13 +122,13 @@ def simulated_mrenclave(env: Mapping[str, str] | None = None, code: bytes | None
 class GramineProvider:
     """DCAP quotes from Gramine's ``/dev/attestation`` (or a directory laid out like it)."""
 
-    evidence_type = "dcap"
+    evidence_type = EvidenceType.DCAP
 
     def __init__(self, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR):
         self.dir = Path(attestation_dir)
 
     def evidence(self, report_data: bytes) -> bytes:
-        if len(report_data) != 64:
+        if len(report_data) != REPORT_DATA_LEN:
             raise ValueError("report data must be 64 bytes")
         d = self.dir
         try:
@@ -206,7 +209,7 @@ def load_or_create_dev_key(key_dir: str | os.PathLike | None = None) -> Ed25519P
 class SimulatedProvider:
     """Development evidence: a document signed by a local Ed25519 key. Not attestation."""
 
-    evidence_type = "simulated"
+    evidence_type = EvidenceType.SIMULATED
 
     def __init__(self, key_dir: str | os.PathLike | None = None, *, isv_prod_id: int = 0, isv_svn: int = 0,
                  debug: bool = False, mrenclave: bytes | None = None):
@@ -223,7 +226,7 @@ class SimulatedProvider:
         return {"mrenclave": self.mrenclave.hex(), "mrsigner": self.mrsigner.hex(), "public_key": self.public_key.hex()}
 
     def evidence(self, report_data: bytes) -> bytes:
-        if len(report_data) != 64:
+        if len(report_data) != REPORT_DATA_LEN:
             raise ValueError("report data must be 64 bytes")
         doc = {
             "format": SIMULATED_FORMAT,
@@ -255,14 +258,7 @@ def _field(doc: dict, name: str, kind, what: str = "simulated evidence"):
 
 
 def _hexfield(doc: dict, name: str, size: int) -> bytes:
-    v = _field(doc, name, str)
-    try:
-        out = bytes.fromhex(v)
-    except ValueError:
-        raise AttestationError(f"simulated evidence: '{name}' is not hex") from None
-    if len(out) != size:
-        raise AttestationError(f"simulated evidence: '{name}' must be {size} bytes, got {len(out)}")
-    return out
+    return hex_member(doc, name, size, AttestationError, "simulated evidence")
 
 
 def verify_simulated(evidence: bytes) -> SimulatedDocument:
@@ -300,21 +296,19 @@ def verify_simulated(evidence: bytes) -> SimulatedDocument:
         isv_prod_id=_field(doc, "isv_prod_id", int),
         isv_svn=_field(doc, "isv_svn", int),
         debug=_field(doc, "debug", bool),
-        report_data=_hexfield(doc, "report_data", 64),
+        report_data=_hexfield(doc, "report_data", REPORT_DATA_LEN),
         public_key=public_key,
         produced_at=str(doc.get("produced_at", ""))[:40],
     )
 
 
 # --------------------------------------------------------------------------- factory
-PROVIDERS = ("gramine", "simulated")
-
-
-def make_provider(name: str, *, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR,
+def make_provider(name: EvidenceProvider | str, *, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR,
                   dev_key_dir: str | os.PathLike | None = None):
     """The evidence provider for ``--attest NAME``."""
-    if name == "gramine":
+    if name == EvidenceProvider.GRAMINE:
         return GramineProvider(attestation_dir)
-    if name == "simulated":
+    if name == EvidenceProvider.SIMULATED:
         return SimulatedProvider(dev_key_dir)
-    raise BranchyError(f"unknown evidence provider {name!r} (choose from {', '.join(PROVIDERS)})")
+    names = ", ".join(EvidenceProvider.names())
+    raise BranchyError(f"unknown evidence provider {ascii(str(name))} (choose from {names})")

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
 from ..errors import AttestationError
+from .protocol import EvidenceType
 from .ratls import MAX_EVIDENCE, NOT_AFTER, NOT_BEFORE, RATLS_QUOTE_OID, identity_name, public_key_report_data
 
 
@@ -29,7 +30,7 @@ def evidence_of(cert_der: bytes) -> tuple[str, bytes, bytes]:
         raise AttestationError("the server's certificate cannot be parsed") from None
     if not 0 < len(evidence) <= MAX_EVIDENCE:
         raise AttestationError("the server's attestation evidence has an impossible size")
-    kind = "simulated" if evidence[:1] == b"{" else "dcap"
+    kind = EvidenceType.SIMULATED if evidence[:1] == b"{" else EvidenceType.DCAP
     return kind, evidence, expected
 
 

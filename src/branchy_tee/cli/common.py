@@ -23,13 +23,12 @@ def warn(message: str) -> None:
 
 def iso8601_utc(text: str):
     """argparse type for --now: ISO 8601; 'Z' and naive times mean UTC."""
-    from datetime import datetime, timezone
+    from datetime import timezone
 
-    t = text.strip()
-    if t.endswith(("Z", "z")):
-        t = t[:-1] + "+00:00"
+    from ..strict import iso8601
+
     try:
-        dt = datetime.fromisoformat(t)
+        dt = iso8601(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
     return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)

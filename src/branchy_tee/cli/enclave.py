@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..choices import EvidenceProvider, LaunchBackend
 from ..parsing import ArgumentParser
 from .common import ENCLAVE_ENV, PROG, emit_json, progress, warn
 
@@ -37,7 +38,8 @@ def _add_build(esub) -> None:
     b.add_argument("--model-broker-identity", metavar="HEX",
                    help="its identity (measured; required with --model-broker): only releases it signed are accepted")
     b.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable; measured)")
-    b.add_argument("--attest", choices=["gramine", "simulated"], default="gramine", help="evidence provider (default gramine: DCAP)")
+    b.add_argument("--attest", choices=EvidenceProvider.names(), default=EvidenceProvider.GRAMINE.value,
+                   help="evidence provider (default gramine: DCAP)")
     b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
     b.add_argument("--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8")
     b.add_argument("--allow-plaintext-result", action="store_true", help="let predict --plaintext-result work in the enclave")
@@ -87,7 +89,7 @@ def _add_run(esub) -> None:
                     "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
                     "serve) from the enclave environment with the manifest's environment (native). The command must "
                     "be the one the enclave was built for (serve: `enclave build --serve`). Exits with its exit code.")  # fmt: skip
-    r.add_argument("--backend", choices=["sgx", "direct", "native"], default="sgx", help="default sgx")
+    r.add_argument("--backend", choices=LaunchBackend.names(), default=LaunchBackend.SGX.value, help="default sgx")
     r.add_argument("dir", metavar="DIR", help="the build directory of `enclave build`")
     r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- {predict,serve} ARGS", help="its arguments")
     r.set_defaults(func=cmd_enclave_run)
@@ -206,7 +208,7 @@ def cmd_enclave_run(args) -> int:
     head, command, command_args = split_run_arguments(args.predict_args)
     if head:  # run options given after DIR: `enclave run DIR --backend native -- predict ...`
         p = ArgumentParser(prog=f"{PROG} enclave run")
-        p.add_argument("--backend", choices=["sgx", "direct", "native"], default=args.backend)
+        p.add_argument("--backend", choices=LaunchBackend.names(), default=args.backend)
         args.backend = p.parse_args(head).backend
     return run_enclave(args.dir, args.backend, command_args, command)
 
@@ -214,18 +216,16 @@ def cmd_enclave_run(args) -> int:
 def cmd_enclave_release(args) -> int:
     from ..attest.identity import load_identity
     from ..enclave.release import write_release
-
     from ..fileio import read_key_file
 
-    statement = write_release(args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key),
-                              args.model_broker_identity)  # fmt: skip
+    s, signature = write_release(args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key),
+                                 args.model_broker_identity)  # fmt: skip
     if args.json:
-        emit_json(statement)
+        emit_json(s.signed_json(signature))
         return 0
-    print(f"wrote {args.out}: release statement signed by {statement['model_owner']}")
-    print(f"  MRENCLAVE {statement['mrenclave']} ({statement['attest']})")
-    print(f"  bundle {statement['bundle_id']} (model version {statement['model_version']}), model broker identity "
-          f"{statement['model_broker_identity']}")
+    print(f"wrote {args.out}: release statement signed by {s.model_owner}")
+    print(f"  MRENCLAVE {s.mrenclave} ({s.attest})")
+    print(f"  bundle {s.bundle_id} (model version {s.model_version}), model broker identity {s.model_broker_identity}")
     return 0
 
 
@@ -237,10 +237,10 @@ def cmd_enclave_policy(args) -> int:
                                           collateral=args.collateral, allowed_data_owners=args.allowed_data_owner,
                                           allow_simulated=args.allow_simulated)  # fmt: skip
     if args.json:
-        emit_json({"policy": args.out, "release": statement})
+        emit_json({"policy": args.out, "release": statement.to_json()})
         return 0
     print(f"release statement verified (signed by the model owner {args.model_owner})")
-    print(f"wrote {args.out}: releases keys only to MRENCLAVE {statement['mrenclave']} "
-          f"(bundle {statement['bundle_id']}, model version >= {statement['min_model_version']})")
+    print(f"wrote {args.out}: releases keys only to MRENCLAVE {statement.mrenclave} "
+          f"(bundle {statement.bundle_id}, model version >= {statement.min_model_version})")
     return 0
 

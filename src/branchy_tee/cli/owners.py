@@ -97,24 +97,27 @@ def add_seal(sub) -> None:
     p.add_argument("--key", required=True, metavar="MODEL_KEY", help="the model owner's key file")
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to create, e.g. model.btee")
     p.add_argument("--version", type=int, default=1, help="model version (brokers can refuse older ones)")
-    p.add_argument("--chunk-size", type=int, default=1 << 20, help="AEAD chunk size in bytes (default 1 MiB)")
+    p.add_argument("--chunk-size", type=int, help="AEAD chunk size in bytes (default 1 MiB)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_seal)
 
 
 def cmd_seal(args) -> int:
     from ..fileio import read_key_file
+    from ..seal.aead import DEFAULT_CHUNK
     from ..seal.bundle import seal_run
 
     key = read_key_file(args.key)
-    header = seal_run(args.run_dir, key, args.out, version=args.version, chunk_size=args.chunk_size, show=not args.json)
-    summary = {"bundle": args.out, "bundle_id": header["bundle_id"], "model_version": header["model_version"],
-               "key_id": header["key_id"], "stages": [s["sealed_size"] for s in header["stages"]]}
+    chunk_size = DEFAULT_CHUNK if args.chunk_size is None else args.chunk_size
+    header = seal_run(args.run_dir, key, args.out, version=args.version, chunk_size=chunk_size, show=not args.json)
+    summary = {"bundle": args.out, "bundle_id": header.bundle_id, "model_version": header.model_version,
+               "key_id": header.key_id, "stages": [s.sealed_size for s in header.stages]}
     if args.json:
         emit_json(summary)
     else:
         sizes = ", ".join(f"{s / 2**20:.2f}" for s in summary["stages"])
-        print(f"sealed {header['arch']} v{args.version} into {args.out} (bundle {header['bundle_id']}, model key id {header['key_id']}); "
+        print(f"sealed {header.arch} v{args.version} into {args.out} (bundle {header.bundle_id}, "
+              f"model key id {header.key_id}); "
               f"stage files (MiB): {sizes}")
     return 0
 
@@ -138,8 +141,7 @@ def cmd_encrypt_input(args) -> int:
 
     request_id = check_request_id(args.request_id) if args.request_id is not None else new_request_id()
     key = read_key_file(args.key)
-    header = read_header_unverified(args.bundle)["header"]
-    x = load_inputs(args.inputs, header["preprocessing"])
+    x = load_inputs(args.inputs, read_header_unverified(args.bundle).preprocessing)
     sealed = seal_request(x, key, request_id)
     atomic_write_bytes(args.out, sealed, mode=0o644)
     digest = request_digest(sealed)
@@ -172,7 +174,7 @@ def add_decrypt_result(sub) -> None:
 
 def cmd_decrypt_result(args) -> int:
     from ..fileio import atomic_write_text, read_key_file
-    from ..seal.envelope import MODEL_FIELDS, open_result, read_file, request_digest
+    from ..seal.envelope import open_result, read_file, request_digest
 
     if args.request is not None:
         digest = request_digest(read_file(args.request, "request"))
@@ -182,19 +184,19 @@ def cmd_decrypt_result(args) -> int:
             raise UsageError("--request-digest is a SHA-256: 64 hex characters")
     key = read_key_file(args.key)
     header, records = open_result(read_file(args.result, "result"), key, args.result, digest)
-    model = {k: header[k] for k in MODEL_FIELDS}
-    if args.expect_bundle is not None and model["bundle_id"] != args.expect_bundle:
-        raise BranchyError(f"{args.result} was answered by bundle {shown(model['bundle_id'], 40)}, not the expected "
+    model = header.model
+    if args.expect_bundle is not None and model.bundle_id != args.expect_bundle:
+        raise BranchyError(f"{args.result} was answered by bundle {shown(model.bundle_id, 40)}, not the expected "
                            f"{shown(args.expect_bundle, 40)}")
     if args.out:
         atomic_write_text(args.out, json.dumps(records, indent=1) + "\n", mode=0o600)
     if args.json:
-        emit_json({"request_id": header["request_id"], "request_sha256": header["request_sha256"], **model,
+        emit_json({"request_id": header.request_id, "request_sha256": header.request_sha256, **model.to_json(),
                    "records": records})
         return 0
-    print(f"result for request {header['request_id']}: {len(records)} samples")
-    print(f"answered by bundle {shown(model['bundle_id'], 40)}, model version {shown(model['model_version'])}, "
-          f"model key id {shown(model['model_key_id'], 20)}")
+    print(f"result for request {header.request_id}: {len(records)} samples")
+    print(f"answered by bundle {shown(model.bundle_id, 40)}, model version {shown(model.model_version)}, "
+          f"model key id {shown(model.model_key_id, 20)}")
     for r in records:
         print(f"{r['index']:>6}  {r['class_name']:<16} confidence {r['confidence']:.3f}  exit {r['exit']}")
     return 0

@@ -56,16 +56,21 @@ import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 
 from .. import measured
+from ..choices import EvidenceProvider
 from ..errors import BranchyError, UsageError
 from ..seal.aead import MAX_DECRYPT_WORKERS
 from . import MANIFEST_NAME
 from . import env as enclave_env
 from . import measure
 from .config import CONFIG, ENTRIES, EnclaveConfig, load_config, manifest_defines, manifest_env  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from ..seal.header import BundleHeader
 
 MIB = 1 << 20
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -95,7 +100,7 @@ class BuildOptions:
     model_broker: str | None = None
     model_broker_identity: str | None = None
     data_brokers: list[str] = field(default_factory=list)
-    attest: str = "gramine"
+    attest: str = EvidenceProvider.GRAMINE
     threads: int = 4
     allow_plaintext_result: bool = False
     min_model_version: int | None = None  # default: the bundle's model version
@@ -183,7 +188,7 @@ def _multiarch() -> str:
     return sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
 
 
-def _check_options(opts: BuildOptions, header: dict) -> tuple[str, str, list[str], int]:
+def _check_options(opts: BuildOptions, header: BundleHeader) -> tuple[str, str, list[str], int]:
     """The options that need no files: (model broker, its identity, data brokers, minimum version)."""
     from ..attest.verify import TCB_STATUSES
 
@@ -193,11 +198,11 @@ def _check_options(opts: BuildOptions, header: dict) -> tuple[str, str, list[str
         raise UsageError("--batch-size, --max-samples and --max-connections must be at least 1")
     if not (0 <= opts.isv_prod_id < 1 << 16 and 0 <= opts.isv_svn < 1 << 16):
         raise UsageError("--isv-prod-id and --isv-svn are 16-bit numbers (0..65535)")
-    if opts.attest not in ("gramine", "simulated"):
-        raise UsageError("--attest is gramine or simulated")
+    if opts.attest not in EvidenceProvider.names():
+        raise UsageError(f"--attest is one of {', '.join(EvidenceProvider.names())}")
     if not opts.accepted_tcb_statuses or any(s not in TCB_STATUSES or s == "Revoked" for s in opts.accepted_tcb_statuses):
         raise UsageError(f"--accept-tcb takes one of {', '.join(sorted(TCB_STATUSES - {'Revoked'}))}")
-    min_version = header["model_version"] if opts.min_model_version is None else opts.min_model_version
+    min_version = header.model_version if opts.min_model_version is None else opts.min_model_version
     if min_version < 0:
         raise UsageError("--min-model-version must not be negative")
     model_broker = _check_url(opts.model_broker, "--model-broker") if opts.model_broker else ""
@@ -242,7 +247,7 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
 
     out = _abs_path(opts.out, "--out")
     bundle = _abs_path(opts.bundle, "--bundle")
-    header = read_header_unverified(bundle)["header"]
+    header = read_header_unverified(bundle)
     model_broker, identity, data_brokers, min_version = _check_options(opts, header)
     given_size = measure.parse_size(opts.enclave_size) if opts.enclave_size else None
     io_dirs, env_dir, broker_ca, signing_key = _paths(opts, out, bundle)
@@ -260,14 +265,15 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
         max_threads += opts.max_connections + SERVER_THREADS
     cfg = EnclaveConfig(
         dir=out, entry=entry, bundle=bundle,
-        bundle_files=tuple([os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s["file"]) for s in header["stages"]]),
-        bundle_id=header["bundle_id"], model_key_id=header["key_id"], model_version=header["model_version"],
-        arch=header["arch"], io_dirs=tuple(io_dirs), interpreter=env.python, env_dir=env.dir, env_lib=env.home_lib,
+        bundle_files=tuple([os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s.file) for s in header.stages]),
+        bundle_id=header.bundle_id, model_key_id=header.key_id, model_version=header.model_version,
+        arch=header.arch, io_dirs=tuple(io_dirs), interpreter=env.python, env_dir=env.dir, env_lib=env.home_lib,
         package_dir=env.site_packages, env_requirements=tuple(env.requirements), env_packages=dict(env.packages),
         libs=tuple(libs), arch_libdir=arch, ld_library_path=":".join(["/lib", *search]),
         launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"), threads=opts.threads, max_threads=max_threads,
         batch_size=opts.batch_size, max_samples=opts.max_samples, debug=opts.debug, edmm=opts.edmm,
-        isv_prod_id=opts.isv_prod_id, isv_svn=opts.isv_svn, attest=opts.attest, model_broker=model_broker,
+        isv_prod_id=opts.isv_prod_id, isv_svn=opts.isv_svn, attest=EvidenceProvider(opts.attest),
+        model_broker=model_broker,
         model_broker_identity=identity, data_brokers=tuple(data_brokers), allow_plaintext=opts.allow_plaintext_result,
         min_model_version=min_version, broker_ca=broker_ca,
         accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)), signing_key=signing_key,
@@ -402,7 +408,7 @@ def _warnings(cfg: EnclaveConfig) -> list[str]:
                         "HPKE-sealed, but the network sees nonces and evidence")
     if cfg.debug:
         warnings.append("--debug: a debug enclave's memory can be read by the host; policies keep allow_debug = false")
-    if cfg.attest == "simulated":
+    if cfg.attest == EvidenceProvider.SIMULATED:
         warnings.append("--attest simulated: development only; brokers must set allow_simulation = true to accept it")
     return warnings
 

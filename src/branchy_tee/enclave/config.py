@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import measured
+from ..choices import EvidenceProvider
 from ..errors import BranchyError
 
 CONFIG = "enclave.json"
@@ -54,7 +55,7 @@ class EnclaveConfig:
     edmm: bool
     isv_prod_id: int
     isv_svn: int
-    attest: str
+    attest: EvidenceProvider
     model_broker: str
     model_broker_identity: str
     data_brokers: tuple[str, ...]
@@ -94,12 +95,16 @@ class EnclaveConfig:
         if sorted(doc) != sorted(["format", *names, "env", "defines"]):
             raise BranchyError(f"{where}: not exactly the members an enclave configuration has")
         try:
-            cfg = cls(**{f.name: tuple(doc[f.name]) if "tuple" in str(f.type) and doc[f.name] is not None
-                         else doc[f.name] for f in dataclasses.fields(cls)})  # fmt: skip
+            values: dict[str, Any] = {f.name: tuple(doc[f.name]) if "tuple" in str(f.type) and doc[f.name] is not None
+                                      else doc[f.name] for f in dataclasses.fields(cls)}  # fmt: skip
+            cfg = cls(**values)
         except TypeError as e:
             raise BranchyError(f"{where}: unusable ({e})") from None
         if cfg.entry not in ENTRIES:
             raise BranchyError(f"{where}: unknown entry {cfg.entry!r}")
+        if cfg.attest not in EvidenceProvider.names():
+            raise BranchyError(f"{where}: unknown evidence provider {ascii(str(cfg.attest))[:40]}")
+        cfg = cfg.replace(attest=EvidenceProvider(cfg.attest))
         if doc["env"] != cfg.env or doc["defines"] != cfg.defines:
             raise BranchyError(f"{where} contradicts itself (its measured environment or manifest values differ from its "
                                "settings): edited after the build; rebuild it")
@@ -120,7 +125,7 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
         # database under $HOME/.cache, and HTTPS uploads. Never from an enclave.
         "ORT_DISABLE_TELEMETRY": "1",
         measured.ENCLAVE: "1",
-        measured.ATTEST: cfg.attest,
+        measured.ATTEST: str(cfg.attest),
         measured.MODEL_BROKER: cfg.model_broker,
         measured.MODEL_BROKER_IDENTITY: cfg.model_broker_identity,
         measured.DATA_BROKERS: ",".join(cfg.data_brokers),

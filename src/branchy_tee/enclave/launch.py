@@ -18,13 +18,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..choices import LaunchBackend
 from ..errors import BranchyError, UsageError
 from . import MANIFEST_NAME
 from .build import INSTALL_HINT, MANIFEST, SGX_MANIFEST, SIGSTRUCT, which
 from .config import ENTRIES, EnclaveConfig, load_config
 
-BACKENDS = ("sgx", "direct", "native")
-TOOLS = {"sgx": "gramine-sgx", "direct": "gramine-direct"}
+TOOLS: dict[str, str] = {LaunchBackend.SGX: "gramine-sgx", LaunchBackend.DIRECT: "gramine-direct"}
 # predict's options that name files the enclave reads or writes.
 DATA_PATHS = ("input", "output", "plaintext_result", "mprofile", "stats_json")
 PATH_OPTIONS = {"bundle", "model_key", "data_key", "broker_ca", *DATA_PATHS}
@@ -133,8 +133,8 @@ def native_environment(cfg: EnclaveConfig, with_key_files: bool) -> dict[str, st
 
 def run_enclave(directory: str, backend: str, args: list[str], command: str = "predict") -> int:
     """Run ``command`` (predict or serve) in the enclave built in ``directory``; returns its exit code."""
-    if backend not in BACKENDS:
-        raise UsageError(f"--backend is one of {', '.join(BACKENDS)}")
+    if backend not in LaunchBackend.names():
+        raise UsageError(f"--backend is one of {', '.join(LaunchBackend.names())}")
     if backend in TOOLS and not which(TOOLS[backend]):
         raise BranchyError(f"{TOOLS[backend]} not found on PATH: {INSTALL_HINT}; or use --backend native")
     cfg = load_config(directory)
@@ -144,7 +144,7 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
     parser = command_parser(command)
     ns = parser.parse_args(args)
     d = Path(directory).resolve()
-    if backend == "native":
+    if backend == LaunchBackend.NATIVE:
         keys = bool(ns.model_key or ns.data_key)
         if keys:
             print("branchy-tee enclave run: note: native run with key files: no enclave, so the manifest's measured "
@@ -152,12 +152,13 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
         return _run_forwarding_signals([cfg.interpreter, "-m", ENTRIES[command], *args], env=native_environment(cfg, keys))
 
     check_for_enclave(ns, cfg)
-    needed = [SGX_MANIFEST, SIGSTRUCT] if backend == "sgx" else [MANIFEST]
+    needed = [SGX_MANIFEST, SIGSTRUCT] if backend == LaunchBackend.SGX else [MANIFEST]
     missing = [n for n in needed if not (d / n).is_file()]
     if missing:
-        how = f"`make SGX=1` in {d} (or `branchy-tee enclave build --sgx`)" if backend == "sgx" else f"`make` in {d}"
+        sgx = backend == LaunchBackend.SGX
+        how = f"`make SGX=1` in {d} (or `branchy-tee enclave build --sgx`)" if sgx else f"`make` in {d}"
         raise BranchyError(f"{', '.join(missing)} missing in {d}: run {how}")
-    if backend == "direct" and (d / MANIFEST).stat().st_mtime == 0:
+    if backend == LaunchBackend.DIRECT and (d / MANIFEST).stat().st_mtime == 0:
         raise BranchyError(f"{d / MANIFEST} was rendered without Gramine (for inspection); run `make` in {d} first")
     return _run_forwarding_signals([TOOLS[backend], f"./{MANIFEST_NAME}", *canonical_argv(parser, ns)], cwd=str(d))
 

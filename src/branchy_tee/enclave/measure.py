@@ -38,9 +38,13 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import BranchyError
 from ..runtime.budget import activation_bytes_per_sample
+
+if TYPE_CHECKING:
+    from ..seal.header import BundleHeader
 
 MIB = 1 << 20
 GRAMINE_SHARE = 128 * MIB
@@ -48,8 +52,6 @@ MIN_ENCLAVE = 256 * MIB
 INPUT_COPIES = 3
 RUNNER = Path(__file__).resolve().parent / "peak.py"
 CACHE = "branchy-tee-sizes.json"  # in the enclave environment's folder, outside what is trusted
-# The header fields the stand-in copies: everything the runtime's memory depends on.
-STAND_IN_FIELDS = ("arch", "config", "classes", "preprocessing", "criterion", "thresholds", "stage_flops", "head_flops")
 
 
 def next_power_of_two(n: int) -> int:
@@ -73,9 +75,10 @@ def parse_size(text: str) -> int:
     return n
 
 
-def stand_in(header: dict, workdir: Path, samples: int) -> list[str]:
+def stand_in(header: BundleHeader, workdir: Path, samples: int) -> list[str]:
     """A bundle of the header's architecture with random weights, sealed the way ``seal`` seals a
-    trained model, its keys, and one encrypted request of ``samples`` random inputs, in
+    trained model (with the header's model facts: everything the runtime's memory depends on), its
+    keys, and one encrypted request of ``samples`` random inputs, in
     ``workdir``. Returns predict's arguments for them (the hook: see the module docstring)."""
     import torch
 
@@ -86,13 +89,12 @@ def stand_in(header: dict, workdir: Path, samples: int) -> list[str]:
     from ..seal.keys import generate_key
 
     torch.manual_seed(0)
-    model = create_model(header["arch"], **header["config"]).eval()
+    model = create_model(header.arch, **header.config).eval()
     model_key, data_key = generate_key(), generate_key()
     write_key_file(workdir / "model.key", model_key)
     write_key_file(workdir / "data.key", data_key)
-    meta = {k: header[k] for k in STAND_IN_FIELDS}
-    seal_model(model, meta, model_key, workdir / "model.btee", chunk_size=int(header["chunk_size"]))
-    x = torch.rand(samples, *header["preprocessing"]["input_shape"])
+    seal_model(model, header, model_key, workdir / "model.btee", chunk_size=header.chunk_size)
+    x = torch.rand(samples, *header.preprocessing.input_shape)
     (workdir / "request.bin").write_bytes(seal_request(x, data_key))
     return ["--bundle", str(workdir / "model.btee"), "--input", str(workdir / "request.bin"),
             "--output", str(workdir / "result.bin"), "--model-key", str(workdir / "model.key"),
@@ -105,17 +107,18 @@ def measurement_environment(loader_env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in loader_env.items() if k != "BRANCHY_TEE_ENCLAVE"}
 
 
-def _cache_key(header: dict, python: str, env_record: dict, loader_env: dict, batch_size: int, samples: int) -> str:
+def _cache_key(header: BundleHeader, python: str, env_record: dict, loader_env: dict, batch_size: int,
+               samples: int) -> str:
     what = {
         "runner": hashlib.sha256(RUNNER.read_bytes()).hexdigest(), "python": python, "env": env_record,
-        "header": {k: header[k] for k in (*STAND_IN_FIELDS, "chunk_size")},
-        "stages": [(s["plaintext_size"], s["weight_bytes"]) for s in header["stages"]],
+        "header": {**header.facts_json(), "chunk_size": header.chunk_size},
+        "stages": [(s.plaintext_size, s.weight_bytes) for s in header.stages],
         "loader_env": measurement_environment(loader_env), "batch_size": batch_size, "samples": samples,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def measure_peak(header: dict, python: str, env_dir: str, loader_env: dict[str, str], batch_size: int,
+def measure_peak(header: BundleHeader, python: str, env_dir: str, loader_env: dict[str, str], batch_size: int,
                  max_samples: int, log=lambda msg: None) -> dict:
     """Run the runtime once (see the module docstring); returns VmPeak, VmHWM and the samples run.
     A result for the same environment, architecture, settings and runner is reused from
@@ -133,7 +136,7 @@ def measure_peak(header: dict, python: str, env_dir: str, loader_env: dict[str, 
         cache = {}
     if key in cache:
         return {**cache[key], "cached": True}
-    log(f"measuring the runtime's peak memory: {header['arch']}, {samples} samples at batch size {batch_size}, "
+    log(f"measuring the runtime's peak memory: {header.arch}, {samples} samples at batch size {batch_size}, "
         "random weights, in the enclave environment")
     with tempfile.TemporaryDirectory(prefix="branchy-tee-size-") as tmp:
         argv = stand_in(header, Path(tmp), samples)
@@ -155,9 +158,9 @@ def measure_peak(header: dict, python: str, env_dir: str, loader_env: dict[str, 
     return {**result, "cached": False}
 
 
-def enclave_size(header: dict, measured: dict, max_samples: int) -> dict:
+def enclave_size(header: BundleHeader, measured: dict, max_samples: int) -> dict:
     """The terms of ``need`` (module docstring), bytes, and the size chosen."""
-    input_bytes = 4 * math.prod(header["preprocessing"]["input_shape"])
+    input_bytes = 4 * math.prod(header.preprocessing.input_shape)
     terms = {
         "measured_peak": measured["vm_peak"],
         "inputs_not_run": INPUT_COPIES * max(0, max_samples - measured["samples"]) * input_bytes,

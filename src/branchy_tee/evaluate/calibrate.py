@@ -10,20 +10,20 @@ unseen data with good probability, not just on the validation set.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
-from ..runtime.criteria import check_criterion, never_exit_threshold
+from ..runtime.criteria import Criterion
+from ..runtime.criteria import criterion as criterion_named
 from .exits import collect_log_probs, costs_of, decide, exit_scores, run_setting, stage_graphs
 
 
-def candidate_thresholds(logits, criterion: str, points: int = 400) -> list[float]:
+def candidate_thresholds(logits, criterion: Criterion, points: int = 400) -> list[float]:
     """Quantiles of the early exits' scores (so the grid is dense where the samples are), plus
     'never exit early'."""
     scores = torch.cat([exit_scores(lg, criterion) for lg in logits[:-1]]).double()
     qs = torch.quantile(scores, torch.linspace(0, 1, points, dtype=torch.float64)).tolist()
-    return [never_exit_threshold(criterion)] + sorted(set(qs))
+    return [criterion.never] + sorted(set(qs))
 
 
 def paired_standard_error(correct_a: torch.Tensor, correct_b: torch.Tensor) -> float:
@@ -33,13 +33,14 @@ def paired_standard_error(correct_a: torch.Tensor, correct_b: torch.Tensor) -> f
     return float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
 
 
-def calibrate(logits, labels, costs: list[int], criterion="entropy", max_accuracy_drop=0.01, margin_se=1.0) -> dict:
+def calibrate(logits, labels, costs: list[int], criterion: Criterion | str = "entropy", max_accuracy_drop=0.01,
+              margin_se=1.0) -> dict:
     """Pick the cheapest shared threshold whose validation accuracy is at least
     final-exit accuracy - ``max_accuracy_drop`` (+ ``margin_se`` standard errors).
 
     Returns the choice and the whole candidate list (each with ``eligible``), so that callers can check it.
     """
-    check_criterion(criterion)
+    criterion = criterion_named(criterion)
     k = len(logits) - 1
     final_correct = logits[-1].argmax(1) == labels
     final_acc = float(final_correct.float().mean())
@@ -56,7 +57,7 @@ def calibrate(logits, labels, costs: list[int], criterion="entropy", max_accurac
     eligible = [c for c in candidates if c["eligible"]]  # never-exit is always eligible (difference 0)
     best = min(eligible, key=lambda c: (c["mean_flops"], -c["accuracy"]))
     return {
-        "criterion": criterion,
+        "criterion": criterion.name,
         "thresholds": best["thresholds"],
         "accuracy": best["accuracy"],
         "mean_flops": best["mean_flops"],
@@ -77,17 +78,19 @@ def calibrate_run(run_dir, max_accuracy_drop=0.01, criterion=None, margin_se=1.0
     first if missing or stale): the thresholds are chosen on the numbers the enclave computes.
     ``device`` is accepted for callers and unused: the graphs run on ONNX Runtime's CPU provider, as
     in the enclave."""
-    from ..rundir import read_model_json, update_model_json
+    from ..modelcard import Calibration
+    from ..rundir import read_model_card, write_model_card
     from .exits import load_split
 
-    meta = read_model_json(run_dir)
-    criterion = criterion or meta.get("criterion") or "entropy"
-    val = val_set if val_set is not None else load_split(meta, "val", dataset, data_dir)
+    card = read_model_card(run_dir)
+    criterion = criterion_named(criterion or card.criterion)
+    val = val_set if val_set is not None else load_split(card, "val", dataset, data_dir)
     logits, labels = collect_log_probs(stage_graphs(run_dir, show=show), val, max_batches=max_batches, show=show)
-    exit_f, cost = costs_of(meta)
+    exit_f, cost = costs_of(card)
     # The saving is reported against the plain full model (no early-exit heads at all).
     result = calibrate(logits, labels, cost, criterion, max_accuracy_drop, margin_se)
     result["full_flops"] = exit_f[-1]
-    update_model_json(Path(run_dir), criterion=criterion, thresholds=result["thresholds"],
-                      calibration={k: v for k, v in result.items() if k != "candidates"} | {"samples": len(labels)})
+    record = {k: v for k, v in result.items() if k != "candidates"} | {"criterion": criterion, "samples": len(labels)}
+    write_model_card(run_dir, card.replace(criterion=criterion, thresholds=tuple(result["thresholds"]),
+                                           calibration=Calibration(**record)))
     return result

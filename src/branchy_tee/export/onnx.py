@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -171,10 +172,10 @@ def export_run(run_dir: str | Path, show: bool = True) -> dict:
     from ..rundir import load_run
 
     run_dir = Path(run_dir)
-    model, meta = load_run(run_dir)
+    model, card = load_run(run_dir)
     digest = _weights_digest(run_dir)
-    graphs, facts = export_stages(model, meta["preprocessing"]["input_shape"], show=show)
-    doc = {"format": EXPORT_FORMAT, "weights_sha256": digest, "arch": meta["arch"], "torch": torch.__version__,
+    graphs, facts = export_stages(model, card.preprocessing.input_shape, show=show)
+    doc: dict[str, Any] = {"format": EXPORT_FORMAT, "weights_sha256": digest, "arch": card.arch, "torch": torch.__version__,
            "stages": [{"file": f"stage-{k:02d}.onnx", "sha256": _sha256(g), "size": len(g), **f}
                       for k, (g, f) in enumerate(zip(graphs, facts))]}  # fmt: skip
     # Written beside the old export and swapped in, so that onnx/ is always one complete export.

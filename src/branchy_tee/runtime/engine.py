@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .criteria import confident, scores_from_log_probs
+from .criteria import Criterion
 
 
 @dataclass
@@ -67,7 +67,7 @@ class _Waiting:
         return np.concatenate([p for p, _ in taken]), np.concatenate([t for _, t in taken])
 
 
-def early_exit(get_stage, num_exits: int, x: np.ndarray, criterion: str, thresholds, batch_size: int = 64,
+def early_exit(get_stage, num_exits: int, x: np.ndarray, criterion: Criterion, thresholds, batch_size: int = 64,
                observe=None) -> Answers:
     """Answer every sample of ``x`` (float32, N x stage-0 input). ``get_stage(k)`` returns stage k's
     callable; it is called only when some samples are about to run stage k. ``observe(k, positions,
@@ -84,7 +84,7 @@ def early_exit(get_stage, num_exits: int, x: np.ndarray, criterion: str, thresho
             observe(k, pos, logp)
         rest = None
         if k < final:
-            take = confident(scores_from_log_probs(logp, criterion), thresholds[k], criterion)
+            take = criterion.passes(criterion.score(logp), thresholds[k])
             taken = int(np.count_nonzero(take))
             if taken < len(pos):
                 if not taken:

@@ -14,10 +14,15 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING, Sequence
 
 from .. import measured
+from ..choices import EvidenceProvider
 from ..errors import BranchyError, IntegrityError, UsageError, shown
 from ..parsing import ArgumentParser
+
+if TYPE_CHECKING:
+    from ..seal.header import BundleHeader
 
 PROG = "branchy-tee predict"
 
@@ -32,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     keys.add_argument("--model-key", metavar="FILE", help="model owner's key file")
     keys.add_argument("--data-key", action="append", default=[], metavar="FILE", help="a data owner's key file (repeatable)")
     att = p.add_argument_group("keys by remote attestation")
-    att.add_argument("--attest", choices=["gramine", "simulated"], help="fetch keys from the owners' key brokers")
+    att.add_argument("--attest", choices=EvidenceProvider.names(), help="fetch keys from the owners' key brokers")
     att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker")
     att.add_argument("--model-broker-identity", metavar="HEX",
                      help="its identity (64 hex, `keygen --identity` prints it); only releases it signed are accepted")
@@ -78,7 +83,7 @@ def apply_enclave_settings(args, env=os.environ) -> None:
         raise UsageError("inside the enclave keys come only from attested key release; --model-key/--data-key are refused")
     if args.plaintext_result and env.get(measured.ALLOW_PLAINTEXT) != "1":
         raise UsageError("this enclave was built without plaintext results; --plaintext-result is refused")
-    attest = env.get(measured.ATTEST) or "gramine"
+    attest = env.get(measured.ATTEST) or EvidenceProvider.GRAMINE
     if args.attest and args.attest != attest:
         raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {attest}")
     args.attest = attest
@@ -122,16 +127,16 @@ def _key_source(args):
     return FileKeys(args.model_key, args.data_key, args.min_version)
 
 
-def check_pins(header: dict, args, what: str) -> None:
+def check_pins(header: BundleHeader, args, what: str) -> None:
     """The bundle must be the one the enclave was built for (measured bundle id and model key id)."""
-    for field, pinned, name in (("bundle_id", args.pinned_bundle_id, "bundle"),
-                                ("key_id", args.pinned_model_key_id, "model key id")):  # fmt: skip
-        if pinned is not None and header.get(field) != pinned:
-            raise IntegrityError(f"{what}: {name} {shown(header.get(field), 40)} is not the measured {name} {pinned} "
+    for value, pinned, name in ((header.bundle_id, args.pinned_bundle_id, "bundle"),
+                                (header.key_id, args.pinned_model_key_id, "model key id")):  # fmt: skip
+        if pinned is not None and value != pinned:
+            raise IntegrityError(f"{what}: {name} {shown(value, 40)} is not the measured {name} {pinned} "
                                  "this enclave serves (another model is refused)")
 
 
-def records_for(answers, classes: list[str], lo: int, hi: int) -> list[dict]:
+def records_for(answers, classes: Sequence[str], lo: int, hi: int) -> list[dict]:
     return [
         {"index": i - lo, "label": int(answers.labels[i]), "class_name": classes[int(answers.labels[i])],
          "confidence": round(float(answers.confidences[i]), 6), "exit": int(answers.exits[i])}
@@ -156,27 +161,27 @@ def _check_arguments(args) -> None:
 def _open_bundle_and_requests(args, log):
     """Verify the bundle and every request; return (bundle, [(header, inputs, raw)], data keys)."""
     from ..seal.bundle import open_bundle, read_header_unverified
-    from ..seal.envelope import REQUEST_MAGIC, open_request, read_envelope_header, read_file
+    from ..seal.envelope import open_request, read_file, request_key_id
 
     keys = _key_source(args)
-    bundle_header = read_header_unverified(args.bundle)["header"]
+    bundle_header = read_header_unverified(args.bundle)
     check_pins(bundle_header, args, args.bundle)
     # Learn which data keys are needed before asking for any key.
     raw_requests = [read_file(p, "request") for p in args.input]
-    kids = [read_envelope_header(data, REQUEST_MAGIC, p)[0]["key_id"] for data, p in zip(raw_requests, args.input)]
-    model_key = keys.model_key(args.pinned_model_key_id or str(bundle_header.get("key_id")))
+    kids = [request_key_id(data, p) for data, p in zip(raw_requests, args.input)]
+    model_key = keys.model_key(args.pinned_model_key_id or bundle_header.key_id)
     data_keys = keys.data_keys(sorted(set(kids)))
     bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
     h = bundle.header
     check_pins(h, args, args.bundle)  # the file read first may have been swapped since
-    log(f"bundle {h['arch']} v{h['model_version']} ({bundle.num_stages} stages) verified")
-    shape = h["preprocessing"]["input_shape"]
+    log(f"bundle {h.arch} v{h.model_version} ({bundle.num_stages} stages) verified")
+    shape = h.preprocessing.input_shape
     requests = [(*open_request(data, data_keys, shape, p), data) for data, p in zip(raw_requests, args.input)]
     log(f"{len(requests)} request(s), {sum(len(r[1]) for r in requests)} samples verified")
     return bundle, requests, data_keys
 
 
-def _write_results(args, bundle, requests, data_keys, answers, model: dict) -> None:
+def _write_results(args, bundle, requests, data_keys, answers) -> None:
     """Seal every data owner's answers for it; all answers exist before the first file is written."""
     from ..fileio import atomic_write_bytes, atomic_write_text
     from ..seal.envelope import request_digest, seal_result
@@ -184,9 +189,10 @@ def _write_results(args, bundle, requests, data_keys, answers, model: dict) -> N
     outputs, text, lo = [], [], 0
     for (req_header, inputs, raw), path in zip(requests, args.output):
         hi = lo + len(inputs)
-        recs = records_for(answers, bundle.header["classes"], lo, hi)
-        outputs.append((path, seal_result(recs, req_header, request_digest(raw), model, data_keys[req_header["key_id"]])))
-        text += plaintext_lines(req_header["request_id"], recs)
+        recs = records_for(answers, bundle.header.classes, lo, hi)
+        model = bundle.header.model_ref
+        outputs.append((path, seal_result(recs, req_header, request_digest(raw), model, data_keys[req_header.key_id])))
+        text += plaintext_lines(req_header.request_id, recs)
         lo = hi
     for path, blob in outputs:
         atomic_write_bytes(path, blob)
@@ -201,7 +207,6 @@ def run(args) -> dict:
     import numpy as np
 
     from ..fileio import atomic_write_text
-    from .criteria import never_exit_threshold
     from .engine import early_exit
     from .graphs import use_threads
     from .memprof import MemorySampler
@@ -216,14 +221,11 @@ def run(args) -> dict:
     with MemorySampler() if args.mprofile or args.stats_json else contextlib.nullcontext() as sampler:
         bundle, requests, data_keys = _open_bundle_and_requests(args, log)
         h = bundle.header
-        model = {"bundle_id": h["bundle_id"], "model_version": h["model_version"], "model_key_id": h["key_id"]}
         x = np.concatenate([r[1] for r in requests])
         store = StageStore(bundle, args.memory_budget, args.batch_size, log)
-        thresholds = h["thresholds"]
-        if args.full_model or not thresholds:
-            thresholds = [never_exit_threshold(h["criterion"])] * (bundle.num_stages - 1)
-        answers = early_exit(store.get, bundle.num_stages, x, h["criterion"], thresholds, args.batch_size)
-        _write_results(args, bundle, requests, data_keys, answers, model)
+        thresholds = h.exit_thresholds(args.full_model)
+        answers = early_exit(store.get, bundle.num_stages, x, h.criterion, thresholds, args.batch_size)
+        _write_results(args, bundle, requests, data_keys, answers)
         seconds = time.perf_counter() - t0
     stats = {
         "samples": len(x),
@@ -236,7 +238,7 @@ def run(args) -> dict:
         "resident_weights_peak_mib": round(store.resident_peak / MIB, 3),
         "activation_allowance_mib": round(store.activation_bytes / MIB, 3),
         "stage_load_seconds": round(store.load_seconds, 4),
-        **model,
+        **h.model_ref.to_json(),
         "requests": len(requests),
         "batch_size": args.batch_size,
         "memory_budget_mib": args.memory_budget,

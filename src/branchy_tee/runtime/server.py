@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 
+from ..choices import EvidenceProvider
 from ..errors import BranchyError, UsageError
 from ..parsing import ArgumentParser
 
@@ -45,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="sealed model bundle directory (model.btee)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any free port)")
     att = p.add_argument_group("the model key, by remote attestation")
-    att.add_argument("--attest", choices=["gramine", "simulated"], help="evidence provider (inside an enclave: measured)")
+    att.add_argument("--attest", choices=EvidenceProvider.names(),
+                     help="evidence provider (inside an enclave: measured)")
     att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (inside an enclave: measured)")
     att.add_argument("--model-broker-identity", metavar="HEX", help="its identity (inside an enclave: measured)")
     att.add_argument("--broker-ca", metavar="PEM", help="CA certificate for a broker served over HTTPS")
@@ -75,21 +77,18 @@ class LoadedModel:
     """The verified bundle, its stage store and exit rule: ``answer(x)`` for the batcher's thread."""
 
     def __init__(self, bundle, memory_budget, batch_size: int, full_model: bool, log):
-        from .criteria import never_exit_threshold
+        from .api import ModelInfo
         from .stages import StageStore
 
         h = bundle.header
         self.bundle, self.batch_size = bundle, batch_size
         self.store = StageStore(bundle, memory_budget, batch_size, log)
-        self.criterion = h["criterion"]
-        self.thresholds = h["thresholds"]
-        if full_model or not self.thresholds:
-            self.thresholds = [never_exit_threshold(self.criterion)] * (bundle.num_stages - 1)
-        self.classes = list(h["classes"])
-        self.input_shape = tuple(h["preprocessing"]["input_shape"])
-        self.identity = {"bundle_id": h["bundle_id"], "model_version": h["model_version"], "model_key_id": h["key_id"]}
-        self.info = {"arch": h["arch"], "classes": self.classes, "preprocessing": h["preprocessing"],
-                     "criterion": self.criterion, "num_exits": bundle.num_stages, **self.identity}  # fmt: skip
+        self.criterion = h.criterion
+        self.thresholds = h.exit_thresholds(full_model)
+        self.classes = h.classes
+        self.input_shape = h.preprocessing.input_shape
+        self.identity = h.model_ref.to_json()  # what every answer names
+        self.info = ModelInfo.of(h).to_json()  # GET /v1/model
         self.exit_counts = [0] * bundle.num_stages
 
     def answer(self, x):
@@ -132,9 +131,9 @@ def _load(args, log):
     from .predict import check_pins
 
     keys = _model_keys(args)
-    header = read_header_unverified(args.bundle)["header"]
+    header = read_header_unverified(args.bundle)
     check_pins(header, args, args.bundle)
-    kid = args.pinned_model_key_id or str(header.get("key_id"))
+    kid = args.pinned_model_key_id or header.key_id
     model_key = keys.model_key(kid)
     bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
     check_pins(bundle.header, args, args.bundle)  # the header read first may have been swapped since
@@ -233,8 +232,8 @@ def run(args) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
     server, stop = start(args, log)
     host, port = server.server_address[:2]
-    m = server.model.identity
-    print(f"serving {server.model.info['arch']} (bundle {m['bundle_id']}, model version {m['model_version']}) "
+    h = server.model.bundle.header
+    print(f"serving {h.arch} (bundle {h.bundle_id}, model version {h.model_version}) "
           f"on https://{host}:{port} for {len(server.allowed)} allowed data owner(s)", flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

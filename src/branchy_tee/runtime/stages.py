@@ -23,12 +23,11 @@ MIB = 1 << 20
 
 class StageStore:
     def __init__(self, bundle: SealedBundle, memory_budget_mib: float | None = None, batch_size: int = 1, log=None):
-        h = bundle.header
         self.bundle = bundle
         self.log = log or (lambda msg: None)
         self.num_stages = bundle.num_stages
-        self.weight_bytes = [int(s["weight_bytes"]) for s in h["stages"]]
-        self.activation_bytes = batch_size * activation_bytes_per_sample(h)
+        self.weight_bytes = [s.weight_bytes for s in bundle.header.stages]
+        self.activation_bytes = batch_size * activation_bytes_per_sample(bundle.header)
         self.budget = None
         if memory_budget_mib is not None:
             self.budget = int(memory_budget_mib * MIB) - self.activation_bytes
@@ -73,7 +72,7 @@ class StageStore:
 
     def _load(self, k: int) -> StageGraph:
         t = time.perf_counter()
-        what = f"{self.bundle.path.name}/{self.bundle.header['stages'][k]['file']}"
+        what = self.bundle.stage_name(k)
         plain = self.bundle.decrypt_stage(k)
         graph = bytes(plain)  # what ONNX Runtime's loader takes
         del plain  # so that at most two copies of the graph exist while its session is built: ours and the parser's

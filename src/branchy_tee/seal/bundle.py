@@ -34,18 +34,16 @@ from pathlib import Path
 
 from ..errors import BranchyError, IntegrityError, shown
 from ..fileio import read_regular_file
+from ..modelcard import ModelFacts
 from . import aead
+from .header import BUNDLE_FORMAT, HEADER_MEMBERS, STAGE_MEMBERS, BundleHeader, StageEntry, stage_file
 from .keys import derive, key_id
 
-BUNDLE_FORMAT = "branchy-tee/bundle/v2"  # v2: stage payloads are ONNX graphs (v1: safetensors)
 HEADER_FILE = "header.json"
 MAX_HEADER_BYTES = 1 << 20
-# header.json holds exactly these members, in this order (as seal_model writes them): anything else
-# is refused before the MAC is even computed.
+# header.json holds exactly these members, in this order (as seal_model writes them), and so do the
+# header and its stage entries: anything else is refused before the MAC is even computed.
 DOC_MEMBERS = ("header", "mac")
-HEADER_MEMBERS = ("format", "bundle_id", "model_version", "key_id", "arch", "config", "classes", "preprocessing",
-                  "criterion", "thresholds", "stage_flops", "head_flops", "chunk_size", "stages")  # fmt: skip
-STAGE_MEMBERS = ("index", "file", "plaintext_size", "weight_bytes", "activation_elems", "sealed_size")
 
 
 def canonical_json(obj) -> bytes:
@@ -62,33 +60,35 @@ def _stage_key(model_key: bytes, bundle_id: str, version: int, index: int) -> by
 
 
 def _header_mac(model_key: bytes, header: dict) -> str:
+    """The MAC of a header object, exactly as read or about to be written (not a re-serialisation)."""
     mac_key = derive(model_key, "bundle-header", str(header.get("bundle_id", "")).encode())
     return hmac.new(mac_key, canonical_json(header), hashlib.sha256).hexdigest()
 
 
 # --------------------------------------------------------------------------- writing (model owner)
-def seal_model(model, meta: dict, model_key: bytes, out: str | os.PathLike, version: int = 1,
-               chunk_size: int = aead.DEFAULT_CHUNK) -> dict:
-    """Export a model (eval mode; ``meta`` from its model.json) to stage graphs and seal them into ``out``."""
+def seal_model(model, card: ModelFacts, model_key: bytes, out: str | os.PathLike, version: int = 1,
+               chunk_size: int = aead.DEFAULT_CHUNK) -> BundleHeader:
+    """Export a model (eval mode; ``card``: its model card, or any header of its architecture) to stage
+    graphs and seal them into ``out``."""
     from ..export.onnx import export_stages
 
-    graphs, facts = export_stages(model, meta["preprocessing"]["input_shape"])
-    return seal_graphs(graphs, facts, meta, model_key, out, version, chunk_size)
+    graphs, facts = export_stages(model, card.preprocessing.input_shape)
+    return seal_graphs(graphs, facts, card, model_key, out, version, chunk_size)
 
 
 def seal_run(run_dir: str | os.PathLike, model_key: bytes, out: str | os.PathLike, version: int = 1,
-             chunk_size: int = aead.DEFAULT_CHUNK, show: bool = False) -> dict:
+             chunk_size: int = aead.DEFAULT_CHUNK, show: bool = False) -> BundleHeader:
     """Seal a run directory's exported stage graphs (exported first if they are missing or stale)."""
     from ..export.onnx import exported_graphs
-    from ..rundir import read_model_json
+    from ..rundir import read_model_card
 
-    meta = read_model_json(run_dir)
+    card = read_model_card(run_dir)
     graphs, doc = exported_graphs(run_dir, show=show)
-    return seal_graphs(graphs, doc["stages"], meta, model_key, out, version, chunk_size)
+    return seal_graphs(graphs, doc["stages"], card, model_key, out, version, chunk_size)
 
 
-def seal_graphs(graphs: list[bytes], facts: list[dict], meta: dict, model_key: bytes, out: str | os.PathLike,
-                version: int = 1, chunk_size: int = aead.DEFAULT_CHUNK) -> dict:
+def seal_graphs(graphs: list[bytes], facts: list[dict], card: ModelFacts, model_key: bytes, out: str | os.PathLike,
+                version: int = 1, chunk_size: int = aead.DEFAULT_CHUNK) -> BundleHeader:
     """Seal stage graphs (ONNX bytes, one per stage; ``facts`` per stage: weight_bytes and
     activation_elems) into the bundle directory ``out``.
 
@@ -107,35 +107,19 @@ def seal_graphs(graphs: list[bytes], facts: list[dict], meta: dict, model_key: b
     try:
         stages = []
         for k, (plain, fact) in enumerate(zip(graphs, facts)):
-            name = f"stage-{k:02d}.bin"
             key = _stage_key(model_key, bundle_id, version, k)
-            with open(tmp / name, "wb") as f:
+            with open(tmp / stage_file(k), "wb") as f:
                 for chunk in aead.seal_chunks(key, plain, _stage_context(bundle_id, version, k), chunk_size):
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            # plaintext_size: the graph's bytes (decrypted while its session is built); weight_bytes: what
-            # its session keeps resident, the unit of the enclave's memory budget.
-            stages.append({"index": k, "file": name, "plaintext_size": len(plain), "weight_bytes": int(fact["weight_bytes"]),
-                           "activation_elems": int(fact["activation_elems"]),
-                           "sealed_size": aead.sealed_size(len(plain), chunk_size)})
-        header = {
-            "format": BUNDLE_FORMAT,
-            "bundle_id": bundle_id,
-            "model_version": version,
-            "key_id": key_id(model_key),
-            "arch": meta["arch"],
-            "config": meta["config"],
-            "classes": meta["classes"],
-            "preprocessing": meta["preprocessing"],
-            "criterion": meta["criterion"],
-            "thresholds": meta["thresholds"],
-            "stage_flops": meta["stage_flops"],
-            "head_flops": meta["head_flops"],
-            "chunk_size": chunk_size,
-            "stages": stages,
-        }
-        doc = {"header": header, "mac": _header_mac(model_key, header)}
+            stages.append(StageEntry(k, stage_file(k), len(plain), int(fact["weight_bytes"]),
+                                     int(fact["activation_elems"]), aead.sealed_size(len(plain), chunk_size)))
+        header = BundleHeader(bundle_id=bundle_id, model_version=version, key_id=key_id(model_key),
+                              chunk_size=chunk_size, stages=tuple(stages), **card.facts())
+        header.check(f"{out}/{HEADER_FILE}", BranchyError)
+        header_doc = header.to_json()
+        doc = {"header": header_doc, "mac": _header_mac(model_key, header_doc)}
         (tmp / HEADER_FILE).write_bytes(header_file_bytes(doc))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the bundle is ciphertext and may be shared
         os.replace(tmp, out)
@@ -151,13 +135,20 @@ def header_file_bytes(doc: dict) -> bytes:
 
 
 # --------------------------------------------------------------------------- reading (enclave)
-def read_header_unverified(path: str | os.PathLike) -> dict:
+def read_header_unverified(path: str | os.PathLike) -> BundleHeader:
     """The header as stored, without checking its MAC: for data owners (who have no model key) to
     read the preprocessing, and for the enclave to learn which model key it needs."""
-    return _read_header(path)[0]
+    doc, _ = _read_header(path)
+    return BundleHeader.parse(doc["header"], _where(path))
+
+
+def _where(path: str | os.PathLike) -> str:
+    return f"{Path(path).name}/{HEADER_FILE}"
 
 
 def _read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
+    """header.json's document ({"header", "mac"}, the header's members and their stage entries
+    exactly as sealed, untyped: what the MAC covers) and its bytes."""
     file = Path(path) / HEADER_FILE
     if not os.path.lexists(file):
         raise BranchyError(f"{path}: not a sealed bundle (no {HEADER_FILE})")
@@ -185,57 +176,46 @@ def _read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
 @dataclass
 class SealedBundle:
     path: Path
-    header: dict
+    header: BundleHeader
     model_key: bytes
 
     @property
     def num_stages(self) -> int:
-        return len(self.header["stages"])
+        return self.header.num_stages
+
+    def stage_name(self, k: int) -> str:
+        """Stage k's file as messages name it (BUNDLE/stage-KK.bin)."""
+        return f"{self.path.name}/{self.header.stages[k].file}"
 
     def decrypt_stage(self, k: int, into=None):
         """Stage k's plaintext (its ONNX graph's bytes, in ``into`` or a fresh buffer), every chunk verified."""
-        h = self.header
-        entry = h["stages"][k]
-        what = f"{self.path.name}/{entry['file']}"
-        key = _stage_key(self.model_key, h["bundle_id"], h["model_version"], k)
+        h, entry = self.header, self.header.stages[k]
+        what = self.stage_name(k)
+        key = _stage_key(self.model_key, h.bundle_id, h.model_version, k)
         try:
-            with open(self.path / entry["file"], "rb", buffering=0) as f:
-                return aead.open_chunks(key, f, _stage_context(h["bundle_id"], h["model_version"], k),
-                                        entry["plaintext_size"], h["chunk_size"], what, into)
+            with open(self.path / entry.file, "rb", buffering=0) as f:
+                return aead.open_chunks(key, f, _stage_context(h.bundle_id, h.model_version, k),
+                                        entry.plaintext_size, h.chunk_size, what, into)
         except FileNotFoundError:
             raise IntegrityError(f"{what}: stage file missing") from None
         except OSError as e:
             raise BranchyError(f"{what}: cannot read ({e.strerror})") from None
 
 
-def _check_header_fields(header: dict, where: str) -> None:
-    try:
-        stages = header["stages"]
-        ok = (
-            isinstance(header["bundle_id"], str) and isinstance(header["model_version"], int)
-            and isinstance(header["chunk_size"], int) and header["chunk_size"] > 0
-            and isinstance(stages, list) and len(stages) >= 2
-            and all(isinstance(s, dict) and s.get("index") == i and isinstance(s.get("plaintext_size"), int)
-                    and s["plaintext_size"] >= 0 and s.get("file") == f"stage-{i:02d}.bin"
-                    and isinstance(s.get("weight_bytes"), int) and isinstance(s.get("activation_elems"), int)
-                    for i, s in enumerate(stages))
-        )  # fmt: skip
-    except (KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise IntegrityError(f"{where}: authentic header with unusable fields")
-
-
 def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0) -> SealedBundle:
-    """Verify the header with the model key; refuse versions below ``min_version``."""
+    """Verify the header with the model key; refuse versions below ``min_version``.
+
+    The MAC is checked over the header object exactly as read, and the file's bytes must be those
+    that object is written as; only then is the header parsed into its type."""
     path = Path(path)
     doc, raw = _read_header(path)
-    header = doc["header"]
-    where = f"{path.name}/{HEADER_FILE}"
-    if header.get("key_id") != key_id(model_key):
-        raise IntegrityError(f"{where}: sealed for model key id {header.get('key_id')}, but the key given has id {key_id(model_key)}")
+    sealed = doc["header"]  # untyped until authenticated
+    where = _where(path)
+    if sealed.get("key_id") != key_id(model_key):
+        raise IntegrityError(f"{where}: sealed for model key id {shown(sealed.get('key_id'), 40)}, but the key given "
+                             f"has id {key_id(model_key)}")
     try:
-        expected = _header_mac(model_key, header)
+        expected = _header_mac(model_key, sealed)
     except (ValueError, RecursionError) as e:  # e.g. NaN smuggled into the JSON
         raise IntegrityError(f"{where}: header cannot be authenticated ({e})") from None
     # compare_digest refuses non-ASCII str (TypeError): only a hex MAC can be the right one anyway.
@@ -245,7 +225,12 @@ def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0)
     # the same header (whitespace, escapes, digits): the file must be byte for byte as sealed.
     if raw != header_file_bytes(doc):
         raise IntegrityError(f"{where}: header bytes differ from the sealed file (reformatted or tampered)")
-    _check_header_fields(header, where)
-    if header["model_version"] < min_version:
-        raise IntegrityError(f"{where}: model version {header['model_version']} is older than the minimum {min_version} (rollback refused)")
+    try:
+        header = BundleHeader.parse(sealed, where)
+    except IntegrityError as e:
+        detail = str(e).removeprefix(f"{where}: ")
+        raise IntegrityError(f"{where}: authentic header with unusable fields: {detail}") from None
+    if header.model_version < min_version:
+        raise IntegrityError(f"{where}: model version {header.model_version} is older than the minimum {min_version} "
+                             "(rollback refused)")
     return SealedBundle(path, header, model_key)

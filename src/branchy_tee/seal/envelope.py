@@ -23,6 +23,7 @@ import secrets
 import struct
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -32,23 +33,20 @@ from safetensors.numpy import save as st_save
 
 from ..errors import BranchyError, IntegrityError, UsageError, shown
 from ..fileio import read_regular_file
+from ..strict import Fields
 from .bundle import canonical_json
+from .header import ModelRef
 from .keys import KEY_ID_RE, derive, key_id
 
 REQUEST_MAGIC = b"BTEEREQ1"
 RESULT_MAGIC = b"BTEERES1"
+REQUEST_FORMAT = "branchy-tee/request/v1"
 RESULT_FORMAT = "branchy-tee/result/v2"
 MAX_REQUEST_ID = 128
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HEADER = 64 * 1024
 NONCE = 12
 MAX_FILE = 1 << 30  # largest request or result file read (1 GiB)
-
-
-@dataclass
-class Envelope:
-    header: dict
-    payload: bytes
 
 
 def new_request_id() -> str:
@@ -76,6 +74,68 @@ def check_request_id(request_id: object) -> str:
     return request_id  # type: ignore[return-value]
 
 
+def _is_key_id(v: str) -> bool:
+    return KEY_ID_RE.fullmatch(v) is not None
+
+
+def _is_request_id(v: str) -> bool:
+    return request_id_problem(v) is None
+
+
+@dataclass(frozen=True)
+class RequestHeader:
+    """A request's authenticated header: which request, under which data key, and what it holds."""
+
+    request_id: str
+    key_id: str  # the data owner's key id
+    samples: int
+    shape: tuple[int, ...]  # one input's (C, H, W)
+    dtype: str  # the payload's tensor type as the sender says it (the payload itself is checked)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": REQUEST_FORMAT, "request_id": self.request_id, "samples": self.samples,
+                "shape": list(self.shape), "dtype": self.dtype, "key_id": self.key_id}  # fmt: skip
+
+    @classmethod
+    def parse(cls, doc: object, what: str) -> "RequestHeader":
+        f = Fields(doc, what, "the request header", IntegrityError)
+        f.text("format", lambda v: v == REQUEST_FORMAT, REQUEST_FORMAT)
+        h = cls(f.text("request_id", _is_request_id, "a request id"), f.text("key_id", _is_key_id, "a key id"),
+                f.integer("samples", 0), f.integers("shape", lo=0), f.text("dtype"))  # fmt: skip
+        f.done()
+        return h
+
+
+@dataclass(frozen=True)
+class ResultHeader:
+    """A result's authenticated header: the request it answers (its id and its file's SHA-256) and
+    the sealed model that answered."""
+
+    request_id: str
+    request_sha256: str
+    model: ModelRef
+    samples: int
+    key_id: str  # the data owner's key id
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": RESULT_FORMAT, "request_id": self.request_id, "request_sha256": self.request_sha256,
+                **self.model.to_json(), "samples": self.samples, "key_id": self.key_id}  # fmt: skip
+
+    @classmethod
+    def parse(cls, doc: object, what: str) -> "ResultHeader":
+        f = Fields(doc, what, "the result header", IntegrityError)
+        if f.doc.get("format") != RESULT_FORMAT:
+            raise IntegrityError(f"{what}: authentic, but not a {RESULT_FORMAT} result (no request digest or model)")
+        f.text("format")
+        h = cls(f.text("request_id", _is_request_id, "a request id"),
+                f.text("request_sha256", lambda v: DIGEST_RE.fullmatch(v) is not None, "a SHA-256 (64 lower-case hex)"),
+                ModelRef(f.text("bundle_id"), f.integer("model_version", 1),
+                         f.text("model_key_id", _is_key_id, "a key id")),
+                f.integer("samples", 0), f.text("key_id", _is_key_id, "a key id"))  # fmt: skip
+        f.done()
+        return h
+
+
 def request_digest(envelope: bytes) -> str:
     """The SHA-256 (hex) of a request file's bytes: what its result binds."""
     return hashlib.sha256(envelope).hexdigest()
@@ -87,6 +147,7 @@ def _key(data_key: bytes, magic: bytes, request_id: str) -> bytes:
 
 
 def seal_envelope(magic: bytes, header: dict, payload: bytes, data_key: bytes) -> bytes:
+    """Seal ``payload`` under ``header`` (a typed header's ``to_json()``; the data key's id is set here)."""
     header = {**header, "key_id": key_id(data_key)}
     hbytes = canonical_json(header)
     prefix = magic + struct.pack(">I", len(hbytes)) + hbytes
@@ -95,7 +156,9 @@ def seal_envelope(magic: bytes, header: dict, payload: bytes, data_key: bytes) -
 
 
 def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, int]:
-    """(header, offset of the nonce) without decrypting; the header is not yet authenticated."""
+    """(header, offset of the nonce) without decrypting. The header is not yet authenticated: only
+    its request id and key id (which key opens it) are checked here, and nothing else is read from it
+    before it is authenticated (``open_envelope``)."""
     kind = "request" if magic == REQUEST_MAGIC else "result"
     if len(data) < len(magic) + 4 or data[: len(magic)] != magic:
         raise IntegrityError(f"{what}: not a branchy-tee {kind} file")
@@ -116,8 +179,14 @@ def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, in
     return header, 12 + n
 
 
-def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) -> Envelope:
-    """Authenticate and decrypt with the key whose id the header names (``keys``: key id -> key)."""
+def request_key_id(data: bytes, what: str) -> str:
+    """The data key id a request says it is sealed under (unauthenticated: it says which key to try)."""
+    return read_envelope_header(data, REQUEST_MAGIC, what)[0]["key_id"]
+
+
+def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) -> tuple[dict, bytes]:
+    """(header, payload), authenticated and decrypted with the key whose id the header names
+    (``keys``: key id -> key). The header is as read: its type's ``parse`` reads it next."""
     header, off = read_envelope_header(data, magic, what)
     key = keys.get(header["key_id"])
     if key is None:
@@ -129,7 +198,7 @@ def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) 
         payload = AESGCM(_key(key, magic, header["request_id"])).decrypt(nonce, body, data[:off])
     except InvalidTag:
         raise IntegrityError(f"{what}: failed authentication (tampered, or not sealed with this data key)") from None
-    return Envelope(header, payload)
+    return header, payload
 
 
 def read_file(path: str | os.PathLike, what: str = "request or result file", limit: int = MAX_FILE) -> bytes:
@@ -143,9 +212,9 @@ def seal_request(inputs, data_key: bytes, request_id: str | None = None) -> byte
     """``inputs``: a float32 array (N, C, H, W), numpy or anything that converts to one (a CPU tensor)."""
     inputs = np.ascontiguousarray(inputs)
     check_inputs(inputs, None, "inputs")
-    header = {"format": "branchy-tee/request/v1", "request_id": check_request_id(new_request_id() if request_id is None else request_id),
-              "samples": int(inputs.shape[0]), "shape": list(inputs.shape[1:]), "dtype": "float32"}
-    return seal_envelope(REQUEST_MAGIC, header, st_save({"inputs": inputs}), data_key)
+    header = RequestHeader(check_request_id(new_request_id() if request_id is None else request_id), key_id(data_key),
+                           int(inputs.shape[0]), tuple(int(n) for n in inputs.shape[1:]), "float32")  # fmt: skip
+    return seal_envelope(REQUEST_MAGIC, header.to_json(), st_save({"inputs": inputs}), data_key)
 
 
 def check_inputs(x: np.ndarray, shape, what: str) -> None:
@@ -160,51 +229,46 @@ def check_inputs(x: np.ndarray, shape, what: str) -> None:
         raise BranchyError(f"{what}: inputs contain NaN or infinite values")
 
 
-def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) -> tuple[dict, np.ndarray]:
-    env = open_envelope(data, REQUEST_MAGIC, keys, what)
+def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) -> tuple[RequestHeader, np.ndarray]:
+    doc, payload = open_envelope(data, REQUEST_MAGIC, keys, what)
+    header = RequestHeader.parse(doc, what)
     try:
-        tensors = st_load(env.payload)
+        tensors = st_load(payload)
     except Exception:
         raise BranchyError(f"{what}: authentic but not a tensor payload") from None
     x = tensors.get("inputs")
     if x is None or len(tensors) != 1:
         raise BranchyError(f"{what}: payload must hold exactly one tensor named 'inputs'")
     check_inputs(x, input_shape, what)
-    if env.header.get("samples") != x.shape[0]:
-        raise BranchyError(f"{what}: header says {env.header.get('samples')} samples, payload holds {x.shape[0]}")
-    return env.header, x
+    if header.samples != x.shape[0]:
+        raise BranchyError(f"{what}: header says {header.samples} samples, payload holds {x.shape[0]}")
+    return header, x
 
 
 # --------------------------------------------------------------------------- results
-MODEL_FIELDS = ("bundle_id", "model_version", "model_key_id")
-
-
-def seal_result(records: list[dict], request_header: dict, request_sha256: str, model: dict, data_key: bytes) -> bytes:
+def seal_result(records: list[dict], request: RequestHeader, request_sha256: str, model: ModelRef,
+                data_key: bytes) -> bytes:
     """The sealed answer to one request: bound to that request's exact bytes (``request_sha256``) and
-    naming the model that answered (``model``: bundle id, model version, model key id)."""
-    header = {"format": RESULT_FORMAT, "request_id": request_header["request_id"], "request_sha256": request_sha256,
-              **{k: model[k] for k in MODEL_FIELDS}, "samples": len(records)}  # fmt: skip
-    return seal_envelope(RESULT_MAGIC, header, json.dumps(records).encode(), data_key)
+    naming the model that answered."""
+    header = ResultHeader(request.request_id, request_sha256, model, len(records), key_id(data_key))
+    return seal_envelope(RESULT_MAGIC, header.to_json(), json.dumps(records).encode(), data_key)
 
 
-def open_result(data: bytes, data_key: bytes, what: str, request_sha256: str) -> tuple[dict, list[dict]]:
+def open_result(data: bytes, data_key: bytes, what: str, request_sha256: str) -> tuple[ResultHeader, list[dict]]:
     """(header, records) of a result, which must answer the request whose file has SHA-256
     ``request_sha256`` (see :func:`request_digest`); IntegrityError otherwise."""
     if not isinstance(request_sha256, str) or not DIGEST_RE.fullmatch(request_sha256):
         raise UsageError("a result is opened only with the digest of the request it answers (64 lower-case hex)")
-    env = open_envelope(data, RESULT_MAGIC, {key_id(data_key): data_key}, what)
-    h = env.header
-    if h.get("format") != RESULT_FORMAT or not isinstance(h.get("request_sha256"), str) or not all(
-            k in h for k in MODEL_FIELDS):
-        raise IntegrityError(f"{what}: authentic, but not a {RESULT_FORMAT} result (no request digest or model)")
-    if not hmac.compare_digest(h["request_sha256"], request_sha256):
-        raise IntegrityError(f"{what}: answers another request (request {shown(h['request_id'])} with SHA-256 "
-                             f"{shown(h['request_sha256'], 64)}), not the one with SHA-256 {request_sha256}: "
+    doc, payload = open_envelope(data, RESULT_MAGIC, {key_id(data_key): data_key}, what)
+    h = ResultHeader.parse(doc, what)
+    if not hmac.compare_digest(h.request_sha256, request_sha256):
+        raise IntegrityError(f"{what}: answers another request (request {shown(h.request_id)} with SHA-256 "
+                             f"{shown(h.request_sha256, 64)}), not the one with SHA-256 {request_sha256}: "
                              "a replayed or misdirected result")
     try:
-        records = json.loads(env.payload)
+        records = json.loads(payload)
     except (ValueError, RecursionError):
         raise IntegrityError(f"{what}: authentic but malformed result payload") from None
-    if not isinstance(records, list) or len(records) != env.header.get("samples"):
+    if not isinstance(records, list) or len(records) != h.samples:
         raise IntegrityError(f"{what}: result payload does not match its header")
-    return env.header, records
+    return h, records

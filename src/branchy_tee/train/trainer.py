@@ -29,10 +29,12 @@ from ..fileio import atomic_write_bytes
 from ..models import create_model, resolve_name
 from ..models.cost import arch_part_flops
 from ..runtime.tuning import channels_last
-from ..rundir import load_run, read_model_json, update_model_json, write_model_json, write_weights
+from ..modelcard import DataSpec, ModelCard
+from ..rundir import load_run, read_model_card, write_model_card, write_weights
 from .losses import multi_exit_loss
 
 from ..choices import DISTILL, OPTIMIZERS
+from ..runtime.criteria import criterion
 
 
 @dataclass
@@ -123,15 +125,15 @@ def load_datasets(cfg: TrainConfig):
     full = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download, {"seed": cfg.seed, **cfg.synthetic})
     train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, seed=cfg.seed)
     size = full.input_shape[-1]
-    aug = train_transform(full.mean, full.std, size=size, padding=max(2, size // 8))
-    return full.subset(train_idx, aug), full.subset(val_idx, eval_transform(full.mean, full.std)), full
+    aug = train_transform(full.preprocessing, size=size, padding=max(2, size // 8))
+    return full.subset(train_idx, aug), full.subset(val_idx, eval_transform(full.preprocessing)), full
 
 
 def load_teacher(path: str, num_classes: int, device: torch.device) -> torch.nn.Module:
     """A separately trained model: a run directory, or a ``checkpoint.pt`` written by this trainer."""
     p = Path(path)
     if p.is_dir():
-        teacher, meta = load_run(p)
+        teacher, _ = load_run(p)
     else:
         ckpt = _load_checkpoint(p)
         teacher = create_model(ckpt["arch"], **ckpt["model_config"])
@@ -300,19 +302,19 @@ def fit(cfg: TrainConfig) -> dict:
                               generator=loader_gen, pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size)
     val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 256), shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
 
-    meta = {
-        "arch": cfg.net,
-        "config": model.config,
-        "classes": full.classes,
-        "dataset": full.name,
-        "preprocessing": {"input_shape": list(full.input_shape), "scale": 1 / 255, "mean": list(full.mean), "std": list(full.std)},
-        "criterion": cfg.criterion,
-        "thresholds": None,  # until calibration: never exit early
-        "stage_flops": stage_flops,
-        "head_flops": head_flops,
-        "data": {"dataset": cfg.dataset, "synthetic": {"seed": cfg.seed, **cfg.synthetic}, "val_fraction": cfg.val_fraction, "seed": cfg.seed},
-        "training": {"config": _jsonable(cfg), "world_size": world},
-    }
+    card = ModelCard(
+        arch=cfg.net,
+        config=model.config,
+        classes=tuple(full.classes),
+        dataset=full.name,
+        preprocessing=full.preprocessing,
+        criterion=criterion(cfg.criterion),
+        thresholds=None,  # until calibration: never exit early
+        stage_flops=tuple(stage_flops),
+        head_flops=tuple(head_flops),
+        data=DataSpec(cfg.dataset, {"seed": cfg.seed, **cfg.synthetic}, cfg.val_fraction, cfg.seed),
+        training={"config": _jsonable(cfg), "world_size": world},
+    )
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -351,8 +353,9 @@ def fit(cfg: TrainConfig) -> dict:
         if is_main:
             if improved:
                 write_weights(out / "model.safetensors", model)
-                write_model_json(out, {**meta, "training": {**meta["training"], "best_epoch": epoch + 1, "val_loss": best_loss,
-                                                            "val_exit_accuracy": va["exit_accuracy"]}})
+                training = {**(card.training or {}), "best_epoch": epoch + 1, "val_loss": best_loss,
+                            "val_exit_accuracy": va["exit_accuracy"]}
+                write_model_card(out, card.replace(training=training))
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, best_loss, best_epoch, bad_epochs, cfg)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -379,8 +382,9 @@ def fit(cfg: TrainConfig) -> dict:
         export_run(out, show=show)  # the stage graphs that calibration, evaluation and sealing use
 
         if world > 1:
-            meta_now = read_model_json(out)
-            update_model_json(out, training={**meta_now["training"], "ddp_identical_weights": summary["ddp_identical_weights"]})
+            now = read_model_card(out)
+            same = summary["ddp_identical_weights"]
+            write_model_card(out, now.replace(training={**(now.training or {}), "ddp_identical_weights": same}))
         summary["calibration"] = calibrate_run(out, max_accuracy_drop=cfg.max_accuracy_drop, criterion=cfg.criterion,
                                                device=device, max_batches=cfg.max_batches, val_set=val_ds, show=show)
     if world > 1:
