@@ -9,7 +9,7 @@ BT     := $(VENV)/bin/branchy-tee
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: all setup data demo test fuzz bench clean
+.PHONY: all setup data tools enclave-env demo test fuzz bench clean
 
 all: test
 
@@ -24,16 +24,26 @@ setup: $(STAMP)
 data:
 	@scripts/ensure-fashion-mnist.sh
 
+# Test tools from the system: strace (the enclave's run-time file policy test).
+tools:
+	@scripts/ensure-strace.sh
+
+# The enclave's own Python environment (.enclave-env): the standard library and only what the enclave
+# runs, from the `enclave` extra's pins. `branchy-tee enclave build` makes or reuses the same one.
+enclave-env: setup
+	$(BT) enclave env
+
 # The main job: every party on this machine (train, calibrate, seal, key brokers, enclave, results).
 demo: setup data
 	$(BT) demo
 
-test: setup data
+test: setup data tools
 	$(PY) -m pytest -q
 
-# The security figures (docs/SECURITY-SECTION.md): tamper campaign (1,000 trials per artifact), key broker
+# The security figures (docs/security.md): tamper campaign (1,000 trials per artifact), key broker
 # under 200 concurrent clients for 30 s, SIGKILL crash tests, then the atheris fuzzers for FUZZ_SECONDS in
-# total. Every part runs even if an earlier one fails; reports in fuzz/out/, a summary at the end.
+# total. Every part runs even if an earlier one fails; reports in fuzz/out/. When all pass, the reports are kept
+# in docs/security-data/ and docs/security.md's figures are rewritten from them.
 FUZZ_SECONDS ?= 600
 fuzz: setup data
 	$(PY) -m pip install --quiet --disable-pip-version-check 'atheris>=2.3'
@@ -42,11 +52,12 @@ fuzz: setup data
 	$(PY) tests/security/load.py --concurrency 200 --seconds 30 --json fuzz/out/load.json || status=1; \
 	$(PY) tests/security/crashes.py --kills 20 --restarts 3 --json fuzz/out/crashes.json || status=1; \
 	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS) --json fuzz/out/fuzz-report.json || status=1; \
-	$(PY) tests/security/report.py fuzz/out; \
+	if [ $$status = 0 ]; then $(PY) tests/security/report.py fuzz/out --update docs/security.md; \
+	else $(PY) tests/security/report.py fuzz/out; fi; \
 	exit $$status
 
 bench: setup data
 	$(BT) bench --json runs/bench.json
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .enclave-env build src/*.egg-info .pytest_cache .hypothesis

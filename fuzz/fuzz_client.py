@@ -23,11 +23,12 @@ REC = json.loads((common.WORLD / "client-exchange.json").read_text())
 SK = X25519PrivateKey.from_private_bytes(bytes.fromhex(REC["sk"]))
 PK = bytes.fromhex(REC["pk"])
 KEY = bytes.fromhex(REC["key"])
+IDENTITY = bytes.fromhex(REC["identity"])  # the recorded broker's: the one the client expects
 
 
 def TestOneInput(data: bytes) -> None:
     nonce_body, _, keys_body = data.partition(b"\0")
-    ak = AttestedKeys("simulated", "http://broker.invalid:1", ["http://broker.invalid:1"], provider=_StubProvider())
+    ak = AttestedKeys("simulated", "http://broker.invalid:1", IDENTITY, ["http://broker.invalid:1"], provider=_StubProvider())
     ak._sk, ak.public_key = SK, PK
     ak._opener = urllib.request.build_opener(_Canned({"/v1/nonce": nonce_body, "/v1/keys": keys_body}))
     try:

@@ -21,6 +21,7 @@ with atheris.instrument_imports(include=["branchy_tee"]):
 KEY = common.read_key("do1.key")
 KEYS = {key_id(KEY): KEY}
 SHAPE = [1, 28, 28]
+DIGEST = "ab" * 32  # the request a fuzzed result claims to answer
 
 
 def _try(fn, *args):
@@ -38,19 +39,22 @@ def TestOneInput(data: bytes) -> None:
         magic = envelope.REQUEST_MAGIC if mode & 1 else envelope.RESULT_MAGIC
         _try(envelope.read_envelope_header, rest, magic, "f")
         _try(envelope.open_request, rest, KEYS, SHAPE, "req")
-        _try(envelope.open_result, rest, KEY, "res", "req-do1")
+        _try(envelope.open_result, rest, KEY, "res", DIGEST)
         return
     fdp = atheris.FuzzedDataProvider(rest)
     samples = fdp.ConsumeIntInRange(-1, 8)
     rid = fdp.ConsumeUnicodeNoSurrogates(8)
     payload = fdp.ConsumeBytes(fdp.remaining_bytes())
     header = {"request_id": rid, "samples": samples if samples >= 0 else "x"}
+    model = {"bundle_id": "cd" * 16, "model_version": 1, "model_key_id": "ef" * 8}
     for magic in (envelope.REQUEST_MAGIC, envelope.RESULT_MAGIC):
+        if magic == envelope.RESULT_MAGIC:
+            header = {"format": envelope.RESULT_FORMAT, **header, "request_sha256": DIGEST, **model}
         blob = envelope.seal_envelope(magic, header, payload, KEY)
         if magic == envelope.REQUEST_MAGIC:
             _try(envelope.open_request, blob, KEYS, SHAPE, "req")
         else:
-            _try(envelope.open_result, blob, KEY, "res", rid)
+            _try(envelope.open_result, blob, KEY, "res", DIGEST)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """atheris: the hand-written DER reader of the PCK certificate's SGX extension
-(attest.verify.parse_pck_extension), fed the extension's bytes directly."""
+(attest.pck.parse_pck_extension), fed the extension's bytes directly."""
 
 import sys
 
@@ -8,7 +8,7 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.attest.verify import SGX_EXTENSION_OID, parse_pck_extension
+    from branchy_tee.attest.pck import SGX_EXTENSION_OID, parse_pck_extension
     from branchy_tee.errors import AttestationError
 
 

@@ -5,7 +5,7 @@
 
 Builds the world the harnesses fuzz against (fuzz/out/world: a sealed LeNet-5, keys, a request, a
 result, a recorded broker exchange) and seed corpora (fuzz/out/corpus/<harness>/: the real SGX
-quotes, the sealed header, the request and result, a stage's safetensors bytes, policies, broker
+quotes, the sealed header, the request and result, a stage's ONNX graph, policies, broker
 messages) the first time; later runs reuse and extend the corpora. A harness that crashes is
 restarted for the rest of its time; crash inputs land in fuzz/out/artifacts/. Exit code 1 if any
 harness crashed.
@@ -34,7 +34,7 @@ HARNESSES = {
     "pck_extension": (1.0, 1024),
     "bundle": (1.5, 4096),
     "envelope": (1.5, 8192),
-    "safetensors": (1.0, 32768),
+    "stage_graph": (1.0, 65536),
     "policy": (1.0, 2048),
     "broker": (1.0, 4096),
     "client": (0.5, 4096),
@@ -60,7 +60,7 @@ def build_world(world: Path) -> None:
 
     sk = rec["sk"].private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     (world / "client-exchange.json").write_text(json.dumps({
-        "sk": sk.hex(), "pk": rec["pk"].hex(), "kid": rec["kid"], "key": keys[0].hex(),
+        "sk": sk.hex(), "pk": rec["pk"].hex(), "kid": rec["kid"], "key": keys[0].hex(), "identity": rec["identity"].hex(),
         "nonce_body": rec["nonce_body"].decode(), "keys_body": rec["keys_body"].decode()}))
 
 
@@ -84,7 +84,7 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
             from cryptography import x509
 
             from branchy_tee.attest.quote import parse_quote
-            from branchy_tee.attest.verify import SGX_EXTENSION_OID
+            from branchy_tee.attest.pck import SGX_EXTENSION_OID
 
             leaf = x509.load_pem_x509_certificate(parse_quote(q).pck_chain_pem[0])
             ext.append(leaf.extensions.get_extension_for_oid(SGX_EXTENSION_OID).value.value)
@@ -93,8 +93,6 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
     header = (world / "model.btee" / "header.json").read_bytes()
     request, result = (world / "do1.req").read_bytes(), (world / "reference" / "do1.res").read_bytes()
     stage0 = bytes(open_bundle(world / "model.btee", (world / "mo.key").read_bytes()).decrypt_stage(0))
-    small = save({"w": torch.arange(6, dtype=torch.float32).reshape(1, 1, 2, 3), "b": torch.zeros(2, dtype=torch.int64)},
-                 metadata={"conv_layout": "ohwi"})
     policies = [
         b'allowed_mrenclave = ["' + b"ab" * 32 + b'"]\nallow_simulation = true\nmin_model_version = 2\n',
         b'allowed_mrsigner = ["' + b"cd" * 32 + b'"]\nisv_prod_id = 1\nmin_isv_svn = 3\nallow_debug = false\n'
@@ -117,7 +115,7 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
         "bundle": [b"\0" + header, b"\1" + header],
         "envelope": [b"\0" + result, b"\1" + request, b"\4" + b"\3\0\0\0" + save({"inputs": torch.zeros(1, 1, 28, 28)}),
                      b"\5" + b"\1\0\0\0" + b'[{"index": 0, "label": 1, "class_name": "c1", "confidence": 0.5, "exit": 0}]'],
-        "safetensors": [stage0, small],
+        "stage_graph": [stage0],
         "policy": policies,
         "broker": [body, body.replace(b'"simulated"', b'"dcap"', 1)],
         "client": [rec["nonce_body"].encode() + b"\0" + rec["keys_body"].encode()],

@@ -58,7 +58,9 @@ RECIPES = {
 }
 STAGES = {
     "screen": {"models": ["lenet5"], "recipes": list(RECIPES)},
-    "confirm": {"models": ["resnet18-w8-3ep-noaug"], "recipes": ["none", "previous-default", "convex-a0.2", "two-phase"]},
+    "confirm": {"models": ["resnet18-w8-3ep-noaug"],
+                "recipes": ["none", "previous-default", "convex-a0.2", "two-phase", "two-phase-ce"]},
+    "demo": {"models": ["lenet5-8ep-noaug", "lenet5-10ep-noaug"], "recipes": ["none"]},
 }
 MARGINS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
 BUDGET = 0.01
@@ -98,8 +100,8 @@ def phase_configs(model: str, recipe: str, seed: int, run_dir: Path) -> list:
 
 
 def run_one(model: str, recipe: str, seed: int, root: Path) -> dict:
-    from branchy_tee.evaluate.exits import collect_logits, costs_of, load_split
-    from branchy_tee.rundir import load_run
+    from branchy_tee.evaluate.exits import collect_log_probs, costs_of, load_split, stage_graphs
+    from branchy_tee.rundir import read_model_card
     from branchy_tee.train.trainer import fit
 
     run_dir = root / model / recipe / f"seed{seed}"
@@ -110,10 +112,11 @@ def run_one(model: str, recipe: str, seed: int, root: Path) -> dict:
     for cfg in phase_configs(model, recipe, seed, run_dir):
         fit(cfg)
     train_seconds = time.time() - t0
-    net, meta = load_run(run_dir)
+    card = read_model_card(run_dir)
+    stages = stage_graphs(run_dir, show=False)  # what the enclave runs, as calibration and eval use it
     logits = {}
     for split in ("val", "test"):
-        lg, labels = collect_logits(net, load_split(meta, split), show=False)
+        lg, labels = collect_log_probs(stages, load_split(card, split), show=False)
         logits[split] = {"logits": lg, "labels": labels}
     torch.save(logits, run_dir / "logits.pt")
     test = logits["test"]
@@ -121,7 +124,7 @@ def run_one(model: str, recipe: str, seed: int, root: Path) -> dict:
         "model": model, "recipe": recipe, "seed": seed, "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
         "test_exit_accuracy": [float((lg.argmax(1) == test["labels"]).float().mean()) for lg in test["logits"]],
-        "costs": costs_of(meta)[1],
+        "costs": costs_of(card)[1],
     }  # fmt: skip
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -154,15 +157,26 @@ def accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def calibration_table(root: Path, rows: list[dict], criterion: str = "entropy", val_sizes=(None, 3000)) -> str:
+def load_logits(path: Path) -> dict:
+    """A run's stored validation and test outputs as log-probabilities: runs made before the stage
+    graphs stored raw logits, and log_softmax leaves log-probabilities as they are."""
+    stored = torch.load(path, weights_only=True)
+    return {split: {"logits": [lg.float().log_softmax(1) for lg in v["logits"]], "labels": v["labels"]}
+            for split, v in stored.items()}  # fmt: skip
+
+
+def calibration_table(root: Path, rows: list[dict], criterion_name: str = "entropy", val_sizes=(None, 3000)) -> str:
     """How often the calibrated setting met the budget on test, per margin and validation size
     (smaller validation sets are the first samples of the run's own)."""
     from branchy_tee.evaluate.calibrate import candidate_thresholds, choose, shared_threshold_settings
     from branchy_tee.evaluate.exits import run_setting
+    from branchy_tee.runtime.criteria import criterion as criterion_named
+
+    criterion = criterion_named(criterion_name)
 
     lines = ["| validation samples | margin (SE) | budget met on test | worst test loss (points) | mean test loss | mean cost |",
              "|---|---|---|---|---|---|"]
-    loaded = [(r, torch.load(root / r["model"] / r["recipe"] / f"seed{r['seed']}" / "logits.pt")) for r in rows]
+    loaded = [(r, load_logits(root / r["model"] / r["recipe"] / f"seed{r['seed']}" / "logits.pt")) for r in rows]
     for size in val_sizes:
         outcomes: dict[float, list[tuple[float, float]]] = {m: [] for m in MARGINS}
         for r, lg in loaded:

@@ -10,7 +10,7 @@ from branchy_tee.cli import main
 from branchy_tee.errors import BranchyError
 from branchy_tee.models import create_model
 from branchy_tee.models.plain import backbone_keys, kuangliu_prefixes, load_plain_weights
-from branchy_tee.rundir import load_run
+from branchy_tee.rundir import load_run, read_model_card
 from branchy_tee.runtime.tuning import channels_last
 from branchy_tee.train.trainer import TrainConfig, fit
 
@@ -36,7 +36,7 @@ def test_attach_exits_keeps_the_final_exit_bit_identical_and_trains_the_heads(tm
     fit(tiny(src, net="mobilenetv1", model_config={"width_mult": 0.25}, max_batches=3))
     source_model, _ = load_run(src)
     fit(tiny(tmp_path / "att", attach_exits=str(src), epochs=2, max_batches=4, lr=1e-2, seed=7, distill="final"))
-    model, meta = load_run(tmp_path / "att")
+    model, card = load_run(tmp_path / "att")
 
     before, after = source_model.state_dict(), model.state_dict()
     for k in backbone_keys(model):
@@ -50,10 +50,10 @@ def test_attach_exits_keeps_the_final_exit_bit_identical_and_trains_the_heads(tm
     assert not torch.equal(src_out[0], new_out[0])
 
     # The run records where its backbone came from and reuses the source's data and split.
-    assert meta["arch"] == "mobilenetv1" and meta["config"]["width_mult"] == 0.25
-    assert meta["training"]["attached_to"]["run"] == str(src)
-    assert meta["data"] == json.loads((src / "model.json").read_text())["data"]
-    assert meta["thresholds"] is not None  # calibrated like any run
+    assert card.arch == "mobilenetv1" and card.config["width_mult"] == 0.25
+    assert card.training is not None and card.training["attached_to"]["run"] == str(src)
+    assert card.data == read_model_card(src).data
+    assert card.thresholds is not None  # calibrated like any run
 
 
 def test_attached_heads_learn(tmp_path):
@@ -94,14 +94,13 @@ def test_backbone_weights_in_pytorch_cifar_names(tmp_path):
                "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28", "--synthetic-samples", "200",
                "--epochs", "1", "--max-batches", "2", "--num-workers", "0", "--out", str(out), "--json"])  # fmt: skip
     assert rc == 0
-    model, _ = load_run(out)
+    model, card = load_run(out)
     assert all(torch.equal(source.state_dict()[k], model.state_dict()[k]) for k in backbone_keys(model))
     # Bit for bit when computed the same way (load_run uses channels-last weights, as the runtime does).
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(channels_last(source)(x)[-1], model(x)[-1])
-    meta = json.loads((out / "model.json").read_text())
-    assert meta["training"]["attached_to"]["naming"] == "pytorch-cifar"
+    assert card.training is not None and card.training["attached_to"]["naming"] == "pytorch-cifar"
 
 
 def test_mobilenet_and_densenet_names():

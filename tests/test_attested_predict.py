@@ -1,5 +1,7 @@
 """End to end on loopback: a model owner's broker, two data owners' brokers, and `predict --attest
-simulated`; each data owner can read only its own results. Also the failures an operator will meet."""
+simulated` (natively, outside an enclave: pins come from the command line here; the enclave path with
+measured pins is in test_trust_chain.py); each data owner can read only its own results. Also the
+failures an operator will meet."""
 
 import base64
 import json
@@ -9,8 +11,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from branchy_tee.attest.broker import start_broker
-from branchy_tee.attest.providers import code_measurement
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from branchy_tee.attest.broker_server import start_broker
+from branchy_tee.attest.identity import identity_hex
+from branchy_tee.attest.providers import simulated_mrenclave
 from branchy_tee.cli import main
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.keys import key_id
@@ -46,6 +51,10 @@ def world(tmp_path_factory):
     return d, keys
 
 
+IDS = {name: Ed25519PrivateKey.generate() for name in ("mo", "do1", "do2")}  # each owner's broker identity
+ALLOWED = [identity_hex(IDS["do1"]), identity_hex(IDS["do2"])]
+
+
 @pytest.fixture
 def xdg(tmp_path, monkeypatch):
     """The simulated provider's dev key lives under XDG_CONFIG_HOME: keep it out of the real home."""
@@ -54,24 +63,30 @@ def xdg(tmp_path, monkeypatch):
 
 
 def sim_policy(**kw) -> dict:
-    return {"allowed_mrenclave": [code_measurement().hex()], "allow_simulation": True, **kw}
+    """Accept the simulated evidence of this process (code and measured settings as now in the environment)."""
+    return {"allowed_mrenclave": [simulated_mrenclave().hex()], "allow_simulation": True, **kw}
+
+
+def mo_policy(**kw) -> dict:
+    return sim_policy(allowed_data_owners=ALLOWED, **kw)
 
 
 def predict_args(d: Path, out: Path, model_url: str, data_urls: list[str], *extra) -> list[str]:
     args = ["predict", "--bundle", str(d / "model.btee"), "--input", str(d / "r1.req"), "--input", str(d / "r2.req"),
             "--output", str(out / "o1.res"), "--output", str(out / "o2.res"), "--quiet", *extra]
     if model_url:
-        args += ["--attest", "simulated", "--model-broker", model_url]
+        args += ["--attest", "simulated", "--model-broker", model_url, "--model-broker-identity", identity_hex(IDS["mo"])]
     for u in data_urls:
         args += ["--data-broker", u]
     return args
 
 
-def decrypt(d: Path, result: Path, owner: str, capsys) -> tuple[int, object]:
+def decrypt(d: Path, result: Path, owner: str, capsys, request: str | None = None) -> tuple[int, object]:
     capsys.readouterr()
-    rc = main(["decrypt-result", str(result), "--key", str(d / f"{owner}.key"), "--json"])
+    request = request or ("r1.req" if result.name.startswith("o1") else "r2.req")
+    rc = main(["decrypt-result", str(result), "--key", str(d / f"{owner}.key"), "--request", str(d / request), "--json"])
     cap = capsys.readouterr()
-    return rc, (json.loads(cap.out) if rc == 0 else cap.err)
+    return rc, (json.loads(cap.out)["records"] if rc == 0 else cap.err)
 
 
 def assert_no_key_material(path: Path, keys):
@@ -85,9 +100,9 @@ def test_model_owner_and_two_data_owners(world, tmp_path, xdg, capsys):
     d, keys = world
     out = tmp_path / "out"
     logs = {n: tmp_path / f"{n}.audit.jsonl" for n in ("mo", "do1", "do2")}
-    with start_broker(d / "mo.key", sim_policy(min_model_version=1), audit_log=logs["mo"]) as mo, \
-         start_broker(d / "do1.key", sim_policy(), audit_log=logs["do1"]) as do1, \
-         start_broker(d / "do2.key", sim_policy(), audit_log=logs["do2"]) as do2:  # fmt: skip
+    with start_broker(d / "mo.key", mo_policy(min_model_version=1), audit_log=logs["mo"], identity=IDS["mo"]) as mo, \
+         start_broker(d / "do1.key", sim_policy(), audit_log=logs["do1"], identity=IDS["do1"]) as do1, \
+         start_broker(d / "do2.key", sim_policy(), audit_log=logs["do2"], identity=IDS["do2"]) as do2:  # fmt: skip
         assert main(predict_args(d, out, mo.url, [do1.url, do2.url], "--json")) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["samples"] == 8 and stats["requests"] == 2
@@ -101,6 +116,9 @@ def test_model_owner_and_two_data_owners(world, tmp_path, xdg, capsys):
     assert rc == 1 and "sealed for data key id" in err
     rc, err = decrypt(d, out / "o2.res", "do1", capsys)
     assert rc == 1 and "sealed for data key id" in err
+    # nor can data owner 1 pass data owner 2's result off as the answer to its own request
+    rc, err = decrypt(d, out / "o2.res", "do1", capsys, request="r1.req")
+    assert rc == 1
 
     # the same answers as a run with the key files (attestation changes where keys come from, nothing else)
     ref = tmp_path / "ref"
@@ -117,24 +135,38 @@ def test_model_owner_and_two_data_owners(world, tmp_path, xdg, capsys):
 
 
 def test_measured_enclave_settings_override_the_hosts_command_line(world, tmp_path, xdg, monkeypatch, capsys):
-    d, _ = world
-    with start_broker(d / "mo.key", sim_policy()) as mo, start_broker(d / "do1.key", sim_policy()) as do1, \
-         start_broker(d / "do2.key", sim_policy()) as do2:  # fmt: skip
-        monkeypatch.setenv("BRANCHY_TEE_ENCLAVE", "1")
-        monkeypatch.setenv("BRANCHY_TEE_ATTEST", "simulated")
-        monkeypatch.setenv("BRANCHY_TEE_MODEL_BROKER", mo.url)
-        monkeypatch.setenv("BRANCHY_TEE_DATA_BROKERS", f"{do1.url},{do2.url}")
-        # the host points the enclave at brokers of its own: the measured ones are used
-        assert main(predict_args(d, tmp_path, "http://127.0.0.1:9", ["http://127.0.0.1:9"])) == 0
+    d, keys = world
+    header = json.loads((d / "model.btee" / "header.json").read_text())["header"]
+    ports = {name: _free_port() for name in IDS}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    for name, value in [("ENCLAVE", "1"), ("ATTEST", "simulated"), ("MODEL_BROKER", urls["mo"]),
+                        ("MODEL_BROKER_IDENTITY", identity_hex(IDS["mo"])), ("DATA_BROKERS", f"{urls['do1']},{urls['do2']}"),
+                        ("BUNDLE_ID", header["bundle_id"]), ("MODEL_KEY_ID", header["key_id"])]:  # fmt: skip
+        monkeypatch.setenv(f"BRANCHY_TEE_{name}", value)
+    # the policies pin the simulated measurement of exactly these measured settings
+    with start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"], port=ports["mo"]) as mo, \
+         start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"], port=ports["do1"]) as do1, \
+         start_broker(d / "do2.key", sim_policy(), identity=IDS["do2"], port=ports["do2"]) as do2:  # fmt: skip
+        # the host cannot point the enclave at another model broker, or name another identity
+        assert main(predict_args(d, tmp_path, "http://127.0.0.1:9", [])) == 2
+        assert "the model broker comes only from its measured settings" in capsys.readouterr().err
+        argv = predict_args(d, tmp_path, "", []) + ["--model-broker-identity", "ab" * 32]
+        assert main(argv) == 2 and "refused" in capsys.readouterr().err
+        # without a command line the measured brokers are used
+        assert main(predict_args(d, tmp_path, "", [])) == 0
         assert mo.broker.granted == do1.broker.granted == do2.broker.granted == 1
         assert main(predict_args(d, tmp_path / "x", "", [], "--model-key", str(d / "mo.key"))) == 2
         assert "keys come only from attested key release" in capsys.readouterr().err
+        # another measured bundle id: this bundle is refused before any key is asked for
+        monkeypatch.setenv("BRANCHY_TEE_BUNDLE_ID", "0" * 32)
+        assert main(predict_args(d, tmp_path / "y", "", [])) == 1
+        assert "is not the measured bundle" in capsys.readouterr().err and mo.broker.granted == 1
 
 
 def test_broker_minimum_model_version_refuses_an_old_bundle(world, tmp_path, xdg, capsys):
     d, _ = world
-    with start_broker(d / "mo.key", sim_policy(min_model_version=2)) as mo, \
-         start_broker([read_key_file(d / "do1.key"), read_key_file(d / "do2.key")], sim_policy()) as do:  # fmt: skip
+    with start_broker(d / "mo.key", mo_policy(min_model_version=2), identity=IDS["mo"]) as mo, \
+         start_broker([read_key_file(d / "do1.key"), read_key_file(d / "do2.key")], sim_policy(), identity=IDS["do1"]) as do:  # fmt: skip
         assert main(predict_args(d, tmp_path, mo.url, [do.url])) == 1
     err = capsys.readouterr().err
     assert "model version 1 is older than the minimum 2 (rollback refused)" in err
@@ -143,8 +175,9 @@ def test_broker_minimum_model_version_refuses_an_old_bundle(world, tmp_path, xdg
 
 def test_operator_facing_failures_name_the_broker(world, tmp_path, xdg, capsys):
     d, keys = world
-    with start_broker(d / "mo.key", {"allowed_mrenclave": [code_measurement().hex()]}) as strict, \
-         start_broker(d / "mo.key", sim_policy()) as mo, start_broker(d / "do1.key", sim_policy()) as do1:  # fmt: skip
+    with start_broker(d / "mo.key", {"allowed_mrenclave": [simulated_mrenclave().hex()]}, identity=IDS["mo"]) as strict, \
+         start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"]) as mo, \
+         start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"]) as do1:  # fmt: skip
         # the model owner's policy does not allow simulation
         assert main(predict_args(d, tmp_path, strict.url, [do1.url])) == 1
         err = capsys.readouterr().err
@@ -158,3 +191,11 @@ def test_operator_facing_failures_name_the_broker(world, tmp_path, xdg, capsys):
     assert main(predict_args(d, tmp_path, dead, [dead])) == 1
     assert f"key broker {dead} is unreachable" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.res"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -17,15 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from branchy_tee.attest.broker import Broker, load_keystore, start_broker
+from branchy_tee.attest.broker import Broker, load_keystore
+from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.client import AttestedKeys
-from branchy_tee.attest.protocol import SUITE, key_info, report_data, unpack_key
+from branchy_tee.attest.identity import create_identity, identity_hex
+from branchy_tee.attest.policy import load_policy
+from branchy_tee.attest.identity import verify as verify_signature
+from branchy_tee.attest.protocol import RELEASE_PURPOSE, SUITE, KeyRelease, key_info, report_data, unpack_key
 from branchy_tee.attest.providers import GramineProvider, SimulatedProvider
 from branchy_tee.cli import main
 from branchy_tee.errors import AttestationError, BranchyError
 from branchy_tee.fileio import write_key_file
 from branchy_tee.seal.keys import generate_key, key_id
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -77,6 +82,12 @@ def sim_policy(sim, **kw) -> dict:
     return {"allowed_mrenclave": [sim.mrenclave.hex()], "allow_simulation": True, **kw}
 
 
+def client(b, provider, **kw) -> AttestedKeys:
+    """The enclave side for broker ``b`` (a handle), expecting its identity as the model broker's."""
+    return AttestedKeys(provider.evidence_type if provider.evidence_type == "simulated" else "gramine", b.url,
+                        b.broker.identity_bytes, [b.url], provider=provider, **kw)
+
+
 def audit_lines(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -92,26 +103,32 @@ def assert_no_key_material(path, keys):
 # --------------------------------------------------------------------------- grants
 def test_health_nonce_and_grant(tmp_path, sim, keys):
     audit = tmp_path / "audit.jsonl"
-    with start_broker(keys, sim_policy(sim, min_model_version=4), audit_log=audit) as b:
+    me = Ed25519PrivateKey.generate()  # the broker is its own (only) allowed data owner here
+    policy = sim_policy(sim, min_model_version=4, allowed_data_owners=[identity_hex(me)])
+    with start_broker(keys, policy, audit_log=audit, identity=me) as b:
         assert b.url.startswith("http://127.0.0.1:") and b.port > 0
         assert call(b.url + "/v1/health") == (200, {"status": "ok", "protocol": "branchy-tee/v1", "keys": 3})
         st, n1 = call(b.url + "/v1/nonce")
         n2 = call(b.url + "/v1/nonce")[1]
         assert st == 200 and len(bytes.fromhex(n1["nonce"])) == 40 and n1["nonce"] != n2["nonce"]
         assert n1["expires_in"] == 60 and sorted(n1["key_ids"]) == sorted(map(key_id, keys))
+        assert n1["identity"] == identity_hex(me) and call(b.url + "/v1/identity")[1]["identity"] == identity_hex(me)
         # the raw protocol, checked by hand
         sk, pk = new_keypair()
         body = key_request(b.url, sim, [key_id(keys[0]), key_id(keys[1])], pk=pk)
         st, out = call(b.url + "/v1/keys", "POST", body)
         assert st == 200 and out["min_model_version"] == 4 and set(out["keys"]) == {key_id(keys[0]), key_id(keys[1])}
+        assert out["identity"] == identity_hex(me) and out["allowed_data_owners"] == [identity_hex(me)]
         nonce = bytes.fromhex(body["nonce"])
+        release, signature = KeyRelease.parse(out, nonce, pk)
+        assert verify_signature(me.public_key().public_bytes_raw(), RELEASE_PURPOSE, release.message(), signature)
         for k in keys[:2]:
             ct = base64.b64decode(out["keys"][key_id(k)])
             assert unpack_key(SUITE.decrypt(ct, sk, info=key_info(key_id(k), nonce))) == (k, 4)
             with pytest.raises(Exception):  # info binds the key id and the nonce
                 SUITE.decrypt(ct, sk, info=key_info(key_id(keys[2]), nonce))
         # the enclave-side client
-        ak = AttestedKeys("simulated", b.url, [b.url], provider=sim, min_version=1)
+        ak = client(b, sim, min_version=1)
         assert ak.model_key(key_id(keys[2])) == keys[2]
         assert ak.data_keys([key_id(keys[0])]) == {key_id(keys[0]): keys[0]}
         assert ak.min_model_version() == 4 and ak.sources[key_id(keys[0])] == b.url
@@ -127,7 +144,7 @@ def test_policy_key_ids_limit_what_is_released(sim, keys):
         assert call(b.url + "/v1/nonce")[1]["key_ids"] == [key_id(keys[0])]
         st, out = call(b.url + "/v1/keys", "POST", key_request(b.url, sim, [key_id(keys[1])]))
         assert (st, out["code"]) == (403, "key_not_released") and key_id(keys[1]) in out["error"]
-        ak = AttestedKeys("simulated", b.url, [b.url], provider=sim)
+        ak = client(b, sim)
         with pytest.raises(BranchyError, match=f"model key broker {b.url} does not release model key id {key_id(keys[1])}"):
             ak.model_key(key_id(keys[1]))
         assert ak.model_key(key_id(keys[0])) == keys[0]
@@ -185,11 +202,11 @@ def test_simulation_refused_unless_the_policy_allows_it(sim, keys, capsys):
         st, out = call(b.url + "/v1/keys", "POST", key_request(b.url, sim, [key_id(keys[0])]))
         assert (st, out["code"]) == (403, "policy_refused") and "allow_simulation = false" in out["error"]
         with pytest.raises(AttestationError, match=f"key broker {b.url} refused: policy refused: simulated evidence refused"):
-            AttestedKeys("simulated", b.url, [b.url], provider=sim).model_key(key_id(keys[0]))
+            client(b, sim).model_key(key_id(keys[0]))
     assert "SIMULATED ATTESTATION EVIDENCE ACCEPTED" not in capsys.readouterr().err
     with start_broker(keys, sim_policy(sim)) as b:
-        AttestedKeys("simulated", b.url, [b.url], provider=sim).model_key(key_id(keys[0]))
-        AttestedKeys("simulated", b.url, [b.url], provider=sim).model_key(key_id(keys[0]))
+        client(b, sim).model_key(key_id(keys[0]))
+        client(b, sim).model_key(key_id(keys[0]))
     err = capsys.readouterr().err
     assert "SIMULATED ATTESTATION ALLOWED by policy" in err
     assert err.count("SIMULATED ATTESTATION EVIDENCE ACCEPTED by the key broker") == 2  # every time
@@ -307,21 +324,33 @@ def test_real_debug_quote_and_tdx_quote(sgx_quotes_dir, keys):
         assert st == 403 and "TDX quote; this policy accepts SGX enclaves only" in out["error"]
 
 
-def test_collateral_from_the_request_and_staleness(sgx_quotes_dir, keys):
+def test_collateral_sent_by_the_host_is_ignored_unless_the_policy_accepts_it(sgx_quotes_dir, keys):
+    """The host picks which Intel-signed collateral it sends (an old one, from before a TCB recovery,
+    can make a platform look up to date): a broker uses its own unless the policy accepts the
+    client's, and then only at or above a minimum TCB evaluation data number (phala-1's is 17)."""
     kid = key_id(keys[0])
     quote = (sgx_quotes_dir / "phala-1.quote.bin").read_bytes()
     col = json.loads((sgx_quotes_dir / "phala-1.collateral.json").read_text())
     policy = {"allowed_mrenclave": [PHALA1_MRENCLAVE]}
-    with start_broker(keys, policy, clock=lambda: PHALA_NOW.timestamp()) as b:
-        st, out = post_quote(b, quote, kid)  # no collateral anywhere
-        assert st == 403 and "require_collateral" in out["error"]
+    clock = lambda: PHALA_NOW.timestamp()  # noqa: E731
+    with start_broker(keys, policy, clock=clock) as b:
+        for extra in ({}, {"collateral": col}):  # sent or not: ignored, so no TCB status
+            st, out = post_quote(b, quote, kid, **extra)
+            assert st == 403 and "require_collateral" in out["error"], out
+    with pytest.raises(BranchyError, match="accept_client_collateral = true needs min_tcb_evaluation_data_number"):
+        start_broker(keys, {**policy, "accept_client_collateral": True})
+    accepting = {**policy, "accept_client_collateral": True, "accepted_tcb_statuses": ["ConfigurationAndSWHardeningNeeded"]}
+    with start_broker(keys, {**accepting, "min_tcb_evaluation_data_number": 18}, clock=clock) as b:
         st, out = post_quote(b, quote, kid, collateral=col)
-        assert st == 403 and "ConfigurationAndSWHardeningNeeded" in out["error"]
+        assert (st, out["code"]) == (403, "policy_refused") and "evaluation data number is 17, below the policy minimum 18" in out["error"]
+    with start_broker(keys, {**accepting, "min_tcb_evaluation_data_number": 17}, clock=clock) as b:
+        st, out = post_quote(b, quote, kid, collateral=col)  # the collateral is used: the next check fails
+        assert (st, out["code"]) == (403, "binding_mismatch")
     # at the real current time the 2025 collateral has expired
-    with start_broker(keys, policy) as b:
+    with start_broker(keys, {**accepting, "min_tcb_evaluation_data_number": 17}) as b:
         st, out = post_quote(b, quote, kid, collateral=col)
         assert (st, out["code"]) == (403, "evidence_invalid") and "expired" in out["error"]
-    lenient = {**policy, "stale_collateral": "warn", "accepted_tcb_statuses": ["ConfigurationAndSWHardeningNeeded"]}
+    lenient = {**accepting, "min_tcb_evaluation_data_number": 17, "stale_collateral": "warn"}
     with start_broker(keys, lenient) as b:
         st, out = post_quote(b, quote, kid, collateral=col)
         assert (st, out["code"]) == (403, "binding_mismatch")
@@ -343,7 +372,7 @@ def test_gramine_evidence_with_spliced_report_data_fails_the_quote_signature(tmp
     clock = lambda: PHALA_NOW.timestamp()  # noqa: E731
     policy = quote_policy(sgx_quotes_dir, accepted_tcb_statuses=["ConfigurationAndSWHardeningNeeded"])
     with start_broker(keys, policy, clock=clock) as b:
-        ak = AttestedKeys("gramine", b.url, [b.url], provider=Splicing(d))
+        ak = client(b, Splicing(d))
         with pytest.raises(AttestationError, match=rf"key broker {b.url} refused: evidence does not verify: "
                                                    r"quote signature \(attestation key\) does not verify \(HTTP 403\)"):
             ak.model_key(key_id(keys[0]))
@@ -360,8 +389,8 @@ def test_200_concurrent_key_requests(tmp_path, sim, keys):
     barrier = threading.Barrier(n)
     lock = threading.Lock()
 
-    def one(url):
-        ak = AttestedKeys("simulated", url, [url], provider=sim, timeout=60)
+    def one(b):
+        ak = client(b, sim, timeout=60)
         barrier.wait()
         t0 = time.perf_counter()
         try:
@@ -375,7 +404,7 @@ def test_200_concurrent_key_requests(tmp_path, sim, keys):
 
     audit = tmp_path / "audit.jsonl"
     with start_broker(keys, sim_policy(sim), audit_log=audit) as b:
-        threads = [threading.Thread(target=one, args=(b.url,)) for _ in range(n)]
+        threads = [threading.Thread(target=one, args=(b,)) for _ in range(n)]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
@@ -440,10 +469,10 @@ def test_tls(tmp_path, sim, keys):
     cert, key = _self_signed(tmp_path)
     with start_broker(keys, sim_policy(sim), tls_cert=cert, tls_key=key) as b:
         assert b.url.startswith("https://127.0.0.1:")
-        ak = AttestedKeys("simulated", b.url, [b.url], provider=sim, ca_file=str(cert))
+        ak = client(b, sim, ca_file=str(cert))
         assert ak.model_key(key_id(keys[0])) == keys[0]
         with pytest.raises(BranchyError, match=f"key broker {b.url} is unreachable: .*CERTIFICATE_VERIFY_FAILED"):
-            AttestedKeys("simulated", b.url, [b.url], provider=sim).model_key(key_id(keys[0]))
+            client(b, sim).model_key(key_id(keys[0]))
 
 
 def test_plain_http_on_a_public_address_warns(sim, keys, capsys):
@@ -458,12 +487,12 @@ def test_stopped_or_missing_broker_is_named(sim, keys):
     b.stop()
     b.stop()  # idempotent
     with pytest.raises(BranchyError, match=f"key broker {url} is unreachable"):
-        AttestedKeys("simulated", url, [url], provider=sim).model_key(key_id(keys[0]))
+        client(b, sim).model_key(key_id(keys[0]))
     with pytest.raises(BranchyError, match="is not an http:// or https:// URL"):
-        AttestedKeys("simulated", "file:///etc/passwd", [url], provider=sim)
+        AttestedKeys("simulated", "file:///etc/passwd", bytes(32), [url], provider=sim)
 
 
-def test_cli_key_broker(tmp_path, sim, keys):
+def test_cli_key_broker(tmp_path, sim, keys, capsys):
     ks = tmp_path / "ks"
     ks.mkdir()
     for i, k in enumerate(keys[:2]):
@@ -471,17 +500,23 @@ def test_cli_key_broker(tmp_path, sim, keys):
     policy = tmp_path / "policy.toml"
     policy.write_text(f'allowed_mrenclave = ["{sim.mrenclave.hex()}"]\nallow_simulation = true\nmin_model_version = 2\n')
     audit = tmp_path / "audit.jsonl"
+    assert main(["keygen", "--identity", "--out", str(tmp_path / "broker.id")]) == 0
+    identity = capsys.readouterr().out.strip().splitlines()[-1]
+    assert identity.startswith("identity: ") and len(identity.split()[1]) == 64
+    assert oct((tmp_path / "broker.id").stat().st_mode & 0o777) == "0o600"
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     proc = subprocess.Popen([sys.executable, "-m", "branchy_tee.cli", "key-broker", "--keys", str(ks), "--policy", str(policy),
-                             "--listen", "127.0.0.1:0", "--audit-log", str(audit)],
+                             "--identity", str(tmp_path / "broker.id"), "--listen", "127.0.0.1:0", "--audit-log", str(audit)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline()
         assert line.startswith("key broker listening on http://127.0.0.1:"), line + proc.stderr.read()
         url = line.split()[-1]
         assert not url.endswith(":0")
+        assert proc.stdout.readline().split() == ["identity", identity.split()[1]]
         assert call(url + "/v1/health")[1]["keys"] == 2
-        ak = AttestedKeys("simulated", url, [url], provider=sim)
+        assert call(url + "/v1/identity")[1]["identity"] == identity.split()[1]
+        ak = AttestedKeys("simulated", url, bytes.fromhex(identity.split()[1]), [url], provider=sim)
         assert ak.model_key(key_id(keys[1])) == keys[1] and ak.min_model_version() == 2
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -495,16 +530,34 @@ def test_cli_key_broker_errors(tmp_path, capsys, keys):
     ks = tmp_path / "ks"
     ks.mkdir()
     write_key_file(ks / "a.key", keys[0])
+    create_identity(tmp_path / "b.id")
+    ident = ["--identity", str(tmp_path / "b.id")]
     policy = tmp_path / "policy.toml"
     policy.write_text('allowed_mrenclave = ["' + "00" * 32 + '"]\nallow_simulaton = true\n')
-    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0"]) == 1
+    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0", *ident]) == 1
     err = capsys.readouterr().err
     assert "unknown setting 'allow_simulaton' (did you mean 'allow_simulation'?)" in err and len(err.splitlines()) == 1
-    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "nowhere"]) == 2
+    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "nowhere", *ident]) == 2
     assert "--listen expects HOST:PORT" in capsys.readouterr().err
     policy.write_text('allowed_mrenclave = ["' + "00" * 32 + '"]\n')
-    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0", "--tls-cert", "x.pem"]) == 2
+    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0", "--tls-cert", "x.pem", *ident]) == 2
     assert "give both --tls-cert and --tls-key" in capsys.readouterr().err
     os.chmod(ks / "a.key", 0o640)
-    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0"]) == 1
+    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0", *ident]) == 1
     assert "accessible by others" in capsys.readouterr().err
+    os.chmod(ks / "a.key", 0o600)
+    # an identity is required, and must be a private Ed25519 PEM file
+    with pytest.raises(SystemExit) as e:
+        main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0"])
+    assert e.value.code == 2 and "the following arguments are required: --identity" in capsys.readouterr().err
+    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0",
+                 "--identity", str(ks / "a.key")]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "is not an unencrypted PEM private key" in err and len(err.splitlines()) == 1
+    # a policy that pins only MRSIGNER: the host signs the enclave with its own key, so the broker refuses to start
+    policy.write_text('allowed_mrsigner = ["' + "11" * 32 + '"]\n')
+    assert main(["key-broker", "--keys", str(ks), "--policy", str(policy), "--listen", "127.0.0.1:0", *ident]) == 1
+    err = capsys.readouterr().err
+    assert "pins only allowed_mrsigner" in err and "own_signing_key = true" in err and len(err.splitlines()) == 1
+    policy.write_text('allowed_mrsigner = ["' + "11" * 32 + '"]\nown_signing_key = true\n')
+    assert load_policy(policy).allowed_mrsigner == {bytes.fromhex("11" * 32)}

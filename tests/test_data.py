@@ -23,6 +23,7 @@ from branchy_tee.data import (
 from branchy_tee.data import cifar10 as cifar_mod
 from branchy_tee.data.idx import load_mnist, read_idx
 from branchy_tee.errors import DatasetError
+from branchy_tee.preprocessing import Preprocessing
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -224,10 +225,49 @@ def test_synthetic_is_deterministic_and_graded():
 
 def test_transforms_shapes_and_randomness():
     img = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 32, 32).remainder(256).to(torch.uint8)
-    t = train_transform((0.5,) * 3, (0.25,) * 3, size=32, padding=4)
+    t = train_transform(Preprocessing.for_images((3, 32, 32), (0.5,) * 3, (0.25,) * 3), size=32, padding=4)
     outs = [t(img) for _ in range(20)]
     assert all(o.shape == (3, 32, 32) and o.dtype == torch.float32 for o in outs)
     assert len({o.sum().item() for o in outs}) > 1  # crops/flips differ
+
+
+@pytest.mark.parametrize("channels,scale", [(1, 1 / 255), (3, 1 / 255), (3, 1 / 510)])
+def test_training_and_inference_preprocess_images_identically(tmp_path, channels, scale):
+    """The same uint8 images become bit-identical inputs wherever the model card's preprocessing is
+    applied: the training set's transform (crop and flip switched off), evaluation's, and the data
+    owners' (encrypt-input from a tensor file or from PNG files, the online client's PIL images and
+    arrays); its scale is the one applied (1/255: x / 255, as training always divided)."""
+    from PIL import Image
+
+    from branchy_tee.data.base import ImageDataset
+    from branchy_tee.data.preprocess import image_to_pixels, load_inputs, tensor_to_inputs
+    from branchy_tee.data.transforms import eval_transform
+
+    images = torch.from_numpy(np.random.default_rng(channels).integers(0, 256, (6, channels, 20, 20), dtype=np.uint8))
+    images[0] = torch.arange(400).remainder(256).view(20, 20)  # every pixel value
+    ds = ImageDataset("x", images, torch.zeros(6, dtype=torch.long), ["a"], (0.3,) * channels, (0.2,) * channels)
+    pre = Preprocessing(ds.preprocessing.input_shape, scale, ds.preprocessing.mean, ds.preprocessing.std)
+    mean, std = torch.tensor(pre.mean).view(-1, 1, 1), torch.tensor(pre.std).view(-1, 1, 1)
+    expected = (images.float() / round(1 / scale) - mean) / std
+    training = ds.subset(range(6), train_transform(pre, size=20, padding=0, flip=False))
+    evaluation = ds.subset(range(6), eval_transform(pre))
+    np.save(tmp_path / "x.npy", images.numpy())
+    pngs = []
+    for i, img in enumerate(images.numpy()):
+        pngs.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(img[0] if channels == 1 else img.transpose(1, 2, 0)).save(pngs[-1])
+    pil = [Image.open(p) for p in pngs]
+    paths = {
+        "training": torch.stack([training[i][0] for i in range(6)]),
+        "evaluation": torch.stack([evaluation[i][0] for i in range(6)]),
+        "encrypt-input, tensor file": load_inputs([str(tmp_path / "x.npy")], pre),
+        "encrypt-input, PNG files": load_inputs(pngs, pre),
+        "client, PIL images": tensor_to_inputs(torch.stack([image_to_pixels(im, pre.input_shape) for im in pil]), pre,
+                                               "x"),
+        "client, array": tensor_to_inputs(images, pre, "x"),
+    }
+    for where, x in paths.items():
+        assert x.dtype == torch.float32 and torch.equal(x, expected), where
 
 
 def test_split_is_deterministic_and_disjoint():

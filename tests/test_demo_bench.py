@@ -1,13 +1,11 @@
 import json
 from pathlib import Path
 
-import torch
-
 from branchy_tee.cli import main
 from branchy_tee.data import load_dataset
 from branchy_tee.data.preprocess import tensor_to_inputs
-from branchy_tee.evaluate.exits import decide
-from branchy_tee.rundir import load_run
+from branchy_tee.rundir import read_model_card
+from runs import reference_decisions
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
@@ -16,12 +14,12 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("{\n"):])
     assert "SIMULATED" in printed
-    # The data owners' decrypted answers are exactly the plain model's early-exit decisions.
-    model, meta = load_run(out / "mo" / "run")
-    test = load_dataset("synthetic", "test", synthetic=meta["data"]["synthetic"])
-    x = tensor_to_inputs(test.images[:64], meta["preprocessing"], "test")
-    with torch.no_grad():
-        exits, labels = decide(model(x), meta["criterion"], meta["thresholds"])
+    # The data owners' decrypted answers are exactly the early-exit decisions eval computes from the
+    # run's stage graphs (what was sealed is what was evaluated).
+    card = read_model_card(out / "mo" / "run")
+    test = load_dataset("synthetic", "test", synthetic=card.data.synthetic)
+    x = tensor_to_inputs(test.images[:64], card.preprocessing, "test")
+    labels, exits = reference_decisions(out / "mo" / "run", x, card.criterion, card.thresholds)
     records = []
     for who in ("do-a", "do-b"):
         text = (out / who / "result.txt").read_text().splitlines()[1:]
@@ -32,6 +30,22 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     enclave = summary["enclave"]
     assert sum(enclave["early_exit"]["exit_counts"]) == 64
     assert enclave["full_model"]["exit_counts"][-1] == 64
+    # staged loading: easy images need stage 0 only; a budget below the weights evicts and answers the same
+    if enclave["easy_images"]:
+        assert enclave["easy_images"]["stages_loaded"] == [0]
+    budget = enclave["memory_budget"]
+    assert budget["resident_weights_peak_mib"] < enclave["full_model"]["resident_weights_peak_mib"]
+    assert budget["evictions"] > 0 or len(budget["stages_loaded"]) < 3  # all three stages never fit at once
+    for who in ("do-a", "do-b"):
+        from branchy_tee.fileio import read_key_file
+        from branchy_tee.seal.envelope import open_result, request_digest
+
+        key, digest = read_key_file(out / who / "data.key"), request_digest((out / "io" / f"{who}-request.enc").read_bytes())
+        answers = open_result((out / "io" / f"{who}-result.enc").read_bytes(), key, "r", digest)[1]
+        budgeted = open_result((out / "io" / f"{who}-result-budget.enc").read_bytes(), key, "r", digest)[1]
+        assert budgeted == answers  # the same answers under the budget
+    # online: both data owners were answered through attested TLS, by early exit and the full model
+    assert all(summary["online"][m]["requests"] == 40 for m in ("early_exit", "full_model"))
     for f in summary["files"]["mprofile"] + [summary["files"]["accuracy_plot"], summary["files"]["memory_plot"]]:
         assert Path(f).is_file(), f
     # Every broker logged its decisions, and stopped: nothing is listening any more.
@@ -45,6 +59,9 @@ def test_bench_quick_produces_every_key(tmp_path, capsys):
     assert main(["bench", "--quick", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert {"latency_speedup", "throughput_speedup", "accuracy_drop_pp", "oracle_speedup", "model"} <= set(r["early_exit"])
+    assert {"latency_speedup", "throughput_speedup"} <= set(r["early_exit"]["vs_onnxruntime"])
+    assert r["enclave"]["early_exit_peak_mib"] > 0 and r["enclave"]["import_closure"]["has_torch"] is False
+    assert {"onnxruntime", "numpy", "cryptography"} <= set(r["enclave"]["import_closure"]["packages"])
     assert {"peak_ratio", "staged_mib", "full_mib"} <= set(r["staged_memory"])
     assert r["aead"]["decrypt_gbps"] > 0
     assert r["cold_start_ratio"] > 0
@@ -52,3 +69,15 @@ def test_bench_quick_produces_every_key(tmp_path, capsys):
     assert len(r["exit_profile"]) == 12 and all(len(p["exit_flops"]) == p["exits"] for p in r["exit_profile"])
     assert r["staged_memory"]["staged_stages_loaded"] == [0, 1] and r["staged_memory"]["full_stages_loaded"] == [0, 1, 2, 3]
     assert "early exit vs full forward" in capsys.readouterr().out
+
+
+def test_bench_serve_compares_the_online_service_with_its_full_model(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    skip = [a for part in ("early_exit", "enclave", "exit_profile", "sealed", "quote") for a in ("--skip", part)]
+    assert main(["bench", "--quick", "--serve", *skip, "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["serve"]
+    assert [r["clients"] for r in s["early_exit"]] == [r["clients"] for r in s["full_model"]] == [1, 4]
+    for r in s["early_exit"] + s["full_model"]:
+        assert r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    assert s["summary"]["attest_ms_per_connection"] > 0
+    assert "online service" in capsys.readouterr().out

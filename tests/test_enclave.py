@@ -1,7 +1,9 @@
-"""Gramine packaging: the rendered manifest, `enclave build` / `make SGX=1` / `enclave run` against
-stand-in Gramine tools (small scripts written here that record their arguments), and the native
-backend end to end. Gramine itself is not needed (and not used even when installed)."""
+"""Gramine packaging: the rendered manifest, `enclave build` / `make SGX=1` / `enclave run` with
+Gramine's real gramine-manifest (from ../shared/gramine-tools) and stand-ins for the tools that need
+SGX (small scripts written here that record their arguments), and the native backend end to end.
+An installed Gramine is never used. Real-tool checks of the enclave itself: test_enclave_gramine.py."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,7 +13,6 @@ import tomllib
 from pathlib import Path
 
 import jinja2
-import numpy as np
 import pytest
 
 from branchy_tee.cli import main
@@ -19,43 +20,21 @@ from branchy_tee.enclave import build as eb
 from branchy_tee.enclave.launch import split_run_arguments
 from branchy_tee.errors import UsageError
 
+from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
+
 BROKER_M = "http://127.0.0.1:8101"
+BROKER_M_IDENTITY = "5a" * 32
 BROKER_D = "http://127.0.0.1:8102"
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def sealed(tmp_path_factory):
-    """A sealed LeNet-5 (1x28x28, 3 exits); keys; images for an encrypted request of 5 samples.
-
-    The run directory is written directly (random weights) instead of by a training run: packaging
-    does not care what the weights are, and this keeps the file well under its time budget."""
-    from branchy_tee.models import create_model
-    from branchy_tee.rundir import write_model_json, write_weights
-
-    base = tmp_path_factory.mktemp("sealed")
-    model = create_model("lenet5", num_classes=10, in_channels=1).eval()
-    (base / "run").mkdir()
-    write_weights(base / "run" / "model.safetensors", model)
-    write_model_json(base / "run", {
-        "arch": "lenet5", "config": {"num_classes": 10, "in_channels": 1}, "classes": [f"class-{i}" for i in range(10)],
-        "dataset": "synthetic", "preprocessing": {"input_shape": [1, 28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.3]},
-        "criterion": "entropy", "thresholds": [0.5, 0.5], "stage_flops": [235200, 480000, 96000],
-        "head_flops": [16384, 26624, 21840],
-    })  # fmt: skip
-    (base / "keys").mkdir()
-    assert main(["keygen", "--out", str(base / "keys" / "model.key")]) == 0
-    assert main(["keygen", "--out", str(base / "keys" / "data.key")]) == 0
-    assert main(["seal", str(base / "run"), "--key", str(base / "keys" / "model.key"), "--out", str(base / "model.btee")]) == 0
-    np.save(base / "images.npy", np.random.RandomState(0).randint(0, 256, (5, 1, 28, 28)).astype(np.uint8))
-    return base
-
-
 @pytest.fixture
-def no_gramine(tmp_path, monkeypatch):
-    """A PATH on which no Gramine tool exists (even on a machine that has Gramine)."""
+def no_gramine(tmp_path, monkeypatch, enclave_env):
+    """A PATH on which no Gramine tool exists (even on a machine that has Gramine): only ldd, which
+    the build runs on the enclave environment."""
     empty = tmp_path / "empty-bin"
     empty.mkdir()
+    (empty / "ldd").symlink_to(shutil.which("ldd"))
     monkeypatch.setenv("PATH", str(empty))
     return empty
 
@@ -66,27 +45,6 @@ HEADER = "#!" + sys.executable + "\nimport json, os, sys\nLOG = @LOG@\n" + (
     "        f.write(json.dumps({'tool': name, 'argv': argv, 'cwd': os.getcwd()}) + '\\n')\n"
 )
 STANDINS = {
-    "gramine-manifest": """
-import jinja2
-args, defines, files = sys.argv[1:], {}, []
-i = 0
-while i < len(args):
-    if args[i].startswith('-D'):
-        body = args[i][2:] or args[i + 1]
-        i += 0 if args[i][2:] else 1
-        key, _, value = body.partition('=')
-        defines[key] = value
-    else:
-        files.append(args[i])
-    i += 1
-src, out = files
-env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-env.globals['gramine'] = {'runtimedir': lambda libc='glibc': '/opt/standin-gramine/runtime/glibc'}
-env.globals['env'] = os.environ
-text = env.from_string(open(src).read()).render(**defines)
-open(out, 'w').write(text)
-record('gramine-manifest', args)
-""",
     "gramine-sgx-sign": """
 import argparse, hashlib
 p = argparse.ArgumentParser()
@@ -103,12 +61,9 @@ record('gramine-sgx-sign', sys.argv[1:])
 """,
     "gramine-sgx-sigstruct-view": """
 data = open(sys.argv[-1], 'rb').read()
-print('Attributes:')
-print('    mr_signer: ' + data[41:73].hex())
-print('    mr_enclave: ' + data[9:41].hex())
-print('    isv_prod_id: 0')
-print('    isv_svn: 0')
-print('    debug_enclave: False')
+assert sys.argv[1:3] == ['--output-format', 'json']
+print(json.dumps({'mr_signer': data[41:73].hex(), 'mr_enclave': data[9:41].hex(), 'isv_prod_id': 0, 'isv_svn': 0,
+                  'debug_enclave': False}, indent=4))
 record('gramine-sgx-sigstruct-view', sys.argv[1:])
 """,
     "gramine-sgx": "record('gramine-sgx', sys.argv[1:])\n",
@@ -117,9 +72,10 @@ record('gramine-sgx-sigstruct-view', sys.argv[1:])
 
 
 def install_standins(tmp_path) -> tuple[Path, Path]:
-    """Write the stand-in tools into tmp_path/standin-bin; they log to tmp_path/gramine-calls.jsonl."""
+    """Write the stand-in tools and Gramine 1.9's real gramine-manifest into tmp_path/standin-bin;
+    they log to tmp_path/gramine-calls.jsonl."""
     bindir, log = tmp_path / "standin-bin", tmp_path / "gramine-calls.jsonl"
-    bindir.mkdir()
+    install_gramine_manifest(bindir, "1.9", log)
     for name, body in STANDINS.items():
         (bindir / name).write_text(HEADER.replace("@LOG@", repr(str(log))) + body)
         (bindir / name).chmod(0o755)
@@ -127,8 +83,9 @@ def install_standins(tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def gramine(tmp_path, monkeypatch):
-    """Stand-in Gramine tools first on PATH; returns a function giving the recorded calls."""
+def gramine(tmp_path, monkeypatch, enclave_env):
+    """Gramine's gramine-manifest and stand-ins for its SGX tools first on PATH; returns a function
+    giving the recorded calls."""
     bindir, log = install_standins(tmp_path)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
 
@@ -145,9 +102,12 @@ def signing_key(tmp_path) -> Path:
     return key
 
 
-def build_args(sealed, out, *extra):
-    return ["enclave", "build", "--bundle", str(sealed / "model.btee"), "--out", str(out),
-            "--model-broker", BROKER_M, "--data-broker", BROKER_D, *extra]  # fmt: skip
+def build_args(sealed, out, *extra, measure=False):
+    """`enclave build` for the sealed bundle with the shared enclave environment. Without ``measure``
+    the size is given (--enclave-size 1G), which skips the memory measurement."""
+    return ["enclave", "build", "--bundle", str(sealed / "model.btee"), "--out", str(out), "--env", str(ENCLAVE_ENV),
+            "--model-broker", BROKER_M, "--model-broker-identity", BROKER_M_IDENTITY, "--data-broker", BROKER_D,
+            *([] if measure else ["--enclave-size", "1G"]), *extra]  # fmt: skip
 
 
 def read_manifest(out) -> dict:
@@ -159,29 +119,30 @@ def size_bytes(s: str) -> int:
 
 
 # --------------------------------------------------------------------------- the manifest
-def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramine, capsys):
+def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramine, enclave_env, capsys):
     out = tmp_path / "enc"
-    assert main(build_args(sealed, out)) == 0
+    assert main(build_args(sealed, out, measure=True)) == 0
     printed = capsys.readouterr()
     assert "NOT SIGNED" in printed.out and "nothing was signed" in printed.out
     assert "gramine-manifest is not installed" in printed.err
+    assert "measured peak" in printed.out and "sgx.enclave_size" in printed.out and "trusted files" in printed.out
     assert (out / "Makefile").is_file() and (out / "branchy-tee.manifest.template").is_file()
     assert not (out / "branchy-tee.sig").exists() and not (out / "policy.toml").exists()
     assert (out / "branchy-tee.manifest").stat().st_mtime == 0  # `make` re-renders it with gramine-manifest
 
     m = read_manifest(out)
     cfg = json.loads((out / "enclave.json").read_text())
-    python = os.path.realpath(sys.executable)
+    python = enclave_env.python
     launcher = out / "branchy-tee-predict"
-    # Entry point: the generated script, run by the venv's (real) interpreter.
+    # Entry point: the generated script, run by the system's (real) interpreter with the enclave
+    # environment as its Python home.
     assert m["libos"]["entrypoint"] == str(launcher)
-    assert launcher.read_text().splitlines()[0] == f"#!{python}"
+    assert launcher.read_text().splitlines()[0] == f"#!{python}" and python == os.path.realpath(python)
     assert os.access(launcher, os.X_OK)
     assert m["loader"]["insecure__use_cmdline_argv"] is True
-    # The entry script works with the real interpreter and no venv activation, and host arguments
-    # reach predict's parser, not the interpreter: `-c CODE` is an argument error, not code.
-    env = {k: v for k, v in cfg["env"].items() if k not in ("LD_LIBRARY_PATH", "BRANCHY_TEE_ENCLAVE")}
-    env["PATH"] = "/usr/bin:/bin"
+    # The entry script works with exactly the manifest's environment (no venv, no PATH), and host
+    # arguments reach predict's parser, not the interpreter: `-c CODE` is an argument error, not code.
+    env = {k: v for k, v in cfg["env"].items() if k != "BRANCHY_TEE_ENCLAVE"}
     ran = subprocess.run([str(launcher), "--help"], env=env, capture_output=True, text=True)
     assert ran.returncode == 0 and "branchy-tee predict" in ran.stdout
     ran = subprocess.run([str(launcher), "-c", "print('injected')"], env=env, capture_output=True, text=True)
@@ -191,31 +152,36 @@ def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramin
     assert env == cfg["env"]
     assert env["BRANCHY_TEE_ENCLAVE"] == "1" and env["BRANCHY_TEE_ATTEST"] == "gramine"
     assert env["BRANCHY_TEE_MODEL_BROKER"] == BROKER_M and env["BRANCHY_TEE_DATA_BROKERS"] == BROKER_D
+    assert env["BRANCHY_TEE_MODEL_BROKER_IDENTITY"] == BROKER_M_IDENTITY
+    header = json.loads((sealed / "model.btee" / "header.json").read_text())["header"]
+    assert (env["BRANCHY_TEE_BUNDLE_ID"], env["BRANCHY_TEE_MODEL_KEY_ID"]) == (header["bundle_id"], header["key_id"])
     assert env["BRANCHY_TEE_ALLOW_PLAINTEXT"] == "0" and env["BRANCHY_TEE_MIN_MODEL_VERSION"] == "1"
     assert env["OMP_NUM_THREADS"] == "4" and env["LD_LIBRARY_PATH"].startswith("/lib:")
+    assert env["PYTHONHOME"] == enclave_env.dir and env["MALLOC_ARENA_MAX"] == "1" and env["PYTHONDONTWRITEBYTECODE"] == "1"
     # SGX settings, current syntax only.
     sgx = m["sgx"]
     assert sgx["remote_attestation"] == "dcap"
-    assert sgx["debug"] is False and sgx["edmm_enable"] is False
-    assert sgx["max_threads"] >= 4
+    assert sgx["debug"] is False and sgx["edmm_enable"] is False and sgx["use_exinfo"] is False
+    assert sgx["max_threads"] >= 4 and m["sys"]["disallow_subprocesses"] is True
     assert not {"thread_num", "ra_client_spid", "ra_client_linkable"} & set(sgx)
-    # Enclave size: a power of two, at least the documented rule.
+    # Enclave size: the smallest power of two that holds the runtime's measured peak plus the margin.
     size = size_bytes(sgx["enclave_size"])
-    assert size & (size - 1) == 0 and size >= 256 << 20
-    rule = cfg["enclave_size_rule"]
-    header = json.loads((sealed / "model.btee" / "header.json").read_text())["header"]
-    plain = [s["plaintext_size"] for s in header["stages"]]
-    weights = [s["weight_bytes"] for s in header["stages"]]
-    assert rule["terms"]["weights"] == sum(plain) and rule["terms"]["loading"] >= max(plain)
-    assert rule["need"] == sum(rule["terms"].values()) and size >= rule["need"]
-    assert rule["need"] >= rule["terms"]["libraries"] + 2 * weights[0] + max(weights[1:])
-    # Files: tmpfs /tmp; trusted code; allowed = only AEAD-protected bundle files and the data directory.
+    detail = cfg["enclave_size_detail"]
+    assert detail["given"] is False and detail["samples"] == 128 and detail["batch_size"] == 64
+    assert detail["terms"]["measured_peak"] == detail["vm_peak"] > 100 << 20  # torch alone maps more
+    assert detail["terms"]["gramine"] == 128 << 20 and detail["need"] == sum(detail["terms"].values())
+    assert size & (size - 1) == 0 and max(256 << 20, size // 2) < detail["need"] <= size
+    # Files: tmpfs /tmp; trusted = the interpreter, its libraries, the enclave environment's library
+    # folder and the entry script; allowed = only AEAD-protected bundle files and the data directory.
     assert {"type": "tmpfs", "path": "/tmp"} in m["fs"]["mounts"]
     trusted = set(m["sgx"]["trusted_files"])
-    package_dir = Path(__import__("branchy_tee").__file__).resolve().parents[1]
-    assert f"file:{python}" in trusted and f"file:{launcher}" in trusted
-    assert any(package_dir == Path(t[5:].rstrip("/")) or Path(t[5:]) in package_dir.parents for t in trusted)
+    assert {f"file:{python}", f"file:{launcher}", f"file:{enclave_env.home_lib}/"} <= trusted
+    assert {f"file:{lib}" for lib in cfg["libs"]} <= trusted and cfg["libs"]
+    assert not any("site-packages" in t and not t.startswith(f"file:{enclave_env.dir}/") for t in trusted)
+    assert not any(os.path.basename(t) in ("libc.so.6", "libm.so.6") for t in trusted)  # Gramine's own glibc
+    assert cfg["defines"]["libs"].count("libpython") <= 1
     bundle = sealed / "model.btee"
+    header = json.loads((bundle / "header.json").read_text())["header"]
     allowed = m["sgx"]["allowed_files"]
     expected_bundle = {f"file:{bundle / 'header.json'}"} | {f"file:{bundle / s['file']}" for s in header["stages"]}
     assert set(allowed) == expected_bundle | {f"file:{out / 'io'}/"}
@@ -230,9 +196,10 @@ def test_switches_reach_the_manifest(sealed, tmp_path, no_gramine):
     ca.write_text("-----BEGIN CERTIFICATE-----\nstand-in\n-----END CERTIFICATE-----\n")
     assert main(build_args(sealed, out, "--broker-ca", str(ca), "--edmm", "--debug", "--threads", "6", "--allow-plaintext-result",
                            "--min-model-version", "3", "--attest", "simulated", "--isv-prod-id", "7", "--isv-svn", "2",
-                           "--data-broker", "http://127.0.0.1:8103")) == 0  # fmt: skip
+                           "--data-broker", "http://127.0.0.1:8103", "--enclave-size", "2G")) == 0  # fmt: skip
     m = read_manifest(out)
-    assert m["sgx"]["edmm_enable"] is True and m["sgx"]["debug"] is True
+    assert m["sgx"]["edmm_enable"] is True and m["sgx"]["use_exinfo"] is True and m["sgx"]["debug"] is True
+    assert m["sgx"]["enclave_size"] == "2G"
     assert m["sgx"]["max_threads"] == 17 and m["loader"]["env"]["OMP_NUM_THREADS"] == "6"
     assert (m["sgx"]["isvprodid"], m["sgx"]["isvsvn"]) == (7, 2)
     env = m["loader"]["env"]
@@ -255,11 +222,20 @@ def test_missing_template_values_fail_loudly(sealed, tmp_path, no_gramine):
         eb._render("Makefile.template", defines=[])
 
 
-def test_build_refuses_data_directories_that_overlap_code(sealed, tmp_path, no_gramine, capsys):
-    package_dir = str(Path(__import__("branchy_tee").__file__).resolve().parents[1])
-    assert main(build_args(sealed, tmp_path / "enc", "--io-dir", package_dir)) == 2
+def test_build_refuses_data_directories_that_overlap_code(sealed, tmp_path, no_gramine, enclave_env, capsys):
+    assert main(build_args(sealed, tmp_path / "enc", "--io-dir", enclave_env.site_packages)) == 2
     assert "overlaps the trusted" in capsys.readouterr().err
     assert main(build_args(sealed, tmp_path / "enc", "--io-dir", str(tmp_path))) == 2  # would contain the launcher
+    for bad in (["--enclave-size", "768M"], ["--enclave-size", "64M"], ["--enclave-size", "lots"]):
+        assert main(build_args(sealed, tmp_path / "enc", *bad)) == 1
+        assert "--enclave-size" in capsys.readouterr().err
+
+
+def test_entry_script_first_line_fits_gramines_limit():
+    python = "/opt/" + "p" * 236 + "/bin/python3"  # "#!" + 253 + newline = 256 bytes: fits
+    assert eb.entry_script(python).startswith(f"#!{python}\n")
+    with pytest.raises(UsageError, match="257 bytes"):
+        eb.entry_script(python.replace("/opt/", "/opt/x"))
 
 
 # --------------------------------------------------------------------------- build / make / run with stand-in tools
@@ -272,21 +248,36 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     assert render["cwd"] == str(out)
     assert render["argv"] == [f"-D{k}={v}" for k, v in cfg["defines"].items()] + [
         "branchy-tee.manifest.template", "branchy-tee.manifest"]  # fmt: skip
-    # gramine-manifest and our own renderer agree on the same defines.
-    assert (out / "branchy-tee.manifest").read_text() == eb.render_manifest(cfg["defines"], "/opt/standin-gramine/runtime/glibc")
+    # Gramine's renderer hashed every trusted file; the build reports what it rendered.
+    rendered = (out / "branchy-tee.manifest").read_bytes()
+    manifest = tomllib.loads(rendered.decode())
+    assert summary["rendered_by"] == "gramine-manifest" and summary["manifest_bytes"] == len(rendered)
+    assert summary["manifest_sha256"] == hashlib.sha256(rendered).hexdigest()
+    assert summary["trusted_files"] == len(manifest["sgx"]["trusted_files"])
+    assert all(len(t["sha256"]) == 64 for t in manifest["sgx"]["trusted_files"]) and manifest["loader"]["entrypoint"]["sha256"]
     [sign] = gramine("gramine-sgx-sign")
     assert sign["argv"] == ["--key", str(key), "--manifest", "branchy-tee.manifest", "--output", "branchy-tee.manifest.sgx"]
     assert sign["cwd"] == str(out)
     [view] = gramine("gramine-sgx-sigstruct-view")
-    assert view["argv"] == ["branchy-tee.sig"]
+    assert view["argv"] == ["--output-format", "json", "branchy-tee.sig"]
     sig = (out / "branchy-tee.sig").read_bytes()
     assert summary["signed"] and summary["mrenclave"] == sig[9:41].hex() and summary["mrsigner"] == sig[41:73].hex()
-    policy = tomllib.loads((out / "policy.toml").read_text())
-    assert policy == {"allowed_mrenclave": [sig[9:41].hex()], "allowed_mrsigner": [sig[41:73].hex()], "isv_prod_id": 0,
-                      "min_isv_svn": 0, "allow_debug": False, "accepted_tcb_statuses": ["UpToDate"],
-                      "min_model_version": 1}  # fmt: skip
-    policy_mod = pytest.importorskip("branchy_tee.attest.policy")
-    policy_mod.parse_policy(policy, "policy.toml")  # the brokers accept the snippet as it is
+    assert not (out / "policy.toml").exists()  # owners never pin what the host printed
+    # The model owner (having reproduced this build) signs a release statement; a data owner writes its policy.
+    from branchy_tee.attest.identity import create_identity, identity_hex
+
+    mo = identity_hex(create_identity(tmp_path / "mo.id"))
+    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--model-key",
+                 str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
+                 "--out", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    release = json.loads((tmp_path / "r.json").read_text())
+    assert (release["mrenclave"], release["mrsigner"], release["attest"]) == (sig[9:41].hex(), sig[41:73].hex(), "gramine")
+    assert release["model_broker_identity"] == BROKER_M_IDENTITY and release["model_owner"] == mo
+    assert main(["enclave", "policy", "--release", str(tmp_path / "r.json"), "--model-owner", mo,
+                 "--out", str(tmp_path / "p.toml")]) == 0  # fmt: skip
+    policy = tomllib.loads((tmp_path / "p.toml").read_text())
+    assert policy == {"allowed_mrenclave": [sig[9:41].hex()], "isv_prod_id": 0, "min_isv_svn": 0, "allow_debug": False,
+                      "accepted_tcb_statuses": ["UpToDate"], "min_model_version": 1}  # fmt: skip
 
 
 def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypatch, capsys):
@@ -305,16 +296,21 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
     assert calls[0]["argv"] == [f"-D{k}={v}" for k, v in defines.items()] + ["branchy-tee.manifest.template", "branchy-tee.manifest"]
     assert calls[1]["argv"] == ["--key", str(key), "--manifest", "branchy-tee.manifest", "--output", "branchy-tee.manifest.sgx"]
     assert "mr_enclave" in done.stdout
+    assert hashlib.sha256((out / "branchy-tee.manifest").read_bytes()).hexdigest() in done.stdout  # to compare builds
     assert (out / "branchy-tee.manifest.sgx").is_file() and (out / "branchy-tee.sig").is_file()
     # Nothing to do a second time; then the policy snippet from the signature.
     again = subprocess.run(["make", "SGX=1"], cwd=out, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and len(log.read_text().splitlines()) == 3
     monkeypatch.setenv("PATH", env["PATH"])
+    from branchy_tee.attest.identity import create_identity
+
+    create_identity(tmp_path / "mo.id")
     capsys.readouterr()
-    assert main(["enclave", "policy", str(out), "--json"]) == 0
+    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--model-key",
+                 str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
+                 "--out", str(tmp_path / "r.json"), "--json"]) == 0  # fmt: skip
     measured = json.loads(capsys.readouterr().out)
     assert measured["mrenclave"] == (out / "branchy-tee.sig").read_bytes()[9:41].hex()
-    assert tomllib.loads((out / "policy.toml").read_text())["allowed_mrenclave"] == [measured["mrenclave"]]
 
 
 def test_run_sgx_launches_gramine_sgx_with_the_manifest_and_predict_arguments(sealed, tmp_path, gramine, monkeypatch, capsys):
@@ -370,35 +366,48 @@ def test_native_backend_runs_predict_end_to_end(sealed, tmp_path, no_gramine, ca
                "--data-key", str(keys / "data.key"), "--quiet"])  # fmt: skip
     assert rc == 0 and res.is_file()
     capsys.readouterr()
-    assert main(["decrypt-result", str(res), "--key", str(keys / "data.key"), "--request-id", "req-1", "--json"]) == 0
-    records = json.loads(capsys.readouterr().out)
+    assert main(["decrypt-result", str(res), "--key", str(keys / "data.key"), "--request", str(req), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)["records"]
     assert [r["index"] for r in records] == list(range(5))
     assert all(0 <= r["label"] < 10 and 0 <= r["exit"] < 3 for r in records)
 
 
 # --------------------------------------------------------------------------- small parts
-def test_sigstruct_view_output_formats():
+def test_sigstruct_view_json_output():
     e, s = "ab" * 32, "cd" * 32
-    plain = f"Attributes:\n    mr_signer: {s}\n    mr_enclave: {e}\n    isv_prod_id: 3\n    isv_svn: 1\n    debug_enclave: True\n"
-    assert eb.parse_sigstruct_view(plain) == {"mrenclave": e, "mrsigner": s, "isv_prod_id": 3, "isv_svn": 1, "debug": True}
-    toml = f'mr_signer = "{s}"\nmr_enclave = "{e}"\nisv_prod_id = 0\nisv_svn = 0\ndebug_enclave = false\n'
-    assert eb.parse_sigstruct_view(toml)["mrenclave"] == e
-    with pytest.raises(eb.BranchyError):
-        eb.parse_sigstruct_view("nothing useful")
+    view = {"mr_signer": s, "mr_enclave": e, "isv_prod_id": 3, "isv_svn": 1, "debug_enclave": True}
+    assert eb.parse_sigstruct_view(json.dumps(view, indent=4)) == {"mrenclave": e, "mrsigner": s, "isv_prod_id": 3,
+                                                                   "isv_svn": 1, "debug": True}  # fmt: skip
+    for bad in ("Attributes:\n    mr_enclave: " + e, json.dumps({**view, "mr_enclave": "ab"}),
+                json.dumps({**view, "isv_svn": "1"}), json.dumps({k: v for k, v in view.items() if k != "debug_enclave"})):
+        with pytest.raises(eb.BranchyError, match="JSON"):
+            eb.parse_sigstruct_view(bad)
+
+
+def test_ldd_output_is_read_into_normalised_paths():
+    from branchy_tee.enclave.env import parse_ldd
+
+    out = ("/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n"
+           "\tlibq.so => not found\n\tlibo.so => /e/numpy/_core/../../numpy.libs/libo.so (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n")
+    assert parse_ldd(out) == {"/lib/x86_64-linux-gnu/libz.so.1", "/e/numpy.libs/libo.so", "/lib64/ld-linux-x86-64.so.2"}
 
 
 def test_run_argument_splitting():
-    assert split_run_arguments(["--", "predict", "--bundle", "b"]) == ([], ["--bundle", "b"])
-    assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (["--backend", "native"], ["--bundle", "b"])
-    assert split_run_arguments(["predict", "--bundle", "b"]) == ([], ["--bundle", "b"])
-    assert split_run_arguments(["--bundle", "b"]) == ([], ["--bundle", "b"])
-    assert split_run_arguments(["--backend=native", "predict", "--bundle", "b"]) == (["--backend=native"], ["--bundle", "b"])
-    with pytest.raises(UsageError):
+    assert split_run_arguments(["--", "predict", "--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (["--backend", "native"], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["predict", "--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--backend=native", "predict", "--bundle", "b"]) == (["--backend=native"], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--", "serve", "--bundle", "b"]) == ([], "serve", ["--bundle", "b"])
+    with pytest.raises(UsageError, match="only predict or serve run in the enclave"):
         split_run_arguments(["--", "train", "--epochs", "1"])
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="nothing to run"):
         split_run_arguments([])
 
 
 def test_enclave_size_is_a_power_of_two_rounding():
-    assert eb.next_power_of_two(760 << 20) == 1 << 30
-    assert eb.size_string(1 << 30) == "1G" and eb.size_string(512 << 20) == "512M"
+    from branchy_tee.enclave import measure
+
+    assert measure.next_power_of_two(760 << 20) == 1 << 30
+    assert measure.size_string(1 << 30) == "1G" and measure.size_string(512 << 20) == "512M"
+    assert measure.parse_size("2G") == 2 << 30 and measure.parse_size("512m") == 512 << 20

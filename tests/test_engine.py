@@ -1,53 +1,61 @@
-"""The early-exit engine: answers never depend on the batch size, and samples that go on to a later
-stage are gathered into full batches there (the point of refilling), with few samples left waiting."""
+"""The early-exit engine on ONNX Runtime stage graphs: answers never depend on the batch size, and
+samples that go on to a later stage are gathered into full batches there (the point of refilling),
+with few samples left waiting."""
 
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 
+from branchy_tee.evaluate.exits import stage_graphs
+from branchy_tee.runtime.criteria import ENTROPY
 from branchy_tee.runtime.engine import early_exit
-from runs import make_random_run, reference_decisions, spreading_thresholds
+from runs import graph_log_probs, make_random_run, reference_decisions, spreading_thresholds
 
 
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory):
-    model, _ = make_random_run(tmp_path_factory.mktemp("run"), "resnet18", 3, 32, width=8)
+    run = tmp_path_factory.mktemp("run")
+    make_random_run(run, "resnet18", 3, 32, width=8)
+    stages = stage_graphs(run, show=False)
     torch.manual_seed(3)
     x = torch.randn(90, 3, 32, 32)
-    with torch.no_grad():
-        thresholds = spreading_thresholds(model, x, "entropy")
-        labels, exits = reference_decisions(model, x, "entropy", thresholds)
-        probs = torch.softmax(torch.stack(model(x)), dim=2)  # (exits, N, C)
-    assert len(set(exits.tolist())) == model.num_exits
-    return model, x, thresholds, labels, exits, probs[exits, torch.arange(len(x)), labels]
+    thresholds = spreading_thresholds(run, x, "entropy")
+    labels, exits = reference_decisions(run, x, "entropy", thresholds)
+    probs = torch.stack(graph_log_probs(run, x)).exp()  # (exits, N, C)
+    assert len(set(exits.tolist())) == len(stages)
+    model = SimpleNamespace(num_exits=len(stages))
+    return model, stages, x.numpy(), thresholds, labels, exits, probs[exits, torch.arange(len(x)), labels]
 
 
-def recording(model, log):
+def recording(stages, log):
     """get_stage for the engine that notes the size of every batch each stage runs on."""
 
     def get_stage(k):
         def stage(h):
             log.append((k, len(h)))
-            return model.stages[k](h)
+            return stages[k](h)
 
-        return stage, model.exits[k]
+        return stage
 
     return get_stage
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 16, 90, 256])
 def test_answers_do_not_depend_on_the_batch_size(setting, batch_size):
-    model, x, thresholds, labels, exits, confidences = setting
-    ans = early_exit(recording(model, []), model.num_exits, x, "entropy", thresholds, batch_size)
+    model, stages, x, thresholds, labels, exits, confidences = setting
+    ans = early_exit(recording(stages, []), model.num_exits, x, ENTROPY, thresholds, batch_size)
     assert ans.labels.tolist() == labels.tolist()
     assert ans.exits.tolist() == exits.tolist()
     assert ans.exit_counts(model.num_exits) == torch.bincount(exits, minlength=model.num_exits).tolist()
-    assert torch.allclose(ans.confidences, confidences, atol=1e-5)
+    assert np.allclose(ans.confidences, confidences.numpy(), atol=1e-5)
 
 
 def test_later_stages_run_on_full_batches(setting):
-    model, x, thresholds, _, exits, _ = setting
+    model, stages, x, thresholds, _, exits, _ = setting
     log = []
-    early_exit(recording(model, log), model.num_exits, x, "entropy", thresholds, batch_size=8)
+    early_exit(recording(stages, log), model.num_exits, x, ENTROPY, thresholds, batch_size=8)
     for k in range(1, model.num_exits):
         sizes = [n for j, n in log if j == k]
         reaching = int((exits >= k).sum())
@@ -58,18 +66,18 @@ def test_later_stages_run_on_full_batches(setting):
 
 
 def test_a_stage_is_not_fetched_when_nobody_reaches_it(setting):
-    model, x, *_ = setting
+    model, stages, x, *_ = setting
     fetched = []
 
     def get_stage(k):
         fetched.append(k)
-        return model.stages[k], model.exits[k]
+        return stages[k]
 
-    ans = early_exit(get_stage, model.num_exits, x, "entropy", [2.0] * (model.num_exits - 1), batch_size=16)
+    ans = early_exit(get_stage, model.num_exits, x, ENTROPY, [2.0] * (model.num_exits - 1), batch_size=16)
     assert set(fetched) == {0} and ans.exits.tolist() == [0] * len(x)
 
 
 def test_no_samples_no_work(setting):
-    model, x, thresholds, *_ = setting
-    ans = early_exit(recording(model, log := []), model.num_exits, x[:0], "entropy", thresholds, batch_size=8)
+    model, stages, x, thresholds, *_ = setting
+    ans = early_exit(recording(stages, log := []), model.num_exits, x[:0], ENTROPY, thresholds, batch_size=8)
     assert len(ans.labels) == len(ans.exits) == len(ans.confidences) == 0 and log == []

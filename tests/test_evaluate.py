@@ -6,9 +6,9 @@ from PIL import Image
 
 from branchy_tee.cli import main
 from branchy_tee.evaluate.calibrate import calibrate, calibrate_run
-from branchy_tee.evaluate.exits import collect_logits, decide, load_split, oracle
-from branchy_tee.rundir import load_run
-from branchy_tee.runtime.criteria import exit_scores
+from branchy_tee.evaluate.exits import collect_log_probs, decide, exit_scores, load_split, oracle, stage_graphs
+from branchy_tee.rundir import read_model_card
+from branchy_tee.runtime.criteria import ENTROPY
 from branchy_tee.train.trainer import TrainConfig, fit
 
 
@@ -44,11 +44,11 @@ def test_eval_json_is_consistent(run_dir, tmp_path, capsys):
 
 def test_decide_matches_a_per_sample_loop():
     torch.manual_seed(1)
-    logits = [torch.randn(200, 10) * s for s in (1.0, 2.0, 3.0, 4.0)]
+    logits = [torch.log_softmax(torch.randn(200, 10) * s, dim=1) for s in (1.0, 2.0, 3.0, 4.0)]
     thresholds = [0.6, 0.7, 0.8]
-    exit_idx, preds = decide(logits, "entropy", thresholds)
+    exit_idx, preds = decide(logits, ENTROPY, thresholds)
     for i in range(200):
-        k = next((k for k in range(3) if exit_scores(logits[k][i : i + 1], "entropy")[0] <= thresholds[k]), 3)
+        k = next((k for k in range(3) if exit_scores(logits[k][i : i + 1], ENTROPY)[0] <= thresholds[k]), 3)
         assert exit_idx[i] == k and preds[i] == logits[k][i].argmax()
 
 
@@ -62,8 +62,8 @@ def test_oracle_takes_the_cheapest_correct_exit():
 
 @pytest.mark.parametrize("criterion", ["entropy", "maxprob"])
 def test_calibration_meets_budget_and_is_the_cheapest_such_setting(run_dir, criterion):
-    model, meta = load_run(run_dir)
-    logits, labels = collect_logits(model, load_split(meta, "val"), show=False)
+    card = read_model_card(run_dir)
+    logits, labels = collect_log_probs(stage_graphs(run_dir, show=False), load_split(card, "val"), show=False)
     costs = [3, 5, 6]
     for drop in (0.0, 0.01, 0.05):
         r = calibrate(logits, labels, costs, criterion, drop, margin_se=0.0)
@@ -88,10 +88,13 @@ def test_calibrate_writes_model_json(run_dir, capsys):
 def test_calibration_candidates_decide_as_the_runtime_does(criterion):
     from branchy_tee.evaluate.calibrate import candidate_thresholds, shared_threshold_settings
     from branchy_tee.evaluate.exits import run_setting
+    from branchy_tee.runtime.criteria import criterion as criterion_named
 
+    criterion = criterion_named(criterion)
     torch.manual_seed(3)
     labels = torch.randint(0, 10, (300,))
-    logits = [torch.randn(300, 10) * s + 3 * torch.nn.functional.one_hot(labels, 10) for s in (2.0, 1.5, 1.0)]
+    logits = [(torch.randn(300, 10) * s + 3 * torch.nn.functional.one_hot(labels, 10)).log_softmax(1)
+              for s in (2.0, 1.5, 1.0)]  # fmt: skip
     thresholds = candidate_thresholds(logits, criterion, points=50)
     for t, fast in zip(thresholds, shared_threshold_settings(logits, labels, [1, 2, 4], criterion, thresholds)):
         ref = run_setting(logits, labels, criterion, [t, t], [1, 2, 4])

@@ -60,7 +60,8 @@ def test_policy_accepting_that_status_grants(phala1):
     d = pol(accepted_tcb_statuses=["UpToDate", "ConfigurationAndSWHardeningNeeded"], min_model_version=7).evaluate(phala1)
     assert d.min_model_version == 7 and d.warnings == ()
     # MRSIGNER alone also identifies it
-    d = parse_policy({"allowed_mrsigner": [PHALA1_MRSIGNER], "accepted_tcb_statuses": ["ConfigurationAndSWHardeningNeeded"]}).evaluate(phala1)
+    d = parse_policy({"allowed_mrsigner": [PHALA1_MRSIGNER], "own_signing_key": True,
+                      "accepted_tcb_statuses": ["ConfigurationAndSWHardeningNeeded"]}).evaluate(phala1)
     assert d.min_model_version == 0
 
 
@@ -133,8 +134,13 @@ def test_simulation(phala1):
 
 # --------------------------------------------------------------------------- parsing
 @pytest.mark.parametrize("data, match", [
-    ({}, "set allowed_mrenclave or allowed_mrsigner"),
-    ({"allowed_mrenclave": [], "allowed_mrsigner": []}, "set allowed_mrenclave or allowed_mrsigner"),
+    ({}, "set allowed_mrenclave"),
+    ({"allowed_mrenclave": [], "allowed_mrsigner": []}, "set allowed_mrenclave"),
+    ({"allowed_mrsigner": ["11" * 32]}, "pins only allowed_mrsigner, but the host builds and signs the enclave"),
+    ({"allowed_mrenclave": ["11" * 32], "accept_client_collateral": True}, "needs min_tcb_evaluation_data_number"),
+    ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": ["xyz"]}, "is not an identity"),
+    ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": "ab"}, "must be a list of strings"),
+    ({"allowed_mrenclave": ["11" * 32], "min_tcb_evaluation_data_number": -1}, "must be an integer"),
     ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debugg": True}, r"unknown setting 'allow_debugg' \(did you mean 'allow_debug'\?\)"),
     ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "policy": {"x": 1}}, "unknown setting 'policy'"),
     ({"allowed_mrenclave": PHALA1_MRENCLAVE}, "allowed_mrenclave must be a list of strings"),

@@ -10,9 +10,8 @@ from safetensors.torch import save_file
 
 from branchy_tee.cli import main
 from branchy_tee.fileio import read_key_file
-from branchy_tee.rundir import update_model_json
-from branchy_tee.seal.envelope import open_result
-from runs import keygen, make_random_run, reference_decisions, spreading_thresholds
+from branchy_tee.seal.envelope import open_result, request_digest
+from runs import keygen, make_random_run, reference_decisions, set_thresholds, spreading_thresholds
 
 ARCHS = [
     ("lenet5", 1, 28, {}),
@@ -28,9 +27,9 @@ def setup_bundle(tmp, arch, channels, size, config, n=40, criterion="entropy", t
     x = (torch.rand(n, channels, size, size) * 255).to(torch.uint8)
     xn = (x.float() / 255 - 0.5) / 0.25
     if thresholds == "spread":
-        thresholds = spreading_thresholds(model, xn, criterion)
+        thresholds = spreading_thresholds(tmp / "run", xn, criterion)
     if thresholds is not None:
-        update_model_json(tmp / "run", thresholds=thresholds)
+        set_thresholds(tmp / "run", thresholds)
     mo, do = keygen(tmp / "mo.key"), keygen(tmp / "do.key")
     args = ["seal", str(tmp / "run"), "--key", str(mo), "--out", str(tmp / "m.btee"), "--version", str(version)]
     assert main(args + (["--chunk-size", str(chunk)] if chunk else [])) == 0
@@ -45,16 +44,18 @@ def predict(tmp, *extra, out="res.enc", bundle="m.btee", req="req.enc", data_key
                  "--model-key", str(tmp / "mo.key"), "--data-key", str(tmp / data_key), "--quiet", *extra])  # fmt: skip
 
 
-def results(tmp, out="res.enc"):
-    return open_result((tmp / out).read_bytes(), read_key_file(tmp / "do.key"), out, "r1")[1]
+def results(tmp, out="res.enc", req="req.enc"):
+    return open_result((tmp / out).read_bytes(), read_key_file(tmp / "do.key"), out, request_digest((tmp / req).read_bytes()))[1]
 
 
 @pytest.mark.parametrize("arch,channels,size,config", ARCHS, ids=[a[0] for a in ARCHS])
-def test_predict_equals_the_plain_models_early_exit_decision(tmp_path, arch, channels, size, config):
+def test_predict_gives_evals_labels_and_exits(tmp_path, arch, channels, size, config):
+    """What is sealed is what is evaluated: predict's answers are exactly those eval computes from the
+    run's stage graphs (on refilled batches of 7 here, all exits at once in eval)."""
     model, xn, thresholds = setup_bundle(tmp_path, arch, channels, size, config)
     assert predict(tmp_path, "--batch-size", "7", "--stats-json", str(tmp_path / "stats.json")) == 0
     recs = results(tmp_path)
-    labels, exits = reference_decisions(model, xn, "entropy", thresholds)
+    labels, exits = reference_decisions(tmp_path / "run", xn, "entropy", thresholds)
     assert [r["label"] for r in recs] == labels.tolist()
     assert [r["exit"] for r in recs] == exits.tolist()
     assert len(set(exits.tolist())) >= 3  # the thresholds really spread samples over the exits
@@ -120,14 +121,18 @@ def test_images_round_trip_with_mprofile(tmp_path, capsys):
     capsys.readouterr()
     assert predict(tmp_path, "--mprofile", str(tmp_path / "prof"), "--plaintext-result", str(tmp_path / "result.txt")) == 0
     assert "the host can read them" in capsys.readouterr().err
-    assert main(["decrypt-result", str(tmp_path / "res.enc"), "--key", str(do), "--json", "--request-id", "r1"]) == 0
-    recs = json.loads(capsys.readouterr().out)
+    assert main(["decrypt-result", str(tmp_path / "res.enc"), "--key", str(do), "--json", "--request",
+                 str(tmp_path / "req.enc")]) == 0  # fmt: skip
+    doc = json.loads(capsys.readouterr().out)
+    header = json.loads((tmp_path / "m.btee" / "header.json").read_text())["header"]
+    assert (doc["bundle_id"], doc["model_version"], doc["model_key_id"]) == (header["bundle_id"], 1, header["key_id"])
+    recs = doc["records"]
     assert [r["index"] for r in recs] == [0, 1, 2, 3]
     assert all({"index", "label", "class_name", "confidence", "exit"} == set(r) for r in recs)
     # The reference: the same preprocessing by hand, through the plain model.
     imgs = [np.asarray(Image.open(p).convert("L").resize((28, 28), Image.BILINEAR)) for p in paths]
     x = (torch.tensor(np.stack(imgs)).float().unsqueeze(1) / 255 - 0.5) / 0.25
-    labels, exits = reference_decisions(model, x, "entropy", [-1.0, -1.0])
+    labels, exits = reference_decisions(tmp_path / "run", x, "entropy", [-1.0, -1.0])
     assert [r["label"] for r in recs] == labels.tolist() and all(r["exit"] == 2 for r in recs)
     text = (tmp_path / "result.txt").read_text().splitlines()
     assert text[0] == "# request r1" and len(text) == 2 + 4
@@ -151,10 +156,46 @@ def test_two_data_owners_in_one_run(tmp_path, capsys):
                "--quiet"])  # fmt: skip
     assert rc == 0
     assert len(results(tmp_path, "a.enc")) == 40
-    assert len(open_result((tmp_path / "b.enc").read_bytes(), read_key_file(do2), "b", "r2")[1]) == 5
+    assert len(open_result((tmp_path / "b.enc").read_bytes(), read_key_file(do2), "b",
+                           request_digest((tmp_path / "req2.enc").read_bytes()))[1]) == 5  # fmt: skip
     capsys.readouterr()
-    assert main(["decrypt-result", str(tmp_path / "b.enc"), "--key", str(tmp_path / "do.key")]) == 1
+    assert main(["decrypt-result", str(tmp_path / "b.enc"), "--key", str(tmp_path / "do.key"), "--request",
+                 str(tmp_path / "req2.enc")]) == 1  # fmt: skip
     assert "no key for" in capsys.readouterr().err
+
+
+# Run predict in a fresh interpreter in which the owner-side libraries cannot be imported at all, then
+# list what it did import: the enclave's import closure.
+WITHOUT_OWNER_SIDE = r"""
+import json, sys
+OWNER_SIDE = {"torch", "onnx", "onnxscript", "PIL", "matplotlib", "jinja2", "tqdm", "aiohttp"}
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in OWNER_SIDE:
+            raise ImportError(f"{name} is owner-side; the enclave must not import it")
+sys.meta_path.insert(0, Refuse())
+from branchy_tee.runtime.predict import main
+rc = main(sys.argv[2:])
+json.dump(sorted({m.split(".")[0] for m in sys.modules}), open(sys.argv[1], "w"))
+sys.exit(rc)
+"""
+
+
+def test_the_enclave_imports_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    model, xn, thresholds = setup_bundle(tmp_path, "lenet5", 1, 28, {})
+    args = ["--bundle", str(tmp_path / "m.btee"), "--input", str(tmp_path / "req.enc"), "--output", str(tmp_path / "res.enc"),
+            "--model-key", str(tmp_path / "mo.key"), "--data-key", str(tmp_path / "do.key"), "--quiet"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_OWNER_SIDE, str(tmp_path / "modules.json"), *args],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    imported = set(json.loads((tmp_path / "modules.json").read_text()))
+    assert {"onnxruntime", "numpy", "cryptography", "safetensors"} <= imported
+    assert not imported & {"torch", "onnx", "onnxscript", "PIL", "matplotlib"}
+    labels, exits = reference_decisions(tmp_path / "run", xn, "entropy", thresholds)
+    assert [r["label"] for r in results(tmp_path)] == labels.tolist()
 
 
 # --------------------------------------------------------------------------- integrity: exit 1, one line, nothing written
@@ -246,7 +287,8 @@ def test_flipped_request_and_result(sealed, capsys):
     assert predict(sealed) == 0
     _flip(sealed / "res.enc", 200)
     capsys.readouterr()
-    assert main(["decrypt-result", str(sealed / "res.enc"), "--key", str(sealed / "do.key"), "--out", str(sealed / "r.json")]) == 1
+    assert main(["decrypt-result", str(sealed / "res.enc"), "--key", str(sealed / "do.key"), "--request",
+                 str(sealed / "req.enc"), "--out", str(sealed / "r.json")]) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert "failed authentication" in err and len(err.strip().splitlines()) == 1
     assert not (sealed / "r.json").exists()

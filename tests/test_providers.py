@@ -15,6 +15,7 @@ from branchy_tee.attest.providers import (
     code_measurement,
     default_dev_key_dir,
     make_provider,
+    simulated_mrenclave,
     verify_simulated,
 )
 from branchy_tee.errors import AttestationError, BranchyError
@@ -77,7 +78,7 @@ def test_dev_key_created_once_with_private_modes(tmp_path, capsys):
     b = SimulatedProvider(kd)
     assert a.public_key == b.public_key and a.mrsigner == hashlib.sha256(a.public_key).digest()
     ident = a.identity()
-    assert ident["mrenclave"] == code_measurement().hex() and ident["public_key"] == a.public_key.hex()
+    assert ident["mrenclave"] == simulated_mrenclave().hex() and ident["public_key"] == a.public_key.hex()
     os.chmod(kd / "ed25519.key", 0o640)
     with pytest.raises(BranchyError, match="accessible by others"):
         SimulatedProvider(kd)

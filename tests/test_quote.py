@@ -21,8 +21,9 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from branchy_tee.attest.pck import parse_pck_extension
 from branchy_tee.attest.quote import INTEL_QE_VENDOR_ID, TdReportBody, parse_quote
-from branchy_tee.attest.verify import parse_pck_extension, verify_quote
+from branchy_tee.attest.verify import verify_quote
 from branchy_tee.cli import main
 from branchy_tee.errors import AttestationError
 from runs import mutate_bytes
@@ -154,6 +155,14 @@ def test_phala1_tcb_status():
     assert v.warnings == []
     assert v.report_data.startswith(b"Hello, world!")
     assert v.to_json()["fmspc"] == "00a067110000"
+
+
+def test_tcb_evaluation_data_number():
+    # Intel raises it with each TCB recovery; a policy can require a minimum (the lower of the two documents')
+    v = verify_quote(_quote("phala-1"), collateral=_collateral("phala-1"), now=PHALA_NOW)
+    assert v.tcb_evaluation_data_number == 17
+    assert v.collateral.tcb_info.evaluation_data_number == v.collateral.qe_identity.evaluation_data_number == 17
+    assert verify_quote(_quote("phala-1"), now=PHALA_NOW).tcb_evaluation_data_number is None
 
 
 def test_phala2_tdx_tcb_status():
@@ -599,17 +608,21 @@ class FakeIntel:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(T0).build())
         return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER).hex()
 
-    def collateral(self, levels, qe_levels, revoked_pck=(), revoked_root=(), signer=None):
-        def stamp(obj):
+    def collateral(self, levels, qe_levels, revoked_pck=(), revoked_root=(), signer=None,
+                   tcb_evaluation_data_numbers=(1, 1)):
+        def stamp(obj, number):
             obj.update(issueDate="2025-01-01T00:00:00Z", nextUpdate="2025-01-31T00:00:00Z")
+            if number is not None:
+                obj["tcbEvaluationDataNumber"] = number
             return json.dumps(obj, separators=(",", ":"))
 
+        tcb_number, qe_number = tcb_evaluation_data_numbers
         tcb_info = stamp({"id": "SGX", "version": 3, "fmspc": "00A067110000", "pceId": "0000", "tcbType": 0,
-                          "tcbEvaluationDataNumber": 1, "tcbLevels": levels})
-        qe_identity = stamp({"id": "QE", "version": 2, "tcbEvaluationDataNumber": 1, "miscselect": "00000000",
+                          "tcbLevels": levels}, tcb_number)
+        qe_identity = stamp({"id": "QE", "version": 2, "miscselect": "00000000",
                              "miscselectMask": "FFFFFFFF", "attributes": "11" + "00" * 15,
                              "attributesMask": "FBFFFFFFFFFFFFFF" + "00" * 8, "mrsigner": "8C" * 32,
-                             "isvprodid": 1, "tcbLevels": qe_levels})
+                             "isvprodid": 1, "tcbLevels": qe_levels}, qe_number)
         key, cert = signer or (self.tcb_key, self.tcb)
         issuer_chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, self.root)).decode()
         return {
@@ -671,6 +684,17 @@ def test_synthetic_round_trip_and_tcb_levels(fake):
     # the same quote under the real Intel root
     with pytest.raises(AttestationError, match="pinned root"):
         verify_quote(q, now=WHEN)
+
+
+def test_synthetic_tcb_evaluation_data_number(fake):
+    col = fake.collateral(LEVELS, QE_LEVELS, tcb_evaluation_data_numbers=(18, 17))
+    v = verify_quote(fake.quote(), root_pem=fake.root_pem, collateral=col, now=WHEN)
+    assert (v.collateral.tcb_info.evaluation_data_number, v.tcb_evaluation_data_number) == (18, 17)
+    col = fake.collateral(LEVELS, QE_LEVELS, tcb_evaluation_data_numbers=(18, None))
+    assert verify_quote(fake.quote(), root_pem=fake.root_pem, collateral=col, now=WHEN).tcb_evaluation_data_number is None
+    col = fake.collateral(LEVELS, QE_LEVELS, tcb_evaluation_data_numbers=("18", 17))
+    with pytest.raises(AttestationError, match="TCB info: 'tcbEvaluationDataNumber' missing or not a non-negative"):
+        verify_quote(fake.quote(), root_pem=fake.root_pem, collateral=col, now=WHEN)
 
 
 def test_synthetic_revocation(fake):

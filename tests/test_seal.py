@@ -1,14 +1,17 @@
 import io
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from branchy_tee.errors import BranchyError, IntegrityError
+from branchy_tee.errors import BranchyError, IntegrityError, UsageError
 from branchy_tee.fileio import read_key_file, write_key_file
 from branchy_tee.seal import aead
 from branchy_tee.seal.bundle import open_bundle, seal_model
-from branchy_tee.seal.envelope import open_request, open_result, seal_request, seal_result
+from branchy_tee.seal.envelope import open_request, open_result, request_digest, seal_request, seal_result
+from branchy_tee.seal.header import ModelRef
 from branchy_tee.seal.keys import derive, generate_key, key_id
 
 from runs import make_random_run
@@ -77,24 +80,6 @@ def test_a_failed_stream_leaves_no_unverified_plaintext_and_names_the_first_bad_
     assert bytes(aead.open_chunks(KEY, io.BytesIO(_stream(data)), b"ctx", len(data), 16, "s")) == data
 
 
-def test_in_place_safetensors_reader_matches_the_library():
-    from safetensors.torch import load, save
-
-    from branchy_tee.seal.bundle import tensors_from_safetensors
-
-    state = {
-        "w": torch.randn(3, 4, 5), "b": torch.randn(7, dtype=torch.float64), "n": torch.tensor(5),
-        "h": torch.randn(2, 3).half(), "m": torch.tensor([True, False]), "e": torch.empty(0, 3), "i": torch.arange(9, dtype=torch.int32),
-    }  # fmt: skip
-    blob = save(state, metadata={"stage": "1"})
-    ours, ref = tensors_from_safetensors(bytearray(blob)), load(blob)
-    assert ours.keys() == ref.keys()
-    for k in ref:
-        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
-    with pytest.raises(ValueError):
-        tensors_from_safetensors(bytearray(blob[:-3]))
-
-
 def test_keys_are_separated_and_ids_public():
     k = generate_key()
     assert len(k) == 32 and k != generate_key()
@@ -120,31 +105,35 @@ def test_key_files_are_private(tmp_path):
 
 
 def test_bundle_round_trip_and_header_binding(tmp_path):
-    model, meta = make_random_run(tmp_path / "run", "lenet5")
-    header = seal_model(model, meta, KEY, tmp_path / "m.btee", version=3, chunk_size=4096)
-    assert header["model_version"] == 3 and header["key_id"] == key_id(KEY)
+    from branchy_tee.seal.bundle import seal_run
+
+    make_random_run(tmp_path / "run", "lenet5")
+    header = seal_run(tmp_path / "run", KEY, tmp_path / "m.btee", version=3, chunk_size=4096)
+    assert header.model_version == 3 and header.key_id == key_id(KEY)
     b = open_bundle(tmp_path / "m.btee", KEY, min_version=3)
+    # What is sealed is the run's exported stage graphs, byte for byte.
+    export = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
     for k in range(b.num_stages):
-        state = b.read_stage(k)
-        for name, t in model.stages[k].state_dict().items():
-            assert torch.equal(state[f"stage.{name}"], t)
-        for name, t in model.exits[k].state_dict().items():
-            assert torch.equal(state[f"exit.{name}"], t)
+        graph = (tmp_path / "run" / "onnx" / f"stage-{k:02d}.onnx").read_bytes()
+        assert bytes(b.decrypt_stage(k)) == graph
+        assert header.stages[k].plaintext_size == len(graph)
+        assert header.stages[k].weight_bytes == export["stages"][k]["weight_bytes"] > 0
     with pytest.raises(IntegrityError, match="older than the minimum 4"):
         open_bundle(tmp_path / "m.btee", KEY, min_version=4)
     with pytest.raises(IntegrityError, match="model key id"):
         open_bundle(tmp_path / "m.btee", generate_key())
     with pytest.raises(BranchyError, match="already exists"):
-        seal_model(model, meta, KEY, tmp_path / "m.btee")
+        seal_run(tmp_path / "run", KEY, tmp_path / "m.btee")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.btee", "run"]  # no temporary left behind
 
 
 def test_requests_and_results_are_bound_to_key_and_request():
     do1, do2 = generate_key(), generate_key()
-    x = torch.randn(3, 1, 28, 28)
+    x = np.random.default_rng(0).standard_normal((3, 1, 28, 28), dtype=np.float32)
     blob = seal_request(x, do1, "req-1")
     header, got = open_request(blob, {key_id(do1): do1}, [1, 28, 28], "r")
-    assert header["request_id"] == "req-1" and torch.equal(got, x)
+    assert header.request_id == "req-1" and isinstance(got, np.ndarray) and np.array_equal(got, x)
+    assert np.array_equal(open_request(seal_request(torch.from_numpy(x), do1), {key_id(do1): do1}, [1, 28, 28], "r")[1], x)
     with pytest.raises(IntegrityError, match="no key for"):
         open_request(blob, {key_id(do2): do2}, [1, 28, 28], "r")
     # Relabelling the request for another key id does not help: the header is authenticated.
@@ -152,12 +141,103 @@ def test_requests_and_results_are_bound_to_key_and_request():
     with pytest.raises(IntegrityError, match="failed authentication"):
         open_request(forged, {key_id(do2): do2}, [1, 28, 28], "r")
     records = [{"index": 0, "label": 1, "class_name": "c1", "confidence": 0.5, "exit": 0}]
-    res = seal_result(records, header, do1)
-    assert open_result(res, do1, "res", "req-1")[1] == records
-    with pytest.raises(IntegrityError, match="answers request req-1, not req-2"):
-        open_result(res, do1, "res", "req-2")
+    model = ModelRef("ab" * 16, 3, "cd" * 8)
+    res = seal_result(records, header, request_digest(blob), model, do1)
+    got_header, got = open_result(res, do1, "res", request_digest(blob))
+    assert got == records and got_header.model == model
+    # A new request that reuses the request id: the old result is a replay, refused.
+    again = seal_request(x, do1, "req-1")
+    with pytest.raises(IntegrityError, match="answers another request .* a replayed or misdirected result"):
+        open_result(res, do1, "res", request_digest(again))
     with pytest.raises(IntegrityError):
-        open_result(res, do2, "res")
+        open_result(res, do2, "res", request_digest(blob))
     # A request can never be opened as a result (different key derivation and magic).
     with pytest.raises(IntegrityError):
-        open_result(blob, do1, "res")
+        open_result(blob, do1, "res", request_digest(blob))
+    # Nor is any result opened without the digest of its request.
+    with pytest.raises(UsageError, match="only with the digest of the request"):
+        open_result(res, do1, "res", None)
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 129, "a\nb", "\udcff", "tab\there"])
+def test_request_ids_must_be_printable_unicode(bad):
+    with pytest.raises(UsageError, match="request id"):
+        seal_request(torch.randn(1, 1, 28, 28), generate_key(), bad)
+
+
+def test_host_strings_in_request_headers_are_checked_and_escaped():
+    """A request header is host-controlled until it authenticates: a request id that is not valid
+    Unicode (a lone surrogate, escaped in JSON) or a key id with terminal escapes is a one-line error
+    that shows the value escaped, before anything is derived from it."""
+    import json
+    import struct
+
+    from branchy_tee.seal.envelope import REQUEST_MAGIC, read_envelope_header
+
+    for header, match in (({"request_id": "\ud800", "key_id": "ab" * 8}, "is not valid Unicode text"),
+                          ({"request_id": "r\n1", "key_id": "ab" * 8}, "must be printable text"),
+                          ({"request_id": "r1", "key_id": "\x1b[31mred"}, "is not a key id")):  # fmt: skip
+        h = json.dumps(header).encode()  # ensure_ascii: the surrogate travels as \ud800
+        blob = REQUEST_MAGIC + struct.pack(">I", len(h)) + h + bytes(40)
+        with pytest.raises(IntegrityError, match=match) as e:
+            read_envelope_header(blob, REQUEST_MAGIC, "req")
+        assert str(e.value).isascii() and "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    model, meta = make_random_run(tmp_path / "run", "lenet5")
+    key = generate_key()
+    seal_model(model, meta, key, tmp_path / "m.btee")
+    return tmp_path / "m.btee", key
+
+
+def test_header_json_that_is_not_a_small_regular_file_is_never_read(bundle, tmp_path):
+    from branchy_tee.seal.bundle import MAX_HEADER_BYTES, read_header_unverified
+
+    path, key = bundle
+    header = path / "header.json"
+    good = header.read_bytes()
+    header.unlink()
+    header.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        read_header_unverified(path)
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        open_bundle(path, key)
+    header.unlink()
+    os.mkfifo(header)  # opening must not wait for a writer
+    with pytest.raises(IntegrityError, match="not a regular file"):
+        read_header_unverified(path)
+    header.unlink()
+    with open(header, "wb") as f:  # sparse: checked by size before a byte is read
+        f.truncate(MAX_HEADER_BYTES + 1)
+    with pytest.raises(IntegrityError, match="over the .*-byte limit"):
+        read_header_unverified(path)
+    header.unlink()
+    header.write_bytes(good)
+    assert open_bundle(path, key).header.arch == "lenet5"
+
+
+def test_header_json_must_have_exactly_the_sealed_members_in_order(bundle):
+    import json
+
+    from branchy_tee.seal.bundle import read_header_unverified
+
+    path, key = bundle
+    header = path / "header.json"
+    doc = json.loads(header.read_text())
+    variants = [
+        {"mac": doc["mac"], "header": doc["header"]},  # members reordered
+        {**doc, "extra": 1},
+        {"header": {**doc["header"], "note": "x"}, "mac": doc["mac"]},
+        {"header": dict(reversed(list(doc["header"].items()))), "mac": doc["mac"]},
+        {"header": {k: v for k, v in doc["header"].items() if k != "thresholds"}, "mac": doc["mac"]},
+        {"header": {**doc["header"], "stages": [{**doc["header"]["stages"][0], "x": 1}, *doc["header"]["stages"][1:]]},
+         "mac": doc["mac"]},
+    ]
+    for v in variants:
+        header.write_text(json.dumps(v, indent=1) + "\n")
+        with pytest.raises(IntegrityError, match="members"):
+            read_header_unverified(path)
+        with pytest.raises(IntegrityError):
+            open_bundle(path, key)

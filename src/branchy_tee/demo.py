@@ -2,61 +2,65 @@
 
 1. The model owner trains a multi-exit model on Fashion-MNIST with distillation, calibrates its exit
    thresholds (1 point accuracy budget), evaluates it and seals it.
-2. Three key brokers start on loopback: the model owner's and two data owners'. Attestation is
-   SIMULATED (there is no SGX here), and every party says so loudly.
+2. Every owner makes its Ed25519 identity; the host builds the enclave for the bundle, measuring the
+   model broker's address and identity and the bundle; the model owner (who would reproduce the build)
+   signs a release statement; each data owner writes its broker's policy from that statement, and the
+   model owner its own, allowing data owners A and B.
 3. Each data owner encrypts its half of the test images with its own key.
-4. The enclave runtime (native backend, a separate process) attests to each broker, receives the
-   keys, and answers both requests with batched early exit and on-demand stage loading.
-5. Each data owner decrypts its own results; neither can read the other's.
-6. For comparison the same runtime answers once more with the full model, and latency/throughput of
-   early exit vs the full forward are measured in process.
+4. Three key brokers start on loopback, each with its owner's identity. Attestation is SIMULATED
+   (there is no SGX here), and every party says so loudly.
+5. The enclave (``enclave run --backend native``: the runtime with the manifest's measured settings, in
+   a separate process) attests to each broker, accepts only releases signed by the identities it
+   trusts, and answers both requests with batched early exit and on-demand stage loading; once more
+   with the full model for comparison.
+6. Each data owner decrypts its own results, bound to its request and naming the model that answered;
+   neither can read the other's.
+7. Staged loading at work: a small request of easy images is answered with only the first stage
+   resident, and the whole test set runs under a memory budget smaller than the model's weights.
+8. Online: the enclave serves (RA-TLS); both data owners query it at once through the client, which
+   checks the enclave's attestation first; early exit and the full model, one request at a time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from .choices import EvidenceProvider, LaunchBackend
 from .errors import BranchyError
 
-# LeNet-5, 8 epochs without augmentation: final exit 90.76 / 91.00 / 90.76 % on the test split
-# (seeds 0-2), about 80 s of training on one thread here (docs/training.md). "augment" is a
-# TrainConfig field: pass it through to fit.
-DEMO_MODEL = {"net": "lenet5", "model_config": {}, "epochs": 8, "lr": 3e-3, "batch_size": 128, "augment": False}
+if TYPE_CHECKING:
+    from .enclave.release import ReleaseStatement
+
+# LeNet-5, 10 epochs without augmentation or distillation: final exit 91.03 +- 0.05 % on the test
+# split (seeds 0-2), about 2 minutes of training here (docs/training.md). "train" holds further
+# TrainConfig fields.
+DEMO_MODEL = {"net": "lenet5", "model_config": {}, "epochs": 10, "lr": 3e-3, "batch_size": 128,
+              "train": {"augment": False}}  # fmt: skip
 QUICK_MODEL = {"net": "lenet5", "model_config": {}, "epochs": 1, "lr": 3e-3, "batch_size": 50}
+OWNERS = ("do-a", "do-b")
+TOTAL_STEPS = 8
 
 
 def say(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-def step(n: int, total: int, who: str, what: str) -> None:
-    say(f"\n[{n}/{total}] {who}: {what}")
+def step(n: int, who: str, what: str) -> None:
+    say(f"\n[{n}/{TOTAL_STEPS}] {who}: {what}")
 
 
-def _predict_cmd(d: Path, urls: dict, tag: str, extra: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "branchy_tee.runtime.predict", "--bundle", str(d / "model.btee"),
-           "--attest", "simulated", "--model-broker", urls["mo"]]  # fmt: skip
-    for who in ("do-a", "do-b"):
-        cmd += ["--input", str(d / who / "request.enc"), "--output", str(d / who / f"result{tag}.enc"), "--data-broker", urls[who]]
-    return cmd + ["--stats-json", str(d / "enclave" / f"stats{tag}.json"), *extra]
-
-
-def _run_enclave(cmd: list[str], env: dict, label: str) -> dict:
-    """Run the enclave runtime as its own process, showing its log (simulated-attestation warnings
-    included) as it goes."""
-    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as proc:
-        for line in proc.stderr:
-            say(f"    | {line.rstrip()}")
-    if proc.returncode != 0:
-        raise BranchyError(f"the enclave runtime failed ({label}); see its log above")
-    return json.loads(Path(cmd[cmd.index("--stats-json") + 1]).read_text())
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _read_mprofile(path: str) -> tuple[list[float], list[float]]:
@@ -69,138 +73,341 @@ def _read_mprofile(path: str) -> tuple[list[float], list[float]]:
     return [x - t[0] for x in t], mib
 
 
-def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir=None, epochs: int | None = None) -> dict:
-    """Run the whole flow in ``out`` (which must not exist or be empty); return the summary."""
-    from .attest.broker import start_broker
-    from .attest.providers import SimulatedProvider
-    from .bench import bench_early_exit
-    from .data import fashion_mnist_available, load_dataset
-    from .data.preprocess import tensor_to_inputs
-    from .errors import IntegrityError
-    from .evaluate.exits import evaluate_run
-    from .evaluate.plots import plot_accuracy_vs_cost, plot_memory_timeline
-    from .fileio import atomic_write_bytes, atomic_write_text, write_key_file
-    from .rundir import load_run
-    from .seal.bundle import seal_model
-    from .seal.envelope import open_result, seal_request
-    from .seal.keys import generate_key, key_id
-    from .train.trainer import TrainConfig, fit
+class Demo:
+    """The demo's state, one method per act. Every party's files are in its own folder of ``d``."""
 
-    t_start = time.time()
-    d = Path(out)
-    if d.exists() and any(d.iterdir()):
-        raise BranchyError(f"{d} already exists and is not empty; remove it or choose another --out")
-    for sub in ("mo", "do-a", "do-b", "enclave", "brokers"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    total = 7
-    spec = dict(QUICK_MODEL if quick else DEMO_MODEL)
-    if epochs:
-        spec["epochs"] = epochs
-    have_fmnist = fashion_mnist_available(data_dir)
-    dataset = "fashion-mnist" if have_fmnist and not quick else "synthetic"
-    if not have_fmnist:
-        say("NOTICE: Fashion-MNIST was not found (install the Debian package dataset-fashion-mnist, or pass --data-dir);\n"
-            "        the demo uses the synthetic data set instead. The flow is the same; the figures are not comparable.")
-    synthetic = {"channels": 1, "size": 28, **({"n": 600} if quick else {})} if dataset == "synthetic" else {}
+    def __init__(self, out: str | os.PathLike, quick: bool, data_dir, epochs: int | None):
+        from .data import fashion_mnist_available
+
+        self.t_start = time.time()
+        self.d = Path(out)
+        if self.d.exists() and any(self.d.iterdir()):
+            raise BranchyError(f"{self.d} already exists and is not empty; remove it or choose another --out")
+        for sub in ("mo", *OWNERS, "io", "brokers"):
+            (self.d / sub).mkdir(parents=True, exist_ok=True)
+        self.quick, self.data_dir = quick, data_dir
+        self.spec = dict(QUICK_MODEL if quick else DEMO_MODEL, **({"epochs": epochs} if epochs else {}))
+        have_fmnist = fashion_mnist_available(data_dir)
+        self.dataset = "fashion-mnist" if have_fmnist and not quick else "synthetic"
+        if not have_fmnist:
+            say("NOTICE: Fashion-MNIST was not found (install the Debian package dataset-fashion-mnist, or pass --data-dir);\n"
+                "        the demo uses the synthetic data set instead. The flow is the same; the figures are not comparable.")
+        self.synthetic = ({"channels": 1, "size": 28, **({"n": 600} if quick else {})}
+                          if self.dataset == "synthetic" else {})  # fmt: skip
+        # The simulated provider's dev key lives under XDG_CONFIG_HOME: the demo's stays in the demo folder.
+        self.env = dict(os.environ, XDG_CONFIG_HOME=str((self.d / "config").resolve()), OMP_NUM_THREADS="2")
+        self.summary: dict = {"dataset": self.dataset}
 
     # ------------------------------------------------------------------ model owner
-    step(1, total, "model owner", f"train {spec['net']} {spec['model_config'] or ''} on {dataset} with distillation from "
-                                  f"the final exit ({spec['epochs']} epoch(s)), then calibrate the exits (1 point budget)")
-    run_dir = d / "mo" / "run"
-    trained = fit(TrainConfig(net=spec["net"], model_config=dict(spec["model_config"]), dataset=dataset, data_dir=data_dir,
-                              epochs=spec["epochs"], lr=spec["lr"], batch_size=spec["batch_size"], num_workers=0,
-                              out=str(run_dir), max_accuracy_drop=0.01, synthetic=synthetic))  # fmt: skip
-    cal = trained["calibration"]
+    def train_and_seal(self) -> None:
+        from .evaluate.exits import evaluate_run
+        from .evaluate.plots import plot_accuracy_vs_cost
+        from .fileio import write_key_file
+        from .rundir import read_model_card
+        from .seal.bundle import seal_run
+        from .seal.keys import generate_key, key_id
+        from .train.trainer import TrainConfig, fit
 
-    step(2, total, "model owner", "evaluate every exit on the test split")
-    report = evaluate_run(run_dir, data_dir=data_dir, max_batches=1 if quick else None, latency_reps=3 if quick else 20)
-    plot_acc = plot_accuracy_vs_cost(report, d / "accuracy_vs_cost.png")
+        s = self.spec
+        step(1, "model owner", f"train {s['net']} {s['model_config'] or ''} on {self.dataset} with distillation into the "
+                               f"early exits ({s['epochs']} epoch(s)), calibrate them (1 point budget), evaluate, seal")
+        self.run_dir = self.d / "mo" / "run"
+        fit(TrainConfig(net=s["net"], model_config=dict(s["model_config"]), dataset=self.dataset, data_dir=self.data_dir,
+                        epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"], num_workers=0, out=str(self.run_dir),
+                        max_accuracy_drop=0.01, synthetic=self.synthetic, **s.get("train", {})))  # fmt: skip
+        self.report = evaluate_run(self.run_dir, data_dir=self.data_dir, max_batches=1 if self.quick else None,
+                                   latency_reps=3 if self.quick else 20)  # fmt: skip
+        self.summary["files"] = {"accuracy_plot": str(plot_accuracy_vs_cost(self.report, self.d / "accuracy_vs_cost.png"))}
+        self.mo_key = generate_key()
+        write_key_file(self.d / "mo" / "model.key", self.mo_key)
+        self.card = read_model_card(self.run_dir)
+        header = seal_run(self.run_dir, self.mo_key, self.d / "model.btee", version=1)
+        say(f"    sealed {self.d / 'model.btee'}: {header.num_stages} stage graphs, model key id {key_id(self.mo_key)}")
 
-    step(3, total, "model owner", "seal the model: one AES-256-GCM file per stage, authenticated header")
-    mo_key = generate_key()
-    write_key_file(d / "mo" / "model.key", mo_key)
-    model, meta = load_run(run_dir)
-    header = seal_model(model, meta, mo_key, d / "model.btee", version=1)
-    say(f"    {d / 'model.btee'}: {len(header['stages'])} stage files, model key id {key_id(mo_key)}")
+    # ------------------------------------------------------------------ whom the enclave trusts
+    def trust(self) -> None:
+        from .attest.identity import create_identity, identity_hex
 
-    # ------------------------------------------------------------------ data owners
-    step(4, total, "data owners A and B", "each encrypts its half of the test images with its own key")
-    test = load_dataset(dataset, "test", data_dir, synthetic=synthetic or None)
-    n = 64 if quick else len(test)
-    halves = {"do-a": slice(0, n // 2), "do-b": slice(n // 2, n)}
-    keys, truth = {}, {}
-    for who, sl in halves.items():
-        keys[who] = generate_key()
-        write_key_file(d / who / "data.key", keys[who])
-        x = tensor_to_inputs(test.images[sl], meta["preprocessing"], f"{who} images")
-        truth[who] = test.labels[sl]
-        atomic_write_bytes(d / who / "request.enc", seal_request(x, keys[who], request_id=f"{who}-request-1"))
-        say(f"    data owner {who[-1].upper()}: {len(x)} images -> {who}/request.enc (key id {key_id(keys[who])})")
+        step(2, "everyone", "identities, the enclave build, the model owner's signed release, the brokers' policies")
+        self.ids = {}
+        for who in ("mo", *OWNERS):
+            key = create_identity(self.d / who / "identity.pem")
+            self.ids[who] = (key, identity_hex(key))
+            say(f"    {who}: identity {self.ids[who][1]} ({who}/identity.pem)")
+        self.mo_port = _free_port()
+        self.release = self._build_and_release("enclave", serve=False)
+        r = self.release
+        self.summary["release"] = {"mrenclave": r.mrenclave, "bundle_id": r.bundle_id, "model_version": r.model_version,
+                                   "model_owner": r.model_owner, "model_broker_identity": r.model_broker_identity}
+
+    def _build_and_release(self, name: str, serve: bool, enclave_size: str | None = None) -> ReleaseStatement:
+        """Host: build; model owner: sign the release; owners: policies from it (policy files per build)."""
+        from .enclave.build import BuildOptions, build
+        from .enclave.release import write_policy_from_release, write_release
+
+        mo_url = f"http://127.0.0.1:{self.mo_port}"
+        built = build(BuildOptions(bundle=str(self.d / "model.btee"), out=str(self.d / name),
+                                   attest=EvidenceProvider.SIMULATED,
+                                   model_broker=mo_url, model_broker_identity=self.ids["mo"][1], serve=serve,
+                                   io_dirs=[str(self.d / "io")], threads=2, enclave_size=enclave_size))  # fmt: skip
+        self.enclave_size = built["enclave_size"]
+        say(f"    host: built {name}/ ({'serve' if serve else 'predict'}) for bundle {built['bundle_id'][:12]}...; measured: "
+            f"model broker {mo_url} and its identity, the bundle, minimum model version {built['min_model_version']}; "
+            f"sgx.enclave_size {built['enclave_size']}")
+        release, _ = write_release(self.d / name, self.ids["mo"][0], self.d / "mo" / f"release-{name}.json", self.mo_key)
+        say(f"    model owner: reproduces the build, signs mo/release-{name}.json (MRENCLAVE {release.mrenclave[:16]}..., "
+            "simulated)")
+        mo_id = self.ids["mo"][1]
+        write_policy_from_release(self.d / "mo" / f"release-{name}.json", mo_id, self.d / "mo" / f"policy-{name}.toml",
+                                  allowed_data_owners=[self.ids[w][1] for w in OWNERS], allow_simulated=True)  # fmt: skip
+        for who in OWNERS:
+            write_policy_from_release(self.d / "mo" / f"release-{name}.json", mo_id, self.d / who / f"policy-{name}.toml",
+                                      allow_simulated=True)  # fmt: skip
+        say("    data owners A and B verify it under the model owner's identity and write their policies from it; the "
+            "model owner's policy allows exactly A and B")
+        return release
+
+    # ------------------------------------------------------------------ data owners' requests
+    def encrypt(self) -> None:
+        from .data import load_dataset
+        from .data.preprocess import tensor_to_inputs
+        from .fileio import atomic_write_bytes, write_key_file
+        from .seal.envelope import seal_request
+        from .seal.keys import generate_key, key_id
+
+        step(3, "data owners A and B", "each encrypts its half of the test images with its own key")
+        self.test = load_dataset(self.dataset, "test", self.data_dir, synthetic=self.synthetic or None)
+        n = 64 if self.quick else len(self.test)
+        self.halves = {"do-a": slice(0, n // 2), "do-b": slice(n // 2, n)}
+        self.keys, self.truth = {}, {}
+        for who, sl in self.halves.items():
+            self.keys[who] = generate_key()
+            write_key_file(self.d / who / "data.key", self.keys[who])
+            x = tensor_to_inputs(self.test.images[sl], self.card.preprocessing, f"{who} images")
+            self.truth[who] = self.test.labels[sl]
+            atomic_write_bytes(self.d / "io" / f"{who}-request.enc", seal_request(x, self.keys[who], f"{who}-request-1"))
+            say(f"    data owner {who[-1].upper()}: {len(x)} images -> io/{who}-request.enc (key id {key_id(self.keys[who])})")
 
     # ------------------------------------------------------------------ brokers and the enclave
-    step(5, total, "key brokers", "the model owner and each data owner start a key broker on loopback")
-    config_home = (d / "enclave" / "config").resolve()
-    env = dict(os.environ, XDG_CONFIG_HOME=str(config_home), OMP_NUM_THREADS=str(torch.get_num_threads()))
-    ident = SimulatedProvider(key_dir=config_home / "branchy-tee" / "dev-attestation-key").identity()
-    say("    ATTESTATION IS SIMULATED here (no SGX on this machine): evidence is signed by a local development key and\n"
-        "    the brokers accept it only because their policies say allow_simulation = true. Never do this in production.")
-    policy = {"allowed_mrenclave": [ident["mrenclave"]], "allowed_mrsigner": [ident["mrsigner"]], "allow_simulation": True,
-              "simulation_public_keys": [ident["public_key"]], "min_model_version": 1}
-    handles = []
-    try:
-        urls = {}
-        for who, k in (("mo", mo_key), ("do-a", keys["do-a"]), ("do-b", keys["do-b"])):
-            handles.append(start_broker({key_id(k): k}, policy, audit_log=d / "brokers" / f"{who}-audit.jsonl"))
-            urls[who] = handles[-1].url
-            say(f"    {who} broker at {urls[who]} (audit log brokers/{who}-audit.jsonl)")
-        step(6, total, "enclave (native backend)", "attest to the three brokers, get the keys, answer both requests "
-                                                   "with batched early exit, loading later stages only when needed")
-        stats = _run_enclave(_predict_cmd(d, urls, "", ["--mprofile", str(d / "enclave")]), env, "early exit")
-        say("    ... and once more with the full model, for comparison")
-        full = _run_enclave(_predict_cmd(d, urls, "-full", ["--full-model", "--quiet", "--mprofile", str(d / "enclave" / "full")]),
-                            env, "full model")  # fmt: skip
-    finally:
-        for h in handles:
-            h.stop()
-        say("    key brokers stopped")
+    def start_brokers(self, build: str) -> list:
+        from .attest.broker_server import start_broker
+        from .seal.keys import key_id
+
+        handles, self.urls = [], {}
+        for who in ("mo", *OWNERS):
+            key = self.mo_key if who == "mo" else self.keys[who]
+            handles.append(start_broker({key_id(key): key}, self.d / who / f"policy-{build}.toml",
+                                        port=self.mo_port if who == "mo" else 0, identity=self.ids[who][0],
+                                        audit_log=self.d / "brokers" / f"{who}-audit.jsonl"))  # fmt: skip
+            self.urls[who] = handles[-1].url
+        return handles
+
+    def _predict(self, tag: str, inputs: dict[str, Path], *extra: str, quiet: bool = False) -> dict:
+        """The host's command: the enclave in d/enclave runs predict (natively: no SGX here)."""
+        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
+               str(self.d / "enclave"),
+               "--", "predict", "--bundle", str(self.d / "model.btee")]  # fmt: skip
+        for who, req in inputs.items():
+            cmd += ["--input", str(req), "--output", str(self.d / "io" / f"{who}-result{tag}.enc"), "--data-broker", self.urls[who]]
+        stats_file = self.d / "io" / f"stats{tag}.json"
+        cmd += ["--stats-json", str(stats_file), "--mprofile", str(self.d / "io" / (tag or "staged")), *extra]
+        with subprocess.Popen(cmd, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as proc:
+            for line in proc.stderr:
+                if not quiet:
+                    say(f"    | {line.rstrip()}")
+        if proc.returncode != 0:
+            raise BranchyError(f"the enclave runtime failed ({tag or 'early exit'}); see its log above")
+        return json.loads(stats_file.read_text())
+
+    def enclave_runs(self) -> None:
+        step(4, "key brokers", "the model owner and each data owner start a key broker on loopback, with their identities")
+        say("    ATTESTATION IS SIMULATED here (no SGX on this machine): evidence is signed by a local development key and\n"
+            "    the brokers accept it only because their policies say allow_simulation = true. Never do this in production.")
+        handles = self.start_brokers("enclave")
+        try:
+            step(5, "enclave (native backend)", "attest to the three brokers, accept only releases signed by the identities "
+                                                "it trusts, answer both requests with early exit, loading stages on demand")
+            requests = {who: self.d / "io" / f"{who}-request.enc" for who in OWNERS}
+            self.stats = self._predict("", requests)
+            say("    ... and once more with the full model, for comparison")
+            self.full = self._predict("-full", requests, "--full-model", quiet=True)
+            self.staged_loading()
+        finally:
+            for h in handles:
+                h.stop()
+            say("    key brokers stopped")
 
     # ------------------------------------------------------------------ data owners read their results
-    step(7, total, "data owners A and B", "each decrypts its own results")
-    per_owner = {}
-    for who in halves:
-        _, records = open_result((d / who / "result.enc").read_bytes(), keys[who], f"{who}/result.enc", f"{who}-request-1")
-        labels = torch.tensor([r["label"] for r in records])
-        acc = float((labels == truth[who]).float().mean())
-        lines = ["index\tlabel\tclass_name\tconfidence\texit"]
-        lines += [f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records]
-        atomic_write_text(d / who / "result.txt", "\n".join(lines) + "\n", mode=0o600)
-        other = "do-b" if who == "do-a" else "do-a"
-        try:
-            open_result((d / other / "result.enc").read_bytes(), keys[who], f"{other}/result.enc")
-            isolated = False
-        except IntegrityError:
-            isolated = True
-        per_owner[who] = {"samples": len(records), "accuracy": acc, "result_txt": str(d / who / "result.txt"),
-                          "cannot_read_other_owner": isolated, "records": records}  # fmt: skip
-        say(f"    data owner {who[-1].upper()}: {len(records)} answers, accuracy {100 * acc:.2f}% -> {who}/result.txt; "
-            f"opening {other}'s result with its key: {'refused, as it must be' if isolated else 'SUCCEEDED (bug!)'}")
+    def decrypt(self) -> None:
+        import torch
 
-    say("\n    measuring batch-1 latency and batch-128 throughput, early exit vs the full model ...")
-    timing = bench_early_exit(run_dir, quick=quick, samples=200 if quick else 2000, data_dir=data_dir)
-    mem_plot = plot_memory_timeline({"early exit (staged loading)": _read_mprofile(stats["mprofile"]),
-                                     "full model": _read_mprofile(full["mprofile"])},
-                                    d / "memory_timeline.png", title="enclave runtime: resident memory")  # fmt: skip
-    summary = {
-        "dataset": dataset, "model": f"{meta['arch']} {meta['config']}", "exits": report["exits"],
-        "final_accuracy": report["final_accuracy"], "calibrated": report["calibrated"], "oracle": report["oracle"],
-        "enclave": {"early_exit": stats, "full_model": full}, "timing": timing, "data_owners": per_owner,
-        "files": {"result_txt": [per_owner[w]["result_txt"] for w in halves], "mprofile": [stats["mprofile"], full["mprofile"]],
-                  "accuracy_plot": str(plot_acc), "memory_plot": str(mem_plot), "bundle": str(d / "model.btee")},
-        "seconds": round(time.time() - t_start, 1),
-    }  # fmt: skip
-    atomic_write_text(d / "summary.json", json.dumps(summary, indent=1) + "\n")
-    say(format_summary(summary))
-    return summary
+        from .errors import IntegrityError
+        from .fileio import atomic_write_text
+        from .seal.envelope import open_result, request_digest
+
+        step(6, "data owners A and B", "each decrypts its own results, bound to its request, and sees which model answered")
+        self.per_owner = {}
+        for who in OWNERS:
+            mine = request_digest((self.d / "io" / f"{who}-request.enc").read_bytes())
+            header, records = open_result((self.d / "io" / f"{who}-result.enc").read_bytes(), self.keys[who],
+                                          f"{who}-result.enc", mine)  # fmt: skip
+            model = header.model
+            if model.bundle_id != self.release.bundle_id:
+                raise BranchyError(f"{who}: the result names bundle {model.bundle_id}, not the released one")
+            acc = float((torch.tensor([r["label"] for r in records]) == self.truth[who]).float().mean())
+            lines = ["index\tlabel\tclass_name\tconfidence\texit"]
+            lines += [f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records]
+            atomic_write_text(self.d / who / "result.txt", "\n".join(lines) + "\n", mode=0o600)
+            other = "do-b" if who == "do-a" else "do-a"
+            try:
+                open_result((self.d / "io" / f"{other}-result.enc").read_bytes(), self.keys[who], f"{other}-result.enc", mine)
+                isolated = False
+            except IntegrityError:
+                isolated = True
+            self.per_owner[who] = {"samples": len(records), "accuracy": acc, "result_txt": str(self.d / who / "result.txt"),
+                                   "cannot_read_other_owner": isolated, "answered_by": model.to_json(),
+                                   "records": records}  # fmt: skip
+            say(f"    data owner {who[-1].upper()}: {len(records)} answers from bundle {model.bundle_id[:12]}... "
+                f"v{model.model_version}, accuracy {100 * acc:.2f}% -> {who}/result.txt; opening {other}'s result "
+                f"with its key: {'refused, as it must be' if isolated else 'SUCCEEDED (bug!)'}")
+
+    # ------------------------------------------------------------------ staged loading
+    def staged_loading(self) -> None:
+        """Data owner A's small request of easy images (they leave at exit 0): only stage 0 is ever
+        resident. Then both requests under a memory budget below the model's weights."""
+        import torch
+
+        from .data.preprocess import tensor_to_inputs
+        from .evaluate.exits import collect_log_probs, decide, stage_graphs
+        from .fileio import atomic_write_bytes
+        from .seal.envelope import seal_request
+
+        step(7, "enclave", "staged loading: easy images need only the first stage; a memory budget below the weights")
+        x = tensor_to_inputs(self.test.images[self.halves["do-a"]], self.card.preprocessing, "images")
+        candidates = torch.utils.data.TensorDataset(x[:512], torch.zeros(len(x[:512]), dtype=torch.long))
+        log_probs = collect_log_probs(stage_graphs(self.run_dir, show=False), candidates, show=False)[0]
+        exits, _ = decide(log_probs, self.card.criterion, self.card.exit_thresholds())  # as the enclave decides
+        easy = x[:512][exits == 0][:16]
+        if len(easy) == 0:
+            say("    (no test image leaves at exit 0 with these thresholds: nothing to show)")
+            self.easy = None
+        else:
+            atomic_write_bytes(self.d / "io" / "do-a-easy.enc", seal_request(easy, self.keys["do-a"], "do-a-easy-1"))
+            self.easy = self._predict("-easy", {"do-a": self.d / "io" / "do-a-easy.enc"}, quiet=True)
+            say(f"    {len(easy)} easy images: stages loaded {self.easy['stages_loaded']}, resident weights "
+                f"{self.easy['resident_weights_peak_mib']:.2f} MiB of {self.full['resident_weights_peak_mib']:.2f}, "
+                f"peak RSS {self.easy['peak_rss_mib']:.0f} MiB vs {self.full['peak_rss_mib']:.0f} MiB for the full model")
+        from .seal.bundle import read_header_unverified
+
+        # the smallest budget the store accepts: stage 0 and the largest later stage, never all of them
+        w = [s.weight_bytes for s in read_header_unverified(self.d / "model.btee").stages]
+        budget = (w[0] + max(w[1:])) / 2**20 + 0.001
+        requests = {who: self.d / "io" / f"{who}-request.enc" for who in OWNERS}
+        self.budgeted = self._predict("-budget", requests, "--memory-budget",
+                                      f"{budget + self.stats['activation_allowance_mib']:.3f}", quiet=True)  # fmt: skip
+        say(f"    --memory-budget with room for {budget:.2f} MiB of weights (the model has {sum(w) / 2**20:.2f} MiB): "
+            f"resident at most {self.budgeted['resident_weights_peak_mib']:.2f} MiB, {self.budgeted['evictions']} "
+            f"evictions, {self.budgeted['stage_loads']} stage loads")
+
+    # ------------------------------------------------------------------ online
+    def online(self) -> None:
+        step(8, "online", "the enclave serves over attested TLS; both data owners query it at once (early exit, then full model)")
+        self._build_and_release("enclave-serve", serve=True, enclave_size=self.enclave_size)
+        handles = self.start_brokers("enclave-serve")
+        try:
+            self.summary["online"] = {name: self._serve_and_query(full) for name, full in (("early_exit", False),
+                                                                                          ("full_model", True))}  # fmt: skip
+        finally:
+            for h in handles:
+                h.stop()
+        o = self.summary["online"]
+        say(f"    one request of one image at a time per data owner: p50 {o['early_exit']['p50_ms']:.2f} ms early exit vs "
+            f"{o['full_model']['p50_ms']:.2f} ms full model (attestation checked at every connection: "
+            f"{o['early_exit']['attest_ms']:.1f} ms each)")
+
+    def _serve_and_query(self, full: bool) -> dict:
+        from .client import Client
+
+        port = _free_port()
+        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
+               str(self.d / "enclave-serve"),
+               "--", "serve", "--bundle", str(self.d / "model.btee"), "--listen", f"127.0.0.1:{port}", "--quiet"]
+        proc = subprocess.Popen(cmd + (["--full-model"] if full else []), env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        latencies, attest, errors = [], [], []
+        n = 20 if self.quick else 200
+        try:
+            if not proc.stdout.readline().startswith("serving"):
+                raise BranchyError("the enclave's server did not start")
+
+            def owner(who: str) -> None:
+                x = self.test.images[self.halves[who]][:n]
+                try:
+                    with Client(f"https://127.0.0.1:{port}", policy=self.d / who / "policy-enclave-serve.toml",
+                                identity=self.d / who / "identity.pem") as c:  # fmt: skip
+                        c.model_info()
+                        for i in range(len(x)):
+                            t0 = time.perf_counter()
+                            c.predict(x[i : i + 1])
+                            latencies.append(time.perf_counter() - t0)
+                        attest.extend(c.attest_seconds)
+                except BranchyError as e:
+                    errors.append(str(e))
+
+            threads = [threading.Thread(target=owner, args=(who,)) for who in OWNERS]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            proc.terminate()
+            proc.wait(60)
+        if errors:
+            raise BranchyError(f"a data owner's query failed: {errors[0]}")
+        latencies.sort()
+        return {"requests": len(latencies), "p50_ms": 1000 * latencies[len(latencies) // 2],
+                "attest_ms": 1000 * sorted(attest)[len(attest) // 2]}
+
+    # ------------------------------------------------------------------ summary
+    def finish(self) -> dict:
+        from .bench import bench_early_exit
+        from .evaluate.plots import plot_memory_timeline
+        from .fileio import atomic_write_text
+
+        say("\n    measuring batch-1 latency and batch-128 throughput, early exit vs the full model ...")
+        timing = bench_early_exit(self.run_dir, quick=self.quick, samples=200 if self.quick else 2000, data_dir=self.data_dir)
+        traces = {"early exit (staged loading)": self.stats, "full model": self.full}
+        if self.easy:
+            traces["easy images (stage 0 only)"] = self.easy
+        mem_plot = plot_memory_timeline({k: _read_mprofile(v["mprofile"]) for k, v in traces.items()},
+                                        self.d / "memory_timeline.png", title="enclave runtime: resident memory")  # fmt: skip
+        r = self.report
+        self.summary.update({
+            "model": f"{self.card.arch} {self.card.config}", "exits": r["exits"], "final_accuracy": r["final_accuracy"],
+            "calibrated": r["calibrated"], "oracle": r["oracle"], "timing": timing, "data_owners": self.per_owner,
+            "enclave": {"early_exit": self.stats, "full_model": self.full, "easy_images": self.easy,
+                        "memory_budget": self.budgeted},
+            "seconds": round(time.time() - self.t_start, 1),
+        })  # fmt: skip
+        self.summary["files"].update({
+            "result_txt": [self.per_owner[w]["result_txt"] for w in OWNERS], "memory_plot": str(mem_plot),
+            "mprofile": [self.stats["mprofile"], self.full["mprofile"]], "bundle": str(self.d / "model.btee"),
+            "release": str(self.d / "mo" / "release-enclave.json")})  # fmt: skip
+        atomic_write_text(self.d / "summary.json", json.dumps(self.summary, indent=1) + "\n")
+        say(format_summary(self.summary))
+        return self.summary
+
+
+def run_demo(out: str | os.PathLike = "runs/demo", quick: bool = False, data_dir=None, epochs: int | None = None) -> dict:
+    """Run the whole flow in ``out`` (which must not exist or be empty); return the summary."""
+    demo = Demo(out, quick, data_dir, epochs)
+    demo.train_and_seal()
+    demo.trust()
+    demo.encrypt()
+    demo.enclave_runs()
+    demo.decrypt()
+    demo.online()
+    return demo.finish()
 
 
 def format_summary(s: dict) -> str:
@@ -216,17 +423,22 @@ def format_summary(s: dict) -> str:
                  f"full model ({t['latency_speedup']:.2f}x)")
     lines.append(f"batch-128 throughput:      {t['throughput_early_exit']:.0f} vs {t['throughput_full']:.0f} samples/s "
                  f"({t['throughput_speedup']:.2f}x)")
-    lines.append(f"enclave peak RSS:          {e['peak_rss_mib']:.0f} MiB staged vs {f['peak_rss_mib']:.0f} MiB full model "
-                 f"({e['peak_rss_mib'] / f['peak_rss_mib']:.2f}x); resident weights {e['resident_weights_peak_mib']:.2f} vs "
-                 f"{f['resident_weights_peak_mib']:.2f} MiB")
-    if f["resident_weights_peak_mib"] < 0.05 * f["peak_rss_mib"]:
-        lines.append("                           (this model's weights are a small part of the process: Python and torch "
-                     "dominate; 'branchy-tee bench' measures ResNet-152)")
-    for who, o in s["data_owners"].items():
-        lines.append(f"data owner {who[-1].upper()}:              {o['samples']} answers, accuracy {100 * o['accuracy']:.2f}%, "
-                     f"result.txt (decrypted by the data owner): {o['result_txt']}")
+    lines.append(f"enclave peak RSS:          {e['peak_rss_mib']:.0f} MiB staged vs {f['peak_rss_mib']:.0f} MiB full model; "
+                 f"resident weights {e['resident_weights_peak_mib']:.2f} vs {f['resident_weights_peak_mib']:.2f} MiB")
+    easy, budget = s["enclave"]["easy_images"], s["enclave"]["memory_budget"]
+    if easy:
+        lines.append(f"easy images only:          stages loaded {easy['stages_loaded']}, resident weights "
+                     f"{easy['resident_weights_peak_mib']:.2f} MiB, peak RSS {easy['peak_rss_mib']:.0f} MiB")
+    lines.append(f"under --memory-budget:     resident weights at most {budget['resident_weights_peak_mib']:.2f} MiB, "
+                 f"{budget['evictions']} evictions")
+    o = s["online"]
+    lines.append(f"online (RA-TLS, 2 owners): p50 {o['early_exit']['p50_ms']:.2f} ms early exit vs "
+                 f"{o['full_model']['p50_ms']:.2f} ms full model per single-image request")
+    for who, own in s["data_owners"].items():
+        lines.append(f"data owner {who[-1].upper()}:              {own['samples']} answers, accuracy {100 * own['accuracy']:.2f}%, "
+                     f"result.txt (decrypted by the data owner): {own['result_txt']}")
     files = s["files"]
     lines.append(f"memory traces (mprof):     {', '.join(files['mprofile'])}")
     lines.append(f"plots:                     {files['accuracy_plot']}, {files['memory_plot']}")
-    lines.append("attestation was SIMULATED (no SGX here); see README 'Running on real SGX'.")
+    lines.append("attestation was SIMULATED (no SGX here); see docs/sgx.md.")
     return "\n".join(lines)

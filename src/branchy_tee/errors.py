@@ -32,3 +32,20 @@ class AttestationError(BranchyError):
 
 class PolicyError(BranchyError):
     """Evidence verified but the policy refuses it."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A host-controlled value as it may appear in a message or log line: quoted, every character
+    outside printable ASCII escaped (no newlines, terminal escapes or lone surrogates get through),
+    and cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return ascii(text)
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """Text from elsewhere (a broker's error, a parser's complaint) as one printable ASCII line."""
+    s = " ".join(str(text).split())
+    s = "".join(c if c.isprintable() and c.isascii() else "?" for c in s)
+    return s if len(s) <= limit else s[: limit - 3] + "..."

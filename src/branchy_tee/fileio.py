@@ -1,4 +1,4 @@
-"""Atomic file writes and key-file handling. Standard library only (enclave side uses it)."""
+"""Atomic file writes and key-file handling. Standard library and seal.keys (enclave side uses it)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import BranchyError
+from .seal.keys import KEY_BYTES
 
 
 STALE_TEMPORARY_SECONDS = 60.0
@@ -98,7 +99,6 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-KEY_BYTES = 32
 
 
 def write_key_file(path: str | os.PathLike, key: bytes) -> Path:
@@ -114,21 +114,43 @@ def write_key_file(path: str | os.PathLike, key: bytes) -> Path:
         raise BranchyError(f"cannot write key file {path}: {where}{e.strerror or e}") from None
 
 
+def read_private_file(path: str | os.PathLike, what: str = "key file", limit: int = 64 * 1024) -> bytes:
+    """Read a secret file; refuse (like ssh) one that others can read or write, and anything that is
+    not a regular file of at most ``limit`` bytes."""
+    return _read_checked(path, what, limit, private=True)
+
+
 def read_key_file(path: str | os.PathLike) -> bytes:
-    """Read a 256-bit key; refuse (like ssh) a key file that others can read or write."""
-    path = Path(path)
-    try:
-        st = path.stat()
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise BranchyError(f"key file {path} not found") from None
-    except OSError as e:
-        raise BranchyError(f"cannot read key file {path}: {e.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise BranchyError(
-            f"key file {path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run 'chmod 600 {path}'"
-        )
+    """Read a 256-bit key (a private file of exactly 32 bytes)."""
+    data = read_private_file(path)
     if len(data) != KEY_BYTES:
         raise BranchyError(f"key file {path} holds {len(data)} bytes, expected a {KEY_BYTES}-byte key")
+    return data
+
+
+def read_regular_file(path: str | os.PathLike, what: str, limit: int) -> bytes:
+    """A host-supplied file's bytes: a regular file of at most ``limit`` bytes, checked before reading,
+    so that a link to /dev/zero, a FIFO or a huge file is refused instead of read."""
+    return _read_checked(path, what, limit, private=False)
+
+
+def _read_checked(path: str | os.PathLike, what: str, limit: int, private: bool) -> bytes:
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag)
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise BranchyError(f"cannot read {what} {path}: not a regular file")
+            if st.st_size > limit:
+                raise BranchyError(f"{what} {path}: {st.st_size} bytes, over the {limit}-byte limit")
+            if private and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise BranchyError(f"{what} {path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                   f"run 'chmod 600 {path}'")
+            data = f.read(st.st_size + 1)  # not read(limit): that would allocate the limit up front
+    except FileNotFoundError:
+        raise BranchyError(f"{what} {path}: file not found") from None
+    except OSError as e:
+        raise BranchyError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(data) > st.st_size:
+        raise BranchyError(f"{what} {path}: the file grew while it was read")
     return data

@@ -1,8 +1,8 @@
 """The run directory a training run writes and later steps read.
 
-``model.safetensors`` (weights, never pickle), ``model.json`` (architecture, config, classes,
-preprocessing, exit criterion and thresholds), ``checkpoint.pt`` (resumable training state, owner side
-only) and ``metrics.jsonl`` (one line per epoch).
+``model.safetensors`` (weights, never pickle), ``model.json`` (the model card: architecture, config,
+classes, preprocessing, exit criterion and thresholds; ``modelcard.ModelCard``), ``checkpoint.pt``
+(resumable training state, owner side only) and ``metrics.jsonl`` (one line per epoch).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from safetensors.torch import save as st_save
 
 from .errors import BranchyError
 from .fileio import atomic_write_bytes, atomic_write_text
+from .modelcard import ModelCard
 from .models import create_model
 from .runtime.tuning import channels_last
 
-MODEL_FORMAT = "branchy-tee/model/v1"
+MODEL_CARD = "model.json"
 
 
 def write_weights(path: Path, model: torch.nn.Module) -> None:
@@ -27,31 +28,29 @@ def write_weights(path: Path, model: torch.nn.Module) -> None:
     atomic_write_bytes(path, st_save(state))
 
 
-def write_model_json(run_dir: Path, meta: dict) -> None:
-    atomic_write_text(Path(run_dir) / "model.json", json.dumps({"format": MODEL_FORMAT, **meta}, indent=2) + "\n")
+def write_model_card(run_dir: str | Path, card: ModelCard) -> None:
+    atomic_write_text(Path(run_dir) / MODEL_CARD, json.dumps(card.to_json(), indent=2) + "\n")
 
 
-def read_model_json(run_dir: str | Path) -> dict:
+def read_model_card(run_dir: str | Path) -> ModelCard:
     run_dir = Path(run_dir)
-    path = run_dir / "model.json"
+    path = run_dir / MODEL_CARD
     if not run_dir.is_dir():
         raise BranchyError(f"{run_dir}: run directory not found")
     if not path.is_file():
-        raise BranchyError(f"{run_dir}: not a branchy-tee run directory (no model.json)")
+        raise BranchyError(f"{run_dir}: not a branchy-tee run directory (no {MODEL_CARD})")
     try:
-        meta = json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BranchyError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise BranchyError(f"{path}: not a branchy-tee model description (format is not {MODEL_FORMAT})")
-    return meta
+    return ModelCard.parse(doc, str(path))
 
 
-def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The trained model (eval mode, channels-last weights) and its ``model.json``."""
+def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, ModelCard]:
+    """The trained model (eval mode, channels-last weights) and its model card."""
     run_dir = Path(run_dir)
-    meta = read_model_json(run_dir)
-    model = create_model(meta["arch"], **meta["config"])
+    card = read_model_card(run_dir)
+    model = create_model(card.arch, **card.config)
     path = run_dir / "model.safetensors"
     try:
         state = st_load(path.read_bytes())
@@ -63,13 +62,6 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, dict]:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise BranchyError(f"{path}: weights do not fit {meta['arch']} ({first})") from None
-    return channels_last(model).eval(), meta
+        raise BranchyError(f"{path}: weights do not fit {card.arch} ({first})") from None
+    return channels_last(model).eval(), card
 
-
-def update_model_json(run_dir: str | Path, **changes) -> dict:
-    meta = read_model_json(run_dir)
-    meta.update(changes)
-    meta.pop("format")
-    write_model_json(Path(run_dir), meta)
-    return read_model_json(run_dir)

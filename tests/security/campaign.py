@@ -8,7 +8,9 @@ Artifacts and consumers:
 
 - ``bundle/header.json``, ``bundle/stage-0k.bin``: ``predict`` (in-process, key files); thresholds
   are off, so every stage file is decrypted.
-- ``request``: ``predict``.  ``result``: ``decrypt-result --request-id --out``.
+- ``request``: ``predict``.  ``result``: ``decrypt-result --request --out``.
+- ``result replayed``: an old authentic result (tampered or not) offered as the answer to a new
+  request that reuses its request id: ``decrypt-result --request NEW`` must refuse every trial.
 - ``quote/<name>``: real DCAP quotes (../shared/testdata/sgx-quotes) through ``verify_quote`` with
   their collateral (or CRLs) at a time inside its validity; ``collateral/phala-1``: the collateral
   JSON an enclave may send along with its quote.
@@ -17,6 +19,9 @@ Artifacts and consumers:
 - ``client/GET /v1/nonce response``, ``client/POST /v1/keys response``: a recorded broker
   response, tampered and fed to the enclave client's parsing path (``AttestedKeys.model_key``)
   through a canned HTTP handler.
+- ``client/impersonated model broker``: the host answers at the model broker's address: a recorded
+  key release, tampered, then re-signed with the host's own identity (and, in every other trial,
+  carrying the host's own key for the measured key id). The enclave must refuse every trial.
 
 Each trial ends in one of:
 
@@ -193,8 +198,11 @@ class PredictTarget(Target):
                 return Outcome("rejected", err.strip()[len("branchy-tee predict: error: "):])
             if rc != 0:
                 return Outcome("crash", f"exit code {rc}: {err[:300]!r}")
+            from branchy_tee.seal.envelope import request_digest
+
+            answered = tampered if self.which == "request" else self.world.requests["do1"].read_bytes()
             recs = open_result((self.out / "do1.res").read_bytes(), self.world.key("do1"), "res",
-                               self.world.request_ids["do1"])[1]
+                               request_digest(answered))[1]
             same = recs == self.world.records["do1"]
             return Outcome("benign" if same else "accepted",
                            "identical answers" if same else "predict answered a tampered input differently")
@@ -206,22 +214,31 @@ class PredictTarget(Target):
 
 
 class ResultTarget(Target):
-    name = "result (decrypt-result)"
+    """The result of do1's request, fed to decrypt-result with that request (``replay=False``), or
+    replayed as the answer to a new request of do1 that reuses the same request id (``replay=True``:
+    a fresh envelope, so another digest; every trial, tampered or not, must be refused)."""
 
-    def __init__(self, world: World, work: Path):
-        self.world = world
+    def __init__(self, world: World, work: Path, replay: bool = False):
+        self.world, self.replay = world, replay
+        self.name = "result replayed for a new request" if replay else "result (decrypt-result)"
         self.data = world.results["do1"].read_bytes()
-        self.dir = work / "result"
+        self.dir = work / ("replay" if replay else "result")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "tampered.res"
+        self.request = world.requests["do1"]
+        if replay:
+            from branchy_tee.seal.envelope import seal_request
+
+            self.request = work / "new-request-same-id.req"
+            self.request.write_bytes(seal_request(world.inputs["do1"], world.key("do1"), world.request_ids["do1"]))
 
     def run(self, tampered: bytes) -> Outcome:
         from branchy_tee.cli import main
 
         self.path.write_bytes(tampered)
         out = self.dir / "records.json"
-        argv = ["decrypt-result", str(self.path), "--key", str(self.world.do_keys["do1"]), "--request-id",
-                self.world.request_ids["do1"], "--out", str(out), "--json"]
+        argv = ["decrypt-result", str(self.path), "--key", str(self.world.do_keys["do1"]), "--request",
+                str(self.request), "--out", str(out), "--json"]
         try:
             rc, stdout, err = quiet_call(main, argv)
         except BaseException:  # noqa: BLE001
@@ -236,7 +253,9 @@ class ResultTarget(Target):
                 return Outcome("rejected", err.strip()[len("branchy-tee: error: "):])
             if rc != 0:
                 return Outcome("crash", f"exit code {rc}: {err[:300]!r}")
-            same = json.loads(stdout) == self.world.records["do1"]
+            if self.replay:
+                return Outcome("accepted", "an old result was accepted as the answer to a new request")
+            same = json.loads(stdout)["records"] == self.world.records["do1"]
             return Outcome("benign" if same else "accepted", "identical records" if same else "different records accepted")
         finally:
             for n in left:
@@ -416,7 +435,7 @@ class BrokerPostTarget(Target):
     name = "broker/POST /v1/keys body"
 
     def __init__(self, work: Path, keys: list[bytes]):
-        from branchy_tee.attest.broker import start_broker
+        from branchy_tee.attest.broker_server import start_broker
         from branchy_tee.attest.providers import SimulatedProvider
         from branchy_tee.seal.keys import key_id
 
@@ -539,7 +558,8 @@ class ClientResponseTarget(Target):
 
         bodies = {"/v1/nonce": self.rec["nonce_body"], "/v1/keys": self.rec["keys_body"]}
         bodies["/v1/nonce" if self.which == "nonce" else "/v1/keys"] = tampered
-        ak = AttestedKeys("simulated", "http://broker.invalid:1", ["http://broker.invalid:1"], provider=_StubProvider())
+        ak = AttestedKeys("simulated", "http://broker.invalid:1", self.rec["identity"], ["http://broker.invalid:1"],
+                          provider=_StubProvider())
         ak._sk, ak.public_key = self.rec["sk"], self.rec["pk"]
         ak._opener = urllib.request.build_opener(_Canned(bodies))
         try:
@@ -565,8 +585,11 @@ class ClientResponseTarget(Target):
                 return "key_ids changed in an id the client did not ask for (it only decides whom to ask)"
             used = ("nonce", "key_ids")
         else:
-            same = {k: base64.b64decode(v) for k, v in t["keys"].items()} == {k: base64.b64decode(v) for k, v in o["keys"].items()}
-            used = ("keys",)
+            from branchy_tee.attest.protocol import KeyRelease
+
+            nonce = bytes.fromhex(json.loads(self.rec["nonce_body"])["nonce"])
+            same = KeyRelease.parse(t, nonce, self.rec["pk"]) == KeyRelease.parse(o, nonce, self.rec["pk"])
+            used = ("identity", "keys", "min_model_version", "allowed_data_owners", "signature")
         if not same:
             return "other: used fields differ"
         # members of the original the tampering changed or renamed (a renamed one is absent: 'protocol' defaults)
@@ -578,14 +601,18 @@ class ClientResponseTarget(Target):
 
 def record_exchange(work: Path, keys: list[bytes]) -> dict:
     """One real nonce + key exchange with a broker (simulated evidence), as raw response bytes."""
-    from branchy_tee.attest.broker import start_broker
+    from branchy_tee.attest.broker_server import start_broker
     from branchy_tee.attest.protocol import report_data
     from branchy_tee.attest.providers import SimulatedProvider
     from branchy_tee.seal.keys import key_id
 
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     sim = SimulatedProvider(work / "devkey")
-    policy = {"allowed_mrenclave": [sim.mrenclave.hex()], "allow_simulation": True, "min_model_version": 3}
-    handle, _, _ = quiet_call(start_broker, keys, policy)
+    policy = {"allowed_mrenclave": [sim.mrenclave.hex()], "allow_simulation": True, "min_model_version": 3,
+              "allowed_data_owners": ["ab" * 32]}
+    identity = Ed25519PrivateKey.generate()
+    handle, _, _ = quiet_call(start_broker, keys, policy, identity=identity)
     try:
         st, nonce_body = http_call(handle.url + "/v1/nonce")
         nonce = bytes.fromhex(json.loads(nonce_body)["nonce"])
@@ -598,7 +625,61 @@ def record_exchange(work: Path, keys: list[bytes]) -> dict:
         assert st == 200 and st2 == 200, (st, st2, keys_body)
     finally:
         handle.stop()
-    return {"nonce_body": nonce_body, "keys_body": keys_body, "sk": sk, "pk": pk, "kid": kid}
+    from branchy_tee.attest.identity import public_bytes
+
+    return {"nonce_body": nonce_body, "keys_body": keys_body, "sk": sk, "pk": pk, "kid": kid,
+            "identity": public_bytes(identity)}
+
+
+class ImpersonatedBrokerTarget(ClientResponseTarget):
+    """The host's broker at the model broker's address. Each trial starts from the genuine release (or
+    the tampered bytes, when they still parse as one) and makes one of the host's moves, in turn:
+    re-sign it with the host's identity; hand out the host's own key for the measured key id; lower the
+    minimum model version; put the host on the allow-list; keep the genuine identity but sign with the
+    host's key. The enclave expects the measured identity: every trial must be refused."""
+
+    MOVES = ("re-signed", "host key", "rollback", "host allowed", "forged signature")
+
+    def __init__(self, work: Path, keys: list[bytes], recorded: dict):
+        super().__init__(work, keys, "keys", recorded)
+        self.name = "client/impersonated model broker"
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self.host = Ed25519PrivateKey.generate()
+        self.trial = 0
+
+    def run(self, tampered: bytes) -> Outcome:
+        from dataclasses import replace
+
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+        from branchy_tee.attest import identity as ident
+        from branchy_tee.attest.protocol import (
+            RELEASE_PURPOSE, SUITE, KeyRelease, key_info, pack_key)
+        from branchy_tee.seal.keys import generate_key
+
+        move = self.MOVES[self.trial % len(self.MOVES)]
+        self.trial += 1
+        nonce = bytes.fromhex(json.loads(self.rec["nonce_body"])["nonce"])
+        try:
+            release, _ = KeyRelease.parse(json.loads(tampered), nonce, self.rec["pk"])
+        except (ValueError, RecursionError, TypeError, AttributeError):
+            release, _ = KeyRelease.parse(json.loads(self.data), nonce, self.rec["pk"])
+        host = ident.public_bytes(self.host)
+        if move == "host key":
+            ct = SUITE.encrypt(pack_key(generate_key(), 0), X25519PublicKey.from_public_bytes(self.rec["pk"]),
+                               info=key_info(self.rec["kid"], nonce))
+            release = replace(release, keys=((self.rec["kid"], ct),))
+        elif move == "rollback":
+            release = replace(release, min_model_version=0)
+        elif move == "host allowed":
+            release = replace(release, allowed_data_owners=(host,))
+        if move != "forged signature":
+            release = replace(release, broker=host)
+        signature = ident.sign(self.host, RELEASE_PURPOSE, release.message())
+        forged = {"protocol": "branchy-tee/v1", **release.to_json(signature)}
+        out = super().run(json.dumps(forged).encode())
+        return Outcome(out.kind, f"{move}: {out.detail}")
 
 
 # --------------------------------------------------------------------------- the campaign
@@ -607,13 +688,14 @@ def make_targets(world: World, work: Path, quotes: bool = True) -> list[Target]:
 
     targets: list[Target] = [PredictTarget(world, work, "header.json")]
     targets += [PredictTarget(world, work, p.name) for p in sorted(world.bundle.glob("stage-*.bin"))]
-    targets += [PredictTarget(world, work, "request"), ResultTarget(world, work)]
+    targets += [PredictTarget(world, work, "request"), ResultTarget(world, work), ResultTarget(world, work, replay=True)]
     if quotes and (SGX_QUOTES / "phala-1.quote.bin").is_file():
         targets += [QuoteTarget(n) for n in ("phala-1", "phala-2", "mobilecoin-1")] + [CollateralTarget("phala-1")]
     keys = [generate_key(), generate_key()]
     targets.append(BrokerPostTarget(work, keys))
     rec = record_exchange(work, keys)
-    targets += [ClientResponseTarget(work, keys, "nonce", rec), ClientResponseTarget(work, keys, "keys", rec)]
+    targets += [ClientResponseTarget(work, keys, "nonce", rec), ClientResponseTarget(work, keys, "keys", rec),
+                ImpersonatedBrokerTarget(work, keys, rec)]
     return targets
 
 

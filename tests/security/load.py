@@ -40,8 +40,13 @@ def start_broker_process(work: Path, keys: dict[str, bytes], policy_toml: str, p
             write_key_file(ks / f"{name}.key", k)
     policy = work / "policy.toml"
     policy.write_text(policy_toml)
+    identity = work / "broker.id"
+    if not identity.exists():  # one identity for the broker's whole life, restarts included
+        from branchy_tee.attest.identity import create_identity
+
+        create_identity(identity)
     cmd = [sys.executable, "-m", "branchy_tee.cli", "key-broker", "--keys", str(ks), "--policy", str(policy),
-           "--listen", f"127.0.0.1:{port}", "--quiet"]
+           "--identity", str(identity), "--listen", f"127.0.0.1:{port}", "--quiet"]
     if audit is not None:
         cmd += ["--audit-log", str(audit)]
     err = open(stderr_path or os.devnull, "ab")
@@ -53,6 +58,13 @@ def start_broker_process(work: Path, keys: dict[str, bytes], policy_toml: str, p
         raise RuntimeError(f"key broker did not start: {line!r}")
     threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain
     return proc, line.split()[-1]
+
+
+def broker_identity(work: Path) -> bytes:
+    """The identity (raw public key) of the broker ``start_broker_process`` runs for ``work``."""
+    from branchy_tee.attest.identity import load_identity, public_bytes
+
+    return public_bytes(load_identity(work / "broker.id"))
 
 
 def sim_policy_toml(mrenclave_hex: str) -> str:
@@ -67,7 +79,8 @@ class _Null:
         pass
 
 
-def worker(url: str, kid: str, key_hex: str, devkey: str, threads: int, seconds: float, start_at: float) -> dict:
+def worker(url: str, identity_hex: str, kid: str, key_hex: str, devkey: str, threads: int, seconds: float,
+           start_at: float) -> dict:
     """Run ``threads`` clients until ``start_at + seconds``; latencies of successful fetches, errors."""
     from branchy_tee.attest.client import AttestedKeys
     from branchy_tee.attest.providers import SimulatedProvider
@@ -86,7 +99,8 @@ def worker(url: str, kid: str, key_hex: str, devkey: str, threads: int, seconds:
         while time.time() < end:
             t0 = time.perf_counter()
             try:
-                got = AttestedKeys("simulated", url, [url], provider=sim, timeout=120).model_key(kid)
+                got = AttestedKeys("simulated", url, bytes.fromhex(identity_hex), [url], provider=sim,
+                                   timeout=120).model_key(kid)
                 ok = got == key
             except Exception as e:  # noqa: BLE001 -- counted
                 with lock:
@@ -127,7 +141,8 @@ def run_load(work: Path, concurrency: int = 200, seconds: float = 30.0, processe
     try:
         per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
         start_at = time.time() + 3.0  # every worker has imported and built its clients by then
-        cmds = [[sys.executable, str(Path(__file__).resolve()), "--worker", url, key_id(key), key.hex(), str(work / "devkey"),
+        cmds = [[sys.executable, str(Path(__file__).resolve()), "--worker", url, broker_identity(work).hex(), key_id(key),
+                 key.hex(), str(work / "devkey"),
                  str(n), str(seconds), repr(start_at)] for n in per if n]
         ps = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True, cwd=REPO) for c in cmds]
         outs = [json.loads(p.communicate()[0]) for p in ps]
@@ -178,8 +193,8 @@ def format_load(r: dict) -> str:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--worker":
-        url, kid, key_hex, devkey, threads, seconds, start_at = argv[1:8]
-        out = worker(url, kid, key_hex, devkey, int(threads), float(seconds), float(start_at))
+        url, identity_hex, kid, key_hex, devkey, threads, seconds, start_at = argv[1:9]
+        out = worker(url, identity_hex, kid, key_hex, devkey, int(threads), float(seconds), float(start_at))
         sys.__stdout__.write(json.dumps(out))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from branchy_tee.attest.broker import start_broker
+from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.providers import SimulatedProvider
 from branchy_tee.cli import main
 from branchy_tee.seal.envelope import MAX_FILE, REQUEST_MAGIC
@@ -120,7 +120,7 @@ def test_bundle_files_that_are_not_files(w):
     (w / "m.btee" / "stage-01.bin").mkdir()
     run_cli(predict_argv(w), 1, "stage-01.bin: cannot read")
     (w / "not-a-bundle").write_text("x")
-    run_cli(predict_argv(w, bundle="not-a-bundle"), 1, "cannot read")
+    run_cli(predict_argv(w, bundle="not-a-bundle"), 1, "not a sealed bundle (no header.json)")
     run_cli(predict_argv(w, bundle="missing.btee"), 1, "not a sealed bundle")
     assert_nothing_written(w)
 
@@ -141,12 +141,14 @@ def test_encrypt_input_with_a_broken_header(w):
 ], ids=["zero-bytes", "header-only", "a-request"])
 def test_malformed_result_files(w, blob, match):
     (w / "bad.res").write_bytes(blob)
-    run_cli(["decrypt-result", str(w / "bad.res"), "--key", str(w / "do1.key"), "--out", str(w / "out" / "r.json")], 1, match)
+    run_cli(["decrypt-result", str(w / "bad.res"), "--key", str(w / "do1.key"), "--request", str(w / "do1.req"),
+             "--out", str(w / "out" / "r.json")], 1, match)  # fmt: skip
     assert_nothing_written(w)
 
 
 def test_a_request_is_not_a_result(w):
-    run_cli(["decrypt-result", str(w / "do1.req"), "--key", str(w / "do1.key")], 1, "not a branchy-tee result file")
+    run_cli(["decrypt-result", str(w / "do1.req"), "--key", str(w / "do1.key"), "--request", str(w / "do1.req")], 1,
+            "not a branchy-tee result file")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- keys
@@ -167,8 +169,10 @@ def test_unusable_key_files_for_every_command(w, problem, match):
         predict_argv(w, mo="bad.key"), predict_argv(w, do="bad.key"),
         ["seal", str(w), "--key", str(bad), "--out", str(w / "out" / "s.btee")],
         ["encrypt-input", str(w / "x.npy"), "--bundle", str(w / "m.btee"), "--key", str(bad), "--out", str(w / "out" / "r")],
-        ["decrypt-result", str(w / "do1.req"), "--key", str(bad), "--out", str(w / "out" / "r.json")],
-        ["key-broker", "--keys", str(bad), "--policy", str(w / "none.toml"), "--listen", "127.0.0.1:0"],
+        ["decrypt-result", str(w / "do1.req"), "--key", str(bad), "--request", str(w / "do1.req"), "--out",
+         str(w / "out" / "r.json")],
+        ["key-broker", "--keys", str(bad), "--policy", str(w / "none.toml"), "--identity", str(w / "none.id"),
+         "--listen", "127.0.0.1:0"],
     ]
     for argv in commands:
         run_cli(argv, 1, match if not (problem == "directory" and argv[0] == "key-broker") else "holds no *.key files")
@@ -198,8 +202,16 @@ def test_predict_usage_errors(w, extra, match):
 
 @pytest.mark.parametrize("argv,match", [
     (["decrypt-result", "x.res"], "the following arguments are required: --key"),
-    (["key-broker", "--keys", "k", "--policy", "p", "--listen", "127.0.0.1:0", "--nonce-ttl", "0"], "--nonce-ttl must be positive"),
-    (["key-broker", "--keys", "k", "--policy", "p", "--listen", "127.0.0.1:99999"], "out of range"),
+    (["key-broker", "--keys", "k", "--policy", "p", "--identity", "i", "--listen", "127.0.0.1:0", "--nonce-ttl", "0"],
+     "--nonce-ttl must be positive"),
+    (["key-broker", "--keys", "k", "--policy", "p", "--identity", "i", "--listen", "127.0.0.1:99999"], "out of range"),
+    (["decrypt-result", "x.res", "--key", "k"], "one of the arguments --request --request-digest is required"),
+    (["decrypt-result", "x.res", "--key", "k", "--request", "r", "--request-digest", "ab"], "not allowed with argument"),
+    (["decrypt-result", "x.res", "--key", "k", "--request-digest", "xyz"], "--request-digest is a SHA-256"),
+    (["encrypt-input", "x.npy", "--bundle", "b", "--key", "k", "--out", "o", "--request-id", "a\udcffb"],
+     "is not valid Unicode text"),
+    (["encrypt-input", "x.npy", "--bundle", "b", "--key", "k", "--out", "o", "--request-id", "a\x1b[31mb"],
+     "must be printable text"),
     (["encrypt-input", "--bundle", "b", "--key", "k", "--out", "o"], "the following arguments are required: INPUT"),
     (["nonsense"], "invalid choice"),
 ])

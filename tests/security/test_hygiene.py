@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from branchy_tee import fileio
-from branchy_tee.attest.broker import start_broker
-from branchy_tee.attest.providers import SimulatedProvider, code_measurement
+from branchy_tee.attest.broker_server import start_broker
+from branchy_tee.attest.providers import SimulatedProvider, simulated_mrenclave
 from branchy_tee.cli import main
 from branchy_tee.errors import BranchyError
 from branchy_tee.fileio import atomic_write_bytes, read_key_file, write_key_file
@@ -54,6 +54,9 @@ def w(world, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 1, 28, 28), dtype=np.float32))
     (tmp_path / "policy.toml").write_text('allowed_mrenclave = ["' + "00" * 32 + '"]\n')
     (tmp_path / "out").mkdir()
+    from branchy_tee.attest.identity import create_identity
+
+    create_identity(tmp_path / "broker.id")
     return tmp_path
 
 
@@ -65,10 +68,12 @@ def _commands(d: Path, key: Path) -> dict[str, list[str]]:
                     "--model-key", str(mo), "--data-key", str(do), "--quiet"],
         "seal": ["seal", str(d / "run"), "--key", str(mo), "--out", str(out / "s.btee")],
         "encrypt-input": ["encrypt-input", str(d / "x.npy"), "--bundle", str(d / "m.btee"), "--key", str(do), "--out", str(out / "q.req")],
-        "decrypt-result": ["decrypt-result", str(d / "do1.res"), "--key", str(do), "--out", str(out / "r.json")],
-        "key-broker (file)": ["key-broker", "--keys", str(key), "--policy", str(d / "policy.toml"), "--listen", "127.0.0.1:0"],
+        "decrypt-result": ["decrypt-result", str(d / "do1.res"), "--key", str(do), "--request", str(d / "do1.req"),
+                           "--out", str(out / "r.json")],
+        "key-broker (file)": ["key-broker", "--keys", str(key), "--policy", str(d / "policy.toml"), "--identity",
+                              str(d / "broker.id"), "--listen", "127.0.0.1:0"],
         "key-broker (keystore)": ["key-broker", "--keys", str(key.parent / "ks"), "--policy", str(d / "policy.toml"),
-                                  "--listen", "127.0.0.1:0"],
+                                  "--identity", str(d / "broker.id"), "--listen", "127.0.0.1:0"],
     }
 
 
@@ -132,8 +137,20 @@ def test_keygen_and_decrypted_records_are_private(tmp_path, world):
     assert quiet_call(main, ["keygen", "--out", str(tmp_path / "a.key")])[0] == 0
     assert stat.S_IMODE((tmp_path / "a.key").stat().st_mode) == 0o600
     assert quiet_call(main, ["decrypt-result", str(world.results["do1"]), "--key", str(world.do_keys["do1"]),
-                             "--out", str(tmp_path / "r.json")])[0] == 0
+                             "--request", str(world.requests["do1"]), "--out", str(tmp_path / "r.json")])[0] == 0
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o600  # plaintext answers
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o602])
+def test_identity_files_are_private_and_refused_when_others_can_access_them(tmp_path, mode):
+    from branchy_tee.attest.identity import load_identity
+
+    code, out, _ = quiet_call(main, ["keygen", "--identity", "--out", str(tmp_path / "a.id")])
+    assert code == 0 and out.splitlines()[-1].startswith("identity: ")
+    assert stat.S_IMODE((tmp_path / "a.id").stat().st_mode) == 0o600
+    os.chmod(tmp_path / "a.id", mode)
+    with pytest.raises(BranchyError, match=f"identity file .* is accessible by others \\(mode {mode:04o}\\)"):
+        load_identity(tmp_path / "a.id")
 
 
 def test_keygen_never_replaces_an_existing_key_or_follows_a_planted_link(tmp_path):
@@ -230,7 +247,8 @@ def test_keys_and_plaintext_never_reach_logs_or_temporary_files(tmp_path, xdg, m
     stays empty; no stray files."""
     import torch
 
-    from branchy_tee.seal.envelope import open_result
+    from branchy_tee.attest.identity import create_identity, identity_hex
+    from branchy_tee.seal.envelope import open_result, request_digest
 
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
@@ -249,20 +267,24 @@ def test_keys_and_plaintext_never_reach_logs_or_temporary_files(tmp_path, xdg, m
     assert main(["encrypt-input", str(do_dir / "x.npy"), "--bundle", str(host / "model.btee"), "--key", str(do_dir / "do.key"),
                  "--out", str(host / "req.enc"), "--request-id", "hyg-1"]) == 0
     keys = {"mo": read_key_file(mo_dir / "mo.key"), "do": read_key_file(do_dir / "do.key")}
-    policy = {"allowed_mrenclave": [code_measurement().hex()], "allow_simulation": True}
+    policy = {"allowed_mrenclave": [simulated_mrenclave().hex()], "allow_simulation": True}
+    ids = {n: create_identity(d / f"{n}.id") for n, d in (("mo", mo_dir), ("do", do_dir))}
     log = lambda m: sys.stderr.write(f"key-broker: {m}\n")  # noqa: E731 -- what `key-broker` without --quiet prints
     audits = {n: tmp_path / f"{n}.audit.jsonl" for n in ("mo", "do")}
-    with start_broker(mo_dir / "mo.key", policy, audit_log=audits["mo"], log=log) as mo, \
-         start_broker(do_dir / "do.key", policy, audit_log=audits["do"], log=log) as do:  # fmt: skip
+    with start_broker(mo_dir / "mo.key", {**policy, "allowed_data_owners": [identity_hex(ids["do"])]},
+                      audit_log=audits["mo"], log=log, identity=ids["mo"]) as mo, \
+         start_broker(do_dir / "do.key", policy, audit_log=audits["do"], log=log, identity=ids["do"]) as do:  # fmt: skip
         rc = main(["predict", "--bundle", str(host / "model.btee"), "--input", str(host / "req.enc"), "--output",
-                   str(host / "res.enc"), "--attest", "simulated", "--model-broker", mo.url, "--data-broker", do.url,
-                   "--stats-json", str(host / "stats.json"), "--mprofile", str(host / "prof"), "--json"])
+                   str(host / "res.enc"), "--attest", "simulated", "--model-broker", mo.url, "--model-broker-identity",
+                   identity_hex(ids["mo"]), "--data-broker", do.url, "--stats-json", str(host / "stats.json"),
+                   "--mprofile", str(host / "prof"), "--json"])  # fmt: skip
         assert rc == 0
     host_visible = capfd.readouterr()
     assert "[enclave] bundle lenet5" in host_visible.err and "key-broker: granted" in host_visible.err  # logs were on
-    assert main(["decrypt-result", str(host / "res.enc"), "--key", str(do_dir / "do.key"), "--request-id", "hyg-1"]) == 0
+    assert main(["decrypt-result", str(host / "res.enc"), "--key", str(do_dir / "do.key"), "--request",
+                 str(host / "req.enc")]) == 0  # fmt: skip
     do_terminal = capfd.readouterr()
-    records = open_result((host / "res.enc").read_bytes(), keys["do"], "res", "hyg-1")[1]
+    records = open_result((host / "res.enc").read_bytes(), keys["do"], "res", request_digest((host / "req.enc").read_bytes()))[1]
 
     texts = {"host stdout": host_visible.out.encode(), "host stderr": host_visible.err.encode(),
              "data owner terminal": (do_terminal.out + do_terminal.err).encode()}

@@ -35,6 +35,12 @@ class World:
     records: dict[str, list[dict]]  # the decrypted records of those results
     inputs: dict[str, "object"] = field(default_factory=dict)  # plaintext input tensors
 
+    def digest(self, owner: str) -> str:
+        """SHA-256 of the owner's request file: what its result binds."""
+        from branchy_tee.seal.envelope import request_digest
+
+        return request_digest(self.requests[owner].read_bytes())
+
     def key(self, name: str) -> bytes:
         from branchy_tee.fileio import read_key_file
 
@@ -64,7 +70,7 @@ def build_world(d: str | Path, samples: dict[str, int] | None = None, chunk: int
 
     from branchy_tee.fileio import write_key_file
     from branchy_tee.runtime import predict
-    from branchy_tee.seal.bundle import seal_model
+    from branchy_tee.seal.bundle import seal_run
     from branchy_tee.seal.envelope import open_result, seal_request
     from branchy_tee.seal.keys import generate_key
     from runs import make_random_run
@@ -76,7 +82,7 @@ def build_world(d: str | Path, samples: dict[str, int] | None = None, chunk: int
     keys = {"mo": generate_key(), **{o: generate_key() for o in samples}}
     for name, k in keys.items():
         write_key_file(d / f"{name}.key", k)
-    seal_model(model, meta, keys["mo"], d / "model.btee", chunk_size=chunk)
+    seal_run(d / "run", keys["mo"], d / "model.btee", chunk_size=chunk)
     g = torch.Generator().manual_seed(seed + 1)
     w = World(dir=d, bundle=d / "model.btee", mo_key=d / "mo.key", do_keys={o: d / f"{o}.key" for o in samples},
               requests={}, request_ids={}, results={}, records={})
@@ -91,5 +97,5 @@ def build_world(d: str | Path, samples: dict[str, int] | None = None, chunk: int
     assert rc == 0, err
     for o in samples:
         w.results[o] = ref / f"{o}.res"
-        w.records[o] = open_result(w.results[o].read_bytes(), keys[o], o, w.request_ids[o])[1]
+        w.records[o] = open_result(w.results[o].read_bytes(), keys[o], o, w.digest(o))[1]
     return w

@@ -2,18 +2,22 @@
 
 HTTP API (JSON; every error is ``{"error": "<one line>", "code": "<machine code>"}``)::
 
-    GET  /v1/health  -> {"status": "ok", "protocol": "branchy-tee/v1", "keys": n}
-    GET  /v1/nonce   -> {"protocol", "nonce": hex, "expires_in": s, "key_ids": [ids this policy releases]}
-    POST /v1/keys    {"evidence_type", "evidence": b64, "public_key": hex, "nonce": hex, "key_ids": [...],
-                      "collateral": {...} (optional; the policy's own collateral file wins)}
-                     -> {"protocol", "suite", "keys": {kid: b64(HPKE enc || ct)}, "min_model_version": n}
+    GET  /v1/health   -> {"status": "ok", "protocol": "branchy-tee/v1", "keys": n}
+    GET  /v1/identity -> {"protocol", "identity": hex (the broker's Ed25519 public key)}
+    GET  /v1/nonce    -> {"protocol", "identity", "nonce": hex, "expires_in": s, "key_ids": [ids released]}
+    POST /v1/keys     {"evidence_type", "evidence": b64, "public_key": hex, "nonce": hex, "key_ids": [...],
+                       "collateral": {...} (optional; used only if the policy accepts client collateral)}
+                      -> {"protocol", "suite", "identity", "keys": {kid: b64(HPKE enc || ct)},
+                          "min_model_version": n, "allowed_data_owners": [hex] | null, "signature": hex}
 
 A key request is checked in this order: well-formed (400, 413 over 64 KiB), key ids known (404) and
 released by the policy (403), nonce issued by this broker instance, unexpired and unused (403; it is
 marked used here, before anything else can answer), evidence verifies (403: DCAP quote chain and
 signatures with ``verify_quote``, or the simulated document's signature), the policy accepts the
 claims (403), REPORTDATA = SHA-256("branchy-tee/v1" || public key || nonce) || 0^32 (403). Then
-every key is HPKE-sealed to the enclave's public key (see ``protocol``). Every decision is one JSON
+every key is HPKE-sealed to the enclave's public key and the whole release (nonce, public key,
+sealed keys, minimum model version, the policy's ``allowed_data_owners``) is signed with the
+broker's identity (see ``protocol``). Every decision is one JSON
 line in the audit log (flushed and fsynced before the answer leaves; never a key); if the audit
 line cannot be written the keys are not released.
 
@@ -21,55 +25,48 @@ Nonces are stateless to issue: issued-at time, 16 random bytes and an HMAC tag u
 when the broker starts. Only used nonces are remembered, until they expire; a restarted broker has a
 new secret, so it refuses every nonce of its previous life and can never re-issue one.
 
-Owner-side code (aiohttp). ``start_broker`` runs one in a background thread (tests, the demo);
-``serve`` runs one in the foreground (``branchy-tee key-broker``).
+Owner-side code. The HTTP side (aiohttp) is ``attest.broker_server``: ``start_broker`` runs a broker
+in a background thread (tests, the demo), ``serve`` in the foreground (``branchy-tee key-broker``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import secrets
-import ssl
-import sys
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from ..errors import AttestationError, BranchyError, PolicyError, UsageError
+from ..errors import AttestationError, BranchyError, PolicyError
 from ..fileio import read_key_file
 from ..seal.keys import key_id
+from . import identity as ident
 from .policy import Claims, Policy, load_policy, parse_policy
 from .protocol import (
-    EVIDENCE_DCAP,
-    EVIDENCE_SIMULATED,
-    EVIDENCE_TYPES,
-    KEY_ID_RE,
-    MAX_BODY,
-    MAX_KEY_IDS,
     NONCE_BYTES,
     PROTOCOL,
-    PUBLIC_KEY_BYTES,
+    RELEASE_PURPOSE,
     SUITE,
-    SUITE_NAME,
+    EvidenceType,
+    KeyRelease,
+    KeyRequest,
+    MessageError,
+    NonceOffer,
     key_info,
     pack_key,
     report_data,
 )
 from .providers import simulated_warning, verify_simulated
 
-__all__ = ["Broker", "BrokerHandle", "NonceBook", "Refusal", "load_keystore", "make_app", "serve", "start_broker",
-           "verify_evidence"]
+__all__ = ["Broker", "NonceBook", "Refusal", "load_keystore", "verify_evidence"]
 
 # verify_quote uses warnings.catch_warnings (process-global): one verification at a time.
 _VERIFY_LOCK = threading.Lock()
@@ -175,54 +172,48 @@ class NonceBook:
 
 
 # --------------------------------------------------------------------------- evidence
-def verify_evidence(policy: Policy, evidence_type: str, evidence: bytes, *, collateral: Mapping | None = None,
+def verify_evidence(policy: Policy, evidence_type: EvidenceType | str, evidence: bytes, *,
+                    collateral: Mapping | None = None,
                     now: datetime | None = None) -> Claims:
     """Verify evidence (not yet its binding or the policy) and return its claims; AttestationError otherwise.
 
-    DCAP quotes are verified with the policy's collateral file when it has one, else with the
-    collateral sent along (it is Intel-signed and checked against the pinned root either way);
-    ``stale_collateral = "warn"`` turns expired collateral into warnings.
+    DCAP quotes are verified with the policy's own collateral file. Collateral sent by the client is
+    Intel-signed, but the host chooses which: it could send an old one from before a TCB recovery.
+    So it is ignored unless the policy says ``accept_client_collateral = true`` (which requires
+    ``min_tcb_evaluation_data_number``, checked by the policy). ``stale_collateral = "warn"`` turns
+    expired collateral into warnings.
     """
-    if evidence_type == EVIDENCE_DCAP:
+    if evidence_type == EvidenceType.DCAP:
         from .verify import verify_quote
 
         chosen = policy.collateral()
-        if chosen is None:
+        if chosen is None and policy.accept_client_collateral:
             chosen = collateral
         with _VERIFY_LOCK:
             vq = verify_quote(evidence, collateral=chosen, now=now, strict_time=policy.strict_time)
-        return Claims.from_quote(vq)
-    if evidence_type == EVIDENCE_SIMULATED:
+        return Claims.from_quote(vq, vq.tcb_evaluation_data_number if vq.tcb_status is not None else None)
+    if evidence_type == EvidenceType.SIMULATED:
         return Claims.from_simulated(verify_simulated(evidence))
-    raise AttestationError(f"unknown evidence type {evidence_type!r}")
+    raise AttestationError(f"unknown evidence type {ascii(str(evidence_type))}")
+
+
+def _as_identity(identity) -> Ed25519PrivateKey:
+    if identity is None:  # tests and the demo: a fresh identity per broker (``.identity_hex`` tells it)
+        return Ed25519PrivateKey.generate()
+    if isinstance(identity, Ed25519PrivateKey):
+        return identity
+    return ident.load_identity(identity)
 
 
 # --------------------------------------------------------------------------- the broker
-def _b64(value: Any, what: str, limit: int) -> bytes:
-    if not isinstance(value, str):
-        raise Refusal(400, "bad_request", f"'{what}' must be a base64 string")
-    if len(value) > limit * 4 // 3 + 4:
-        raise Refusal(400, "bad_request", f"'{what}' is too large")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise Refusal(400, "bad_request", f"'{what}' is not valid base64") from None
-
-
-def _hex(value: Any, what: str, size: int) -> bytes:
-    if not isinstance(value, str) or len(value) != 2 * size:
-        raise Refusal(400, "bad_request", f"'{what}' must be {size} bytes as {2 * size} hex digits")
-    try:
-        return bytes.fromhex(value)
-    except ValueError:
-        raise Refusal(400, "bad_request", f"'{what}' is not hex") from None
-
-
 class Broker:
     """The key broker's logic, independent of HTTP: nonces, evidence, policy, sealing, audit."""
 
-    def __init__(self, keys, policy, *, audit_log: str | os.PathLike | None = None, nonce_ttl: float = 60.0,
-                 clock: Callable[[], float] | None = None, log: Callable[[str], None] | None = None):
+    def __init__(self, keys, policy, *, identity=None, audit_log: str | os.PathLike | None = None,
+                 nonce_ttl: float = 60.0, clock: Callable[[], float] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.identity = _as_identity(identity)
+        self.identity_bytes = ident.public_bytes(self.identity)
         self.keys = _as_keys(keys)
         if not self.keys:
             raise BranchyError("the keystore holds no keys")
@@ -260,9 +251,16 @@ class Broker:
     def health(self) -> dict:
         return {"status": "ok", "protocol": PROTOCOL, "keys": len(self.released_ids)}
 
+    @property
+    def identity_hex(self) -> str:
+        return self.identity_bytes.hex()
+
+    def identity_document(self) -> dict:
+        return {"protocol": PROTOCOL, "identity": self.identity_hex}
+
     def nonce(self) -> dict:
-        return {"protocol": PROTOCOL, "nonce": self.nonces.issue().hex(), "expires_in": self.nonces.ttl,
-                "key_ids": self.released_ids}
+        offer = NonceOffer(self.nonces.issue(), tuple(self.released_ids), self.identity_bytes, self.nonces.ttl)
+        return offer.to_json()
 
     def request_keys(self, body: bytes, remote: str | None) -> dict:
         """Handle one POST /v1/keys body: the response dict, or Refusal. Always audited."""
@@ -290,34 +288,11 @@ class Broker:
     # ---- the checks
     def _grant(self, body: bytes, entry: dict) -> dict:
         try:
-            req = json.loads(body)
-        except (ValueError, RecursionError):
-            raise Refusal(400, "bad_request", "request body is not JSON") from None
-        if not isinstance(req, dict):
-            raise Refusal(400, "bad_request", "request body must be a JSON object")
-        if req.get("protocol", PROTOCOL) != PROTOCOL:
-            raise Refusal(400, "bad_request", f"unsupported protocol {str(req.get('protocol'))[:40]!r}; this broker speaks {PROTOCOL}")
-        etype = req.get("evidence_type")
-        if etype not in EVIDENCE_TYPES:
-            raise Refusal(400, "bad_request", f"'evidence_type' must be one of {', '.join(EVIDENCE_TYPES)}")
-        entry["evidence_type"] = etype
-        kids = req.get("key_ids")
-        if not isinstance(kids, list) or not kids or len(kids) > MAX_KEY_IDS or not all(isinstance(k, str) for k in kids):
-            raise Refusal(400, "bad_request", f"'key_ids' must be a list of 1..{MAX_KEY_IDS} key ids")
-        bad = [k for k in kids if not KEY_ID_RE.fullmatch(k)]
-        if bad:
-            raise Refusal(400, "bad_request", f"'key_ids': {bad[0][:40]!r} is not a key id (16 lower-case hex digits)")
-        kids = list(dict.fromkeys(kids))
-        entry["key_ids"] = kids
-        public_key = _hex(req.get("public_key"), "public_key", PUBLIC_KEY_BYTES)
-        nonce = _hex(req.get("nonce"), "nonce", NONCE_BYTES)
-        entry["nonce"] = nonce.hex()
-        evidence = _b64(req.get("evidence"), "evidence", MAX_BODY)
-        if not evidence:
-            raise Refusal(400, "bad_request", "'evidence' is empty")
-        collateral = req.get("collateral")
-        if collateral is not None and not isinstance(collateral, dict):
-            raise Refusal(400, "bad_request", "'collateral' must be a JSON object (dcap-qvl layout)")
+            req = KeyRequest.parse(body)
+        except MessageError as e:
+            raise Refusal(400, "bad_request", str(e)) from None
+        kids, public_key, nonce = list(req.key_ids), req.public_key, req.nonce
+        entry.update(evidence_type=req.evidence_type, key_ids=kids, nonce=nonce.hex())
         try:
             recipient = X25519PublicKey.from_public_bytes(public_key)
             X25519PrivateKey.generate().exchange(recipient)  # refuses low-order points
@@ -335,7 +310,7 @@ class Broker:
 
         now = datetime.fromtimestamp(self.clock(), timezone.utc)
         try:
-            claims = verify_evidence(self.policy, etype, evidence, collateral=collateral, now=now)
+            claims = verify_evidence(self.policy, req.evidence_type, req.evidence, collateral=req.collateral, now=now)
         except AttestationError as e:
             raise Refusal(403, "evidence_invalid", f"evidence does not verify: {e}") from None
         except BranchyError as e:  # the broker's side, e.g. its collateral file vanished
@@ -349,14 +324,17 @@ class Broker:
         if not hmac.compare_digest(claims.report_data, report_data(public_key, nonce)):
             raise Refusal(403, "binding_mismatch", "REPORTDATA does not bind this public key and nonce "
                                                    "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)")
-        sealed = {}
-        for kid in kids:
-            ct = SUITE.encrypt(pack_key(self.keys[kid], decision.min_model_version), recipient, info=key_info(kid, nonce))
-            sealed[kid] = base64.b64encode(ct).decode()
+        sealed = tuple((kid, SUITE.encrypt(pack_key(self.keys[kid], decision.min_model_version), recipient,
+                                           info=key_info(kid, nonce))) for kid in kids)  # fmt: skip
+        release = KeyRelease(self.identity_bytes, nonce, public_key, tuple(sorted(sealed)), decision.min_model_version,
+                             decision.allowed_data_owners)  # fmt: skip
+        signature = ident.sign(self.identity, RELEASE_PURPOSE, release.message())
         entry["min_model_version"] = decision.min_model_version
+        if decision.allowed_data_owners is not None:
+            entry["allowed_data_owners"] = len(decision.allowed_data_owners)
         if claims.simulated:
             simulated_warning(f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(kids)} to {entry.get('remote')}")
-        return {"protocol": PROTOCOL, "suite": SUITE_NAME, "keys": sealed, "min_model_version": decision.min_model_version}
+        return release.to_json(signature)
 
     # ---- audit
     def _decide(self, entry: dict, status: int, code: str, reason: str | None) -> None:
@@ -393,234 +371,3 @@ class Broker:
         # Outside the lock so concurrent decisions share one disk flush; this fsync starts after our
         # write, so the line is durable before the answer leaves.
         os.fsync(fd)
-
-
-# --------------------------------------------------------------------------- HTTP
-def make_app(broker: Broker):
-    """The aiohttp application serving ``broker``."""
-    from aiohttp import web
-
-    def reply(status: int, obj: dict):
-        return web.json_response(obj, status=status, headers={"Cache-Control": "no-store"})
-
-    @web.middleware
-    async def json_errors(request, handler):
-        try:
-            return await handler(request)
-        except web.HTTPException as e:  # 404/405 from the router, etc.
-            if e.status < 400:
-                raise
-            return reply(e.status, {"error": e.reason, "code": "http"})
-
-    async def health(request):
-        return reply(200, broker.health())
-
-    async def nonce(request):
-        return reply(200, broker.nonce())
-
-    async def keys(request):
-        remote = request.remote
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            r = broker.refuse_unread(remote, 413, "too_large", f"request body over {MAX_BODY} bytes")
-            return reply(r.status, {"error": r.reason, "code": r.code})
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            r = broker.refuse_unread(remote, 413, "too_large", f"request body over {MAX_BODY} bytes")
-            return reply(r.status, {"error": r.reason, "code": r.code})
-        loop = asyncio.get_running_loop()
-        try:
-            out = await loop.run_in_executor(None, broker.request_keys, body, remote)
-        except Refusal as r:
-            return reply(r.status, {"error": r.reason, "code": r.code})
-        return reply(200, out)
-
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
-    app.router.add_get("/v1/health", health)
-    app.router.add_get("/v1/nonce", nonce)
-    app.router.add_post("/v1/keys", keys)
-    return app
-
-
-def _ssl_context(tls_cert, tls_key) -> ssl.SSLContext | None:
-    if bool(tls_cert) != bool(tls_key):
-        raise UsageError("give both --tls-cert and --tls-key, or neither")
-    if not tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(tls_cert, tls_key)
-    except (OSError, ssl.SSLError) as e:
-        raise BranchyError(f"cannot load TLS certificate/key ({tls_cert}, {tls_key}): {e}") from None
-    return ctx
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _url(host: str, port: int, tls: bool) -> str:
-    h = f"[{host}]" if ":" in host else host
-    return f"{'https' if tls else 'http'}://{h}:{port}"
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT``."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"--listen expects HOST:PORT, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    try:
-        p = int(port)
-    except ValueError:
-        raise UsageError(f"--listen: port {port!r} is not a number") from None
-    if not 0 <= p <= 65535:
-        raise UsageError(f"--listen: port {p} is out of range")
-    return host, p
-
-
-async def _start_site(broker: Broker, host: str, port: int, ssl_ctx):
-    from aiohttp import web
-
-    runner = web.AppRunner(make_app(broker), access_log=None, handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024)
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        raise BranchyError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return runner, runner.addresses[0][1]
-
-
-def _startup_warnings(broker: Broker, host: str, tls: bool, warn: Callable[[str], None]) -> None:
-    if not tls and not _is_loopback(host):
-        warn(f"serving plain HTTP on non-loopback address {host}: the network sees nonces and evidence (keys "
-             "stay HPKE-sealed to the enclave); use --tls-cert/--tls-key")
-    if broker.policy.allow_simulation:
-        simulated_warning(f"ALLOWED by policy {broker.policy.source}: this broker releases keys to non-enclaves")
-
-
-class BrokerHandle:
-    """A broker serving in a background thread. ``.url``, ``.stop()``; also a context manager."""
-
-    def __init__(self, broker: Broker, host: str, tls: bool):
-        self.broker, self.host, self.tls = broker, host, tls
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stopped = False
-
-    @property
-    def url(self) -> str:
-        return _url(self.host, self.port, self.tls)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise BranchyError(f"key broker at {self.url} did not stop within {timeout} s")
-        self.broker.close()
-
-    def __enter__(self) -> "BrokerHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def start_broker(keys, policy, host: str = "127.0.0.1", port: int = 0, audit_log: str | os.PathLike | None = None, *,
-                 tls_cert=None, tls_key=None, nonce_ttl: float = 60.0, clock: Callable[[], float] | None = None,
-                 log: Callable[[str], None] | None = None) -> BrokerHandle:
-    """Serve a key broker in a background thread; return once it listens (``handle.url``).
-
-    ``keys``: a keystore path, a ``{key id: key}`` mapping or a list of keys. ``policy``: a
-    :class:`Policy`, a mapping of policy settings, or a TOML path. ``clock``: seconds since the
-    epoch (tests inject one to expire nonces or to verify quotes at a chosen time).
-    """
-    broker = Broker(keys, policy, audit_log=audit_log, nonce_ttl=nonce_ttl, clock=clock, log=log)
-    ssl_ctx = _ssl_context(tls_cert, tls_key)
-    handle = BrokerHandle(broker, host, ssl_ctx is not None)
-    started = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            runner, handle.port = loop.run_until_complete(_start_site(broker, host, port, ssl_ctx))
-        except BaseException as e:  # reported to the caller
-            failure.append(e)
-            started.set()
-            loop.close()
-            return
-        handle._loop = loop
-        started.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(runner.cleanup())
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
-
-    thread = threading.Thread(target=run, name=f"key-broker-{host}", daemon=True)
-    handle._thread = thread
-    thread.start()
-    started.wait()
-    if failure:
-        broker.close()
-        raise failure[0]
-    _startup_warnings(broker, host, handle.tls, lambda m: sys.stderr.write(f"key-broker: warning: {m}\n"))
-    return handle
-
-
-def serve(keys_path, policy_path, listen: str, *, tls_cert=None, tls_key=None, audit_log=None,
-          nonce_ttl: float = 60.0, out=None, quiet: bool = False) -> int:
-    """Run a key broker in the foreground until SIGINT/SIGTERM (``branchy-tee key-broker``)."""
-    import signal
-
-    out = out or sys.stdout
-    host, port = parse_listen(listen)
-    if nonce_ttl <= 0:
-        raise UsageError("--nonce-ttl must be positive")
-    keys = load_keystore(keys_path)
-    policy = load_policy(policy_path)
-    err = lambda m: (sys.stderr.write(f"key-broker: {m}\n"), sys.stderr.flush())  # noqa: E731
-    broker = Broker(keys, policy, audit_log=audit_log, nonce_ttl=nonce_ttl, log=None if quiet else err)
-    ssl_ctx = _ssl_context(tls_cert, tls_key)
-
-    async def main() -> None:
-        runner, real_port = await _start_site(broker, host, port, ssl_ctx)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        _startup_warnings(broker, host, ssl_ctx is not None, lambda m: err(f"warning: {m}"))
-        out.write(f"key broker listening on {_url(host, real_port, ssl_ctx is not None)}\n")
-        out.write(f"  releases key id(s) {', '.join(broker.released_ids)} under policy {policy.source}"
-                  + (f"; audit log {audit_log}" if audit_log else "; no audit log") + "\n")
-        out.flush()
-        try:
-            await stop.wait()
-        finally:
-            await runner.cleanup()
-
-    try:
-        asyncio.run(main())
-    finally:
-        broker.close()
-    if not quiet:
-        err(f"stopped ({broker.granted} granted, {broker.refused} refused)")
-    return 0

@@ -9,12 +9,15 @@
     No TEE at all: a JSON document ``{mrenclave, mrsigner, isv_prod_id, isv_svn, debug,
     report_data, public_key, ...}`` signed with a local Ed25519 dev key, created on first use in
     ``$XDG_CONFIG_HOME/branchy-tee/dev-attestation-key`` (default ``~/.config/...``; directory
-    0700, key file 0600). ``mrenclave`` is a SHA-256 over the installed ``branchy_tee`` package
-    files (:func:`code_measurement`), so a policy can pin the code; ``mrsigner`` is SHA-256 of the
+    0700, key file 0600). ``mrenclave`` (:func:`simulated_mrenclave`) is a SHA-256 over the
+    installed ``branchy_tee`` package files (:func:`code_measurement`) and the enclave's measured
+    settings (``branchy_tee.measured``: the manifest's ``loader.env`` values, as a real MRENCLAVE
+    covers them), so a policy pins the code and every measured pin; ``mrsigner`` is SHA-256 of the
     dev public key, so pinning MRSIGNER pins the dev key. Brokers refuse it unless their policy
     says ``allow_simulation = true``; both sides print a loud warning every time.
 
-Standard library, ``cryptography`` and branchy_tee's errors/fileio only: this is enclave code.
+Standard library, ``cryptography`` and branchy_tee's errors, fileio, choices, attest.protocol and
+attest.quote: this is enclave code.
 """
 
 from __future__ import annotations
@@ -31,12 +34,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Mapping
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from .. import measured
+from ..choices import EvidenceProvider
 from ..errors import AttestationError, BranchyError
 from ..fileio import read_key_file
+from ..strict import hex_member
+from .protocol import EvidenceType
+from .quote import REPORT_DATA_LEN, EnclaveClaims, peek_sgx_report_data
 
 DEFAULT_ATTESTATION_DIR = "/dev/attestation"
 SIMULATED_FORMAT = "branchy-tee/simulated-evidence/v1"
@@ -99,17 +109,26 @@ def code_measurement(root: str | os.PathLike | None = None) -> bytes:
     return h.digest()
 
 
+def simulated_mrenclave(env: Mapping[str, str] | None = None, code: bytes | None = None) -> bytes:
+    """The MRENCLAVE simulated evidence reports: the code measurement together with the measured
+    settings in ``env`` (default: this process's environment), so that changing any pin (the model
+    broker, its identity, the bundle) changes the measurement, as it would on SGX."""
+    code = code_measurement() if code is None else code
+    settings = measured.settings_bytes(os.environ if env is None else env)
+    return hashlib.sha256(b"branchy-tee/v1 simulated-mrenclave\0" + code + settings).digest()
+
+
 # --------------------------------------------------------------------------- gramine
 class GramineProvider:
     """DCAP quotes from Gramine's ``/dev/attestation`` (or a directory laid out like it)."""
 
-    evidence_type = "dcap"
+    evidence_type = EvidenceType.DCAP
 
     def __init__(self, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR):
         self.dir = Path(attestation_dir)
 
     def evidence(self, report_data: bytes) -> bytes:
-        if len(report_data) != 64:
+        if len(report_data) != REPORT_DATA_LEN:
             raise ValueError("report data must be 64 bytes")
         d = self.dir
         try:
@@ -142,27 +161,19 @@ class GramineProvider:
 
 def _check_quote_carries(quote: bytes, report_data: bytes, where: Path) -> None:
     """Sanity check (the broker verifies for real): an SGX quote v3/v4 carries our report data."""
-    if len(quote) < 48 + 384:
-        raise AttestationError(f"{where}: {len(quote)} bytes is too short for an SGX quote")
-    version = int.from_bytes(quote[0:2], "little")
-    tee_type = int.from_bytes(quote[4:8], "little")
-    if version not in (3, 4) or tee_type != 0:
-        raise AttestationError(f"{where}: not an SGX DCAP quote (version {version}, TEE type {tee_type:#x})")
-    if not hmac.compare_digest(quote[48 + 320 : 48 + 384], report_data):
+    try:
+        carried = peek_sgx_report_data(quote)
+    except AttestationError as e:
+        raise AttestationError(f"{where}: {e}") from None
+    if not hmac.compare_digest(carried, report_data):
         raise AttestationError(f"{where}: the quote does not carry the report data just written (stale or foreign quote)")
 
 
 # --------------------------------------------------------------------------- simulated
-@dataclass(frozen=True)
-class SimulatedDocument:
+@dataclass(frozen=True, kw_only=True)
+class SimulatedDocument(EnclaveClaims):
     """The claims of simulated evidence whose signature verified."""
 
-    mrenclave: bytes
-    mrsigner: bytes
-    isv_prod_id: int
-    isv_svn: int
-    debug: bool
-    report_data: bytes
     public_key: bytes  # raw Ed25519 public key that signed it
     produced_at: str
 
@@ -198,14 +209,14 @@ def load_or_create_dev_key(key_dir: str | os.PathLike | None = None) -> Ed25519P
 class SimulatedProvider:
     """Development evidence: a document signed by a local Ed25519 key. Not attestation."""
 
-    evidence_type = "simulated"
+    evidence_type = EvidenceType.SIMULATED
 
     def __init__(self, key_dir: str | os.PathLike | None = None, *, isv_prod_id: int = 0, isv_svn: int = 0,
                  debug: bool = False, mrenclave: bytes | None = None):
         self._key = load_or_create_dev_key(key_dir)
         self.public_key = _raw_public(self._key.public_key())
         self.mrsigner = hashlib.sha256(self.public_key).digest()
-        self.mrenclave = mrenclave if mrenclave is not None else code_measurement()
+        self.mrenclave = mrenclave if mrenclave is not None else simulated_mrenclave()
         if len(self.mrenclave) != 32:
             raise ValueError("mrenclave must be 32 bytes")
         self.isv_prod_id, self.isv_svn, self.debug = isv_prod_id, isv_svn, debug
@@ -215,7 +226,7 @@ class SimulatedProvider:
         return {"mrenclave": self.mrenclave.hex(), "mrsigner": self.mrsigner.hex(), "public_key": self.public_key.hex()}
 
     def evidence(self, report_data: bytes) -> bytes:
-        if len(report_data) != 64:
+        if len(report_data) != REPORT_DATA_LEN:
             raise ValueError("report data must be 64 bytes")
         doc = {
             "format": SIMULATED_FORMAT,
@@ -247,14 +258,7 @@ def _field(doc: dict, name: str, kind, what: str = "simulated evidence"):
 
 
 def _hexfield(doc: dict, name: str, size: int) -> bytes:
-    v = _field(doc, name, str)
-    try:
-        out = bytes.fromhex(v)
-    except ValueError:
-        raise AttestationError(f"simulated evidence: '{name}' is not hex") from None
-    if len(out) != size:
-        raise AttestationError(f"simulated evidence: '{name}' must be {size} bytes, got {len(out)}")
-    return out
+    return hex_member(doc, name, size, AttestationError, "simulated evidence")
 
 
 def verify_simulated(evidence: bytes) -> SimulatedDocument:
@@ -292,21 +296,19 @@ def verify_simulated(evidence: bytes) -> SimulatedDocument:
         isv_prod_id=_field(doc, "isv_prod_id", int),
         isv_svn=_field(doc, "isv_svn", int),
         debug=_field(doc, "debug", bool),
-        report_data=_hexfield(doc, "report_data", 64),
+        report_data=_hexfield(doc, "report_data", REPORT_DATA_LEN),
         public_key=public_key,
         produced_at=str(doc.get("produced_at", ""))[:40],
     )
 
 
 # --------------------------------------------------------------------------- factory
-PROVIDERS = ("gramine", "simulated")
-
-
-def make_provider(name: str, *, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR,
+def make_provider(name: EvidenceProvider | str, *, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR,
                   dev_key_dir: str | os.PathLike | None = None):
     """The evidence provider for ``--attest NAME``."""
-    if name == "gramine":
+    if name == EvidenceProvider.GRAMINE:
         return GramineProvider(attestation_dir)
-    if name == "simulated":
+    if name == EvidenceProvider.SIMULATED:
         return SimulatedProvider(dev_key_dir)
-    raise BranchyError(f"unknown evidence provider {name!r} (choose from {', '.join(PROVIDERS)})")
+    names = ", ".join(EvidenceProvider.names())
+    raise BranchyError(f"unknown evidence provider {ascii(str(name))} (choose from {names})")

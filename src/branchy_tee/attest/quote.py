@@ -35,6 +35,8 @@ SGX_REPORT_LEN = 384
 TD10_REPORT_LEN = 584
 ECDSA_SIG_LEN = 64
 ECDSA_KEY_LEN = 64
+SGX_REPORT_DATA_AT = 320  # REPORTDATA (64 bytes) within an SGX report body
+REPORT_DATA_LEN = 64
 
 ATT_KEY_TYPE_ECDSA_P256 = 2
 TEE_TYPE_SGX = 0x00000000
@@ -50,6 +52,20 @@ _PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\r\n\t ]*?-
 
 
 # --------------------------------------------------------------------------- data classes
+@dataclass(frozen=True)
+class EnclaveClaims:
+    """What any evidence says about an enclave: the report fields a policy judges. Verified quotes
+    (``verify.VerifiedQuote``), verified simulated documents (``providers.SimulatedDocument``) and a
+    broker's ``policy.Claims`` all carry these; each adds its own, keyword-only."""
+
+    mrenclave: bytes  # 32 (TDX: MRTD, 48)
+    mrsigner: bytes  # 32 (TDX: MRSIGNERSEAM, 48)
+    isv_prod_id: int
+    isv_svn: int
+    debug: bool
+    report_data: bytes  # 64
+
+
 @dataclass(frozen=True)
 class QuoteHeader:
     version: int
@@ -258,8 +274,8 @@ def _parse_sgx_report(raw: bytes) -> SgxReportBody:
         isv_prod_id=isv_prod_id,
         isv_svn=isv_svn,
         config_svn=config_svn,
-        isv_family_id=raw[304:320],
-        report_data=raw[320:384],
+        isv_family_id=raw[304:SGX_REPORT_DATA_AT],
+        report_data=raw[SGX_REPORT_DATA_AT : SGX_REPORT_DATA_AT + REPORT_DATA_LEN],
     )
 
 
@@ -314,6 +330,22 @@ def split_pem_chain(data: bytes) -> tuple[bytes, ...]:
     return tuple(m.group(0) for m in _PEM_CERT_RE.finditer(data))
 
 
+def peek_sgx_report_data(data: bytes) -> bytes:
+    """REPORTDATA of an SGX quote (v3/v4), read at its fixed offset without parsing the rest.
+
+    For an enclave's sanity check of the quote it was just handed (did it get its own?); this
+    verifies nothing, :func:`branchy_tee.attest.verify.verify_quote` does. Raises
+    :class:`AttestationError` when ``data`` is too short or not an SGX DCAP quote.
+    """
+    start = HEADER_LEN + SGX_REPORT_DATA_AT
+    if len(data) < HEADER_LEN + SGX_REPORT_LEN:
+        raise AttestationError(f"{len(data)} bytes is too short for an SGX quote")
+    version, _, tee_type = struct.unpack_from("<HHI", data)  # the header's first three fields
+    if version not in (3, 4) or tee_type != TEE_TYPE_SGX:
+        raise AttestationError(f"not an SGX DCAP quote (version {version}, TEE type {tee_type:#x})")
+    return data[start : start + REPORT_DATA_LEN]
+
+
 def parse_quote(data: bytes) -> Quote:
     """Parse a DCAP ECDSA-P256 quote (v3 SGX; v4 SGX or TDX 1.0).
 
@@ -327,6 +359,30 @@ def parse_quote(data: bytes) -> Quote:
         raise AttestationError(f"quote truncated: {len(data)} bytes, the header alone is {HEADER_LEN}")
     spans: list[tuple[str, int, int]] = []
     r = _Reader(data)
+    header = _parse_header(r, spans)
+    body_len = TD10_REPORT_LEN if header.tee_type == TEE_TYPE_TDX else SGX_REPORT_LEN
+    body_raw = r.take(body_len, "report body")
+    spans.append(("body", HEADER_LEN, HEADER_LEN + body_len))
+    body: SgxReportBody | TdReportBody = (
+        _parse_td10_report(body_raw) if header.tee_type == TEE_TYPE_TDX else _parse_sgx_report(body_raw)
+    )
+    sig_data, sig_end = _parse_signature_data(r, header.version, spans)
+    chain: tuple[bytes, ...] = ()
+    if sig_data.certification_data.cert_type == CERT_TYPE_PCK_CHAIN:
+        chain = _pck_chain(sig_data.certification_data, spans)
+    return Quote(
+        raw=data,
+        header=header,
+        body=body,
+        signature_data=sig_data,
+        pck_chain_pem=chain,
+        trailing_len=len(data) - sig_end,
+        spans=tuple(spans),
+    )
+
+
+def _parse_header(r: _Reader, spans: list) -> QuoteHeader:
+    """The 48-byte header; only ECDSA-P256 quotes v3 (SGX) and v4 (SGX or TDX) get past it."""
     version = r.u16("version")
     att_key_type = r.u16("attestation key type")
     tee_type = r.u32("tee type")
@@ -335,31 +391,22 @@ def parse_quote(data: bytes) -> Quote:
     qe_vendor_id = r.take(16, "QE vendor id")
     user_data = r.take(20, "user data")
     spans.append(("header", 0, HEADER_LEN))
-    header = QuoteHeader(version, att_key_type, tee_type, qe_svn, pce_svn, qe_vendor_id, user_data)
-
     if version not in (3, 4):
         if version == 5:
             raise AttestationError("quote version 5 is not supported (only v3 and v4)")
         raise AttestationError(f"unsupported quote version {version} (only v3 and v4)")
     if att_key_type != ATT_KEY_TYPE_ECDSA_P256:
-        raise AttestationError(
-            f"unsupported attestation key type {att_key_type} (only 2 = ECDSA-P256)"
-        )
+        raise AttestationError(f"unsupported attestation key type {att_key_type} (only 2 = ECDSA-P256)")
     if version == 3 and tee_type != TEE_TYPE_SGX:
         raise AttestationError(f"quote v3 with non-SGX tee type {tee_type:#x}")
-    if tee_type == TEE_TYPE_SGX:
-        body_len = SGX_REPORT_LEN
-    elif tee_type == TEE_TYPE_TDX:
-        body_len = TD10_REPORT_LEN
-    else:
+    if tee_type not in (TEE_TYPE_SGX, TEE_TYPE_TDX):
         raise AttestationError(f"unknown tee type {tee_type:#x} (0 = SGX, 0x81 = TDX)")
+    return QuoteHeader(version, att_key_type, tee_type, qe_svn, pce_svn, qe_vendor_id, user_data)
 
-    body_raw = r.take(body_len, "report body")
-    spans.append(("body", HEADER_LEN, HEADER_LEN + body_len))
-    body: SgxReportBody | TdReportBody = (
-        _parse_td10_report(body_raw) if tee_type == TEE_TYPE_TDX else _parse_sgx_report(body_raw)
-    )
 
+def _parse_signature_data(r: _Reader, version: int, spans: list) -> tuple[QuoteSignatureData, int]:
+    """The length-prefixed signature data after the body, and the offset where it ends."""
+    data = r.data
     sig_len = r.u32("signature data length")
     if sig_len > r.remaining():
         raise AttestationError(
@@ -371,44 +418,16 @@ def parse_quote(data: bytes) -> Quote:
     spans.append(("signature", sig_start, sig_start + ECDSA_SIG_LEN))
     attestation_key = sr.take(ECDSA_KEY_LEN, "attestation key")
     spans.append(("attestation_key", sig_start + ECDSA_SIG_LEN, sig_start + ECDSA_SIG_LEN + ECDSA_KEY_LEN))
-
     if version == 3:
         qe_report, qe_sig, auth, cert = _qe_part(sr, spans)
         outer_type = cert.cert_type
     else:
-        outer_type = sr.u16("outer certification data type")
-        outer_size = sr.u32("outer certification data size")
-        if outer_type != CERT_TYPE_QE_REPORT:
-            raise AttestationError(
-                f"quote v4: certification data type {outer_type}, expected 6 (QE report certification data)"
-            )
-        if outer_size != sr.remaining():
-            raise AttestationError(
-                f"quote v4: QE report certification data size {outer_size} does not match "
-                f"the {sr.remaining()} bytes left in the signature data"
-            )
-        inner = _Reader(data, sr.pos, sr.pos + outer_size)
-        qe_report, qe_sig, auth, cert = _qe_part(inner, spans)
-        if inner.remaining():
-            raise AttestationError(
-                f"quote v4: {inner.remaining()} unexpected bytes after the inner certification data"
-            )
-        sr.pos = inner.pos
+        qe_report, qe_sig, auth, cert = _v4_qe_certification_data(sr, spans)
+        outer_type = CERT_TYPE_QE_REPORT
     if sr.remaining():
         raise AttestationError(
             f"signature data length {sig_len} does not match its content ({sig_len - sr.remaining()} bytes)"
         )
-
-    chain: tuple[bytes, ...] = ()
-    if cert.cert_type == CERT_TYPE_PCK_CHAIN:
-        chain = split_pem_chain(cert.data)
-        if not chain:
-            raise AttestationError("certification data type 5 holds no PEM certificate")
-        cert_start = dict((n, s) for n, s, _ in spans)["certification_data"]
-        for i, m in enumerate(_PEM_CERT_RE.finditer(cert.data)):
-            spans.append((f"pem_cert_{i}", cert_start + m.start(), cert_start + m.end()))
-
-    trailing = len(data) - (sig_start + sig_len)
     sig_data = QuoteSignatureData(
         signature=signature,
         attestation_key=attestation_key,
@@ -418,12 +437,36 @@ def parse_quote(data: bytes) -> Quote:
         certification_data=cert,
         outer_cert_type=outer_type,
     )
-    return Quote(
-        raw=data,
-        header=header,
-        body=body,
-        signature_data=sig_data,
-        pck_chain_pem=chain,
-        trailing_len=trailing,
-        spans=tuple(spans),
-    )
+    return sig_data, sig_start + sig_len
+
+
+def _v4_qe_certification_data(sr: _Reader, spans: list) -> tuple[SgxReportBody, bytes, bytes, CertificationData]:
+    """Quote v4: certification data of type 6 whose body is the v3 tail (QE report .. inner data)."""
+    outer_type = sr.u16("outer certification data type")
+    outer_size = sr.u32("outer certification data size")
+    if outer_type != CERT_TYPE_QE_REPORT:
+        raise AttestationError(
+            f"quote v4: certification data type {outer_type}, expected 6 (QE report certification data)"
+        )
+    if outer_size != sr.remaining():
+        raise AttestationError(
+            f"quote v4: QE report certification data size {outer_size} does not match "
+            f"the {sr.remaining()} bytes left in the signature data"
+        )
+    inner = _Reader(sr.data, sr.pos, sr.pos + outer_size)
+    part = _qe_part(inner, spans)
+    if inner.remaining():
+        raise AttestationError(f"quote v4: {inner.remaining()} unexpected bytes after the inner certification data")
+    sr.pos = inner.pos
+    return part
+
+
+def _pck_chain(cert: CertificationData, spans: list) -> tuple[bytes, ...]:
+    """The PEM blocks of type-5 certification data (leaf first), each recorded as a span."""
+    chain = split_pem_chain(cert.data)
+    if not chain:
+        raise AttestationError("certification data type 5 holds no PEM certificate")
+    cert_start = dict((n, s) for n, s, _ in spans)["certification_data"]
+    for i, m in enumerate(_PEM_CERT_RE.finditer(cert.data)):
+        spans.append((f"pem_cert_{i}", cert_start + m.start(), cert_start + m.end()))
+    return chain

@@ -8,6 +8,8 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
+from ..preprocessing import Preprocessing
+
 
 @dataclass
 class ImageDataset(Dataset):
@@ -45,6 +47,11 @@ class ImageDataset(Dataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How a model trained on this data set takes its images (recorded in its model card)."""
+        return Preprocessing.for_images(self.input_shape, self.mean, self.std)
 
     def subset(self, indices, transform: Optional[Callable] = None) -> "ImageDataset":
         idx = torch.as_tensor(indices, dtype=torch.long)

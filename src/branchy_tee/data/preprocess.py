@@ -1,5 +1,6 @@
 """Data-owner side: turn images or a tensor file into the model's input tensor, using the
-preprocessing recorded in the bundle header (input shape, 0..1 scaling, per-channel mean/std)."""
+preprocessing recorded in the bundle header (input shape, 0..1 scaling, per-channel mean/std),
+applied by the very transform training and evaluation use (``data.transforms.eval_transform``)."""
 
 from __future__ import annotations
 
@@ -9,33 +10,36 @@ import numpy as np
 import torch
 
 from ..errors import BranchyError
+from ..preprocessing import Preprocessing
+from .transforms import Normalize, eval_transform
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TENSOR_SUFFIXES = {".safetensors", ".npy", ".pt"}
 
 
-def _normalise(x: torch.Tensor, pre: dict) -> torch.Tensor:
-    mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(pre["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean) / std
+def image_to_pixels(im, shape) -> torch.Tensor:
+    """A PIL image as uint8 (C, H, W): converted to grey or RGB as the model expects, resized if needed."""
+    from PIL import Image
+
+    c, h, w = shape
+    im = im.convert("L" if c == 1 else "RGB")
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).view(h, w, c).permute(2, 0, 1)
 
 
 def load_image(path: Path, shape) -> torch.Tensor:
-    """One image as uint8 (C, H, W): converted to grey or RGB as the model expects, resized if needed."""
+    """One image file as uint8 (C, H, W) (see :func:`image_to_pixels`)."""
     from PIL import Image, UnidentifiedImageError
 
-    c, h, w = shape
     try:
         with Image.open(path) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            return image_to_pixels(im, shape)
     except FileNotFoundError:
         raise BranchyError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise BranchyError(f"{path}: unreadable image ({e.__class__.__name__})") from None
-    return torch.from_numpy(arr.copy()).view(h, w, c).permute(2, 0, 1)
 
 
 def load_tensor_file(path: Path) -> torch.Tensor:
@@ -62,10 +66,10 @@ def load_tensor_file(path: Path) -> torch.Tensor:
         raise BranchyError(f"{path}: unreadable tensor file ({e.__class__.__name__})") from None
 
 
-def tensor_to_inputs(t: torch.Tensor, pre: dict, where: str) -> torch.Tensor:
+def tensor_to_inputs(t: torch.Tensor, pre: Preprocessing, where: str) -> torch.Tensor:
     """uint8 pixels (0..255) or floats on the 0..1 scale, shaped (N, C, H, W), (C, H, W) or, for one
     channel, (N, H, W) -> normalised float32 (N, C, H, W)."""
-    c, h, w = pre["input_shape"]
+    c, h, w = pre.input_shape
     if t.dim() == 3 and c == 1 and list(t.shape[1:]) == [h, w]:
         t = t.unsqueeze(1)
     elif t.dim() == 3:
@@ -73,17 +77,17 @@ def tensor_to_inputs(t: torch.Tensor, pre: dict, where: str) -> torch.Tensor:
     if t.dim() != 4 or list(t.shape[1:]) != [c, h, w]:
         raise BranchyError(f"{where}: tensor shape {tuple(t.shape)} does not match the model's input (N, {c}, {h}, {w})")
     if t.dtype == torch.uint8:
-        x = t.float() / 255.0
-    elif t.dtype in (torch.float32, torch.float64, torch.float16):
+        return eval_transform(pre)(t)
+    if t.dtype in (torch.float32, torch.float64, torch.float16):
         x = t.float()
         if not torch.isfinite(x).all():
             raise BranchyError(f"{where}: tensor contains NaN or infinite values")
-    else:
-        raise BranchyError(f"{where}: tensor dtype {str(t.dtype).replace('torch.', '')} is not supported (uint8 pixels or float 0..1)")
-    return _normalise(x, pre)
+        return Normalize(pre)(x)
+    dtype = str(t.dtype).replace("torch.", "")
+    raise BranchyError(f"{where}: tensor dtype {dtype} is not supported (uint8 pixels or float 0..1)")
 
 
-def load_inputs(paths: list[str], pre: dict) -> torch.Tensor:
+def load_inputs(paths: list[str], pre: Preprocessing) -> torch.Tensor:
     """All inputs, in order, as one normalised float32 batch."""
     if not paths:
         raise BranchyError("no inputs given")
@@ -91,13 +95,13 @@ def load_inputs(paths: list[str], pre: dict) -> torch.Tensor:
     for p in map(Path, paths):
         if p.suffix.lower() in TENSOR_SUFFIXES:
             if images:
-                batches.append(_normalise(torch.stack(images).float() / 255.0, pre))
+                batches.append(eval_transform(pre)(torch.stack(images)))
                 images = []
             batches.append(tensor_to_inputs(load_tensor_file(p), pre, str(p)))
         else:
-            images.append(load_image(p, pre["input_shape"]))
+            images.append(load_image(p, pre.input_shape))
     if images:
-        batches.append(_normalise(torch.stack(images).float() / 255.0, pre))
+        batches.append(eval_transform(pre)(torch.stack(images)))
     x = torch.cat(batches)
     if len(x) == 0:
         raise BranchyError("the inputs hold no samples")

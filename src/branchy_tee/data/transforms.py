@@ -1,7 +1,12 @@
-"""Image transforms on plain tensors (no torchvision): crop with padding, flip, normalise.
+"""Image transforms on plain tensors (no torchvision): scale, crop with padding, flip, normalise.
 
-Each transform takes and returns one image tensor (C, H, W). Randomness comes from torch's global
-RNG, which DataLoader seeds per worker, so runs are reproducible under ``torch.manual_seed``.
+Each transform takes and returns one image tensor (C, H, W), or a batch (N, C, H, W) where it is not
+random. Randomness comes from torch's global RNG, which DataLoader seeds per worker, so runs are
+reproducible under ``torch.manual_seed``.
+
+Scaling and normalising are the model's preprocessing (``preprocessing.Preprocessing``, recorded in
+its model card and bundle header): :func:`eval_transform` is the one way raw images become inputs,
+in training, evaluation, ``encrypt-input`` and the online client alike (``data.preprocess``).
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..preprocessing import Preprocessing
 
 
 class Compose:
@@ -22,15 +29,22 @@ class Compose:
         return x
 
 
-def to_float(img: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 0..1."""
-    return img.float().div_(255.0)
+class Scale:
+    """Pixels (uint8) -> float32 on the 0..1 scale: divided by 1/scale (exactly 255 for uint8)."""
+
+    def __init__(self, pre: Preprocessing):
+        self.divisor = pre.divisor
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return img.float().div_(self.divisor)
 
 
 class Normalize:
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    """0..1 values -> the model's input: (x - mean) / std per channel."""
+
+    def __init__(self, pre: Preprocessing):
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -60,13 +74,15 @@ class RandomHorizontalFlip:
         return x.flip(-1) if torch.rand(()) < self.p else x
 
 
-def eval_transform(mean, std) -> Compose:
-    return Compose([to_float, Normalize(mean, std)])
+def eval_transform(pre: Preprocessing) -> Compose:
+    """Raw pixels (uint8) -> the model's input, exactly as the model card says."""
+    return Compose([Scale(pre), Normalize(pre)])
 
 
-def train_transform(mean, std, size: int, padding: int = 4, flip: bool = True) -> Compose:
-    steps: list[Callable] = [to_float, RandomCrop(size, padding)]
+def train_transform(pre: Preprocessing, size: int, padding: int = 4, flip: bool = True) -> Compose:
+    """The same, with a random crop (zero padding on the 0..1 scale) and flip between the two steps."""
+    steps: list[Callable] = [Scale(pre), RandomCrop(size, padding)]
     if flip:
         steps.append(RandomHorizontalFlip())
-    steps.append(Normalize(mean, std))
+    steps.append(Normalize(pre))
     return Compose(steps)

@@ -1,5 +1,10 @@
-"""Build the Gramine enclave for a sealed bundle: manifest, entry script, Makefile, signature and
-a policy snippet for the key brokers.
+"""Build the Gramine enclave for a sealed bundle: manifest, entry script, Makefile and signature.
+
+What the enclave trusts is measured (``branchy_tee.measured``, the manifest's ``loader.env``): the
+model broker's URL and Ed25519 identity, and the bundle it serves (bundle id, model key id, minimum
+model version), read from the bundle's plaintext header (no key needed). So an MRENCLAVE names
+exactly one model and one model owner's broker. The model owner reproduces this build and signs a
+release statement (``enclave.release``) from which data owners write their brokers' policies.
 
 How the manifest is rendered
 ----------------------------
@@ -13,49 +18,59 @@ StrictUndefined, as gramine-manifest does). The only value we then have to guess
 runtime directory, ``gramine.runtimedir()``; we use the Debian/Ubuntu package's path. That manifest is
 for inspection: its mtime is set to 0 so that ``make`` on a machine with Gramine renders it again.
 
-Enclave size rule (``sgx.enclave_size``)
-----------------------------------------
-    need = base + weights + loading + activations + inputs
-    base        = the shared libraries the runtime maps. This is measured: all ``*.so*`` files of
-                  torch, numpy(.libs), cryptography and safetensors in the venv. Under SGX, Gramine
-                  copies mapped files into enclave memory.
-                  + 192 MiB for Gramine's LibOS/PAL and the Python heap after importing torch & co.
-                  (about 140 MiB measured natively on x86-64 with torch 2.x).
-                  + sys.stack.size (2 MiB) for every thread slot (sgx.max_threads).
-    weights     = the sum of plaintext_size over all stages (each stage's safetensors bytes: its
-                  weight_bytes plus a small header). predict's --memory-budget is a host argument,
-                  not a measured one, so any stage ever needed may stay resident.
-    loading     = the largest plaintext_size + (MAX_DECRYPT_WORKERS + 1) AEAD chunks: the stage being
-                  loaded. Its decrypted buffer is counted once more here in case the tensors are
-                  copied out of it and not viewed in place. The ciphertext is read one chunk at a
-                  time into a ring of buffers, one per chunk being decrypted (``seal.aead``).
-    activations = 4 x batch x the runtime's own activation bound per sample (``runtime.budget``: the
-                  hungriest stage's input + output, plus the samples queued before later stages),
-                  times 4 for the temporaries inside a stage.
-    inputs      = 3 x max_samples x input bytes per sample: the sealed request, its decrypted
-                  payload and the batched tensor.
-    sgx.enclave_size = the smallest power of two >= need, and at least 256 MiB. SGX enclave sizes
-                  are powers of two.
+The Python side (``env``)
+------------------------
+The enclave runs the system's interpreter with ``PYTHONHOME`` set to its own environment (see
+``env``): a copy of the standard library without test suites and the like, and only the packages
+the enclave-side code imports. Trusted files are that environment's library folder, the interpreter,
+the shared libraries ``ldd`` finds for them (except glibc's, which Gramine brings), the entry script
+and the broker CA: about 5,000 files, a hashed manifest of about 1 MB.
+
+Reproducible measurement
+------------------------
+Nothing in the manifest depends on modification times, the time of the build or the checkout's
+history: the environment holds no ``.pyc`` (Python compiles the trusted sources at start and writes
+none: PYTHONDONTWRITEBYTECODE), every value comes from the build's options, the bundle's header and
+the files' contents. Two builds with the same options, paths, bundle, interpreter and packages
+render the same hashed manifest; ``enclave build`` prints its SHA-256 so an owner can compare.
+
+Enclave size (``sgx.enclave_size``)
+----------------------------------
+Measured, not estimated: see ``measure``.
+
+Gramine releases
+----------------
+Gramine 1.8 or later: from 1.8 on, gramine-manifest adds ``loader.entrypoint`` (Gramine's LibOS and
+its hash) and hashes every trusted file; 1.7 and older do neither, and the build refuses their
+gramine-manifest in one line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import subprocess
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 
+from .. import measured
+from ..choices import EvidenceProvider
 from ..errors import BranchyError, UsageError
-from ..runtime.budget import activation_bytes_per_sample
 from ..seal.aead import MAX_DECRYPT_WORKERS
 from . import MANIFEST_NAME
+from . import env as enclave_env
+from . import measure
+from .config import CONFIG, ENTRIES, EnclaveConfig, load_config, manifest_defines, manifest_env  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from ..seal.header import BundleHeader
 
 MIB = 1 << 20
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -63,21 +78,13 @@ MANIFEST_TEMPLATE = f"{MANIFEST_NAME}.manifest.template"
 MANIFEST = f"{MANIFEST_NAME}.manifest"
 SGX_MANIFEST = f"{MANIFEST_NAME}.manifest.sgx"
 SIGSTRUCT = f"{MANIFEST_NAME}.sig"
-LAUNCHER = f"{MANIFEST_NAME}-predict"
-CONFIG = "enclave.json"
-POLICY = "policy.toml"
-CONFIG_FORMAT = "branchy-tee/enclave/v1"
 
 # gramine.runtimedir() of Gramine's Debian/Ubuntu packages: used only when gramine-manifest is absent.
 DEBIAN_GRAMINE_RUNTIME = "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"
-
-BASE_HEAP_MIB = 192
-STACK_MIB = 2  # sys.stack.size in the template
-ACTIVATION_FACTOR = 4
-INPUT_COPIES = 3
-MIN_ENCLAVE = 256 * MIB
+SUPPORTED_GRAMINE = "1.8 or later"
+SHEBANG_LIMIT = 256  # bytes of a script's first line that Gramine (like Linux) reads: INTERP_PATH_SIZE
 GRAMINE_HELPER_THREADS = 8  # Gramine's IPC/async/TLS helpers, Python's main thread, the memory sampler, headroom
-RUNTIME_LIBRARIES = ("torch", "numpy", "numpy.libs", "cryptography", "safetensors")
+SERVER_THREADS = 2  # serve's batcher and key renewal (plus one per connection: --max-connections)
 
 INSTALL_HINT = ("install Gramine from its apt repository (https://gramine.readthedocs.io/en/stable/installation.html; "
                 "on Ubuntu: add packages.gramineproject.io, then `sudo apt install gramine`)")  # fmt: skip
@@ -91,8 +98,9 @@ class BuildOptions:
     debug: bool = False
     edmm: bool = False
     model_broker: str | None = None
+    model_broker_identity: str | None = None
     data_brokers: list[str] = field(default_factory=list)
-    attest: str = "gramine"
+    attest: str = EvidenceProvider.GRAMINE
     threads: int = 4
     allow_plaintext_result: bool = False
     min_model_version: int | None = None  # default: the bundle's model version
@@ -105,6 +113,10 @@ class BuildOptions:
     batch_size: int = 64
     max_samples: int = 4096
     accepted_tcb_statuses: list[str] = field(default_factory=lambda: ["UpToDate"])
+    env: str = enclave_env.DEFAULT_ENV_DIR  # the enclave's Python environment (made when missing)
+    enclave_size: str | None = None  # given instead of measured (e.g. to reproduce a build)
+    serve: bool = False  # the entry point is `serve` (online) instead of `predict`
+    max_connections: int = 64  # serve: concurrent connections (one thread each) the enclave has threads for
 
 
 # --------------------------------------------------------------------------- rendering
@@ -132,113 +144,14 @@ def _render(name: str, **values) -> str:
     return jinja_environment().get_template(name).render(**values)
 
 
-# --------------------------------------------------------------------------- the Python side
-@dataclass
-class PythonLayout:
-    python: str  # the venv's interpreter as installed (often a symlink)
-    interpreter: str  # its real path: Gramine does not follow host symlinks everywhere
-    dirs: list[str]  # directories to mount and trust: stdlib, venv site-packages, our package
-    site_dirs: list[str]  # the venv's site directories (added by the entry script)
-    package_dir: str  # the directory holding branchy_tee/
-    libs: list[str]  # libpython when the interpreter links it from outside the system libdirs
-    arch_libdir: str  # e.g. /lib/x86_64-linux-gnu
-
-    @property
-    def ld_library_path(self) -> str:
-        dirs = ["/lib", self.arch_libdir, f"/usr{self.arch_libdir}"] + [str(Path(p).parent) for p in self.libs]
-        return ":".join(dict.fromkeys(dirs))
-
-
-_PROBE = r"""
-import json, os, site, sys, sysconfig
-import branchy_tee
-libdir, soname = sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("INSTSONAME") or ""
-print(json.dumps({
-    "executable": sys.executable,
-    "realpath": os.path.realpath(sys.executable),
-    "sys_path": [p for p in sys.path if p],
-    "site_dirs": site.getsitepackages(),
-    "package_dir": os.path.dirname(os.path.dirname(os.path.abspath(branchy_tee.__file__))),
-    "shared": bool(sysconfig.get_config_var("Py_ENABLE_SHARED")),
-    "libpython": os.path.realpath(os.path.join(libdir, soname)) if libdir and soname else "",
-    "multiarch": sysconfig.get_config_var("MULTIARCH") or "",
-}))
-"""
-
-
-def _outermost(paths: list[str]) -> list[str]:
-    """Existing directories, without those inside another one of them, in first-seen order."""
-    seen: list[Path] = []
-    for p in (Path(os.path.realpath(p)) for p in paths):
-        if p.is_dir() and p not in seen:
-            seen.append(p)
-    return [str(p) for p in seen if not any(q != p and q in p.parents for q in seen)]
-
-
-def python_layout(python: str | None = None) -> PythonLayout:
-    """What the enclave needs of the Python installation, asked of the interpreter itself (a clean
-    ``sys.path``: no script directory, no PYTHONPATH, no user site)."""
-    python = python or sys.executable
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(PYTHONNOUSERSITE="1", PYTHONSAFEPATH="1")
-    try:
-        out = subprocess.run([python, "-c", _PROBE], env=env, cwd="/", capture_output=True, text=True, check=True).stdout
-        info = json.loads(out)
-    except (OSError, subprocess.CalledProcessError, json.JSONDecodeError) as e:
-        raise BranchyError(f"cannot inspect the Python installation {python}: {e}") from None
-    arch = f"/lib/{info['multiarch']}" if info["multiarch"] else "/lib/x86_64-linux-gnu"
-    site_dirs = _outermost(info["site_dirs"])
-    dirs = _outermost(info["sys_path"] + site_dirs + [info["package_dir"]])
-    system = (arch, f"/usr{arch}")
-    libs = []
-    if info["shared"] and info["libpython"] and Path(info["libpython"]).is_file():
-        if not any(info["libpython"].startswith(d + "/") for d in system):
-            libs.append(info["libpython"])
-    return PythonLayout(python=info["executable"], interpreter=info["realpath"], dirs=dirs, site_dirs=site_dirs,
-                        package_dir=info["package_dir"], libs=libs, arch_libdir=arch)  # fmt: skip
-
-
-def runtime_library_bytes(site_dirs: list[str]) -> int:
-    """Total size of the shared libraries of torch, numpy, cryptography and safetensors."""
-    total = 0
-    for site_dir in site_dirs:
-        for name in RUNTIME_LIBRARIES:
-            for root, _dirs, files in os.walk(Path(site_dir) / name):
-                for f in files:
-                    if f.endswith(".so") or ".so." in f:
-                        try:
-                            total += os.stat(os.path.join(root, f)).st_size
-                        except OSError:
-                            pass
-    return total
-
-
-# --------------------------------------------------------------------------- enclave size
-def next_power_of_two(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
-
-
-def size_string(n: int) -> str:
-    """Gramine's size syntax: "512M", "2G"."""
-    return f"{n // (1 << 30)}G" if n % (1 << 30) == 0 else f"{n // MIB}M"
-
-
-def enclave_size_rule(header: dict, batch_size: int, max_samples: int, max_threads: int, library_bytes: int) -> dict:
-    """The documented rule (module docstring): every term in bytes, the total and the size to use."""
-    stages = header["stages"]
-    input_bytes = 4 * math.prod(header["preprocessing"]["input_shape"])
-    terms = {
-        "libraries": library_bytes,
-        "runtime_heap": BASE_HEAP_MIB * MIB,
-        "stacks": STACK_MIB * MIB * max_threads,
-        "weights": sum(int(s["plaintext_size"]) for s in stages),
-        "loading": max(int(s["plaintext_size"]) for s in stages) + (MAX_DECRYPT_WORKERS + 1) * int(header["chunk_size"]),
-        "activations": ACTIVATION_FACTOR * batch_size * activation_bytes_per_sample(header),
-        "inputs": INPUT_COPIES * max_samples * input_bytes,
-    }
-    need = sum(terms.values())
-    size = max(MIN_ENCLAVE, next_power_of_two(need))
-    return {"terms": terms, "need": need, "enclave_size": size, "enclave_size_str": size_string(size)}
+def entry_script(python: str, entry: str = "predict") -> str:
+    """The entry script: its first line names the interpreter, and must fit Gramine's limit."""
+    text = _render("branchy-tee-entry.template", python=python, module=ENTRIES[entry], command=entry)
+    first_line = len(text.encode().split(b"\n", 1)[0]) + 1
+    if first_line > SHEBANG_LIMIT:
+        raise UsageError(f"the interpreter's path {python} is too long for a script's first line "
+                         f"({first_line} bytes with '#!' and the newline; Gramine reads {SHEBANG_LIMIT})")
+    return text
 
 
 # --------------------------------------------------------------------------- values
@@ -253,58 +166,10 @@ def _abs_path(path: str, what: str) -> str:
 
 
 def _check_url(url: str, what: str) -> str:
-    if not re.fullmatch(r"https?://[^\s\"'\\$,]+", url):
-        raise UsageError(f"{what} {url!r} is not an http(s) URL (no spaces, quotes, '$' or ',')")
+    problem = measured.broker_url_problem(url)
+    if problem:
+        raise UsageError(f"{what} {url!r} {problem}")
     return url
-
-
-def manifest_env(cfg: dict) -> dict[str, str]:
-    """The environment the manifest sets (loader.env), from the build configuration."""
-    env = {
-        "LD_LIBRARY_PATH": cfg["ld_library_path"],
-        "OMP_NUM_THREADS": str(cfg["threads"]),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONNOUSERSITE": "1",
-        "PYTHONSAFEPATH": "1",
-        "BRANCHY_TEE_ENCLAVE": "1",
-        "BRANCHY_TEE_ATTEST": cfg["attest"],
-        "BRANCHY_TEE_MODEL_BROKER": cfg["model_broker"],
-        "BRANCHY_TEE_DATA_BROKERS": ",".join(cfg["data_brokers"]),
-        "BRANCHY_TEE_ALLOW_PLAINTEXT": "1" if cfg["allow_plaintext"] else "0",
-        "BRANCHY_TEE_MIN_MODEL_VERSION": str(cfg["min_model_version"]),
-    }
-    if cfg.get("broker_ca"):
-        env["BRANCHY_TEE_BROKER_CA"] = cfg["broker_ca"]
-    return env
-
-
-def manifest_defines(cfg: dict) -> dict[str, str]:
-    """The template's values, as the strings gramine-manifest's -D options carry."""
-    return {
-        "log_level": "warning" if cfg["debug"] else "error",
-        "launcher": cfg["launcher"],
-        "python": cfg["interpreter"],
-        "python_dirs": ":".join(cfg["python_dirs"]),
-        "python_libs": ":".join(cfg["python_libs"]),
-        "arch_libdir": cfg["arch_libdir"],
-        "ld_library_path": cfg["ld_library_path"],
-        "threads": str(cfg["threads"]),
-        "max_threads": str(cfg["max_threads"]),
-        "enclave_size": cfg["enclave_size"],
-        "debug": "true" if cfg["debug"] else "false",
-        "edmm": "true" if cfg["edmm"] else "false",
-        "isvprodid": str(cfg["isv_prod_id"]),
-        "isvsvn": str(cfg["isv_svn"]),
-        "attest": cfg["attest"],
-        "model_broker": cfg["model_broker"],
-        "data_brokers": ",".join(cfg["data_brokers"]),
-        "allow_plaintext": "1" if cfg["allow_plaintext"] else "0",
-        "min_model_version": str(cfg["min_model_version"]),
-        "broker_ca": cfg.get("broker_ca") or "",
-        "bundle_dir": cfg["bundle"],
-        "bundle_files": ":".join(cfg["bundle_files"]),
-        "io_dirs": ":".join(cfg["io_dirs"]),
-    }
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -317,98 +182,107 @@ def default_signing_key() -> str:
     return os.path.join(base, "gramine", "enclave-key.pem")
 
 
-def build_config(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
-    """Check the options and work out every value of the build (written to OUT/enclave.json)."""
-    from ..seal.bundle import HEADER_FILE, read_header_unverified
+def _multiarch() -> str:
+    import sysconfig
 
-    out = _abs_path(opts.out, "--out")
-    bundle = _abs_path(opts.bundle, "--bundle")
-    header = read_header_unverified(bundle)["header"]
-    if not 1 <= opts.threads <= 256:
-        raise UsageError("--threads must be between 1 and 256")
-    if opts.batch_size < 1 or opts.max_samples < 1:
-        raise UsageError("--batch-size and --max-samples must be at least 1")
-    if not (0 <= opts.isv_prod_id < 1 << 16 and 0 <= opts.isv_svn < 1 << 16):
-        raise UsageError("--isv-prod-id and --isv-svn are 16-bit numbers (0..65535)")
-    if opts.attest not in ("gramine", "simulated"):
-        raise UsageError("--attest is gramine or simulated")
+    return sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+
+
+def _check_options(opts: BuildOptions, header: BundleHeader) -> tuple[str, str, list[str], int]:
+    """The options that need no files: (model broker, its identity, data brokers, minimum version)."""
     from ..attest.verify import TCB_STATUSES
 
+    if not 1 <= opts.threads <= 256:
+        raise UsageError("--threads must be between 1 and 256")
+    if opts.batch_size < 1 or opts.max_samples < 1 or opts.max_connections < 1:
+        raise UsageError("--batch-size, --max-samples and --max-connections must be at least 1")
+    if not (0 <= opts.isv_prod_id < 1 << 16 and 0 <= opts.isv_svn < 1 << 16):
+        raise UsageError("--isv-prod-id and --isv-svn are 16-bit numbers (0..65535)")
+    if opts.attest not in EvidenceProvider.names():
+        raise UsageError(f"--attest is one of {', '.join(EvidenceProvider.names())}")
     if not opts.accepted_tcb_statuses or any(s not in TCB_STATUSES or s == "Revoked" for s in opts.accepted_tcb_statuses):
         raise UsageError(f"--accept-tcb takes one of {', '.join(sorted(TCB_STATUSES - {'Revoked'}))}")
-    min_version = header["model_version"] if opts.min_model_version is None else opts.min_model_version
+    min_version = header.model_version if opts.min_model_version is None else opts.min_model_version
     if min_version < 0:
         raise UsageError("--min-model-version must not be negative")
     model_broker = _check_url(opts.model_broker, "--model-broker") if opts.model_broker else ""
-    data_brokers = [_check_url(u, "--data-broker") for u in opts.data_brokers]
+    identity = opts.model_broker_identity or ""
+    if model_broker and not identity:
+        raise UsageError("--model-broker needs --model-broker-identity HEX (the broker's identity, as `branchy-tee keygen "
+                         "--identity` printed it): the enclave accepts only key releases signed by it")
+    if identity and not model_broker:
+        raise UsageError("--model-broker-identity needs --model-broker URL")
+    problem = measured.identity_problem(identity) if identity else None
+    if problem:
+        raise UsageError(f"--model-broker-identity {identity!r} {problem}")
+    return model_broker, identity, [_check_url(u, "--data-broker") for u in opts.data_brokers], min_version
+
+
+def _paths(opts: BuildOptions, out: str, bundle: str) -> tuple[list[str], str, str | None, str]:
+    """(data directories, the enclave environment, the broker CA, the signing key), checked."""
+    io_dirs = [_abs_path(d, "--io-dir") for d in opts.io_dirs] or [os.path.join(out, "io")]
+    io_dirs = list(dict.fromkeys(io_dirs + [_abs_path(d, "--stats-dir") for d in opts.stats_dirs]))
     broker_ca = None
     if opts.broker_ca:
         broker_ca = _abs_path(opts.broker_ca, "--broker-ca")
         if not Path(broker_ca).is_file():
             raise BranchyError(f"--broker-ca {broker_ca}: no such file")
-
-    layout = layout or python_layout()
-    for p in [layout.interpreter, *layout.dirs, *layout.libs]:
-        _abs_path(p, "Python path")
-    launcher = os.path.join(out, LAUNCHER)
-    bundle_files = [os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s["file"]) for s in header["stages"]]
-    io_dirs = [_abs_path(d, "--io-dir") for d in opts.io_dirs] or [os.path.join(out, "io")]
-    io_dirs += [_abs_path(d, "--stats-dir") for d in opts.stats_dirs]
-    io_dirs = list(dict.fromkeys(io_dirs))
-    trusted = [*layout.dirs, layout.interpreter, *layout.libs, launcher] + ([broker_ca] if broker_ca else [])
+    env_dir = _abs_path(opts.env, "--env")
+    launcher = os.path.join(out, f"{MANIFEST_NAME}-{'serve' if opts.serve else 'predict'}")
     for d in [bundle, *io_dirs]:
-        for t in trusted:
+        for t in [env_dir, launcher] + ([broker_ca] if broker_ca else []):
             if _overlaps(d, t):
                 raise UsageError(f"data directory {d} overlaps the trusted code/configuration path {t}; "
-                                 "keep bundles, requests and results apart from Python, the venv and the build directory's files")
-
-    # the compute threads, Gramine's and Python's own, and the stage decryption workers (seal.aead)
-    max_threads = opts.threads + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1
-    rule = enclave_size_rule(header, opts.batch_size, opts.max_samples, max_threads,
-                             runtime_library_bytes(layout.site_dirs))  # fmt: skip
+                                 "keep bundles, requests and results apart from the enclave environment and the build directory's files")
     signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
     if _BAD_PATH.search(signing_key) or " " in signing_key:
         raise UsageError(f"--signing-key {signing_key!r}: spaces, quotes, '$' and ':' are not supported")
-    cfg = {
-        "format": CONFIG_FORMAT,
-        "dir": out,
-        "bundle": bundle,
-        "bundle_files": bundle_files,
-        "bundle_id": header["bundle_id"],
-        "model_version": header["model_version"],
-        "arch": header["arch"],
-        "io_dirs": io_dirs,
-        "python": layout.python,
-        "interpreter": layout.interpreter,
-        "python_dirs": layout.dirs,
-        "python_libs": layout.libs,
-        "site_dirs": layout.site_dirs,
-        "package_dir": layout.package_dir,
-        "arch_libdir": layout.arch_libdir,
-        "ld_library_path": layout.ld_library_path,
-        "launcher": launcher,
-        "threads": opts.threads,
-        "max_threads": max_threads,
-        "enclave_size": rule["enclave_size_str"],
-        "enclave_size_rule": rule,
-        "batch_size": opts.batch_size,
-        "max_samples": opts.max_samples,
-        "debug": opts.debug,
-        "edmm": opts.edmm,
-        "isv_prod_id": opts.isv_prod_id,
-        "isv_svn": opts.isv_svn,
-        "attest": opts.attest,
-        "model_broker": model_broker,
-        "data_brokers": data_brokers,
-        "allow_plaintext": opts.allow_plaintext_result,
-        "min_model_version": min_version,
-        "broker_ca": broker_ca,
-        "accepted_tcb_statuses": list(dict.fromkeys(opts.accepted_tcb_statuses)),
-        "signing_key": signing_key,
-    }
-    cfg["env"] = manifest_env(cfg)
-    cfg["defines"] = manifest_defines(cfg)
-    return cfg
+    return io_dirs, env_dir, broker_ca, signing_key
+
+
+def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
+    """Check the options, make or reuse the enclave environment, measure the runtime's memory and
+    work out every value of the build (written to OUT/enclave.json)."""
+    from ..seal.bundle import HEADER_FILE, read_header_unverified
+
+    out = _abs_path(opts.out, "--out")
+    bundle = _abs_path(opts.bundle, "--bundle")
+    header = read_header_unverified(bundle)
+    model_broker, identity, data_brokers, min_version = _check_options(opts, header)
+    given_size = measure.parse_size(opts.enclave_size) if opts.enclave_size else None
+    io_dirs, env_dir, broker_ca, signing_key = _paths(opts, out, bundle)
+    env = enclave_env.ensure_env(env_dir, log=log)
+    arch = f"/lib/{_multiarch()}"
+    libs, search = enclave_env.system_libraries(env.python, env.dir, [arch, f"/usr{arch}"])
+    for p in [env.python, env.home_lib, *libs]:
+        _abs_path(p, "Python path")
+    entry = "serve" if opts.serve else "predict"
+    entry_script(env.python, entry)  # the interpreter's path must fit the entry script's first line
+    # the compute threads, Gramine's and Python's own, the stage decryption workers (seal.aead), and for
+    # serve one thread per connection plus the batcher and the key renewal
+    max_threads = opts.threads + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1
+    if opts.serve:
+        max_threads += opts.max_connections + SERVER_THREADS
+    cfg = EnclaveConfig(
+        dir=out, entry=entry, bundle=bundle,
+        bundle_files=tuple([os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s.file) for s in header.stages]),
+        bundle_id=header.bundle_id, model_key_id=header.key_id, model_version=header.model_version,
+        arch=header.arch, io_dirs=tuple(io_dirs), interpreter=env.python, env_dir=env.dir, env_lib=env.home_lib,
+        package_dir=env.site_packages, env_requirements=tuple(env.requirements), env_packages=dict(env.packages),
+        libs=tuple(libs), arch_libdir=arch, ld_library_path=":".join(["/lib", *search]),
+        launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"), threads=opts.threads, max_threads=max_threads,
+        batch_size=opts.batch_size, max_samples=opts.max_samples, debug=opts.debug, edmm=opts.edmm,
+        isv_prod_id=opts.isv_prod_id, isv_svn=opts.isv_svn, attest=EvidenceProvider(opts.attest),
+        model_broker=model_broker,
+        model_broker_identity=identity, data_brokers=tuple(data_brokers), allow_plaintext=opts.allow_plaintext_result,
+        min_model_version=min_version, broker_ca=broker_ca,
+        accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)), signing_key=signing_key,
+    )  # fmt: skip
+    if given_size:
+        return cfg.replace(enclave_size=measure.size_string(given_size), enclave_size_detail={"given": True})
+    peak = measure.measure_peak(header, env.python, env.dir, cfg.env, opts.batch_size, opts.max_samples, log)
+    sizing = measure.enclave_size(header, peak, opts.max_samples)
+    return cfg.replace(enclave_size=sizing["enclave_size_str"], enclave_size_detail={"given": False, **peak, **sizing})
 
 
 # --------------------------------------------------------------------------- Gramine tools
@@ -416,7 +290,7 @@ def which(tool: str) -> str | None:
     return shutil.which(tool)
 
 
-def run_tool(argv: list[str], cwd: str) -> str:
+def run_tool(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
     """Run a Gramine tool; its failure becomes one line."""
     try:
         proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
@@ -425,7 +299,7 @@ def run_tool(argv: list[str], cwd: str) -> str:
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise BranchyError(f"{Path(argv[0]).name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
-    return proc.stdout
+    return proc
 
 
 def gramine_manifest_argv(defines: dict[str, str]) -> list[str]:
@@ -437,140 +311,140 @@ def sign_argv(signing_key: str) -> list[str]:
     return ["gramine-sgx-sign", "--key", signing_key, "--manifest", MANIFEST, "--output", SGX_MANIFEST]
 
 
-_SIG_FIELD = re.compile(r"^\s*(mr_enclave|mr_signer|isv_prod_id|isv_svn|debug_enclave)\s*[:=]\s*\"?([^\"\s]+)\"?\s*$",
-                        re.MULTILINE | re.IGNORECASE)  # fmt: skip
+SIGSTRUCT_VIEW_ARGV = ["gramine-sgx-sigstruct-view", "--output-format", "json", SIGSTRUCT]
 
 
 def parse_sigstruct_view(text: str) -> dict:
-    """MRENCLAVE, MRSIGNER, ISV ids and the debug flag from gramine-sgx-sigstruct-view's output
-    (the plain ``key: value`` layout and the TOML ``key = "value"`` layout)."""
-    fields = {m.group(1).lower(): m.group(2) for m in _SIG_FIELD.finditer(text)}
+    """MRENCLAVE, MRSIGNER, ISV ids and the debug flag from ``gramine-sgx-sigstruct-view
+    --output-format json`` (its text format is documented as unstable)."""
     try:
-        mrenclave, mrsigner = fields["mr_enclave"].lower(), fields["mr_signer"].lower()
+        fields = json.loads(text)
+        mrenclave, mrsigner = str(fields["mr_enclave"]).lower(), str(fields["mr_signer"]).lower()
         if not (re.fullmatch(r"[0-9a-f]{64}", mrenclave) and re.fullmatch(r"[0-9a-f]{64}", mrsigner)):
             raise ValueError
-        return {
-            "mrenclave": mrenclave,
-            "mrsigner": mrsigner,
-            "isv_prod_id": int(fields.get("isv_prod_id", "0"), 0),
-            "isv_svn": int(fields.get("isv_svn", "0"), 0),
-            "debug": fields.get("debug_enclave", "false").lower() in ("true", "1", "yes"),
-        }
-    except (KeyError, ValueError):
-        raise BranchyError("cannot read MRENCLAVE/MRSIGNER from gramine-sgx-sigstruct-view's output") from None
+        isv_prod_id, isv_svn, debug = fields["isv_prod_id"], fields["isv_svn"], fields["debug_enclave"]
+        if not (type(isv_prod_id) is int and type(isv_svn) is int and type(debug) is bool):
+            raise ValueError
+    except (KeyError, ValueError, TypeError):
+        raise BranchyError("cannot read MRENCLAVE/MRSIGNER from gramine-sgx-sigstruct-view's JSON output") from None
+    return {"mrenclave": mrenclave, "mrsigner": mrsigner, "isv_prod_id": isv_prod_id, "isv_svn": isv_svn, "debug": debug}
 
 
-def policy_toml(cfg: dict, sig: dict) -> str:
-    """A policy snippet for the key brokers: accept exactly this enclave."""
-    import tomli_w
-
-    policy = {
-        "allowed_mrenclave": [sig["mrenclave"]],
-        "allowed_mrsigner": [sig["mrsigner"]],
-        "isv_prod_id": sig["isv_prod_id"],
-        "min_isv_svn": sig["isv_svn"],
-        "allow_debug": False,
-        "accepted_tcb_statuses": cfg["accepted_tcb_statuses"],
-        "min_model_version": cfg["min_model_version"],
-    }
-    lines = [
-        f"# Key-broker policy for the enclave built in {cfg['dir']} (branchy-tee enclave build).",
-        f"# MRENCLAVE/MRSIGNER/ISV ids from gramine-sgx-sigstruct-view {SIGSTRUCT}; bundle {cfg['bundle_id']} ({cfg['arch']}).",
-        "# Add the broker's own settings, e.g. collateral = \"collateral.json\" (DCAP quotes need a TCB status).",
-    ]
-    if sig["debug"]:
-        lines.append("# This is a DEBUG enclave (built with --debug): allow_debug = false makes brokers refuse it.")
-    if cfg["attest"] == "simulated":
-        policy["allow_simulation"] = True
-        lines.append("# Built with --attest simulated: development only; brokers accept simulated evidence only with this.")
-    return "\n".join(lines) + "\n" + tomli_w.dumps(policy)
-
-
-def load_config(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BranchyError(f"{directory} is not an enclave build directory (no {CONFIG}); run `branchy-tee enclave build` first") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise BranchyError(f"{path}: unreadable ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != CONFIG_FORMAT:
-        raise BranchyError(f"{path}: not a branchy-tee enclave configuration")
-    return cfg
-
-
-def write_policy(directory: str | os.PathLike) -> dict:
-    """Read the signed enclave's SIGSTRUCT and write DIR/policy.toml. Returns the measurements."""
-    from ..fileio import atomic_write_text
-
+def read_sigstruct(directory: str | os.PathLike) -> dict:
+    """The measurements in DIR's SIGSTRUCT, read by gramine-sgx-sigstruct-view."""
     d = Path(directory)
-    cfg = load_config(d)
     if not (d / SIGSTRUCT).is_file():
         raise BranchyError(f"{d / SIGSTRUCT} does not exist: nothing was signed; run `make SGX=1` in {d} first")
     if not which("gramine-sgx-sigstruct-view"):
         raise BranchyError(f"gramine-sgx-sigstruct-view is not installed: {INSTALL_HINT}")
-    sig = parse_sigstruct_view(run_tool(["gramine-sgx-sigstruct-view", SIGSTRUCT], cwd=str(d)))
-    atomic_write_text(d / POLICY, policy_toml(cfg, sig))
-    return {**sig, "policy": str(d / POLICY)}
+    return parse_sigstruct_view(run_tool(SIGSTRUCT_VIEW_ARGV, cwd=str(d)).stdout)
+
+
+def manifest_figures(path: str | os.PathLike) -> dict:
+    """Trusted files, size and SHA-256 of a manifest rendered by gramine-manifest; refuses one that
+    Gramine 1.7 or older rendered (no loader.entrypoint, trusted files not hashed)."""
+    data = Path(path).read_bytes()
+    manifest = tomllib.loads(data.decode())
+    trusted = manifest.get("sgx", {}).get("trusted_files", [])
+    hashed = isinstance(manifest.get("loader", {}).get("entrypoint"), dict) and "sha256" in manifest["loader"]["entrypoint"]
+    if not hashed or not all(isinstance(t, dict) and "sha256" in t for t in trusted):
+        raise BranchyError(f"the gramine-manifest on PATH ({which('gramine-manifest')}) did not add loader.entrypoint "
+                           f"and hash the trusted files, so it is Gramine 1.7 or older; this enclave needs Gramine {SUPPORTED_GRAMINE}")
+    return {"trusted_files": len(trusted), "manifest_bytes": len(data), "manifest_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME) -> int:
+    """The trusted files a rendering would list, counted without Gramine (for the build's report)."""
+    entries = tomllib.loads(render_manifest(defines, runtimedir))["sgx"]["trusted_files"]
+    paths = [e[len("file:"):] for e in entries]
+    return sum(enclave_env.count_files(p) if p.endswith("/") else 1 for p in paths)
+
+
+def read_measurements(directory: str | os.PathLike) -> dict:
+    """MRENCLAVE, MRSIGNER, ISV ids and the debug flag of the signed enclave in ``directory``."""
+    d = Path(directory)
+    load_config(d)
+    return read_sigstruct(d)
 
 
 # --------------------------------------------------------------------------- build
-def build(opts: BuildOptions, layout: PythonLayout | None = None) -> dict:
+def build(opts: BuildOptions, log=lambda msg: None) -> dict:
     """Write OUT/: the manifest template and its rendering, the entry script, the Makefile and
-    enclave.json; with ``opts.sgx`` also sign and write policy.toml. Returns a summary."""
+    enclave.json; with ``opts.sgx`` also sign and read the measurements. Returns a summary."""
     from ..fileio import atomic_write_text
 
-    cfg = build_config(opts, layout)
-    out = Path(cfg["dir"])
+    cfg = build_config(opts, log)
+    out = Path(cfg.dir)
     out.mkdir(parents=True, exist_ok=True)
-    for d in cfg["io_dirs"]:
+    for d in cfg.io_dirs:
         Path(d).mkdir(parents=True, exist_ok=True)
-    for stale in (MANIFEST, SGX_MANIFEST, SIGSTRUCT, POLICY):  # never leave a signature of an older build
+    for stale in (MANIFEST, SGX_MANIFEST, SIGSTRUCT):  # never leave a signature of an older build
         (out / stale).unlink(missing_ok=True)
     shutil.copyfile(TEMPLATES / MANIFEST_TEMPLATE, out / MANIFEST_TEMPLATE)
-    launcher = _render("branchy-tee-predict.template", python=cfg["interpreter"], site_dirs=repr(cfg["site_dirs"]),
-                       package_dir=repr(cfg["package_dir"]))  # fmt: skip
-    atomic_write_text(cfg["launcher"], launcher, mode=0o755)
-    defines = [f"{k}={v}" for k, v in cfg["defines"].items()]
-    atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg["signing_key"]))
-    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=1) + "\n")
+    atomic_write_text(cfg.launcher, entry_script(cfg.interpreter, cfg.entry), mode=0o755)
+    defines = [f"{k}={v}" for k, v in cfg.defines.items()]
+    atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg.signing_key))
+    atomic_write_text(out / CONFIG, json.dumps(cfg.to_json(), indent=1) + "\n")
+    summary = {"dir": str(out), "entry": cfg.entry, "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
+               "env": cfg.env_dir, "env_requirements": list(cfg.env_requirements), "enclave_size": cfg.enclave_size,
+               "enclave_size_detail": cfg.enclave_size_detail, "max_threads": cfg.max_threads, "debug": cfg.debug,
+               "edmm": cfg.edmm, "trusted_files": None, "manifest_bytes": None, "manifest_sha256": None,
+               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": _warnings(cfg),
+               "bundle_id": cfg.bundle_id, "model_key_id": cfg.model_key_id, "min_model_version": cfg.min_model_version,
+               "model_broker": cfg.model_broker, "model_broker_identity": cfg.model_broker_identity}  # fmt: skip
+    summary.update(_render_manifest_file(cfg, out, summary["warnings"]))
+    if opts.sgx:
+        summary.update(_sign(cfg, out))
+    return summary
 
-    summary = {"dir": str(out), "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
-               "enclave_size": cfg["enclave_size"], "enclave_size_rule": cfg["enclave_size_rule"],
-               "max_threads": cfg["max_threads"], "debug": cfg["debug"], "edmm": cfg["edmm"],
-               "signed": False, "mrenclave": None, "mrsigner": None, "policy": None, "warnings": []}  # fmt: skip
-    warnings = summary["warnings"]
-    if not cfg["model_broker"] or not cfg["data_brokers"]:
-        warnings.append("no --model-broker/--data-broker: inside the enclave keys come only from attested key release, "
-                        "so this enclave cannot get keys (fine for --backend native with key files)")
-    if cfg["debug"]:
-        warnings.append("--debug: a debug enclave's memory can be read by the host; the policy snippet keeps allow_debug = false")
-    if cfg["attest"] == "simulated":
+
+def _warnings(cfg: EnclaveConfig) -> list[str]:
+    warnings = []
+    if not cfg.model_broker:
+        warnings.append("no --model-broker: inside the enclave keys come only from attested key release, so this enclave "
+                        "can never get the model key (fine for --backend native with key files)")
+    elif cfg.model_broker.startswith("http://"):
+        warnings.append("plain-http model broker: key releases are signed by its measured identity and keys are "
+                        "HPKE-sealed, but the network sees nonces and evidence")
+    if cfg.debug:
+        warnings.append("--debug: a debug enclave's memory can be read by the host; policies keep allow_debug = false")
+    if cfg.attest == EvidenceProvider.SIMULATED:
         warnings.append("--attest simulated: development only; brokers must set allow_simulation = true to accept it")
+    return warnings
+
+
+def _render_manifest_file(cfg: EnclaveConfig, out: Path, warnings: list[str]) -> dict:
+    """Render OUT/branchy-tee.manifest with gramine-manifest (hashed), or without Gramine for inspection."""
+    from ..fileio import atomic_write_text
 
     if which("gramine-manifest"):
-        run_tool(gramine_manifest_argv(cfg["defines"]), cwd=str(out))
-        summary["rendered_by"] = "gramine-manifest"
-    else:
-        text = render_manifest(cfg["defines"])
-        atomic_write_text(out / MANIFEST, text)
-        os.utime(out / MANIFEST, (0, 0))  # older than the template: `make` re-renders it with gramine-manifest
-        summary["rendered_by"] = "branchy-tee"
-        warnings.append("gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection "
-                        f"(Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` re-renders it")
+        proc = run_tool(gramine_manifest_argv(cfg.defines), cwd=str(out))
+        try:
+            figures = manifest_figures(out / MANIFEST)
+        except BranchyError:
+            (out / MANIFEST).unlink(missing_ok=True)
+            raise
+        warnings += [f"gramine-manifest: {line}" for line in proc.stderr.splitlines() if line.strip()]
+        return {**figures, "rendered_by": "gramine-manifest"}
+    atomic_write_text(out / MANIFEST, render_manifest(cfg.defines))
+    os.utime(out / MANIFEST, (0, 0))  # older than the template: `make` re-renders it with gramine-manifest
+    warnings.append("gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection, "
+                    f"without hashes (Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` "
+                    f"re-renders it with Gramine {SUPPORTED_GRAMINE}, which hashes it")  # fmt: skip
+    return {"rendered_by": "branchy-tee", "trusted_files": count_trusted(cfg.defines)}
 
-    if opts.sgx:
-        missing = [t for t in ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view") if not which(t)]
-        if missing:
-            raise BranchyError(f"--sgx: {', '.join(missing)} not installed, so nothing was signed "
-                               f"(the manifest and Makefile are in {out}); {INSTALL_HINT}")
-        if not Path(cfg["signing_key"]).is_file():
-            raise BranchyError(f"--sgx: no signing key at {cfg['signing_key']}, so nothing was signed; "
-                               "create one with `gramine-sgx-gen-private-key` or pass --signing-key PEM (RSA-3072, exponent 3)")
-        run_tool(sign_argv(cfg["signing_key"]), cwd=str(out))
-        if not (out / SGX_MANIFEST).is_file() or not (out / SIGSTRUCT).is_file():
-            raise BranchyError(f"gramine-sgx-sign did not write {SGX_MANIFEST} and {SIGSTRUCT} in {out}")
-        sig = write_policy(out)
-        summary.update(signed=True, sgx_manifest=str(out / SGX_MANIFEST), sigstruct=str(out / SIGSTRUCT),
-                       mrenclave=sig["mrenclave"], mrsigner=sig["mrsigner"], policy=sig["policy"])  # fmt: skip
-    return summary
+
+def _sign(cfg: EnclaveConfig, out: Path) -> dict:
+    missing = [t for t in ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view") if not which(t)]
+    if missing:
+        raise BranchyError(f"--sgx: {', '.join(missing)} not installed, so nothing was signed "
+                           f"(the manifest and Makefile are in {out}); {INSTALL_HINT}")
+    if not Path(cfg.signing_key).is_file():
+        raise BranchyError(f"--sgx: no signing key at {cfg.signing_key}, so nothing was signed; "
+                           "create one with `gramine-sgx-gen-private-key` or pass --signing-key PEM (RSA-3072, exponent 3)")
+    run_tool(sign_argv(cfg.signing_key), cwd=str(out))
+    if not (out / SGX_MANIFEST).is_file() or not (out / SIGSTRUCT).is_file():
+        raise BranchyError(f"gramine-sgx-sign did not write {SGX_MANIFEST} and {SIGSTRUCT} in {out}")
+    sig = read_measurements(out)
+    return {"signed": True, "sgx_manifest": str(out / SGX_MANIFEST), "sigstruct": str(out / SIGSTRUCT),
+            "mrenclave": sig["mrenclave"], "mrsigner": sig["mrsigner"]}

@@ -1,8 +1,11 @@
 """Per-exit evaluation: accuracy, cost, the early-exit decision at given thresholds, sweeps, oracle.
 
-Everything here works on the logits of *all* exits collected once; the early-exit decision is then
-simulated with the runtime's own criterion (``runtime.criteria``), so what is reported is what the
-enclave will do.
+What is evaluated is what is sealed: the run's exported stage graphs (``export.onnx``), run on ONNX
+Runtime by the enclave's own engine (``runtime.engine``). The log-probabilities of *all* exits are
+collected once through it; the early-exit decision is then simulated with the runtime's own
+criterion (``runtime.criteria``) on those very numbers, so what is reported is what the enclave
+will do (every operation of a stage graph is per-sample, so a sample's numbers do not depend on the
+batch it shares).
 """
 
 from __future__ import annotations
@@ -10,69 +13,102 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..data import ImageDataset, load_dataset, train_val_split
 from ..data.transforms import eval_transform
 from ..errors import BranchyError
+from ..modelcard import ModelCard
 from ..models.cost import early_exit_cost, exit_flops_from_parts
-from ..runtime.criteria import confident, exit_scores, never_exit_threshold
+from ..runtime.criteria import ENTROPY, Criterion
+from ..runtime.engine import early_exit
 
 
 # --------------------------------------------------------------------------- data for a trained run
-def load_split(meta: dict, split: str, dataset: str | None = None, data_dir=None, download: bool = False) -> ImageDataset:
+def load_split(card: ModelCard, split: str, dataset: str | None = None, data_dir=None,
+               download: bool = False) -> ImageDataset:
     """The run's validation split ('val', carved from the training set exactly as in training)
     or the test split ('test'), preprocessed as the model expects; checks that it fits the model."""
-    data = meta["data"]
-    name = dataset or data["dataset"]
-    synthetic = data.get("synthetic") if name == "synthetic" else None
+    data = card.data
+    if data is None:
+        raise BranchyError("the model card does not say which data set the model was trained on (no 'data')")
+    name = dataset or data.dataset
+    synthetic = data.synthetic if name == "synthetic" else None
     full = load_dataset(name, "train" if split == "val" else "test", data_dir, download, synthetic)
-    shape = list(full.input_shape)
-    if shape[0] != meta["config"]["in_channels"]:
-        raise BranchyError(f"dataset {name} has {shape[0]}-channel images; the model expects {meta['config']['in_channels']}")
-    if full.num_classes != meta["config"]["num_classes"]:
-        raise BranchyError(f"dataset {name} has {full.num_classes} classes; the model has {meta['config']['num_classes']}")
-    if shape != meta["preprocessing"]["input_shape"]:
-        raise BranchyError(f"dataset {name} has {shape} images; the model was trained on {meta['preprocessing']['input_shape']}")
-    pre = meta["preprocessing"]
-    transform = eval_transform(pre["mean"], pre["std"])
+    shape = tuple(full.input_shape)
+    if shape[0] != card.in_channels:
+        raise BranchyError(f"dataset {name} has {shape[0]}-channel images; the model expects {card.in_channels}")
+    if full.num_classes != card.num_classes:
+        raise BranchyError(f"dataset {name} has {full.num_classes} classes; the model has {card.num_classes}")
+    if shape != card.preprocessing.input_shape:
+        trained = list(card.preprocessing.input_shape)
+        raise BranchyError(f"dataset {name} has {list(shape)} images; the model was trained on {trained}")
+    transform = eval_transform(card.preprocessing)
     if split == "val":
-        _, val_idx = train_val_split(len(full), data["val_fraction"], seed=data["seed"])
+        _, val_idx = train_val_split(len(full), data.val_fraction, seed=data.seed)
         return full.subset(val_idx, transform)
     full.transform = transform
     return full
 
 
-@torch.no_grad()
-def collect_logits(model, dataset, batch_size: int = 256, device="cpu", max_batches=None, show=True):
-    """(list of per-exit logits (N, C), labels (N,)) for the whole dataset in eval mode."""
+def stage_graphs(run_dir, show: bool = True) -> list:
+    """The run's stage graphs (exported first if missing or stale) as the enclave runs them."""
+    from ..export.onnx import exported_graphs
+    from ..runtime.graphs import StageGraph, load_session
+
+    graphs, doc = exported_graphs(run_dir, show=show)
+    return [StageGraph(load_session(g, f"{run_dir}/onnx/{e['file']}"), e["file"]) for g, e in zip(graphs, doc["stages"])]
+
+
+def collect_log_probs(stages: list, dataset, batch_size: int = 256, max_batches=None, show=True):
+    """(list of per-exit log-probabilities (N, C), labels (N,)) of the whole dataset: every sample
+    through every stage graph, by the enclave's engine (no sample exits early)."""
     from tqdm import tqdm
 
-    model.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
-    per_exit, labels = None, []
-    for i, (x, y) in enumerate(tqdm(loader, total=total, desc="collect logits", leave=False, disable=None if show else True)):
+    num_exits = len(stages)
+    per_exit: list[list[np.ndarray]] = [[] for _ in range(num_exits)]
+    labels = []
+    for i, (x, y) in enumerate(tqdm(loader, total=total, desc="collect log-probabilities", leave=False,
+                                    disable=None if show else True)):  # fmt: skip
         if i >= total:
             break
-        outs = [o.float().cpu() for o in model(x.to(device))]
-        per_exit = [[o] for o in outs] if per_exit is None else [acc + [o] for acc, o in zip(per_exit, outs)]
+        got: list = [None] * num_exits
+
+        def observe(k, pos, log_probs):
+            if got[k] is None:
+                got[k] = np.empty((len(x), log_probs.shape[1]), np.float32)
+            got[k][pos] = log_probs
+
+        never = [ENTROPY.never] * (num_exits - 1)
+        early_exit(stages.__getitem__, num_exits, x.numpy(), ENTROPY, never, batch_size=len(x), observe=observe)
+        for k in range(num_exits):
+            per_exit[k].append(got[k])
         labels.append(y)
-    if per_exit is None:
+    if not labels:
         raise BranchyError("the dataset is empty")
-    return [torch.cat(chunks) for chunks in per_exit], torch.cat(labels)
+    return [torch.from_numpy(np.concatenate(chunks)) for chunks in per_exit], torch.cat(labels)
 
 
 # --------------------------------------------------------------------------- decisions
-def decide(logits: list[torch.Tensor], criterion: str, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
+def exit_scores(log_probs: torch.Tensor, criterion: Criterion) -> torch.Tensor:
+    """Per-sample confidence score (N,) of one exit's log-probabilities (N, C): the runtime's own
+    computation (``runtime.criteria``), on the numbers the stage graph returned."""
+    return torch.from_numpy(criterion.score(log_probs.numpy()))
+
+
+def decide(logits: list[torch.Tensor], criterion: Criterion, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
     """(exit index, predicted label) per sample under the early-exit rule: the first exit whose
-    confidence passes its threshold answers; the final exit answers everything left."""
+    confidence passes its threshold answers; the final exit answers everything left. ``logits``:
+    each exit's log-probabilities as the stage graphs give them (``collect_log_probs``)."""
     n, k_final = len(logits[0]), len(logits) - 1
     exit_idx = torch.full((n,), k_final, dtype=torch.long)
     undecided = torch.ones(n, dtype=torch.bool)
     for k in range(k_final):
-        take = undecided & confident(exit_scores(logits[k], criterion), thresholds[k], criterion)
+        take = undecided & criterion.passes(exit_scores(logits[k], criterion), thresholds[k])
         exit_idx[take] = k
         undecided &= ~take
     preds = torch.stack([lg.argmax(1) for lg in logits])  # (K, N)
@@ -89,9 +125,10 @@ def summarize(exit_idx, preds, labels, costs: list[int]) -> dict:
     }
 
 
-def run_setting(logits, labels, criterion, thresholds, costs) -> dict:
+def run_setting(logits, labels, criterion: Criterion, thresholds, costs) -> dict:
     exit_idx, preds = decide(logits, criterion, thresholds)
-    return {"criterion": criterion, "thresholds": list(map(float, thresholds)), **summarize(exit_idx, preds, labels, costs)}
+    return {"criterion": criterion.name, "thresholds": list(map(float, thresholds)),
+            **summarize(exit_idx, preds, labels, costs)}
 
 
 def oracle(logits, labels, costs) -> dict:
@@ -104,12 +141,12 @@ def oracle(logits, labels, costs) -> dict:
             "exit_fractions": (torch.bincount(first, minlength=len(logits)).float() / len(labels)).tolist()}
 
 
-def threshold_grid(criterion: str, points: int = 41) -> list[float]:
+def threshold_grid(criterion: Criterion, points: int = 41) -> list[float]:
     grid = torch.linspace(0.0, 1.0, points).tolist()
-    return [never_exit_threshold(criterion)] + grid
+    return [criterion.never] + grid
 
 
-def sweep(logits, labels, criterion, costs, thresholds=None) -> list[dict]:
+def sweep(logits, labels, criterion: Criterion, costs, thresholds=None) -> list[dict]:
     """One shared threshold for every early exit, over a grid (plus 'never exit early')."""
     k = len(logits) - 1
     out = []
@@ -120,58 +157,58 @@ def sweep(logits, labels, criterion, costs, thresholds=None) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- latency
-@torch.inference_mode()
-def exit_latency_ms(model, input_shape, reps: int = 20, warmup: int = 3) -> list[float]:
-    """Median batch-1 latency to reach each exit (stages 0..k and head k), in milliseconds."""
-    model.eval()
-    x = torch.randn(1, *input_shape)
-    out = []
-    for k in range(model.num_exits):
-        def reach():
-            h = x
-            for j in range(k + 1):
-                h = model.stages[j](h)
-            return model.exits[k](h)
+def forced_thresholds(criterion: Criterion, num_exits: int, k: int) -> list[float]:
+    """Thresholds that send every sample out at exit k (no earlier exit passes, exit k always does)."""
+    final = num_exits - 1
+    return [criterion.never] * k + [criterion.always] * (final - k)
 
+
+def exit_latency_ms(stages: list, input_shape, criterion: Criterion = ENTROPY, reps: int = 20,
+                    warmup: int = 3) -> list[float]:
+    """Median batch-1 latency of a sample that leaves at each exit, through the engine and stage
+    graphs as in the enclave (stages 0..k with their heads), in milliseconds."""
+    x = np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)
+    out = []
+    for k in range(len(stages)):
+        th = forced_thresholds(criterion, len(stages), k)
         for _ in range(warmup):
-            reach()
+            early_exit(stages.__getitem__, len(stages), x, criterion, th, batch_size=1)
         times = []
         for _ in range(reps):
             t = time.perf_counter()
-            reach()
+            early_exit(stages.__getitem__, len(stages), x, criterion, th, batch_size=1)
             times.append(time.perf_counter() - t)
         out.append(1000 * sorted(times)[len(times) // 2])
     return out
 
 
 # --------------------------------------------------------------------------- the report
-def costs_of(meta: dict) -> tuple[list[int], list[int]]:
-    """(exit_flops, early-exit cost per exit) from model.json."""
-    return exit_flops_from_parts(meta["stage_flops"], meta["head_flops"]), early_exit_cost(meta["stage_flops"], meta["head_flops"])
+def costs_of(card: ModelCard) -> tuple[list[int], list[int]]:
+    """(exit_flops, early-exit cost per exit) from the model card."""
+    return exit_flops_from_parts(card.stage_flops, card.head_flops), early_exit_cost(card.stage_flops, card.head_flops)
 
 
-def evaluate_run(run_dir: str | Path, dataset=None, data_dir=None, device="cpu", max_batches=None,
-                 latency_reps: int = 20, show=True) -> dict:
-    from ..rundir import load_run
+def evaluate_run(run_dir: str | Path, dataset=None, data_dir=None, max_batches=None, latency_reps: int = 20, show=True) -> dict:
+    from ..rundir import read_model_card
 
-    model, meta = load_run(run_dir)
-    test = load_split(meta, "test", dataset, data_dir)
-    logits, labels = collect_logits(model, test, device=device, max_batches=max_batches, show=show)
-    model.to("cpu")
-    exit_f, cost = costs_of(meta)
-    latency = exit_latency_ms(model, meta["preprocessing"]["input_shape"], reps=latency_reps)
+    card = read_model_card(run_dir)
+    test = load_split(card, "test", dataset, data_dir)
+    stages = stage_graphs(run_dir, show=show)
+    logits, labels = collect_log_probs(stages, test, max_batches=max_batches, show=show)
+    exit_f, cost = costs_of(card)
+    latency = exit_latency_ms(stages, card.preprocessing.input_shape, card.criterion, reps=latency_reps)
     exits = [{"index": k, "accuracy": float((lg.argmax(1) == labels).float().mean()), "flops": exit_f[k], "latency_ms": latency[k]}
              for k, lg in enumerate(logits)]  # fmt: skip
-    criterion = meta["criterion"]
-    thresholds = meta["thresholds"] or [never_exit_threshold(criterion)] * (len(logits) - 1)
+    criterion, thresholds = card.criterion, card.exit_thresholds()
     return {
         "run": str(run_dir),
-        "arch": meta["arch"],
+        "arch": card.arch,
         "samples": len(labels),
         "exits": exits,
         "final_accuracy": exits[-1]["accuracy"],
         "full_flops": exit_f[-1],
-        "calibrated": {**run_setting(logits, labels, criterion, thresholds, cost), "calibrated": meta["thresholds"] is not None},
+        "calibrated": {**run_setting(logits, labels, criterion, thresholds, cost),
+                       "calibrated": card.thresholds is not None},
         "oracle": oracle(logits, labels, cost),
         "sweep": sweep(logits, labels, criterion, cost),
     }

@@ -9,6 +9,8 @@ Two views of the same numbers:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -42,11 +44,11 @@ def part_flops(model: MultiExitNet, input_shape=(3, 32, 32)) -> tuple[list[int],
     return stages, heads
 
 
-def exit_flops_from_parts(stage_flops: list[int], head_flops: list[int]) -> list[int]:
+def exit_flops_from_parts(stage_flops: Sequence[int], head_flops: Sequence[int]) -> list[int]:
     return [sum(stage_flops[: k + 1]) + head_flops[k] for k in range(len(stage_flops))]
 
 
-def early_exit_cost(stage_flops: list[int], head_flops: list[int]) -> list[int]:
+def early_exit_cost(stage_flops: Sequence[int], head_flops: Sequence[int]) -> list[int]:
     return [sum(stage_flops[: k + 1]) + sum(head_flops[: k + 1]) for k in range(len(stage_flops))]
 
 

@@ -12,11 +12,16 @@ stages' figures; the bound below uses that.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..seal.header import BundleHeader
+
 FLOAT_BYTES = 4
 
 
-def activation_bytes_per_sample(header: dict) -> int:
+def activation_bytes_per_sample(header: BundleHeader) -> int:
     """Upper bound of the activation bytes per unit of batch size, from a bundle header."""
-    elems = [int(s["activation_elems"]) for s in header["stages"]]
+    elems = [s.activation_elems for s in header.stages]
     waiting = sum(min(elems[k - 1], elems[k]) for k in range(1, len(elems)))
     return FLOAT_BYTES * (max(elems) + 2 * waiting)

@@ -1,4 +1,4 @@
-"""Batched early exit with refilled batches.
+"""Batched early exit with refilled batches, on numpy arrays.
 
 Stage k runs on a batch of samples that are still undecided; exit k's confident samples are answered
 and the rest are parked in front of stage k+1 until a full batch of them is waiting (or the input
@@ -9,45 +9,46 @@ than once per input batch. Fewer than batch_size samples wait in front of each s
 (fewer than twice that just after a run adds to them), which bounds the activation memory
 (``runtime.budget``).
 
-With BatchNorm in eval mode every operation is per-sample, so a sample's label and exit do not
-depend on which other samples share its batch, nor on the order in which batches run.
+A stage is any callable ``features, log_probs = stage(h)`` (``runtime.graphs.StageGraph`` in the
+enclave; features is None for the last stage). With BatchNorm folded for inference every operation
+is per-sample, so a sample's label and exit do not depend on which other samples share its batch,
+nor on the order in which batches run.
 
 At batch size 1 the per-stage bookkeeping costs as much as a small stage, so it is kept to a few
-tensor operations: one log-softmax serves the score, the label and the confidence, and the common
-cases (the whole batch exits, or none of it does) skip the masking.
+array operations, and the whole-batch cases (everyone exits, nobody does) skip the masking.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from .criteria import confident, scores_from_log_probs
+from .criteria import Criterion
 
 
 @dataclass
 class Answers:
-    labels: torch.Tensor  # (N,) int64
-    exits: torch.Tensor  # (N,) int64, the exit that answered
-    confidences: torch.Tensor  # (N,) float32, max softmax probability at that exit
+    labels: np.ndarray  # (N,) int64
+    exits: np.ndarray  # (N,) int64, the exit that answered
+    confidences: np.ndarray  # (N,) float32, max softmax probability at that exit
 
     def exit_counts(self, num_exits: int) -> list[int]:
-        return torch.bincount(self.exits, minlength=num_exits).tolist()
+        return np.bincount(self.exits, minlength=num_exits).tolist()
 
 
 class _Waiting:
     """Samples (positions, stage inputs) parked in front of one stage."""
 
     def __init__(self):
-        self.chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
         self.count = 0
 
-    def add(self, pos: torch.Tensor, h: torch.Tensor) -> None:
+    def add(self, pos: np.ndarray, h: np.ndarray) -> None:
         self.chunks.append((pos, h))
         self.count += len(pos)
 
-    def pop(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def pop(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``size`` samples, oldest first. Samples left behind are copied out of the chunk they
         came in, so that what waits holds no more memory than its own samples need."""
         taken, need = [], size
@@ -58,59 +59,79 @@ class _Waiting:
                 need -= len(pos)
             else:
                 taken.append((pos[:need], h[:need]))
-                self.chunks[0] = (pos[need:].clone(), h[need:].clone())
+                self.chunks[0] = (pos[need:].copy(), h[need:].copy())
                 need = 0
         self.count -= size - need
         if len(taken) == 1:  # the batch-1 case and whole chunks: no copy
             return taken[0]
-        return torch.cat([p for p, _ in taken]), torch.cat([t for _, t in taken])
+        return np.concatenate([p for p, _ in taken]), np.concatenate([t for _, t in taken])
 
 
-@torch.inference_mode()
-def early_exit(get_stage, num_exits: int, x: torch.Tensor, criterion: str, thresholds, batch_size: int = 64) -> Answers:
-    """Answer every sample of ``x``. ``get_stage(k)`` returns (stage module, exit head) for stage k;
-    it is called only when some samples are about to run stage k."""
+def early_exit(get_stage, num_exits: int, x: np.ndarray, criterion: Criterion, thresholds, batch_size: int = 64,
+               observe=None) -> Answers:
+    """Answer every sample of ``x`` (float32, N x stage-0 input). ``get_stage(k)`` returns stage k's
+    callable; it is called only when some samples are about to run stage k. ``observe(k, positions,
+    log_probs)``, if given, sees every exit's log-probabilities as they are computed (evaluation and
+    calibration collect them with it)."""
     final = num_exits - 1
-    positions, labels, exits, confs = [], [], [], []
-    waiting = [_Waiting() for _ in range(num_exits)]
-
-    def answer(k, pos, label, best):
-        positions.append(pos)
-        labels.append(label)
-        exits.append(torch.full((len(pos),), k, dtype=torch.long))
-        confs.append(best)
+    positions, labels, exits, best = [], [], [], []
 
     def run(k, pos, h):
-        stage, head = get_stage(k)
-        h = stage(h)
-        logp = torch.log_softmax(head(h).float(), dim=1)
-        best, label = logp.max(dim=1)
+        """Run stage k on samples ``pos`` (inputs ``h``), answer those exit k is confident about and
+        return the others with their features (None when none is left)."""
+        h, logp = get_stage(k)(h)
+        if observe is not None:
+            observe(k, pos, logp)
+        rest = None
         if k < final:
-            take = confident(scores_from_log_probs(logp, best, criterion), thresholds[k], criterion)
-            taken = int(take.sum())
-            if taken < len(h):
+            take = criterion.passes(criterion.score(logp), thresholds[k])
+            taken = int(np.count_nonzero(take))
+            if taken < len(pos):
                 if not taken:
-                    waiting[k + 1].add(pos, h)
-                    return
+                    return pos, h
                 keep = ~take
-                waiting[k + 1].add(pos[keep], h[keep])
-                pos, label, best = pos[take], label[take], best[take]
-        answer(k, pos, label, best)
+                rest = pos[keep], h[keep]
+                pos, logp = pos[take], logp[take]
+        positions.append(pos)
+        labels.append(logp.argmax(axis=1))
+        exits.append((k, len(pos)))
+        best.append(logp.max(axis=1))
+        return rest
 
     n = len(x)
-    if n == 0:
-        empty = torch.empty(0, dtype=torch.long)
-        return Answers(empty, empty.clone(), torch.empty(0))
-    for start in range(0, n, batch_size):
-        run(0, torch.arange(start, min(start + batch_size, n)), x[start : start + batch_size])
-        for k in range(1, num_exits):
-            while waiting[k].count >= batch_size:
-                run(k, *waiting[k].pop(batch_size))
-    for k in range(1, num_exits):  # the input is used up: run what is still waiting, in part-batches
-        while waiting[k].count:
-            run(k, *waiting[k].pop(batch_size))
+    if n <= batch_size:  # one batch: who goes on past exit k is stage k+1's whole batch, nobody waits
+        rest = (np.arange(n), x) if n else None
+        for k in range(num_exits):
+            if rest is None:
+                break
+            rest = run(k, *rest)
+    else:
+        waiting = [_Waiting() for _ in range(num_exits)]
 
+        def run_and_queue(k, pos, h):
+            rest = run(k, pos, h)
+            if rest is not None:
+                waiting[k + 1].add(*rest)
+
+        for start in range(0, n, batch_size):
+            run_and_queue(0, np.arange(start, min(start + batch_size, n)), x[start : start + batch_size])
+            for k in range(1, num_exits):
+                while waiting[k].count >= batch_size:
+                    run_and_queue(k, *waiting[k].pop(batch_size))
+        for k in range(1, num_exits):  # the input is used up: run what is still waiting, in part-batches
+            while waiting[k].count:
+                run_and_queue(k, *waiting[k].pop(batch_size))
+
+    return _in_input_order(n, positions, labels, exits, best)
+
+
+def _in_input_order(n: int, positions, labels, exits, best) -> Answers:
+    """Put the answers, collected batch by batch in the order they were decided, back in input order."""
+    if not positions:
+        empty = np.empty(0, dtype=np.int64)
+        return Answers(empty, empty.copy(), np.empty(0, dtype=np.float32))
     if len(positions) == 1:  # one batch, one exit: already in order
-        return Answers(labels[0], exits[0], confs[0].exp())
-    order = torch.cat(positions).argsort()
-    return Answers(torch.cat(labels)[order], torch.cat(exits)[order], torch.cat(confs)[order].exp())
+        return Answers(labels[0].astype(np.int64, copy=False), np.full(n, exits[0][0], dtype=np.int64), np.exp(best[0]))
+    exit_of = np.repeat(np.array([k for k, _ in exits], dtype=np.int64), [c for _, c in exits])
+    order = np.concatenate(positions).argsort(kind="stable")
+    return Answers(np.concatenate(labels)[order].astype(np.int64, copy=False), exit_of[order], np.exp(np.concatenate(best)[order]))

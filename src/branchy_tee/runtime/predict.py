@@ -9,14 +9,20 @@ output appears atomically (temporary file, then rename).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
-from ..errors import BranchyError, UsageError
+from .. import measured
+from ..choices import EvidenceProvider
+from ..errors import BranchyError, IntegrityError, UsageError, shown
 from ..parsing import ArgumentParser
+
+if TYPE_CHECKING:
+    from ..seal.header import BundleHeader
 
 PROG = "branchy-tee predict"
 
@@ -31,8 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     keys.add_argument("--model-key", metavar="FILE", help="model owner's key file")
     keys.add_argument("--data-key", action="append", default=[], metavar="FILE", help="a data owner's key file (repeatable)")
     att = p.add_argument_group("keys by remote attestation")
-    att.add_argument("--attest", choices=["gramine", "simulated"], help="fetch keys from the owners' key brokers")
+    att.add_argument("--attest", choices=EvidenceProvider.names(), help="fetch keys from the owners' key brokers")
     att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker")
+    att.add_argument("--model-broker-identity", metavar="HEX",
+                     help="its identity (64 hex, `keygen --identity` prints it); only releases it signed are accepted")
     att.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable)")
     att.add_argument("--attestation-dir", default="/dev/attestation", help=argparse.SUPPRESS)
     att.add_argument("--broker-ca", metavar="PEM", help="CA certificate for brokers served over HTTPS")
@@ -44,44 +52,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON")
     p.add_argument("--full-model", action="store_true",
                    help="ignore the exit thresholds: every sample through the final exit (for comparisons)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of each stage's session (default: OMP_NUM_THREADS, else 1)")
     p.add_argument("--quiet", action="store_true")
+    p.set_defaults(pinned_bundle_id=None, pinned_model_key_id=None)  # set only from measured settings
 
 
-# Inside the enclave these come from the Gramine manifest's loader.env, which is part of MRENCLAVE,
-# so the untrusted host (who controls argv) cannot change them.
-ENV_ENCLAVE = "BRANCHY_TEE_ENCLAVE"  # "1": running inside an enclave
-ENV_ATTEST = "BRANCHY_TEE_ATTEST"  # evidence provider: gramine | simulated
-ENV_MODEL_BROKER = "BRANCHY_TEE_MODEL_BROKER"
-ENV_DATA_BROKERS = "BRANCHY_TEE_DATA_BROKERS"  # comma-separated URLs
-ENV_ALLOW_PLAINTEXT = "BRANCHY_TEE_ALLOW_PLAINTEXT"  # "1": --plaintext-result allowed
-ENV_MIN_VERSION = "BRANCHY_TEE_MIN_MODEL_VERSION"
-ENV_BROKER_CA = "BRANCHY_TEE_BROKER_CA"  # CA certificate for HTTPS brokers (a trusted file)
+def _measured_only(args, dest: str, option: str, value: str, what: str) -> None:
+    """Inside the enclave ``value`` (measured) decides; the host may repeat it, never change it."""
+    given = getattr(args, dest)
+    if given and given != value:
+        raise UsageError(f"inside the enclave {what} comes only from its measured settings; {option} {shown(given)} "
+                         f"is refused (measured: {shown(value) if value else 'none'})")
+    setattr(args, dest, value or None)
 
 
 def apply_enclave_settings(args, env=os.environ) -> None:
-    """In an enclave, the measured settings override the host's command line.
+    """In an enclave, the measured settings (the manifest's loader.env, part of MRENCLAVE) decide
+    whom it trusts; the host's command line cannot change them.
 
-    Keys come only from attested key release, from the brokers the manifest names; plaintext
-    results are refused unless the manifest allows them; the minimum model version is at least the
-    manifest's.
+    Keys come only from attested key release: the model key from the measured model broker, signed
+    by its measured identity, for the measured bundle and model key id. Data-broker URLs may come from
+    the command line (their identities are checked against the model owner's signed allow-list).
+    Plaintext results are refused unless the manifest allows them; the minimum model version is at
+    least the manifest's.
     """
-    if env.get(ENV_ENCLAVE) != "1":
+    if not measured.inside_enclave(env):
         return
     if args.model_key or args.data_key:
         raise UsageError("inside the enclave keys come only from attested key release; --model-key/--data-key are refused")
-    if args.plaintext_result and env.get(ENV_ALLOW_PLAINTEXT) != "1":
+    if args.plaintext_result and env.get(measured.ALLOW_PLAINTEXT) != "1":
         raise UsageError("this enclave was built without plaintext results; --plaintext-result is refused")
-    if args.attest and args.attest != env.get(ENV_ATTEST, "gramine"):
-        raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {env.get(ENV_ATTEST, 'gramine')}")
-    args.attest = env.get(ENV_ATTEST, "gramine")
-    brokers = [u for u in env.get(ENV_DATA_BROKERS, "").split(",") if u]
-    if env.get(ENV_MODEL_BROKER):
-        args.model_broker = env[ENV_MODEL_BROKER]
-    if brokers:
-        args.data_broker = brokers
-    args.min_version = max(args.min_version, int(env.get(ENV_MIN_VERSION, "0") or 0))
-    args.broker_ca = env.get(ENV_BROKER_CA) or None
+    attest = env.get(measured.ATTEST) or EvidenceProvider.GRAMINE
+    if args.attest and args.attest != attest:
+        raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {attest}")
+    args.attest = attest
+    _measured_only(args, "model_broker", "--model-broker", env.get(measured.MODEL_BROKER, ""), "the model broker")
+    _measured_only(args, "model_broker_identity", "--model-broker-identity", env.get(measured.MODEL_BROKER_IDENTITY, ""),
+                   "the model broker's identity")  # fmt: skip
+    if not args.model_broker or not args.model_broker_identity:
+        raise UsageError("this enclave was built without a model broker and its identity (measured "
+                         f"{measured.MODEL_BROKER} is empty), so it can never get the model key; rebuild it with "
+                         "`enclave build --model-broker URL --model-broker-identity HEX`")
+    if not args.data_broker:
+        args.data_broker = [u for u in env.get(measured.DATA_BROKERS, "").split(",") if u]
+    args.pinned_bundle_id = env.get(measured.BUNDLE_ID) or None
+    args.pinned_model_key_id = env.get(measured.MODEL_KEY_ID) or None
+    if not args.pinned_bundle_id or not args.pinned_model_key_id:
+        raise UsageError(f"this enclave was built without a measured bundle ({measured.BUNDLE_ID}, {measured.MODEL_KEY_ID} "
+                         "are empty); rebuild it with `enclave build --bundle B`")
+    args.min_version = max(args.min_version, int(env.get(measured.MIN_MODEL_VERSION, "0") or 0))
+    args.broker_ca = env.get(measured.BROKER_CA) or None
     args.attestation_dir = "/dev/attestation"  # Gramine's pseudo-files; never a host-chosen directory
 
 
@@ -90,12 +111,15 @@ def _key_source(args):
     if args.attest:
         if args.model_key or args.data_key:
             raise UsageError("use either key files (--model-key/--data-key) or --attest, not both")
-        if not args.model_broker or not args.data_broker:
-            raise UsageError("--attest needs --model-broker URL and at least one --data-broker URL")
+        if not args.model_broker or not args.model_broker_identity or not args.data_broker:
+            raise UsageError("--attest needs --model-broker URL, --model-broker-identity HEX and at least one "
+                             "--data-broker URL")
         from ..attest.client import AttestedKeys
+        from ..attest.identity import parse_identity
 
-        return AttestedKeys(args.attest, args.model_broker, args.data_broker, attestation_dir=args.attestation_dir,
-                            ca_file=args.broker_ca, min_version=args.min_version)
+        identity = parse_identity(args.model_broker_identity, "--model-broker-identity")
+        return AttestedKeys(args.attest, args.model_broker, identity, args.data_broker,
+                            attestation_dir=args.attestation_dir, ca_file=args.broker_ca, min_version=args.min_version)
     if not args.model_key or not args.data_key:
         raise UsageError("give --model-key and --data-key files, or --attest with key brokers")
     from .keysource import FileKeys
@@ -103,7 +127,16 @@ def _key_source(args):
     return FileKeys(args.model_key, args.data_key, args.min_version)
 
 
-def records_for(answers, classes: list[str], lo: int, hi: int) -> list[dict]:
+def check_pins(header: BundleHeader, args, what: str) -> None:
+    """The bundle must be the one the enclave was built for (measured bundle id and model key id)."""
+    for value, pinned, name in ((header.bundle_id, args.pinned_bundle_id, "bundle"),
+                                (header.key_id, args.pinned_model_key_id, "model key id")):  # fmt: skip
+        if pinned is not None and value != pinned:
+            raise IntegrityError(f"{what}: {name} {shown(value, 40)} is not the measured {name} {pinned} "
+                                 "this enclave serves (another model is refused)")
+
+
+def records_for(answers, classes: Sequence[str], lo: int, hi: int) -> list[dict]:
     return [
         {"index": i - lo, "label": int(answers.labels[i]), "class_name": classes[int(answers.labels[i])],
          "confidence": round(float(answers.confidences[i]), 6), "exit": int(answers.exits[i])}
@@ -116,71 +149,84 @@ def plaintext_lines(request_id: str, records: list[dict]) -> list[str]:
     return lines + [f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records]
 
 
-def run(args) -> dict:
-    # Imported here so that building the command line (``--help``) does not load torch.
-    import torch
-
-    from ..fileio import atomic_write_bytes, atomic_write_text
-    from ..seal.bundle import open_bundle, read_header_unverified
-    from ..seal.envelope import REQUEST_MAGIC, open_request, read_envelope_header, read_file, seal_result
-    from .criteria import never_exit_threshold
-    from .engine import early_exit
-    from .memprof import MemorySampler
-    from .stages import MIB, StageStore
-
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
+def _check_arguments(args) -> None:
     if len(args.input) != len(args.output):
         raise UsageError(f"{len(args.input)} --input but {len(args.output)} --output; give one result file per request")
     if len(set(map(os.path.abspath, args.output))) != len(args.output):
         raise UsageError("two --output paths are the same")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+
+
+def _open_bundle_and_requests(args, log):
+    """Verify the bundle and every request; return (bundle, [(header, inputs, raw)], data keys)."""
+    from ..seal.bundle import open_bundle, read_header_unverified
+    from ..seal.envelope import open_request, read_file, request_key_id
+
+    keys = _key_source(args)
+    bundle_header = read_header_unverified(args.bundle)
+    check_pins(bundle_header, args, args.bundle)
+    # Learn which data keys are needed before asking for any key.
+    raw_requests = [read_file(p, "request") for p in args.input]
+    kids = [request_key_id(data, p) for data, p in zip(raw_requests, args.input)]
+    model_key = keys.model_key(args.pinned_model_key_id or bundle_header.key_id)
+    data_keys = keys.data_keys(sorted(set(kids)))
+    bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
+    h = bundle.header
+    check_pins(h, args, args.bundle)  # the file read first may have been swapped since
+    log(f"bundle {h.arch} v{h.model_version} ({bundle.num_stages} stages) verified")
+    shape = h.preprocessing.input_shape
+    requests = [(*open_request(data, data_keys, shape, p), data) for data, p in zip(raw_requests, args.input)]
+    log(f"{len(requests)} request(s), {sum(len(r[1]) for r in requests)} samples verified")
+    return bundle, requests, data_keys
+
+
+def _write_results(args, bundle, requests, data_keys, answers) -> None:
+    """Seal every data owner's answers for it; all answers exist before the first file is written."""
+    from ..fileio import atomic_write_bytes, atomic_write_text
+    from ..seal.envelope import request_digest, seal_result
+
+    outputs, text, lo = [], [], 0
+    for (req_header, inputs, raw), path in zip(requests, args.output):
+        hi = lo + len(inputs)
+        recs = records_for(answers, bundle.header.classes, lo, hi)
+        model = bundle.header.model_ref
+        outputs.append((path, seal_result(recs, req_header, request_digest(raw), model, data_keys[req_header.key_id])))
+        text += plaintext_lines(req_header.request_id, recs)
+        lo = hi
+    for path, blob in outputs:
+        atomic_write_bytes(path, blob)
+    if args.plaintext_result:
+        print(f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
+              file=sys.stderr)  # fmt: skip
+        atomic_write_text(args.plaintext_result, "\n".join(text) + "\n")
+
+
+def run(args) -> dict:
+    # Imported here so that building the command line (``--help``) does not load the inference runtime.
+    import numpy as np
+
+    from ..fileio import atomic_write_text
+    from .engine import early_exit
+    from .graphs import use_threads
+    from .memprof import MemorySampler
+    from .stages import MIB, StageStore
     from .tuning import tune_allocator
 
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
+    _check_arguments(args)
     tune_allocator()
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    if threads:
-        torch.set_num_threads(threads)
-    sampler = MemorySampler() if args.mprofile or args.stats_json else None
+    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1)
     t0 = time.perf_counter()
-    if sampler:
-        sampler.__enter__()
-    try:
-        keys = _key_source(args)
-        bundle_header = read_header_unverified(args.bundle)["header"]
-        # Learn which data keys are needed before asking for any key.
-        raw_requests = [read_file(p) for p in args.input]
-        kids = [read_envelope_header(data, REQUEST_MAGIC, p)[0]["key_id"] for data, p in zip(raw_requests, args.input)]
-        model_key = keys.model_key(str(bundle_header.get("key_id")))
-        data_keys = keys.data_keys(sorted(set(kids)))
-        bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
+    with MemorySampler() if args.mprofile or args.stats_json else contextlib.nullcontext() as sampler:
+        bundle, requests, data_keys = _open_bundle_and_requests(args, log)
         h = bundle.header
-        log(f"bundle {h['arch']} v{h['model_version']} ({bundle.num_stages} stages) verified")
-        requests = [open_request(data, data_keys, h["preprocessing"]["input_shape"], p) for data, p in zip(raw_requests, args.input)]
-        x = torch.cat([r[1] for r in requests])
-        log(f"{len(requests)} request(s), {len(x)} samples verified")
+        x = np.concatenate([r[1] for r in requests])
         store = StageStore(bundle, args.memory_budget, args.batch_size, log)
-        thresholds = h["thresholds"]
-        if args.full_model or not thresholds:
-            thresholds = [never_exit_threshold(h["criterion"])] * (bundle.num_stages - 1)
-        answers = early_exit(store.get, bundle.num_stages, x, h["criterion"], thresholds, args.batch_size)
-        outputs, text, lo = [], [], 0
-        for (req_header, inputs), path in zip(requests, args.output):
-            hi = lo + len(inputs)
-            recs = records_for(answers, h["classes"], lo, hi)
-            outputs.append((path, seal_result(recs, req_header, data_keys[req_header["key_id"]])))
-            text += plaintext_lines(req_header["request_id"], recs)
-            lo = hi
-        for path, blob in outputs:  # all answers exist before the first file is written
-            atomic_write_bytes(path, blob)
-        if args.plaintext_result:
-            print(f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
-                  file=sys.stderr)
-            atomic_write_text(args.plaintext_result, "\n".join(text) + "\n")
+        thresholds = h.exit_thresholds(args.full_model)
+        answers = early_exit(store.get, bundle.num_stages, x, h.criterion, thresholds, args.batch_size)
+        _write_results(args, bundle, requests, data_keys, answers)
         seconds = time.perf_counter() - t0
-    finally:
-        if sampler:
-            sampler.__exit__(None, None, None)
     stats = {
         "samples": len(x),
         "exit_counts": answers.exit_counts(bundle.num_stages),
@@ -192,7 +238,7 @@ def run(args) -> dict:
         "resident_weights_peak_mib": round(store.resident_peak / MIB, 3),
         "activation_allowance_mib": round(store.activation_bytes / MIB, 3),
         "stage_load_seconds": round(store.load_seconds, 4),
-        "model_version": h["model_version"],
+        **h.model_ref.to_json(),
         "requests": len(requests),
         "batch_size": args.batch_size,
         "memory_budget_mib": args.memory_budget,

@@ -1,13 +1,11 @@
-"""On-demand stage store: decrypt and load a stage the first time a sample needs it.
+"""On-demand stage store: decrypt a stage's graph and start its session the first time a sample needs it.
 
-Convolution weights arrive channels-last (see ``seal.bundle``), so activations flow channels-last
-through the stages, the fast layout for oneDNN on CPU.
-
-The model is built once on the ``meta`` device (shapes only, no memory); a stage's real tensors are
-assigned into it when the stage is loaded and dropped again (back to ``meta``) when it is evicted.
 Stage 0 is loaded eagerly and never evicted. With a memory budget, least-recently-used later stages
-are evicted so that resident weights plus one batch's activations stay within the budget: SGX
-protected memory is small and paging it is expensive.
+are evicted (their sessions dropped) so that resident stages plus the activations the engine may
+hold stay within the budget: SGX protected memory is small and paging it is expensive. A stage's
+size for the budget is the ``weight_bytes`` the bundle header records for it: the bytes of its
+graph's weights, which its session keeps (the graph's bytes themselves are freed once the session
+is built).
 """
 
 from __future__ import annotations
@@ -15,28 +13,21 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-import torch
-
 from ..errors import BranchyError, IntegrityError
-from ..models import create_model
 from ..seal.bundle import SealedBundle
 from .budget import activation_bytes_per_sample
+from .graphs import StageGraph, load_session
 
 MIB = 1 << 20
 
 
 class StageStore:
     def __init__(self, bundle: SealedBundle, memory_budget_mib: float | None = None, batch_size: int = 1, log=None):
-        h = bundle.header
         self.bundle = bundle
         self.log = log or (lambda msg: None)
-        with torch.device("meta"):
-            self.skeleton = create_model(h["arch"], **h["config"]).eval()
-        self.num_stages = self.skeleton.num_exits
-        if self.num_stages != bundle.num_stages:
-            raise IntegrityError(f"bundle has {bundle.num_stages} stage files but {h['arch']} has {self.num_stages} stages")
-        self.weight_bytes = [int(s["weight_bytes"]) for s in h["stages"]]
-        self.activation_bytes = batch_size * activation_bytes_per_sample(h)
+        self.num_stages = bundle.num_stages
+        self.weight_bytes = [s.weight_bytes for s in bundle.header.stages]
+        self.activation_bytes = batch_size * activation_bytes_per_sample(bundle.header)
         self.budget = None
         if memory_budget_mib is not None:
             self.budget = int(memory_budget_mib * MIB) - self.activation_bytes
@@ -47,7 +38,7 @@ class StageStore:
                     f"largest later stage ({max(self.weight_bytes[1:]) / MIB:.1f} MiB) + activations of a batch of {batch_size} "
                     f"({self.activation_bytes / MIB:.1f} MiB) need {need / MIB:.1f} MiB; raise --memory-budget or lower --batch-size"
                 )
-        self.resident: OrderedDict[int, None] = OrderedDict()
+        self.resident: OrderedDict[int, StageGraph] = OrderedDict()
         self.loaded_ever: list[int] = []
         self.loads = 0
         self.evictions = 0
@@ -59,14 +50,14 @@ class StageStore:
     def resident_bytes(self) -> int:
         return sum(self.weight_bytes[k] for k in self.resident)
 
-    def get(self, k: int):
-        """(stage module, exit head) for stage k, loading it if needed."""
-        if k in self.resident:
+    def get(self, k: int) -> StageGraph:
+        """Stage k's graph, loading it if needed."""
+        stage = self.resident.get(k)
+        if stage is not None:
             self.resident.move_to_end(k)
-        else:
-            self._make_room(k)
-            self._load(k)
-        return self.skeleton.stages[k], self.skeleton.exits[k]
+            return stage
+        self._make_room(k)
+        return self._load(k)
 
     def _make_room(self, k: int) -> None:
         if self.budget is None:
@@ -75,23 +66,21 @@ class StageStore:
             victim = next((j for j in self.resident if j != 0), None)
             if victim is None:  # cannot happen after the feasibility check in __init__
                 raise BranchyError(f"stage {k} does not fit in the memory budget")
-            self._evict(victim)
+            del self.resident[victim]
+            self.evictions += 1
+            self.log(f"evicted stage {victim}")
 
-    def _load(self, k: int) -> None:
+    def _load(self, k: int) -> StageGraph:
         t = time.perf_counter()
-        state = self.bundle.read_stage(k)
-        stage_sd = {n[len("stage."):]: v for n, v in state.items() if n.startswith("stage.")}
-        exit_sd = {n[len("exit."):]: v for n, v in state.items() if n.startswith("exit.")}
-        if len(stage_sd) + len(exit_sd) != len(state):
-            raise IntegrityError(f"stage {k}: unexpected tensor names in the sealed payload")
-        try:
-            self.skeleton.stages[k].load_state_dict(stage_sd, strict=True, assign=True)
-            self.skeleton.exits[k].load_state_dict(exit_sd, strict=True, assign=True)
-        except RuntimeError as e:
-            raise IntegrityError(f"stage {k}: weights do not fit {self.bundle.header['arch']} ({str(e).splitlines()[0]})") from None
-        self.skeleton.stages[k].eval()
-        self.skeleton.exits[k].eval()
-        self.resident[k] = None
+        what = self.bundle.stage_name(k)
+        plain = self.bundle.decrypt_stage(k)
+        graph = bytes(plain)  # what ONNX Runtime's loader takes
+        del plain  # so that at most two copies of the graph exist while its session is built: ours and the parser's
+        stage = StageGraph(load_session(graph, what), what)
+        del graph
+        if stage.last != (k == self.num_stages - 1):
+            raise IntegrityError(f"{what}: stage {k} graph {'lacks' if k < self.num_stages - 1 else 'has'} a features output")
+        self.resident[k] = stage
         self.loads += 1
         if k not in self.loaded_ever:
             self.loaded_ever.append(k)
@@ -99,10 +88,4 @@ class StageStore:
         dt = time.perf_counter() - t
         self.load_seconds += dt
         self.log(f"loaded stage {k} ({self.weight_bytes[k] / MIB:.2f} MiB) in {1000 * dt:.1f} ms")
-
-    def _evict(self, k: int) -> None:
-        self.skeleton.stages[k].to_empty(device="meta")
-        self.skeleton.exits[k].to_empty(device="meta")
-        del self.resident[k]
-        self.evictions += 1
-        self.log(f"evicted stage {k}")
+        return stage

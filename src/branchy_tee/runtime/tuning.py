@@ -7,13 +7,13 @@
   instead; the peak resident size is unchanged, it is just not given back between layers.
 - Tensor layout: convolutions on channels-last activations run 1.5-2x faster with oneDNN here;
   ``channels_last`` converts a module's 4-D weights so that its outputs come out channels-last.
-Standard library and torch only (enclave side).
+``tune_allocator`` is standard library only (the enclave calls it); ``channels_last`` is for PyTorch,
+owner side (training and export).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -26,7 +26,8 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30
     if _done:
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # By soname: ctypes.util.find_library() would start /sbin/ldconfig, a process (the enclave starts none).
+        libc = ctypes.CDLL("libc.so.6")
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     except (OSError, AttributeError):
         return False

@@ -105,68 +105,84 @@ def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, ch
     AES-GCM's ``decrypt_into`` writes a chunk's plaintext before it checks the tag, so on any
     failure the whole output is wiped before the error is raised: no unverified byte survives.
     """
-    aead = AESGCM(key)
     out = _fresh_buffer(plaintext_size) if into is None else into
     if len(out) != plaintext_size:
         raise ValueError("the output buffer must have the plaintext's size")
-    view = memoryview(out)
-    n = num_chunks(plaintext_size, chunk_size)
-    workers = _decrypt_workers() if n >= 4 else 1
-    # A ring of reusable input buffers, one per chunk in flight: no per-chunk allocation.
-    ring = [memoryview(bytearray(min(plaintext_size, chunk_size) + TAG)) for _ in range(workers + 1)]
-    pending: deque = deque()  # (chunk index, future) in chunk order
+    stream = _Stream(AESGCM(key), context, memoryview(out), chunk_size, what)
+    try:
+        stream.read_all(f)
+    except BaseException:
+        _wipe(stream.view)
+        raise
+    return out
 
-    def decrypt(i: int, sealed, size: int, last: bool) -> None:
-        nonce, aad = _nonce_and_aad(context, i, last)
+
+class _Stream:
+    """One stream being opened: the reading thread reads chunk after chunk into a ring of buffers
+    (one per chunk in flight: no per-chunk allocation) and decrypts its share; workers decrypt the
+    rest. Outcomes are kept in chunk order, so the first bad chunk is the one reported."""
+
+    def __init__(self, aead: AESGCM, context: bytes, view: memoryview, chunk_size: int, what: str):
+        self.aead, self.context, self.view, self.chunk_size, self.what = aead, context, view, chunk_size, what
+        self.size = len(view)
+        self.n = num_chunks(self.size, chunk_size)
+        self.workers = _decrypt_workers() if self.n >= 4 else 1
+        self.ring = [memoryview(bytearray(min(self.size, chunk_size) + TAG)) for _ in range(self.workers + 1)]
+        self.pending: deque = deque()  # futures, in chunk order
+
+    def decrypt(self, i: int, sealed, size: int, last: bool) -> None:
+        nonce, aad = _nonce_and_aad(self.context, i, last)
         try:
-            aead.decrypt_into(nonce, sealed, aad, view[i * chunk_size : i * chunk_size + size])
+            self.aead.decrypt_into(nonce, sealed, aad, self.view[i * self.chunk_size : i * self.chunk_size + size])
         except InvalidTag:
-            raise IntegrityError(f"{what}: chunk {i} failed authentication (tampered, reordered, foreign or wrong key)") from None
+            raise IntegrityError(f"{self.what}: chunk {i} failed authentication (tampered, reordered, foreign or wrong key)") from None
 
-    def inline(i: int, sealed, size: int, last: bool) -> Future:
+    def inline(self, i: int, sealed, size: int, last: bool) -> Future:
         """Decrypt on this thread; the outcome kept like a worker's, so errors surface in chunk order."""
-        fut = Future()
+        fut: Future = Future()
         try:
-            decrypt(i, sealed, size, last)
+            self.decrypt(i, sealed, size, last)
             fut.set_result(None)
         except IntegrityError as e:
             fut.set_exception(e)
         return fut
 
-    pool = ThreadPoolExecutor(workers - 1) if workers > 1 else None
-    try:
-        for i in range(n):
-            last = i == n - 1
-            size = plaintext_size - i * chunk_size if last else chunk_size
-            if len(pending) == len(ring):  # the oldest chunk's buffer is needed again
-                pending.popleft()[1].result()
-            sealed = ring[i % len(ring)][: size + TAG]
-            got = f.readinto(sealed)
-            if got != size + TAG:
-                for _, fut in pending:  # a bad earlier chunk is the first error
-                    fut.result()
-                raise IntegrityError(f"{what}: truncated (chunk {i} of {n} is {got or 0} bytes, expected {size + TAG})")
-            if pool is None or i % workers == 0:  # the reading thread takes its share too
-                fut = inline(i, sealed, size, last)
-            else:
-                try:
-                    fut = pool.submit(decrypt, i, sealed, size, last)
-                except RuntimeError:  # no thread to be had (an enclave's thread slots are few): go on alone
-                    pool.shutdown(wait=True)
-                    pool = None
-                    fut = inline(i, sealed, size, last)
-            pending.append((i, fut))
-        while pending:
-            pending.popleft()[1].result()
-        if f.read(1):
-            raise IntegrityError(f"{what}: unexpected data after the last chunk")
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-            pool = None
-        _wipe(view)
-        raise
-    finally:
-        if pool is not None:
+    def read_all(self, f: BinaryIO) -> None:
+        pool = ThreadPoolExecutor(self.workers - 1) if self.workers > 1 else None
+        try:
+            for i in range(self.n):
+                pool = self._read_one(f, i, pool)
+            while self.pending:
+                self.pending.popleft().result()
+            if f.read(1):
+                raise IntegrityError(f"{self.what}: unexpected data after the last chunk")
+        except BaseException:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = None
+            raise
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def _read_one(self, f: BinaryIO, i: int, pool):
+        last = i == self.n - 1
+        size = self.size - i * self.chunk_size if last else self.chunk_size
+        if len(self.pending) == len(self.ring):  # the oldest chunk's buffer is needed again
+            self.pending.popleft().result()
+        sealed = self.ring[i % len(self.ring)][: size + TAG]
+        got = f.readinto(sealed)
+        if got != size + TAG:
+            for fut in self.pending:  # a bad earlier chunk is the first error
+                fut.result()
+            raise IntegrityError(f"{self.what}: truncated (chunk {i} of {self.n} is {got or 0} bytes, expected {size + TAG})")
+        if pool is None or i % self.workers == 0:  # the reading thread takes its share too
+            self.pending.append(self.inline(i, sealed, size, last))
+            return pool
+        try:
+            self.pending.append(pool.submit(self.decrypt, i, sealed, size, last))
+        except RuntimeError:  # no thread to be had (an enclave's thread slots are few): go on alone
             pool.shutdown(wait=True)
-    return out
+            pool = None
+            self.pending.append(self.inline(i, sealed, size, last))
+        return pool

@@ -4,45 +4,141 @@ One file each:  MAGIC (8) | header length (u32, big endian) | header (canonical 
 
 The header is authenticated as associated data and names the request id and the data owner's key id
 (so the enclave knows which key opens it, and nobody can relabel it). The AES-256-GCM key is derived
-from the data owner's key and the request id, and differs between requests and results, so a result
-can only be opened as the result of the request it answers.
+from the data owner's key and the request id, and differs between requests and results.
+
+A result's header also carries the SHA-256 of the request file it answers (``request_sha256``) and
+the model that answered it (bundle id, model version, model key id). A data owner opens a result
+only together with its request (or that request's digest), so an old result replayed for a new
+request with the same request id is refused, and it learns which sealed model answered.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import re
 import secrets
-import stat
 import struct
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-import torch
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
 
-from ..errors import BranchyError, IntegrityError
+from ..errors import BranchyError, IntegrityError, UsageError, shown
+from ..fileio import read_regular_file
+from ..strict import Fields
 from .bundle import canonical_json
-from .keys import derive, key_id
+from .header import ModelRef
+from .keys import KEY_ID_RE, derive, key_id
 
 REQUEST_MAGIC = b"BTEEREQ1"
 RESULT_MAGIC = b"BTEERES1"
+REQUEST_FORMAT = "branchy-tee/request/v1"
+RESULT_FORMAT = "branchy-tee/result/v2"
+MAX_REQUEST_ID = 128
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HEADER = 64 * 1024
 NONCE = 12
 MAX_FILE = 1 << 30  # largest request or result file read (1 GiB)
 
 
-@dataclass
-class Envelope:
-    header: dict
-    payload: bytes
-
-
 def new_request_id() -> str:
     return uuid.uuid4().hex
+
+
+def request_id_problem(request_id: object) -> str | None:
+    """Why ``request_id`` cannot be a request id (None when it can): 1-128 printable characters of
+    valid Unicode (no lone surrogates: the id is encoded into key derivations and shown in logs)."""
+    if not isinstance(request_id, str) or not 1 <= len(request_id) <= MAX_REQUEST_ID:
+        return f"must be 1 to {MAX_REQUEST_ID} characters"
+    try:
+        request_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode text"
+    if not request_id.isprintable():
+        return "must be printable text"
+    return None
+
+
+def check_request_id(request_id: object) -> str:
+    problem = request_id_problem(request_id)
+    if problem:
+        raise UsageError(f"request id {shown(request_id)} {problem}")
+    return request_id  # type: ignore[return-value]
+
+
+def _is_key_id(v: str) -> bool:
+    return KEY_ID_RE.fullmatch(v) is not None
+
+
+def _is_request_id(v: str) -> bool:
+    return request_id_problem(v) is None
+
+
+@dataclass(frozen=True)
+class RequestHeader:
+    """A request's authenticated header: which request, under which data key, and what it holds."""
+
+    request_id: str
+    key_id: str  # the data owner's key id
+    samples: int
+    shape: tuple[int, ...]  # one input's (C, H, W)
+    dtype: str  # the payload's tensor type as the sender says it (the payload itself is checked)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": REQUEST_FORMAT, "request_id": self.request_id, "samples": self.samples,
+                "shape": list(self.shape), "dtype": self.dtype, "key_id": self.key_id}  # fmt: skip
+
+    @classmethod
+    def parse(cls, doc: object, what: str) -> "RequestHeader":
+        f = Fields(doc, what, "the request header", IntegrityError)
+        f.text("format", lambda v: v == REQUEST_FORMAT, REQUEST_FORMAT)
+        h = cls(f.text("request_id", _is_request_id, "a request id"), f.text("key_id", _is_key_id, "a key id"),
+                f.integer("samples", 0), f.integers("shape", lo=0), f.text("dtype"))  # fmt: skip
+        f.done()
+        return h
+
+
+@dataclass(frozen=True)
+class ResultHeader:
+    """A result's authenticated header: the request it answers (its id and its file's SHA-256) and
+    the sealed model that answered."""
+
+    request_id: str
+    request_sha256: str
+    model: ModelRef
+    samples: int
+    key_id: str  # the data owner's key id
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": RESULT_FORMAT, "request_id": self.request_id, "request_sha256": self.request_sha256,
+                **self.model.to_json(), "samples": self.samples, "key_id": self.key_id}  # fmt: skip
+
+    @classmethod
+    def parse(cls, doc: object, what: str) -> "ResultHeader":
+        f = Fields(doc, what, "the result header", IntegrityError)
+        if f.doc.get("format") != RESULT_FORMAT:
+            raise IntegrityError(f"{what}: authentic, but not a {RESULT_FORMAT} result (no request digest or model)")
+        f.text("format")
+        h = cls(f.text("request_id", _is_request_id, "a request id"),
+                f.text("request_sha256", lambda v: DIGEST_RE.fullmatch(v) is not None, "a SHA-256 (64 lower-case hex)"),
+                ModelRef(f.text("bundle_id"), f.integer("model_version", 1),
+                         f.text("model_key_id", _is_key_id, "a key id")),
+                f.integer("samples", 0), f.text("key_id", _is_key_id, "a key id"))  # fmt: skip
+        f.done()
+        return h
+
+
+def request_digest(envelope: bytes) -> str:
+    """The SHA-256 (hex) of a request file's bytes: what its result binds."""
+    return hashlib.sha256(envelope).hexdigest()
 
 
 def _key(data_key: bytes, magic: bytes, request_id: str) -> bytes:
@@ -51,6 +147,7 @@ def _key(data_key: bytes, magic: bytes, request_id: str) -> bytes:
 
 
 def seal_envelope(magic: bytes, header: dict, payload: bytes, data_key: bytes) -> bytes:
+    """Seal ``payload`` under ``header`` (a typed header's ``to_json()``; the data key's id is set here)."""
     header = {**header, "key_id": key_id(data_key)}
     hbytes = canonical_json(header)
     prefix = magic + struct.pack(">I", len(hbytes)) + hbytes
@@ -59,7 +156,9 @@ def seal_envelope(magic: bytes, header: dict, payload: bytes, data_key: bytes) -
 
 
 def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, int]:
-    """(header, offset of the nonce) without decrypting; the header is not yet authenticated."""
+    """(header, offset of the nonce) without decrypting. The header is not yet authenticated: only
+    its request id and key id (which key opens it) are checked here, and nothing else is read from it
+    before it is authenticated (``open_envelope``)."""
     kind = "request" if magic == REQUEST_MAGIC else "result"
     if len(data) < len(magic) + 4 or data[: len(magic)] != magic:
         raise IntegrityError(f"{what}: not a branchy-tee {kind} file")
@@ -72,94 +171,104 @@ def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, in
         raise IntegrityError(f"{what}: {kind} header is not valid JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("request_id"), str) or not isinstance(header.get("key_id"), str):
         raise IntegrityError(f"{what}: {kind} header lacks a request id or key id")
+    if not KEY_ID_RE.fullmatch(header["key_id"]):
+        raise IntegrityError(f"{what}: {kind} header's key id {shown(header['key_id'], 40)} is not a key id")
+    problem = request_id_problem(header["request_id"])
+    if problem:
+        raise IntegrityError(f"{what}: {kind} header's request id {shown(header['request_id'])} {problem}")
     return header, 12 + n
 
 
-def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) -> Envelope:
-    """Authenticate and decrypt with the key whose id the header names (``keys``: key id -> key)."""
+def request_key_id(data: bytes, what: str) -> str:
+    """The data key id a request says it is sealed under (unauthenticated: it says which key to try)."""
+    return read_envelope_header(data, REQUEST_MAGIC, what)[0]["key_id"]
+
+
+def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) -> tuple[dict, bytes]:
+    """(header, payload), authenticated and decrypted with the key whose id the header names
+    (``keys``: key id -> key). The header is as read: its type's ``parse`` reads it next."""
     header, off = read_envelope_header(data, magic, what)
     key = keys.get(header["key_id"])
     if key is None:
         known = ", ".join(sorted(keys)) or "none"
-        raise IntegrityError(f"{what}: sealed for data key id {header['key_id']}, which this run has no key for (have: {known})")
+        raise IntegrityError(f"{what}: sealed for data key id {shown(header['key_id'], 40)}, which this run has no key for "
+                             f"(have: {known})")
     nonce, body = data[off : off + NONCE], data[off + NONCE :]
     try:
         payload = AESGCM(_key(key, magic, header["request_id"])).decrypt(nonce, body, data[:off])
     except InvalidTag:
         raise IntegrityError(f"{what}: failed authentication (tampered, or not sealed with this data key)") from None
-    return Envelope(header, payload)
+    return header, payload
 
 
-def read_file(path: str | os.PathLike, what: str | None = None, limit: int = MAX_FILE) -> bytes:
+def read_file(path: str | os.PathLike, what: str = "request or result file", limit: int = MAX_FILE) -> bytes:
     """A request or result file's bytes: a regular file of at most ``limit`` bytes (checked before
     reading, so a huge or endless file, e.g. /dev/zero, is refused instead of exhausting memory)."""
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag)
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise BranchyError(f"{path}: not a regular file")
-            if st.st_size > limit:
-                raise BranchyError(f"{path}: {st.st_size} bytes, over the {limit}-byte limit for a request or result file")
-            data = f.read(st.st_size + 1)  # not read(limit): that would allocate the limit up front
-    except FileNotFoundError:
-        raise BranchyError(f"{path}: file not found") from None
-    except OSError as e:
-        raise BranchyError(f"{path}: cannot read ({e.strerror})") from None
-    if len(data) > st.st_size:
-        raise BranchyError(f"{path}: the file grew while it was read")
-    return data
+    return read_regular_file(path, what, limit)
 
 
 # --------------------------------------------------------------------------- requests
-def seal_request(inputs: torch.Tensor, data_key: bytes, request_id: str | None = None) -> bytes:
+def seal_request(inputs, data_key: bytes, request_id: str | None = None) -> bytes:
+    """``inputs``: a float32 array (N, C, H, W), numpy or anything that converts to one (a CPU tensor)."""
+    inputs = np.ascontiguousarray(inputs)
     check_inputs(inputs, None, "inputs")
-    header = {"format": "branchy-tee/request/v1", "request_id": request_id or new_request_id(),
-              "samples": int(inputs.shape[0]), "shape": list(inputs.shape[1:]), "dtype": "float32"}
-    return seal_envelope(REQUEST_MAGIC, header, st_save({"inputs": inputs.contiguous()}), data_key)
+    header = RequestHeader(check_request_id(new_request_id() if request_id is None else request_id), key_id(data_key),
+                           int(inputs.shape[0]), tuple(int(n) for n in inputs.shape[1:]), "float32")  # fmt: skip
+    return seal_envelope(REQUEST_MAGIC, header.to_json(), st_save({"inputs": inputs}), data_key)
 
 
-def check_inputs(x: torch.Tensor, shape, what: str) -> None:
-    if x.dtype != torch.float32:
-        raise BranchyError(f"{what}: tensor dtype is {str(x.dtype).replace('torch.', '')}, expected float32")
-    if x.dim() != 4 or (shape is not None and list(x.shape[1:]) != list(shape)):
+def check_inputs(x: np.ndarray, shape, what: str) -> None:
+    if x.dtype != np.float32:
+        raise BranchyError(f"{what}: tensor dtype is {x.dtype}, expected float32")
+    if x.ndim != 4 or (shape is not None and list(x.shape[1:]) != list(shape)):
         want = f"(N, {', '.join(map(str, shape))})" if shape is not None else "(N, C, H, W)"
         raise BranchyError(f"{what}: tensor shape {tuple(x.shape)} does not match the model's input {want}")
     if x.shape[0] == 0:
         raise BranchyError(f"{what}: the request holds no samples")
-    if not torch.isfinite(x).all():
+    if not np.isfinite(x).all():
         raise BranchyError(f"{what}: inputs contain NaN or infinite values")
 
 
-def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) -> tuple[dict, torch.Tensor]:
-    env = open_envelope(data, REQUEST_MAGIC, keys, what)
+def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) -> tuple[RequestHeader, np.ndarray]:
+    doc, payload = open_envelope(data, REQUEST_MAGIC, keys, what)
+    header = RequestHeader.parse(doc, what)
     try:
-        tensors = st_load(env.payload)
+        tensors = st_load(payload)
     except Exception:
         raise BranchyError(f"{what}: authentic but not a tensor payload") from None
     x = tensors.get("inputs")
     if x is None or len(tensors) != 1:
         raise BranchyError(f"{what}: payload must hold exactly one tensor named 'inputs'")
     check_inputs(x, input_shape, what)
-    if env.header.get("samples") != x.shape[0]:
-        raise BranchyError(f"{what}: header says {env.header.get('samples')} samples, payload holds {x.shape[0]}")
-    return env.header, x
+    if header.samples != x.shape[0]:
+        raise BranchyError(f"{what}: header says {header.samples} samples, payload holds {x.shape[0]}")
+    return header, x
 
 
 # --------------------------------------------------------------------------- results
-def seal_result(records: list[dict], request_header: dict, data_key: bytes) -> bytes:
-    header = {"format": "branchy-tee/result/v1", "request_id": request_header["request_id"], "samples": len(records)}
-    return seal_envelope(RESULT_MAGIC, header, json.dumps(records).encode(), data_key)
+def seal_result(records: list[dict], request: RequestHeader, request_sha256: str, model: ModelRef,
+                data_key: bytes) -> bytes:
+    """The sealed answer to one request: bound to that request's exact bytes (``request_sha256``) and
+    naming the model that answered."""
+    header = ResultHeader(request.request_id, request_sha256, model, len(records), key_id(data_key))
+    return seal_envelope(RESULT_MAGIC, header.to_json(), json.dumps(records).encode(), data_key)
 
 
-def open_result(data: bytes, data_key: bytes, what: str, request_id: str | None = None) -> tuple[dict, list[dict]]:
-    env = open_envelope(data, RESULT_MAGIC, {key_id(data_key): data_key}, what)
-    if request_id is not None and env.header["request_id"] != request_id:
-        raise IntegrityError(f"{what}: answers request {env.header['request_id']}, not {request_id}")
+def open_result(data: bytes, data_key: bytes, what: str, request_sha256: str) -> tuple[ResultHeader, list[dict]]:
+    """(header, records) of a result, which must answer the request whose file has SHA-256
+    ``request_sha256`` (see :func:`request_digest`); IntegrityError otherwise."""
+    if not isinstance(request_sha256, str) or not DIGEST_RE.fullmatch(request_sha256):
+        raise UsageError("a result is opened only with the digest of the request it answers (64 lower-case hex)")
+    doc, payload = open_envelope(data, RESULT_MAGIC, {key_id(data_key): data_key}, what)
+    h = ResultHeader.parse(doc, what)
+    if not hmac.compare_digest(h.request_sha256, request_sha256):
+        raise IntegrityError(f"{what}: answers another request (request {shown(h.request_id)} with SHA-256 "
+                             f"{shown(h.request_sha256, 64)}), not the one with SHA-256 {request_sha256}: "
+                             "a replayed or misdirected result")
     try:
-        records = json.loads(env.payload)
+        records = json.loads(payload)
     except (ValueError, RecursionError):
         raise IntegrityError(f"{what}: authentic but malformed result payload") from None
-    if not isinstance(records, list) or len(records) != env.header.get("samples"):
+    if not isinstance(records, list) or len(records) != h.samples:
         raise IntegrityError(f"{what}: result payload does not match its header")
-    return env.header, records
+    return h, records

@@ -6,12 +6,14 @@ can be shown and logged while revealing nothing about the key; it tells which ke
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_BYTES = 32
+KEY_ID_RE = re.compile(r"[0-9a-f]{16}")  # what key_id() returns
 _DOMAIN = b"branchy-tee/v1 "
 
 

@@ -19,6 +19,7 @@ import hashlib
 import torch
 
 from ..errors import UsageError
+from ..modelcard import DataSpec, ModelCard
 from ..models import create_model, resolve_name
 from ..models.plain import backbone_keys, load_plain_weights, read_state_dict
 from ..rundir import load_run
@@ -35,21 +36,22 @@ def check_options(cfg) -> None:
         raise UsageError("--attach-exits takes the architecture and its options from the run; drop --model-config")
 
 
-def source_data(cfg, source_meta: dict) -> dict:
-    """The source run's data set and validation split (``model.json``'s ``data``)."""
-    data = dict(source_meta["data"])
-    if cfg.dataset not in (None, data["dataset"]):
-        raise UsageError(f"--attach-exits: {cfg.attach_exits} was trained on {data['dataset']}, not {cfg.dataset}")
-    return data
+def source_data(cfg, source: ModelCard) -> DataSpec:
+    """The source run's data set and validation split (its model card's ``data``)."""
+    if source.data is None:
+        raise UsageError(f"--attach-exits: {cfg.attach_exits}/model.json does not say how its validation split was made")
+    if cfg.dataset not in (None, source.data.dataset):
+        raise UsageError(f"--attach-exits: {cfg.attach_exits} was trained on {source.data.dataset}, not {cfg.dataset}")
+    return source.data
 
 
-def source_model(cfg, source_meta: dict | None, input_shape, num_classes: int) -> tuple[torch.nn.Module, dict]:
+def source_model(cfg, input_shape, num_classes: int) -> tuple[torch.nn.Module, dict]:
     """The model to train, its backbone and final exit loaded from the source (not yet frozen), and
-    a record of where they came from for ``model.json``."""
+    a record of where they came from for the model card."""
     if cfg.attach_exits:
-        model, meta = load_run(cfg.attach_exits)
-        if cfg.net and resolve_name(cfg.net) != meta["arch"]:
-            raise UsageError(f"--attach-exits: {cfg.attach_exits} is a {meta['arch']}, not {resolve_name(cfg.net)}")
+        model, card = load_run(cfg.attach_exits)
+        if cfg.net and resolve_name(cfg.net) != card.arch:
+            raise UsageError(f"--attach-exits: {cfg.attach_exits} is a {card.arch}, not {resolve_name(cfg.net)}")
         record = {"run": str(cfg.attach_exits), "naming": "branchy-tee"}
     else:
         model = create_model(resolve_name(cfg.net or "mobilenetv1"), num_classes=num_classes, in_channels=input_shape[0],

@@ -29,11 +29,13 @@ from ..fileio import atomic_write_bytes
 from ..models import create_model, resolve_name
 from ..models.cost import arch_part_flops
 from ..runtime.tuning import channels_last
-from ..rundir import load_run, read_model_json, update_model_json, write_model_json, write_weights
+from ..modelcard import DataSpec, ModelCard
+from ..rundir import load_run, read_model_card, write_model_card, write_weights
 from . import attach
 from .losses import multi_exit_loss
 
 from ..choices import DISTILL, OPTIMIZERS
+from ..runtime.criteria import criterion
 
 
 @dataclass
@@ -124,29 +126,28 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     raise UsageError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim!r}")
 
 
-def data_spec(cfg: TrainConfig) -> dict:
-    """Which data set and validation split a run uses (``model.json``'s ``data``)."""
-    return {"dataset": cfg.dataset or "fashion-mnist", "synthetic": {"seed": cfg.seed, **cfg.synthetic},
-            "val_fraction": cfg.val_fraction, "seed": cfg.seed}
+def data_spec(cfg: TrainConfig) -> DataSpec:
+    """Which data set and validation split a run uses (the model card's ``data``)."""
+    return DataSpec(cfg.dataset or "fashion-mnist", {"seed": cfg.seed, **cfg.synthetic}, cfg.val_fraction, cfg.seed)
 
 
-def load_datasets(cfg: TrainConfig, data: dict):
+def load_datasets(cfg: TrainConfig, data: DataSpec):
     """(train, validation) subsets of the training split, with their transforms."""
-    full = load_dataset(data["dataset"], "train", cfg.data_dir, cfg.download, data["synthetic"])
-    train_idx, val_idx = train_val_split(len(full), data["val_fraction"], seed=data["seed"])
+    full = load_dataset(data.dataset, "train", cfg.data_dir, cfg.download, data.synthetic)
+    train_idx, val_idx = train_val_split(len(full), data.val_fraction, seed=data.seed)
     size = full.input_shape[-1]
     if cfg.augment:
-        aug = train_transform(full.mean, full.std, size=size, padding=max(2, size // 8))
+        aug = train_transform(full.preprocessing, size=size, padding=max(2, size // 8))
     else:
-        aug = eval_transform(full.mean, full.std)
-    return full.subset(train_idx, aug), full.subset(val_idx, eval_transform(full.mean, full.std)), full
+        aug = eval_transform(full.preprocessing)
+    return full.subset(train_idx, aug), full.subset(val_idx, eval_transform(full.preprocessing)), full
 
 
 def load_teacher(path: str, num_classes: int, device: torch.device) -> torch.nn.Module:
     """A separately trained model: a run directory, or a ``checkpoint.pt`` written by this trainer."""
     p = Path(path)
     if p.is_dir():
-        teacher, meta = load_run(p)
+        teacher, _ = load_run(p)
     else:
         ckpt = _load_checkpoint(p)
         teacher = create_model(ckpt["arch"], **ckpt["model_config"])
@@ -281,8 +282,8 @@ def fit(cfg: TrainConfig) -> dict:
     """Train, keep the best model (lowest validation loss) in ``cfg.out``, calibrate it; return a summary."""
     _check_config(cfg)
     frozen = attach.is_attaching(cfg)
-    source_meta = read_model_json(cfg.attach_exits) if cfg.attach_exits else None
-    cfg.net = source_meta["arch"] if source_meta and not cfg.net else resolve_name(cfg.net or "mobilenetv1")
+    source_card = read_model_card(cfg.attach_exits) if cfg.attach_exits else None
+    cfg.net = source_card.arch if source_card and not cfg.net else resolve_name(cfg.net or "mobilenetv1")
     out = Path(cfg.out)
     device = pick_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = init_distributed(device.type)
@@ -298,13 +299,13 @@ def fit(cfg: TrainConfig) -> dict:
         if resume_ckpt["arch"] != cfg.net:
             raise BranchyError(f"--resume: {ckpt_path} is a {resume_ckpt['arch']} checkpoint, not {cfg.net}")
 
-    data = attach.source_data(cfg, source_meta) if source_meta else data_spec(cfg)
+    data = attach.source_data(cfg, source_card) if source_card else data_spec(cfg)
     train_ds, val_ds, full = load_datasets(cfg, data)
     in_channels, num_classes = full.input_shape[0], full.num_classes
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
     source = None
     if frozen:
-        model, source = attach.source_model(cfg, source_meta, full.input_shape, num_classes)
+        model, source = attach.source_model(cfg, full.input_shape, num_classes)
         attach.freeze_backbone(model)
     else:
         model = create_model(cfg.net, num_classes=num_classes, in_channels=in_channels, **cfg.model_config)
@@ -340,19 +341,19 @@ def fit(cfg: TrainConfig) -> dict:
                               generator=loader_gen, pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size)
     val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 256), shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
 
-    meta = {
-        "arch": cfg.net,
-        "config": model.config,
-        "classes": full.classes,
-        "dataset": full.name,
-        "preprocessing": {"input_shape": list(full.input_shape), "scale": 1 / 255, "mean": list(full.mean), "std": list(full.std)},
-        "criterion": cfg.criterion,
-        "thresholds": None,  # until calibration: never exit early
-        "stage_flops": stage_flops,
-        "head_flops": head_flops,
-        "data": data,
-        "training": {"config": _jsonable(cfg), "world_size": world, **({"attached_to": source} if source else {})},
-    }
+    card = ModelCard(
+        arch=cfg.net,
+        config=model.config,
+        classes=tuple(full.classes),
+        dataset=full.name,
+        preprocessing=full.preprocessing,
+        criterion=criterion(cfg.criterion),
+        thresholds=None,  # until calibration: never exit early
+        stage_flops=tuple(stage_flops),
+        head_flops=tuple(head_flops),
+        data=data,
+        training={"config": _jsonable(cfg), "world_size": world, **({"attached_to": source} if source else {})},
+    )
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -391,8 +392,9 @@ def fit(cfg: TrainConfig) -> dict:
         if is_main:
             if improved:
                 write_weights(out / "model.safetensors", model)
-                write_model_json(out, {**meta, "training": {**meta["training"], "best_epoch": epoch + 1, "val_loss": best_loss,
-                                                            "val_exit_accuracy": va["exit_accuracy"]}})
+                training = {**(card.training or {}), "best_epoch": epoch + 1, "val_loss": best_loss,
+                            "val_exit_accuracy": va["exit_accuracy"]}
+                write_model_card(out, card.replace(training=training))
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, best_loss, best_epoch, bad_epochs, cfg)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -414,10 +416,14 @@ def fit(cfg: TrainConfig) -> dict:
         summary["ddp_identical_weights"] = len(set(digests)) == 1
     if is_main and (out / "model.safetensors").is_file():
         from ..evaluate.calibrate import calibrate_run
+        from ..export.onnx import export_run
+
+        export_run(out, show=show)  # the stage graphs that calibration, evaluation and sealing use
 
         if world > 1:
-            meta_now = read_model_json(out)
-            update_model_json(out, training={**meta_now["training"], "ddp_identical_weights": summary["ddp_identical_weights"]})
+            now = read_model_card(out)
+            same = summary["ddp_identical_weights"]
+            write_model_card(out, now.replace(training={**(now.training or {}), "ddp_identical_weights": same}))
         summary["calibration"] = calibrate_run(out, max_accuracy_drop=cfg.max_accuracy_drop, criterion=cfg.criterion,
                                                device=device, max_batches=cfg.max_batches, val_set=val_ds, show=show)
     if world > 1:

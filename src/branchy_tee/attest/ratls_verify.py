@@ -1,0 +1,72 @@
+"""The data owner's side of attested TLS (``attest.ratls`` is the enclave's): verify the server's
+RA-TLS certificate against the data owner's policy, and make the client certificate that
+authenticates a data owner by its identity. Owner-side code: it uses the quote verifier and the
+policy, which the enclave does not carry.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from ..errors import AttestationError
+from .protocol import EvidenceType
+from .ratls import MAX_EVIDENCE, NOT_AFTER, NOT_BEFORE, RATLS_QUOTE_OID, identity_name, public_key_report_data
+
+
+def evidence_of(cert_der: bytes) -> tuple[str, bytes, bytes]:
+    """(evidence type, evidence, the report data this certificate's key requires); AttestationError
+    when the certificate is not an RA-TLS certificate."""
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+        ext = cert.extensions.get_extension_for_oid(RATLS_QUOTE_OID).value
+        evidence = ext.value
+        expected = public_key_report_data(cert.public_key())
+    except x509.ExtensionNotFound:
+        raise AttestationError("the server's certificate carries no attestation evidence (not an RA-TLS certificate)") from None
+    except (ValueError, TypeError):
+        raise AttestationError("the server's certificate cannot be parsed") from None
+    if not 0 < len(evidence) <= MAX_EVIDENCE:
+        raise AttestationError("the server's attestation evidence has an impossible size")
+    kind = EvidenceType.SIMULATED if evidence[:1] == b"{" else EvidenceType.DCAP
+    return kind, evidence, expected
+
+
+def verify_server_certificate(cert_der: bytes, policy, *, now=None):
+    """Verify an RA-TLS certificate against a data owner's policy; return the enclave's claims.
+
+    The evidence must verify, bind this certificate's public key in its REPORTDATA, and satisfy the
+    policy (measurement, TCB status with the policy's collateral, debug, simulation only if allowed).
+    """
+    import hmac
+
+    from ..errors import PolicyError
+    from .broker import verify_evidence
+
+    kind, evidence, expected = evidence_of(cert_der)
+    claims = verify_evidence(policy, kind, evidence, now=now)
+    if not hmac.compare_digest(claims.report_data, expected):
+        raise AttestationError("the server's evidence does not bind the key of the certificate it presented "
+                               "(REPORTDATA is not SHA-256 of its public key): evidence copied from another server")
+    try:
+        policy.evaluate(claims)
+    except PolicyError as e:
+        raise AttestationError(f"the server's enclave is refused by your policy: {e}") from None
+    return claims
+
+
+def client_certificate(identity: Ed25519PrivateKey) -> bytes:
+    """PEM certificate for TLS client authentication with an identity: its key is the identity key,
+    issued by the identity's anchor name and signed by the identity key itself."""
+    public = identity.public_key()
+    hex_id = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "branchy-tee client")]))
+            .issuer_name(identity_name(hex_id))
+            .public_key(public).serial_number(x509.random_serial_number())
+            .not_valid_before(NOT_BEFORE).not_valid_after(NOT_AFTER)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(identity, None))  # fmt: skip
+    return cert.public_bytes(serialization.Encoding.PEM)

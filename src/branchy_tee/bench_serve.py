@@ -1,0 +1,198 @@
+"""``branchy-tee bench --serve``: the online service under a closed-loop load, early exit vs the same
+server with ``--full-model``, measured in one run.
+
+Two ``branchy-tee serve`` processes (simulated attestation, a model broker in this process) serve the
+benchmark model; client processes (``python -m branchy_tee.bench_serve --worker``) each run some
+closed-loop clients: send one request of one test image, wait for the answer, send the next. At 1, 8
+and 64 concurrent clients it reports throughput, end-to-end latency p50/p99 as the client sees it,
+and the server's own compute time per request (``compute_seconds`` of the batch that answered it),
+plus the cost of attestation per new connection (TLS handshake + evidence verification + policy).
+Server and clients share this machine's cores: the figures are for comparing the two servers, not a
+capacity plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .choices import EvidenceProvider
+
+CONCURRENCY = (1, 8, 64)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))] if v else float("nan")
+
+
+# --------------------------------------------------------------------------- the worker (a client process)
+def worker(url: str, policy_path: str, identity: str, clients: int, seconds: float, start_at: float, images: str) -> dict:
+    """``clients`` closed-loop clients until ``start_at + seconds``; per-request latencies and compute."""
+    import numpy as np
+
+    from .client import Client
+
+    x = np.load(images)
+    lat, compute, errors, attest = [], [], [], []
+    lock = threading.Lock()
+
+    def loop(i: int) -> None:
+        with Client(url, policy=policy_path, identity=identity, timeout=120) as c:
+            c.model_info()  # connect and verify before the clock starts
+            k = i
+            while time.time() < start_at:
+                time.sleep(0.001)
+            while time.time() < start_at + seconds:
+                t0 = time.perf_counter()
+                try:
+                    doc = c._request("POST", "/v1/predict", _payload(x[k % len(x) : k % len(x) + 1]))[0]
+                except Exception as e:  # noqa: BLE001 -- counted
+                    with lock:
+                        errors.append(f"{type(e).__name__}: {e}"[:200])
+                    continue
+                dt = time.perf_counter() - t0
+                with lock:
+                    lat.append(dt)
+                    compute.append(doc["compute_seconds"])
+                k += clients
+            with lock:
+                attest.extend(c.attest_seconds)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"latencies": lat, "compute": compute, "errors": errors, "attest": attest}
+
+
+def _payload(x) -> bytes:
+    from safetensors.numpy import save
+
+    return save({"inputs": x})
+
+
+# --------------------------------------------------------------------------- the run
+def _start_server(bundle: Path, broker, identity_hex: str, port: int, full: bool, env: dict) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "branchy_tee.cli", "serve", "--bundle", str(bundle), "--listen", f"127.0.0.1:{port}",
+           "--attest", EvidenceProvider.SIMULATED, "--model-broker", broker.url, "--model-broker-identity", identity_hex,
+           "--quiet",
+           "--threads", "1"] + (["--full-model"] if full else [])  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    line = proc.stdout.readline()
+    if not line.startswith("serving"):
+        proc.kill()
+        raise RuntimeError(f"the server did not start: {line!r}")
+    return proc
+
+
+def _measure(url: str, work: Path, clients: int, seconds: float, env: dict) -> dict:
+    processes = min(clients, max(1, (os.cpu_count() or 2)))
+    per = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    start_at = time.time() + 3.0 + 0.05 * clients  # every client has connected and verified by then
+    cmds = [[sys.executable, "-m", "branchy_tee.bench_serve", "--worker", url, str(work / "policy.toml"),
+             str(work / "do.id"), str(n), str(seconds), repr(start_at), str(work / "images.npy")] for n in per if n]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) for c in cmds]
+    outs = [json.loads(p.communicate()[0]) for p in procs]
+    lat = [x for o in outs for x in o["latencies"]]
+    compute = [x for o in outs for x in o["compute"]]
+    errors = [e for o in outs for e in o["errors"]]
+    attest = [x for o in outs for x in o["attest"]]
+    return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_examples": errors[:3],
+            "throughput_per_s": round(len(lat) / seconds, 1),
+            "p50_ms": round(1000 * _percentile(lat, 0.5), 3), "p99_ms": round(1000 * _percentile(lat, 0.99), 3),
+            "compute_p50_ms": round(1000 * _percentile(compute, 0.5), 3),
+            "attest_ms_per_connection": round(1000 * statistics.median(attest), 2) if attest else None}  # fmt: skip
+
+
+def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=None, log=print) -> dict:
+    """Seal ``run_dir``'s model, serve it twice (early exit, full model) and load both in turn."""
+    import numpy as np
+
+    from .attest.broker_server import start_broker
+    from .attest.identity import create_identity, identity_hex
+    from .attest.providers import simulated_mrenclave
+    from .data.transforms import eval_transform
+    from .evaluate.exits import load_split
+    from .fileio import write_key_file
+    from .rundir import load_run
+    from .seal.bundle import seal_model
+    from .seal.keys import generate_key, key_id
+
+    seconds = 2.0 if quick else 8.0
+    levels = (1, 4) if quick else CONCURRENCY
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), OMP_NUM_THREADS="1")
+    model, card = load_run(run_dir)
+    key = generate_key()
+    write_key_file(work / "mo.key", key)
+    seal_model(model, card, key, work / "model.btee")
+    test = load_split(card, "test", data_dir=data_dir)
+    np.save(work / "images.npy", eval_transform(card.preprocessing)(test.images[:512]).numpy())
+    mo, do = create_identity(work / "mo.id"), create_identity(work / "do.id")
+    sim = simulated_mrenclave({})  # the servers run natively, with no measured settings
+    (work / "policy.toml").write_text(f'allowed_mrenclave = ["{sim.hex()}"]\nallow_simulation = true\n')
+    policy = {"allowed_mrenclave": [sim.hex()], "allow_simulation": True, "allowed_data_owners": [identity_hex(do)]}
+    out: dict = {"seconds_per_level": seconds, "early_exit": [], "full_model": []}
+    old = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = env["XDG_CONFIG_HOME"]  # the broker's and the workers' dev key location
+    try:
+        with start_broker({key_id(key): key}, policy, identity=mo) as broker:
+            for name, full in (("early_exit", False), ("full_model", True)):
+                port = _free_port()
+                proc = _start_server(work / "model.btee", broker, identity_hex(mo), port, full, env)
+                try:
+                    for clients in levels:
+                        r = _measure(f"https://127.0.0.1:{port}", work, clients, seconds, env)
+                        log(f"  {name}: {clients} client(s): {r['throughput_per_s']}/s, p50 {r['p50_ms']} ms, "
+                            f"p99 {r['p99_ms']} ms, compute p50 {r['compute_p50_ms']} ms, errors {r['errors']}")
+                        out[name].append(r)
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(60)
+    finally:
+        if old is None:
+            os.environ.pop("XDG_CONFIG_HOME", None)
+        else:
+            os.environ["XDG_CONFIG_HOME"] = old
+    ee, full = out["early_exit"], out["full_model"]
+    top, one = -1, 0
+    out["summary"] = {
+        "throughput_speedup_at_max_clients": round(ee[top]["throughput_per_s"] / full[top]["throughput_per_s"], 2),
+        "compute_p50_speedup_at_1_client": round(full[one]["compute_p50_ms"] / ee[one]["compute_p50_ms"], 2),
+        "protocol_overhead_ms_at_1_client": round(ee[one]["p50_ms"] - ee[one]["compute_p50_ms"], 3),
+        "attest_ms_per_connection": ee[one]["attest_ms_per_connection"],
+    }
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--worker":
+        url, policy, identity, clients, seconds, start_at, images = argv[1:8]
+        sys.stderr = open(os.devnull, "w")  # simulated-attestation banners
+        out = worker(url, policy, identity, int(clients), float(seconds), float(start_at), images)
+        sys.__stdout__.write(json.dumps(out))
+        return 0
+    print("usage: python -m branchy_tee.bench_serve --worker ... (run through `branchy-tee bench --serve`)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

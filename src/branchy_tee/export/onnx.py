@@ -1,0 +1,234 @@
+"""Export a multi-exit model as one ONNX graph per stage, the graphs the enclave runs.
+
+Stage k's graph computes stage k and exit head k (``runtime.graphs`` names the inputs and outputs):
+
+    input (N, *stage k input)  ->  features (N, *stage k output), log_probs (N, classes)
+
+The last stage's graph has only ``log_probs``. The batch dimension is dynamic; the image size is the
+model's input size. The exporter is torch's own (``torch.onnx.export``, the dynamo path: it handles
+the exit heads' adaptive pooling). Everything downstream runs these graphs and nothing else:
+``eval`` and ``calibrate`` through the enclave's own engine, ``seal`` encrypts their bytes. So the
+thresholds are chosen on the very numbers the enclave computes.
+
+In a run directory the graphs live in ``onnx/``: ``stage-NN.onnx`` and ``export.json`` (the digest
+of the weights they were exported from, and of each graph). Training ends by exporting; ``eval``,
+``calibrate`` and ``seal`` export again when the weights have changed since, and refuse graphs that
+do not match their digests. Owner side: torch, onnx and onnxscript.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import BranchyError
+from ..runtime.graphs import FEATURES, INPUT, LOG_PROBS
+
+EXPORT_DIR = "onnx"
+EXPORT_FILE = "export.json"
+EXPORT_FORMAT = "branchy-tee/onnx-export/v1"
+EXAMPLE_BATCH = 2  # torch.export specialises a dimension that is 1 in the example input
+
+
+class StageWithExit(nn.Module):
+    """Stage k followed by exit head k; the head's output as log-probabilities."""
+
+    def __init__(self, stage: nn.Module, head: nn.Module, last: bool):
+        super().__init__()
+        self.stage, self.head, self.last = stage, head, last
+
+    def forward(self, h):
+        h = self.stage(h)
+        log_probs = torch.log_softmax(self.head(h), dim=1)
+        return log_probs if self.last else (h, log_probs)
+
+
+class FullModel(nn.Module):
+    """The backbone and the final classifier only (logits): the model a user would export without early exits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        for stage in self.model.stages:
+            x = stage(x)
+        return self.model.exits[-1](x)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs warnings about optional operator libraries (torchvision) and deprecations
+    that say nothing about our graphs."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+_registry_cache: dict = {}
+
+
+def _cache_operator_registry() -> None:
+    """``torch.onnx.export`` rebuilds its operator registry from onnxscript's torchlib on every call
+    (about 4 s here, twice as long as exporting a typical stage). Build it once per process. This
+    uses a private hook of torch's exporter (torch is pinned); where it is missing, exports are
+    merely slower."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+    except ImportError:
+        return
+    registry = getattr(_registration, "ONNXRegistry", None)
+    build = getattr(getattr(registry, "from_torchlib", None), "__func__", None)
+    if build is None or getattr(build, "_branchy_cached", False):
+        return
+
+    def cached(cls, *args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in _registry_cache:
+            _registry_cache[key] = build(cls, *args, **kwargs)
+        return _registry_cache[key]
+
+    cached._branchy_cached = True
+    registry.from_torchlib = classmethod(cached)
+
+
+def _export(module: nn.Module, example: torch.Tensor, outputs: list[str]) -> bytes:
+    batch = torch.export.Dim("batch", min=1)
+    _cache_operator_registry()
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(module.eval(), (example,), dynamo=True, input_names=[INPUT], output_names=outputs,
+                                    dynamic_shapes=({0: batch},), verbose=False)  # fmt: skip
+    return program.model_proto.SerializeToString()
+
+
+def weight_bytes(graph: bytes) -> int:
+    """Bytes of a graph's initializers (its weights)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    total = 0
+    for init in onnx.load_from_string(graph).graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        total += n * tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return total
+
+
+def export_stages(model, input_shape, show: bool = False) -> tuple[list[bytes], list[dict]]:
+    """(graph bytes per stage, facts per stage: weight_bytes and activation_elems, the elements of
+    one sample's stage input plus output, which the enclave budgets memory with)."""
+    from tqdm import tqdm
+
+    model.eval()
+    h = torch.zeros(EXAMPLE_BATCH, *input_shape)
+    graphs, facts = [], []
+    final = model.num_exits - 1
+    for k in tqdm(range(model.num_exits), desc="export ONNX", leave=False, disable=None if show else True):
+        last = k == final
+        graphs.append(_export(StageWithExit(model.stages[k], model.exits[k], last), h, [LOG_PROBS] if last else [FEATURES, LOG_PROBS]))
+        with torch.no_grad():
+            out = model.stages[k](h)
+        facts.append({"weight_bytes": weight_bytes(graphs[-1]), "activation_elems": (h[0].numel() + out[0].numel())})
+        h = out
+    return graphs, facts
+
+
+def export_full_model(model, input_shape) -> bytes:
+    """The whole model without early exits, as one graph: input -> logits of the final exit."""
+    return _export(FullModel(model), torch.zeros(EXAMPLE_BATCH, *input_shape), ["logits"])
+
+
+# --------------------------------------------------------------------------- run directories
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _weights_digest(run_dir: Path) -> str:
+    try:
+        return _sha256((run_dir / "model.safetensors").read_bytes())
+    except FileNotFoundError:
+        raise BranchyError(f"{run_dir}/model.safetensors: missing (was training interrupted before the first epoch ended?)") from None
+
+
+def export_run(run_dir: str | Path, show: bool = True) -> dict:
+    """Export a run directory's model into RUN_DIR/onnx (replacing what was there); return export.json."""
+    from ..rundir import load_run
+
+    run_dir = Path(run_dir)
+    model, card = load_run(run_dir)
+    digest = _weights_digest(run_dir)
+    graphs, facts = export_stages(model, card.preprocessing.input_shape, show=show)
+    doc: dict[str, Any] = {"format": EXPORT_FORMAT, "weights_sha256": digest, "arch": card.arch, "torch": torch.__version__,
+           "stages": [{"file": f"stage-{k:02d}.onnx", "sha256": _sha256(g), "size": len(g), **f}
+                      for k, (g, f) in enumerate(zip(graphs, facts))]}  # fmt: skip
+    # Written beside the old export and swapped in, so that onnx/ is always one complete export.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=run_dir))
+    try:
+        for entry, g in zip(doc["stages"], graphs):
+            (tmp / entry["file"]).write_bytes(g)
+        (tmp / EXPORT_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.chmod(0o755)
+        target, old = run_dir / EXPORT_DIR, None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}-old.", dir=run_dir))
+            target.rename(old / EXPORT_DIR)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return doc
+
+
+def read_export(run_dir: str | Path) -> dict | None:
+    """export.json of a run directory, or None when there is none."""
+    path = Path(run_dir) / EXPORT_DIR / EXPORT_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise BranchyError(f"{path}: unreadable ({e}); run 'branchy-tee export {run_dir}'") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        raise BranchyError(f"{path}: not a branchy-tee export (format is not {EXPORT_FORMAT})")
+    return doc
+
+
+def exported_graphs(run_dir: str | Path, show: bool = True) -> tuple[list[bytes], dict]:
+    """The run's stage graphs and export.json, exporting first when there are none or the weights
+    changed since the last export. A graph that does not match its recorded digest is refused."""
+    run_dir = Path(run_dir)
+    doc = read_export(run_dir)
+    if doc is None or doc.get("weights_sha256") != _weights_digest(run_dir):
+        if show:
+            print(f"exporting the stage graphs of {run_dir} to ONNX ({'weights changed' if doc else 'none yet'})", flush=True)
+        doc = export_run(run_dir, show=show)
+    graphs = []
+    for entry in doc["stages"]:
+        path = run_dir / EXPORT_DIR / entry["file"]
+        try:
+            g = path.read_bytes()
+        except OSError as e:
+            raise BranchyError(f"{path}: cannot read ({e.strerror}); run 'branchy-tee export {run_dir}'") from None
+        if _sha256(g) != entry["sha256"]:
+            raise BranchyError(f"{path}: does not match {EXPORT_FILE} (modified after export); run 'branchy-tee export {run_dir}'")
+        graphs.append(g)
+    return graphs, doc

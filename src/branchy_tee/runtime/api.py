@@ -1,0 +1,43 @@
+"""The online service's description of its model (``GET /v1/model``): served by ``runtime.server``,
+read by the data owner's ``client``, which preprocesses its images with it. Standard library only
+(enclave side)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import BranchyError
+from ..preprocessing import Preprocessing
+from ..seal.header import BundleHeader, ModelRef
+from ..strict import Fields
+from .criteria import NAMES, Criterion, criterion
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    arch: str
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing
+    criterion: Criterion
+    num_exits: int
+    model: ModelRef  # the sealed bundle that answers
+
+    @classmethod
+    def of(cls, header: BundleHeader) -> "ModelInfo":
+        h = header
+        return cls(h.arch, h.classes, h.preprocessing, h.criterion, h.num_stages, h.model_ref)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"arch": self.arch, "classes": list(self.classes), "preprocessing": self.preprocessing.to_json(),
+                "criterion": self.criterion.name, "num_exits": self.num_exits, **self.model.to_json()}  # fmt: skip
+
+    @classmethod
+    def parse(cls, doc: object, where: str) -> "ModelInfo":
+        f = Fields(doc, where, "the model description", BranchyError)
+        info = cls(f.text("arch"), f.texts("classes"), f.nested("preprocessing", Preprocessing.parse),
+                   criterion(f.check("criterion", lambda v: v in NAMES, "one of " + ", ".join(NAMES))),
+                   f.integer("num_exits", 2),
+                   ModelRef(f.text("bundle_id"), f.integer("model_version", 1), f.text("model_key_id")))  # fmt: skip
+        f.done()
+        return info

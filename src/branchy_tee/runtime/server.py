@@ -1,0 +1,260 @@
+"""``branchy-tee serve``: the enclave answers data owners online, over attested TLS.
+
+At start the server gets the model key exactly as predict does (attestation to the model owner's
+broker, with the measured pins inside an enclave), verifies the bundle and loads stage 0. It makes a
+fresh key pair and an RA-TLS certificate whose evidence binds it (``attest.ratls``), and serves HTTPS
+(standard library ``http.server`` + ``ssl``: nothing joins the enclave for it). Clients verify that
+certificate against their own policy before they send anything.
+
+Data owners authenticate with client certificates made from their identity keys; the server trusts
+exactly the identities on the model owner's ``allowed_data_owners`` (delivered, signed, with the model
+key) and matches the certificate's public key, never a name. It renews the model key and the
+allow-list from the model broker every ``--renew`` seconds and stops answering if the broker
+refuses, so the model owner can revoke a data owner or the whole deployment.
+
+API (JSON unless said otherwise; errors are ``{"error": "<one line>", "code": "..."}``)::
+
+    GET  /v1/health    anyone           {"status": "ok" | "draining" | "revoked", "queue": n}
+    GET  /v1/model     allowed owners   arch, classes, preprocessing, bundle id, model version, model key id
+    POST /v1/predict   allowed owners   body: safetensors with one float32 tensor "inputs" (N, C, H, W)
+                                        -> {"model": {...}, "compute_seconds": s, "results": [{label,
+                                            class_name, confidence, exit}, ...]}
+    GET  /v1/metrics   the model owner  Prometheus text: requests, samples per exit, latency percentiles
+
+Requests are gathered into batches across connections and data owners (``runtime.batching``): at
+most ``--max-batch`` samples or ``--max-wait-ms`` of waiting. Beyond ``--max-queue`` waiting requests
+the answer is 503 with Retry-After. Bodies over ``--max-body`` are refused before they are read;
+slow clients time out (``--timeout``); SIGTERM/SIGINT finish what was accepted and refuse new work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+from ..choices import EvidenceProvider
+from ..errors import BranchyError, UsageError
+from ..parsing import ArgumentParser
+
+PROG = "branchy-tee serve"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="sealed model bundle directory (model.btee)")
+    p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any free port)")
+    att = p.add_argument_group("the model key, by remote attestation")
+    att.add_argument("--attest", choices=EvidenceProvider.names(),
+                     help="evidence provider (inside an enclave: measured)")
+    att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (inside an enclave: measured)")
+    att.add_argument("--model-broker-identity", metavar="HEX", help="its identity (inside an enclave: measured)")
+    att.add_argument("--broker-ca", metavar="PEM", help="CA certificate for a broker served over HTTPS")
+    att.add_argument("--attestation-dir", default="/dev/attestation", help=argparse.SUPPRESS)
+    att.add_argument("--renew", type=float, default=300.0, metavar="SECONDS",
+                     help="renew the model key and the allow-list from the model broker this often (default 300)")
+    p.add_argument("--min-version", type=int, default=0, help="refuse bundles older than this model version")
+    b = p.add_argument_group("batching and limits")
+    b.add_argument("--batch-size", type=int, default=64, help="the engine's batch size (default 64)")
+    b.add_argument("--max-batch", type=int, default=64, help="gather up to this many samples across requests (default 64)")
+    b.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="wait at most this long to fill a batch (default 0: batch what is waiting; load forms batches)")
+    b.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 Retry-After (default 256)")
+    b.add_argument("--max-request-samples", type=int, default=1024, help="samples per request (default 1024)")
+    b.add_argument("--max-body", type=int, default=64 << 20, help="request body limit in bytes (default 64 MiB)")
+    b.add_argument("--timeout", type=float, default=30.0, help="seconds a client may take to send a request (default 30)")
+    p.add_argument("--memory-budget", type=float, metavar="MiB", help="limit for resident weights + activations")
+    p.add_argument("--full-model", action="store_true", help="ignore the exit thresholds (for comparisons)")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: OMP_NUM_THREADS)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(model_key=None, data_key=[], data_broker=[], plaintext_result=None,
+                   pinned_bundle_id=None, pinned_model_key_id=None)  # what predict's measured settings use
+
+
+# --------------------------------------------------------------------------- the model
+class LoadedModel:
+    """The verified bundle, its stage store and exit rule: ``answer(x)`` for the batcher's thread."""
+
+    def __init__(self, bundle, memory_budget, batch_size: int, full_model: bool, log):
+        from .api import ModelInfo
+        from .stages import StageStore
+
+        h = bundle.header
+        self.bundle, self.batch_size = bundle, batch_size
+        self.store = StageStore(bundle, memory_budget, batch_size, log)
+        self.criterion = h.criterion
+        self.thresholds = h.exit_thresholds(full_model)
+        self.classes = h.classes
+        self.input_shape = h.preprocessing.input_shape
+        self.identity = h.model_ref.to_json()  # what every answer names
+        self.info = ModelInfo.of(h).to_json()  # GET /v1/model
+        self.exit_counts = [0] * bundle.num_stages
+
+    def answer(self, x):
+        from .engine import early_exit
+
+        a = early_exit(self.store.get, self.bundle.num_stages, x, self.criterion, self.thresholds, self.batch_size)
+        out = []
+        for label, conf, ex in zip(a.labels.tolist(), a.confidences.tolist(), a.exits.tolist()):
+            self.exit_counts[ex] += 1
+            out.append({"label": label, "class_name": self.classes[label], "confidence": round(conf, 6), "exit": ex})
+        return out
+
+
+# --------------------------------------------------------------------------- running
+def _model_keys(args):
+    from ..attest.client import AttestedKeys
+    from ..attest.identity import parse_identity
+    from .predict import apply_enclave_settings
+
+    apply_enclave_settings(args)
+    if not args.attest or not args.model_broker or not args.model_broker_identity:
+        raise UsageError("serve needs --attest, --model-broker URL and --model-broker-identity HEX "
+                         "(inside an enclave they are measured)")
+    identity = parse_identity(args.model_broker_identity, "--model-broker-identity")
+    return AttestedKeys(args.attest, args.model_broker, identity, [], attestation_dir=args.attestation_dir,
+                        ca_file=args.broker_ca, min_version=args.min_version)
+
+
+def _check_limits(args) -> None:
+    for name in ("batch_size", "max_batch", "max_queue", "max_request_samples", "max_body"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_wait_ms < 0 or args.timeout <= 0 or args.renew <= 0:
+        raise UsageError("--max-wait-ms must not be negative; --timeout and --renew must be positive")
+
+
+def _load(args, log):
+    """Attest to the model broker, verify the pinned bundle, load stage 0: (keys, model key id, model)."""
+    from ..seal.bundle import open_bundle, read_header_unverified
+    from .predict import check_pins
+
+    keys = _model_keys(args)
+    header = read_header_unverified(args.bundle)
+    check_pins(header, args, args.bundle)
+    kid = args.pinned_model_key_id or header.key_id
+    model_key = keys.model_key(kid)
+    bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
+    check_pins(bundle.header, args, args.bundle)  # the header read first may have been swapped since
+    model = LoadedModel(bundle, args.memory_budget, args.batch_size, args.full_model, log)
+    model.store.get(0)  # stage 0 eagerly: the first request should not pay for it
+    return keys, kid, model
+
+
+class Renewal:
+    """Every ``--renew`` seconds: attest to the model broker again and take its allow-list. A refusal
+    (the model owner revoked this enclave, or every data owner) stops the answers at once; a broker
+    that cannot be reached stops them after ``GRACE`` failed renewals in a row."""
+
+    GRACE = 3
+
+    def __init__(self, server, keys, kid: str, tls_key, cert_der: bytes, owner: bytes, signer, period: float, log):
+        self.server, self.keys, self.kid, self.period, self.log = server, keys, kid, period, log
+        self._tls = (tls_key, cert_der, owner, signer)
+        self.failures = 0
+        self.stopping = threading.Event()
+
+    def context_for(self, allowed):
+        from .https import anchors_for, tls_context
+
+        tls_key, cert_der, owner, signer = self._tls
+        return tls_context(tls_key, cert_der, anchors_for(set(allowed) | {owner}, signer))
+
+    def run(self) -> None:
+        from ..errors import AttestationError
+
+        while not self.stopping.wait(self.period):
+            try:
+                new = frozenset(self.keys.renew(self.kid))
+            except AttestationError as e:
+                self._revoke(f"the model broker refused to renew ({e})")
+                continue
+            except BranchyError as e:
+                self.failures += 1
+                if self.failures >= self.GRACE:
+                    self._revoke(f"the model broker was unreachable {self.failures} times in a row ({e})")
+                continue
+            self.failures = 0
+            if new != self.server.allowed:
+                self.server.context = self.context_for(new)
+                self.server.allowed = new
+                self.log(f"allow-list renewed: {len(new)} data owner(s)")
+            if self.server.state == "revoked":
+                self.server.state = "ok"
+
+    def _revoke(self, why: str) -> None:
+        self.server.state = "revoked"
+        self.log(f"{why}; no longer answering")
+
+
+def start(args, log=None):
+    """Attest, load, and start serving in background threads; returns (server, stop function)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ..attest.ratls import make_server_certificate
+    from ..parsing import parse_listen
+    from .batching import Batcher
+    from .https import Server
+    from .tuning import tune_allocator
+
+    log = log or (lambda msg: None)
+    _check_limits(args)
+    host, port = parse_listen(args.listen)
+    tune_allocator()
+    from .graphs import use_threads
+
+    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1)
+    keys, kid, model = _load(args, log)
+    tls_key, cert_der = make_server_certificate(keys.provider)
+    signer = Ed25519PrivateKey.generate()  # signs the anchors (OpenSSL does not check their signatures)
+    owner, allowed = keys.model_broker_identity, frozenset(keys.allowed_data_owners or ())
+    batcher = Batcher(model.answer, args.max_batch, args.max_wait_ms / 1000.0, args.max_queue)
+    renewal = Renewal(None, keys, kid, tls_key, cert_der, owner, signer, args.renew, log)
+    server = Server((host, port), model, batcher, renewal.context_for(allowed), allowed=allowed, owner={owner},
+                    timeout_s=args.timeout, max_body=args.max_body, max_request_samples=args.max_request_samples,
+                    log=log)  # fmt: skip
+    renewal.server = server
+    threading.Thread(target=server.serve_forever, name="serve", daemon=True).start()
+    threading.Thread(target=renewal.run, name="renew", daemon=True).start()
+
+    def stop() -> None:
+        server.state = "draining"
+        renewal.stopping.set()
+        server.shutdown()  # no new connections; requests being read still reach the batcher
+        batcher.stop()
+        server.server_close()
+
+    return server, stop
+
+
+def run(args) -> int:
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
+    server, stop = start(args, log)
+    host, port = server.server_address[:2]
+    h = server.model.bundle.header
+    print(f"serving {h.arch} (bundle {h.bundle_id}, model version {h.model_version}) "
+          f"on https://{host}:{port} for {len(server.allowed)} allowed data owner(s)", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    log("stopping: finishing accepted requests")
+    stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except BranchyError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+

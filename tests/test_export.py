@@ -1,0 +1,88 @@
+"""Every registered model exports to one ONNX graph per stage, and those graphs, sealed and run one
+after another by the enclave's own path (sealed bundle, stage store, engine on ONNX Runtime), give the
+PyTorch model's outputs.
+
+Tolerance: every exit's log-probabilities within 1e-4 + 1e-4 x |value| of PyTorch's (float32; the
+largest difference measured over all twelve models here was 4e-6). Narrow configurations keep the
+exports quick; exporting is the slow part (about 1-2 s of CPU per stage graph), so each model is
+exported once for the whole test session (``runs.export_cached``).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from branchy_tee.cli import main
+from branchy_tee.fileio import read_key_file
+from branchy_tee.models import list_models
+from branchy_tee.runtime.criteria import ENTROPY
+from branchy_tee.runtime.engine import early_exit
+from branchy_tee.runtime.stages import StageStore
+from branchy_tee.seal.bundle import open_bundle
+from runs import keygen, make_random_run
+
+# (in_channels, image size, config): the narrowest configuration each family offers; a model not
+# listed here is tested at its defaults on 3x32x32 inputs.
+CONFIGS = {
+    "lenet5": (1, 28, {}),
+    "alexnet": (3, 32, {"head_width": 16}),
+    "vgg16": (3, 32, {"head_width": 16}),
+    "vgg19": (1, 28, {"head_width": 16}),
+    "resnet18": (3, 32, {"width": 8}),
+    "resnet34": (3, 32, {"width": 8}),
+    "resnet50": (3, 32, {"width": 8}),
+    "resnet101": (1, 28, {"width": 8}),
+    "resnet152": (3, 32, {"width": 8}),
+    "densenet121": (1, 28, {"growth": 8}),
+    "mobilenetv1": (3, 32, {"width_mult": 0.25}),
+    "mobilenetv2": (3, 32, {}),
+}
+HEAVY = {"resnet101", "resnet152", "densenet121"}  # the deepest graphs: the longest exports
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in list_models()])
+def test_sealed_stage_graphs_give_the_pytorch_models_outputs(tmp_path, name):
+    channels, size, config = CONFIGS.get(name, (3, 32, {}))
+    model, _ = make_random_run(tmp_path / "run", name, channels, size, **config)
+    torch.manual_seed(1)
+    x = torch.randn(5, channels, size, size)
+    with torch.no_grad():
+        expected = [torch.log_softmax(o, dim=1).numpy() for o in model(x)]
+
+    export = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
+    assert [e["file"] for e in export["stages"]] == [f"stage-{k:02d}.onnx" for k in range(model.num_exits)]
+    assert main(["seal", str(tmp_path / "run"), "--key", str(keygen(tmp_path / "mo.key")), "--out", str(tmp_path / "m.btee"),
+                 "--json"]) == 0  # fmt: skip
+    store = StageStore(open_bundle(tmp_path / "m.btee", read_key_file(tmp_path / "mo.key")))
+    got = [np.full_like(e, np.nan) for e in expected]
+
+    def observe(k, pos, log_probs):
+        got[k][pos] = log_probs
+
+    never = [ENTROPY.never] * (model.num_exits - 1)
+    # batches of 2: full batches and a part batch of 1, through the dynamic batch dimension
+    early_exit(store.get, model.num_exits, x.numpy(), ENTROPY, never, batch_size=2, observe=observe)
+    assert store.loaded_ever == list(range(model.num_exits))
+    for k in range(model.num_exits):
+        assert np.allclose(got[k], expected[k], rtol=1e-4, atol=1e-4), (k, float(np.abs(got[k] - expected[k]).max()))
+
+
+def test_a_graph_changed_after_export_is_refused_and_export_redoes_it(tmp_path, capsys):
+    make_random_run(tmp_path / "run", "lenet5", 1, 28)
+    graph = tmp_path / "run" / "onnx" / "stage-01.onnx"
+    original = graph.read_bytes()
+    graph.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    mo = keygen(tmp_path / "mo.key")
+    capsys.readouterr()
+    assert main(["seal", str(tmp_path / "run"), "--key", str(mo), "--out", str(tmp_path / "m.btee")]) == 1
+    err = capsys.readouterr().err
+    assert "stage-01.onnx: does not match export.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.btee").exists()
+    assert main(["export", str(tmp_path / "run"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert graph.read_bytes() == original  # the export is deterministic
+    assert [e["file"] for e in doc["stages"]] == ["stage-00.onnx", "stage-01.onnx", "stage-02.onnx"]
+    assert all(e["weight_bytes"] > 0 and e["activation_elems"] > 0 for e in doc["stages"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.json", "model.safetensors", "onnx"]
