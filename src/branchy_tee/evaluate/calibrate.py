@@ -85,8 +85,14 @@ def choose(candidates: list[dict], final_accuracy: float, max_accuracy_drop: flo
     return min(eligible, key=lambda c: (c["mean_flops"], -c["accuracy"]))
 
 
-def calibrate(logits, labels, costs: list[int], criterion: Criterion | str = "entropy", max_accuracy_drop=0.01,
-              margin_se=DEFAULT_MARGIN_SE) -> dict:
+def calibrate(
+    logits,
+    labels,
+    costs: list[int],
+    criterion: Criterion | str = "entropy",
+    max_accuracy_drop=0.01,
+    margin_se=DEFAULT_MARGIN_SE,
+) -> dict:
     """Pick the cheapest shared threshold whose validation accuracy is at least
     final-exit accuracy - ``max_accuracy_drop`` (+ ``margin_se`` standard errors).
 
@@ -112,8 +118,18 @@ def calibrate(logits, labels, costs: list[int], criterion: Criterion | str = "en
     }
 
 
-def calibrate_run(run_dir, max_accuracy_drop=0.01, criterion=None, margin_se=DEFAULT_MARGIN_SE, device="cpu",
-                  dataset=None, data_dir=None, max_batches=None, val_set=None, show=True) -> dict:
+def calibrate_run(
+    run_dir,
+    max_accuracy_drop=0.01,
+    criterion=None,
+    margin_se=DEFAULT_MARGIN_SE,
+    device="cpu",
+    dataset=None,
+    data_dir=None,
+    max_batches=None,
+    val_set=None,
+    show=True,
+) -> dict:
     """Calibrate a run directory on its validation split and write the thresholds into model.json.
 
     The scores are those of the run's exported stage graphs run by the enclave's engine (exported
@@ -133,6 +149,8 @@ def calibrate_run(run_dir, max_accuracy_drop=0.01, criterion=None, margin_se=DEF
     result = calibrate(logits, labels, cost, criterion, max_accuracy_drop, margin_se)
     result["full_flops"] = exit_f[-1]
     record = {k: v for k, v in result.items() if k != "candidates"} | {"criterion": criterion, "samples": len(labels)}
-    write_model_card(run_dir, card.replace(criterion=criterion, thresholds=tuple(result["thresholds"]),
-                                           calibration=Calibration(**record)))
+    write_model_card(
+        run_dir,
+        card.replace(criterion=criterion, thresholds=tuple(result["thresholds"]), calibration=Calibration(**record)),
+    )
     return result

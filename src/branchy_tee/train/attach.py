@@ -14,15 +14,15 @@ the backbone was trained on), or a plain single-exit state dict for ``--net``
 
 from __future__ import annotations
 
-import hashlib
-
-import torch
+from typing import cast
 
 from ..errors import UsageError
 from ..modelcard import DataSpec, ModelCard
 from ..models import create_model, resolve_name
+from ..models.multiexit import MultiExitNet
 from ..models.plain import backbone_keys, load_plain_weights, read_state_dict
 from ..rundir import load_run
+from .checkpoint import state_digest
 
 
 def is_attaching(cfg) -> bool:
@@ -39,23 +39,30 @@ def check_options(cfg) -> None:
 def source_data(cfg, source: ModelCard) -> DataSpec:
     """The source run's data set and validation split (its model card's ``data``)."""
     if source.data is None:
-        raise UsageError(f"--attach-exits: {cfg.attach_exits}/model.json does not say how its validation split was made")
+        raise UsageError(
+            f"--attach-exits: {cfg.attach_exits}/model.json does not say how its validation split was made"
+        )
     if cfg.dataset not in (None, source.data.dataset):
         raise UsageError(f"--attach-exits: {cfg.attach_exits} was trained on {source.data.dataset}, not {cfg.dataset}")
     return source.data
 
 
-def source_model(cfg, input_shape, num_classes: int) -> tuple[torch.nn.Module, dict]:
+def source_model(cfg, input_shape, num_classes: int) -> tuple[MultiExitNet, dict]:
     """The model to train, its backbone and final exit loaded from the source (not yet frozen), and
     a record of where they came from for the model card."""
     if cfg.attach_exits:
-        model, card = load_run(cfg.attach_exits)
+        loaded, card = load_run(cfg.attach_exits)
+        model = cast(MultiExitNet, loaded)
         if cfg.net and resolve_name(cfg.net) != card.arch:
             raise UsageError(f"--attach-exits: {cfg.attach_exits} is a {card.arch}, not {resolve_name(cfg.net)}")
         record = {"run": str(cfg.attach_exits), "naming": "branchy-tee"}
     else:
-        model = create_model(resolve_name(cfg.net or "mobilenetv1"), num_classes=num_classes, in_channels=input_shape[0],
-                             **cfg.model_config)
+        model = create_model(
+            resolve_name(cfg.net or "mobilenetv1"),
+            num_classes=num_classes,
+            in_channels=input_shape[0],
+            **cfg.model_config,
+        )
         naming = load_plain_weights(model, read_state_dict(cfg.backbone_weights), cfg.backbone_weights)
         record = {"weights": str(cfg.backbone_weights), "naming": naming}
     record["backbone_sha256"] = backbone_digest(model)
@@ -64,12 +71,7 @@ def source_model(cfg, input_shape, num_classes: int) -> tuple[torch.nn.Module, d
 
 def backbone_digest(model) -> str:
     """SHA-256 over the backbone's and the final exit's names and values (what must not change)."""
-    state = model.state_dict()
-    h = hashlib.sha256()
-    for k in sorted(backbone_keys(model)):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return state_digest(model, backbone_keys(model))
 
 
 def freeze_backbone(model) -> None:

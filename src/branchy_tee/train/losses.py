@@ -45,9 +45,9 @@ def multi_exit_loss(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     ces = [F.cross_entropy(out, targets) for out in outputs]
-    distill = teacher_logits is not None and alpha > 0
+    teacher = teacher_logits if alpha > 0 else None
     loss = exit_weights[-1] * ces[-1]
-    for w, ce, out in zip(exit_weights[:-1], ces[:-1], outputs[:-1]):
-        term = (1 - alpha) * ce + alpha * distillation_term(out, teacher_logits, temperature) if distill else ce
+    for w, ce, out in zip(exit_weights[:-1], ces[:-1], outputs[:-1], strict=True):
+        term = ce if teacher is None else (1 - alpha) * ce + alpha * distillation_term(out, teacher, temperature)
         loss = loss + w * term
     return loss, [float(ce.detach()) for ce in ces]
