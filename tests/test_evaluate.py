@@ -27,7 +27,9 @@ def test_eval_json_is_consistent(run_dir, tmp_path, capsys):
     assert {"exits", "final_accuracy", "calibrated", "oracle", "sweep"} <= set(r)
     assert [e["index"] for e in r["exits"]] == [0, 1, 2]
     for e in r["exits"]:
-        assert {"index", "accuracy", "flops", "latency_ms"} <= set(e) and 0 <= e["accuracy"] <= 1 and e["latency_ms"] > 0
+        assert (
+            {"index", "accuracy", "flops", "latency_ms"} <= set(e) and 0 <= e["accuracy"] <= 1 and e["latency_ms"] > 0
+        )
     assert r["final_accuracy"] == r["exits"][-1]["accuracy"]
     cal = r["calibrated"]
     assert {"criterion", "thresholds", "accuracy", "mean_flops", "exit_fractions"} <= set(cal)
@@ -96,7 +98,9 @@ def test_calibration_candidates_decide_as_the_runtime_does(criterion):
     logits = [(torch.randn(300, 10) * s + 3 * torch.nn.functional.one_hot(labels, 10)).log_softmax(1)
               for s in (2.0, 1.5, 1.0)]  # fmt: skip
     thresholds = candidate_thresholds(logits, criterion, points=50)
-    for t, fast in zip(thresholds, shared_threshold_settings(logits, labels, [1, 2, 4], criterion, thresholds)):
+    for t, fast in zip(
+        thresholds, shared_threshold_settings(logits, labels, [1, 2, 4], criterion, thresholds), strict=True
+    ):
         ref = run_setting(logits, labels, criterion, [t, t], [1, 2, 4])
         assert fast["accuracy"] == ref["accuracy"] and fast["exit_fractions"] == ref["exit_fractions"]
         assert fast["mean_flops"] == pytest.approx(ref["mean_flops"])

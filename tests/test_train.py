@@ -29,12 +29,12 @@ def test_distillation_term_matches_hand_computation():
     teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
     t = 4.0
     expected = 0.0
-    for s_row, t_row in zip(student, teacher):
+    for s_row, t_row in zip(student, teacher, strict=True):
         p = [math.exp(v / t) for v in t_row.tolist()]
         p = [v / sum(p) for v in p]
         q = [math.exp(v / t) for v in s_row.tolist()]
         q = [v / sum(q) for v in q]
-        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
     expected = expected / 2 * t * t
     assert abs(float(losses.distillation_term(student, teacher, t)) - expected) < 1e-6
 
@@ -46,7 +46,7 @@ def test_multi_exit_loss_combines_terms_and_detaches_teacher():
     loss, ces = losses.multi_exit_loss(outs, y, [1.0, 0.5, 2.0], alpha=0.3, temperature=2.0, teacher_logits=outs[-1])
     # Each early exit: (1 - alpha) * CE + alpha * T^2 * KL, times its weight; the final exit: CE only.
     manual = 2.0 * F.cross_entropy(outs[-1], y)
-    for w, o in zip([1.0, 0.5], outs[:-1]):
+    for w, o in zip([1.0, 0.5], outs[:-1], strict=True):
         manual = manual + w * (0.7 * F.cross_entropy(o, y) + 0.3 * losses.distillation_term(o, outs[-1], 2.0))
     assert torch.allclose(loss, manual)
     assert ces == pytest.approx([float(F.cross_entropy(o, y).detach()) for o in outs])
@@ -124,18 +124,85 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_every_seed_flag_parses(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--lr", "0.003", "--batch-size", "50", "--num-workers", "0", "--net", "LeNet5", "--epochs", "1",
-               "-p", "3", "-o", "sgd", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
-               "--synthetic-samples", "300", "--device", "cpu", "--distill", "none", "--temperature", "3", "--alpha", "0.2",
-               "--exit-weights", "1,1,2", "--seed", "4", "--out", str(out), "--max-batches", "3", "--json"])  # fmt: skip
+    rc = main(
+        [
+            "train",
+            "--lr",
+            "0.003",
+            "--batch-size",
+            "50",
+            "--num-workers",
+            "0",
+            "--net",
+            "LeNet5",
+            "--epochs",
+            "1",
+            "-p",
+            "3",
+            "-o",
+            "sgd",
+            "--dataset",
+            "synthetic",
+            "--synthetic-channels",
+            "1",
+            "--synthetic-size",
+            "28",
+            "--synthetic-samples",
+            "300",
+            "--device",
+            "cpu",
+            "--distill",
+            "none",
+            "--temperature",
+            "3",
+            "--alpha",
+            "0.2",
+            "--exit-weights",
+            "1,1,2",
+            "--seed",
+            "4",
+            "--out",
+            str(out),
+            "--max-batches",
+            "3",
+            "--json",
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["epochs_run"] == 1
     saved = json.loads((out / "model.json").read_text())["training"]["config"]
     assert saved["optim"] == "sgd" and saved["exit_weights"] == [1.0, 1.0, 2.0] and saved["distill"] == "none"
-    assert main(["train", "-r", "--net", "lenet5", "--epochs", "2", "--dataset", "synthetic", "--synthetic-channels", "1",
-                 "--synthetic-size", "28", "--synthetic-samples", "300", "--num-workers", "0", "--out", str(out),
-                 "--max-batches", "3", "-o", "sgd", "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "-r",
+                "--net",
+                "lenet5",
+                "--epochs",
+                "2",
+                "--dataset",
+                "synthetic",
+                "--synthetic-channels",
+                "1",
+                "--synthetic-size",
+                "28",
+                "--synthetic-samples",
+                "300",
+                "--num-workers",
+                "0",
+                "--out",
+                str(out),
+                "--max-batches",
+                "3",
+                "-o",
+                "sgd",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["epochs_run"] == 1  # resumed at epoch 2
 
 
@@ -173,7 +240,9 @@ def test_teacher_distillation(tmp_path):
     fit(tiny(tmp_path / "teacher", epochs=1))
     s = fit(tiny(tmp_path / "student", epochs=1, distill="teacher", teacher=str(tmp_path / "teacher")))
     assert s["epochs_run"] == 1
-    s = fit(tiny(tmp_path / "student2", epochs=1, distill="teacher", teacher=str(tmp_path / "teacher" / "checkpoint.pt")))
+    s = fit(
+        tiny(tmp_path / "student2", epochs=1, distill="teacher", teacher=str(tmp_path / "teacher" / "checkpoint.pt"))
+    )
     assert s["epochs_run"] == 1
 
 
@@ -182,8 +251,9 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "branchy_tee.cli",
-         "train", "--net", "lenet5", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "branchy_tee.cli", "train", "--net", "lenet5", "--dataset", "synthetic",
+         "--synthetic-channels", "1", "--synthetic-size", "28",
          "--synthetic-samples", "400", "--epochs", "2", "--lr", "0.003", "--batch-size", "25", "--num-workers", "0",
          "--out", str(out), "--json"],
         capture_output=True, text=True, env=env, timeout=300,

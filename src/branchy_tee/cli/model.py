@@ -34,7 +34,7 @@ def cmd_models(args) -> int:
 
 
 def add_train(sub) -> None:
-    from ..choices import DISTILL, OPTIMIZERS
+    from ..choices import OPTIMIZERS
 
     p = sub.add_parser(
         "train",
@@ -62,6 +62,15 @@ def add_train(sub) -> None:
     # Ours.
     add_data_arguments(p, default=None, default_help="fashion-mnist, or the run's with --attach-exits")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_loss_arguments(p)
+    _add_attach_arguments(p)
+    _add_run_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _add_loss_arguments(p) -> None:
+    from ..choices import DISTILL
+
     p.add_argument(
         "--distill",
         choices=DISTILL,
@@ -94,6 +103,9 @@ def add_train(sub) -> None:
         metavar="G",
         help="scale the gradient the early exits send into the shared backbone (default 1)",
     )
+
+
+def _add_attach_arguments(p) -> None:
     attach = p.add_mutually_exclusive_group()
     attach.add_argument(
         "--attach-exits",
@@ -119,6 +131,9 @@ def add_train(sub) -> None:
         default=0.1,
         help="share of the training set held out for validation and calibration (default 0.1)",
     )
+
+
+def _add_run_arguments(p) -> None:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest", metavar="RUN_DIR", help="run directory (default runs/latest)")
@@ -141,7 +156,6 @@ def add_train(sub) -> None:
         "--max-accuracy-drop", type=float, default=0.01, help="calibration budget (fraction; default 0.01 = 1 point)"
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
-    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args) -> int:
