@@ -92,34 +92,10 @@ def test_backbone_weights_in_pytorch_cifar_names(tmp_path):
     torch.save({"net": plain, "acc": 91.0, "epoch": 3}, path)  # the layout pytorch-cifar saves
 
     out = tmp_path / "att"
-    rc = main(
-        [
-            "train",
-            "--net",
-            "resnet18",
-            "--model-config",
-            "width=4",
-            "--backbone-weights",
-            str(path),
-            "--dataset",
-            "synthetic",
-            "--synthetic-channels",
-            "1",
-            "--synthetic-size",
-            "28",
-            "--synthetic-samples",
-            "200",
-            "--epochs",
-            "1",
-            "--max-batches",
-            "2",
-            "--num-workers",
-            "0",
-            "--out",
-            str(out),
-            "--json",
-        ]
-    )
+    rc = main(["train", "--net", "resnet18", "--model-config", "width=4", "--backbone-weights", str(path),
+               "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
+               "--synthetic-samples", "200",
+               "--epochs", "1", "--max-batches", "2", "--num-workers", "0", "--out", str(out), "--json"])  # fmt: skip
     assert rc == 0
     model, card = load_run(out)
     assert all(torch.equal(source.state_dict()[k], model.state_dict()[k]) for k in backbone_keys(model))
@@ -148,25 +124,9 @@ def test_a_wrong_state_dict_is_one_line_naming_the_keys(tmp_path, capsys):
     state["stages.1.0.extra"] = torch.zeros(3)
     path = tmp_path / "bad.safetensors"
     save_file(state, path)
-    args = [
-        "train",
-        "--net",
-        "lenet5",
-        "--dataset",
-        "synthetic",
-        "--synthetic-channels",
-        "1",
-        "--synthetic-size",
-        "28",
-        "--synthetic-samples",
-        "100",
-        "--epochs",
-        "1",
-        "--num-workers",
-        "0",
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    args = ["train", "--net", "lenet5", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
+            "--synthetic-samples", "100", "--epochs", "1", "--num-workers", "0",
+            "--out", str(tmp_path / "run")]  # fmt: skip
     assert main([*args, "--backbone-weights", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

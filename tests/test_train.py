@@ -124,85 +124,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_every_seed_flag_parses(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(
-        [
-            "train",
-            "--lr",
-            "0.003",
-            "--batch-size",
-            "50",
-            "--num-workers",
-            "0",
-            "--net",
-            "LeNet5",
-            "--epochs",
-            "1",
-            "-p",
-            "3",
-            "-o",
-            "sgd",
-            "--dataset",
-            "synthetic",
-            "--synthetic-channels",
-            "1",
-            "--synthetic-size",
-            "28",
-            "--synthetic-samples",
-            "300",
-            "--device",
-            "cpu",
-            "--distill",
-            "none",
-            "--temperature",
-            "3",
-            "--alpha",
-            "0.2",
-            "--exit-weights",
-            "1,1,2",
-            "--seed",
-            "4",
-            "--out",
-            str(out),
-            "--max-batches",
-            "3",
-            "--json",
-        ]
-    )
+    rc = main(["train", "--lr", "0.003", "--batch-size", "50", "--num-workers", "0", "--net", "LeNet5", "--epochs", "1",
+               "-p", "3", "-o", "sgd", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
+               "--synthetic-samples", "300", "--device", "cpu", "--distill", "none", "--temperature", "3",
+               "--alpha", "0.2",
+               "--exit-weights", "1,1,2", "--seed", "4", "--out", str(out), "--max-batches", "3",
+               "--json"])  # fmt: skip
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["epochs_run"] == 1
     saved = json.loads((out / "model.json").read_text())["training"]["config"]
     assert saved["optim"] == "sgd" and saved["exit_weights"] == [1.0, 1.0, 2.0] and saved["distill"] == "none"
-    assert (
-        main(
-            [
-                "train",
-                "-r",
-                "--net",
-                "lenet5",
-                "--epochs",
-                "2",
-                "--dataset",
-                "synthetic",
-                "--synthetic-channels",
-                "1",
-                "--synthetic-size",
-                "28",
-                "--synthetic-samples",
-                "300",
-                "--num-workers",
-                "0",
-                "--out",
-                str(out),
-                "--max-batches",
-                "3",
-                "-o",
-                "sgd",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert main(["train", "-r", "--net", "lenet5", "--epochs", "2", "--dataset", "synthetic",
+                 "--synthetic-channels", "1",
+                 "--synthetic-size", "28", "--synthetic-samples", "300", "--num-workers", "0", "--out", str(out),
+                 "--max-batches", "3", "-o", "sgd", "--json"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["epochs_run"] == 1  # resumed at epoch 2
 
 
@@ -251,9 +187,9 @@ def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "branchy_tee.cli", "train", "--net", "lenet5", "--dataset", "synthetic",
-         "--synthetic-channels", "1", "--synthetic-size", "28",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+         "branchy_tee.cli",
+         "train", "--net", "lenet5", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
          "--synthetic-samples", "400", "--epochs", "2", "--lr", "0.003", "--batch-size", "25", "--num-workers", "0",
          "--out", str(out), "--json"],
         capture_output=True, text=True, env=env, timeout=300,
