@@ -22,21 +22,54 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 # Common to every run of a model: the same epochs, learning rate and batch size for every recipe,
 # so that the recipes are compared at equal training time.
-MODELS = {
+MODELS: dict[str, dict[str, Any]] = {
     "lenet5": {"net": "lenet5", "model_config": {}, "epochs": 5, "lr": 3e-3, "batch_size": 128},
-    "mobilenetv1-0.25": {"net": "mobilenetv1", "model_config": {"width_mult": 0.25}, "epochs": 4, "lr": 3e-3, "batch_size": 128},
+    "mobilenetv1-0.25": {
+        "net": "mobilenetv1",
+        "model_config": {"width_mult": 0.25},
+        "epochs": 4,
+        "lr": 3e-3,
+        "batch_size": 128,
+    },
     "resnet18-w8": {"net": "resnet18", "model_config": {"width": 8}, "epochs": 4, "lr": 3e-3, "batch_size": 128},
-    "resnet18-w8-3ep-noaug": {"net": "resnet18", "model_config": {"width": 8}, "epochs": 3, "lr": 3e-3, "batch_size": 128,
-                              "augment": False},
-    "resnet18-w8-2ep-noaug": {"net": "resnet18", "model_config": {"width": 8}, "epochs": 2, "lr": 3e-3, "batch_size": 128,
-                              "augment": False},
-    "lenet5-8ep-noaug": {"net": "lenet5", "model_config": {}, "epochs": 8, "lr": 3e-3, "batch_size": 128, "augment": False},
-    "lenet5-10ep-noaug": {"net": "lenet5", "model_config": {}, "epochs": 10, "lr": 3e-3, "batch_size": 128, "augment": False},
+    "resnet18-w8-3ep-noaug": {
+        "net": "resnet18",
+        "model_config": {"width": 8},
+        "epochs": 3,
+        "lr": 3e-3,
+        "batch_size": 128,
+        "augment": False,
+    },
+    "resnet18-w8-2ep-noaug": {
+        "net": "resnet18",
+        "model_config": {"width": 8},
+        "epochs": 2,
+        "lr": 3e-3,
+        "batch_size": 128,
+        "augment": False,
+    },
+    "lenet5-8ep-noaug": {
+        "net": "lenet5",
+        "model_config": {},
+        "epochs": 8,
+        "lr": 3e-3,
+        "batch_size": 128,
+        "augment": False,
+    },
+    "lenet5-10ep-noaug": {
+        "net": "lenet5",
+        "model_config": {},
+        "epochs": 10,
+        "lr": 3e-3,
+        "batch_size": 128,
+        "augment": False,
+    },
 }
 
 # A recipe is a list of phases; each phase is a set of TrainConfig fields. A phase with
@@ -44,7 +77,7 @@ MODELS = {
 # "epochs" are taken out of the model's epoch budget (so a two-phase recipe trains no longer).
 # The previous additive loss CE + 0.5 * T^2 * KL equals, in the convex form, alpha = 1/3 with the
 # early exits' weights at 1.5.
-RECIPES = {
+RECIPES: dict[str, list[dict[str, Any]]] = {
     "none": [{"distill": "none"}],
     "previous-default": [{"distill": "final", "alpha": 1 / 3, "temperature": 4.0, "early_weight": 1.5}],
     "convex": [{"distill": "final", "alpha": 0.5, "temperature": 4.0}],
@@ -53,13 +86,18 @@ RECIPES = {
     "convex-warmup": [{"distill": "final", "alpha": 0.5, "temperature": 4.0, "distill_warmup": 2.0}],
     "convex-final-weighted": [{"distill": "final", "alpha": 0.5, "temperature": 4.0, "final_weight": "sum"}],
     "convex-gradscale": [{"distill": "final", "alpha": 0.5, "temperature": 4.0, "exit_grad_scale": 0.3}],
-    "two-phase": [{"distill": "none", "epochs": -1}, {"frozen": True, "epochs": 1, "distill": "final", "alpha": 0.5, "temperature": 4.0}],
+    "two-phase": [
+        {"distill": "none", "epochs": -1},
+        {"frozen": True, "epochs": 1, "distill": "final", "alpha": 0.5, "temperature": 4.0},
+    ],
     "two-phase-ce": [{"distill": "none", "epochs": -1}, {"frozen": True, "epochs": 1, "distill": "none"}],
 }
-STAGES = {
+STAGES: dict[str, dict[str, Any]] = {
     "screen": {"models": ["lenet5"], "recipes": list(RECIPES)},
-    "confirm": {"models": ["resnet18-w8-3ep-noaug"],
-                "recipes": ["none", "previous-default", "convex-a0.2", "two-phase", "two-phase-ce"]},
+    "confirm": {
+        "models": ["resnet18-w8-3ep-noaug"],
+        "recipes": ["none", "previous-default", "convex-a0.2", "two-phase", "two-phase-ce"],
+    },
     "demo": {"models": ["lenet5-8ep-noaug", "lenet5-10ep-noaug"], "recipes": ["none"]},
 }
 MARGINS = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
@@ -73,7 +111,7 @@ def phase_configs(model: str, recipe: str, seed: int, run_dir: Path) -> list:
     spec = MODELS[model]
     phases = RECIPES[recipe]
     frozen_epochs = sum(p["epochs"] for p in phases if p.get("frozen"))
-    configs = []
+    configs: list = []
     for i, phase in enumerate(phases):
         p = dict(phase)
         frozen = p.pop("frozen", False)
@@ -142,8 +180,10 @@ def results(root: Path) -> list[dict]:
 
 
 def accuracy_table(rows: list[dict]) -> str:
-    lines = ["| model | recipe | seeds | test accuracy per exit, mean ± std (%) | mean early exit | final exit | minutes |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | recipe | seeds | test accuracy per exit, mean ± std (%) | mean early exit | final exit | minutes |",
+        "|---|---|---|---|---|---|---|",
+    ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["model"], r["recipe"]), []).append(r)
@@ -174,8 +214,11 @@ def calibration_table(root: Path, rows: list[dict], criterion_name: str = "entro
 
     criterion = criterion_named(criterion_name)
 
-    lines = ["| validation samples | margin (SE) | budget met on test | worst test loss (points) | mean test loss | mean cost |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| validation samples | margin (SE) | budget met on test | worst test loss (points) | mean test loss "
+        "| mean cost |",
+        "|---|---|---|---|---|---|",
+    ]
     loaded = [(r, load_logits(root / r["model"] / r["recipe"] / f"seed{r['seed']}" / "logits.pt")) for r in rows]
     for size in val_sizes:
         outcomes: dict[float, list[tuple[float, float]]] = {m: [] for m in MARGINS}
@@ -184,18 +227,25 @@ def calibration_table(root: Path, rows: list[dict], criterion_name: str = "entro
             if size is not None:
                 val_logits, val_labels = [v[:size] for v in val_logits], val_labels[:size]
             final = float((val_logits[-1].argmax(1) == val_labels).float().mean())
-            candidates = shared_threshold_settings(val_logits, val_labels, r["costs"], criterion,
-                                                   candidate_thresholds(val_logits, criterion))
+            candidates = shared_threshold_settings(
+                val_logits, val_labels, r["costs"], criterion, candidate_thresholds(val_logits, criterion)
+            )
             for margin in MARGINS:
                 chosen = choose(candidates, final, BUDGET, margin)
-                test = run_setting(lg["test"]["logits"], lg["test"]["labels"], criterion, chosen["thresholds"], r["costs"])
-                outcomes[margin].append((r["test_exit_accuracy"][-1] - test["accuracy"], test["mean_flops"] / r["costs"][-1]))
+                test = run_setting(
+                    lg["test"]["logits"], lg["test"]["labels"], criterion, chosen["thresholds"], r["costs"]
+                )
+                outcomes[margin].append(
+                    (r["test_exit_accuracy"][-1] - test["accuracy"], test["mean_flops"] / r["costs"][-1])
+                )
         shown = size or len(loaded[0][1]["val"]["labels"])
         for margin, res in outcomes.items():
             losses = [loss for loss, _ in res]
             held = sum(loss <= BUDGET + 1e-12 for loss in losses)
-            lines.append(f"| {shown} | {margin} | {held}/{len(res)} | {100 * max(losses):.2f} | "
-                         f"{100 * statistics.mean(losses):.2f} | {statistics.mean(c for _, c in res):.3f} |")
+            lines.append(
+                f"| {shown} | {margin} | {held}/{len(res)} | {100 * max(losses):.2f} | "
+                f"{100 * statistics.mean(losses):.2f} | {statistics.mean(c for _, c in res):.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -205,7 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", help="comma-separated recipes instead of the stage's")
     ap.add_argument("--models", help="comma-separated models instead of the stage's")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--out", default="runs/distill-study", help="where runs and the report go (default runs/distill-study)")
+    ap.add_argument(
+        "--out", default="runs/distill-study", help="where runs and the report go (default runs/distill-study)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     ap.add_argument("--report", action="store_true", help="only write the report from finished runs")
     args = ap.parse_args(argv)
@@ -226,7 +278,9 @@ def main(argv=None) -> int:
     if not rows:
         print("no finished runs", file=sys.stderr)
         return 1
-    report = f"## Test accuracy\n\n{accuracy_table(rows)}\n\n## Calibration on test\n\n{calibration_table(root, rows)}\n"
+    report = (
+        f"## Test accuracy\n\n{accuracy_table(rows)}\n\n## Calibration on test\n\n{calibration_table(root, rows)}\n"
+    )
     (root / "report.md").write_text(report)
     print(report)
     return 0
