@@ -160,8 +160,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._error(411, "length_required", "send Content-Length")
             return
         if int(length) > self.server.max_body:
-            self.close_connection = True  # the body is never read
+            self.close_connection = True
             self._error(413, "too_large", f"request body over {self.server.max_body} bytes")
+            self._discard_body(int(length))
             return
         body = self._read_body(int(length))
         if body is None:
@@ -187,6 +188,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.metrics.observe("error")
             return None
         return b"".join(chunks)
+
+    def _discard_body(self, n: int) -> None:
+        """After refusing a body: read and drop what the client is still sending, briefly and bounded,
+        so that it can finish sending and read our answer. Closing at once with its bytes unread makes
+        the client's send fail before it sees the 413 (nginx's "lingering close")."""
+        deadline, left = time.monotonic() + 2.0, min(n, 64 << 20)
+        try:
+            self.wfile.flush()
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(1 << 20, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except (OSError, ValueError):
+            pass
 
     def _predict(self, body: bytes, t0: float) -> None:
         from .batching import Busy, Stopped
