@@ -62,6 +62,9 @@ def sealed(tmp_path_factory):
     (base / "keys").mkdir()
     assert main(["keygen", "--out", str(base / "keys" / "model.key")]) == 0
     assert main(["keygen", "--out", str(base / "keys" / "data.key")]) == 0
-    assert main(["seal", str(base / "run"), "--key", str(base / "keys" / "model.key"), "--out", str(base / "model.btee")]) == 0
+    assert (
+        main(["seal", str(base / "run"), "--key", str(base / "keys" / "model.key"), "--out", str(base / "model.btee")])
+        == 0
+    )
     np.save(base / "images.npy", np.random.RandomState(0).randint(0, 256, (5, 1, 28, 28)).astype(np.uint8))
     return base

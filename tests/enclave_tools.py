@@ -17,7 +17,9 @@ def gramine_release(release: str) -> Path:
     """Gramine's own manifest tooling of one release (../shared/gramine-tools/vX.Y), or skip."""
     tool = GRAMINE_TOOLS / f"v{release}" / "gramine-manifest"
     if not tool.is_file():
-        pytest.skip(f"Gramine {release}'s gramine-manifest not found in {GRAMINE_TOOLS} (the shared tools sit beside the repo)")
+        pytest.skip(
+            f"Gramine {release}'s gramine-manifest not found in {GRAMINE_TOOLS} (the shared tools sit beside the repo)"
+        )
     return tool.parent
 
 

@@ -35,8 +35,17 @@ def export_cached(run_dir: Path) -> None:
         (run_dir / EXPORT_DIR / name).write_bytes(data)
 
 
-def make_random_run(out: Path, arch: str, in_channels: int = 1, size: int = 28, seed: int = 0, criterion="entropy",
-                    thresholds=None, export=True, **config) -> tuple[torch.nn.Module, ModelCard]:
+def make_random_run(
+    out: Path,
+    arch: str,
+    in_channels: int = 1,
+    size: int = 28,
+    seed: int = 0,
+    criterion="entropy",
+    thresholds=None,
+    export=True,
+    **config,
+) -> tuple[torch.nn.Module, ModelCard]:
     """A run directory holding a randomly initialised model (eval mode) and, with ``export``, its
     stage graphs, as training would write them."""
     torch.manual_seed(seed)
@@ -129,4 +138,3 @@ def mutate_bytes(raw: bytes, edits) -> bytes:
         else:
             b[pos : pos + len(payload)] = payload
     return bytes(b)
-

@@ -9,18 +9,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jinja2
 import pytest
+import tomllib
+from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
 
 from branchy_tee.cli import main
 from branchy_tee.enclave import build as eb
 from branchy_tee.enclave.launch import split_run_arguments
 from branchy_tee.errors import UsageError
-
-from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
 
 BROKER_M = "http://127.0.0.1:8101"
 BROKER_M_IDENTITY = "5a" * 32
@@ -39,10 +38,15 @@ def no_gramine(tmp_path, monkeypatch, enclave_env):
     return empty
 
 
-HEADER = "#!" + sys.executable + "\nimport json, os, sys\nLOG = @LOG@\n" + (
-    "def record(name, argv):\n"
-    "    with open(LOG, 'a') as f:\n"
-    "        f.write(json.dumps({'tool': name, 'argv': argv, 'cwd': os.getcwd()}) + '\\n')\n"
+HEADER = (
+    "#!"
+    + sys.executable
+    + "\nimport json, os, sys\nLOG = @LOG@\n"
+    + (
+        "def record(name, argv):\n"
+        "    with open(LOG, 'a') as f:\n"
+        "        f.write(json.dumps({'tool': name, 'argv': argv, 'cwd': os.getcwd()}) + '\\n')\n"
+    )
 )
 STANDINS = {
     "gramine-sgx-sign": """
@@ -157,7 +161,11 @@ def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramin
     assert (env["BRANCHY_TEE_BUNDLE_ID"], env["BRANCHY_TEE_MODEL_KEY_ID"]) == (header["bundle_id"], header["key_id"])
     assert env["BRANCHY_TEE_ALLOW_PLAINTEXT"] == "0" and env["BRANCHY_TEE_MIN_MODEL_VERSION"] == "1"
     assert env["OMP_NUM_THREADS"] == "4" and env["LD_LIBRARY_PATH"].startswith("/lib:")
-    assert env["PYTHONHOME"] == enclave_env.dir and env["MALLOC_ARENA_MAX"] == "1" and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert (
+        env["PYTHONHOME"] == enclave_env.dir
+        and env["MALLOC_ARENA_MAX"] == "1"
+        and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    )
     # SGX settings, current syntax only.
     sgx = m["sgx"]
     assert sgx["remote_attestation"] == "dcap"
@@ -186,7 +194,7 @@ def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramin
     expected_bundle = {f"file:{bundle / 'header.json'}"} | {f"file:{bundle / s['file']}" for s in header["stages"]}
     assert set(allowed) == expected_bundle | {f"file:{out / 'io'}/"}
     for entry in allowed:
-        path = Path(entry[len("file:"):])
+        path = Path(entry[len("file:") :])
         assert sealed / "keys" not in path.parents and path.suffix not in (".key", ".npy", ".py", ".so")
         assert not any(Path(t[5:].rstrip("/")) in path.parents for t in trusted if t.endswith("/"))
 
@@ -254,9 +262,19 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     assert summary["rendered_by"] == "gramine-manifest" and summary["manifest_bytes"] == len(rendered)
     assert summary["manifest_sha256"] == hashlib.sha256(rendered).hexdigest()
     assert summary["trusted_files"] == len(manifest["sgx"]["trusted_files"])
-    assert all(len(t["sha256"]) == 64 for t in manifest["sgx"]["trusted_files"]) and manifest["loader"]["entrypoint"]["sha256"]
+    assert (
+        all(len(t["sha256"]) == 64 for t in manifest["sgx"]["trusted_files"])
+        and manifest["loader"]["entrypoint"]["sha256"]
+    )
     [sign] = gramine("gramine-sgx-sign")
-    assert sign["argv"] == ["--key", str(key), "--manifest", "branchy-tee.manifest", "--output", "branchy-tee.manifest.sgx"]
+    assert sign["argv"] == [
+        "--key",
+        str(key),
+        "--manifest",
+        "branchy-tee.manifest",
+        "--output",
+        "branchy-tee.manifest.sgx",
+    ]
     assert sign["cwd"] == str(out)
     [view] = gramine("gramine-sgx-sigstruct-view")
     assert view["argv"] == ["--output-format", "json", "branchy-tee.sig"]
@@ -271,7 +289,11 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
                  str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
                  "--out", str(tmp_path / "r.json")]) == 0  # fmt: skip
     release = json.loads((tmp_path / "r.json").read_text())
-    assert (release["mrenclave"], release["mrsigner"], release["attest"]) == (sig[9:41].hex(), sig[41:73].hex(), "gramine")
+    assert (release["mrenclave"], release["mrsigner"], release["attest"]) == (
+        sig[9:41].hex(),
+        sig[41:73].hex(),
+        "gramine",
+    )
     assert release["model_broker_identity"] == BROKER_M_IDENTITY and release["model_owner"] == mo
     assert main(["enclave", "policy", "--release", str(tmp_path / "r.json"), "--model-owner", mo,
                  "--out", str(tmp_path / "p.toml")]) == 0  # fmt: skip
@@ -293,8 +315,18 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c["tool"] for c in calls] == ["gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view"]
-    assert calls[0]["argv"] == [f"-D{k}={v}" for k, v in defines.items()] + ["branchy-tee.manifest.template", "branchy-tee.manifest"]
-    assert calls[1]["argv"] == ["--key", str(key), "--manifest", "branchy-tee.manifest", "--output", "branchy-tee.manifest.sgx"]
+    assert calls[0]["argv"] == [f"-D{k}={v}" for k, v in defines.items()] + [
+        "branchy-tee.manifest.template",
+        "branchy-tee.manifest",
+    ]
+    assert calls[1]["argv"] == [
+        "--key",
+        str(key),
+        "--manifest",
+        "branchy-tee.manifest",
+        "--output",
+        "branchy-tee.manifest.sgx",
+    ]
     assert "mr_enclave" in done.stdout
     assert hashlib.sha256((out / "branchy-tee.manifest").read_bytes()).hexdigest() in done.stdout  # to compare builds
     assert (out / "branchy-tee.manifest.sgx").is_file() and (out / "branchy-tee.sig").is_file()
@@ -313,7 +345,9 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
     assert measured["mrenclave"] == (out / "branchy-tee.sig").read_bytes()[9:41].hex()
 
 
-def test_run_sgx_launches_gramine_sgx_with_the_manifest_and_predict_arguments(sealed, tmp_path, gramine, monkeypatch, capsys):
+def test_run_sgx_launches_gramine_sgx_with_the_manifest_and_predict_arguments(
+    sealed, tmp_path, gramine, monkeypatch, capsys
+):
     out, key = tmp_path / "enc", signing_key(tmp_path)
     assert main(build_args(sealed, out, "--sgx", "--signing-key", str(key))) == 0
     monkeypatch.chdir(tmp_path)
@@ -378,8 +412,12 @@ def test_sigstruct_view_json_output():
     view = {"mr_signer": s, "mr_enclave": e, "isv_prod_id": 3, "isv_svn": 1, "debug_enclave": True}
     assert eb.parse_sigstruct_view(json.dumps(view, indent=4)) == {"mrenclave": e, "mrsigner": s, "isv_prod_id": 3,
                                                                    "isv_svn": 1, "debug": True}  # fmt: skip
-    for bad in ("Attributes:\n    mr_enclave: " + e, json.dumps({**view, "mr_enclave": "ab"}),
-                json.dumps({**view, "isv_svn": "1"}), json.dumps({k: v for k, v in view.items() if k != "debug_enclave"})):
+    for bad in (
+        "Attributes:\n    mr_enclave: " + e,
+        json.dumps({**view, "mr_enclave": "ab"}),
+        json.dumps({**view, "isv_svn": "1"}),
+        json.dumps({k: v for k, v in view.items() if k != "debug_enclave"}),
+    ):
         with pytest.raises(eb.BranchyError, match="JSON"):
             eb.parse_sigstruct_view(bad)
 
@@ -387,17 +425,27 @@ def test_sigstruct_view_json_output():
 def test_ldd_output_is_read_into_normalised_paths():
     from branchy_tee.enclave.env import parse_ldd
 
-    out = ("/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n"
-           "\tlibq.so => not found\n\tlibo.so => /e/numpy/_core/../../numpy.libs/libo.so (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n")
+    out = (
+        "/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n"
+        "\tlibq.so => not found\n\tlibo.so => /e/numpy/_core/../../numpy.libs/libo.so (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n"
+    )
     assert parse_ldd(out) == {"/lib/x86_64-linux-gnu/libz.so.1", "/e/numpy.libs/libo.so", "/lib64/ld-linux-x86-64.so.2"}
 
 
 def test_run_argument_splitting():
     assert split_run_arguments(["--", "predict", "--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
-    assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (["--backend", "native"], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (
+        ["--backend", "native"],
+        "predict",
+        ["--bundle", "b"],
+    )
     assert split_run_arguments(["predict", "--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
     assert split_run_arguments(["--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
-    assert split_run_arguments(["--backend=native", "predict", "--bundle", "b"]) == (["--backend=native"], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--backend=native", "predict", "--bundle", "b"]) == (
+        ["--backend=native"],
+        "predict",
+        ["--bundle", "b"],
+    )
     assert split_run_arguments(["--", "serve", "--bundle", "b"]) == ([], "serve", ["--bundle", "b"])
     with pytest.raises(UsageError, match="only predict or serve run in the enclave"):
         split_run_arguments(["--", "train", "--epochs", "1"])

@@ -12,23 +12,37 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+from enclave_tools import ENCLAVE_ENV, REPO, SUPPORTED_GRAMINE, gramine_release, install_gramine_manifest
 
 from branchy_tee.cli import main
 from branchy_tee.enclave.env import GRAMINE_GLIBC, package_closure
-from enclave_tools import ENCLAVE_ENV, REPO, SUPPORTED_GRAMINE, gramine_release, install_gramine_manifest
 
 # test_enclave.py's: the same loader.env, so the build reuses the memory measured there.
-BROKERS = ["--model-broker", "http://127.0.0.1:8101", "--model-broker-identity", "5a" * 32, "--data-broker", "http://127.0.0.1:8102"]
+BROKERS = [
+    "--model-broker",
+    "http://127.0.0.1:8101",
+    "--model-broker-identity",
+    "5a" * 32,
+    "--data-broker",
+    "http://127.0.0.1:8102",
+]
 MAX_TRUSTED_FILES = 10_000
 MAX_MANIFEST_BYTES = 3_000_000
 
 
-def build(sealed: Path, out: Path, bindir: Path, *extra: str, cwd: Path | None = None, env_dir: Path = ENCLAVE_ENV,
-          pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+def build(
+    sealed: Path,
+    out: Path,
+    bindir: Path,
+    *extra: str,
+    cwd: Path | None = None,
+    env_dir: Path = ENCLAVE_ENV,
+    pythonpath: Path | None = None,
+) -> subprocess.CompletedProcess:
     """`branchy-tee enclave build` in a process of its own, with ``bindir`` (Gramine's gramine-manifest)
     first on PATH; with ``pythonpath``, branchy_tee is imported from that checkout's src."""
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
@@ -63,12 +77,16 @@ def test_the_enclave_environment_holds_only_what_the_enclave_runs(enclave_env):
     ours = sorted(p.relative_to(home / "site-packages").as_posix() for p in (home / "site-packages" / "branchy_tee").rglob("*")
                   if p.is_file())  # fmt: skip
     assert ours == package_closure() and "branchy_tee/runtime/predict.py" in ours
-    assert not any(m in f for f in ours for m in ("train/", "evaluate/", "enclave/", "attest/broker", "attest/verify", "cli/"))
+    assert not any(
+        m in f for f in ours for m in ("train/", "evaluate/", "enclave/", "attest/broker", "attest/verify", "cli/")
+    )
     # The standard library without other environments' packages, test suites and tools; nothing
     # that is not run: no bytecode, stubs, headers, tests.
     top = set(os.listdir(home))
     assert {"os.py", "json", "ssl.py", "lib-dynload", "site-packages"} <= top
-    assert not top & {"test", "idlelib", "tkinter", "ensurepip", "turtledemo", "lib2to3"} and not any(t.startswith("config-") for t in top)
+    assert not top & {"test", "idlelib", "tkinter", "ensurepip", "turtledemo", "lib2to3"} and not any(
+        t.startswith("config-") for t in top
+    )
     assert not any(n.startswith(("_test", "_tkinter")) for n in os.listdir(home / "lib-dynload"))
     for root, dirs, files in os.walk(home):
         assert not {"__pycache__", "tests", "test"} & set(dirs), root
@@ -142,7 +160,9 @@ def test_two_fresh_checkouts_render_byte_identical_hashed_manifests(sealed, tmp_
     assert first == second, "two fresh checkouts rendered different hashed manifests"
     assert s1["manifest_sha256"] == s2["manifest_sha256"]
     assert not s1["enclave_size_detail"]["given"] and s2["enclave_size_detail"]["given"]
-    print(f"hashed manifest SHA-256 {s1['manifest_sha256']}, measured peak {s1['enclave_size_detail']['vm_peak'] >> 20} MiB")
+    print(
+        f"hashed manifest SHA-256 {s1['manifest_sha256']}, measured peak {s1['enclave_size_detail']['vm_peak'] >> 20} MiB"
+    )
 
 
 # --------------------------------------------------------------------------- enclave size
@@ -164,7 +184,9 @@ def test_the_real_bundle_fits_the_measured_enclave_size(built, sealed, tmp_path)
     done = subprocess.run(argv, env=measurement_environment(cfg["env"]), cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     peak = json.loads(done.stdout.splitlines()[-1])["VmPeak"]
-    print(f"stand-in peak {detail['vm_peak'] >> 20} MiB, real bundle {peak >> 20} MiB, enclave size {cfg['enclave_size']}")
+    print(
+        f"stand-in peak {detail['vm_peak'] >> 20} MiB, real bundle {peak >> 20} MiB, enclave size {cfg['enclave_size']}"
+    )
     assert peak + detail["margin"] <= size and abs(peak - detail["vm_peak"]) < 64 << 20
 
 
@@ -175,10 +197,22 @@ PSEUDO_FILES = {"/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"}  # Gram
 # Host configuration the manifest does not mount: in the enclave these opens fail and glibc, OpenSSL
 # and the OpenMP runtime use their built-in defaults (no loader cache, C locale, UTC, no user
 # database, OpenSSL's default configuration, no CPU quota).
-ABSENT = ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf", "/etc/passwd", "/usr/share/locale/locale.alias",
-          "/usr/lib/locale/", "/usr/lib/x86_64-linux-gnu/gconv/", "/usr/lib/ssl/openssl.cnf", "/sys/fs/cgroup/",
-          "/sys/bus/pci/", "/etc/os-release")  # fmt: skip  (ONNX Runtime looks for GPUs and the OS name there)
-_CALL = re.compile(r'^\d+\s+(open|openat|openat2|creat|execve|execveat)\((?:(?:AT_FDCWD|\d+)<([^>]*)>, )?"([^"]*)"[^,]*, (.*)$')
+ABSENT = (
+    "/etc/ld.so.cache",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/passwd",
+    "/usr/share/locale/locale.alias",
+    "/usr/lib/locale/",
+    "/usr/lib/x86_64-linux-gnu/gconv/",
+    "/usr/lib/ssl/openssl.cnf",
+    "/sys/fs/cgroup/",
+    "/sys/bus/pci/",
+    "/etc/os-release",
+)  # fmt: skip  (ONNX Runtime looks for GPUs and the OS name there)
+_CALL = re.compile(
+    r'^\d+\s+(open|openat|openat2|creat|execve|execveat)\((?:(?:AT_FDCWD|\d+)<([^>]*)>, )?"([^"]*)"[^,]*, (.*)$'
+)
 
 
 def opened_files(trace: str) -> list[tuple[str, str, str]]:
@@ -193,8 +227,8 @@ def opened_files(trace: str) -> list[tuple[str, str, str]]:
 
 
 def policy_violations(trace: str, manifest: dict, entry: str, extra_allowed: set[str]) -> list[str]:
-    trusted = {t["uri"][len("file:"):] for t in manifest["sgx"]["trusted_files"]}
-    allowed = [a[len("file:"):] for a in manifest["sgx"]["allowed_files"]]
+    trusted = {t["uri"][len("file:") :] for t in manifest["sgx"]["trusted_files"]}
+    allowed = [a[len("file:") :] for a in manifest["sgx"]["allowed_files"]]
     allowed_files = {a for a in allowed if not a.endswith("/")}
     allowed_dirs = [a.rstrip("/") for a in allowed if a.endswith("/")]
     mounts = [m["path"] for m in manifest["fs"]["mounts"] if m.get("type") != "tmpfs"]
@@ -246,7 +280,9 @@ def test_the_entry_script_opens_only_what_the_manifest_allows(built, sealed, enc
                                "-e", "status=successful", entry, *argv], env=run_env, cwd="/", capture_output=True, text=True)  # fmt: skip
         assert done.returncode == rc, f"{name}: {done.stderr[-2000:]}"
         trace = log.read_text()
-        assert len(opened_files(trace)) > 100, name  # the log is read correctly: the interpreter and runtime open hundreds
+        assert len(opened_files(trace)) > 100, (
+            name
+        )  # the log is read correctly: the interpreter and runtime open hundreds
         bad = policy_violations(trace, manifest, entry, extra)
         assert bad == [], f"{name}: " + "; ".join(bad)
     assert res.is_file()

@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,9 @@ ARCHS = [
 ]
 
 
-def setup_bundle(tmp, arch, channels, size, config, n=40, criterion="entropy", thresholds="spread", version=1, chunk=None):
+def setup_bundle(
+    tmp, arch, channels, size, config, n=40, criterion="entropy", thresholds="spread", version=1, chunk=None
+):
     model, meta = make_random_run(tmp / "run", arch, channels, size, criterion=criterion, **config)
     torch.manual_seed(1)
     x = (torch.rand(n, channels, size, size) * 255).to(torch.uint8)
@@ -45,7 +46,9 @@ def predict(tmp, *extra, out="res.enc", bundle="m.btee", req="req.enc", data_key
 
 
 def results(tmp, out="res.enc", req="req.enc"):
-    return open_result((tmp / out).read_bytes(), read_key_file(tmp / "do.key"), out, request_digest((tmp / req).read_bytes()))[1]
+    return open_result(
+        (tmp / out).read_bytes(), read_key_file(tmp / "do.key"), out, request_digest((tmp / req).read_bytes())
+    )[1]
 
 
 @pytest.mark.parametrize("arch,channels,size,config", ARCHS, ids=[a[0] for a in ARCHS])
@@ -86,7 +89,10 @@ def test_memory_budget_bounds_resident_weights_and_keeps_answers(tmp_path):
     # Room for stage 0, the largest later stage and one batch's activations, but not for everything at once.
     budget_mib = sizes[0] + max(sizes[1:]) + free["activation_allowance_mib"] + 0.01
     assert budget_mib < sum(sizes) + free["activation_allowance_mib"]
-    assert predict(tmp_path, "--batch-size", "8", "--memory-budget", f"{budget_mib:.4f}", "--stats-json", str(stats_file)) == 0
+    assert (
+        predict(tmp_path, "--batch-size", "8", "--memory-budget", f"{budget_mib:.4f}", "--stats-json", str(stats_file))
+        == 0
+    )
     stats = json.loads(stats_file.read_text())
     assert stats["evictions"] > 0
     assert stats["resident_weights_peak_mib"] <= budget_mib - stats["activation_allowance_mib"]
@@ -119,7 +125,9 @@ def test_images_round_trip_with_mprofile(tmp_path, capsys):
     assert main(["encrypt-input", *paths, "--bundle", str(tmp_path / "m.btee"), "--key", str(do), "--out",
                  str(tmp_path / "req.enc"), "--request-id", "r1"]) == 0  # fmt: skip
     capsys.readouterr()
-    assert predict(tmp_path, "--mprofile", str(tmp_path / "prof"), "--plaintext-result", str(tmp_path / "result.txt")) == 0
+    assert (
+        predict(tmp_path, "--mprofile", str(tmp_path / "prof"), "--plaintext-result", str(tmp_path / "result.txt")) == 0
+    )
     assert "the host can read them" in capsys.readouterr().err
     assert main(["decrypt-result", str(tmp_path / "res.enc"), "--key", str(do), "--json", "--request",
                  str(tmp_path / "req.enc")]) == 0  # fmt: skip
@@ -301,7 +309,13 @@ def _raw_request(tmp, x, key_file, rid="r1"):
 
     from branchy_tee.seal.envelope import REQUEST_MAGIC, seal_envelope
 
-    header = {"format": "branchy-tee/request/v1", "request_id": rid, "samples": len(x), "shape": list(x.shape[1:]), "dtype": "x"}
+    header = {
+        "format": "branchy-tee/request/v1",
+        "request_id": rid,
+        "samples": len(x),
+        "shape": list(x.shape[1:]),
+        "dtype": "x",
+    }
     (tmp / "req.enc").write_bytes(seal_envelope(REQUEST_MAGIC, header, save({"inputs": x}), read_key_file(key_file)))
 
 

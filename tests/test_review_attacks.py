@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_trust_chain import BUILD, _cli, _dev_key, _free_port, nothing_written, run_enclave, world  # noqa: F401 (fixtures)
 
 from branchy_tee import measured
 from branchy_tee.attest.broker import Broker, Refusal
@@ -24,7 +25,6 @@ from branchy_tee.errors import AttestationError, BranchyError, UsageError
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.bundle import seal_model
 from branchy_tee.seal.keys import key_id
-from test_trust_chain import BUILD, _cli, _dev_key, _free_port, nothing_written, run_enclave, world  # noqa: F401 (fixtures)
 
 
 def _doctored_copy(world, dest: Path, **env_changes) -> dict:
@@ -75,13 +75,38 @@ def test_release_statement_names_what_its_measurement_pins(world, tmp_path, capf
         measured.BUNDLE_ID: header.bundle_id, measured.MODEL_KEY_ID: header.key_id})  # fmt: skip
 
     release = tmp_path / "release.json"
-    if _cli("enclave", "release", doctored, "--identity", world.path("mo.id"), "--model-key", world.path("mo.key"),
-            "--out", release) != 0:
+    if (
+        _cli(
+            "enclave",
+            "release",
+            doctored,
+            "--identity",
+            world.path("mo.id"),
+            "--model-key",
+            world.path("mo.key"),
+            "--out",
+            release,
+        )
+        != 0
+    ):
         return  # refused: the statement would not have described its measurement
     statement = json.loads(release.read_text())
     assert (statement["model_broker_identity"], statement["bundle_id"]) == (world.ids["mo"], world.header["bundle_id"])
     policy = tmp_path / "do1-policy.toml"
-    assert _cli("enclave", "policy", "--allow-simulated", "--release", release, "--model-owner", world.ids["mo"], "--out", policy) == 0
+    assert (
+        _cli(
+            "enclave",
+            "policy",
+            "--allow-simulated",
+            "--release",
+            release,
+            "--model-owner",
+            world.ids["mo"],
+            "--out",
+            policy,
+        )
+        == 0
+    )
     capfd.readouterr()
 
     host_policy = {"allowed_mrenclave": [statement["mrenclave"]], "allow_simulation": True,
@@ -95,7 +120,8 @@ def test_release_statement_names_what_its_measurement_pins(world, tmp_path, capf
         "the data owner's broker released its key to an enclave that trusts the host's model broker and serves the "
         f"host's bundle {header.bundle_id}, because the model owner signed a statement naming bundle "
         f"{statement['bundle_id']} and broker identity {statement['model_broker_identity']} over that enclave's "
-        f"measurement {statement['mrenclave']}")
+        f"measurement {statement['mrenclave']}"
+    )
 
 
 def test_release_statement_text_cannot_add_settings_to_a_data_owners_policy(world, tmp_path, monkeypatch):
@@ -108,19 +134,53 @@ def test_release_statement_text_cannot_add_settings_to_a_data_owners_policy(worl
     from branchy_tee.enclave import release as release_mod
 
     mrenclave = "ab" * 32
-    monkeypatch.setattr(release_mod, "read_measurements", lambda d: {  # a stand-in for gramine-sgx-sigstruct-view
-        "mrenclave": mrenclave, "mrsigner": "cd" * 32, "isv_prod_id": 0, "isv_svn": 0, "debug": False})
+    monkeypatch.setattr(
+        release_mod,
+        "read_measurements",
+        lambda d: {  # a stand-in for gramine-sgx-sigstruct-view
+            "mrenclave": mrenclave,
+            "mrsigner": "cd" * 32,
+            "isv_prod_id": 0,
+            "isv_svn": 0,
+            "debug": False,
+        },
+    )
     d = tmp_path / "enclave"
     shutil.copytree(world.enclave, d)
     cfg = json.loads((d / "enclave.json").read_text())
     cfg.update(attest="gramine", model_broker=f"{cfg['model_broker']}\nallow_simulation = true\n#")
     (d / "enclave.json").write_text(json.dumps(cfg))
     release = tmp_path / "release.json"
-    if _cli("enclave", "release", d, "--identity", world.path("mo.id"), "--model-key", world.path("mo.key"),
-            "--out", release) != 0:
+    if (
+        _cli(
+            "enclave",
+            "release",
+            d,
+            "--identity",
+            world.path("mo.id"),
+            "--model-key",
+            world.path("mo.key"),
+            "--out",
+            release,
+        )
+        != 0
+    ):
         return  # refused at signing
     policy = tmp_path / "do1-policy.toml"
-    if _cli("enclave", "policy", "--allow-simulated", "--release", release, "--model-owner", world.ids["mo"], "--out", policy) != 0:
+    if (
+        _cli(
+            "enclave",
+            "policy",
+            "--allow-simulated",
+            "--release",
+            release,
+            "--model-owner",
+            world.ids["mo"],
+            "--out",
+            policy,
+        )
+        != 0
+    ):
         return  # refused when writing the policy
     broker = Broker(world.path("do1.key"), load_policy(policy), identity=world.path("do1.id"))
     try:
@@ -142,8 +202,9 @@ def test_small_order_identities_are_refused(world, tmp_path):
     signs for it: here an enclave pinned to it takes the host's key as the model key."""
     neutral = "01" + "00" * 31
     fake_signature = bytes.fromhex(neutral) + bytes(32)
-    assert not any(verify(bytes.fromhex(neutral), RELEASE_PURPOSE, f"message {i}".encode(), fake_signature)
-                   for i in range(8)), "a made-up signature verifies under the neutral-point identity"
+    assert not any(
+        verify(bytes.fromhex(neutral), RELEASE_PURPOSE, f"message {i}".encode(), fake_signature) for i in range(8)
+    ), "a made-up signature verifies under the neutral-point identity"
     for weak in (neutral, "00" * 32):
         with pytest.raises(UsageError):
             parse_identity(weak)
@@ -228,4 +289,5 @@ def test_host_cannot_skip_the_minimum_tcb_evaluation_number_by_sending_no_collat
         st, out = post_quote(b, quote, key_id(key))  # no collateral
         assert (st, out["code"]) == (403, "policy_refused"), (
             f"without collateral the quote passed the policy (it failed only at {out['code']}): the minimum TCB "
-            "evaluation data number is skipped when the host sends none")
+            "evaluation data number is skipped when the host sends none"
+        )

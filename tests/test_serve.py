@@ -44,8 +44,14 @@ def world(tmp_path_factory):
         ids = {p: identity_hex(create_identity(d / f"{p}.id")) for p in PARTIES}
         assert main(["seal", str(d / "run"), "--key", str(d / "mo.key"), "--out", str(d / "model.btee")]) == 0
         labels, exits = reference_decisions(d / "run", xn, "entropy", thresholds)
-        yield {"d": d, "ids": ids, "x": x.numpy(), "labels": labels.tolist(), "exits": exits.tolist(),
-               "mrenclave": simulated_mrenclave().hex()}
+        yield {
+            "d": d,
+            "ids": ids,
+            "x": x.numpy(),
+            "labels": labels.tolist(),
+            "exits": exits.tolist(),
+            "mrenclave": simulated_mrenclave().hex(),
+        }
 
 
 @pytest.fixture(autouse=True)
@@ -76,7 +82,9 @@ class Served:
         self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
 
     def client(self, who="do1", policy=None, urls=None, **kw) -> Client:
-        return Client(urls or self.url, policy=policy or do_policy(self.world), identity=self.world["d"] / f"{who}.id", **kw)
+        return Client(
+            urls or self.url, policy=policy or do_policy(self.world), identity=self.world["d"] / f"{who}.id", **kw
+        )
 
     def close(self):
         self._stop()
@@ -98,8 +106,11 @@ def check_answers(world, results, lo=0):
 def test_client_verifies_the_server_then_gets_predicts_answers(world):
     with Served(world) as s, s.client() as c:
         info = c.model_info()
-        assert info.arch == "lenet5" and info.model.bundle_id == json.loads(
-            (world["d"] / "model.btee" / "header.json").read_text())["header"]["bundle_id"]
+        assert (
+            info.arch == "lenet5"
+            and info.model.bundle_id
+            == json.loads((world["d"] / "model.btee" / "header.json").read_text())["header"]["bundle_id"]
+        )
         results = c.predict(world["x"])
         check_answers(world, results)
         assert len(set(r["exit"] for r in results)) >= 2 and results[0]["model"]["model_version"] == 1
@@ -129,7 +140,9 @@ def test_evidence_copied_from_another_server_is_refused(world):
 
     sim = SimulatedProvider()
     _, genuine = ratls.make_server_certificate(sim)
-    evidence = x509.load_der_x509_certificate(genuine).extensions.get_extension_for_oid(ratls.RATLS_QUOTE_OID).value.value
+    evidence = (
+        x509.load_der_x509_certificate(genuine).extensions.get_extension_for_oid(ratls.RATLS_QUOTE_OID).value.value
+    )
     host_key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([])
     forged = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(host_key.public_key())
@@ -170,7 +183,9 @@ def test_a_forged_anchor_in_the_clients_chain_does_not_help(world, tmp_path):
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
             .issuer_name(ratls.identity_name(allowed_hex)).public_key(stranger.public_key()).serial_number(2)
             .not_valid_before(ratls.NOT_BEFORE).not_valid_after(ratls.NOT_AFTER).sign(stranger, None))  # fmt: skip
-    pem = stranger.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem = stranger.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     (tmp_path / "c.pem").write_bytes(pem + leaf.public_bytes(serialization.Encoding.PEM) + fake_anchor)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -195,7 +210,11 @@ def test_metrics_are_for_the_model_owner_only(world):
         text = data.decode()
         assert status == 200 and 'branchy_tee_requests_total{outcome="ok"} 1' in text
         assert "branchy_tee_samples_total 5" in text and 'branchy_tee_request_seconds{quantile="0.5"}' in text
-        counts = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("branchy_tee_exit_samples_total{")]
+        counts = [
+            int(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("branchy_tee_exit_samples_total{")
+        ]
         assert counts == np.bincount(world["exits"][:5], minlength=3).tolist()
 
 
@@ -338,7 +357,6 @@ def test_cli_query(world, capfd):
         assert "does not accept your identity" in err and len(err.strip().splitlines()) == 1
 
 
-
 # --------------------------------------------------------------------------- a server killed under load
 def _start_server_process(world, broker_url: str, port: int):
     import subprocess
@@ -423,17 +441,19 @@ def test_a_model_broker_gone_for_good_stops_the_answers_after_a_grace(world):
 
 
 # --------------------------------------------------------------------------- the enclave build runs serve
-def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_the_release(world, tmp_path, enclave_env):
+def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_the_release(
+    world, tmp_path, enclave_env
+):
     """`enclave build --serve` (measured: the model broker, its identity, the bundle), the model owner's
     release statement, a data owner's policy from it, `enclave run --backend native -- serve`, and the
     data owner's client verifying that enclave's RA-TLS certificate against that policy."""
     import subprocess
     import sys
 
+    from branchy_tee.attest.identity import load_identity
     from branchy_tee.enclave.build import BuildOptions, build
     from branchy_tee.enclave.release import write_policy_from_release, write_release
     from branchy_tee.fileio import read_key_file
-    from branchy_tee.attest.identity import load_identity
 
     d = world["d"]
     with socket.socket() as sock:

@@ -31,7 +31,7 @@ from branchy_tee.cli import main
 from branchy_tee.errors import AttestationError, BranchyError
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.bundle import seal_model
-from branchy_tee.seal.keys import generate_key, key_id
+from branchy_tee.seal.keys import key_id
 from runs import keygen, make_random_run, mutate_bytes
 
 PARTIES = ("mo", "do1", "do2", "host")
@@ -125,8 +125,9 @@ def brokers(world: World, mo_policy: str = "mo-policy.toml", data=("do1", "do2")
         yield handles
 
 
-def run_enclave(world: World, out: Path, owners, data_urls, *extra, bundle: Path | None = None,
-                enclave: Path | None = None) -> int:
+def run_enclave(
+    world: World, out: Path, owners, data_urls, *extra, bundle: Path | None = None, enclave: Path | None = None
+) -> int:
     """`enclave run DIR --backend native -- predict ...` for the owners' requests; results in ``out``."""
     argv = ["enclave", "run", "--backend", "native", enclave or world.enclave, "--", "predict",
             "--bundle", bundle or world.bundle, "--quiet", "--threads", "1"]  # fmt: skip
@@ -162,7 +163,10 @@ def test_genuine_flow_two_data_owners_each_result_names_the_model(world, tmp_pat
         assert rc == 0, doc
         assert len(doc["records"]) == n and doc["request_id"] == f"req-{owner}"
         assert (doc["bundle_id"], doc["model_version"], doc["model_key_id"]) == (
-            world.header["bundle_id"], world.header["model_version"], world.header["key_id"])
+            world.header["bundle_id"],
+            world.header["model_version"],
+            world.header["key_id"],
+        )
     # the model key went once to the enclave the release names; each data key once
     release = json.loads(world.path("release.json").read_text())
     for party in ("mo", "do1", "do2"):
@@ -348,7 +352,10 @@ def test_release_names_the_measurement_of_the_built_enclave(world):
     code = code_measurement(Path(cfg.package_dir) / "branchy_tee")
     assert release["mrenclave"] == simulated_mrenclave(cfg.env, code).hex()
     assert (release["bundle_id"], release["model_key_id"], release["model_broker_identity"]) == (
-        world.header["bundle_id"], world.header["key_id"], world.ids["mo"])
+        world.header["bundle_id"],
+        world.header["key_id"],
+        world.ids["mo"],
+    )
 
 
 # --------------------------------------------------------------------------- forged broker responses
@@ -373,7 +380,9 @@ def signed_release(world):
     return client, doc, nonce, key_id(mo_key), release
 
 
-_EDIT = st.tuples(st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 10_000), st.binary(min_size=1, max_size=4))
+_EDIT = st.tuples(
+    st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 10_000), st.binary(min_size=1, max_size=4)
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

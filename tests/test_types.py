@@ -85,8 +85,14 @@ def test_bundle_header_round_trips_and_refuses_what_the_runtime_cannot_use():
 
 
 def test_envelope_headers_round_trip_and_are_strict():
-    req = {"format": "branchy-tee/request/v1", "request_id": "r1", "samples": 3, "shape": [1, 28, 28],
-           "dtype": "float32", "key_id": "ab" * 8}
+    req = {
+        "format": "branchy-tee/request/v1",
+        "request_id": "r1",
+        "samples": 3,
+        "shape": [1, 28, 28],
+        "dtype": "float32",
+        "key_id": "ab" * 8,
+    }
     assert RequestHeader.parse(req, "req").to_json() == req
     res = {"format": "branchy-tee/result/v2", "request_id": "r1", "request_sha256": "ef" * 32, "bundle_id": "ab" * 16,
            "model_version": 1, "model_key_id": "cd" * 8, "samples": 3, "key_id": "ab" * 8}  # fmt: skip

@@ -31,7 +31,9 @@ def _campaign(c: dict) -> list[str]:
            "| artifact | trials | rejected | benign (no semantic change) | accepted | crashes |",
            "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in c["rows"]:
-        out.append(f"| {r['artifact']} | {r['trials']} | {r['rejected']} | {r['benign']} | {r['accepted']} | {r['crashes']} |")
+        out.append(
+            f"| {r['artifact']} | {r['trials']} | {r['rejected']} | {r['benign']} | {r['accepted']} | {r['crashes']} |"
+        )
     tot = {k: sum(r[k] for r in c["rows"]) for k in ("trials", "rejected", "benign", "accepted", "crashes")}
     out.append(f"| **total** | **{tot['trials']:,}** | **{tot['rejected']:,}** | **{tot['benign']:,}** | "
                f"**{tot['accepted']}** | **{tot['crashes']}** |")  # fmt: skip
@@ -48,10 +50,16 @@ def _campaign(c: dict) -> list[str]:
 
 
 def _fuzz(fz: dict) -> list[str]:
-    out = [f"**atheris** ({fz['date']}, {fz['seconds']:.0f} s in total):", "",
-           "| harness | seconds | executions | coverage (edges) | corpus | crashes |", "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        f"**atheris** ({fz['date']}, {fz['seconds']:.0f} s in total):",
+        "",
+        "| harness | seconds | executions | coverage (edges) | corpus | crashes |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in fz["rows"]:
-        out.append(f"| {r['harness']} | {r['seconds']} | {r['execs']:,} | {r['cov']} | {r['corpus']} | {r['crashes']} |")
+        out.append(
+            f"| {r['harness']} | {r['seconds']} | {r['execs']:,} | {r['cov']} | {r['corpus']} | {r['crashes']} |"
+        )
     out.append(f"| **total** | **{sum(r['seconds'] for r in fz['rows'])}** | **{sum(r['execs'] for r in fz['rows']):,}** "
                f"| | | **{sum(r['crashes'] for r in fz['rows'])}** |")  # fmt: skip
     return out + [""]

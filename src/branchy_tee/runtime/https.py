@@ -36,7 +36,9 @@ def parse_inputs(body: bytes, input_shape: tuple, max_samples: int):
     if x.dtype != np.float32:
         raise ValueError(f"'inputs' is {x.dtype}, expected float32")
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"'inputs' has shape {tuple(x.shape)}, the model takes (N, {', '.join(map(str, input_shape))})")
+        raise ValueError(
+            f"'inputs' has shape {tuple(x.shape)}, the model takes (N, {', '.join(map(str, input_shape))})"
+        )
     if not 1 <= x.shape[0] <= max_samples:
         raise ValueError(f"a request holds 1 to {max_samples} samples, not {x.shape[0]}")
     if not np.isfinite(x).all():
@@ -80,7 +82,9 @@ class Metrics:
             lines += [f'branchy_tee_exit_samples_total{{exit="{k}"}} {n}' for k, n in enumerate(exit_counts)]
             for name, values in (("request", self.latency), ("compute", self.compute)):
                 lines.append(f"# TYPE branchy_tee_{name}_seconds summary")
-                lines += [f'branchy_tee_{name}_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self._quantiles(values).items()]
+                lines += [
+                    f'branchy_tee_{name}_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self._quantiles(values).items()
+                ]
                 lines.append(f"branchy_tee_{name}_seconds_count {len(values)}")
             lines += ["# TYPE branchy_tee_queue_requests gauge", f"branchy_tee_queue_requests {queue}",
                       "# TYPE branchy_tee_connections_total counter", f"branchy_tee_connections_total {self.connections}",
@@ -242,8 +246,20 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address, model, batcher, context: ssl.SSLContext, *, allowed, owner,
-                 timeout_s: float, max_body: int, max_request_samples: int, log):
+    def __init__(
+        self,
+        address,
+        model,
+        batcher,
+        context: ssl.SSLContext,
+        *,
+        allowed,
+        owner,
+        timeout_s: float,
+        max_body: int,
+        max_request_samples: int,
+        log,
+    ):
         self.model, self.batcher, self.context = model, batcher, context
         self.allowed, self.owner_identities = frozenset(allowed), frozenset(owner)
         self.timeout_s, self.max_body, self.max_request_samples = timeout_s, max_body, max_request_samples
