@@ -253,7 +253,8 @@ def main(argv=None) -> int:
     )
     for r in rows:
         print(
-            f"{r['harness']:<14} {r['seconds']:>7} {r['execs']:>11} {r['execs_per_s']:>7} {r['cov']:>8} {r['corpus']:>6} {r['crashes']:>7}"
+            f"{r['harness']:<14} {r['seconds']:>7} {r['execs']:>11} {r['execs_per_s']:>7} {r['cov']:>8} "
+            f"{r['corpus']:>6} {r['crashes']:>7}"
         )
     tot_e, tot_s, tot_c = (
         sum(r["execs"] for r in rows),

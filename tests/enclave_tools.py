@@ -32,11 +32,14 @@ def install_gramine_manifest(bindir: Path, release: str, log: Path | None = None
     wrapper = bindir / "gramine-manifest"
     wrapper.write_text(
         f"#!{sys.executable}\nimport json, os, sys\n"
-        + (f"with open({str(log)!r}, 'a') as f:\n"
-           "    f.write(json.dumps({'tool': 'gramine-manifest', 'argv': sys.argv[1:], 'cwd': os.getcwd()}) + '\\n')\n"
-           if log else "")
+        + (
+            f"with open({str(log)!r}, 'a') as f:\n"
+            "    f.write(json.dumps({'tool': 'gramine-manifest', 'argv': sys.argv[1:], 'cwd': os.getcwd()}) + '\\n')\n"
+            if log
+            else ""
+        )
         + f"os.environ['PYTHONPATH'] = {str(tools)!r}\n"
         + f"os.execv(sys.executable, [sys.executable, {str(tools / 'gramine-manifest')!r}, *sys.argv[1:]])\n"
-    )  # fmt: skip
+    )
     wrapper.chmod(0o755)
     return wrapper

@@ -152,9 +152,11 @@ def test_model_owner_and_two_data_owners(world, tmp_path, xdg, capsys):
     d, keys = world
     out = tmp_path / "out"
     logs = {n: tmp_path / f"{n}.audit.jsonl" for n in ("mo", "do1", "do2")}
-    with start_broker(d / "mo.key", mo_policy(min_model_version=1), audit_log=logs["mo"], identity=IDS["mo"]) as mo, \
-         start_broker(d / "do1.key", sim_policy(), audit_log=logs["do1"], identity=IDS["do1"]) as do1, \
-         start_broker(d / "do2.key", sim_policy(), audit_log=logs["do2"], identity=IDS["do2"]) as do2:  # fmt: skip
+    with (
+        start_broker(d / "mo.key", mo_policy(min_model_version=1), audit_log=logs["mo"], identity=IDS["mo"]) as mo,
+        start_broker(d / "do1.key", sim_policy(), audit_log=logs["do1"], identity=IDS["do1"]) as do1,
+        start_broker(d / "do2.key", sim_policy(), audit_log=logs["do2"], identity=IDS["do2"]) as do2,
+    ):
         assert main(predict_args(d, out, mo.url, [do1.url, do2.url], "--json")) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["samples"] == 8 and stats["requests"] == 2
@@ -206,14 +208,22 @@ def test_measured_enclave_settings_override_the_hosts_command_line(world, tmp_pa
     header = json.loads((d / "model.btee" / "header.json").read_text())["header"]
     ports = {name: _free_port() for name in IDS}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    for name, value in [("ENCLAVE", "1"), ("ATTEST", "simulated"), ("MODEL_BROKER", urls["mo"]),
-                        ("MODEL_BROKER_IDENTITY", identity_hex(IDS["mo"])), ("DATA_BROKERS", f"{urls['do1']},{urls['do2']}"),
-                        ("BUNDLE_ID", header["bundle_id"]), ("MODEL_KEY_ID", header["key_id"])]:  # fmt: skip
+    for name, value in [
+        ("ENCLAVE", "1"),
+        ("ATTEST", "simulated"),
+        ("MODEL_BROKER", urls["mo"]),
+        ("MODEL_BROKER_IDENTITY", identity_hex(IDS["mo"])),
+        ("DATA_BROKERS", f"{urls['do1']},{urls['do2']}"),
+        ("BUNDLE_ID", header["bundle_id"]),
+        ("MODEL_KEY_ID", header["key_id"]),
+    ]:
         monkeypatch.setenv(f"BRANCHY_TEE_{name}", value)
     # the policies pin the simulated measurement of exactly these measured settings
-    with start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"], port=ports["mo"]) as mo, \
-         start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"], port=ports["do1"]) as do1, \
-         start_broker(d / "do2.key", sim_policy(), identity=IDS["do2"], port=ports["do2"]) as do2:  # fmt: skip
+    with (
+        start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"], port=ports["mo"]) as mo,
+        start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"], port=ports["do1"]) as do1,
+        start_broker(d / "do2.key", sim_policy(), identity=IDS["do2"], port=ports["do2"]) as do2,
+    ):
         # the host cannot point the enclave at another model broker, or name another identity
         assert main(predict_args(d, tmp_path, "http://127.0.0.1:9", [])) == 2
         assert "the model broker comes only from its measured settings" in capsys.readouterr().err
@@ -232,8 +242,12 @@ def test_measured_enclave_settings_override_the_hosts_command_line(world, tmp_pa
 
 def test_broker_minimum_model_version_refuses_an_old_bundle(world, tmp_path, xdg, capsys):
     d, _ = world
-    with start_broker(d / "mo.key", mo_policy(min_model_version=2), identity=IDS["mo"]) as mo, \
-         start_broker([read_key_file(d / "do1.key"), read_key_file(d / "do2.key")], sim_policy(), identity=IDS["do1"]) as do:  # fmt: skip
+    with (
+        start_broker(d / "mo.key", mo_policy(min_model_version=2), identity=IDS["mo"]) as mo,
+        start_broker(
+            [read_key_file(d / "do1.key"), read_key_file(d / "do2.key")], sim_policy(), identity=IDS["do1"]
+        ) as do,
+    ):
         assert main(predict_args(d, tmp_path, mo.url, [do.url])) == 1
     err = capsys.readouterr().err
     assert "model version 1 is older than the minimum 2 (rollback refused)" in err
@@ -242,9 +256,11 @@ def test_broker_minimum_model_version_refuses_an_old_bundle(world, tmp_path, xdg
 
 def test_operator_facing_failures_name_the_broker(world, tmp_path, xdg, capsys):
     d, keys = world
-    with start_broker(d / "mo.key", {"allowed_mrenclave": [simulated_mrenclave().hex()]}, identity=IDS["mo"]) as strict, \
-         start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"]) as mo, \
-         start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"]) as do1:  # fmt: skip
+    with (
+        start_broker(d / "mo.key", {"allowed_mrenclave": [simulated_mrenclave().hex()]}, identity=IDS["mo"]) as strict,
+        start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"]) as mo,
+        start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"]) as do1,
+    ):
         # the model owner's policy does not allow simulation
         assert main(predict_args(d, tmp_path, strict.url, [do1.url])) == 1
         err = capsys.readouterr().err

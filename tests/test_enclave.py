@@ -109,9 +109,24 @@ def signing_key(tmp_path) -> Path:
 def build_args(sealed, out, *extra, measure=False):
     """`enclave build` for the sealed bundle with the shared enclave environment. Without ``measure``
     the size is given (--enclave-size 1G), which skips the memory measurement."""
-    return ["enclave", "build", "--bundle", str(sealed / "model.btee"), "--out", str(out), "--env", str(ENCLAVE_ENV),
-            "--model-broker", BROKER_M, "--model-broker-identity", BROKER_M_IDENTITY, "--data-broker", BROKER_D,
-            *([] if measure else ["--enclave-size", "1G"]), *extra]  # fmt: skip
+    return [
+        "enclave",
+        "build",
+        "--bundle",
+        str(sealed / "model.btee"),
+        "--out",
+        str(out),
+        "--env",
+        str(ENCLAVE_ENV),
+        "--model-broker",
+        BROKER_M,
+        "--model-broker-identity",
+        BROKER_M_IDENTITY,
+        "--data-broker",
+        BROKER_D,
+        *([] if measure else ["--enclave-size", "1G"]),
+        *extra,
+    ]
 
 
 def read_manifest(out) -> dict:
@@ -202,9 +217,34 @@ def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramin
 def test_switches_reach_the_manifest(sealed, tmp_path, no_gramine):
     out, ca = tmp_path / "enc", tmp_path / "brokers-ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\nstand-in\n-----END CERTIFICATE-----\n")
-    assert main(build_args(sealed, out, "--broker-ca", str(ca), "--edmm", "--debug", "--threads", "6", "--allow-plaintext-result",
-                           "--min-model-version", "3", "--attest", "simulated", "--isv-prod-id", "7", "--isv-svn", "2",
-                           "--data-broker", "http://127.0.0.1:8103", "--enclave-size", "2G")) == 0  # fmt: skip
+    assert (
+        main(
+            build_args(
+                sealed,
+                out,
+                "--broker-ca",
+                str(ca),
+                "--edmm",
+                "--debug",
+                "--threads",
+                "6",
+                "--allow-plaintext-result",
+                "--min-model-version",
+                "3",
+                "--attest",
+                "simulated",
+                "--isv-prod-id",
+                "7",
+                "--isv-svn",
+                "2",
+                "--data-broker",
+                "http://127.0.0.1:8103",
+                "--enclave-size",
+                "2G",
+            )
+        )
+        == 0
+    )
     m = read_manifest(out)
     assert m["sgx"]["edmm_enable"] is True and m["sgx"]["use_exinfo"] is True and m["sgx"]["debug"] is True
     assert m["sgx"]["enclave_size"] == "2G"
@@ -255,7 +295,9 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     [render] = gramine("gramine-manifest")
     assert render["cwd"] == str(out)
     assert render["argv"] == [f"-D{k}={v}" for k, v in cfg["defines"].items()] + [
-        "branchy-tee.manifest.template", "branchy-tee.manifest"]  # fmt: skip
+        "branchy-tee.manifest.template",
+        "branchy-tee.manifest",
+    ]
     # Gramine's renderer hashed every trusted file; the build reports what it rendered.
     rendered = (out / "branchy-tee.manifest").read_bytes()
     manifest = tomllib.loads(rendered.decode())
@@ -285,9 +327,24 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     from branchy_tee.attest.identity import create_identity, identity_hex
 
     mo = identity_hex(create_identity(tmp_path / "mo.id"))
-    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--model-key",
-                 str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
-                 "--out", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "enclave",
+                "release",
+                str(out),
+                "--identity",
+                str(tmp_path / "mo.id"),
+                "--model-key",
+                str(sealed / "keys" / "model.key"),
+                "--model-broker-identity",
+                BROKER_M_IDENTITY,
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     release = json.loads((tmp_path / "r.json").read_text())
     assert (release["mrenclave"], release["mrsigner"], release["attest"]) == (
         sig[9:41].hex(),
@@ -295,11 +352,30 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
         "gramine",
     )
     assert release["model_broker_identity"] == BROKER_M_IDENTITY and release["model_owner"] == mo
-    assert main(["enclave", "policy", "--release", str(tmp_path / "r.json"), "--model-owner", mo,
-                 "--out", str(tmp_path / "p.toml")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "enclave",
+                "policy",
+                "--release",
+                str(tmp_path / "r.json"),
+                "--model-owner",
+                mo,
+                "--out",
+                str(tmp_path / "p.toml"),
+            ]
+        )
+        == 0
+    )
     policy = tomllib.loads((tmp_path / "p.toml").read_text())
-    assert policy == {"allowed_mrenclave": [sig[9:41].hex()], "isv_prod_id": 0, "min_isv_svn": 0, "allow_debug": False,
-                      "accepted_tcb_statuses": ["UpToDate"], "min_model_version": 1}  # fmt: skip
+    assert policy == {
+        "allowed_mrenclave": [sig[9:41].hex()],
+        "isv_prod_id": 0,
+        "min_isv_svn": 0,
+        "allow_debug": False,
+        "accepted_tcb_statuses": ["UpToDate"],
+        "min_model_version": 1,
+    }
 
 
 def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypatch, capsys):
@@ -338,9 +414,25 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
 
     create_identity(tmp_path / "mo.id")
     capsys.readouterr()
-    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--model-key",
-                 str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
-                 "--out", str(tmp_path / "r.json"), "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "enclave",
+                "release",
+                str(out),
+                "--identity",
+                str(tmp_path / "mo.id"),
+                "--model-key",
+                str(sealed / "keys" / "model.key"),
+                "--model-broker-identity",
+                BROKER_M_IDENTITY,
+                "--out",
+                str(tmp_path / "r.json"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     measured = json.loads(capsys.readouterr().out)
     assert measured["mrenclave"] == (out / "branchy-tee.sig").read_bytes()[9:41].hex()
 
@@ -357,8 +449,13 @@ def test_run_sgx_launches_gramine_sgx_with_the_manifest_and_predict_arguments(
     assert main(["enclave", "run", str(out), "--", "predict", *argv]) == 0
     assert main(["enclave", "run", str(out), "--backend", "sgx", "--", "predict", *argv]) == 0
     assert main(["enclave", "run", "--backend", "direct", str(out), "--", *argv]) == 0
-    expected = ["./branchy-tee", f"--bundle={sealed / 'model.btee'}", f"--input={out / 'io' / 'req.bin'}",
-                f"--output={out / 'io' / 'res.bin'}", "--batch-size=8"]  # fmt: skip
+    expected = [
+        "./branchy-tee",
+        f"--bundle={sealed / 'model.btee'}",
+        f"--input={out / 'io' / 'req.bin'}",
+        f"--output={out / 'io' / 'res.bin'}",
+        "--batch-size=8",
+    ]
     sgx_runs = gramine("gramine-sgx")
     assert [c["argv"] for c in sgx_runs] == [expected, expected] and all(c["cwd"] == str(out) for c in sgx_runs)
     [direct] = gramine("gramine-direct")
@@ -381,8 +478,23 @@ def test_run_sgx_without_gramine_is_a_one_line_error(sealed, tmp_path, no_gramin
     out = tmp_path / "enc"
     assert main(build_args(sealed, out)) == 0
     capsys.readouterr()
-    rc = main(["enclave", "run", str(out), "--backend", "sgx", "--", "predict", "--bundle", str(sealed / "model.btee"),
-               "--input", str(out / "io" / "req.bin"), "--output", str(out / "io" / "res.bin")])  # fmt: skip
+    rc = main(
+        [
+            "enclave",
+            "run",
+            str(out),
+            "--backend",
+            "sgx",
+            "--",
+            "predict",
+            "--bundle",
+            str(sealed / "model.btee"),
+            "--input",
+            str(out / "io" / "req.bin"),
+            "--output",
+            str(out / "io" / "res.bin"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "gramine-sgx not found" in err and "apt install gramine" in err and "gramine.readthedocs.io" in err
@@ -393,11 +505,45 @@ def test_native_backend_runs_predict_end_to_end(sealed, tmp_path, no_gramine, ca
     keys = sealed / "keys"
     assert main(build_args(sealed, out)) == 0
     req, res = out / "io" / "req.bin", out / "io" / "res.bin"
-    assert main(["encrypt-input", str(sealed / "images.npy"), "--bundle", str(sealed / "model.btee"),
-                 "--key", str(keys / "data.key"), "--out", str(req), "--request-id", "req-1"]) == 0  # fmt: skip
-    rc = main(["enclave", "run", str(out), "--backend", "native", "--", "predict", "--bundle", str(sealed / "model.btee"),
-               "--input", str(req), "--output", str(res), "--model-key", str(keys / "model.key"),
-               "--data-key", str(keys / "data.key"), "--quiet"])  # fmt: skip
+    assert (
+        main(
+            [
+                "encrypt-input",
+                str(sealed / "images.npy"),
+                "--bundle",
+                str(sealed / "model.btee"),
+                "--key",
+                str(keys / "data.key"),
+                "--out",
+                str(req),
+                "--request-id",
+                "req-1",
+            ]
+        )
+        == 0
+    )
+    rc = main(
+        [
+            "enclave",
+            "run",
+            str(out),
+            "--backend",
+            "native",
+            "--",
+            "predict",
+            "--bundle",
+            str(sealed / "model.btee"),
+            "--input",
+            str(req),
+            "--output",
+            str(res),
+            "--model-key",
+            str(keys / "model.key"),
+            "--data-key",
+            str(keys / "data.key"),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and res.is_file()
     capsys.readouterr()
     assert main(["decrypt-result", str(res), "--key", str(keys / "data.key"), "--request", str(req), "--json"]) == 0
@@ -410,8 +556,13 @@ def test_native_backend_runs_predict_end_to_end(sealed, tmp_path, no_gramine, ca
 def test_sigstruct_view_json_output():
     e, s = "ab" * 32, "cd" * 32
     view = {"mr_signer": s, "mr_enclave": e, "isv_prod_id": 3, "isv_svn": 1, "debug_enclave": True}
-    assert eb.parse_sigstruct_view(json.dumps(view, indent=4)) == {"mrenclave": e, "mrsigner": s, "isv_prod_id": 3,
-                                                                   "isv_svn": 1, "debug": True}  # fmt: skip
+    assert eb.parse_sigstruct_view(json.dumps(view, indent=4)) == {
+        "mrenclave": e,
+        "mrsigner": s,
+        "isv_prod_id": 3,
+        "isv_svn": 1,
+        "debug": True,
+    }
     for bad in (
         "Attributes:\n    mr_enclave: " + e,
         json.dumps({**view, "mr_enclave": "ab"}),
@@ -426,8 +577,10 @@ def test_ldd_output_is_read_into_normalised_paths():
     from branchy_tee.enclave.env import parse_ldd
 
     out = (
-        "/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n"
-        "\tlibq.so => not found\n\tlibo.so => /e/numpy/_core/../../numpy.libs/libo.so (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n"
+        "/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => "
+        "/lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n"
+        "\tlibq.so => not found\n\tlibo.so => /e/numpy/_core/../../numpy.libs/libo.so "
+        "(0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n"
     )
     assert parse_ldd(out) == {"/lib/x86_64-linux-gnu/libz.so.1", "/e/numpy.libs/libo.so", "/lib64/ld-linux-x86-64.so.2"}
 

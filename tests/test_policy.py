@@ -159,32 +159,44 @@ def test_simulation(phala1):
 
 
 # --------------------------------------------------------------------------- parsing
-@pytest.mark.parametrize("data, match", [
-    ({}, "set allowed_mrenclave"),
-    ({"allowed_mrenclave": [], "allowed_mrsigner": []}, "set allowed_mrenclave"),
-    ({"allowed_mrsigner": ["11" * 32]}, "pins only allowed_mrsigner, but the host builds and signs the enclave"),
-    ({"allowed_mrenclave": ["11" * 32], "accept_client_collateral": True}, "needs min_tcb_evaluation_data_number"),
-    ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": ["xyz"]}, "is not an identity"),
-    ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": "ab"}, "must be a list of strings"),
-    ({"allowed_mrenclave": ["11" * 32], "min_tcb_evaluation_data_number": -1}, "must be an integer"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debugg": True}, r"unknown setting 'allow_debugg' \(did you mean 'allow_debug'\?\)"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "policy": {"x": 1}}, "unknown setting 'policy'"),
-    ({"allowed_mrenclave": PHALA1_MRENCLAVE}, "allowed_mrenclave must be a list of strings"),
-    ({"allowed_mrenclave": ["xyz"]}, "allowed_mrenclave entry 'xyz' is not hex"),
-    ({"allowed_mrenclave": ["abcd"]}, "must be 32 bytes"),
-    ({"allowed_mrsigner": [PHALA2_MRTD]}, "must be 32 bytes"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debug": "no"}, "allow_debug must be true or false"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_simulation": 1}, "allow_simulation must be true or false"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "min_isv_svn": -1}, "min_isv_svn must be an integer"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "isv_prod_id": True}, "isv_prod_id must be an integer"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "min_model_version": 1.5}, "min_model_version must be an integer"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "accepted_tcb_statuses": ["UpToDat"]}, "did you mean 'UpToDate'"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "stale_collateral": "ignore"}, "stale_collateral must be 'reject' or 'warn'"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "key_ids": []}, "key_ids is empty"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "key_ids": ["ABCDEF0123456789"]}, "is not a key id"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "simulation_public_keys": ["00" * 32]}, "allow_simulation = false"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "collateral": "/nonexistent/collateral.json"}, "cannot read collateral"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({}, "set allowed_mrenclave"),
+        ({"allowed_mrenclave": [], "allowed_mrsigner": []}, "set allowed_mrenclave"),
+        ({"allowed_mrsigner": ["11" * 32]}, "pins only allowed_mrsigner, but the host builds and signs the enclave"),
+        ({"allowed_mrenclave": ["11" * 32], "accept_client_collateral": True}, "needs min_tcb_evaluation_data_number"),
+        ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": ["xyz"]}, "is not an identity"),
+        ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": "ab"}, "must be a list of strings"),
+        ({"allowed_mrenclave": ["11" * 32], "min_tcb_evaluation_data_number": -1}, "must be an integer"),
+        (
+            {"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debugg": True},
+            r"unknown setting 'allow_debugg' \(did you mean 'allow_debug'\?\)",
+        ),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "policy": {"x": 1}}, "unknown setting 'policy'"),
+        ({"allowed_mrenclave": PHALA1_MRENCLAVE}, "allowed_mrenclave must be a list of strings"),
+        ({"allowed_mrenclave": ["xyz"]}, "allowed_mrenclave entry 'xyz' is not hex"),
+        ({"allowed_mrenclave": ["abcd"]}, "must be 32 bytes"),
+        ({"allowed_mrsigner": [PHALA2_MRTD]}, "must be 32 bytes"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debug": "no"}, "allow_debug must be true or false"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_simulation": 1}, "allow_simulation must be true or false"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "min_isv_svn": -1}, "min_isv_svn must be an integer"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "isv_prod_id": True}, "isv_prod_id must be an integer"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "min_model_version": 1.5}, "min_model_version must be an integer"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "accepted_tcb_statuses": ["UpToDat"]}, "did you mean 'UpToDate'"),
+        (
+            {"allowed_mrenclave": [PHALA1_MRENCLAVE], "stale_collateral": "ignore"},
+            "stale_collateral must be 'reject' or 'warn'",
+        ),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "key_ids": []}, "key_ids is empty"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "key_ids": ["ABCDEF0123456789"]}, "is not a key id"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "simulation_public_keys": ["00" * 32]}, "allow_simulation = false"),
+        (
+            {"allowed_mrenclave": [PHALA1_MRENCLAVE], "collateral": "/nonexistent/collateral.json"},
+            "cannot read collateral",
+        ),
+    ],
+)
 def test_bad_policies_are_errors(data, match):
     with pytest.raises(BranchyError, match=match):
         parse_policy(data, "p.toml")

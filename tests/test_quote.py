@@ -239,7 +239,7 @@ def test_single_byte_flips_in_signed_regions_are_rejected():
         **{f"pem_cert_{i}": _pem_body_positions(q, i) for i in range(3)},
     }
     positions = []
-    for name, rng_positions in regions.items():
+    for rng_positions in regions.values():
         positions += rng.sample(list(rng_positions), min(40, len(rng_positions)))
     assert len(positions) >= 200
     for pos in positions:
@@ -589,7 +589,10 @@ def _der_int(v: int) -> bytes:
 SGX = "1.2.840.113741.1.13.1"
 
 
-def _sgx_extension(comps, pcesvn, fmspc=bytes.fromhex("00a067110000"), pceid=b"\0\0") -> bytes:
+FMSPC = bytes.fromhex("00a067110000")
+
+
+def _sgx_extension(comps, pcesvn, fmspc=FMSPC, pceid=b"\0\0") -> bytes:
     seq = lambda *items: _tlv(0x30, b"".join(items))  # noqa: E731
     tcb = [seq(_der_oid(f"{SGX}.2.{i + 1}"), _der_int(c)) for i, c in enumerate(comps)]
     tcb.append(seq(_der_oid(f"{SGX}.2.17"), _der_int(pcesvn)))

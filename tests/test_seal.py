@@ -175,9 +175,11 @@ def test_host_strings_in_request_headers_are_checked_and_escaped():
 
     from branchy_tee.seal.envelope import REQUEST_MAGIC, read_envelope_header
 
-    for header, match in (({"request_id": "\ud800", "key_id": "ab" * 8}, "is not valid Unicode text"),
-                          ({"request_id": "r\n1", "key_id": "ab" * 8}, "must be printable text"),
-                          ({"request_id": "r1", "key_id": "\x1b[31mred"}, "is not a key id")):  # fmt: skip
+    for header, match in (
+        ({"request_id": "\ud800", "key_id": "ab" * 8}, "is not valid Unicode text"),
+        ({"request_id": "r\n1", "key_id": "ab" * 8}, "must be printable text"),
+        ({"request_id": "r1", "key_id": "\x1b[31mred"}, "is not a key id"),
+    ):
         h = json.dumps(header).encode()  # ensure_ascii: the surrogate travels as \ud800
         blob = REQUEST_MAGIC + struct.pack(">I", len(h)) + h + bytes(40)
         with pytest.raises(IntegrityError, match=match) as e:

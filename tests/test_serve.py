@@ -66,9 +66,26 @@ def do_policy(world, **kw) -> dict:
 def serve_args(world, broker_url: str, *extra) -> object:
     p = ArgumentParser()
     srv.add_arguments(p)
-    return p.parse_args(["--bundle", str(world["d"] / "model.btee"), "--listen", "127.0.0.1:0", "--attest", "simulated",
-                         "--model-broker", broker_url, "--model-broker-identity", world["ids"]["mo"], "--quiet",
-                         "--threads", "1", "--timeout", "5", *extra])  # fmt: skip
+    return p.parse_args(
+        [
+            "--bundle",
+            str(world["d"] / "model.btee"),
+            "--listen",
+            "127.0.0.1:0",
+            "--attest",
+            "simulated",
+            "--model-broker",
+            broker_url,
+            "--model-broker-identity",
+            world["ids"]["mo"],
+            "--quiet",
+            "--threads",
+            "1",
+            "--timeout",
+            "5",
+            *extra,
+        ]
+    )
 
 
 class Served:
@@ -121,8 +138,10 @@ def test_client_verifies_the_server_then_gets_predicts_answers(world):
 
 def test_a_policy_that_forbids_simulation_or_pins_another_enclave_refuses_before_sending(world):
     with Served(world) as s:
-        for policy, match in ((do_policy(world, allow_simulation=False), "simulated evidence refused"),
-                              (do_policy(world, allowed_mrenclave=["ab" * 32]), "allowed_mrenclave")):  # fmt: skip
+        for policy, match in (
+            (do_policy(world, allow_simulation=False), "simulated evidence refused"),
+            (do_policy(world, allowed_mrenclave=["ab" * 32]), "allowed_mrenclave"),
+        ):
             with s.client(policy=policy) as c, pytest.raises(AttestationError, match=match):
                 c.predict(world["x"][:2])
         assert s.server.metrics.requests["ok"] == 0 and s.server.metrics.samples == 0
@@ -145,10 +164,17 @@ def test_evidence_copied_from_another_server_is_refused(world):
     )
     host_key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([])
-    forged = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(host_key.public_key())
-              .serial_number(1).not_valid_before(ratls.NOT_BEFORE).not_valid_after(ratls.NOT_AFTER)
-              .add_extension(x509.UnrecognizedExtension(ratls.RATLS_QUOTE_OID, evidence), critical=False)
-              .sign(host_key, hashes.SHA256())).public_bytes(serialization.Encoding.DER)  # fmt: skip
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(host_key.public_key())
+        .serial_number(1)
+        .not_valid_before(ratls.NOT_BEFORE)
+        .not_valid_after(ratls.NOT_AFTER)
+        .add_extension(x509.UnrecognizedExtension(ratls.RATLS_QUOTE_OID, evidence), critical=False)
+        .sign(host_key, hashes.SHA256())
+    ).public_bytes(serialization.Encoding.DER)
     policy = parse_policy(do_policy(world, allowed_mrenclave=[sim.mrenclave.hex()]))
     assert ratls_verify.verify_server_certificate(genuine, policy).mrenclave == sim.mrenclave
     with pytest.raises(AttestationError, match="does not bind the key of the certificate"):
@@ -179,10 +205,16 @@ def test_a_forged_anchor_in_the_clients_chain_does_not_help(world, tmp_path):
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-            .issuer_name(ratls.identity_name(allowed_hex)).public_key(stranger.public_key()).serial_number(2)
-            .not_valid_before(ratls.NOT_BEFORE).not_valid_after(ratls.NOT_AFTER).sign(stranger, None))  # fmt: skip
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+        .issuer_name(ratls.identity_name(allowed_hex))
+        .public_key(stranger.public_key())
+        .serial_number(2)
+        .not_valid_before(ratls.NOT_BEFORE)
+        .not_valid_after(ratls.NOT_AFTER)
+        .sign(stranger, None)
+    )
     pem = stranger.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -308,8 +340,12 @@ def test_renewal_follows_the_model_owners_allow_list_and_revocation(world):
         port = int(s.broker.url.rsplit(":", 1)[1])
         s.broker.stop()
         # the model owner removes data owner 1
-        s.broker = start_broker(world["d"] / "mo.key", do_policy(world, allowed_data_owners=[world["ids"]["do2"]]),
-                                identity=world["d"] / "mo.id", port=port)  # fmt: skip
+        s.broker = start_broker(
+            world["d"] / "mo.key",
+            do_policy(world, allowed_data_owners=[world["ids"]["do2"]]),
+            identity=world["d"] / "mo.id",
+            port=port,
+        )
         deadline = time.time() + 20
         while s.server.allowed != {bytes.fromhex(world["ids"]["do2"])} and time.time() < deadline:
             time.sleep(0.1)
@@ -319,8 +355,12 @@ def test_renewal_follows_the_model_owners_allow_list_and_revocation(world):
             check_answers(world, c.predict(world["x"][:2]))
         # the model owner revokes the deployment (its broker refuses this enclave): no more answers
         s.broker.stop()
-        s.broker = start_broker(world["d"] / "mo.key", do_policy(world, allowed_mrenclave=["ab" * 32]),
-                                identity=world["d"] / "mo.id", port=port)  # fmt: skip
+        s.broker = start_broker(
+            world["d"] / "mo.key",
+            do_policy(world, allowed_mrenclave=["ab" * 32]),
+            identity=world["d"] / "mo.id",
+            port=port,
+        )
         deadline = time.time() + 20
         while s.server.state != "revoked" and time.time() < deadline:
             time.sleep(0.1)
@@ -347,12 +387,37 @@ def test_cli_query(world, capfd):
         pol.write_text(f'allowed_mrenclave = ["{world["mrenclave"]}"]\nallow_simulation = true\n')
         np.save(world["d"] / "x.npy", (world["x"][:3] * 255).astype(np.uint8))
         capfd.readouterr()
-        assert main(["query", s.url, str(world["d"] / "x.npy"), "--policy", str(pol), "--identity",
-                     str(world["d"] / "do1.id"), "--json"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "query",
+                    s.url,
+                    str(world["d"] / "x.npy"),
+                    "--policy",
+                    str(pol),
+                    "--identity",
+                    str(world["d"] / "do1.id"),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         out = json.loads(capfd.readouterr().out)
         assert len(out) == 3 and {"label", "class_name", "confidence", "exit", "model"} <= set(out[0])
-        assert main(["query", s.url, str(world["d"] / "x.npy"), "--policy", str(pol), "--identity",
-                     str(world["d"] / "stranger.id")]) == 1  # fmt: skip
+        assert (
+            main(
+                [
+                    "query",
+                    s.url,
+                    str(world["d"] / "x.npy"),
+                    "--policy",
+                    str(pol),
+                    "--identity",
+                    str(world["d"] / "stranger.id"),
+                ]
+            )
+            == 1
+        )
         err = capfd.readouterr().err
         assert "does not accept your identity" in err and len(err.strip().splitlines()) == 1
 
@@ -362,9 +427,25 @@ def _start_server_process(world, broker_url: str, port: int):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "branchy_tee.cli", "serve", "--bundle", str(world["d"] / "model.btee"),
-           "--listen", f"127.0.0.1:{port}", "--attest", "simulated", "--model-broker", broker_url,
-           "--model-broker-identity", world["ids"]["mo"], "--threads", "1", "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "branchy_tee.cli",
+        "serve",
+        "--bundle",
+        str(world["d"] / "model.btee"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--attest",
+        "simulated",
+        "--model-broker",
+        broker_url,
+        "--model-broker-identity",
+        world["ids"]["mo"],
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     assert line.startswith("serving lenet5"), line
@@ -398,8 +479,9 @@ def test_server_killed_under_load_gives_clear_errors_never_wrong_answers_and_cli
                                 stats["unclear"].append(str(e))
                         time.sleep(0.05)
                         continue
-                    ok = [r["label"] for r in results] == world["labels"][lo : lo + 4] and \
-                         [r["exit"] for r in results] == world["exits"][lo : lo + 4]  # fmt: skip
+                    ok = [r["label"] for r in results] == world["labels"][lo : lo + 4] and [
+                        r["exit"] for r in results
+                    ] == world["exits"][lo : lo + 4]
                     with lock:
                         stats["wrong"] += not ok
                         stats["ok_after" if phase["restarted"] else "ok_before"] += ok
@@ -463,26 +545,61 @@ def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_t
         sock.bind(("127.0.0.1", 0))
         serve_port = sock.getsockname()[1]
     broker_url = f"http://127.0.0.1:{broker_port}"
-    build(BuildOptions(bundle=str(d / "model.btee"), out=str(tmp_path / "enc"), attest="simulated", serve=True,
-                       model_broker=broker_url, model_broker_identity=world["ids"]["mo"], env=enclave_env.dir,
-                       enclave_size="1G", io_dirs=[str(tmp_path / "io")]))  # fmt: skip
+    build(
+        BuildOptions(
+            bundle=str(d / "model.btee"),
+            out=str(tmp_path / "enc"),
+            attest="simulated",
+            serve=True,
+            model_broker=broker_url,
+            model_broker_identity=world["ids"]["mo"],
+            env=enclave_env.dir,
+            enclave_size="1G",
+            io_dirs=[str(tmp_path / "io")],
+        )
+    )
     write_release(tmp_path / "enc", load_identity(d / "mo.id"), tmp_path / "release.json", read_key_file(d / "mo.key"))
-    write_policy_from_release(tmp_path / "release.json", world["ids"]["mo"], tmp_path / "mo.toml",
-                              allowed_data_owners=[world["ids"]["do1"]], allow_simulated=True)  # fmt: skip
+    write_policy_from_release(
+        tmp_path / "release.json",
+        world["ids"]["mo"],
+        tmp_path / "mo.toml",
+        allowed_data_owners=[world["ids"]["do1"]],
+        allow_simulated=True,
+    )
     write_policy_from_release(tmp_path / "release.json", world["ids"]["mo"], tmp_path / "do.toml", allow_simulated=True)
     with start_broker(d / "mo.key", tmp_path / "mo.toml", identity=d / "mo.id", port=broker_port):
-        proc = subprocess.Popen([sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", "native",
-                                 str(tmp_path / "enc"), "--", "serve", "--bundle", str(d / "model.btee"),
-                                 "--listen", f"127.0.0.1:{serve_port}", "--quiet"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "branchy_tee.cli",
+                "enclave",
+                "run",
+                "--backend",
+                "native",
+                str(tmp_path / "enc"),
+                "--",
+                "serve",
+                "--bundle",
+                str(d / "model.btee"),
+                "--listen",
+                f"127.0.0.1:{serve_port}",
+                "--quiet",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             line = proc.stdout.readline()
             assert line.startswith("serving lenet5"), line + proc.stderr.read()
             with Client(f"https://127.0.0.1:{serve_port}", policy=tmp_path / "do.toml", identity=d / "do1.id") as c:
                 check_answers(world, c.predict(world["x"][:6]))
             # the same enclave, with a policy that pins the measurement of another build: refused
-            with Client(f"https://127.0.0.1:{serve_port}", policy=do_policy(world), identity=d / "do1.id") as c, \
-                 pytest.raises(AttestationError, match="allowed_mrenclave"):  # fmt: skip
+            with (
+                Client(f"https://127.0.0.1:{serve_port}", policy=do_policy(world), identity=d / "do1.id") as c,
+                pytest.raises(AttestationError, match="allowed_mrenclave"),
+            ):
                 c.predict(world["x"][:1])
         finally:
             proc.terminate()

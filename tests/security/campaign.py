@@ -545,7 +545,7 @@ class BrokerPostTarget(Target):
             return Outcome("accepted", f"granted something else: {sorted(got)}")
         if _post_semantics(tampered) == _post_semantics(self.body):
             return Outcome("benign", "same request after decoding (JSON whitespace, hex case, base64 padding bits)")
-        sem_t, sem_o = _post_semantics(tampered), _post_semantics(self.body)
+        sem_t = _post_semantics(tampered)
         if sem_t is None:
             # parses for the broker but not for our decoder: e.g. an unknown member replaced 'protocol'
             try:
@@ -820,7 +820,8 @@ def format_table(rows: list[Row]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"{r.artifact:<{w}} {r.trials:>7} {r.rejected:>9} {r.benign:>7} {r.accepted:>9} {r.crashes:>8} {r.seconds:>8.1f}"
+            f"{r.artifact:<{w}} {r.trials:>7} {r.rejected:>9} {r.benign:>7} {r.accepted:>9} {r.crashes:>8} "
+            f"{r.seconds:>8.1f}"
         )
     tot = Row("total")
     for r in rows:
@@ -831,7 +832,8 @@ def format_table(rows: list[Row]) -> str:
         tot.crashes += r.crashes
         tot.seconds += r.seconds
     lines.append(
-        f"{'total':<{w}} {tot.trials:>7} {tot.rejected:>9} {tot.benign:>7} {tot.accepted:>9} {tot.crashes:>8} {tot.seconds:>8.1f}"
+        f"{'total':<{w}} {tot.trials:>7} {tot.rejected:>9} {tot.benign:>7} {tot.accepted:>9} {tot.crashes:>8} "
+        f"{tot.seconds:>8.1f}"
     )
     return "\n".join(lines)
 

@@ -228,12 +228,12 @@ def broker_restarts(work: Path, restarts: int = 3, seconds_between: float = 3.0,
     try:
         for t in ts:
             t.start()
-        for r in range(restarts):
+        for _ in range(restarts):
             time.sleep(seconds_between)
             before = granted_body()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            for attempt in range(50):  # same port, same audit log
+            for _attempt in range(50):  # same port, same audit log
                 try:
                     proc, url2 = start_broker_process(
                         work, {"k": key}, policy, port=port, audit=audit, stderr_path=work / "broker.stderr"
@@ -317,7 +317,8 @@ def main(argv=None) -> int:
         world = build_crash_world(d / "world", args.samples)
         k = kill_predict(world, d / "kills", args.kills)
         print(
-            f"predict killed with SIGKILL {k['kills']} times (clean run {k['clean_run_seconds']} s, {k['samples']} samples, "
+            f"predict killed with SIGKILL {k['kills']} times (clean run {k['clean_run_seconds']} s, {k['samples']} "
+            "samples, "
             f"two requests): left nothing {k['left_nothing']}, some results {k['left_some_results']}, all results "
             f"{k['left_all_results']}; partial or wrong results 0 expected, problems {len(k['problems'])}; "
             f"atomic-write temporaries left {k['temporaries_left']}"
@@ -326,10 +327,13 @@ def main(argv=None) -> int:
             print(f"  PROBLEM {pr}")
         b = broker_restarts(d / "broker", args.restarts, args.seconds_between)
         print(
-            f"key broker killed with SIGKILL and restarted {b['restarts']} times under {b['client_threads']} client threads: "
-            f"grants seen {b['grants_seen_by_clients']}, audit lines {b['audit_lines']} (torn {b['audit_torn_lines']}), "
+            f"key broker killed with SIGKILL and restarted {b['restarts']} times under {b['client_threads']} client "
+            "threads: "
+            f"grants seen {b['grants_seen_by_clients']}, audit lines {b['audit_lines']} (torn "
+            f"{b['audit_torn_lines']}), "
             f"grants without an audit line {b['grants_without_audit_line']}, granted but undelivered "
-            f"{b['granted_but_not_delivered']}, nonces issued {b['nonces_issued']} (twice: {b['nonces_issued_twice']}), "
+            f"{b['granted_but_not_delivered']}, nonces issued {b['nonces_issued']} (twice: "
+            f"{b['nonces_issued_twice']}), "
             f"granted twice {b['nonces_granted_twice']}, old nonces refused after restart "
             f"{b['old_nonces_refused_after_restart']}, replays after restart {b['replayed_after_restart']}, "
             f"health {b['health_after']}"

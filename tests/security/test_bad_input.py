@@ -125,7 +125,8 @@ def test_malformed_request_files(w, blob, match):
         ),
         (lambda raw, mac: raw.replace(mac, b"\\u00e9" + mac[1:]), "header failed authentication"),
         (lambda raw, mac: raw.replace(b'\n "mac"', b'\n\t"mac"'), "header bytes differ from the sealed file"),
-        # a duplicate key: JSON readers differ on which one counts; ours takes the last (authentic) one, the bytes check refuses
+        # a duplicate key: JSON readers differ on which one counts; ours takes the last (authentic) one, the bytes
+        # check refuses
         (
             lambda raw, mac: raw.replace(b'"model_version": 1', b'"model_version": 2, "model_version": 1'),
             "header bytes differ",
@@ -185,14 +186,29 @@ def test_encrypt_input_with_a_broken_header(w):
 )
 def test_malformed_result_files(w, blob, match):
     (w / "bad.res").write_bytes(blob)
-    run_cli(["decrypt-result", str(w / "bad.res"), "--key", str(w / "do1.key"), "--request", str(w / "do1.req"),
-             "--out", str(w / "out" / "r.json")], 1, match)  # fmt: skip
+    run_cli(
+        [
+            "decrypt-result",
+            str(w / "bad.res"),
+            "--key",
+            str(w / "do1.key"),
+            "--request",
+            str(w / "do1.req"),
+            "--out",
+            str(w / "out" / "r.json"),
+        ],
+        1,
+        match,
+    )
     assert_nothing_written(w)
 
 
 def test_a_request_is_not_a_result(w):
-    run_cli(["decrypt-result", str(w / "do1.req"), "--key", str(w / "do1.key"), "--request", str(w / "do1.req")], 1,
-            "not a branchy-tee result file")  # fmt: skip
+    run_cli(
+        ["decrypt-result", str(w / "do1.req"), "--key", str(w / "do1.key"), "--request", str(w / "do1.req")],
+        1,
+        "not a branchy-tee result file",
+    )
 
 
 # --------------------------------------------------------------------------- keys

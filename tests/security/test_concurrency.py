@@ -51,9 +51,11 @@ def test_two_data_owners_in_parallel_runs_never_see_each_others_results(world, t
     policy = {"allowed_mrenclave": [simulated_mrenclave().hex()], "allow_simulation": True}
     mo_policy = {**policy, "allowed_data_owners": [identity_hex(IDS["do1"]), identity_hex(IDS["do2"])]}
     keys = {o: world.key(o) for o in ("mo", "do1", "do2")}
-    with quiet_call(start_broker, [keys["mo"]], mo_policy, identity=IDS["mo"])[0] as mo, \
-         quiet_call(start_broker, [keys["do1"]], policy, identity=IDS["do1"])[0] as b1, \
-         quiet_call(start_broker, [keys["do2"]], policy, identity=IDS["do2"])[0] as b2:  # fmt: skip
+    with (
+        quiet_call(start_broker, [keys["mo"]], mo_policy, identity=IDS["mo"])[0] as mo,
+        quiet_call(start_broker, [keys["do1"]], policy, identity=IDS["do1"])[0] as b1,
+        quiet_call(start_broker, [keys["do2"]], policy, identity=IDS["do2"])[0] as b2,
+    ):
         errors, outs = [], {}
 
         def run(owner, broker, i):
@@ -74,7 +76,7 @@ def test_two_data_owners_in_parallel_runs_never_see_each_others_results(world, t
         assert not errors, errors
         # each data owner's broker released only its own key, once per run
         assert (mo.broker.granted, b1.broker.granted, b2.broker.granted) == (6, 3, 3)
-    for (owner, i), out in outs.items():
+    for (owner, _), out in outs.items():
         other = "do2" if owner == "do1" else "do1"
         blob = out.read_bytes()
         assert open_result(blob, keys[owner], out.name, world.digest(owner))[1] == world.records[owner]

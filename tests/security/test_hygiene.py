@@ -321,7 +321,7 @@ def test_the_lint_catches_a_plain_comparison():
     assert len(flagged) == 2
 
 
-# --------------------------------------------------------------------------- nothing secret in logs, audit logs, temp files
+# ----------------------------------------------------------------------- nothing secret in logs, audit logs, temp files
 def test_keys_and_plaintext_never_reach_logs_or_temporary_files(tmp_path, xdg, monkeypatch, capfd):
     """The demo flow with every log on: owners' commands, three brokers (audit logs, per-decision log
     lines), predict (not quiet, stats, memory profile) with attested key release. Nothing the host can
@@ -379,18 +379,56 @@ def test_keys_and_plaintext_never_reach_logs_or_temporary_files(tmp_path, xdg, m
     ids = {n: create_identity(d / f"{n}.id") for n, d in (("mo", mo_dir), ("do", do_dir))}
     log = lambda m: sys.stderr.write(f"key-broker: {m}\n")  # noqa: E731 -- what `key-broker` without --quiet prints
     audits = {n: tmp_path / f"{n}.audit.jsonl" for n in ("mo", "do")}
-    with start_broker(mo_dir / "mo.key", {**policy, "allowed_data_owners": [identity_hex(ids["do"])]},
-                      audit_log=audits["mo"], log=log, identity=ids["mo"]) as mo, \
-         start_broker(do_dir / "do.key", policy, audit_log=audits["do"], log=log, identity=ids["do"]) as do:  # fmt: skip
-        rc = main(["predict", "--bundle", str(host / "model.btee"), "--input", str(host / "req.enc"), "--output",
-                   str(host / "res.enc"), "--attest", "simulated", "--model-broker", mo.url, "--model-broker-identity",
-                   identity_hex(ids["mo"]), "--data-broker", do.url, "--stats-json", str(host / "stats.json"),
-                   "--mprofile", str(host / "prof"), "--json"])  # fmt: skip
+    with (
+        start_broker(
+            mo_dir / "mo.key",
+            {**policy, "allowed_data_owners": [identity_hex(ids["do"])]},
+            audit_log=audits["mo"],
+            log=log,
+            identity=ids["mo"],
+        ) as mo,
+        start_broker(do_dir / "do.key", policy, audit_log=audits["do"], log=log, identity=ids["do"]) as do,
+    ):
+        rc = main(
+            [
+                "predict",
+                "--bundle",
+                str(host / "model.btee"),
+                "--input",
+                str(host / "req.enc"),
+                "--output",
+                str(host / "res.enc"),
+                "--attest",
+                "simulated",
+                "--model-broker",
+                mo.url,
+                "--model-broker-identity",
+                identity_hex(ids["mo"]),
+                "--data-broker",
+                do.url,
+                "--stats-json",
+                str(host / "stats.json"),
+                "--mprofile",
+                str(host / "prof"),
+                "--json",
+            ]
+        )
         assert rc == 0
     host_visible = capfd.readouterr()
     assert "[enclave] bundle lenet5" in host_visible.err and "key-broker: granted" in host_visible.err  # logs were on
-    assert main(["decrypt-result", str(host / "res.enc"), "--key", str(do_dir / "do.key"), "--request",
-                 str(host / "req.enc")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "decrypt-result",
+                str(host / "res.enc"),
+                "--key",
+                str(do_dir / "do.key"),
+                "--request",
+                str(host / "req.enc"),
+            ]
+        )
+        == 0
+    )
     do_terminal = capfd.readouterr()
     records = open_result(
         (host / "res.enc").read_bytes(), keys["do"], "res", request_digest((host / "req.enc").read_bytes())

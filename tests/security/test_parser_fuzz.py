@@ -301,10 +301,19 @@ def test_result_payload_regressions(world):
             read_envelope_header(blob, REQUEST_MAGIC, "req")
 
 
-# --------------------------------------------------------------------------- stage graphs (authentic bytes to ONNX Runtime)
+# ----------------------------------------------------------------------- stage graphs (authentic bytes to ONNX Runtime)
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 1 << 16),
-                          st.binary(min_size=1, max_size=8)), min_size=1, max_size=4))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["xor", "delete", "insert", "set"]),
+            st.integers(0, 1 << 16),
+            st.binary(min_size=1, max_size=8),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_stage_graph_edits_give_one_line_errors(world, edits):
     """Only a buggy or malicious model owner can make authentic stage bytes malformed; even then the
     enclave refuses them with one line (or runs a graph that still has a stage graph's interface)."""
