@@ -22,8 +22,13 @@ SCRATCH = Path(os.environ.get("FUZZ_SCRATCH", "/dev/shm" if os.path.isdir("/dev/
 
 
 def world_paths() -> dict[str, Path]:
-    return {"bundle": WORLD / "model.btee", "mo.key": WORLD / "mo.key", "do1.key": WORLD / "do1.key",
-            "request": WORLD / "do1.req", "result": WORLD / "reference" / "do1.res"}
+    return {
+        "bundle": WORLD / "model.btee",
+        "mo.key": WORLD / "mo.key",
+        "do1.key": WORLD / "do1.key",
+        "request": WORLD / "do1.req",
+        "result": WORLD / "reference" / "do1.res",
+    }
 
 
 def read_key(name: str) -> bytes:

@@ -6,7 +6,6 @@ checks. Every request must end in a 4xx Refusal with a one-line reason: a 500 is
 import sys
 
 import atheris
-
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
@@ -24,7 +23,7 @@ def TestOneInput(data: bytes) -> None:
         BROKER.request_keys(body, "127.0.0.1")
     except Refusal as r:
         if r.status >= 500 or "\n" in r.reason:
-            raise common.Finding(f"HTTP {r.status} {r.code}: {r.reason}")
+            raise common.Finding(f"HTTP {r.status} {r.code}: {r.reason}") from None
         return
     raise common.Finding("granted a key to a fuzzed request")
 

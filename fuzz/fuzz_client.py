@@ -9,7 +9,6 @@ import sys
 import urllib.request
 
 import atheris
-
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
@@ -28,7 +27,9 @@ IDENTITY = bytes.fromhex(REC["identity"])  # the recorded broker's: the one the 
 
 def TestOneInput(data: bytes) -> None:
     nonce_body, _, keys_body = data.partition(b"\0")
-    ak = AttestedKeys("simulated", "http://broker.invalid:1", IDENTITY, ["http://broker.invalid:1"], provider=_StubProvider())
+    ak = AttestedKeys(
+        "simulated", "http://broker.invalid:1", IDENTITY, ["http://broker.invalid:1"], provider=_StubProvider()
+    )
     ak._sk, ak.public_key = SK, PK
     ak._opener = urllib.request.build_opener(_Canned({"/v1/nonce": nonce_body, "/v1/keys": keys_body}))
     try:

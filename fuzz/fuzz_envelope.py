@@ -10,7 +10,6 @@ Only BranchyError (one line) may escape."""
 import sys
 
 import atheris
-
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

@@ -4,7 +4,6 @@
 import sys
 
 import atheris
-
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

@@ -4,7 +4,6 @@ a successful parse must be self-consistent."""
 import sys
 
 import atheris
-
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

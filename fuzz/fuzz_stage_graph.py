@@ -6,7 +6,6 @@ escape, never another exception or a crash."""
 import sys
 
 import atheris
-
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

@@ -48,7 +48,8 @@ def build_world(world: Path) -> None:
     import shutil
 
     from campaign import record_exchange
-    from world import build_world as build, quiet_call
+    from world import build_world as build
+    from world import quiet_call
 
     from branchy_tee.seal.keys import generate_key
 
@@ -59,18 +60,27 @@ def build_world(world: Path) -> None:
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
     sk = rec["sk"].private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    (world / "client-exchange.json").write_text(json.dumps({
-        "sk": sk.hex(), "pk": rec["pk"].hex(), "kid": rec["kid"], "key": keys[0].hex(), "identity": rec["identity"].hex(),
-        "nonce_body": rec["nonce_body"].decode(), "keys_body": rec["keys_body"].decode()}))
+    (world / "client-exchange.json").write_text(
+        json.dumps(
+            {
+                "sk": sk.hex(),
+                "pk": rec["pk"].hex(),
+                "kid": rec["kid"],
+                "key": keys[0].hex(),
+                "identity": rec["identity"].hex(),
+                "nonce_body": rec["nonce_body"].decode(),
+                "keys_body": rec["keys_body"].decode(),
+            }
+        )
+    )
 
 
 def seeds(world: Path) -> dict[str, list[bytes]]:
     import base64
 
-    from safetensors.torch import save
     import torch
-
     from campaign import SGX_QUOTES
+    from safetensors.torch import save
     from world import quiet_call
 
     from branchy_tee.attest.protocol import report_data
@@ -83,8 +93,8 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
         try:
             from cryptography import x509
 
-            from branchy_tee.attest.quote import parse_quote
             from branchy_tee.attest.pck import SGX_EXTENSION_OID
+            from branchy_tee.attest.quote import parse_quote
 
             leaf = x509.load_pem_x509_certificate(parse_quote(q).pck_chain_pem[0])
             ext.append(leaf.extensions.get_extension_for_oid(SGX_EXTENSION_OID).value.value)
@@ -105,16 +115,28 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
     pk = bytes(range(32))
     nonce = bytes(40)  # the broker harness swaps 80 '0' digits for a nonce it just issued
     evidence, _, _ = quiet_call(sim.evidence, report_data(pk, nonce))
-    body = json.dumps({"protocol": "branchy-tee/v1", "evidence_type": "simulated", "evidence": base64.b64encode(evidence).decode(),
-                       "public_key": pk.hex(), "nonce": nonce.hex(), "key_ids": ["0123456789abcdef"]}).encode()
+    body = json.dumps(
+        {
+            "protocol": "branchy-tee/v1",
+            "evidence_type": "simulated",
+            "evidence": base64.b64encode(evidence).decode(),
+            "public_key": pk.hex(),
+            "nonce": nonce.hex(),
+            "key_ids": ["0123456789abcdef"],
+        }
+    ).encode()
     rec = json.loads((world / "client-exchange.json").read_text())
     return {
         "quote": quotes,
         "verify": quotes,
         "pck_extension": ext,
         "bundle": [b"\0" + header, b"\1" + header],
-        "envelope": [b"\0" + result, b"\1" + request, b"\4" + b"\3\0\0\0" + save({"inputs": torch.zeros(1, 1, 28, 28)}),
-                     b"\5" + b"\1\0\0\0" + b'[{"index": 0, "label": 1, "class_name": "c1", "confidence": 0.5, "exit": 0}]'],
+        "envelope": [
+            b"\0" + result,
+            b"\1" + request,
+            b"\4" + b"\3\0\0\0" + save({"inputs": torch.zeros(1, 1, 28, 28)}),
+            b"\5" + b"\1\0\0\0" + b'[{"index": 0, "label": 1, "class_name": "c1", "confidence": 0.5, "exit": 0}]',
+        ],
         "stage_graph": [stage0],
         "policy": policies,
         "broker": [body, body.replace(b'"simulated"', b'"dcap"', 1)],
@@ -127,10 +149,14 @@ def parse_log(text: str) -> dict:
         m = re.findall(pattern, text)
         return int(m[-1]) if m else default
 
-    return {"execs": sum(int(x) for x in re.findall(r"stat::number_of_executed_units: (\d+)", text))
-            or last(r"Done (\d+) runs"),
-            "cov": last(r"cov: (\d+)"), "ft": last(r"ft: (\d+)"), "corpus": last(r"corp: (\d+)/"),
-            "peak_rss_mb": last(r"stat::peak_rss_mb: (\d+)")}
+    return {
+        "execs": sum(int(x) for x in re.findall(r"stat::number_of_executed_units: (\d+)", text))
+        or last(r"Done (\d+) runs"),
+        "cov": last(r"cov: (\d+)"),
+        "ft": last(r"ft: (\d+)"),
+        "corpus": last(r"corp: (\d+)/"),
+        "peak_rss_mb": last(r"stat::peak_rss_mb: (\d+)"),
+    }
 
 
 def run_harness(name: str, seconds: float, max_len: int, env: dict) -> dict:
@@ -148,11 +174,20 @@ def run_harness(name: str, seconds: float, max_len: int, env: dict) -> dict:
             if left < 5 and runs:
                 break
             runs += 1
-            cmd = [sys.executable, str(FUZZ / f"fuzz_{name}.py"), str(corpus), f"-max_total_time={max(int(left), 5)}",
-                   "-print_final_stats=1", f"-artifact_prefix={arts}/{name}-", "-timeout=30", "-rss_limit_mb=4096",
-                   f"-max_len={max_len}"]
-            p = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               errors="replace")
+            cmd = [
+                sys.executable,
+                str(FUZZ / f"fuzz_{name}.py"),
+                str(corpus),
+                f"-max_total_time={max(int(left), 5)}",
+                "-print_final_stats=1",
+                f"-artifact_prefix={arts}/{name}-",
+                "-timeout=30",
+                "-rss_limit_mb=4096",
+                f"-max_len={max_len}",
+            ]
+            p = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+            )
             log.write(p.stdout)
             text_all += p.stdout
             st = parse_log(p.stdout)
@@ -166,15 +201,28 @@ def run_harness(name: str, seconds: float, max_len: int, env: dict) -> dict:
                     break
             else:
                 break
-    return {"harness": name, "seconds": round(seconds), "execs": execs, "execs_per_s": round(execs / max(seconds, 1)),
-            "cov": stats.get("cov", 0), "ft": stats.get("ft", 0), "corpus": len(list(corpus.iterdir())),
-            "crashes": crashes, "crash_lines": crash_lines[:5], "log": str(log_path.relative_to(REPO))}
+    return {
+        "harness": name,
+        "seconds": round(seconds),
+        "execs": execs,
+        "execs_per_s": round(execs / max(seconds, 1)),
+        "cov": stats.get("cov", 0),
+        "ft": stats.get("ft", 0),
+        "corpus": len(list(corpus.iterdir())),
+        "crashes": crashes,
+        "crash_lines": crash_lines[:5],
+        "log": str(log_path.relative_to(REPO)),
+    }
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seconds", type=float, default=float(os.environ.get("FUZZ_SECONDS", "600")),
-                   help="total time for all harnesses (default $FUZZ_SECONDS or 600)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=float(os.environ.get("FUZZ_SECONDS", "600")),
+        help="total time for all harnesses (default $FUZZ_SECONDS or 600)",
+    )
     p.add_argument("--only", help="comma-separated harness names")
     p.add_argument("--json", default=str(OUT / "fuzz-report.json"))
     args = p.parse_args(argv)
@@ -194,17 +242,31 @@ def main(argv=None) -> int:
         share = args.seconds * HARNESSES[n][0] / total
         r = run_harness(n, share, HARNESSES[n][1], env)
         rows.append(r)
-        print(f"  {n}: {r['execs']} executions in {r['seconds']} s, coverage {r['cov']}, corpus {r['corpus']}, "
-              f"crashes {r['crashes']}" + (f" ({r['crash_lines'][0]})" if r["crash_lines"] else ""), flush=True)
+        print(
+            f"  {n}: {r['execs']} executions in {r['seconds']} s, coverage {r['cov']}, corpus {r['corpus']}, "
+            f"crashes {r['crashes']}" + (f" ({r['crash_lines'][0]})" if r["crash_lines"] else ""),
+            flush=True,
+        )
     print()
-    print(f"{'harness':<14} {'seconds':>7} {'executions':>11} {'exec/s':>7} {'coverage':>8} {'corpus':>6} {'crashes':>7}")
+    print(
+        f"{'harness':<14} {'seconds':>7} {'executions':>11} {'exec/s':>7} {'coverage':>8} {'corpus':>6} {'crashes':>7}"
+    )
     for r in rows:
-        print(f"{r['harness']:<14} {r['seconds']:>7} {r['execs']:>11} {r['execs_per_s']:>7} {r['cov']:>8} {r['corpus']:>6} {r['crashes']:>7}")
-    tot_e, tot_s, tot_c = sum(r["execs"] for r in rows), sum(r["seconds"] for r in rows), sum(r["crashes"] for r in rows)
+        print(
+            f"{r['harness']:<14} {r['seconds']:>7} {r['execs']:>11} {r['execs_per_s']:>7} {r['cov']:>8} "
+            f"{r['corpus']:>6} {r['crashes']:>7}"
+        )
+    tot_e, tot_s, tot_c = (
+        sum(r["execs"] for r in rows),
+        sum(r["seconds"] for r in rows),
+        sum(r["crashes"] for r in rows),
+    )
     print(f"{'total':<14} {tot_s:>7} {tot_e:>11} {round(tot_e / max(tot_s, 1)):>7} {'':>8} {'':>6} {tot_c:>7}")
     print(f"measured {time.strftime('%Y-%m-%d')}; logs in fuzz/out/logs, crash inputs in fuzz/out/artifacts")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "rows": rows}, indent=1) + "\n")
+    Path(args.json).write_text(
+        json.dumps({"date": time.strftime("%Y-%m-%d"), "seconds": args.seconds, "rows": rows}, indent=1) + "\n"
+    )
     return 1 if tot_c else 0
 
 

@@ -53,15 +53,26 @@ def sealed(tmp_path_factory):
     model = create_model("lenet5", num_classes=10, in_channels=1).eval()
     (base / "run").mkdir()
     write_weights(base / "run" / "model.safetensors", model)
-    write_model_card(base / "run", ModelCard(
-        arch="lenet5", config={"num_classes": 10, "in_channels": 1}, classes=tuple(f"class-{i}" for i in range(10)),
-        dataset="synthetic", preprocessing=Preprocessing.for_images((1, 28, 28), [0.5], [0.3]),
-        criterion=ENTROPY, thresholds=(0.5, 0.5), stage_flops=(235200, 480000, 96000),
-        head_flops=(16384, 26624, 21840),
-    ))  # fmt: skip
+    write_model_card(
+        base / "run",
+        ModelCard(
+            arch="lenet5",
+            config={"num_classes": 10, "in_channels": 1},
+            classes=tuple(f"class-{i}" for i in range(10)),
+            dataset="synthetic",
+            preprocessing=Preprocessing.for_images((1, 28, 28), [0.5], [0.3]),
+            criterion=ENTROPY,
+            thresholds=(0.5, 0.5),
+            stage_flops=(235200, 480000, 96000),
+            head_flops=(16384, 26624, 21840),
+        ),
+    )
     (base / "keys").mkdir()
     assert main(["keygen", "--out", str(base / "keys" / "model.key")]) == 0
     assert main(["keygen", "--out", str(base / "keys" / "data.key")]) == 0
-    assert main(["seal", str(base / "run"), "--key", str(base / "keys" / "model.key"), "--out", str(base / "model.btee")]) == 0
+    assert (
+        main(["seal", str(base / "run"), "--key", str(base / "keys" / "model.key"), "--out", str(base / "model.btee")])
+        == 0
+    )
     np.save(base / "images.npy", np.random.RandomState(0).randint(0, 256, (5, 1, 28, 28)).astype(np.uint8))
     return base

@@ -17,7 +17,9 @@ def gramine_release(release: str) -> Path:
     """Gramine's own manifest tooling of one release (../shared/gramine-tools/vX.Y), or skip."""
     tool = GRAMINE_TOOLS / f"v{release}" / "gramine-manifest"
     if not tool.is_file():
-        pytest.skip(f"Gramine {release}'s gramine-manifest not found in {GRAMINE_TOOLS} (the shared tools sit beside the repo)")
+        pytest.skip(
+            f"Gramine {release}'s gramine-manifest not found in {GRAMINE_TOOLS} (the shared tools sit beside the repo)"
+        )
     return tool.parent
 
 
@@ -30,11 +32,14 @@ def install_gramine_manifest(bindir: Path, release: str, log: Path | None = None
     wrapper = bindir / "gramine-manifest"
     wrapper.write_text(
         f"#!{sys.executable}\nimport json, os, sys\n"
-        + (f"with open({str(log)!r}, 'a') as f:\n"
-           "    f.write(json.dumps({'tool': 'gramine-manifest', 'argv': sys.argv[1:], 'cwd': os.getcwd()}) + '\\n')\n"
-           if log else "")
+        + (
+            f"with open({str(log)!r}, 'a') as f:\n"
+            "    f.write(json.dumps({'tool': 'gramine-manifest', 'argv': sys.argv[1:], 'cwd': os.getcwd()}) + '\\n')\n"
+            if log
+            else ""
+        )
         + f"os.environ['PYTHONPATH'] = {str(tools)!r}\n"
         + f"os.execv(sys.executable, [sys.executable, {str(tools / 'gramine-manifest')!r}, *sys.argv[1:]])\n"
-    )  # fmt: skip
+    )
     wrapper.chmod(0o755)
     return wrapper

@@ -35,8 +35,17 @@ def export_cached(run_dir: Path) -> None:
         (run_dir / EXPORT_DIR / name).write_bytes(data)
 
 
-def make_random_run(out: Path, arch: str, in_channels: int = 1, size: int = 28, seed: int = 0, criterion="entropy",
-                    thresholds=None, export=True, **config) -> tuple[torch.nn.Module, ModelCard]:
+def make_random_run(
+    out: Path,
+    arch: str,
+    in_channels: int = 1,
+    size: int = 28,
+    seed: int = 0,
+    criterion="entropy",
+    thresholds=None,
+    export=True,
+    **config,
+) -> tuple[torch.nn.Module, ModelCard]:
     """A run directory holding a randomly initialised model (eval mode) and, with ``export``, its
     stage graphs, as training would write them."""
     torch.manual_seed(seed)
@@ -54,12 +63,17 @@ def make_random_run(out: Path, arch: str, in_channels: int = 1, size: int = 28, 
             last.weight.mul_(30.0 / max(float(last.weight.abs().max()), 1e-12))
     stage_flops, head_flops = arch_part_flops(arch, model.config, (in_channels, size, size))
     card = ModelCard(
-        arch=arch, config=model.config, classes=tuple(f"c{i}" for i in range(10)), dataset="synthetic",
+        arch=arch,
+        config=model.config,
+        classes=tuple(f"c{i}" for i in range(10)),
+        dataset="synthetic",
         preprocessing=Preprocessing.for_images((in_channels, size, size), [0.5] * in_channels, [0.25] * in_channels),
-        criterion=criterion_named(criterion), thresholds=None if thresholds is None else tuple(thresholds),
-        stage_flops=tuple(stage_flops), head_flops=tuple(head_flops),
+        criterion=criterion_named(criterion),
+        thresholds=None if thresholds is None else tuple(thresholds),
+        stage_flops=tuple(stage_flops),
+        head_flops=tuple(head_flops),
         data=DataSpec("synthetic", {"channels": in_channels, "size": size}, 0.1, 0),
-    )  # fmt: skip
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_weights(out / "model.safetensors", model)
     write_model_card(out, card)
@@ -129,4 +143,3 @@ def mutate_bytes(raw: bytes, edits) -> bytes:
         else:
             b[pos : pos + len(payload)] = payload
     return bytes(b)
-

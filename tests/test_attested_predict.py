@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from safetensors.torch import save_file
 
 from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.identity import identity_hex
@@ -35,18 +34,49 @@ def _one_torch_thread():
 def world(tmp_path_factory):
     """A tiny trained and sealed LeNet-5, three owners' keys, and two encrypted requests."""
     d = tmp_path_factory.mktemp("attested")
-    fit(TrainConfig(net="lenet5", dataset="synthetic", synthetic={"channels": 1, "size": 28, "n": 300}, epochs=1,
-                    lr=3e-3, batch_size=50, num_workers=0, out=str(d / "run"), quiet=True, seed=1, device="cpu",
-                    max_batches=3))
+    fit(
+        TrainConfig(
+            net="lenet5",
+            dataset="synthetic",
+            synthetic={"channels": 1, "size": 28, "n": 300},
+            epochs=1,
+            lr=3e-3,
+            batch_size=50,
+            num_workers=0,
+            out=str(d / "run"),
+            quiet=True,
+            seed=1,
+            device="cpu",
+            max_batches=3,
+        )
+    )
     for name in ("mo", "do1", "do2"):
         assert main(["keygen", "--out", str(d / f"{name}.key")]) == 0
-    assert main(["seal", str(d / "run"), "--key", str(d / "mo.key"), "--out", str(d / "model.btee"), "--version", "1"]) == 0
+    assert (
+        main(["seal", str(d / "run"), "--key", str(d / "mo.key"), "--out", str(d / "model.btee"), "--version", "1"])
+        == 0
+    )
     g = torch.Generator().manual_seed(3)
     save_file({"x": torch.rand(5, 1, 28, 28, generator=g)}, str(d / "x1.safetensors"))
     save_file({"x": torch.rand(3, 1, 28, 28, generator=g)}, str(d / "x2.safetensors"))
     for i in (1, 2):
-        assert main(["encrypt-input", str(d / f"x{i}.safetensors"), "--bundle", str(d / "model.btee"), "--key",
-                     str(d / f"do{i}.key"), "--out", str(d / f"r{i}.req"), "--request-id", f"req-{i}"]) == 0
+        assert (
+            main(
+                [
+                    "encrypt-input",
+                    str(d / f"x{i}.safetensors"),
+                    "--bundle",
+                    str(d / "model.btee"),
+                    "--key",
+                    str(d / f"do{i}.key"),
+                    "--out",
+                    str(d / f"r{i}.req"),
+                    "--request-id",
+                    f"req-{i}",
+                ]
+            )
+            == 0
+        )
     keys = {name: read_key_file(d / f"{name}.key") for name in ("mo", "do1", "do2")}
     return d, keys
 
@@ -72,10 +102,30 @@ def mo_policy(**kw) -> dict:
 
 
 def predict_args(d: Path, out: Path, model_url: str, data_urls: list[str], *extra) -> list[str]:
-    args = ["predict", "--bundle", str(d / "model.btee"), "--input", str(d / "r1.req"), "--input", str(d / "r2.req"),
-            "--output", str(out / "o1.res"), "--output", str(out / "o2.res"), "--quiet", *extra]
+    args = [
+        "predict",
+        "--bundle",
+        str(d / "model.btee"),
+        "--input",
+        str(d / "r1.req"),
+        "--input",
+        str(d / "r2.req"),
+        "--output",
+        str(out / "o1.res"),
+        "--output",
+        str(out / "o2.res"),
+        "--quiet",
+        *extra,
+    ]
     if model_url:
-        args += ["--attest", "simulated", "--model-broker", model_url, "--model-broker-identity", identity_hex(IDS["mo"])]
+        args += [
+            "--attest",
+            "simulated",
+            "--model-broker",
+            model_url,
+            "--model-broker-identity",
+            identity_hex(IDS["mo"]),
+        ]
     for u in data_urls:
         args += ["--data-broker", u]
     return args
@@ -84,7 +134,9 @@ def predict_args(d: Path, out: Path, model_url: str, data_urls: list[str], *extr
 def decrypt(d: Path, result: Path, owner: str, capsys, request: str | None = None) -> tuple[int, object]:
     capsys.readouterr()
     request = request or ("r1.req" if result.name.startswith("o1") else "r2.req")
-    rc = main(["decrypt-result", str(result), "--key", str(d / f"{owner}.key"), "--request", str(d / request), "--json"])
+    rc = main(
+        ["decrypt-result", str(result), "--key", str(d / f"{owner}.key"), "--request", str(d / request), "--json"]
+    )
     cap = capsys.readouterr()
     return rc, (json.loads(cap.out)["records"] if rc == 0 else cap.err)
 
@@ -100,9 +152,11 @@ def test_model_owner_and_two_data_owners(world, tmp_path, xdg, capsys):
     d, keys = world
     out = tmp_path / "out"
     logs = {n: tmp_path / f"{n}.audit.jsonl" for n in ("mo", "do1", "do2")}
-    with start_broker(d / "mo.key", mo_policy(min_model_version=1), audit_log=logs["mo"], identity=IDS["mo"]) as mo, \
-         start_broker(d / "do1.key", sim_policy(), audit_log=logs["do1"], identity=IDS["do1"]) as do1, \
-         start_broker(d / "do2.key", sim_policy(), audit_log=logs["do2"], identity=IDS["do2"]) as do2:  # fmt: skip
+    with (
+        start_broker(d / "mo.key", mo_policy(min_model_version=1), audit_log=logs["mo"], identity=IDS["mo"]) as mo,
+        start_broker(d / "do1.key", sim_policy(), audit_log=logs["do1"], identity=IDS["do1"]) as do1,
+        start_broker(d / "do2.key", sim_policy(), audit_log=logs["do2"], identity=IDS["do2"]) as do2,
+    ):
         assert main(predict_args(d, out, mo.url, [do1.url, do2.url], "--json")) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["samples"] == 8 and stats["requests"] == 2
@@ -122,8 +176,23 @@ def test_model_owner_and_two_data_owners(world, tmp_path, xdg, capsys):
 
     # the same answers as a run with the key files (attestation changes where keys come from, nothing else)
     ref = tmp_path / "ref"
-    assert main(predict_args(d, ref, "", [], "--model-key", str(d / "mo.key"), "--data-key", str(d / "do1.key"),
-                             "--data-key", str(d / "do2.key"))) == 0
+    assert (
+        main(
+            predict_args(
+                d,
+                ref,
+                "",
+                [],
+                "--model-key",
+                str(d / "mo.key"),
+                "--data-key",
+                str(d / "do1.key"),
+                "--data-key",
+                str(d / "do2.key"),
+            )
+        )
+        == 0
+    )
     assert decrypt(d, ref / "o1.res", "do1", capsys)[1] == recs1
     assert decrypt(d, ref / "o2.res", "do2", capsys)[1] == recs2
 
@@ -139,14 +208,22 @@ def test_measured_enclave_settings_override_the_hosts_command_line(world, tmp_pa
     header = json.loads((d / "model.btee" / "header.json").read_text())["header"]
     ports = {name: _free_port() for name in IDS}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    for name, value in [("ENCLAVE", "1"), ("ATTEST", "simulated"), ("MODEL_BROKER", urls["mo"]),
-                        ("MODEL_BROKER_IDENTITY", identity_hex(IDS["mo"])), ("DATA_BROKERS", f"{urls['do1']},{urls['do2']}"),
-                        ("BUNDLE_ID", header["bundle_id"]), ("MODEL_KEY_ID", header["key_id"])]:  # fmt: skip
+    for name, value in [
+        ("ENCLAVE", "1"),
+        ("ATTEST", "simulated"),
+        ("MODEL_BROKER", urls["mo"]),
+        ("MODEL_BROKER_IDENTITY", identity_hex(IDS["mo"])),
+        ("DATA_BROKERS", f"{urls['do1']},{urls['do2']}"),
+        ("BUNDLE_ID", header["bundle_id"]),
+        ("MODEL_KEY_ID", header["key_id"]),
+    ]:
         monkeypatch.setenv(f"BRANCHY_TEE_{name}", value)
     # the policies pin the simulated measurement of exactly these measured settings
-    with start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"], port=ports["mo"]) as mo, \
-         start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"], port=ports["do1"]) as do1, \
-         start_broker(d / "do2.key", sim_policy(), identity=IDS["do2"], port=ports["do2"]) as do2:  # fmt: skip
+    with (
+        start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"], port=ports["mo"]) as mo,
+        start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"], port=ports["do1"]) as do1,
+        start_broker(d / "do2.key", sim_policy(), identity=IDS["do2"], port=ports["do2"]) as do2,
+    ):
         # the host cannot point the enclave at another model broker, or name another identity
         assert main(predict_args(d, tmp_path, "http://127.0.0.1:9", [])) == 2
         assert "the model broker comes only from its measured settings" in capsys.readouterr().err
@@ -165,8 +242,12 @@ def test_measured_enclave_settings_override_the_hosts_command_line(world, tmp_pa
 
 def test_broker_minimum_model_version_refuses_an_old_bundle(world, tmp_path, xdg, capsys):
     d, _ = world
-    with start_broker(d / "mo.key", mo_policy(min_model_version=2), identity=IDS["mo"]) as mo, \
-         start_broker([read_key_file(d / "do1.key"), read_key_file(d / "do2.key")], sim_policy(), identity=IDS["do1"]) as do:  # fmt: skip
+    with (
+        start_broker(d / "mo.key", mo_policy(min_model_version=2), identity=IDS["mo"]) as mo,
+        start_broker(
+            [read_key_file(d / "do1.key"), read_key_file(d / "do2.key")], sim_policy(), identity=IDS["do1"]
+        ) as do,
+    ):
         assert main(predict_args(d, tmp_path, mo.url, [do.url])) == 1
     err = capsys.readouterr().err
     assert "model version 1 is older than the minimum 2 (rollback refused)" in err
@@ -175,9 +256,11 @@ def test_broker_minimum_model_version_refuses_an_old_bundle(world, tmp_path, xdg
 
 def test_operator_facing_failures_name_the_broker(world, tmp_path, xdg, capsys):
     d, keys = world
-    with start_broker(d / "mo.key", {"allowed_mrenclave": [simulated_mrenclave().hex()]}, identity=IDS["mo"]) as strict, \
-         start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"]) as mo, \
-         start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"]) as do1:  # fmt: skip
+    with (
+        start_broker(d / "mo.key", {"allowed_mrenclave": [simulated_mrenclave().hex()]}, identity=IDS["mo"]) as strict,
+        start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"]) as mo,
+        start_broker(d / "do1.key", sim_policy(), identity=IDS["do1"]) as do1,
+    ):
         # the model owner's policy does not allow simulation
         assert main(predict_args(d, tmp_path, strict.url, [do1.url])) == 1
         err = capsys.readouterr().err
@@ -185,7 +268,10 @@ def test_operator_facing_failures_name_the_broker(world, tmp_path, xdg, capsys):
         assert "Traceback" not in err and len([ln for ln in err.splitlines() if "error:" in ln]) == 1
         # nobody releases data owner 2's key
         assert main(predict_args(d, tmp_path, mo.url, [do1.url])) == 1
-        assert f"no data key broker releases data key id(s) {key_id(keys['do2'])} (asked {do1.url})" in capsys.readouterr().err
+        assert (
+            f"no data key broker releases data key id(s) {key_id(keys['do2'])} (asked {do1.url})"
+            in capsys.readouterr().err
+        )
         dead = do1.url
     # a broker that is not there
     assert main(predict_args(d, tmp_path, dead, [dead])) == 1

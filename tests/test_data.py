@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from branchy_tee.data import cifar10 as cifar_mod
 from branchy_tee.data import (
     fashion_mnist_available,
     load_cifar10,
@@ -20,7 +21,6 @@ from branchy_tee.data import (
     train_transform,
     train_val_split,
 )
-from branchy_tee.data import cifar10 as cifar_mod
 from branchy_tee.data.idx import load_mnist, read_idx
 from branchy_tee.errors import DatasetError
 from branchy_tee.preprocessing import Preprocessing
@@ -196,7 +196,9 @@ def test_idx_label_count_mismatch(tmp_path):
         load_mnist(tmp_path, "test")
 
 
-@pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not installed (apt install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not fashion_mnist_available(), reason="Fashion-MNIST not installed (apt install dataset-fashion-mnist)"
+)
 def test_real_fashion_mnist():
     train = load_fashion_mnist(split="train")
     test = load_fashion_mnist(split="test")
@@ -262,8 +264,9 @@ def test_training_and_inference_preprocess_images_identically(tmp_path, channels
         "evaluation": torch.stack([evaluation[i][0] for i in range(6)]),
         "encrypt-input, tensor file": load_inputs([str(tmp_path / "x.npy")], pre),
         "encrypt-input, PNG files": load_inputs(pngs, pre),
-        "client, PIL images": tensor_to_inputs(torch.stack([image_to_pixels(im, pre.input_shape) for im in pil]), pre,
-                                               "x"),
+        "client, PIL images": tensor_to_inputs(
+            torch.stack([image_to_pixels(im, pre.input_shape) for im in pil]), pre, "x"
+        ),
         "client, array": tensor_to_inputs(images, pre, "x"),
     }
     for where, x in paths.items():

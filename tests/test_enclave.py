@@ -9,18 +9,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jinja2
 import pytest
+import tomllib
+from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
 
 from branchy_tee.cli import main
 from branchy_tee.enclave import build as eb
 from branchy_tee.enclave.launch import split_run_arguments
 from branchy_tee.errors import UsageError
-
-from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
 
 BROKER_M = "http://127.0.0.1:8101"
 BROKER_M_IDENTITY = "5a" * 32
@@ -39,10 +38,15 @@ def no_gramine(tmp_path, monkeypatch, enclave_env):
     return empty
 
 
-HEADER = "#!" + sys.executable + "\nimport json, os, sys\nLOG = @LOG@\n" + (
-    "def record(name, argv):\n"
-    "    with open(LOG, 'a') as f:\n"
-    "        f.write(json.dumps({'tool': name, 'argv': argv, 'cwd': os.getcwd()}) + '\\n')\n"
+HEADER = (
+    "#!"
+    + sys.executable
+    + "\nimport json, os, sys\nLOG = @LOG@\n"
+    + (
+        "def record(name, argv):\n"
+        "    with open(LOG, 'a') as f:\n"
+        "        f.write(json.dumps({'tool': name, 'argv': argv, 'cwd': os.getcwd()}) + '\\n')\n"
+    )
 )
 STANDINS = {
     "gramine-sgx-sign": """
@@ -105,9 +109,24 @@ def signing_key(tmp_path) -> Path:
 def build_args(sealed, out, *extra, measure=False):
     """`enclave build` for the sealed bundle with the shared enclave environment. Without ``measure``
     the size is given (--enclave-size 1G), which skips the memory measurement."""
-    return ["enclave", "build", "--bundle", str(sealed / "model.btee"), "--out", str(out), "--env", str(ENCLAVE_ENV),
-            "--model-broker", BROKER_M, "--model-broker-identity", BROKER_M_IDENTITY, "--data-broker", BROKER_D,
-            *([] if measure else ["--enclave-size", "1G"]), *extra]  # fmt: skip
+    return [
+        "enclave",
+        "build",
+        "--bundle",
+        str(sealed / "model.btee"),
+        "--out",
+        str(out),
+        "--env",
+        str(ENCLAVE_ENV),
+        "--model-broker",
+        BROKER_M,
+        "--model-broker-identity",
+        BROKER_M_IDENTITY,
+        "--data-broker",
+        BROKER_D,
+        *([] if measure else ["--enclave-size", "1G"]),
+        *extra,
+    ]
 
 
 def read_manifest(out) -> dict:
@@ -157,7 +176,11 @@ def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramin
     assert (env["BRANCHY_TEE_BUNDLE_ID"], env["BRANCHY_TEE_MODEL_KEY_ID"]) == (header["bundle_id"], header["key_id"])
     assert env["BRANCHY_TEE_ALLOW_PLAINTEXT"] == "0" and env["BRANCHY_TEE_MIN_MODEL_VERSION"] == "1"
     assert env["OMP_NUM_THREADS"] == "4" and env["LD_LIBRARY_PATH"].startswith("/lib:")
-    assert env["PYTHONHOME"] == enclave_env.dir and env["MALLOC_ARENA_MAX"] == "1" and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert (
+        env["PYTHONHOME"] == enclave_env.dir
+        and env["MALLOC_ARENA_MAX"] == "1"
+        and env["PYTHONDONTWRITEBYTECODE"] == "1"
+    )
     # SGX settings, current syntax only.
     sgx = m["sgx"]
     assert sgx["remote_attestation"] == "dcap"
@@ -186,7 +209,7 @@ def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramin
     expected_bundle = {f"file:{bundle / 'header.json'}"} | {f"file:{bundle / s['file']}" for s in header["stages"]}
     assert set(allowed) == expected_bundle | {f"file:{out / 'io'}/"}
     for entry in allowed:
-        path = Path(entry[len("file:"):])
+        path = Path(entry[len("file:") :])
         assert sealed / "keys" not in path.parents and path.suffix not in (".key", ".npy", ".py", ".so")
         assert not any(Path(t[5:].rstrip("/")) in path.parents for t in trusted if t.endswith("/"))
 
@@ -194,9 +217,34 @@ def test_rendered_manifest_has_the_required_settings(sealed, tmp_path, no_gramin
 def test_switches_reach_the_manifest(sealed, tmp_path, no_gramine):
     out, ca = tmp_path / "enc", tmp_path / "brokers-ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\nstand-in\n-----END CERTIFICATE-----\n")
-    assert main(build_args(sealed, out, "--broker-ca", str(ca), "--edmm", "--debug", "--threads", "6", "--allow-plaintext-result",
-                           "--min-model-version", "3", "--attest", "simulated", "--isv-prod-id", "7", "--isv-svn", "2",
-                           "--data-broker", "http://127.0.0.1:8103", "--enclave-size", "2G")) == 0  # fmt: skip
+    assert (
+        main(
+            build_args(
+                sealed,
+                out,
+                "--broker-ca",
+                str(ca),
+                "--edmm",
+                "--debug",
+                "--threads",
+                "6",
+                "--allow-plaintext-result",
+                "--min-model-version",
+                "3",
+                "--attest",
+                "simulated",
+                "--isv-prod-id",
+                "7",
+                "--isv-svn",
+                "2",
+                "--data-broker",
+                "http://127.0.0.1:8103",
+                "--enclave-size",
+                "2G",
+            )
+        )
+        == 0
+    )
     m = read_manifest(out)
     assert m["sgx"]["edmm_enable"] is True and m["sgx"]["use_exinfo"] is True and m["sgx"]["debug"] is True
     assert m["sgx"]["enclave_size"] == "2G"
@@ -247,16 +295,28 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     [render] = gramine("gramine-manifest")
     assert render["cwd"] == str(out)
     assert render["argv"] == [f"-D{k}={v}" for k, v in cfg["defines"].items()] + [
-        "branchy-tee.manifest.template", "branchy-tee.manifest"]  # fmt: skip
+        "branchy-tee.manifest.template",
+        "branchy-tee.manifest",
+    ]
     # Gramine's renderer hashed every trusted file; the build reports what it rendered.
     rendered = (out / "branchy-tee.manifest").read_bytes()
     manifest = tomllib.loads(rendered.decode())
     assert summary["rendered_by"] == "gramine-manifest" and summary["manifest_bytes"] == len(rendered)
     assert summary["manifest_sha256"] == hashlib.sha256(rendered).hexdigest()
     assert summary["trusted_files"] == len(manifest["sgx"]["trusted_files"])
-    assert all(len(t["sha256"]) == 64 for t in manifest["sgx"]["trusted_files"]) and manifest["loader"]["entrypoint"]["sha256"]
+    assert (
+        all(len(t["sha256"]) == 64 for t in manifest["sgx"]["trusted_files"])
+        and manifest["loader"]["entrypoint"]["sha256"]
+    )
     [sign] = gramine("gramine-sgx-sign")
-    assert sign["argv"] == ["--key", str(key), "--manifest", "branchy-tee.manifest", "--output", "branchy-tee.manifest.sgx"]
+    assert sign["argv"] == [
+        "--key",
+        str(key),
+        "--manifest",
+        "branchy-tee.manifest",
+        "--output",
+        "branchy-tee.manifest.sgx",
+    ]
     assert sign["cwd"] == str(out)
     [view] = gramine("gramine-sgx-sigstruct-view")
     assert view["argv"] == ["--output-format", "json", "branchy-tee.sig"]
@@ -267,17 +327,55 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     from branchy_tee.attest.identity import create_identity, identity_hex
 
     mo = identity_hex(create_identity(tmp_path / "mo.id"))
-    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--model-key",
-                 str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
-                 "--out", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "enclave",
+                "release",
+                str(out),
+                "--identity",
+                str(tmp_path / "mo.id"),
+                "--model-key",
+                str(sealed / "keys" / "model.key"),
+                "--model-broker-identity",
+                BROKER_M_IDENTITY,
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     release = json.loads((tmp_path / "r.json").read_text())
-    assert (release["mrenclave"], release["mrsigner"], release["attest"]) == (sig[9:41].hex(), sig[41:73].hex(), "gramine")
+    assert (release["mrenclave"], release["mrsigner"], release["attest"]) == (
+        sig[9:41].hex(),
+        sig[41:73].hex(),
+        "gramine",
+    )
     assert release["model_broker_identity"] == BROKER_M_IDENTITY and release["model_owner"] == mo
-    assert main(["enclave", "policy", "--release", str(tmp_path / "r.json"), "--model-owner", mo,
-                 "--out", str(tmp_path / "p.toml")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "enclave",
+                "policy",
+                "--release",
+                str(tmp_path / "r.json"),
+                "--model-owner",
+                mo,
+                "--out",
+                str(tmp_path / "p.toml"),
+            ]
+        )
+        == 0
+    )
     policy = tomllib.loads((tmp_path / "p.toml").read_text())
-    assert policy == {"allowed_mrenclave": [sig[9:41].hex()], "isv_prod_id": 0, "min_isv_svn": 0, "allow_debug": False,
-                      "accepted_tcb_statuses": ["UpToDate"], "min_model_version": 1}  # fmt: skip
+    assert policy == {
+        "allowed_mrenclave": [sig[9:41].hex()],
+        "isv_prod_id": 0,
+        "min_isv_svn": 0,
+        "allow_debug": False,
+        "accepted_tcb_statuses": ["UpToDate"],
+        "min_model_version": 1,
+    }
 
 
 def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypatch, capsys):
@@ -293,8 +391,18 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert [c["tool"] for c in calls] == ["gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view"]
-    assert calls[0]["argv"] == [f"-D{k}={v}" for k, v in defines.items()] + ["branchy-tee.manifest.template", "branchy-tee.manifest"]
-    assert calls[1]["argv"] == ["--key", str(key), "--manifest", "branchy-tee.manifest", "--output", "branchy-tee.manifest.sgx"]
+    assert calls[0]["argv"] == [f"-D{k}={v}" for k, v in defines.items()] + [
+        "branchy-tee.manifest.template",
+        "branchy-tee.manifest",
+    ]
+    assert calls[1]["argv"] == [
+        "--key",
+        str(key),
+        "--manifest",
+        "branchy-tee.manifest",
+        "--output",
+        "branchy-tee.manifest.sgx",
+    ]
     assert "mr_enclave" in done.stdout
     assert hashlib.sha256((out / "branchy-tee.manifest").read_bytes()).hexdigest() in done.stdout  # to compare builds
     assert (out / "branchy-tee.manifest.sgx").is_file() and (out / "branchy-tee.sig").is_file()
@@ -306,14 +414,32 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
 
     create_identity(tmp_path / "mo.id")
     capsys.readouterr()
-    assert main(["enclave", "release", str(out), "--identity", str(tmp_path / "mo.id"), "--model-key",
-                 str(sealed / "keys" / "model.key"), "--model-broker-identity", BROKER_M_IDENTITY,
-                 "--out", str(tmp_path / "r.json"), "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "enclave",
+                "release",
+                str(out),
+                "--identity",
+                str(tmp_path / "mo.id"),
+                "--model-key",
+                str(sealed / "keys" / "model.key"),
+                "--model-broker-identity",
+                BROKER_M_IDENTITY,
+                "--out",
+                str(tmp_path / "r.json"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     measured = json.loads(capsys.readouterr().out)
     assert measured["mrenclave"] == (out / "branchy-tee.sig").read_bytes()[9:41].hex()
 
 
-def test_run_sgx_launches_gramine_sgx_with_the_manifest_and_predict_arguments(sealed, tmp_path, gramine, monkeypatch, capsys):
+def test_run_sgx_launches_gramine_sgx_with_the_manifest_and_predict_arguments(
+    sealed, tmp_path, gramine, monkeypatch, capsys
+):
     out, key = tmp_path / "enc", signing_key(tmp_path)
     assert main(build_args(sealed, out, "--sgx", "--signing-key", str(key))) == 0
     monkeypatch.chdir(tmp_path)
@@ -323,8 +449,13 @@ def test_run_sgx_launches_gramine_sgx_with_the_manifest_and_predict_arguments(se
     assert main(["enclave", "run", str(out), "--", "predict", *argv]) == 0
     assert main(["enclave", "run", str(out), "--backend", "sgx", "--", "predict", *argv]) == 0
     assert main(["enclave", "run", "--backend", "direct", str(out), "--", *argv]) == 0
-    expected = ["./branchy-tee", f"--bundle={sealed / 'model.btee'}", f"--input={out / 'io' / 'req.bin'}",
-                f"--output={out / 'io' / 'res.bin'}", "--batch-size=8"]  # fmt: skip
+    expected = [
+        "./branchy-tee",
+        f"--bundle={sealed / 'model.btee'}",
+        f"--input={out / 'io' / 'req.bin'}",
+        f"--output={out / 'io' / 'res.bin'}",
+        "--batch-size=8",
+    ]
     sgx_runs = gramine("gramine-sgx")
     assert [c["argv"] for c in sgx_runs] == [expected, expected] and all(c["cwd"] == str(out) for c in sgx_runs)
     [direct] = gramine("gramine-direct")
@@ -347,8 +478,23 @@ def test_run_sgx_without_gramine_is_a_one_line_error(sealed, tmp_path, no_gramin
     out = tmp_path / "enc"
     assert main(build_args(sealed, out)) == 0
     capsys.readouterr()
-    rc = main(["enclave", "run", str(out), "--backend", "sgx", "--", "predict", "--bundle", str(sealed / "model.btee"),
-               "--input", str(out / "io" / "req.bin"), "--output", str(out / "io" / "res.bin")])  # fmt: skip
+    rc = main(
+        [
+            "enclave",
+            "run",
+            str(out),
+            "--backend",
+            "sgx",
+            "--",
+            "predict",
+            "--bundle",
+            str(sealed / "model.btee"),
+            "--input",
+            str(out / "io" / "req.bin"),
+            "--output",
+            str(out / "io" / "res.bin"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "gramine-sgx not found" in err and "apt install gramine" in err and "gramine.readthedocs.io" in err
@@ -359,11 +505,45 @@ def test_native_backend_runs_predict_end_to_end(sealed, tmp_path, no_gramine, ca
     keys = sealed / "keys"
     assert main(build_args(sealed, out)) == 0
     req, res = out / "io" / "req.bin", out / "io" / "res.bin"
-    assert main(["encrypt-input", str(sealed / "images.npy"), "--bundle", str(sealed / "model.btee"),
-                 "--key", str(keys / "data.key"), "--out", str(req), "--request-id", "req-1"]) == 0  # fmt: skip
-    rc = main(["enclave", "run", str(out), "--backend", "native", "--", "predict", "--bundle", str(sealed / "model.btee"),
-               "--input", str(req), "--output", str(res), "--model-key", str(keys / "model.key"),
-               "--data-key", str(keys / "data.key"), "--quiet"])  # fmt: skip
+    assert (
+        main(
+            [
+                "encrypt-input",
+                str(sealed / "images.npy"),
+                "--bundle",
+                str(sealed / "model.btee"),
+                "--key",
+                str(keys / "data.key"),
+                "--out",
+                str(req),
+                "--request-id",
+                "req-1",
+            ]
+        )
+        == 0
+    )
+    rc = main(
+        [
+            "enclave",
+            "run",
+            str(out),
+            "--backend",
+            "native",
+            "--",
+            "predict",
+            "--bundle",
+            str(sealed / "model.btee"),
+            "--input",
+            str(req),
+            "--output",
+            str(res),
+            "--model-key",
+            str(keys / "model.key"),
+            "--data-key",
+            str(keys / "data.key"),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and res.is_file()
     capsys.readouterr()
     assert main(["decrypt-result", str(res), "--key", str(keys / "data.key"), "--request", str(req), "--json"]) == 0
@@ -376,10 +556,19 @@ def test_native_backend_runs_predict_end_to_end(sealed, tmp_path, no_gramine, ca
 def test_sigstruct_view_json_output():
     e, s = "ab" * 32, "cd" * 32
     view = {"mr_signer": s, "mr_enclave": e, "isv_prod_id": 3, "isv_svn": 1, "debug_enclave": True}
-    assert eb.parse_sigstruct_view(json.dumps(view, indent=4)) == {"mrenclave": e, "mrsigner": s, "isv_prod_id": 3,
-                                                                   "isv_svn": 1, "debug": True}  # fmt: skip
-    for bad in ("Attributes:\n    mr_enclave: " + e, json.dumps({**view, "mr_enclave": "ab"}),
-                json.dumps({**view, "isv_svn": "1"}), json.dumps({k: v for k, v in view.items() if k != "debug_enclave"})):
+    assert eb.parse_sigstruct_view(json.dumps(view, indent=4)) == {
+        "mrenclave": e,
+        "mrsigner": s,
+        "isv_prod_id": 3,
+        "isv_svn": 1,
+        "debug": True,
+    }
+    for bad in (
+        "Attributes:\n    mr_enclave: " + e,
+        json.dumps({**view, "mr_enclave": "ab"}),
+        json.dumps({**view, "isv_svn": "1"}),
+        json.dumps({k: v for k, v in view.items() if k != "debug_enclave"}),
+    ):
         with pytest.raises(eb.BranchyError, match="JSON"):
             eb.parse_sigstruct_view(bad)
 
@@ -387,17 +576,29 @@ def test_sigstruct_view_json_output():
 def test_ldd_output_is_read_into_normalised_paths():
     from branchy_tee.enclave.env import parse_ldd
 
-    out = ("/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n"
-           "\tlibq.so => not found\n\tlibo.so => /e/numpy/_core/../../numpy.libs/libo.so (0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n")
+    out = (
+        "/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => "
+        "/lib/x86_64-linux-gnu/libz.so.1 (0x7f)\n"
+        "\tlibq.so => not found\n\tlibo.so => /e/numpy/_core/../../numpy.libs/libo.so "
+        "(0x7f)\n\t/lib64/ld-linux-x86-64.so.2 (0x7f)\n"
+    )
     assert parse_ldd(out) == {"/lib/x86_64-linux-gnu/libz.so.1", "/e/numpy.libs/libo.so", "/lib64/ld-linux-x86-64.so.2"}
 
 
 def test_run_argument_splitting():
     assert split_run_arguments(["--", "predict", "--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
-    assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (["--backend", "native"], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--backend", "native", "--", "--bundle", "b"]) == (
+        ["--backend", "native"],
+        "predict",
+        ["--bundle", "b"],
+    )
     assert split_run_arguments(["predict", "--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
     assert split_run_arguments(["--bundle", "b"]) == ([], "predict", ["--bundle", "b"])
-    assert split_run_arguments(["--backend=native", "predict", "--bundle", "b"]) == (["--backend=native"], "predict", ["--bundle", "b"])
+    assert split_run_arguments(["--backend=native", "predict", "--bundle", "b"]) == (
+        ["--backend=native"],
+        "predict",
+        ["--bundle", "b"],
+    )
     assert split_run_arguments(["--", "serve", "--bundle", "b"]) == ([], "serve", ["--bundle", "b"])
     with pytest.raises(UsageError, match="only predict or serve run in the enclave"):
         split_run_arguments(["--", "train", "--epochs", "1"])

@@ -53,8 +53,20 @@ def test_sealed_stage_graphs_give_the_pytorch_models_outputs(tmp_path, name):
 
     export = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
     assert [e["file"] for e in export["stages"]] == [f"stage-{k:02d}.onnx" for k in range(model.num_exits)]
-    assert main(["seal", str(tmp_path / "run"), "--key", str(keygen(tmp_path / "mo.key")), "--out", str(tmp_path / "m.btee"),
-                 "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "seal",
+                str(tmp_path / "run"),
+                "--key",
+                str(keygen(tmp_path / "mo.key")),
+                "--out",
+                str(tmp_path / "m.btee"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     store = StageStore(open_bundle(tmp_path / "m.btee", read_key_file(tmp_path / "mo.key")))
     got = [np.full_like(e, np.nan) for e in expected]
 

@@ -1,3 +1,5 @@
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -6,9 +8,19 @@ from branchy_tee.models import MultiExitNet, create_model, list_models, resolve_
 from branchy_tee.models.cost import exit_flops, param_counts
 
 MISSION = [
-    "lenet5", "alexnet", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "resnet101",
-    "resnet152", "densenet121", "mobilenetv1", "mobilenetv2",
-]  # fmt: skip
+    "lenet5",
+    "alexnet",
+    "vgg16",
+    "vgg19",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "densenet121",
+    "mobilenetv1",
+    "mobilenetv2",
+]
 EXPECTED_EXITS = {"lenet5": 3, "alexnet": 4, "vgg16": 5, "vgg19": 5, "mobilenetv1": 5, "mobilenetv2": 5}
 
 
@@ -18,9 +30,17 @@ def test_registry_has_every_model_of_the_mission():
 
 @pytest.mark.parametrize(
     "spelling,name",
-    [("MobileNetv1", "mobilenetv1"), ("ResNet18", "resnet18"), ("VGG16", "vgg16"), ("resnet-152", "resnet152"),
-     ("DenseNet121", "densenet121"), ("MobileNetV2", "mobilenetv2"), ("LeNet5", "lenet5"), ("AlexNet", "alexnet")],
-)  # fmt: skip
+    [
+        ("MobileNetv1", "mobilenetv1"),
+        ("ResNet18", "resnet18"),
+        ("VGG16", "vgg16"),
+        ("resnet-152", "resnet152"),
+        ("DenseNet121", "densenet121"),
+        ("MobileNetV2", "mobilenetv2"),
+        ("LeNet5", "lenet5"),
+        ("AlexNet", "alexnet"),
+    ],
+)
 def test_seed_spellings_resolve(spelling, name):
     assert resolve_name(spelling) == name
 
@@ -88,7 +108,7 @@ def test_exit_flops_increase_to_the_full_model(name):
         model = create_model(name)
     flops = exit_flops(model)
     assert len(flops) == model.num_exits
-    assert all(a < b for a, b in zip(flops, flops[1:]))
+    assert all(a < b for a, b in pairwise(flops))
     assert flops[0] < flops[-1]
     # Reaching the first exit must be much cheaper than the whole network: that is the point.
     assert flops[0] < 0.6 * flops[-1]

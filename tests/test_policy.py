@@ -23,7 +23,9 @@ OTHER = "ab" * 32
 @pytest.fixture
 def phala1(sgx_quotes_dir) -> Claims:
     col = json.loads((sgx_quotes_dir / "phala-1.collateral.json").read_text())
-    return Claims.from_quote(verify_quote((sgx_quotes_dir / "phala-1.quote.bin").read_bytes(), collateral=col, now=PHALA_NOW))
+    return Claims.from_quote(
+        verify_quote((sgx_quotes_dir / "phala-1.quote.bin").read_bytes(), collateral=col, now=PHALA_NOW)
+    )
 
 
 @pytest.fixture
@@ -33,8 +35,17 @@ def mobilecoin(sgx_quotes_dir) -> Claims:
 
 
 def sim_claims(**kw) -> Claims:
-    base = dict(evidence_type="simulated", tee="simulated", mrenclave=bytes.fromhex(OTHER), mrsigner=bytes(32),
-                isv_prod_id=0, isv_svn=0, debug=False, report_data=bytes(64), signer_key=b"\x01" * 32)
+    base = dict(
+        evidence_type="simulated",
+        tee="simulated",
+        mrenclave=bytes.fromhex(OTHER),
+        mrsigner=bytes(32),
+        isv_prod_id=0,
+        isv_svn=0,
+        debug=False,
+        report_data=bytes(64),
+        signer_key=b"\x01" * 32,
+    )
     base.update(kw)
     return Claims(**base)
 
@@ -50,25 +61,38 @@ def test_real_quote_claims(phala1, mobilecoin):
 
 
 def test_default_policy_refuses_a_platform_that_is_not_up_to_date(phala1):
-    with pytest.raises(PolicyError, match=r"accepted_tcb_statuses: the platform's TCB status is "
-                                          r"ConfigurationAndSWHardeningNeeded \(advisories INTEL-SA-00289, "
-                                          r"INTEL-SA-00615\); policy accepts \[UpToDate\]"):
+    with pytest.raises(
+        PolicyError,
+        match=r"accepted_tcb_statuses: the platform's TCB status is "
+        r"ConfigurationAndSWHardeningNeeded \(advisories INTEL-SA-00289, "
+        r"INTEL-SA-00615\); policy accepts \[UpToDate\]",
+    ):
         pol().evaluate(phala1)
 
 
 def test_policy_accepting_that_status_grants(phala1):
-    d = pol(accepted_tcb_statuses=["UpToDate", "ConfigurationAndSWHardeningNeeded"], min_model_version=7).evaluate(phala1)
+    d = pol(accepted_tcb_statuses=["UpToDate", "ConfigurationAndSWHardeningNeeded"], min_model_version=7).evaluate(
+        phala1
+    )
     assert d.min_model_version == 7 and d.warnings == ()
     # MRSIGNER alone also identifies it
-    d = parse_policy({"allowed_mrsigner": [PHALA1_MRSIGNER], "own_signing_key": True,
-                      "accepted_tcb_statuses": ["ConfigurationAndSWHardeningNeeded"]}).evaluate(phala1)
+    d = parse_policy(
+        {
+            "allowed_mrsigner": [PHALA1_MRSIGNER],
+            "own_signing_key": True,
+            "accepted_tcb_statuses": ["ConfigurationAndSWHardeningNeeded"],
+        }
+    ).evaluate(phala1)
     assert d.min_model_version == 0
 
 
 def test_mrenclave_and_mrsigner_mismatch_say_expected_and_got(phala1):
     ok = ["ConfigurationAndSWHardeningNeeded"]
-    with pytest.raises(PolicyError, match=f"allowed_mrenclave: MRENCLAVE {PHALA1_MRENCLAVE} is not allowed "
-                                          rf"\(policy allows \[{OTHER}\]\)"):
+    with pytest.raises(
+        PolicyError,
+        match=f"allowed_mrenclave: MRENCLAVE {PHALA1_MRENCLAVE} is not allowed "
+        rf"\(policy allows \[{OTHER}\]\)",
+    ):
         parse_policy({"allowed_mrenclave": [OTHER], "accepted_tcb_statuses": ok}).evaluate(phala1)
     with pytest.raises(PolicyError, match=f"allowed_mrsigner: MRSIGNER {PHALA1_MRSIGNER} is not allowed"):
         pol(allowed_mrsigner=[OTHER], accepted_tcb_statuses=ok).evaluate(phala1)
@@ -98,7 +122,9 @@ def test_unknown_tcb_status_needs_collateral_by_default(mobilecoin):
 
 def test_tdx_quote_is_refused(sgx_quotes_dir):
     col = json.loads((sgx_quotes_dir / "phala-2.collateral.json").read_text())
-    claims = Claims.from_quote(verify_quote((sgx_quotes_dir / "phala-2.quote.bin").read_bytes(), collateral=col, now=PHALA_NOW))
+    claims = Claims.from_quote(
+        verify_quote((sgx_quotes_dir / "phala-2.quote.bin").read_bytes(), collateral=col, now=PHALA_NOW)
+    )
     assert claims.tcb_status == "UpToDate"
     with pytest.raises(PolicyError, match="TDX quote; this policy accepts SGX enclaves only"):
         pol().evaluate(claims)
@@ -133,32 +159,44 @@ def test_simulation(phala1):
 
 
 # --------------------------------------------------------------------------- parsing
-@pytest.mark.parametrize("data, match", [
-    ({}, "set allowed_mrenclave"),
-    ({"allowed_mrenclave": [], "allowed_mrsigner": []}, "set allowed_mrenclave"),
-    ({"allowed_mrsigner": ["11" * 32]}, "pins only allowed_mrsigner, but the host builds and signs the enclave"),
-    ({"allowed_mrenclave": ["11" * 32], "accept_client_collateral": True}, "needs min_tcb_evaluation_data_number"),
-    ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": ["xyz"]}, "is not an identity"),
-    ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": "ab"}, "must be a list of strings"),
-    ({"allowed_mrenclave": ["11" * 32], "min_tcb_evaluation_data_number": -1}, "must be an integer"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debugg": True}, r"unknown setting 'allow_debugg' \(did you mean 'allow_debug'\?\)"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "policy": {"x": 1}}, "unknown setting 'policy'"),
-    ({"allowed_mrenclave": PHALA1_MRENCLAVE}, "allowed_mrenclave must be a list of strings"),
-    ({"allowed_mrenclave": ["xyz"]}, "allowed_mrenclave entry 'xyz' is not hex"),
-    ({"allowed_mrenclave": ["abcd"]}, "must be 32 bytes"),
-    ({"allowed_mrsigner": [PHALA2_MRTD]}, "must be 32 bytes"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debug": "no"}, "allow_debug must be true or false"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_simulation": 1}, "allow_simulation must be true or false"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "min_isv_svn": -1}, "min_isv_svn must be an integer"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "isv_prod_id": True}, "isv_prod_id must be an integer"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "min_model_version": 1.5}, "min_model_version must be an integer"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "accepted_tcb_statuses": ["UpToDat"]}, "did you mean 'UpToDate'"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "stale_collateral": "ignore"}, "stale_collateral must be 'reject' or 'warn'"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "key_ids": []}, "key_ids is empty"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "key_ids": ["ABCDEF0123456789"]}, "is not a key id"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "simulation_public_keys": ["00" * 32]}, "allow_simulation = false"),
-    ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "collateral": "/nonexistent/collateral.json"}, "cannot read collateral"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({}, "set allowed_mrenclave"),
+        ({"allowed_mrenclave": [], "allowed_mrsigner": []}, "set allowed_mrenclave"),
+        ({"allowed_mrsigner": ["11" * 32]}, "pins only allowed_mrsigner, but the host builds and signs the enclave"),
+        ({"allowed_mrenclave": ["11" * 32], "accept_client_collateral": True}, "needs min_tcb_evaluation_data_number"),
+        ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": ["xyz"]}, "is not an identity"),
+        ({"allowed_mrenclave": ["11" * 32], "allowed_data_owners": "ab"}, "must be a list of strings"),
+        ({"allowed_mrenclave": ["11" * 32], "min_tcb_evaluation_data_number": -1}, "must be an integer"),
+        (
+            {"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debugg": True},
+            r"unknown setting 'allow_debugg' \(did you mean 'allow_debug'\?\)",
+        ),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "policy": {"x": 1}}, "unknown setting 'policy'"),
+        ({"allowed_mrenclave": PHALA1_MRENCLAVE}, "allowed_mrenclave must be a list of strings"),
+        ({"allowed_mrenclave": ["xyz"]}, "allowed_mrenclave entry 'xyz' is not hex"),
+        ({"allowed_mrenclave": ["abcd"]}, "must be 32 bytes"),
+        ({"allowed_mrsigner": [PHALA2_MRTD]}, "must be 32 bytes"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_debug": "no"}, "allow_debug must be true or false"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "allow_simulation": 1}, "allow_simulation must be true or false"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "min_isv_svn": -1}, "min_isv_svn must be an integer"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "isv_prod_id": True}, "isv_prod_id must be an integer"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "min_model_version": 1.5}, "min_model_version must be an integer"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "accepted_tcb_statuses": ["UpToDat"]}, "did you mean 'UpToDate'"),
+        (
+            {"allowed_mrenclave": [PHALA1_MRENCLAVE], "stale_collateral": "ignore"},
+            "stale_collateral must be 'reject' or 'warn'",
+        ),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "key_ids": []}, "key_ids is empty"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "key_ids": ["ABCDEF0123456789"]}, "is not a key id"),
+        ({"allowed_mrenclave": [PHALA1_MRENCLAVE], "simulation_public_keys": ["00" * 32]}, "allow_simulation = false"),
+        (
+            {"allowed_mrenclave": [PHALA1_MRENCLAVE], "collateral": "/nonexistent/collateral.json"},
+            "cannot read collateral",
+        ),
+    ],
+)
 def test_bad_policies_are_errors(data, match):
     with pytest.raises(BranchyError, match=match):
         parse_policy(data, "p.toml")

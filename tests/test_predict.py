@@ -1,5 +1,4 @@
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,9 @@ ARCHS = [
 ]
 
 
-def setup_bundle(tmp, arch, channels, size, config, n=40, criterion="entropy", thresholds="spread", version=1, chunk=None):
+def setup_bundle(
+    tmp, arch, channels, size, config, n=40, criterion="entropy", thresholds="spread", version=1, chunk=None
+):
     model, meta = make_random_run(tmp / "run", arch, channels, size, criterion=criterion, **config)
     torch.manual_seed(1)
     x = (torch.rand(n, channels, size, size) * 255).to(torch.uint8)
@@ -34,18 +35,50 @@ def setup_bundle(tmp, arch, channels, size, config, n=40, criterion="entropy", t
     args = ["seal", str(tmp / "run"), "--key", str(mo), "--out", str(tmp / "m.btee"), "--version", str(version)]
     assert main(args + (["--chunk-size", str(chunk)] if chunk else [])) == 0
     save_file({"x": x}, tmp / "x.safetensors")
-    assert main(["encrypt-input", str(tmp / "x.safetensors"), "--bundle", str(tmp / "m.btee"), "--key", str(do),
-                 "--out", str(tmp / "req.enc"), "--request-id", "r1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "encrypt-input",
+                str(tmp / "x.safetensors"),
+                "--bundle",
+                str(tmp / "m.btee"),
+                "--key",
+                str(do),
+                "--out",
+                str(tmp / "req.enc"),
+                "--request-id",
+                "r1",
+            ]
+        )
+        == 0
+    )
     return model, xn, thresholds
 
 
 def predict(tmp, *extra, out="res.enc", bundle="m.btee", req="req.enc", data_key="do.key"):
-    return main(["predict", "--bundle", str(tmp / bundle), "--input", str(tmp / req), "--output", str(tmp / out),
-                 "--model-key", str(tmp / "mo.key"), "--data-key", str(tmp / data_key), "--quiet", *extra])  # fmt: skip
+    return main(
+        [
+            "predict",
+            "--bundle",
+            str(tmp / bundle),
+            "--input",
+            str(tmp / req),
+            "--output",
+            str(tmp / out),
+            "--model-key",
+            str(tmp / "mo.key"),
+            "--data-key",
+            str(tmp / data_key),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def results(tmp, out="res.enc", req="req.enc"):
-    return open_result((tmp / out).read_bytes(), read_key_file(tmp / "do.key"), out, request_digest((tmp / req).read_bytes()))[1]
+    return open_result(
+        (tmp / out).read_bytes(), read_key_file(tmp / "do.key"), out, request_digest((tmp / req).read_bytes())
+    )[1]
 
 
 @pytest.mark.parametrize("arch,channels,size,config", ARCHS, ids=[a[0] for a in ARCHS])
@@ -86,7 +119,10 @@ def test_memory_budget_bounds_resident_weights_and_keeps_answers(tmp_path):
     # Room for stage 0, the largest later stage and one batch's activations, but not for everything at once.
     budget_mib = sizes[0] + max(sizes[1:]) + free["activation_allowance_mib"] + 0.01
     assert budget_mib < sum(sizes) + free["activation_allowance_mib"]
-    assert predict(tmp_path, "--batch-size", "8", "--memory-budget", f"{budget_mib:.4f}", "--stats-json", str(stats_file)) == 0
+    assert (
+        predict(tmp_path, "--batch-size", "8", "--memory-budget", f"{budget_mib:.4f}", "--stats-json", str(stats_file))
+        == 0
+    )
     stats = json.loads(stats_file.read_text())
     assert stats["evictions"] > 0
     assert stats["resident_weights_peak_mib"] <= budget_mib - stats["activation_allowance_mib"]
@@ -116,13 +152,42 @@ def test_images_round_trip_with_mprofile(tmp_path, capsys):
     rgb = tmp_path / "big.jpg"  # colour and another size: converted to grey and resized
     Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(rgb)
     paths.append(str(rgb))
-    assert main(["encrypt-input", *paths, "--bundle", str(tmp_path / "m.btee"), "--key", str(do), "--out",
-                 str(tmp_path / "req.enc"), "--request-id", "r1"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "encrypt-input",
+                *paths,
+                "--bundle",
+                str(tmp_path / "m.btee"),
+                "--key",
+                str(do),
+                "--out",
+                str(tmp_path / "req.enc"),
+                "--request-id",
+                "r1",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert predict(tmp_path, "--mprofile", str(tmp_path / "prof"), "--plaintext-result", str(tmp_path / "result.txt")) == 0
+    assert (
+        predict(tmp_path, "--mprofile", str(tmp_path / "prof"), "--plaintext-result", str(tmp_path / "result.txt")) == 0
+    )
     assert "the host can read them" in capsys.readouterr().err
-    assert main(["decrypt-result", str(tmp_path / "res.enc"), "--key", str(do), "--json", "--request",
-                 str(tmp_path / "req.enc")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "decrypt-result",
+                str(tmp_path / "res.enc"),
+                "--key",
+                str(do),
+                "--json",
+                "--request",
+                str(tmp_path / "req.enc"),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     header = json.loads((tmp_path / "m.btee" / "header.json").read_text())["header"]
     assert (doc["bundle_id"], doc["model_version"], doc["model_key_id"]) == (header["bundle_id"], 1, header["key_id"])
@@ -148,19 +213,72 @@ def test_two_data_owners_in_one_run(tmp_path, capsys):
     do2 = keygen(tmp_path / "do2.key")
     x2 = torch.rand(5, 1, 28, 28)
     save_file({"x": x2}, tmp_path / "x2.safetensors")
-    assert main(["encrypt-input", str(tmp_path / "x2.safetensors"), "--bundle", str(tmp_path / "m.btee"), "--key",
-                 str(do2), "--out", str(tmp_path / "req2.enc"), "--request-id", "r2"]) == 0  # fmt: skip
-    rc = main(["predict", "--bundle", str(tmp_path / "m.btee"), "--input", str(tmp_path / "req.enc"), "--input",
-               str(tmp_path / "req2.enc"), "--output", str(tmp_path / "a.enc"), "--output", str(tmp_path / "b.enc"),
-               "--model-key", str(tmp_path / "mo.key"), "--data-key", str(tmp_path / "do.key"), "--data-key", str(do2),
-               "--quiet"])  # fmt: skip
+    assert (
+        main(
+            [
+                "encrypt-input",
+                str(tmp_path / "x2.safetensors"),
+                "--bundle",
+                str(tmp_path / "m.btee"),
+                "--key",
+                str(do2),
+                "--out",
+                str(tmp_path / "req2.enc"),
+                "--request-id",
+                "r2",
+            ]
+        )
+        == 0
+    )
+    rc = main(
+        [
+            "predict",
+            "--bundle",
+            str(tmp_path / "m.btee"),
+            "--input",
+            str(tmp_path / "req.enc"),
+            "--input",
+            str(tmp_path / "req2.enc"),
+            "--output",
+            str(tmp_path / "a.enc"),
+            "--output",
+            str(tmp_path / "b.enc"),
+            "--model-key",
+            str(tmp_path / "mo.key"),
+            "--data-key",
+            str(tmp_path / "do.key"),
+            "--data-key",
+            str(do2),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     assert len(results(tmp_path, "a.enc")) == 40
-    assert len(open_result((tmp_path / "b.enc").read_bytes(), read_key_file(do2), "b",
-                           request_digest((tmp_path / "req2.enc").read_bytes()))[1]) == 5  # fmt: skip
+    assert (
+        len(
+            open_result(
+                (tmp_path / "b.enc").read_bytes(),
+                read_key_file(do2),
+                "b",
+                request_digest((tmp_path / "req2.enc").read_bytes()),
+            )[1]
+        )
+        == 5
+    )
     capsys.readouterr()
-    assert main(["decrypt-result", str(tmp_path / "b.enc"), "--key", str(tmp_path / "do.key"), "--request",
-                 str(tmp_path / "req2.enc")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "decrypt-result",
+                str(tmp_path / "b.enc"),
+                "--key",
+                str(tmp_path / "do.key"),
+                "--request",
+                str(tmp_path / "req2.enc"),
+            ]
+        )
+        == 1
+    )
     assert "no key for" in capsys.readouterr().err
 
 
@@ -186,10 +304,24 @@ def test_the_enclave_imports_no_torch(tmp_path):
     import sys
 
     model, xn, thresholds = setup_bundle(tmp_path, "lenet5", 1, 28, {})
-    args = ["--bundle", str(tmp_path / "m.btee"), "--input", str(tmp_path / "req.enc"), "--output", str(tmp_path / "res.enc"),
-            "--model-key", str(tmp_path / "mo.key"), "--data-key", str(tmp_path / "do.key"), "--quiet"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", WITHOUT_OWNER_SIDE, str(tmp_path / "modules.json"), *args],
-                          capture_output=True, text=True)  # fmt: skip
+    args = [
+        "--bundle",
+        str(tmp_path / "m.btee"),
+        "--input",
+        str(tmp_path / "req.enc"),
+        "--output",
+        str(tmp_path / "res.enc"),
+        "--model-key",
+        str(tmp_path / "mo.key"),
+        "--data-key",
+        str(tmp_path / "do.key"),
+        "--quiet",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_OWNER_SIDE, str(tmp_path / "modules.json"), *args],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     imported = set(json.loads((tmp_path / "modules.json").read_text()))
     assert {"onnxruntime", "numpy", "cryptography", "safetensors"} <= imported
@@ -198,7 +330,7 @@ def test_the_enclave_imports_no_torch(tmp_path):
     assert [r["label"] for r in results(tmp_path)] == labels.tolist()
 
 
-# --------------------------------------------------------------------------- integrity: exit 1, one line, nothing written
+# ------------------------------------------------------------------------- integrity: exit 1, one line, nothing written
 def _flip(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset % len(data)] ^= 0x01
@@ -252,8 +384,23 @@ def test_two_chunks_swapped(sealed, capsys):
 def test_stage_swapped_between_bundles_and_versions(sealed, capsys):
     mo = str(sealed / "mo.key")
     for version, name in [(1, "other.btee"), (2, "v2.btee")]:
-        assert main(["seal", str(sealed / "run"), "--key", mo, "--out", str(sealed / name), "--version", str(version),
-                     "--chunk-size", "4096"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "seal",
+                    str(sealed / "run"),
+                    "--key",
+                    mo,
+                    "--out",
+                    str(sealed / name),
+                    "--version",
+                    str(version),
+                    "--chunk-size",
+                    "4096",
+                ]
+            )
+            == 0
+        )
     original = (sealed / "m.btee" / "stage-01.bin").read_bytes()
     for name in ["other.btee", "v2.btee"]:
         (sealed / "m.btee" / "stage-01.bin").write_bytes((sealed / name / "stage-01.bin").read_bytes())
@@ -272,8 +419,24 @@ def test_rollback_below_min_version(sealed, capsys):
 def test_wrong_keys_and_foreign_key_ids(sealed, capsys):
     keygen(sealed / "other.key")
     capsys.readouterr()
-    assert main(["predict", "--bundle", str(sealed / "m.btee"), "--input", str(sealed / "req.enc"), "--output",
-                 str(sealed / "res.enc"), "--model-key", str(sealed / "other.key"), "--data-key", str(sealed / "do.key")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--bundle",
+                str(sealed / "m.btee"),
+                "--input",
+                str(sealed / "req.enc"),
+                "--output",
+                str(sealed / "res.enc"),
+                "--model-key",
+                str(sealed / "other.key"),
+                "--data-key",
+                str(sealed / "do.key"),
+            ]
+        )
+        == 1
+    )
     assert "model key id" in capsys.readouterr().err
     _refused(sealed, capsys, "which this run has no key for", data_key="other.key")
 
@@ -287,8 +450,21 @@ def test_flipped_request_and_result(sealed, capsys):
     assert predict(sealed) == 0
     _flip(sealed / "res.enc", 200)
     capsys.readouterr()
-    assert main(["decrypt-result", str(sealed / "res.enc"), "--key", str(sealed / "do.key"), "--request",
-                 str(sealed / "req.enc"), "--out", str(sealed / "r.json")]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "decrypt-result",
+                str(sealed / "res.enc"),
+                "--key",
+                str(sealed / "do.key"),
+                "--request",
+                str(sealed / "req.enc"),
+                "--out",
+                str(sealed / "r.json"),
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "failed authentication" in err and len(err.strip().splitlines()) == 1
     assert not (sealed / "r.json").exists()
@@ -301,7 +477,13 @@ def _raw_request(tmp, x, key_file, rid="r1"):
 
     from branchy_tee.seal.envelope import REQUEST_MAGIC, seal_envelope
 
-    header = {"format": "branchy-tee/request/v1", "request_id": rid, "samples": len(x), "shape": list(x.shape[1:]), "dtype": "x"}
+    header = {
+        "format": "branchy-tee/request/v1",
+        "request_id": rid,
+        "samples": len(x),
+        "shape": list(x.shape[1:]),
+        "dtype": "x",
+    }
     (tmp / "req.enc").write_bytes(seal_envelope(REQUEST_MAGIC, header, save({"inputs": x}), read_key_file(key_file)))
 
 
@@ -327,12 +509,26 @@ def test_bad_inputs_for_encrypt_input(sealed, capsys):
     np.save(sealed / "wrong.npy", np.zeros((2, 3, 5, 5), dtype=np.float32))
     np.save(sealed / "empty.npy", np.zeros((0, 1, 28, 28), dtype=np.uint8))
     np.save(sealed / "nan.npy", np.full((1, 1, 28, 28), np.nan, dtype=np.float32))
-    for inp, match in [(bad_png, "unreadable image"), (sealed / "wrong.npy", "does not match"),
-                       (sealed / "empty.npy", "no samples"), (sealed / "nan.npy", "NaN"),
-                       (sealed / "missing.png", "file not found")]:  # fmt: skip
+    for inp, match in [
+        (bad_png, "unreadable image"),
+        (sealed / "wrong.npy", "does not match"),
+        (sealed / "empty.npy", "no samples"),
+        (sealed / "nan.npy", "NaN"),
+        (sealed / "missing.png", "file not found"),
+    ]:
         capsys.readouterr()
-        rc = main(["encrypt-input", str(inp), "--bundle", str(sealed / "m.btee"), "--key", str(sealed / "do.key"),
-                   "--out", str(sealed / "new.enc")])  # fmt: skip
+        rc = main(
+            [
+                "encrypt-input",
+                str(inp),
+                "--bundle",
+                str(sealed / "m.btee"),
+                "--key",
+                str(sealed / "do.key"),
+                "--out",
+                str(sealed / "new.enc"),
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 1 and match in err and len(err.strip().splitlines()) == 1, err
         assert not (sealed / "new.enc").exists()
@@ -342,6 +538,21 @@ def test_usage_errors(sealed, capsys):
     with pytest.raises(SystemExit) as e:
         main(["predict", "--bundle", "x"])
     assert e.value.code == 2
-    rc = main(["predict", "--bundle", str(sealed / "m.btee"), "--input", str(sealed / "req.enc"), "--output", "a",
-               "--output", "b", "--model-key", str(sealed / "mo.key"), "--data-key", str(sealed / "do.key")])  # fmt: skip
+    rc = main(
+        [
+            "predict",
+            "--bundle",
+            str(sealed / "m.btee"),
+            "--input",
+            str(sealed / "req.enc"),
+            "--output",
+            "a",
+            "--output",
+            "b",
+            "--model-key",
+            str(sealed / "mo.key"),
+            "--data-key",
+            str(sealed / "do.key"),
+        ]
+    )
     assert rc == 2 and "one result file per request" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def fake_attestation_dir(tmp_path, quote: bytes | None, att_type: str = "dcap", 
 
 
 def with_report_data(quote: bytes, rd: bytes) -> bytes:
-    return quote[:RD_OFFSET] + rd + quote[RD_OFFSET + 64:]
+    return quote[:RD_OFFSET] + rd + quote[RD_OFFSET + 64 :]
 
 
 # --------------------------------------------------------------------------- gramine
@@ -102,7 +102,12 @@ def test_simulated_evidence_round_trip_and_loud_warning(tmp_path, capsys):
     capsys.readouterr()
     ev = prov.evidence(RD)
     doc = verify_simulated(ev)
-    assert (doc.mrenclave, doc.mrsigner, doc.report_data, doc.public_key) == (prov.mrenclave, prov.mrsigner, RD, prov.public_key)
+    assert (doc.mrenclave, doc.mrsigner, doc.report_data, doc.public_key) == (
+        prov.mrenclave,
+        prov.mrsigner,
+        RD,
+        prov.public_key,
+    )
     assert (doc.isv_prod_id, doc.isv_svn, doc.debug) == (3, 9, False)
     prov.evidence(RD)
     err = capsys.readouterr().err
@@ -137,7 +142,13 @@ def test_simulated_evidence_tampering(tmp_path):
         verify_simulated(_resign(prov, {**doc, "report_data": "00"}))
     with pytest.raises(AttestationError, match="format is not"):
         verify_simulated(_resign(prov, {**doc, "format": "x"}))
-    for junk in (b"", b"garbage", b"[]", b'{"document": 1, "signature": "00"}', b'{"document": "[]", "signature": "zz"}'):
+    for junk in (
+        b"",
+        b"garbage",
+        b"[]",
+        b'{"document": 1, "signature": "00"}',
+        b'{"document": "[]", "signature": "zz"}',
+    ):
         with pytest.raises(AttestationError, match="not a signed JSON document"):
             verify_simulated(junk)
     with pytest.raises(AttestationError, match="too large"):
@@ -162,9 +173,11 @@ def test_code_measurement(tmp_path):
 
 def test_tcb_modules_import_no_owner_side_packages():
     """client/providers/protocol are enclave code: no aiohttp, tomli(b), jinja2, psutil, torch-free."""
-    code = ("import sys; import branchy_tee.attest.client, branchy_tee.attest.providers, branchy_tee.attest.protocol; "
-            "bad = [m for m in ('aiohttp', 'tomllib', 'tomli', 'jinja2', 'psutil', 'branchy_tee.attest.verify', "
-            "'branchy_tee.attest.policy', 'branchy_tee.attest.broker', 'branchy_tee.cli') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; import branchy_tee.attest.client, branchy_tee.attest.providers, branchy_tee.attest.protocol; "
+        "bad = [m for m in ('aiohttp', 'tomllib', 'tomli', 'jinja2', 'psutil', 'branchy_tee.attest.verify', "
+        "'branchy_tee.attest.policy', 'branchy_tee.attest.broker', 'branchy_tee.cli') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

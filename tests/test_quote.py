@@ -60,25 +60,46 @@ def _collateral(name: str) -> dict:
 # =========================================================================== parsing
 EXPECTED = {
     "phala-1": dict(
-        version=3, tee="sgx", tee_type=0, qe_svn=10, pce_svn=15, size=4600, trailing=0,
+        version=3,
+        tee="sgx",
+        tee_type=0,
+        qe_svn=10,
+        pce_svn=15,
+        size=4600,
+        trailing=0,
         mrenclave="33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb",
         mrsigner="815f42f11cf64430c30bab7816ba596a1da0130c3b028b673133a66cf9a3e0e6",
-        debug=False, ca="Intel SGX PCK Processor CA", qe_mrsigner=("8c4f5775", "7bff"),
-        report_data=b"Hello, world!".ljust(64, b"\0"), fmspc="00a067110000",
+        debug=False,
+        ca="Intel SGX PCK Processor CA",
+        qe_mrsigner=("8c4f5775", "7bff"),
+        report_data=b"Hello, world!".ljust(64, b"\0"),
+        fmspc="00a067110000",
     ),
     "mobilecoin-1": dict(
-        version=3, tee="sgx", tee_type=0, size=4603, trailing=0,
+        version=3,
+        tee="sgx",
+        tee_type=0,
+        size=4603,
+        trailing=0,
         mrenclave="1dd0df84810e53e26b2b167dfe0f97cc4364085fe0bd41d5e18a759c21d5c189",
         mrsigner="d412a4f07ef83892a5915fb2ab584be31e186e5a4f95ab5f6950fd4eb8694d7b",
         debug=True,  # ATTRIBUTES = 0x07: INIT | DEBUG | MODE64BIT
-        ca="Intel SGX PCK Processor CA", report_data=bytes(64), fmspc="00906ed50000",
+        ca="Intel SGX PCK Processor CA",
+        report_data=bytes(64),
+        fmspc="00906ed50000",
     ),
     "phala-2": dict(
-        version=4, tee="tdx", tee_type=0x81, size=5006, trailing=70,
-        mrenclave="91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407"
-        "de03ae6dc5f87f27428b2538873118b7",
-        mrsigner="00" * 48, debug=False, ca="Intel SGX PCK Platform CA",
-        qe_mrsigner=("dc9e2a7c", "a8c5"), fmspc="b0c06f000000",
+        version=4,
+        tee="tdx",
+        tee_type=0x81,
+        size=5006,
+        trailing=70,
+        mrenclave="91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7",
+        mrsigner="00" * 48,
+        debug=False,
+        ca="Intel SGX PCK Platform CA",
+        qe_mrsigner=("dc9e2a7c", "a8c5"),
+        fmspc="b0c06f000000",
     ),
 }
 
@@ -142,7 +163,12 @@ def test_parse_sizes_from_sources_md():
 def test_verify_without_collateral(name):
     v = verify_quote(_quote(name))
     exp = EXPECTED[name]
-    assert (v.version, v.tee, v.mrenclave.hex(), v.debug) == (exp["version"], exp["tee"], exp["mrenclave"], exp["debug"])
+    assert (v.version, v.tee, v.mrenclave.hex(), v.debug) == (
+        exp["version"],
+        exp["tee"],
+        exp["mrenclave"],
+        exp["debug"],
+    )
     assert v.tcb_status is None and v.advisories == [] and v.warnings == []
     assert v.fmspc == exp["fmspc"] and v.pce_id == "0000"
 
@@ -206,11 +232,14 @@ def test_single_byte_flips_in_signed_regions_are_rejected():
     rng = random.Random(20250620)
     regions = {
         "header+body": range(q.span("header")[0], q.span("body")[1]),
-        **{n: range(*q.span(n)) for n in ("qe_report", "qe_report_signature", "signature", "attestation_key", "qe_auth_data")},
+        **{
+            n: range(*q.span(n))
+            for n in ("qe_report", "qe_report_signature", "signature", "attestation_key", "qe_auth_data")
+        },
         **{f"pem_cert_{i}": _pem_body_positions(q, i) for i in range(3)},
     }
     positions = []
-    for name, rng_positions in regions.items():
+    for rng_positions in regions.values():
         positions += rng.sample(list(rng_positions), min(40, len(rng_positions)))
     assert len(positions) >= 200
     for pos in positions:
@@ -275,8 +304,16 @@ def test_quote_whose_chain_ends_at_another_root_is_rejected():
     _, other = _self_signed_ca("Intel SGX Root CA")  # same name, different key
     cert_data = b"".join(q.pck_chain_pem[:2]) + other.public_bytes(serialization.Encoding.PEM)
     sd = q.signature_data
-    forged = _v3_quote(q.signed_data, sd.signature, sd.attestation_key, sd.qe_report.raw,
-                       sd.qe_report_signature, sd.qe_auth_data, 5, cert_data)
+    forged = _v3_quote(
+        q.signed_data,
+        sd.signature,
+        sd.attestation_key,
+        sd.qe_report.raw,
+        sd.qe_report_signature,
+        sd.qe_auth_data,
+        5,
+        cert_data,
+    )
     assert parse_quote(forged).pem_chain[2] != q.pem_chain[2]
     with pytest.raises(AttestationError, match="pinned root"):
         verify_quote(forged)
@@ -392,9 +429,12 @@ def test_fuzz_parse_arbitrary_bytes(data):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from([b"\x03\x00\x02\x00\x00\x00\x00\x00", b"\x04\x00\x02\x00\x81\x00\x00\x00",
-                        b"\x04\x00\x02\x00\x00\x00\x00\x00"]),
-       st.binary(min_size=0, max_size=3000))
+@given(
+    st.sampled_from(
+        [b"\x03\x00\x02\x00\x00\x00\x00\x00", b"\x04\x00\x02\x00\x81\x00\x00\x00", b"\x04\x00\x02\x00\x00\x00\x00\x00"]
+    ),
+    st.binary(min_size=0, max_size=3000),
+)
 def test_fuzz_parse_valid_header_then_random(prefix, rest):
     try:
         parse_quote(prefix + rest)
@@ -402,7 +442,9 @@ def test_fuzz_parse_valid_header_then_random(prefix, rest):
         pass
 
 
-_mutation = st.tuples(st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 10**6), st.binary(min_size=1, max_size=8))
+_mutation = st.tuples(
+    st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 10**6), st.binary(min_size=1, max_size=8)
+)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -424,15 +466,45 @@ def test_fuzz_mutated_real_quotes(name, edits):
 # =========================================================================== CLI
 def test_cli_json_phala1(capsys):
     _quote("phala-1")  # skips when the shared data is missing
-    rc = main(["quote", "verify", str(QUOTES / "phala-1.quote.bin"), "--collateral",
-               str(QUOTES / "phala-1.collateral.json"), "--now", "2025-06-20T00:00:00Z", "--json"])
+    rc = main(
+        [
+            "quote",
+            "verify",
+            str(QUOTES / "phala-1.quote.bin"),
+            "--collateral",
+            str(QUOTES / "phala-1.collateral.json"),
+            "--now",
+            "2025-06-20T00:00:00Z",
+            "--json",
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0, out.err
     obj = json.loads(out.out)
-    assert {"version", "tee", "mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "debug", "report_data",
-            "tcb_status", "advisories"} <= set(obj)
-    assert set(obj) - {"version", "tee", "mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "debug",
-                       "report_data", "tcb_status", "advisories"} <= {"fmspc", "pce_id", "warnings"}
+    assert {
+        "version",
+        "tee",
+        "mrenclave",
+        "mrsigner",
+        "isv_prod_id",
+        "isv_svn",
+        "debug",
+        "report_data",
+        "tcb_status",
+        "advisories",
+    } <= set(obj)
+    assert set(obj) - {
+        "version",
+        "tee",
+        "mrenclave",
+        "mrsigner",
+        "isv_prod_id",
+        "isv_svn",
+        "debug",
+        "report_data",
+        "tcb_status",
+        "advisories",
+    } <= {"fmspc", "pce_id", "warnings"}
     assert obj["version"] == 3 and obj["tee"] == "sgx"
     assert obj["mrenclave"] == EXPECTED["phala-1"]["mrenclave"]
     assert obj["mrsigner"] == EXPECTED["phala-1"]["mrsigner"]
@@ -465,8 +537,20 @@ def test_cli_human_and_errors(capsys, tmp_path):
     err = capsys.readouterr().err
     assert str(missing) in err and len(err.splitlines()) == 1
 
-    assert main(["quote", "verify", str(QUOTES / "phala-1.quote.bin"), "--collateral",
-                 str(QUOTES / "phala-1.collateral.json"), "--now", "2025-08-01"]) == 1
+    assert (
+        main(
+            [
+                "quote",
+                "verify",
+                str(QUOTES / "phala-1.quote.bin"),
+                "--collateral",
+                str(QUOTES / "phala-1.collateral.json"),
+                "--now",
+                "2025-08-01",
+            ]
+        )
+        == 1
+    )
     assert "expired" in capsys.readouterr().err
 
 
@@ -505,7 +589,10 @@ def _der_int(v: int) -> bytes:
 SGX = "1.2.840.113741.1.13.1"
 
 
-def _sgx_extension(comps, pcesvn, fmspc=bytes.fromhex("00a067110000"), pceid=b"\0\0") -> bytes:
+FMSPC = bytes.fromhex("00a067110000")
+
+
+def _sgx_extension(comps, pcesvn, fmspc=FMSPC, pceid=b"\0\0") -> bytes:
     seq = lambda *items: _tlv(0x30, b"".join(items))  # noqa: E731
     tcb = [seq(_der_oid(f"{SGX}.2.{i + 1}"), _der_int(c)) for i, c in enumerate(comps)]
     tcb.append(seq(_der_oid(f"{SGX}.2.17"), _der_int(pcesvn)))
@@ -525,8 +612,16 @@ def _raw_sig(key, data: bytes) -> bytes:
 
 
 def _v3_quote(signed, sig, att_key, qe_report, qe_sig, auth, cert_type, cert_data) -> bytes:
-    sig_data = (sig + att_key + qe_report + qe_sig + struct.pack("<H", len(auth)) + auth
-                + struct.pack("<HI", cert_type, len(cert_data)) + cert_data)
+    sig_data = (
+        sig
+        + att_key
+        + qe_report
+        + qe_sig
+        + struct.pack("<H", len(auth))
+        + auth
+        + struct.pack("<HI", cert_type, len(cert_data))
+        + cert_data
+    )
     return signed + struct.pack("<I", len(sig_data)) + sig_data
 
 
@@ -560,16 +655,25 @@ class FakeIntel:
             .not_valid_after(T0 + timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(digital_signature=not ca, content_commitment=False, key_encipherment=False,
-                              data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-                              encipher_only=False, decipher_only=False),
+                x509.KeyUsage(
+                    digital_signature=not ca,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=ca,
+                    crl_sign=ca,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
                 critical=True,
             )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         )
         if issuer is not None:
-            b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-                                critical=False)
+            b = b.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+            )
         if ext is not None:
             b = b.add_extension(ext, critical=False)
         return b.sign(issuer_key, hashes.SHA256())
@@ -597,19 +701,26 @@ class FakeIntel:
         qe[320:384] = hashlib.sha256(att_raw + auth).digest() + bytes(32)
         chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.pck, self.ca, self.root))
         signed = header + bytes(body)
-        return _v3_quote(signed, _raw_sig(att, signed), att_raw, bytes(qe), _raw_sig(self.pck_key, bytes(qe)),
-                         auth, 5, chain)
+        return _v3_quote(
+            signed, _raw_sig(att, signed), att_raw, bytes(qe), _raw_sig(self.pck_key, bytes(qe)), auth, 5, chain
+        )
 
     def crl(self, issuer_cert, issuer_key, revoked=()):
-        b = (x509.CertificateRevocationListBuilder().issuer_name(issuer_cert.subject)
-             .last_update(T0).next_update(T0 + timedelta(days=30)))
+        b = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer_cert.subject)
+            .last_update(T0)
+            .next_update(T0 + timedelta(days=30))
+        )
         for serial in revoked:
             b = b.add_revoked_certificate(
-                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(T0).build())
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(T0).build()
+            )
         return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER).hex()
 
-    def collateral(self, levels, qe_levels, revoked_pck=(), revoked_root=(), signer=None,
-                   tcb_evaluation_data_numbers=(1, 1)):
+    def collateral(
+        self, levels, qe_levels, revoked_pck=(), revoked_root=(), signer=None, tcb_evaluation_data_numbers=(1, 1)
+    ):
         def stamp(obj, number):
             obj.update(issueDate="2025-01-01T00:00:00Z", nextUpdate="2025-01-31T00:00:00Z")
             if number is not None:
@@ -617,16 +728,30 @@ class FakeIntel:
             return json.dumps(obj, separators=(",", ":"))
 
         tcb_number, qe_number = tcb_evaluation_data_numbers
-        tcb_info = stamp({"id": "SGX", "version": 3, "fmspc": "00A067110000", "pceId": "0000", "tcbType": 0,
-                          "tcbLevels": levels}, tcb_number)
-        qe_identity = stamp({"id": "QE", "version": 2, "miscselect": "00000000",
-                             "miscselectMask": "FFFFFFFF", "attributes": "11" + "00" * 15,
-                             "attributesMask": "FBFFFFFFFFFFFFFF" + "00" * 8, "mrsigner": "8C" * 32,
-                             "isvprodid": 1, "tcbLevels": qe_levels}, qe_number)
+        tcb_info = stamp(
+            {"id": "SGX", "version": 3, "fmspc": "00A067110000", "pceId": "0000", "tcbType": 0, "tcbLevels": levels},
+            tcb_number,
+        )
+        qe_identity = stamp(
+            {
+                "id": "QE",
+                "version": 2,
+                "miscselect": "00000000",
+                "miscselectMask": "FFFFFFFF",
+                "attributes": "11" + "00" * 15,
+                "attributesMask": "FBFFFFFFFFFFFFFF" + "00" * 8,
+                "mrsigner": "8C" * 32,
+                "isvprodid": 1,
+                "tcbLevels": qe_levels,
+            },
+            qe_number,
+        )
         key, cert = signer or (self.tcb_key, self.tcb)
         issuer_chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (cert, self.root)).decode()
         return {
-            "pck_crl_issuer_chain": b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.ca, self.root)).decode(),
+            "pck_crl_issuer_chain": b"".join(
+                c.public_bytes(serialization.Encoding.PEM) for c in (self.ca, self.root)
+            ).decode(),
             "root_ca_crl": self.crl(self.root, self.root_key, revoked_root),
             "pck_crl": self.crl(self.ca, self.ca_key, revoked_pck),
             "tcb_info_issuer_chain": issuer_chain,
@@ -639,13 +764,21 @@ class FakeIntel:
 
 
 def _level(comps, pcesvn, status, advisories=()):
-    return {"tcb": {"sgxtcbcomponents": [{"svn": c} for c in comps], "pcesvn": pcesvn},
-            "tcbDate": "2024-01-01T00:00:00Z", "tcbStatus": status, "advisoryIDs": list(advisories)}
+    return {
+        "tcb": {"sgxtcbcomponents": [{"svn": c} for c in comps], "pcesvn": pcesvn},
+        "tcbDate": "2024-01-01T00:00:00Z",
+        "tcbStatus": status,
+        "advisoryIDs": list(advisories),
+    }
 
 
 def _qe_level(isvsvn, status, advisories=()):
-    return {"tcb": {"isvsvn": isvsvn}, "tcbDate": "2024-01-01T00:00:00Z", "tcbStatus": status,
-            "advisoryIDs": list(advisories)}
+    return {
+        "tcb": {"isvsvn": isvsvn},
+        "tcbDate": "2024-01-01T00:00:00Z",
+        "tcbStatus": status,
+        "advisoryIDs": list(advisories),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -667,13 +800,15 @@ def test_synthetic_round_trip_and_tcb_levels(fake):
     v = verify_quote(q, root_pem=fake.root_pem, collateral=fake.collateral(LEVELS, QE_LEVELS), now=WHEN)
     assert (v.tcb_status, v.advisories, v.isv_prod_id, v.isv_svn) == ("ConfigurationNeeded", ["SA-1"], 7, 2)
     # QE out of date on a configuration-needed platform: converged, advisories merged
-    v = verify_quote(fake.quote(qe_isvsvn=5), root_pem=fake.root_pem,
-                     collateral=fake.collateral(LEVELS, QE_LEVELS), now=WHEN)
+    v = verify_quote(
+        fake.quote(qe_isvsvn=5), root_pem=fake.root_pem, collateral=fake.collateral(LEVELS, QE_LEVELS), now=WHEN
+    )
     assert (v.tcb_status, v.advisories) == ("OutOfDateConfigurationNeeded", ["SA-1", "SA-3"])
     assert (v.platform_tcb_status, v.qe_tcb_status) == ("ConfigurationNeeded", "OutOfDate")
     # QE below every QE level: revoked
-    v = verify_quote(fake.quote(qe_isvsvn=1), root_pem=fake.root_pem,
-                     collateral=fake.collateral(LEVELS, QE_LEVELS), now=WHEN)
+    v = verify_quote(
+        fake.quote(qe_isvsvn=1), root_pem=fake.root_pem, collateral=fake.collateral(LEVELS, QE_LEVELS), now=WHEN
+    )
     assert v.tcb_status == "Revoked"
     # one component lower than the level needs: skipped to the next level
     higher = [_level([3] * 15 + [4], 11, "UpToDate"), *LEVELS[1:]]
@@ -691,7 +826,9 @@ def test_synthetic_tcb_evaluation_data_number(fake):
     v = verify_quote(fake.quote(), root_pem=fake.root_pem, collateral=col, now=WHEN)
     assert (v.collateral.tcb_info.evaluation_data_number, v.tcb_evaluation_data_number) == (18, 17)
     col = fake.collateral(LEVELS, QE_LEVELS, tcb_evaluation_data_numbers=(18, None))
-    assert verify_quote(fake.quote(), root_pem=fake.root_pem, collateral=col, now=WHEN).tcb_evaluation_data_number is None
+    assert (
+        verify_quote(fake.quote(), root_pem=fake.root_pem, collateral=col, now=WHEN).tcb_evaluation_data_number is None
+    )
     col = fake.collateral(LEVELS, QE_LEVELS, tcb_evaluation_data_numbers=("18", 17))
     with pytest.raises(AttestationError, match="TCB info: 'tcbEvaluationDataNumber' missing or not a non-negative"):
         verify_quote(fake.quote(), root_pem=fake.root_pem, collateral=col, now=WHEN)
@@ -700,17 +837,33 @@ def test_synthetic_tcb_evaluation_data_number(fake):
 def test_synthetic_revocation(fake):
     q = fake.quote()
     with pytest.raises(AttestationError, match="PCK Certificate.*revoked"):
-        verify_quote(q, root_pem=fake.root_pem, now=WHEN,
-                     collateral=fake.collateral(LEVELS, QE_LEVELS, revoked_pck=[fake.pck.serial_number]))
+        verify_quote(
+            q,
+            root_pem=fake.root_pem,
+            now=WHEN,
+            collateral=fake.collateral(LEVELS, QE_LEVELS, revoked_pck=[fake.pck.serial_number]),
+        )
     with pytest.raises(AttestationError, match="Processor CA.*revoked"):
-        verify_quote(q, root_pem=fake.root_pem, now=WHEN,
-                     collateral=fake.collateral(LEVELS, QE_LEVELS, revoked_root=[fake.ca.serial_number]))
+        verify_quote(
+            q,
+            root_pem=fake.root_pem,
+            now=WHEN,
+            collateral=fake.collateral(LEVELS, QE_LEVELS, revoked_root=[fake.ca.serial_number]),
+        )
     with pytest.raises(AttestationError, match="TCB Signing.*revoked"):
-        verify_quote(q, root_pem=fake.root_pem, now=WHEN,
-                     collateral=fake.collateral(LEVELS, QE_LEVELS, revoked_root=[fake.tcb.serial_number]))
+        verify_quote(
+            q,
+            root_pem=fake.root_pem,
+            now=WHEN,
+            collateral=fake.collateral(LEVELS, QE_LEVELS, revoked_root=[fake.tcb.serial_number]),
+        )
     # unrelated serials do not matter
-    verify_quote(q, root_pem=fake.root_pem, now=WHEN,
-                 collateral=fake.collateral(LEVELS, QE_LEVELS, revoked_pck=[12345], revoked_root=[678]))
+    verify_quote(
+        q,
+        root_pem=fake.root_pem,
+        now=WHEN,
+        collateral=fake.collateral(LEVELS, QE_LEVELS, revoked_pck=[12345], revoked_root=[678]),
+    )
 
 
 def test_synthetic_collateral_signed_by_platform_key_is_rejected(fake):

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import test_trust_chain
+from test_trust_chain import BUILD, _cli, _free_port, nothing_written, run_enclave
 
 from branchy_tee import measured
 from branchy_tee.attest.broker import Broker, Refusal
@@ -24,7 +26,9 @@ from branchy_tee.errors import AttestationError, BranchyError, UsageError
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.bundle import seal_model
 from branchy_tee.seal.keys import key_id
-from test_trust_chain import BUILD, _cli, _dev_key, _free_port, nothing_written, run_enclave, world  # noqa: F401 (fixtures)
+
+# The trust-chain tests' world (model, owners, brokers' keys, built enclave), shared by these attacks.
+world = test_trust_chain.world
 
 
 def _doctored_copy(world, dest: Path, **env_changes) -> dict:
@@ -41,10 +45,15 @@ def _doctored_copy(world, dest: Path, **env_changes) -> dict:
 def _simulated_key_request(broker: Broker, provider: SimulatedProvider, kid: str) -> bytes:
     client = AttestedKeys("simulated", "http://broker.invalid", bytes(range(32)), [], provider=provider)
     nonce = bytes.fromhex(broker.nonce()["nonce"])
-    return json.dumps({
-        "evidence_type": "simulated", "key_ids": [kid], "public_key": client.public_key.hex(), "nonce": nonce.hex(),
-        "evidence": base64.b64encode(provider.evidence(report_data(client.public_key, nonce))).decode(),
-    }).encode()  # fmt: skip
+    return json.dumps(
+        {
+            "evidence_type": "simulated",
+            "key_ids": [kid],
+            "public_key": client.public_key.hex(),
+            "nonce": nonce.hex(),
+            "evidence": base64.b64encode(provider.evidence(report_data(client.public_key, nonce))).decode(),
+        }
+    ).encode()
 
 
 # --------------------------------------------------------------------------- release statements
@@ -70,24 +79,61 @@ def test_release_statement_names_what_its_measurement_pins(world, tmp_path, capf
     header = seal_model(model, meta, host_key, host_bundle)
     port = _free_port()
     doctored = tmp_path / "enclave"
-    _doctored_copy(world, doctored, **{
-        measured.MODEL_BROKER: f"http://127.0.0.1:{port}", measured.MODEL_BROKER_IDENTITY: world.ids["host"],
-        measured.BUNDLE_ID: header.bundle_id, measured.MODEL_KEY_ID: header.key_id})  # fmt: skip
+    _doctored_copy(
+        world,
+        doctored,
+        **{
+            measured.MODEL_BROKER: f"http://127.0.0.1:{port}",
+            measured.MODEL_BROKER_IDENTITY: world.ids["host"],
+            measured.BUNDLE_ID: header.bundle_id,
+            measured.MODEL_KEY_ID: header.key_id,
+        },
+    )
 
     release = tmp_path / "release.json"
-    if _cli("enclave", "release", doctored, "--identity", world.path("mo.id"), "--model-key", world.path("mo.key"),
-            "--out", release) != 0:
+    if (
+        _cli(
+            "enclave",
+            "release",
+            doctored,
+            "--identity",
+            world.path("mo.id"),
+            "--model-key",
+            world.path("mo.key"),
+            "--out",
+            release,
+        )
+        != 0
+    ):
         return  # refused: the statement would not have described its measurement
     statement = json.loads(release.read_text())
     assert (statement["model_broker_identity"], statement["bundle_id"]) == (world.ids["mo"], world.header["bundle_id"])
     policy = tmp_path / "do1-policy.toml"
-    assert _cli("enclave", "policy", "--allow-simulated", "--release", release, "--model-owner", world.ids["mo"], "--out", policy) == 0
+    assert (
+        _cli(
+            "enclave",
+            "policy",
+            "--allow-simulated",
+            "--release",
+            release,
+            "--model-owner",
+            world.ids["mo"],
+            "--out",
+            policy,
+        )
+        == 0
+    )
     capfd.readouterr()
 
-    host_policy = {"allowed_mrenclave": [statement["mrenclave"]], "allow_simulation": True,
-                   "allowed_data_owners": [world.ids["do1"]]}  # fmt: skip
-    with serve_in_background(Broker([host_key], host_policy, identity=world.path("host.id")), port=port), \
-         start_broker(world.path("do1.key"), policy, identity=world.path("do1.id")) as do1:  # fmt: skip
+    host_policy = {
+        "allowed_mrenclave": [statement["mrenclave"]],
+        "allow_simulation": True,
+        "allowed_data_owners": [world.ids["do1"]],
+    }
+    with (
+        serve_in_background(Broker([host_key], host_policy, identity=world.path("host.id")), port=port),
+        start_broker(world.path("do1.key"), policy, identity=world.path("do1.id")) as do1,
+    ):
         out = tmp_path / "out"
         rc = run_enclave(world, out, ("do1",), [do1.url], bundle=host_bundle, enclave=doctored)
         granted = do1.broker.granted
@@ -95,7 +141,8 @@ def test_release_statement_names_what_its_measurement_pins(world, tmp_path, capf
         "the data owner's broker released its key to an enclave that trusts the host's model broker and serves the "
         f"host's bundle {header.bundle_id}, because the model owner signed a statement naming bundle "
         f"{statement['bundle_id']} and broker identity {statement['model_broker_identity']} over that enclave's "
-        f"measurement {statement['mrenclave']}")
+        f"measurement {statement['mrenclave']}"
+    )
 
 
 def test_release_statement_text_cannot_add_settings_to_a_data_owners_policy(world, tmp_path, monkeypatch):
@@ -108,26 +155,61 @@ def test_release_statement_text_cannot_add_settings_to_a_data_owners_policy(worl
     from branchy_tee.enclave import release as release_mod
 
     mrenclave = "ab" * 32
-    monkeypatch.setattr(release_mod, "read_measurements", lambda d: {  # a stand-in for gramine-sgx-sigstruct-view
-        "mrenclave": mrenclave, "mrsigner": "cd" * 32, "isv_prod_id": 0, "isv_svn": 0, "debug": False})
+    monkeypatch.setattr(
+        release_mod,
+        "read_measurements",
+        lambda d: {  # a stand-in for gramine-sgx-sigstruct-view
+            "mrenclave": mrenclave,
+            "mrsigner": "cd" * 32,
+            "isv_prod_id": 0,
+            "isv_svn": 0,
+            "debug": False,
+        },
+    )
     d = tmp_path / "enclave"
     shutil.copytree(world.enclave, d)
     cfg = json.loads((d / "enclave.json").read_text())
     cfg.update(attest="gramine", model_broker=f"{cfg['model_broker']}\nallow_simulation = true\n#")
     (d / "enclave.json").write_text(json.dumps(cfg))
     release = tmp_path / "release.json"
-    if _cli("enclave", "release", d, "--identity", world.path("mo.id"), "--model-key", world.path("mo.key"),
-            "--out", release) != 0:
+    if (
+        _cli(
+            "enclave",
+            "release",
+            d,
+            "--identity",
+            world.path("mo.id"),
+            "--model-key",
+            world.path("mo.key"),
+            "--out",
+            release,
+        )
+        != 0
+    ):
         return  # refused at signing
     policy = tmp_path / "do1-policy.toml"
-    if _cli("enclave", "policy", "--allow-simulated", "--release", release, "--model-owner", world.ids["mo"], "--out", policy) != 0:
+    if (
+        _cli(
+            "enclave",
+            "policy",
+            "--allow-simulated",
+            "--release",
+            release,
+            "--model-owner",
+            world.ids["mo"],
+            "--out",
+            policy,
+        )
+        != 0
+    ):
         return  # refused when writing the policy
     broker = Broker(world.path("do1.key"), load_policy(policy), identity=world.path("do1.id"))
     try:
         impostor = SimulatedProvider(tmp_path / "any-dev-key", mrenclave=bytes.fromhex(mrenclave))
         with pytest.raises(Refusal, match="simulated evidence refused"):
-            broker.request_keys(_simulated_key_request(broker, impostor, key_id(read_key_file(world.path("do1.key")))),
-                                "host")  # fmt: skip
+            broker.request_keys(
+                _simulated_key_request(broker, impostor, key_id(read_key_file(world.path("do1.key")))), "host"
+            )
     finally:
         broker.close()
 
@@ -142,25 +224,47 @@ def test_small_order_identities_are_refused(world, tmp_path):
     signs for it: here an enclave pinned to it takes the host's key as the model key."""
     neutral = "01" + "00" * 31
     fake_signature = bytes.fromhex(neutral) + bytes(32)
-    assert not any(verify(bytes.fromhex(neutral), RELEASE_PURPOSE, f"message {i}".encode(), fake_signature)
-                   for i in range(8)), "a made-up signature verifies under the neutral-point identity"
+    assert not any(
+        verify(bytes.fromhex(neutral), RELEASE_PURPOSE, f"message {i}".encode(), fake_signature) for i in range(8)
+    ), "a made-up signature verifies under the neutral-point identity"
     for weak in (neutral, "00" * 32):
         with pytest.raises(UsageError):
             parse_identity(weak)
         with pytest.raises(BranchyError):
             parse_policy({"allowed_mrenclave": ["ab" * 32], "allowed_data_owners": [weak]})
-        assert _cli(*BUILD, "--bundle", world.bundle, "--out", tmp_path / "e", "--attest", "simulated",
-                    "--model-broker", "http://127.0.0.1:1", "--model-broker-identity", weak) == 2  # fmt: skip
+        assert (
+            _cli(
+                *BUILD,
+                "--bundle",
+                world.bundle,
+                "--out",
+                tmp_path / "e",
+                "--attest",
+                "simulated",
+                "--model-broker",
+                "http://127.0.0.1:1",
+                "--model-broker-identity",
+                weak,
+            )
+            == 2
+        )
 
     # What the enclave does with it: a release the host made up, with the made-up signature.
     sim = SimulatedProvider(tmp_path / "devkey")
     client = AttestedKeys("simulated", "http://broker.invalid", bytes.fromhex(neutral), [], provider=sim)
     host_key = read_key_file(world.path("host.key"))
     kid, nonce = key_id(host_key), bytes(40)
-    forged = {"identity": neutral, "min_model_version": 0, "allowed_data_owners": [world.ids["host"]],
-              "signature": fake_signature.hex(),
-              "keys": {kid: base64.b64encode(SUITE.encrypt(pack_key(host_key, 0), client._sk.public_key(),
-                                                           info=key_info(kid, nonce))).decode()}}  # fmt: skip
+    forged = {
+        "identity": neutral,
+        "min_model_version": 0,
+        "allowed_data_owners": [world.ids["host"]],
+        "signature": fake_signature.hex(),
+        "keys": {
+            kid: base64.b64encode(
+                SUITE.encrypt(pack_key(host_key, 0), client._sk.public_key(), info=key_info(kid, nonce))
+            ).decode()
+        },
+    }
     with pytest.raises(AttestationError):
         client.verify_release("http://broker.invalid", forged, nonce, [kid], bytes.fromhex(neutral))
 
@@ -182,9 +286,13 @@ def test_a_policy_the_broker_accepts_gives_releases_the_enclave_accepts(world, t
     try:
         client = AttestedKeys("simulated", "http://broker.invalid", bytes.fromhex(world.ids["mo"]), [], provider=sim)
         nonce = bytes.fromhex(broker.nonce()["nonce"])
-        body = {"evidence_type": "simulated", "key_ids": [key_id(mo_key)], "public_key": client.public_key.hex(),
-                "nonce": nonce.hex(),
-                "evidence": base64.b64encode(sim.evidence(report_data(client.public_key, nonce))).decode()}  # fmt: skip
+        body = {
+            "evidence_type": "simulated",
+            "key_ids": [key_id(mo_key)],
+            "public_key": client.public_key.hex(),
+            "nonce": nonce.hex(),
+            "evidence": base64.b64encode(sim.evidence(report_data(client.public_key, nonce))).decode(),
+        }
         doc = broker.request_keys(json.dumps(body).encode(), "test")
     finally:
         broker.close()
@@ -197,8 +305,22 @@ def test_build_refuses_a_model_broker_url_the_enclave_refuses(world, tmp_path, u
     """`enclave build` measures a model-broker URL that the enclave's own check refuses (non-ASCII,
     control characters; the latter also make the manifest's TOML string invalid): an enclave that can
     never run, found out only at the first run, after the owners wrote policies for its MRENCLAVE."""
-    assert _cli(*BUILD, "--bundle", world.bundle, "--out", tmp_path / "e", "--attest", "simulated",
-                "--model-broker", url, "--model-broker-identity", world.ids["mo"]) == 2  # fmt: skip
+    assert (
+        _cli(
+            *BUILD,
+            "--bundle",
+            world.bundle,
+            "--out",
+            tmp_path / "e",
+            "--attest",
+            "simulated",
+            "--model-broker",
+            url,
+            "--model-broker-identity",
+            world.ids["mo"],
+        )
+        == 2
+    )
 
 
 # --------------------------------------------------------------------------- collateral chosen by the host
@@ -215,9 +337,13 @@ def test_host_cannot_skip_the_minimum_tcb_evaluation_number_by_sending_no_collat
     key = generate_key()
     quote = (sgx_quotes_dir / "phala-1.quote.bin").read_bytes()
     col = json.loads((sgx_quotes_dir / "phala-1.collateral.json").read_text())
-    policy = {"allowed_mrenclave": [PHALA1_MRENCLAVE], "accept_client_collateral": True,
-              "min_tcb_evaluation_data_number": 18, "require_collateral": False,
-              "accepted_tcb_statuses": ["UpToDate", "ConfigurationAndSWHardeningNeeded"]}  # fmt: skip
+    policy = {
+        "allowed_mrenclave": [PHALA1_MRENCLAVE],
+        "accept_client_collateral": True,
+        "min_tcb_evaluation_data_number": 18,
+        "require_collateral": False,
+        "accepted_tcb_statuses": ["UpToDate", "ConfigurationAndSWHardeningNeeded"],
+    }
     try:
         handle = start_broker([key], policy, clock=lambda: PHALA_NOW.timestamp())
     except BranchyError:
@@ -228,4 +354,5 @@ def test_host_cannot_skip_the_minimum_tcb_evaluation_number_by_sending_no_collat
         st, out = post_quote(b, quote, key_id(key))  # no collateral
         assert (st, out["code"]) == (403, "policy_refused"), (
             f"without collateral the quote passed the policy (it failed only at {out['code']}): the minimum TCB "
-            "evaluation data number is skipped when the host sends none")
+            "evaluation data number is skipped when the host sends none"
+        )

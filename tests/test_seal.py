@@ -13,7 +13,6 @@ from branchy_tee.seal.bundle import open_bundle, seal_model
 from branchy_tee.seal.envelope import open_request, open_result, request_digest, seal_request, seal_result
 from branchy_tee.seal.header import ModelRef
 from branchy_tee.seal.keys import derive, generate_key, key_id
-
 from runs import make_random_run
 
 KEY = bytes(range(32))
@@ -133,7 +132,9 @@ def test_requests_and_results_are_bound_to_key_and_request():
     blob = seal_request(x, do1, "req-1")
     header, got = open_request(blob, {key_id(do1): do1}, [1, 28, 28], "r")
     assert header.request_id == "req-1" and isinstance(got, np.ndarray) and np.array_equal(got, x)
-    assert np.array_equal(open_request(seal_request(torch.from_numpy(x), do1), {key_id(do1): do1}, [1, 28, 28], "r")[1], x)
+    assert np.array_equal(
+        open_request(seal_request(torch.from_numpy(x), do1), {key_id(do1): do1}, [1, 28, 28], "r")[1], x
+    )
     with pytest.raises(IntegrityError, match="no key for"):
         open_request(blob, {key_id(do2): do2}, [1, 28, 28], "r")
     # Relabelling the request for another key id does not help: the header is authenticated.
@@ -174,9 +175,11 @@ def test_host_strings_in_request_headers_are_checked_and_escaped():
 
     from branchy_tee.seal.envelope import REQUEST_MAGIC, read_envelope_header
 
-    for header, match in (({"request_id": "\ud800", "key_id": "ab" * 8}, "is not valid Unicode text"),
-                          ({"request_id": "r\n1", "key_id": "ab" * 8}, "must be printable text"),
-                          ({"request_id": "r1", "key_id": "\x1b[31mred"}, "is not a key id")):  # fmt: skip
+    for header, match in (
+        ({"request_id": "\ud800", "key_id": "ab" * 8}, "is not valid Unicode text"),
+        ({"request_id": "r\n1", "key_id": "ab" * 8}, "must be printable text"),
+        ({"request_id": "r1", "key_id": "\x1b[31mred"}, "is not a key id"),
+    ):
         h = json.dumps(header).encode()  # ensure_ascii: the surrogate travels as \ud800
         blob = REQUEST_MAGIC + struct.pack(">I", len(h)) + h + bytes(40)
         with pytest.raises(IntegrityError, match=match) as e:
@@ -232,8 +235,13 @@ def test_header_json_must_have_exactly_the_sealed_members_in_order(bundle):
         {"header": {**doc["header"], "note": "x"}, "mac": doc["mac"]},
         {"header": dict(reversed(list(doc["header"].items()))), "mac": doc["mac"]},
         {"header": {k: v for k, v in doc["header"].items() if k != "thresholds"}, "mac": doc["mac"]},
-        {"header": {**doc["header"], "stages": [{**doc["header"]["stages"][0], "x": 1}, *doc["header"]["stages"][1:]]},
-         "mac": doc["mac"]},
+        {
+            "header": {
+                **doc["header"],
+                "stages": [{**doc["header"]["stages"][0], "x": 1}, *doc["header"]["stages"][1:]],
+            },
+            "mac": doc["mac"],
+        },
     ]
     for v in variants:
         header.write_text(json.dumps(v, indent=1) + "\n")

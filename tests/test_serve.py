@@ -44,8 +44,14 @@ def world(tmp_path_factory):
         ids = {p: identity_hex(create_identity(d / f"{p}.id")) for p in PARTIES}
         assert main(["seal", str(d / "run"), "--key", str(d / "mo.key"), "--out", str(d / "model.btee")]) == 0
         labels, exits = reference_decisions(d / "run", xn, "entropy", thresholds)
-        yield {"d": d, "ids": ids, "x": x.numpy(), "labels": labels.tolist(), "exits": exits.tolist(),
-               "mrenclave": simulated_mrenclave().hex()}
+        yield {
+            "d": d,
+            "ids": ids,
+            "x": x.numpy(),
+            "labels": labels.tolist(),
+            "exits": exits.tolist(),
+            "mrenclave": simulated_mrenclave().hex(),
+        }
 
 
 @pytest.fixture(autouse=True)
@@ -60,9 +66,26 @@ def do_policy(world, **kw) -> dict:
 def serve_args(world, broker_url: str, *extra) -> object:
     p = ArgumentParser()
     srv.add_arguments(p)
-    return p.parse_args(["--bundle", str(world["d"] / "model.btee"), "--listen", "127.0.0.1:0", "--attest", "simulated",
-                         "--model-broker", broker_url, "--model-broker-identity", world["ids"]["mo"], "--quiet",
-                         "--threads", "1", "--timeout", "5", *extra])  # fmt: skip
+    return p.parse_args(
+        [
+            "--bundle",
+            str(world["d"] / "model.btee"),
+            "--listen",
+            "127.0.0.1:0",
+            "--attest",
+            "simulated",
+            "--model-broker",
+            broker_url,
+            "--model-broker-identity",
+            world["ids"]["mo"],
+            "--quiet",
+            "--threads",
+            "1",
+            "--timeout",
+            "5",
+            *extra,
+        ]
+    )
 
 
 class Served:
@@ -76,7 +99,9 @@ class Served:
         self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
 
     def client(self, who="do1", policy=None, urls=None, **kw) -> Client:
-        return Client(urls or self.url, policy=policy or do_policy(self.world), identity=self.world["d"] / f"{who}.id", **kw)
+        return Client(
+            urls or self.url, policy=policy or do_policy(self.world), identity=self.world["d"] / f"{who}.id", **kw
+        )
 
     def close(self):
         self._stop()
@@ -98,8 +123,11 @@ def check_answers(world, results, lo=0):
 def test_client_verifies_the_server_then_gets_predicts_answers(world):
     with Served(world) as s, s.client() as c:
         info = c.model_info()
-        assert info.arch == "lenet5" and info.model.bundle_id == json.loads(
-            (world["d"] / "model.btee" / "header.json").read_text())["header"]["bundle_id"]
+        assert (
+            info.arch == "lenet5"
+            and info.model.bundle_id
+            == json.loads((world["d"] / "model.btee" / "header.json").read_text())["header"]["bundle_id"]
+        )
         results = c.predict(world["x"])
         check_answers(world, results)
         assert len(set(r["exit"] for r in results)) >= 2 and results[0]["model"]["model_version"] == 1
@@ -110,8 +138,10 @@ def test_client_verifies_the_server_then_gets_predicts_answers(world):
 
 def test_a_policy_that_forbids_simulation_or_pins_another_enclave_refuses_before_sending(world):
     with Served(world) as s:
-        for policy, match in ((do_policy(world, allow_simulation=False), "simulated evidence refused"),
-                              (do_policy(world, allowed_mrenclave=["ab" * 32]), "allowed_mrenclave")):  # fmt: skip
+        for policy, match in (
+            (do_policy(world, allow_simulation=False), "simulated evidence refused"),
+            (do_policy(world, allowed_mrenclave=["ab" * 32]), "allowed_mrenclave"),
+        ):
             with s.client(policy=policy) as c, pytest.raises(AttestationError, match=match):
                 c.predict(world["x"][:2])
         assert s.server.metrics.requests["ok"] == 0 and s.server.metrics.samples == 0
@@ -129,13 +159,22 @@ def test_evidence_copied_from_another_server_is_refused(world):
 
     sim = SimulatedProvider()
     _, genuine = ratls.make_server_certificate(sim)
-    evidence = x509.load_der_x509_certificate(genuine).extensions.get_extension_for_oid(ratls.RATLS_QUOTE_OID).value.value
+    evidence = (
+        x509.load_der_x509_certificate(genuine).extensions.get_extension_for_oid(ratls.RATLS_QUOTE_OID).value.value
+    )
     host_key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([])
-    forged = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(host_key.public_key())
-              .serial_number(1).not_valid_before(ratls.NOT_BEFORE).not_valid_after(ratls.NOT_AFTER)
-              .add_extension(x509.UnrecognizedExtension(ratls.RATLS_QUOTE_OID, evidence), critical=False)
-              .sign(host_key, hashes.SHA256())).public_bytes(serialization.Encoding.DER)  # fmt: skip
+    forged = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(host_key.public_key())
+        .serial_number(1)
+        .not_valid_before(ratls.NOT_BEFORE)
+        .not_valid_after(ratls.NOT_AFTER)
+        .add_extension(x509.UnrecognizedExtension(ratls.RATLS_QUOTE_OID, evidence), critical=False)
+        .sign(host_key, hashes.SHA256())
+    ).public_bytes(serialization.Encoding.DER)
     policy = parse_policy(do_policy(world, allowed_mrenclave=[sim.mrenclave.hex()]))
     assert ratls_verify.verify_server_certificate(genuine, policy).mrenclave == sim.mrenclave
     with pytest.raises(AttestationError, match="does not bind the key of the certificate"):
@@ -166,11 +205,19 @@ def test_a_forged_anchor_in_the_clients_chain_does_not_help(world, tmp_path):
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
-            .issuer_name(ratls.identity_name(allowed_hex)).public_key(stranger.public_key()).serial_number(2)
-            .not_valid_before(ratls.NOT_BEFORE).not_valid_after(ratls.NOT_AFTER).sign(stranger, None))  # fmt: skip
-    pem = stranger.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+        .issuer_name(ratls.identity_name(allowed_hex))
+        .public_key(stranger.public_key())
+        .serial_number(2)
+        .not_valid_before(ratls.NOT_BEFORE)
+        .not_valid_after(ratls.NOT_AFTER)
+        .sign(stranger, None)
+    )
+    pem = stranger.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     (tmp_path / "c.pem").write_bytes(pem + leaf.public_bytes(serialization.Encoding.PEM) + fake_anchor)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
@@ -195,7 +242,11 @@ def test_metrics_are_for_the_model_owner_only(world):
         text = data.decode()
         assert status == 200 and 'branchy_tee_requests_total{outcome="ok"} 1' in text
         assert "branchy_tee_samples_total 5" in text and 'branchy_tee_request_seconds{quantile="0.5"}' in text
-        counts = [int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("branchy_tee_exit_samples_total{")]
+        counts = [
+            int(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("branchy_tee_exit_samples_total{")
+        ]
         assert counts == np.bincount(world["exits"][:5], minlength=3).tolist()
 
 
@@ -289,8 +340,12 @@ def test_renewal_follows_the_model_owners_allow_list_and_revocation(world):
         port = int(s.broker.url.rsplit(":", 1)[1])
         s.broker.stop()
         # the model owner removes data owner 1
-        s.broker = start_broker(world["d"] / "mo.key", do_policy(world, allowed_data_owners=[world["ids"]["do2"]]),
-                                identity=world["d"] / "mo.id", port=port)  # fmt: skip
+        s.broker = start_broker(
+            world["d"] / "mo.key",
+            do_policy(world, allowed_data_owners=[world["ids"]["do2"]]),
+            identity=world["d"] / "mo.id",
+            port=port,
+        )
         deadline = time.time() + 20
         while s.server.allowed != {bytes.fromhex(world["ids"]["do2"])} and time.time() < deadline:
             time.sleep(0.1)
@@ -300,8 +355,12 @@ def test_renewal_follows_the_model_owners_allow_list_and_revocation(world):
             check_answers(world, c.predict(world["x"][:2]))
         # the model owner revokes the deployment (its broker refuses this enclave): no more answers
         s.broker.stop()
-        s.broker = start_broker(world["d"] / "mo.key", do_policy(world, allowed_mrenclave=["ab" * 32]),
-                                identity=world["d"] / "mo.id", port=port)  # fmt: skip
+        s.broker = start_broker(
+            world["d"] / "mo.key",
+            do_policy(world, allowed_mrenclave=["ab" * 32]),
+            identity=world["d"] / "mo.id",
+            port=port,
+        )
         deadline = time.time() + 20
         while s.server.state != "revoked" and time.time() < deadline:
             time.sleep(0.1)
@@ -328,15 +387,39 @@ def test_cli_query(world, capfd):
         pol.write_text(f'allowed_mrenclave = ["{world["mrenclave"]}"]\nallow_simulation = true\n')
         np.save(world["d"] / "x.npy", (world["x"][:3] * 255).astype(np.uint8))
         capfd.readouterr()
-        assert main(["query", s.url, str(world["d"] / "x.npy"), "--policy", str(pol), "--identity",
-                     str(world["d"] / "do1.id"), "--json"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "query",
+                    s.url,
+                    str(world["d"] / "x.npy"),
+                    "--policy",
+                    str(pol),
+                    "--identity",
+                    str(world["d"] / "do1.id"),
+                    "--json",
+                ]
+            )
+            == 0
+        )
         out = json.loads(capfd.readouterr().out)
         assert len(out) == 3 and {"label", "class_name", "confidence", "exit", "model"} <= set(out[0])
-        assert main(["query", s.url, str(world["d"] / "x.npy"), "--policy", str(pol), "--identity",
-                     str(world["d"] / "stranger.id")]) == 1  # fmt: skip
+        assert (
+            main(
+                [
+                    "query",
+                    s.url,
+                    str(world["d"] / "x.npy"),
+                    "--policy",
+                    str(pol),
+                    "--identity",
+                    str(world["d"] / "stranger.id"),
+                ]
+            )
+            == 1
+        )
         err = capfd.readouterr().err
         assert "does not accept your identity" in err and len(err.strip().splitlines()) == 1
-
 
 
 # --------------------------------------------------------------------------- a server killed under load
@@ -344,9 +427,25 @@ def _start_server_process(world, broker_url: str, port: int):
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "branchy_tee.cli", "serve", "--bundle", str(world["d"] / "model.btee"),
-           "--listen", f"127.0.0.1:{port}", "--attest", "simulated", "--model-broker", broker_url,
-           "--model-broker-identity", world["ids"]["mo"], "--threads", "1", "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "branchy_tee.cli",
+        "serve",
+        "--bundle",
+        str(world["d"] / "model.btee"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--attest",
+        "simulated",
+        "--model-broker",
+        broker_url,
+        "--model-broker-identity",
+        world["ids"]["mo"],
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     assert line.startswith("serving lenet5"), line
@@ -380,8 +479,9 @@ def test_server_killed_under_load_gives_clear_errors_never_wrong_answers_and_cli
                                 stats["unclear"].append(str(e))
                         time.sleep(0.05)
                         continue
-                    ok = [r["label"] for r in results] == world["labels"][lo : lo + 4] and \
-                         [r["exit"] for r in results] == world["exits"][lo : lo + 4]  # fmt: skip
+                    ok = [r["label"] for r in results] == world["labels"][lo : lo + 4] and [
+                        r["exit"] for r in results
+                    ] == world["exits"][lo : lo + 4]
                     with lock:
                         stats["wrong"] += not ok
                         stats["ok_after" if phase["restarted"] else "ok_before"] += ok
@@ -423,17 +523,19 @@ def test_a_model_broker_gone_for_good_stops_the_answers_after_a_grace(world):
 
 
 # --------------------------------------------------------------------------- the enclave build runs serve
-def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_the_release(world, tmp_path, enclave_env):
+def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_the_release(
+    world, tmp_path, enclave_env
+):
     """`enclave build --serve` (measured: the model broker, its identity, the bundle), the model owner's
     release statement, a data owner's policy from it, `enclave run --backend native -- serve`, and the
     data owner's client verifying that enclave's RA-TLS certificate against that policy."""
     import subprocess
     import sys
 
+    from branchy_tee.attest.identity import load_identity
     from branchy_tee.enclave.build import BuildOptions, build
     from branchy_tee.enclave.release import write_policy_from_release, write_release
     from branchy_tee.fileio import read_key_file
-    from branchy_tee.attest.identity import load_identity
 
     d = world["d"]
     with socket.socket() as sock:
@@ -443,26 +545,61 @@ def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_t
         sock.bind(("127.0.0.1", 0))
         serve_port = sock.getsockname()[1]
     broker_url = f"http://127.0.0.1:{broker_port}"
-    build(BuildOptions(bundle=str(d / "model.btee"), out=str(tmp_path / "enc"), attest="simulated", serve=True,
-                       model_broker=broker_url, model_broker_identity=world["ids"]["mo"], env=enclave_env.dir,
-                       enclave_size="1G", io_dirs=[str(tmp_path / "io")]))  # fmt: skip
+    build(
+        BuildOptions(
+            bundle=str(d / "model.btee"),
+            out=str(tmp_path / "enc"),
+            attest="simulated",
+            serve=True,
+            model_broker=broker_url,
+            model_broker_identity=world["ids"]["mo"],
+            env=enclave_env.dir,
+            enclave_size="1G",
+            io_dirs=[str(tmp_path / "io")],
+        )
+    )
     write_release(tmp_path / "enc", load_identity(d / "mo.id"), tmp_path / "release.json", read_key_file(d / "mo.key"))
-    write_policy_from_release(tmp_path / "release.json", world["ids"]["mo"], tmp_path / "mo.toml",
-                              allowed_data_owners=[world["ids"]["do1"]], allow_simulated=True)  # fmt: skip
+    write_policy_from_release(
+        tmp_path / "release.json",
+        world["ids"]["mo"],
+        tmp_path / "mo.toml",
+        allowed_data_owners=[world["ids"]["do1"]],
+        allow_simulated=True,
+    )
     write_policy_from_release(tmp_path / "release.json", world["ids"]["mo"], tmp_path / "do.toml", allow_simulated=True)
     with start_broker(d / "mo.key", tmp_path / "mo.toml", identity=d / "mo.id", port=broker_port):
-        proc = subprocess.Popen([sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", "native",
-                                 str(tmp_path / "enc"), "--", "serve", "--bundle", str(d / "model.btee"),
-                                 "--listen", f"127.0.0.1:{serve_port}", "--quiet"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "branchy_tee.cli",
+                "enclave",
+                "run",
+                "--backend",
+                "native",
+                str(tmp_path / "enc"),
+                "--",
+                "serve",
+                "--bundle",
+                str(d / "model.btee"),
+                "--listen",
+                f"127.0.0.1:{serve_port}",
+                "--quiet",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             line = proc.stdout.readline()
             assert line.startswith("serving lenet5"), line + proc.stderr.read()
             with Client(f"https://127.0.0.1:{serve_port}", policy=tmp_path / "do.toml", identity=d / "do1.id") as c:
                 check_answers(world, c.predict(world["x"][:6]))
             # the same enclave, with a policy that pins the measurement of another build: refused
-            with Client(f"https://127.0.0.1:{serve_port}", policy=do_policy(world), identity=d / "do1.id") as c, \
-                 pytest.raises(AttestationError, match="allowed_mrenclave"):  # fmt: skip
+            with (
+                Client(f"https://127.0.0.1:{serve_port}", policy=do_policy(world), identity=d / "do1.id") as c,
+                pytest.raises(AttestationError, match="allowed_mrenclave"),
+            ):
                 c.predict(world["x"][:1])
         finally:
             proc.terminate()

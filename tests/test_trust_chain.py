@@ -31,7 +31,7 @@ from branchy_tee.cli import main
 from branchy_tee.errors import AttestationError, BranchyError
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.bundle import seal_model
-from branchy_tee.seal.keys import generate_key, key_id
+from branchy_tee.seal.keys import key_id
 from runs import keygen, make_random_run, mutate_bytes
 
 PARTIES = ("mo", "do1", "do2", "host")
@@ -82,24 +82,91 @@ def world(tmp_path_factory, enclave_env) -> World:
             ids[p] = identity_hex(create_identity(d / f"{p}.id"))
         assert _cli("seal", d / "run", "--key", d / "mo.key", "--out", d / "model.btee") == 0
         port = _free_port()
-        assert _cli(*BUILD, "--bundle", d / "model.btee", "--out", d / "enclave", "--attest", "simulated",
-                    "--model-broker", f"http://127.0.0.1:{port}", "--model-broker-identity", ids["mo"],
-                    "--io-dir", d / "io") == 0  # fmt: skip
+        assert (
+            _cli(
+                *BUILD,
+                "--bundle",
+                d / "model.btee",
+                "--out",
+                d / "enclave",
+                "--attest",
+                "simulated",
+                "--model-broker",
+                f"http://127.0.0.1:{port}",
+                "--model-broker-identity",
+                ids["mo"],
+                "--io-dir",
+                d / "io",
+            )
+            == 0
+        )
         # The model owner reproduces the build (here: the same one) and signs what it is.
-        assert _cli("enclave", "release", d / "enclave", "--identity", d / "mo.id", "--model-key", d / "mo.key",
-                    "--out", d / "release.json") == 0  # fmt: skip
-        assert _cli("enclave", "policy", "--allow-simulated", "--release", d / "release.json", "--model-owner", ids["mo"],
-                    "--out", d / "do-policy.toml") == 0  # fmt: skip
-        assert _cli("enclave", "policy", "--allow-simulated", "--release", d / "release.json", "--model-owner", ids["mo"],
-                    "--allowed-data-owner", ids["do1"], "--allowed-data-owner", ids["do2"],
-                    "--out", d / "mo-policy.toml") == 0  # fmt: skip
+        assert (
+            _cli(
+                "enclave",
+                "release",
+                d / "enclave",
+                "--identity",
+                d / "mo.id",
+                "--model-key",
+                d / "mo.key",
+                "--out",
+                d / "release.json",
+            )
+            == 0
+        )
+        assert (
+            _cli(
+                "enclave",
+                "policy",
+                "--allow-simulated",
+                "--release",
+                d / "release.json",
+                "--model-owner",
+                ids["mo"],
+                "--out",
+                d / "do-policy.toml",
+            )
+            == 0
+        )
+        assert (
+            _cli(
+                "enclave",
+                "policy",
+                "--allow-simulated",
+                "--release",
+                d / "release.json",
+                "--model-owner",
+                ids["mo"],
+                "--allowed-data-owner",
+                ids["do1"],
+                "--allowed-data-owner",
+                ids["do2"],
+                "--out",
+                d / "mo-policy.toml",
+            )
+            == 0
+        )
         import torch
         from safetensors.torch import save_file
 
         for i, owner in enumerate(("do1", "do2", "host"), 1):
             save_file({"x": torch.rand(3 + i, 1, 28, 28)}, str(d / f"x-{owner}.safetensors"))
-            assert _cli("encrypt-input", d / f"x-{owner}.safetensors", "--bundle", d / "model.btee", "--key",
-                        d / f"{owner}.key", "--out", d / "io" / f"{owner}.req", "--request-id", f"req-{owner}") == 0  # fmt: skip
+            assert (
+                _cli(
+                    "encrypt-input",
+                    d / f"x-{owner}.safetensors",
+                    "--bundle",
+                    d / "model.btee",
+                    "--key",
+                    d / f"{owner}.key",
+                    "--out",
+                    d / "io" / f"{owner}.req",
+                    "--request-id",
+                    f"req-{owner}",
+                )
+                == 0
+            )
         header = json.loads((d / "model.btee" / "header.json").read_text())["header"]
         yield World(d, d / "enclave", d / "model.btee", header, port, ids)
 
@@ -115,21 +182,47 @@ def brokers(world: World, mo_policy: str = "mo-policy.toml", data=("do1", "do2")
     identity and a policy from the release statement. Yields {party: handle}."""
     audit_dir = audit_dir or world.d
     with ExitStack() as stack:
-        handles = {"mo": stack.enter_context(start_broker(
-            world.path("mo.key"), world.path(mo_policy), port=world.mo_port, identity=world.path("mo.id"),
-            audit_log=audit_dir / "mo-audit.jsonl"))}  # fmt: skip
+        handles = {
+            "mo": stack.enter_context(
+                start_broker(
+                    world.path("mo.key"),
+                    world.path(mo_policy),
+                    port=world.mo_port,
+                    identity=world.path("mo.id"),
+                    audit_log=audit_dir / "mo-audit.jsonl",
+                )
+            )
+        }
         for owner in data:
-            handles[owner] = stack.enter_context(start_broker(
-                world.path(f"{owner}.key"), world.path("do-policy.toml"), identity=world.path(f"{owner}.id"),
-                audit_log=audit_dir / f"{owner}-audit.jsonl"))  # fmt: skip
+            handles[owner] = stack.enter_context(
+                start_broker(
+                    world.path(f"{owner}.key"),
+                    world.path("do-policy.toml"),
+                    identity=world.path(f"{owner}.id"),
+                    audit_log=audit_dir / f"{owner}-audit.jsonl",
+                )
+            )
         yield handles
 
 
-def run_enclave(world: World, out: Path, owners, data_urls, *extra, bundle: Path | None = None,
-                enclave: Path | None = None) -> int:
+def run_enclave(
+    world: World, out: Path, owners, data_urls, *extra, bundle: Path | None = None, enclave: Path | None = None
+) -> int:
     """`enclave run DIR --backend native -- predict ...` for the owners' requests; results in ``out``."""
-    argv = ["enclave", "run", "--backend", "native", enclave or world.enclave, "--", "predict",
-            "--bundle", bundle or world.bundle, "--quiet", "--threads", "1"]  # fmt: skip
+    argv = [
+        "enclave",
+        "run",
+        "--backend",
+        "native",
+        enclave or world.enclave,
+        "--",
+        "predict",
+        "--bundle",
+        bundle or world.bundle,
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     for o in owners:
         argv += ["--input", world.d / "io" / f"{o}.req", "--output", out / f"{o}.res"]
     for u in data_urls:
@@ -162,7 +255,10 @@ def test_genuine_flow_two_data_owners_each_result_names_the_model(world, tmp_pat
         assert rc == 0, doc
         assert len(doc["records"]) == n and doc["request_id"] == f"req-{owner}"
         assert (doc["bundle_id"], doc["model_version"], doc["model_key_id"]) == (
-            world.header["bundle_id"], world.header["model_version"], world.header["key_id"])
+            world.header["bundle_id"],
+            world.header["model_version"],
+            world.header["key_id"],
+        )
     # the model key went once to the enclave the release names; each data key once
     release = json.loads(world.path("release.json").read_text())
     for party in ("mo", "do1", "do2"):
@@ -183,8 +279,9 @@ class HostBroker(Broker):
 
 
 def test_host_broker_at_the_measured_model_broker_address_is_refused(world, tmp_path, capfd):
-    genuine = start_broker(world.path("mo.key"), world.path("mo-policy.toml"), port=world.mo_port,
-                           identity=world.path("mo.id"))  # fmt: skip
+    genuine = start_broker(
+        world.path("mo.key"), world.path("mo-policy.toml"), port=world.mo_port, identity=world.path("mo.id")
+    )
     genuine.stop()  # the host stops the genuine broker and answers on its port
     with brokers(world, data=("do1",)) as b:  # (the genuine model broker of this helper is replaced below)
         b["mo"].stop()
@@ -213,11 +310,15 @@ def test_host_resealed_model_with_its_own_key_and_broker_is_refused(world, tmp_p
     host_bundle = tmp_path / "host.btee"
     seal_model(model, meta, read_key_file(world.path("host.key")), host_bundle)
     with ExitStack() as stack:
-        stack.enter_context(serve_in_background(
-            Broker(world.path("host.key"), world.path("do-policy.toml"), identity=world.path("host.id")),
-            port=world.mo_port))  # fmt: skip
-        do1 = stack.enter_context(start_broker(world.path("do1.key"), world.path("do-policy.toml"),
-                                               identity=world.path("do1.id")))  # fmt: skip
+        stack.enter_context(
+            serve_in_background(
+                Broker(world.path("host.key"), world.path("do-policy.toml"), identity=world.path("host.id")),
+                port=world.mo_port,
+            )
+        )
+        do1 = stack.enter_context(
+            start_broker(world.path("do1.key"), world.path("do-policy.toml"), identity=world.path("do1.id"))
+        )
         out = tmp_path / "out"
         assert run_enclave(world, out, ("do1",), [do1.url], bundle=host_bundle) == 1
         err = capfd.readouterr().err
@@ -227,13 +328,25 @@ def test_host_resealed_model_with_its_own_key_and_broker_is_refused(world, tmp_p
 
 def test_enclave_built_without_a_model_broker_refuses_one_on_the_command_line(world, tmp_path, capfd):
     bare = tmp_path / "bare-enclave"
-    assert _cli(*BUILD, "--bundle", world.bundle, "--out", bare, "--attest", "simulated",
-                "--io-dir", world.d / "io") == 0  # fmt: skip
+    assert (
+        _cli(*BUILD, "--bundle", world.bundle, "--out", bare, "--attest", "simulated", "--io-dir", world.d / "io") == 0
+    )
     capfd.readouterr()
     with brokers(world, data=("do1",)) as b:
         out = tmp_path / "out"
-        rc = run_enclave(world, out, ("do1",), [b["do1"].url], "--attest", "simulated", "--model-broker", b["mo"].url,
-                         "--model-broker-identity", world.ids["mo"], enclave=bare)  # fmt: skip
+        rc = run_enclave(
+            world,
+            out,
+            ("do1",),
+            [b["do1"].url],
+            "--attest",
+            "simulated",
+            "--model-broker",
+            b["mo"].url,
+            "--model-broker-identity",
+            world.ids["mo"],
+            enclave=bare,
+        )
         assert rc == 2
         err = capfd.readouterr().err
         assert "the model broker comes only from its measured settings" in err and "refused" in err
@@ -247,8 +360,10 @@ def test_enclave_built_without_a_model_broker_refuses_one_on_the_command_line(wo
 def test_data_broker_not_on_the_allow_list_is_refused(world, tmp_path, capfd):
     """The host brings its own data key, request and broker (the mirror attack: a query oracle on the
     model owner's model). The model key is released to the enclave, but no result is produced."""
-    with brokers(world, data=(), audit_dir=tmp_path) as b, \
-         start_broker(world.path("host.key"), world.path("do-policy.toml"), identity=world.path("host.id")) as hb:  # fmt: skip
+    with (
+        brokers(world, data=(), audit_dir=tmp_path),
+        start_broker(world.path("host.key"), world.path("do-policy.toml"), identity=world.path("host.id")) as hb,
+    ):
         out = tmp_path / "out"
         assert run_enclave(world, out, ("host",), [hb.url]) == 1
         err = capfd.readouterr().err
@@ -277,14 +392,36 @@ def test_old_result_replayed_for_a_new_request_with_the_same_id_is_refused(world
     old = out / "do1.res"
     # the data owner sends a new request, reusing the request id; the host answers with the old result
     new_req = tmp_path / "new.req"
-    assert _cli("encrypt-input", world.path("x-do1.safetensors"), "--bundle", world.bundle, "--key", world.path("do1.key"),
-                "--out", new_req, "--request-id", "req-do1") == 0  # fmt: skip
+    assert (
+        _cli(
+            "encrypt-input",
+            world.path("x-do1.safetensors"),
+            "--bundle",
+            world.bundle,
+            "--key",
+            world.path("do1.key"),
+            "--out",
+            new_req,
+            "--request-id",
+            "req-do1",
+        )
+        == 0
+    )
     rc, err = decrypt(world, old, "do1", new_req, capfd)
     assert rc == 1 and "answers another request" in err and "replayed" in err
     from branchy_tee.seal.envelope import request_digest
 
-    assert _cli("decrypt-result", old, "--key", world.path("do1.key"), "--request-digest",
-                request_digest(new_req.read_bytes())) == 1  # fmt: skip
+    assert (
+        _cli(
+            "decrypt-result",
+            old,
+            "--key",
+            world.path("do1.key"),
+            "--request-digest",
+            request_digest(new_req.read_bytes()),
+        )
+        == 1
+    )
     # the genuine pairing still opens
     assert _cli("decrypt-result", old, "--key", world.path("do1.key"), "--request", world.d / "io" / "do1.req") == 0
     # without the request (or its digest) no result is opened at all
@@ -348,7 +485,10 @@ def test_release_names_the_measurement_of_the_built_enclave(world):
     code = code_measurement(Path(cfg.package_dir) / "branchy_tee")
     assert release["mrenclave"] == simulated_mrenclave(cfg.env, code).hex()
     assert (release["bundle_id"], release["model_key_id"], release["model_broker_identity"]) == (
-        world.header["bundle_id"], world.header["key_id"], world.ids["mo"])
+        world.header["bundle_id"],
+        world.header["key_id"],
+        world.ids["mo"],
+    )
 
 
 # --------------------------------------------------------------------------- forged broker responses
@@ -357,23 +497,32 @@ def signed_release(world):
     """One genuine signed key release (model broker, allow-list) and the enclave side that asked for it."""
     mo_key = read_key_file(world.path("mo.key"))
     sim = SimulatedProvider(world.d / "devkey")
-    policy = {"allowed_mrenclave": [sim.mrenclave.hex()], "allow_simulation": True,
-              "allowed_data_owners": [world.ids["do1"], world.ids["do2"]]}  # fmt: skip
+    policy = {
+        "allowed_mrenclave": [sim.mrenclave.hex()],
+        "allow_simulation": True,
+        "allowed_data_owners": [world.ids["do1"], world.ids["do2"]],
+    }
     broker = Broker([mo_key], policy, identity=load_identity(world.path("mo.id")))
     client = AttestedKeys("simulated", "http://broker.invalid", bytes.fromhex(world.ids["mo"]), [], provider=sim)
     nonce = bytes.fromhex(broker.nonce()["nonce"])
     import base64
 
-    body = {"evidence_type": "simulated", "key_ids": [key_id(mo_key)], "public_key": client.public_key.hex(),
-            "nonce": nonce.hex(),
-            "evidence": base64.b64encode(sim.evidence(report_data(client.public_key, nonce))).decode()}  # fmt: skip
+    body = {
+        "evidence_type": "simulated",
+        "key_ids": [key_id(mo_key)],
+        "public_key": client.public_key.hex(),
+        "nonce": nonce.hex(),
+        "evidence": base64.b64encode(sim.evidence(report_data(client.public_key, nonce))).decode(),
+    }
     doc = broker.request_keys(json.dumps(body).encode(), "test")
     broker.close()
     release = client.verify_release("u", doc, nonce, [key_id(mo_key)], client.model_broker_identity)
     return client, doc, nonce, key_id(mo_key), release
 
 
-_EDIT = st.tuples(st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 10_000), st.binary(min_size=1, max_size=4))
+_EDIT = st.tuples(
+    st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 10_000), st.binary(min_size=1, max_size=4)
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -431,11 +580,22 @@ def test_cli_surfaces_are_one_line(world, tmp_path, capfd):
     """keygen --identity never overwrites; bad identities are one-line usage errors."""
     assert _cli("keygen", "--identity", "--out", world.path("mo.id")) == 1
     assert "refusing to overwrite an identity" in capfd.readouterr().err
-    assert _cli(*BUILD, "--bundle", world.bundle, "--out", tmp_path / "e", "--model-broker",
-                "http://127.0.0.1:1") == 2  # fmt: skip
+    assert _cli(*BUILD, "--bundle", world.bundle, "--out", tmp_path / "e", "--model-broker", "http://127.0.0.1:1") == 2
     assert "--model-broker needs --model-broker-identity" in capfd.readouterr().err
-    assert _cli("enclave", "policy", "--allow-simulated", "--release", world.path("release.json"), "--model-owner", "xyz",
-                "--out", tmp_path / "p.toml") == 2  # fmt: skip
+    assert (
+        _cli(
+            "enclave",
+            "policy",
+            "--allow-simulated",
+            "--release",
+            world.path("release.json"),
+            "--model-owner",
+            "xyz",
+            "--out",
+            tmp_path / "p.toml",
+        )
+        == 2
+    )
     err = capfd.readouterr().err
     assert "is not an identity" in err and len(err.strip().splitlines()) == 1
 
@@ -445,16 +605,51 @@ def test_release_is_refused_for_an_enclave_that_pins_another_model_or_broker(wor
     identity, whatever the (possibly host-made) build directory claims."""
     keygen(tmp_path / "other.key")
     out = tmp_path / "r.json"
-    assert _cli("enclave", "release", world.enclave, "--identity", world.path("mo.id"), "--model-key",
-                tmp_path / "other.key", "--out", out) == 1  # fmt: skip
+    assert (
+        _cli(
+            "enclave",
+            "release",
+            world.enclave,
+            "--identity",
+            world.path("mo.id"),
+            "--model-key",
+            tmp_path / "other.key",
+            "--out",
+            out,
+        )
+        == 1
+    )
     assert "it would serve another model" in capfd.readouterr().err
-    assert _cli("enclave", "release", world.enclave, "--identity", world.path("host.id"), "--model-key",
-                world.path("mo.key"), "--out", out) == 1  # fmt: skip
+    assert (
+        _cli(
+            "enclave",
+            "release",
+            world.enclave,
+            "--identity",
+            world.path("host.id"),
+            "--model-key",
+            world.path("mo.key"),
+            "--out",
+            out,
+        )
+        == 1
+    )
     assert f"trusts model broker identity {world.ids['mo']}, not {world.ids['host']}" in capfd.readouterr().err
     assert not out.exists()
     # and a data owner writes a policy for a simulated enclave only when it says so
-    assert _cli("enclave", "policy", "--release", world.path("release.json"), "--model-owner", world.ids["mo"],
-                "--out", tmp_path / "p.toml") == 1  # fmt: skip
+    assert (
+        _cli(
+            "enclave",
+            "policy",
+            "--release",
+            world.path("release.json"),
+            "--model-owner",
+            world.ids["mo"],
+            "--out",
+            tmp_path / "p.toml",
+        )
+        == 1
+    )
     assert "names a SIMULATED enclave" in capfd.readouterr().err and not (tmp_path / "p.toml").exists()
 
 
@@ -492,8 +687,9 @@ def test_a_broker_that_drips_its_answer_is_cut_off(tmp_path):
 
     threading.Thread(target=drip, daemon=True).start()
     url = f"http://127.0.0.1:{srv.getsockname()[1]}"
-    client = AttestedKeys("simulated", url, bytes.fromhex("ab" * 32), [], provider=SimulatedProvider(tmp_path / "k"),
-                          timeout=1.5)  # fmt: skip
+    client = AttestedKeys(
+        "simulated", url, bytes.fromhex("ab" * 32), [], provider=SimulatedProvider(tmp_path / "k"), timeout=1.5
+    )
     t0 = time.monotonic()
     with pytest.raises(BranchyError, match="no complete answer within 1.5 s"):
         client.offer(url)

@@ -15,24 +15,53 @@ from branchy_tee.seal.header import BundleHeader
 
 # model.json as training and calibration have always written it (key order included)
 CARD = {
-    "format": "branchy-tee/model/v1", "arch": "lenet5", "config": {"num_classes": 2, "in_channels": 1},
-    "classes": ["a", "b"], "dataset": "synthetic",
+    "format": "branchy-tee/model/v1",
+    "arch": "lenet5",
+    "config": {"num_classes": 2, "in_channels": 1},
+    "classes": ["a", "b"],
+    "dataset": "synthetic",
     "preprocessing": {"input_shape": [1, 28, 28], "scale": 1 / 255, "mean": [0.5], "std": [0.25]},
-    "criterion": "entropy", "thresholds": [0.25, 0.5], "stage_flops": [10, 20, 30], "head_flops": [1, 2, 3],
+    "criterion": "entropy",
+    "thresholds": [0.25, 0.5],
+    "stage_flops": [10, 20, 30],
+    "head_flops": [1, 2, 3],
     "data": {"dataset": "synthetic", "synthetic": {"seed": 0}, "val_fraction": 0.1, "seed": 0},
     "training": {"config": {"lr": 0.001}, "world_size": 1, "best_epoch": 2},
-    "calibration": {"criterion": "entropy", "thresholds": [0.25, 0.5], "accuracy": 0.9, "mean_flops": 31.5,
-                    "exit_fractions": [0.5, 0.25, 0.25], "final_accuracy": 0.91, "full_flops": 33,
-                    "max_accuracy_drop": 0.01, "margin_se": 1.0, "samples": 100},
-}  # fmt: skip
+    "calibration": {
+        "criterion": "entropy",
+        "thresholds": [0.25, 0.5],
+        "accuracy": 0.9,
+        "mean_flops": 31.5,
+        "exit_fractions": [0.5, 0.25, 0.25],
+        "final_accuracy": 0.91,
+        "full_flops": 33,
+        "max_accuracy_drop": 0.01,
+        "margin_se": 1.0,
+        "samples": 100,
+    },
+}
 HEADER = {
-    "format": "branchy-tee/bundle/v2", "bundle_id": "ab" * 16, "model_version": 2, "key_id": "cd" * 8,
-    **{k: CARD[k] for k in ("arch", "config", "classes", "preprocessing", "criterion", "thresholds", "stage_flops",
-                            "head_flops")},
+    "format": "branchy-tee/bundle/v2",
+    "bundle_id": "ab" * 16,
+    "model_version": 2,
+    "key_id": "cd" * 8,
+    **{
+        k: CARD[k]
+        for k in ("arch", "config", "classes", "preprocessing", "criterion", "thresholds", "stage_flops", "head_flops")
+    },
     "chunk_size": 4096,
-    "stages": [{"index": k, "file": f"stage-{k:02d}.bin", "plaintext_size": 100, "weight_bytes": 50,
-                "activation_elems": 784, "sealed_size": 116} for k in range(3)],
-}  # fmt: skip
+    "stages": [
+        {
+            "index": k,
+            "file": f"stage-{k:02d}.bin",
+            "plaintext_size": 100,
+            "weight_bytes": 50,
+            "activation_elems": 784,
+            "sealed_size": 116,
+        }
+        for k in range(3)
+    ],
+}
 
 
 def test_model_card_round_trips_byte_for_byte_and_replace_checks():
@@ -49,16 +78,23 @@ def test_model_card_round_trips_byte_for_byte_and_replace_checks():
     assert ModelCard.parse(bare, "m").to_json() == bare
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda d: d.pop("head_flops"), "run/model.json: field 'head_flops' is missing"),
-    (lambda d: d.update(note=1), "run/model.json: field 'note' is not expected"),
-    (lambda d: d.update(thresholds="0.5"), "run/model.json: field 'thresholds' must be a list of finite numbers"),
-    (lambda d: d["preprocessing"].update(std=[0]), "field 'preprocessing.std' must be a list of 1 positive numbers"),
-    (lambda d: d["data"].pop("seed"), "field 'data.seed' is missing"),
-    (lambda d: d.update(criterion="margin"), "field 'criterion' must be one of entropy, maxprob"),
-    (lambda d: d["config"].update(num_classes=True), "config needs num_classes and in_channels"),
-    (lambda d: d.update(format="branchy-tee/model/v0"), "not a branchy-tee model description"),
-], ids=["missing", "unknown", "type", "nested", "section", "criterion", "bool-is-not-int", "format"])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda d: d.pop("head_flops"), "run/model.json: field 'head_flops' is missing"),
+        (lambda d: d.update(note=1), "run/model.json: field 'note' is not expected"),
+        (lambda d: d.update(thresholds="0.5"), "run/model.json: field 'thresholds' must be a list of finite numbers"),
+        (
+            lambda d: d["preprocessing"].update(std=[0]),
+            "field 'preprocessing.std' must be a list of 1 positive numbers",
+        ),
+        (lambda d: d["data"].pop("seed"), "field 'data.seed' is missing"),
+        (lambda d: d.update(criterion="margin"), "field 'criterion' must be one of entropy, maxprob"),
+        (lambda d: d["config"].update(num_classes=True), "config needs num_classes and in_channels"),
+        (lambda d: d.update(format="branchy-tee/model/v0"), "not a branchy-tee model description"),
+    ],
+    ids=["missing", "unknown", "type", "nested", "section", "criterion", "bool-is-not-int", "format"],
+)
 def test_model_card_refusals_are_one_line_naming_file_and_field(change, match):
     doc = json.loads(json.dumps(CARD))
     change(doc)
@@ -85,11 +121,25 @@ def test_bundle_header_round_trips_and_refuses_what_the_runtime_cannot_use():
 
 
 def test_envelope_headers_round_trip_and_are_strict():
-    req = {"format": "branchy-tee/request/v1", "request_id": "r1", "samples": 3, "shape": [1, 28, 28],
-           "dtype": "float32", "key_id": "ab" * 8}
+    req = {
+        "format": "branchy-tee/request/v1",
+        "request_id": "r1",
+        "samples": 3,
+        "shape": [1, 28, 28],
+        "dtype": "float32",
+        "key_id": "ab" * 8,
+    }
     assert RequestHeader.parse(req, "req").to_json() == req
-    res = {"format": "branchy-tee/result/v2", "request_id": "r1", "request_sha256": "ef" * 32, "bundle_id": "ab" * 16,
-           "model_version": 1, "model_key_id": "cd" * 8, "samples": 3, "key_id": "ab" * 8}  # fmt: skip
+    res = {
+        "format": "branchy-tee/result/v2",
+        "request_id": "r1",
+        "request_sha256": "ef" * 32,
+        "bundle_id": "ab" * 16,
+        "model_version": 1,
+        "model_key_id": "cd" * 8,
+        "samples": 3,
+        "key_id": "ab" * 8,
+    }
     assert ResultHeader.parse(res, "res").to_json() == res
     with pytest.raises(IntegrityError, match="res: field 'samples' must be an integer >= 0"):
         ResultHeader.parse({**res, "samples": "3"}, "res")
@@ -119,11 +169,24 @@ def test_enum_values_are_their_strings():
 def test_release_statement_round_trips_and_names_the_bad_member():
     from branchy_tee.enclave.release import ReleaseStatement
 
-    doc = {"format": "branchy-tee/release/v1", "attest": "simulated", "mrenclave": "ab" * 32, "mrsigner": None,
-           "isv_prod_id": 0, "isv_svn": 1, "debug": False, "bundle_id": "cd" * 16, "model_version": 1,
-           "model_key_id": "ef" * 8, "min_model_version": 1, "model_broker": "http://127.0.0.1:8000",
-           "model_broker_identity": "5a" * 32, "manifest_sha256": None, "released_at": "2026-01-02T03:04:05Z",
-           "model_owner": "5a" * 32}  # fmt: skip
+    doc = {
+        "format": "branchy-tee/release/v1",
+        "attest": "simulated",
+        "mrenclave": "ab" * 32,
+        "mrsigner": None,
+        "isv_prod_id": 0,
+        "isv_svn": 1,
+        "debug": False,
+        "bundle_id": "cd" * 16,
+        "model_version": 1,
+        "model_key_id": "ef" * 8,
+        "min_model_version": 1,
+        "model_broker": "http://127.0.0.1:8000",
+        "model_broker_identity": "5a" * 32,
+        "manifest_sha256": None,
+        "released_at": "2026-01-02T03:04:05Z",
+        "model_owner": "5a" * 32,
+    }
     s = ReleaseStatement.parse(dict(doc), "release.json")
     assert s.to_json() == doc and list(s.to_json()) == list(doc) and s.attest is EvidenceProvider.SIMULATED
     with pytest.raises(BranchyError, match="release.json: field 'isv_svn' must be a 16-bit number"):

@@ -123,7 +123,9 @@ class Client:
         r.conn = conn
         return conn
 
-    def _call(self, r: _Replica, method: str, path: str, body: bytes | None, content_type: str) -> tuple[int, bytes, dict]:
+    def _call(
+        self, r: _Replica, method: str, path: str, body: bytes | None, content_type: str
+    ) -> tuple[int, bytes, dict]:
         for attempt in (0, 1):  # a kept-alive connection the server closed: reconnect (and re-verify) once
             conn = r.conn or self._connect(r)
             try:
@@ -147,8 +149,9 @@ class Client:
             r.conn.close()
         r.conn = None
 
-    def _request(self, method: str, path: str, body: bytes | None = None,
-                 content_type: str = "application/octet-stream") -> tuple[dict, str]:
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, content_type: str = "application/octet-stream"
+    ) -> tuple[dict, str]:
         """JSON answer from the first replica that gives one (round robin, failover); the URL used."""
         errors = []
         with self._lock:
@@ -163,8 +166,10 @@ class Client:
                 except ssl.SSLError as e:
                     self._drop(r)
                     if "UNKNOWN_CA" in str(e) or "CERTIFICATE_REQUIRED" in str(e):
-                        raise BranchyError(f"{r.url} does not accept your identity {self.identity_hex} (it is not on "
-                                           "the model owner's allow-list)") from None
+                        raise BranchyError(
+                            f"{r.url} does not accept your identity {self.identity_hex} (it is not on "
+                            "the model owner's allow-list)"
+                        ) from None
                     errors.append(f"{r.url}: TLS: {e}"[:200])
                     continue
                 except (OSError, http.client.HTTPException, BranchyError) as e:
@@ -182,7 +187,7 @@ class Client:
                 if status != 200:
                     raise BranchyError(f"{r.url} refused: {shown(doc.get('error'), 200)} (HTTP {status})")
                 return doc, r.url
-        raise BranchyError("no server answered: " + "; ".join(errors[-len(self.replicas):]))
+        raise BranchyError("no server answered: " + "; ".join(errors[-len(self.replicas) :]))
 
     # ---- API
     def model_info(self) -> ModelInfo:
@@ -232,4 +237,3 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
-

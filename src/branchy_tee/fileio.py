@@ -12,7 +12,6 @@ from pathlib import Path
 from .errors import BranchyError
 from .seal.keys import KEY_BYTES
 
-
 STALE_TEMPORARY_SECONDS = 60.0
 
 
@@ -99,8 +98,6 @@ def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> 
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-
-
 def write_key_file(path: str | os.PathLike, key: bytes) -> Path:
     if len(key) != KEY_BYTES:
         raise ValueError("keys are 32 bytes")
@@ -144,8 +141,10 @@ def _read_checked(path: str | os.PathLike, what: str, limit: int, private: bool)
             if st.st_size > limit:
                 raise BranchyError(f"{what} {path}: {st.st_size} bytes, over the {limit}-byte limit")
             if private and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise BranchyError(f"{what} {path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                                   f"run 'chmod 600 {path}'")
+                raise BranchyError(
+                    f"{what} {path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                    f"run 'chmod 600 {path}'"
+                )
             data = f.read(st.st_size + 1)  # not read(limit): that would allocate the limit up front
     except FileNotFoundError:
         raise BranchyError(f"{what} {path}: file not found") from None

@@ -32,15 +32,18 @@ IDENTITY_RE = re.compile(r"[0-9a-f]{64}")  # a raw Ed25519 public key, lower-cas
 # Ed25519 public keys of small order (libsodium's blocklist; the sign bit is ignored). Under such a
 # key, signatures that verify for every message exist (OpenSSL does not refuse them), so it is no
 # identity at all: refused wherever an identity is accepted.
-_SMALL_ORDER = tuple(bytes.fromhex(h) for h in (
-    "00" * 32,  # y = 0 (order 4)
-    "01" + "00" * 31,  # y = 1 (order 1)
-    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
-    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
-    "ec" + "ff" * 30 + "7f",  # y = p - 1 (order 2)
-    "ed" + "ff" * 30 + "7f",  # y = p, a non-canonical 0
-    "ee" + "ff" * 30 + "7f",  # y = p + 1, a non-canonical 1
-))
+_SMALL_ORDER = tuple(
+    bytes.fromhex(h)
+    for h in (
+        "00" * 32,  # y = 0 (order 4)
+        "01" + "00" * 31,  # y = 1 (order 1)
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+        "ec" + "ff" * 30 + "7f",  # y = p - 1 (order 2)
+        "ed" + "ff" * 30 + "7f",  # y = p, a non-canonical 0
+        "ee" + "ff" * 30 + "7f",  # y = p + 1, a non-canonical 1
+    )
+)
 
 
 def identity_problem(identity: object) -> str | None:

@@ -42,8 +42,12 @@ class DataSpec:
     seed: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "synthetic": self.synthetic, "val_fraction": self.val_fraction,
-                "seed": self.seed}
+        return {
+            "dataset": self.dataset,
+            "synthetic": self.synthetic,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+        }
 
     @classmethod
     def parse(cls, f: Fields) -> "DataSpec":
@@ -76,9 +80,18 @@ class Calibration:
 
     @classmethod
     def parse(cls, f: Fields) -> "Calibration":
-        c = cls(_criterion(f), f.numbers("thresholds"), f.number("accuracy"), f.number("mean_flops"),
-                f.numbers("exit_fractions"), f.number("final_accuracy"), f.integer("full_flops", 0),
-                f.number("max_accuracy_drop"), f.number("margin_se"), f.integer("samples", 0))
+        c = cls(
+            _criterion(f),
+            f.numbers("thresholds"),
+            f.number("accuracy"),
+            f.number("mean_flops"),
+            f.numbers("exit_fractions"),
+            f.number("final_accuracy"),
+            f.integer("full_flops", 0),
+            f.number("max_accuracy_drop"),
+            f.number("margin_se"),
+            f.integer("samples", 0),
+        )
         f.done()
         return c
 

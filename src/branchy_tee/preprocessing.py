@@ -36,8 +36,12 @@ class Preprocessing:
         return 1 / self.scale
 
     def to_json(self) -> dict[str, Any]:
-        return {"input_shape": list(self.input_shape), "scale": self.scale, "mean": list(self.mean),
-                "std": list(self.std)}
+        return {
+            "input_shape": list(self.input_shape),
+            "scale": self.scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @classmethod
     def parse(cls, f: Fields) -> "Preprocessing":
@@ -52,8 +56,9 @@ class Preprocessing:
         return cls((shape[0], shape[1], shape[2]), scale, mean, tuple(std))
 
     @classmethod
-    def for_images(cls, input_shape: Iterable[int], mean: Iterable[float], std: Iterable[float],
-                   scale: float = UINT8_SCALE) -> "Preprocessing":
+    def for_images(
+        cls, input_shape: Iterable[int], mean: Iterable[float], std: Iterable[float], scale: float = UINT8_SCALE
+    ) -> "Preprocessing":
         """The preprocessing of a uint8 image data set with these per-channel statistics."""
         c, h, w = (int(n) for n in input_shape)
         return cls((c, h, w), scale, tuple(float(m) for m in mean), tuple(float(s) for s in std))

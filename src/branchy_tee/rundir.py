@@ -64,4 +64,3 @@ def load_run(run_dir: str | Path) -> tuple[torch.nn.Module, ModelCard]:
         first = str(e).strip().splitlines()[0]
         raise BranchyError(f"{path}: weights do not fit {card.arch} ({first})") from None
     return channels_last(model).eval(), card
-

@@ -22,8 +22,9 @@ from .errors import BranchyError, shown
 T = TypeVar("T")
 
 
-def hex_member(doc: Mapping[str, Any], name: str, size: int, error: Callable[[str], Exception],
-               what: str = "") -> bytes:
+def hex_member(
+    doc: Mapping[str, Any], name: str, size: int, error: Callable[[str], Exception], what: str = ""
+) -> bytes:
     """Member ``name`` of ``doc``: ``size`` bytes as ``2 * size`` hex digits; ``error(reason)`` is
     raised otherwise (``what`` prefixes the reason)."""
     prefix = f"{what}: " if what else ""
@@ -134,8 +135,9 @@ class Fields:
     def each(self, name: str, parse: Callable[["Fields", int], T]) -> tuple[T, ...]:
         """A list of artifacts: ``parse(fields, index)`` reads each one."""
         v = self.check(name, lambda v: isinstance(v, list), "a list")
-        return tuple(parse(Fields(item, self.where, name, self.error, f"{self.path}{name}[{i}]."), i)
-                     for i, item in enumerate(v))
+        return tuple(
+            parse(Fields(item, self.where, name, self.error, f"{self.path}{name}[{i}]."), i) for i, item in enumerate(v)
+        )
 
     def optional(self, name: str, read: Callable[[str], T]) -> T | None:
         """``read(name)`` when the member is there (absent: None; present as null: refused by ``read``)."""
@@ -154,5 +156,7 @@ class Fields:
         if extra:
             self.fail(extra[0], "is not expected")
         if order is not None and tuple(self.doc) != order:
-            raise self.error(f"{self.where}: {self.path.rstrip('.') or 'the object'} does not have exactly the members "
-                             f"{', '.join(order)}, in this order")
+            raise self.error(
+                f"{self.where}: {self.path.rstrip('.') or 'the object'} does not have exactly the members "
+                f"{', '.join(order)}, in this order"
+            )

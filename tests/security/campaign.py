@@ -123,10 +123,18 @@ class Row:
                 self.findings.append(f"{what}: {outcome.kind}: {outcome.detail}")
 
     def as_dict(self) -> dict:
-        return {"artifact": self.artifact, "trials": self.trials, "rejected": self.rejected, "benign": self.benign,
-                "accepted": self.accepted, "crashes": self.crashes, "seconds": round(self.seconds, 2),
-                "top_reasons": self.reasons.most_common(6), "benign_why": dict(self.benign_why),
-                "findings": self.findings}
+        return {
+            "artifact": self.artifact,
+            "trials": self.trials,
+            "rejected": self.rejected,
+            "benign": self.benign,
+            "accepted": self.accepted,
+            "crashes": self.crashes,
+            "seconds": round(self.seconds, 2),
+            "top_reasons": self.reasons.most_common(6),
+            "benign_why": dict(self.benign_why),
+            "findings": self.findings,
+        }
 
 
 def _reason_class(msg: str) -> str:
@@ -195,17 +203,20 @@ class PredictTarget(Target):
                     return Outcome("crash", f"rc 1 but not one clean line: {err[:300]!r}")
                 if left:
                     return Outcome("crash", f"refused but left {left} in the output directory")
-                return Outcome("rejected", err.strip()[len("branchy-tee predict: error: "):])
+                return Outcome("rejected", err.strip()[len("branchy-tee predict: error: ") :])
             if rc != 0:
                 return Outcome("crash", f"exit code {rc}: {err[:300]!r}")
             from branchy_tee.seal.envelope import request_digest
 
             answered = tampered if self.which == "request" else self.world.requests["do1"].read_bytes()
-            recs = open_result((self.out / "do1.res").read_bytes(), self.world.key("do1"), "res",
-                               request_digest(answered))[1]
+            recs = open_result(
+                (self.out / "do1.res").read_bytes(), self.world.key("do1"), "res", request_digest(answered)
+            )[1]
             same = recs == self.world.records["do1"]
-            return Outcome("benign" if same else "accepted",
-                           "identical answers" if same else "predict answered a tampered input differently")
+            return Outcome(
+                "benign" if same else "accepted",
+                "identical answers" if same else "predict answered a tampered input differently",
+            )
         finally:
             if self.which != "request":
                 self.path.write_bytes(self.data)
@@ -237,8 +248,17 @@ class ResultTarget(Target):
 
         self.path.write_bytes(tampered)
         out = self.dir / "records.json"
-        argv = ["decrypt-result", str(self.path), "--key", str(self.world.do_keys["do1"]), "--request",
-                str(self.request), "--out", str(out), "--json"]
+        argv = [
+            "decrypt-result",
+            str(self.path),
+            "--key",
+            str(self.world.do_keys["do1"]),
+            "--request",
+            str(self.request),
+            "--out",
+            str(out),
+            "--json",
+        ]
         try:
             rc, stdout, err = quiet_call(main, argv)
         except BaseException:  # noqa: BLE001
@@ -250,13 +270,15 @@ class ResultTarget(Target):
                     return Outcome("crash", f"rc 1 but not one clean line: {err[:300]!r}")
                 if left or stdout:
                     return Outcome("crash", f"refused but wrote {left or 'to stdout'}")
-                return Outcome("rejected", err.strip()[len("branchy-tee: error: "):])
+                return Outcome("rejected", err.strip()[len("branchy-tee: error: ") :])
             if rc != 0:
                 return Outcome("crash", f"exit code {rc}: {err[:300]!r}")
             if self.replay:
                 return Outcome("accepted", "an old result was accepted as the answer to a new request")
             same = json.loads(stdout)["records"] == self.world.records["do1"]
-            return Outcome("benign" if same else "accepted", "identical records" if same else "different records accepted")
+            return Outcome(
+                "benign" if same else "accepted", "identical records" if same else "different records accepted"
+            )
         finally:
             for n in left:
                 (self.dir / n).unlink()
@@ -272,8 +294,16 @@ def _quote_signed_parts(raw: bytes):
     q = parse_quote(raw)
     sd = q.signature_data
     ders = tuple(x509.load_pem_x509_certificate(p).public_bytes(Encoding.DER) for p in q.pck_chain_pem)
-    return (q.signed_data, sd.signature, sd.attestation_key, sd.qe_report_bytes, sd.qe_report_signature,
-            sd.qe_auth_data, sd.certification_data.cert_type, ders)
+    return (
+        q.signed_data,
+        sd.signature,
+        sd.attestation_key,
+        sd.qe_report_bytes,
+        sd.qe_report_signature,
+        sd.qe_auth_data,
+        sd.certification_data.cert_type,
+        ders,
+    )
 
 
 class QuoteTarget(Target):
@@ -283,8 +313,13 @@ class QuoteTarget(Target):
         if name.startswith("phala"):
             self.kw = {"collateral": json.loads((SGX_QUOTES / f"{name}.collateral.json").read_text()), "now": PHALA_NOW}
         else:
-            self.kw = {"now": MOBILECOIN_NOW, "crls": [(SGX_QUOTES / f"{name}.root_crl.der").read_bytes(),
-                                                       (SGX_QUOTES / f"{name}.processor_crl.der").read_bytes()]}
+            self.kw = {
+                "now": MOBILECOIN_NOW,
+                "crls": [
+                    (SGX_QUOTES / f"{name}.root_crl.der").read_bytes(),
+                    (SGX_QUOTES / f"{name}.processor_crl.der").read_bytes(),
+                ],
+            }
         from branchy_tee.attest.quote import parse_quote
         from branchy_tee.attest.verify import verify_quote
 
@@ -385,15 +420,21 @@ class CollateralTarget(Target):
             return Outcome("crash", traceback.format_exc(limit=3).strip().splitlines()[-1])
         if vq.to_json() != self.claims:
             return Outcome("accepted", f"verified with different claims {vq.to_json()}")
-        changed = [k for k in set(self.content) | set(_collateral_content(obj) or {})
-                   if self.content.get(k) != (_collateral_content(obj) or {}).get(k)]
+        changed = [
+            k
+            for k in set(self.content) | set(_collateral_content(obj) or {})
+            if self.content.get(k) != (_collateral_content(obj) or {}).get(k)
+        ]
         if not changed:
             return Outcome("benign", "JSON whitespace/escapes, hex digit case or PEM line breaks: content identical")
         if changed == ["pck_crl_issuer_chain"]:
             # verify_quote checks the PCK CRL against the PCK CA of the quote's own chain (which ends at
             # the pinned root), so this member is required but never used: a change to it changes nothing.
-            return Outcome("benign", "pck_crl_issuer_chain changed: not used (the PCK CRL is checked against the "
-                                     "PCK CA of the quote's own chain, pinned root)")
+            return Outcome(
+                "benign",
+                "pck_crl_issuer_chain changed: not used (the PCK CRL is checked against the "
+                "PCK CA of the quote's own chain, pinned root)",
+            )
         return Outcome("accepted", f"verified although collateral fields {sorted(changed)} changed")
 
 
@@ -424,9 +465,16 @@ def _post_semantics(body: bytes):
         req = json.loads(body)
         ev = base64.b64decode(req["evidence"], validate=True)
         outer = json.loads(ev)
-        return (req.get("protocol", "branchy-tee/v1"), req["evidence_type"], tuple(req["key_ids"]),
-                bytes.fromhex(req["public_key"]), bytes.fromhex(req["nonce"]), outer["document"],
-                bytes.fromhex(outer["signature"]), json.dumps(req.get("collateral"), sort_keys=True))
+        return (
+            req.get("protocol", "branchy-tee/v1"),
+            req["evidence_type"],
+            tuple(req["key_ids"]),
+            bytes.fromhex(req["public_key"]),
+            bytes.fromhex(req["nonce"]),
+            outer["document"],
+            bytes.fromhex(outer["signature"]),
+            json.dumps(req.get("collateral"), sort_keys=True),
+        )
     except Exception:  # noqa: BLE001 -- anything unparsable
         return None
 
@@ -454,8 +502,14 @@ class BrokerPostTarget(Target):
         nonce = bytes.fromhex(json.loads(http_call(self.url + "/v1/nonce")[1])["nonce"])
         self.sk, pk = _x25519()
         evidence, _, _ = quiet_call(self.sim.evidence, report_data(pk, nonce))
-        body = {"protocol": "branchy-tee/v1", "evidence_type": "simulated", "evidence": base64.b64encode(evidence).decode(),
-                "public_key": pk.hex(), "nonce": nonce.hex(), "key_ids": [self.kid]}
+        body = {
+            "protocol": "branchy-tee/v1",
+            "evidence_type": "simulated",
+            "evidence": base64.b64encode(evidence).decode(),
+            "public_key": pk.hex(),
+            "nonce": nonce.hex(),
+            "key_ids": [self.kid],
+        }
         self.body = json.dumps(body).encode()
         return self.body
 
@@ -481,21 +535,27 @@ class BrokerPostTarget(Target):
         # granted: the keys must be exactly the ones for this enclave's key pair and nonce
         nonce = bytes.fromhex(json.loads(self.body)["nonce"])
         try:
-            got = {k: unpack_key(SUITE.decrypt(base64.b64decode(v), self.sk, info=key_info(k, nonce)))
-                   for k, v in doc["keys"].items()}
+            got = {
+                k: unpack_key(SUITE.decrypt(base64.b64decode(v), self.sk, info=key_info(k, nonce)))
+                for k, v in doc["keys"].items()
+            }
         except Exception as e:  # noqa: BLE001
             return Outcome("accepted", f"granted keys the requesting enclave cannot open ({type(e).__name__})")
         if got != {self.kid: (self.keys[0], 3)}:
             return Outcome("accepted", f"granted something else: {sorted(got)}")
         if _post_semantics(tampered) == _post_semantics(self.body):
             return Outcome("benign", "same request after decoding (JSON whitespace, hex case, base64 padding bits)")
-        sem_t, sem_o = _post_semantics(tampered), _post_semantics(self.body)
+        sem_t = _post_semantics(tampered)
         if sem_t is None:
             # parses for the broker but not for our decoder: e.g. an unknown member replaced 'protocol'
             try:
                 t = json.loads(tampered)
-                if "protocol" not in t and all(t.get(k) == json.loads(self.body)[k] for k in t if k in json.loads(self.body)):
-                    return Outcome("benign", "the optional 'protocol' member renamed (default used, unknown member ignored)")
+                if "protocol" not in t and all(
+                    t.get(k) == json.loads(self.body)[k] for k in t if k in json.loads(self.body)
+                ):
+                    return Outcome(
+                        "benign", "the optional 'protocol' member renamed (default used, unknown member ignored)"
+                    )
             except ValueError:
                 pass
         return Outcome("benign", "other: granted the same keys to the same enclave key")
@@ -558,8 +618,13 @@ class ClientResponseTarget(Target):
 
         bodies = {"/v1/nonce": self.rec["nonce_body"], "/v1/keys": self.rec["keys_body"]}
         bodies["/v1/nonce" if self.which == "nonce" else "/v1/keys"] = tampered
-        ak = AttestedKeys("simulated", "http://broker.invalid:1", self.rec["identity"], ["http://broker.invalid:1"],
-                          provider=_StubProvider())
+        ak = AttestedKeys(
+            "simulated",
+            "http://broker.invalid:1",
+            self.rec["identity"],
+            ["http://broker.invalid:1"],
+            provider=_StubProvider(),
+        )
         ak._sk, ak.public_key = self.rec["sk"], self.rec["pk"]
         ak._opener = urllib.request.build_opener(_Canned(bodies))
         try:
@@ -601,16 +666,20 @@ class ClientResponseTarget(Target):
 
 def record_exchange(work: Path, keys: list[bytes]) -> dict:
     """One real nonce + key exchange with a broker (simulated evidence), as raw response bytes."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from branchy_tee.attest.broker_server import start_broker
     from branchy_tee.attest.protocol import report_data
     from branchy_tee.attest.providers import SimulatedProvider
     from branchy_tee.seal.keys import key_id
 
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     sim = SimulatedProvider(work / "devkey")
-    policy = {"allowed_mrenclave": [sim.mrenclave.hex()], "allow_simulation": True, "min_model_version": 3,
-              "allowed_data_owners": ["ab" * 32]}
+    policy = {
+        "allowed_mrenclave": [sim.mrenclave.hex()],
+        "allow_simulation": True,
+        "min_model_version": 3,
+        "allowed_data_owners": ["ab" * 32],
+    }
     identity = Ed25519PrivateKey.generate()
     handle, _, _ = quiet_call(start_broker, keys, policy, identity=identity)
     try:
@@ -619,16 +688,29 @@ def record_exchange(work: Path, keys: list[bytes]) -> dict:
         sk, pk = _x25519()
         kid = key_id(keys[0])
         evidence, _, _ = quiet_call(sim.evidence, report_data(pk, nonce))
-        body = json.dumps({"evidence_type": "simulated", "evidence": base64.b64encode(evidence).decode(),
-                           "public_key": pk.hex(), "nonce": nonce.hex(), "key_ids": [kid]}).encode()
+        body = json.dumps(
+            {
+                "evidence_type": "simulated",
+                "evidence": base64.b64encode(evidence).decode(),
+                "public_key": pk.hex(),
+                "nonce": nonce.hex(),
+                "key_ids": [kid],
+            }
+        ).encode()
         (st2, keys_body), _, _ = quiet_call(http_call, handle.url + "/v1/keys", "POST", body)
         assert st == 200 and st2 == 200, (st, st2, keys_body)
     finally:
         handle.stop()
     from branchy_tee.attest.identity import public_bytes
 
-    return {"nonce_body": nonce_body, "keys_body": keys_body, "sk": sk, "pk": pk, "kid": kid,
-            "identity": public_bytes(identity)}
+    return {
+        "nonce_body": nonce_body,
+        "keys_body": keys_body,
+        "sk": sk,
+        "pk": pk,
+        "kid": kid,
+        "identity": public_bytes(identity),
+    }
 
 
 class ImpersonatedBrokerTarget(ClientResponseTarget):
@@ -654,8 +736,7 @@ class ImpersonatedBrokerTarget(ClientResponseTarget):
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
         from branchy_tee.attest import identity as ident
-        from branchy_tee.attest.protocol import (
-            RELEASE_PURPOSE, SUITE, KeyRelease, key_info, pack_key)
+        from branchy_tee.attest.protocol import RELEASE_PURPOSE, SUITE, KeyRelease, key_info, pack_key
         from branchy_tee.seal.keys import generate_key
 
         move = self.MOVES[self.trial % len(self.MOVES)]
@@ -667,8 +748,11 @@ class ImpersonatedBrokerTarget(ClientResponseTarget):
             release, _ = KeyRelease.parse(json.loads(self.data), nonce, self.rec["pk"])
         host = ident.public_bytes(self.host)
         if move == "host key":
-            ct = SUITE.encrypt(pack_key(generate_key(), 0), X25519PublicKey.from_public_bytes(self.rec["pk"]),
-                               info=key_info(self.rec["kid"], nonce))
+            ct = SUITE.encrypt(
+                pack_key(generate_key(), 0),
+                X25519PublicKey.from_public_bytes(self.rec["pk"]),
+                info=key_info(self.rec["kid"], nonce),
+            )
             release = replace(release, keys=((self.rec["kid"], ct),))
         elif move == "rollback":
             release = replace(release, min_model_version=0)
@@ -688,18 +772,27 @@ def make_targets(world: World, work: Path, quotes: bool = True) -> list[Target]:
 
     targets: list[Target] = [PredictTarget(world, work, "header.json")]
     targets += [PredictTarget(world, work, p.name) for p in sorted(world.bundle.glob("stage-*.bin"))]
-    targets += [PredictTarget(world, work, "request"), ResultTarget(world, work), ResultTarget(world, work, replay=True)]
+    targets += [
+        PredictTarget(world, work, "request"),
+        ResultTarget(world, work),
+        ResultTarget(world, work, replay=True),
+    ]
     if quotes and (SGX_QUOTES / "phala-1.quote.bin").is_file():
         targets += [QuoteTarget(n) for n in ("phala-1", "phala-2", "mobilecoin-1")] + [CollateralTarget("phala-1")]
     keys = [generate_key(), generate_key()]
     targets.append(BrokerPostTarget(work, keys))
     rec = record_exchange(work, keys)
-    targets += [ClientResponseTarget(work, keys, "nonce", rec), ClientResponseTarget(work, keys, "keys", rec),
-                ImpersonatedBrokerTarget(work, keys, rec)]
+    targets += [
+        ClientResponseTarget(work, keys, "nonce", rec),
+        ClientResponseTarget(work, keys, "keys", rec),
+        ImpersonatedBrokerTarget(work, keys, rec),
+    ]
     return targets
 
 
-def run_campaign(world: World, work: Path, trials: int, seed: int = 2026, quotes: bool = True, progress=None) -> tuple[list[Row], list[str]]:
+def run_campaign(
+    world: World, work: Path, trials: int, seed: int = 2026, quotes: bool = True, progress=None
+) -> tuple[list[Row], list[str]]:
     import torch
 
     torch.set_num_threads(1)
@@ -722,9 +815,14 @@ def run_campaign(world: World, work: Path, trials: int, seed: int = 2026, quotes
 
 def format_table(rows: list[Row]) -> str:
     w = max(len(r.artifact) for r in rows)
-    lines = [f"{'artifact':<{w}} {'trials':>7} {'rejected':>9} {'benign':>7} {'accepted':>9} {'crashes':>8} {'seconds':>8}"]
+    lines = [
+        f"{'artifact':<{w}} {'trials':>7} {'rejected':>9} {'benign':>7} {'accepted':>9} {'crashes':>8} {'seconds':>8}"
+    ]
     for r in rows:
-        lines.append(f"{r.artifact:<{w}} {r.trials:>7} {r.rejected:>9} {r.benign:>7} {r.accepted:>9} {r.crashes:>8} {r.seconds:>8.1f}")
+        lines.append(
+            f"{r.artifact:<{w}} {r.trials:>7} {r.rejected:>9} {r.benign:>7} {r.accepted:>9} {r.crashes:>8} "
+            f"{r.seconds:>8.1f}"
+        )
     tot = Row("total")
     for r in rows:
         tot.trials += r.trials
@@ -733,7 +831,10 @@ def format_table(rows: list[Row]) -> str:
         tot.accepted += r.accepted
         tot.crashes += r.crashes
         tot.seconds += r.seconds
-    lines.append(f"{'total':<{w}} {tot.trials:>7} {tot.rejected:>9} {tot.benign:>7} {tot.accepted:>9} {tot.crashes:>8} {tot.seconds:>8.1f}")
+    lines.append(
+        f"{'total':<{w}} {tot.trials:>7} {tot.rejected:>9} {tot.benign:>7} {tot.accepted:>9} {tot.crashes:>8} "
+        f"{tot.seconds:>8.1f}"
+    )
     return "\n".join(lines)
 
 
@@ -761,12 +862,22 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         world, _, _ = quiet_call(build_world, work / "world")
-        print(f"tamper campaign: {args.trials} trials per artifact (flip / truncate / extend in turn), seed {args.seed}",
-              flush=True)
-        rows, problems = run_campaign(world, work, args.trials, args.seed,
-                                      progress=lambda r: print(f"  {r.artifact}: {r.rejected}/{r.trials} rejected, "
-                                                               f"{r.benign} benign, {r.accepted} accepted, "
-                                                               f"{r.crashes} crashes ({r.seconds:.1f} s)", flush=True))
+        print(
+            f"tamper campaign: {args.trials} trials per artifact (flip / truncate / extend in turn), seed {args.seed}",
+            flush=True,
+        )
+        rows, problems = run_campaign(
+            world,
+            work,
+            args.trials,
+            args.seed,
+            progress=lambda r: print(
+                f"  {r.artifact}: {r.rejected}/{r.trials} rejected, "
+                f"{r.benign} benign, {r.accepted} accepted, "
+                f"{r.crashes} crashes ({r.seconds:.1f} s)",
+                flush=True,
+            ),
+        )
         print()
         print(format_table(rows))
         print()
@@ -776,9 +887,19 @@ def main(argv=None) -> int:
         print(f"\nmeasured {time.strftime('%Y-%m-%d')} in {time.perf_counter() - t0:.0f} s")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "trials": args.trials,
-                                                   "seed": args.seed, "rows": [r.as_dict() for r in rows],
-                                                   "problems": problems}, indent=1) + "\n")
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "date": time.strftime("%Y-%m-%d"),
+                        "trials": args.trials,
+                        "seed": args.seed,
+                        "rows": [r.as_dict() for r in rows],
+                        "problems": problems,
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
         bad = sum(r.accepted + r.crashes for r in rows) + len(problems)
         return 1 if bad else 0
     finally:

@@ -102,10 +102,14 @@ def kill_predict(world: World, work: Path, kills: int = 20, seed: int = 2026) ->
     temps_left, all_problems, delays = 0, [], []
     for i in range(kills):
         out = work / f"kill-{i:03d}"
-        proc = subprocess.Popen(_predict_cmd(world, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        proc = subprocess.Popen(
+            _predict_cmd(world, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO
+        )
         if i % 4 == 3:  # the moment the first output (or its temporary) appears: inside the write phase
             t0 = time.perf_counter()
-            while proc.poll() is None and not (out.exists() and os.listdir(out)) and time.perf_counter() - t0 < 10 * total:
+            while (
+                proc.poll() is None and not (out.exists() and os.listdir(out)) and time.perf_counter() - t0 < 10 * total
+            ):
                 time.sleep(0.0005)
             delays.append(f"at the first write, {time.perf_counter() - t0:.2f} s")
         else:
@@ -122,14 +126,22 @@ def kill_predict(world: World, work: Path, kills: int = 20, seed: int = 2026) ->
         outcomes[left] += 1
         temps_left += temps
         all_problems += [f"kill {i} ({delays[-1]}): {pr}" for pr in problems]
-    return {"clean_run_seconds": round(total, 2), "samples": sum(len(r) for r in world.records.values()),
-            "kills": kills, "left_nothing": outcomes["none"], "left_some_results": outcomes["some"],
-            "left_all_results": outcomes["all"], "temporaries_left": temps_left, "problems": all_problems,
-            "delays_s": delays}
+    return {
+        "clean_run_seconds": round(total, 2),
+        "samples": sum(len(r) for r in world.records.values()),
+        "kills": kills,
+        "left_nothing": outcomes["none"],
+        "left_some_results": outcomes["some"],
+        "left_all_results": outcomes["all"],
+        "temporaries_left": temps_left,
+        "problems": all_problems,
+        "delays_s": delays,
+    }
 
 
 # --------------------------------------------------------------------------- key broker killed under load
 def broker_restarts(work: Path, restarts: int = 3, seconds_between: float = 3.0, threads: int = 32) -> dict:
+    from campaign import _x25519, http_call
     from load import broker_identity, sim_policy_toml, start_broker_process
 
     from branchy_tee.attest.client import AttestedKeys
@@ -137,7 +149,6 @@ def broker_restarts(work: Path, restarts: int = 3, seconds_between: float = 3.0,
     from branchy_tee.attest.providers import SimulatedProvider
     from branchy_tee.errors import AttestationError, BranchyError
     from branchy_tee.seal.keys import generate_key, key_id
-    from campaign import _x25519, http_call
 
     key = generate_key()
     kid = key_id(key)
@@ -195,8 +206,15 @@ def broker_restarts(work: Path, restarts: int = 3, seconds_between: float = 3.0,
         nonce = bytes.fromhex(json.loads(http_call(url + "/v1/nonce")[1])["nonce"])
         _, pk = _x25519()
         ev, _, _ = quiet_call(sim.evidence, report_data(pk, nonce))
-        body = json.dumps({"evidence_type": "simulated", "evidence": base64.b64encode(ev).decode(), "public_key": pk.hex(),
-                           "nonce": nonce.hex(), "key_ids": [kid]}).encode()
+        body = json.dumps(
+            {
+                "evidence_type": "simulated",
+                "evidence": base64.b64encode(ev).decode(),
+                "public_key": pk.hex(),
+                "nonce": nonce.hex(),
+                "key_ids": [kid],
+            }
+        ).encode()
         assert http_call(url + "/v1/keys", "POST", body)[0] == 200
         with lock:
             issued.append(nonce.hex())
@@ -210,15 +228,16 @@ def broker_restarts(work: Path, restarts: int = 3, seconds_between: float = 3.0,
     try:
         for t in ts:
             t.start()
-        for r in range(restarts):
+        for _ in range(restarts):
             time.sleep(seconds_between)
             before = granted_body()
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            for attempt in range(50):  # same port, same audit log
+            for _attempt in range(50):  # same port, same audit log
                 try:
-                    proc, url2 = start_broker_process(work, {"k": key}, policy, port=port, audit=audit,
-                                                      stderr_path=work / "broker.stderr")
+                    proc, url2 = start_broker_process(
+                        work, {"k": key}, policy, port=port, audit=audit, stderr_path=work / "broker.stderr"
+                    )
                     break
                 except RuntimeError:
                     time.sleep(0.1)
@@ -251,21 +270,38 @@ def broker_restarts(work: Path, restarts: int = 3, seconds_between: float = 3.0,
             torn += 1
     granted = [d["nonce"] for d in decisions if d.get("decision") == "granted"]
     missing = sorted(set(seen) - set(granted))
-    return {"restarts": restarts, "client_threads": threads, "grants_seen_by_clients": len(seen),
-            "grants_to_client_threads": client_grants[0],
-            "audit_lines": len(decisions), "audit_torn_lines": torn, "audit_granted": len(granted),
-            "grants_without_audit_line": len(missing), "granted_but_not_delivered": len(set(granted) - set(seen)),
-            "nonces_issued": len(issued), "nonces_issued_twice": len(issued) - len(set(issued)),
-            "nonces_granted_twice": len(granted) - len(set(granted)),
-            "old_nonces_refused_after_restart": refused_old[0], "unreachable_during_restart": unreachable[0],
-            "replayed_after_restart": replays, "other_refusals": other[:5], "health_after": health}
+    return {
+        "restarts": restarts,
+        "client_threads": threads,
+        "grants_seen_by_clients": len(seen),
+        "grants_to_client_threads": client_grants[0],
+        "audit_lines": len(decisions),
+        "audit_torn_lines": torn,
+        "audit_granted": len(granted),
+        "grants_without_audit_line": len(missing),
+        "granted_but_not_delivered": len(set(granted) - set(seen)),
+        "nonces_issued": len(issued),
+        "nonces_issued_twice": len(issued) - len(set(issued)),
+        "nonces_granted_twice": len(granted) - len(set(granted)),
+        "old_nonces_refused_after_restart": refused_old[0],
+        "unreachable_during_restart": unreachable[0],
+        "replayed_after_restart": replays,
+        "other_refusals": other[:5],
+        "health_after": health,
+    }
 
 
 def broker_ok(r: dict) -> bool:
-    return (r["grants_without_audit_line"] == 0 and r["audit_torn_lines"] == 0 and r["nonces_issued_twice"] == 0
-            and r["nonces_granted_twice"] == 0 and not r["other_refusals"] and r["health_after"] == 200
-            and all(rep == (403, "nonce_unknown") for rep in r["replayed_after_restart"])
-            and r["grants_to_client_threads"] > 0)
+    return (
+        r["grants_without_audit_line"] == 0
+        and r["audit_torn_lines"] == 0
+        and r["nonces_issued_twice"] == 0
+        and r["nonces_granted_twice"] == 0
+        and not r["other_refusals"]
+        and r["health_after"] == 200
+        and all(rep == (403, "nonce_unknown") for rep in r["replayed_after_restart"])
+        and r["grants_to_client_threads"] > 0
+    )
 
 
 def main(argv=None) -> int:
@@ -280,25 +316,35 @@ def main(argv=None) -> int:
         d = Path(d)
         world = build_crash_world(d / "world", args.samples)
         k = kill_predict(world, d / "kills", args.kills)
-        print(f"predict killed with SIGKILL {k['kills']} times (clean run {k['clean_run_seconds']} s, {k['samples']} samples, "
-              f"two requests): left nothing {k['left_nothing']}, some results {k['left_some_results']}, all results "
-              f"{k['left_all_results']}; partial or wrong results 0 expected, problems {len(k['problems'])}; "
-              f"atomic-write temporaries left {k['temporaries_left']}")
+        print(
+            f"predict killed with SIGKILL {k['kills']} times (clean run {k['clean_run_seconds']} s, {k['samples']} "
+            "samples, "
+            f"two requests): left nothing {k['left_nothing']}, some results {k['left_some_results']}, all results "
+            f"{k['left_all_results']}; partial or wrong results 0 expected, problems {len(k['problems'])}; "
+            f"atomic-write temporaries left {k['temporaries_left']}"
+        )
         for pr in k["problems"]:
             print(f"  PROBLEM {pr}")
         b = broker_restarts(d / "broker", args.restarts, args.seconds_between)
-        print(f"key broker killed with SIGKILL and restarted {b['restarts']} times under {b['client_threads']} client threads: "
-              f"grants seen {b['grants_seen_by_clients']}, audit lines {b['audit_lines']} (torn {b['audit_torn_lines']}), "
-              f"grants without an audit line {b['grants_without_audit_line']}, granted but undelivered "
-              f"{b['granted_but_not_delivered']}, nonces issued {b['nonces_issued']} (twice: {b['nonces_issued_twice']}), "
-              f"granted twice {b['nonces_granted_twice']}, old nonces refused after restart "
-              f"{b['old_nonces_refused_after_restart']}, replays after restart {b['replayed_after_restart']}, "
-              f"health {b['health_after']}")
+        print(
+            f"key broker killed with SIGKILL and restarted {b['restarts']} times under {b['client_threads']} client "
+            "threads: "
+            f"grants seen {b['grants_seen_by_clients']}, audit lines {b['audit_lines']} (torn "
+            f"{b['audit_torn_lines']}), "
+            f"grants without an audit line {b['grants_without_audit_line']}, granted but undelivered "
+            f"{b['granted_but_not_delivered']}, nonces issued {b['nonces_issued']} (twice: "
+            f"{b['nonces_issued_twice']}), "
+            f"granted twice {b['nonces_granted_twice']}, old nonces refused after restart "
+            f"{b['old_nonces_refused_after_restart']}, replays after restart {b['replayed_after_restart']}, "
+            f"health {b['health_after']}"
+        )
         for o in b["other_refusals"]:
             print(f"  PROBLEM unexpected refusal: {o}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "predict": k, "broker": b}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"date": time.strftime("%Y-%m-%d"), "predict": k, "broker": b}, indent=1) + "\n"
+        )
     return 0 if not k["problems"] and broker_ok(b) else 1
 
 

@@ -28,8 +28,14 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 REPO = HERE.parents[1]
 
 
-def start_broker_process(work: Path, keys: dict[str, bytes], policy_toml: str, port: int = 0, audit: Path | None = None,
-                         stderr_path: Path | None = None) -> tuple[subprocess.Popen, str]:
+def start_broker_process(
+    work: Path,
+    keys: dict[str, bytes],
+    policy_toml: str,
+    port: int = 0,
+    audit: Path | None = None,
+    stderr_path: Path | None = None,
+) -> tuple[subprocess.Popen, str]:
     """``branchy-tee key-broker`` in a subprocess; (process, URL) once it listens."""
     from branchy_tee.fileio import write_key_file
 
@@ -45,8 +51,21 @@ def start_broker_process(work: Path, keys: dict[str, bytes], policy_toml: str, p
         from branchy_tee.attest.identity import create_identity
 
         create_identity(identity)
-    cmd = [sys.executable, "-m", "branchy_tee.cli", "key-broker", "--keys", str(ks), "--policy", str(policy),
-           "--identity", str(identity), "--listen", f"127.0.0.1:{port}", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "branchy_tee.cli",
+        "key-broker",
+        "--keys",
+        str(ks),
+        "--policy",
+        str(policy),
+        "--identity",
+        str(identity),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--quiet",
+    ]
     if audit is not None:
         cmd += ["--audit-log", str(audit)]
     err = open(stderr_path or os.devnull, "ab")
@@ -79,8 +98,9 @@ class _Null:
         pass
 
 
-def worker(url: str, identity_hex: str, kid: str, key_hex: str, devkey: str, threads: int, seconds: float,
-           start_at: float) -> dict:
+def worker(
+    url: str, identity_hex: str, kid: str, key_hex: str, devkey: str, threads: int, seconds: float, start_at: float
+) -> dict:
     """Run ``threads`` clients until ``start_at + seconds``; latencies of successful fetches, errors."""
     from branchy_tee.attest.client import AttestedKeys
     from branchy_tee.attest.providers import SimulatedProvider
@@ -99,8 +119,9 @@ def worker(url: str, identity_hex: str, kid: str, key_hex: str, devkey: str, thr
         while time.time() < end:
             t0 = time.perf_counter()
             try:
-                got = AttestedKeys("simulated", url, bytes.fromhex(identity_hex), [url], provider=sim,
-                                   timeout=120).model_key(kid)
+                got = AttestedKeys(
+                    "simulated", url, bytes.fromhex(identity_hex), [url], provider=sim, timeout=120
+                ).model_key(kid)
                 ok = got == key
             except Exception as e:  # noqa: BLE001 -- counted
                 with lock:
@@ -129,21 +150,37 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def run_load(work: Path, concurrency: int = 200, seconds: float = 30.0, processes: int = 4) -> dict:
+    from world import quiet_call
+
     from branchy_tee.attest.providers import SimulatedProvider
     from branchy_tee.seal.keys import generate_key, key_id
-    from world import quiet_call
 
     key = generate_key()
     sim, _, _ = quiet_call(SimulatedProvider, work / "devkey")
     audit = work / "audit.jsonl"
-    proc, url = start_broker_process(work, {"k": key}, sim_policy_toml(sim.mrenclave.hex()), audit=audit,
-                                     stderr_path=work / "broker.stderr")
+    proc, url = start_broker_process(
+        work, {"k": key}, sim_policy_toml(sim.mrenclave.hex()), audit=audit, stderr_path=work / "broker.stderr"
+    )
     try:
         per = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
         start_at = time.time() + 3.0  # every worker has imported and built its clients by then
-        cmds = [[sys.executable, str(Path(__file__).resolve()), "--worker", url, broker_identity(work).hex(), key_id(key),
-                 key.hex(), str(work / "devkey"),
-                 str(n), str(seconds), repr(start_at)] for n in per if n]
+        cmds = [
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                url,
+                broker_identity(work).hex(),
+                key_id(key),
+                key.hex(),
+                str(work / "devkey"),
+                str(n),
+                str(seconds),
+                repr(start_at),
+            ]
+            for n in per
+            if n
+        ]
         ps = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True, cwd=REPO) for c in cmds]
         outs = [json.loads(p.communicate()[0]) for p in ps]
         wall = max(o["finished_at"] for o in outs) - start_at  # the last fetches end a little after the window
@@ -168,26 +205,40 @@ def run_load(work: Path, concurrency: int = 200, seconds: float = 30.0, processe
     granted = [d for d in decisions if d.get("decision") == "granted"]
     nonces = [d.get("nonce") for d in decisions]
     return {
-        "date": time.strftime("%Y-%m-%d"), "concurrency": concurrency, "client_processes": len(per), "seconds": round(wall, 1),
-        "requests": len(lat) + len(errors), "ok": len(lat), "errors": len(errors), "error_samples": errors[:5],
+        "date": time.strftime("%Y-%m-%d"),
+        "concurrency": concurrency,
+        "client_processes": len(per),
+        "seconds": round(wall, 1),
+        "requests": len(lat) + len(errors),
+        "ok": len(lat),
+        "errors": len(errors),
+        "error_samples": errors[:5],
         "throughput_per_s": round(len(lat) / wall, 1),
-        "p50_ms": round(1000 * _percentile(lat, 0.50), 1), "p90_ms": round(1000 * _percentile(lat, 0.90), 1),
-        "p99_ms": round(1000 * _percentile(lat, 0.99), 1), "max_ms": round(1000 * lat[-1], 1) if lat else None,
-        "health_after": health, "broker_alive": alive, "audit_lines": len(lines), "audit_torn": torn,
-        "audit_granted": len(granted), "audit_matches_grants": len(granted) == len(lat) and len(decisions) == len(lat) + len(errors),
+        "p50_ms": round(1000 * _percentile(lat, 0.50), 1),
+        "p90_ms": round(1000 * _percentile(lat, 0.90), 1),
+        "p99_ms": round(1000 * _percentile(lat, 0.99), 1),
+        "max_ms": round(1000 * lat[-1], 1) if lat else None,
+        "health_after": health,
+        "broker_alive": alive,
+        "audit_lines": len(lines),
+        "audit_torn": torn,
+        "audit_granted": len(granted),
+        "audit_matches_grants": len(granted) == len(lat) and len(decisions) == len(lat) + len(errors),
         "nonces_unique": len(set(nonces)) == len(nonces),
     }
 
 
 def format_load(r: dict) -> str:
-    return (f"key broker load ({r['date']}): {r['concurrency']} concurrent clients ({r['client_processes']} processes) for "
-            f"{r['seconds']:.0f} s on loopback, simulated evidence, audit log fsynced per decision\n"
-            f"  requests {r['requests']}, errors {r['errors']}, throughput {r['throughput_per_s']} key releases/s\n"
-            f"  latency of a whole key fetch (nonce + evidence + POST + HPKE open): p50 {r['p50_ms']} ms, "
-            f"p90 {r['p90_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms\n"
-            f"  afterwards: /v1/health {r['health_after']}, audit lines {r['audit_lines']} "
-            f"(granted {r['audit_granted']}, torn {r['audit_torn']}), one line per grant: {r['audit_matches_grants']}, "
-            f"nonces unique: {r['nonces_unique']}")
+    return (
+        f"key broker load ({r['date']}): {r['concurrency']} concurrent clients ({r['client_processes']} processes) for "
+        f"{r['seconds']:.0f} s on loopback, simulated evidence, audit log fsynced per decision\n"
+        f"  requests {r['requests']}, errors {r['errors']}, throughput {r['throughput_per_s']} key releases/s\n"
+        f"  latency of a whole key fetch (nonce + evidence + POST + HPKE open): p50 {r['p50_ms']} ms, "
+        f"p90 {r['p90_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms\n"
+        f"  afterwards: /v1/health {r['health_after']}, audit lines {r['audit_lines']} "
+        f"(granted {r['audit_granted']}, torn {r['audit_torn']}), one line per grant: {r['audit_matches_grants']}, "
+        f"nonces unique: {r['nonces_unique']}"
+    )
 
 
 def main(argv=None) -> int:
@@ -209,8 +260,14 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
-    ok = (r["errors"] == 0 and r["health_after"] == 200 and r["broker_alive"] and r["audit_matches_grants"]
-          and r["nonces_unique"] and not r["audit_torn"])
+    ok = (
+        r["errors"] == 0
+        and r["health_after"] == 200
+        and r["broker_alive"]
+        and r["audit_matches_grants"]
+        and r["nonces_unique"]
+        and not r["audit_torn"]
+    )
     return 0 if ok else 1
 
 

@@ -27,14 +27,21 @@ def _load(d: Path, name: str):
 
 
 def _campaign(c: dict) -> list[str]:
-    out = [f"**Tamper campaign** ({c['date']}, {c['trials']} trials per artifact, seed {c['seed']}):", "",
-           "| artifact | trials | rejected | benign (no semantic change) | accepted | crashes |",
-           "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out = [
+        f"**Tamper campaign** ({c['date']}, {c['trials']} trials per artifact, seed {c['seed']}):",
+        "",
+        "| artifact | trials | rejected | benign (no semantic change) | accepted | crashes |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in c["rows"]:
-        out.append(f"| {r['artifact']} | {r['trials']} | {r['rejected']} | {r['benign']} | {r['accepted']} | {r['crashes']} |")
+        out.append(
+            f"| {r['artifact']} | {r['trials']} | {r['rejected']} | {r['benign']} | {r['accepted']} | {r['crashes']} |"
+        )
     tot = {k: sum(r[k] for r in c["rows"]) for k in ("trials", "rejected", "benign", "accepted", "crashes")}
-    out.append(f"| **total** | **{tot['trials']:,}** | **{tot['rejected']:,}** | **{tot['benign']:,}** | "
-               f"**{tot['accepted']}** | **{tot['crashes']}** |")  # fmt: skip
+    out.append(
+        f"| **total** | **{tot['trials']:,}** | **{tot['rejected']:,}** | **{tot['benign']:,}** | "
+        f"**{tot['accepted']}** | **{tot['crashes']}** |"
+    )
     whys: dict[str, list[str]] = {}
     for r in c["rows"]:
         for why, n in r["benign_why"].items():
@@ -48,39 +55,57 @@ def _campaign(c: dict) -> list[str]:
 
 
 def _fuzz(fz: dict) -> list[str]:
-    out = [f"**atheris** ({fz['date']}, {fz['seconds']:.0f} s in total):", "",
-           "| harness | seconds | executions | coverage (edges) | corpus | crashes |", "|---|---:|---:|---:|---:|---:|"]
+    out = [
+        f"**atheris** ({fz['date']}, {fz['seconds']:.0f} s in total):",
+        "",
+        "| harness | seconds | executions | coverage (edges) | corpus | crashes |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in fz["rows"]:
-        out.append(f"| {r['harness']} | {r['seconds']} | {r['execs']:,} | {r['cov']} | {r['corpus']} | {r['crashes']} |")
-    out.append(f"| **total** | **{sum(r['seconds'] for r in fz['rows'])}** | **{sum(r['execs'] for r in fz['rows']):,}** "
-               f"| | | **{sum(r['crashes'] for r in fz['rows'])}** |")  # fmt: skip
+        out.append(
+            f"| {r['harness']} | {r['seconds']} | {r['execs']:,} | {r['cov']} | {r['corpus']} | {r['crashes']} |"
+        )
+    out.append(
+        f"| **total** | **{sum(r['seconds'] for r in fz['rows'])}** | **{sum(r['execs'] for r in fz['rows']):,}** "
+        f"| | | **{sum(r['crashes'] for r in fz['rows'])}** |"
+    )
     return out + [""]
 
 
 def _load_test(ld: dict) -> list[str]:
-    return [f"**Key broker load** ({ld['date']}): {ld['concurrency']} concurrent clients for {ld['seconds']} s: "
-            f"{ld['requests']:,} key releases, {ld['errors']} errors, {ld['throughput_per_s']} per second, latency p50 "
-            f"{ld['p50_ms']} ms, p90 {ld['p90_ms']} ms, p99 {ld['p99_ms']} ms; `/v1/health` afterwards: "
-            f"{ld['health_after']}; one audit line per grant: {ld['audit_matches_grants']}; nonces unique: "
-            f"{ld['nonces_unique']}.", ""]  # fmt: skip
+    return [
+        f"**Key broker load** ({ld['date']}): {ld['concurrency']} concurrent clients for {ld['seconds']} s: "
+        f"{ld['requests']:,} key releases, {ld['errors']} errors, {ld['throughput_per_s']} per second, latency p50 "
+        f"{ld['p50_ms']} ms, p90 {ld['p90_ms']} ms, p99 {ld['p99_ms']} ms; `/v1/health` afterwards: "
+        f"{ld['health_after']}; one audit line per grant: {ld['audit_matches_grants']}; nonces unique: "
+        f"{ld['nonces_unique']}.",
+        "",
+    ]
 
 
 def _crashes(cr: dict) -> list[str]:
     k, b = cr["predict"], cr["broker"]
-    return [f"**Crashes** ({cr['date']}): predict killed with SIGKILL {k['kills']} times (clean run "
-            f"{k['clean_run_seconds']} s): nothing written {k['left_nothing']}, some results {k['left_some_results']}, "
-            f"all results {k['left_all_results']}, partial or wrong results {len(k['problems'])}, temporaries left "
-            f"{k['temporaries_left']}. A key broker killed {b['restarts']} times under load and restarted: "
-            f"{b['grants_seen_by_clients']:,} grants seen by clients, grants without an audit line "
-            f"{b['grants_without_audit_line']}, torn audit lines {b['audit_torn_lines']}, nonces issued twice "
-            f"{b['nonces_issued_twice']}, granted twice {b['nonces_granted_twice']}, requests replayed after a restart "
-            f"and granted: {b['replayed_after_restart']}.", ""]  # fmt: skip
+    return [
+        f"**Crashes** ({cr['date']}): predict killed with SIGKILL {k['kills']} times (clean run "
+        f"{k['clean_run_seconds']} s): nothing written {k['left_nothing']}, some results {k['left_some_results']}, "
+        f"all results {k['left_all_results']}, partial or wrong results {len(k['problems'])}, temporaries left "
+        f"{k['temporaries_left']}. A key broker killed {b['restarts']} times under load and restarted: "
+        f"{b['grants_seen_by_clients']:,} grants seen by clients, grants without an audit line "
+        f"{b['grants_without_audit_line']}, torn audit lines {b['audit_torn_lines']}, nonces issued twice "
+        f"{b['nonces_issued_twice']}, granted twice {b['nonces_granted_twice']}, requests replayed after a restart "
+        f"and granted: {b['replayed_after_restart']}.",
+        "",
+    ]
 
 
 def render(d: Path) -> str:
     out: list[str] = []
-    for name, part in (("campaign.json", _campaign), ("fuzz-report.json", _fuzz), ("load.json", _load_test),
-                       ("crashes.json", _crashes)):  # fmt: skip
+    for name, part in (
+        ("campaign.json", _campaign),
+        ("fuzz-report.json", _fuzz),
+        ("load.json", _load_test),
+        ("crashes.json", _crashes),
+    ):
         report = _load(d, name)
         if report:
             out += part(report)

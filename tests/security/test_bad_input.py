@@ -14,14 +14,14 @@ import struct
 import time
 
 import pytest
+from campaign import http_call
+from world import quiet_call
 
 from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.providers import SimulatedProvider
 from branchy_tee.cli import main
 from branchy_tee.seal.envelope import MAX_FILE, REQUEST_MAGIC
 from branchy_tee.seal.keys import generate_key, key_id
-from campaign import http_call
-from world import quiet_call
 
 
 def _main(argv):
@@ -50,8 +50,22 @@ def w(world, tmp_path):
 
 
 def predict_argv(d, req="do1.req", bundle="m.btee", mo="mo.key", do="do1.key"):
-    return ["predict", "--bundle", str(d / bundle), "--input", str(d / req), "--output", str(d / "out" / "res.enc"),
-            "--model-key", str(d / mo), "--data-key", str(d / do), "--quiet", "--threads", "1"]
+    return [
+        "predict",
+        "--bundle",
+        str(d / bundle),
+        "--input",
+        str(d / req),
+        "--output",
+        str(d / "out" / "res.enc"),
+        "--model-key",
+        str(d / mo),
+        "--data-key",
+        str(d / do),
+        "--quiet",
+        "--threads",
+        "1",
+    ]
 
 
 def assert_nothing_written(d):
@@ -83,29 +97,44 @@ def test_request_that_is_not_a_regular_file(w, kind):
     assert_nothing_written(w)
 
 
-@pytest.mark.parametrize("blob,match", [
-    (b"", "not a branchy-tee request file"),
-    (REQUEST_MAGIC, "not a branchy-tee request file"),
-    (REQUEST_MAGIC + b"\xff\xff\xff\xff" + b"{}" * 40, "truncated or malformed request header"),
-    (REQUEST_MAGIC + struct.pack(">I", 60000) + b"[" * 60000 + bytes(40), "request header is not valid JSON"),
-    (REQUEST_MAGIC + struct.pack(">I", 5000) + b"7" * 5000 + bytes(40), "request header is not valid JSON"),
-    (REQUEST_MAGIC + struct.pack(">I", 2) + b"[]" + bytes(40), "lacks a request id or key id"),
-], ids=["empty", "magic-only", "absurd-header-length", "deep-nesting", "huge-integer", "not-an-object"])
+@pytest.mark.parametrize(
+    "blob,match",
+    [
+        (b"", "not a branchy-tee request file"),
+        (REQUEST_MAGIC, "not a branchy-tee request file"),
+        (REQUEST_MAGIC + b"\xff\xff\xff\xff" + b"{}" * 40, "truncated or malformed request header"),
+        (REQUEST_MAGIC + struct.pack(">I", 60000) + b"[" * 60000 + bytes(40), "request header is not valid JSON"),
+        (REQUEST_MAGIC + struct.pack(">I", 5000) + b"7" * 5000 + bytes(40), "request header is not valid JSON"),
+        (REQUEST_MAGIC + struct.pack(">I", 2) + b"[]" + bytes(40), "lacks a request id or key id"),
+    ],
+    ids=["empty", "magic-only", "absurd-header-length", "deep-nesting", "huge-integer", "not-an-object"],
+)
 def test_malformed_request_files(w, blob, match):
     (w / "bad.req").write_bytes(blob)
     run_cli(predict_argv(w, req="bad.req"), 1, match)
     assert_nothing_written(w)
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda raw, mac: b"[" * 200_000, "header is not valid JSON"),
-    (lambda raw, mac: raw.replace(b'"model_version": 1', b'"model_version": 1' + b"0" * 5000), "header is not valid JSON"),
-    (lambda raw, mac: raw.replace(mac, b"\\u00e9" + mac[1:]), "header failed authentication"),
-    (lambda raw, mac: raw.replace(b'\n "mac"', b'\n\t"mac"'), "header bytes differ from the sealed file"),
-    # a duplicate key: JSON readers differ on which one counts; ours takes the last (authentic) one, the bytes check refuses
-    (lambda raw, mac: raw.replace(b'"model_version": 1', b'"model_version": 2, "model_version": 1'), "header bytes differ"),
-    (lambda raw, mac: b"", "header is not valid JSON"),
-], ids=["deep-nesting", "huge-integer", "non-ascii-mac", "whitespace", "duplicate-key", "empty"])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda raw, mac: b"[" * 200_000, "header is not valid JSON"),
+        (
+            lambda raw, mac: raw.replace(b'"model_version": 1', b'"model_version": 1' + b"0" * 5000),
+            "header is not valid JSON",
+        ),
+        (lambda raw, mac: raw.replace(mac, b"\\u00e9" + mac[1:]), "header failed authentication"),
+        (lambda raw, mac: raw.replace(b'\n "mac"', b'\n\t"mac"'), "header bytes differ from the sealed file"),
+        # a duplicate key: JSON readers differ on which one counts; ours takes the last (authentic) one, the bytes
+        # check refuses
+        (
+            lambda raw, mac: raw.replace(b'"model_version": 1', b'"model_version": 2, "model_version": 1'),
+            "header bytes differ",
+        ),
+        (lambda raw, mac: b"", "header is not valid JSON"),
+    ],
+    ids=["deep-nesting", "huge-integer", "non-ascii-mac", "whitespace", "duplicate-key", "empty"],
+)
 def test_malformed_bundle_headers(w, edit, match):
     hdr = w / "m.btee" / "header.json"
     raw = hdr.read_bytes()
@@ -128,32 +157,70 @@ def test_bundle_files_that_are_not_files(w):
 def test_encrypt_input_with_a_broken_header(w):
     (w / "m.btee" / "header.json").write_bytes(b"[" * 200_000)
     (w / "x.npy").write_bytes(b"")
-    run_cli(["encrypt-input", str(w / "x.npy"), "--bundle", str(w / "m.btee"), "--key", str(w / "do1.key"), "--out",
-             str(w / "out" / "r.req")], 1, "header is not valid JSON")
+    run_cli(
+        [
+            "encrypt-input",
+            str(w / "x.npy"),
+            "--bundle",
+            str(w / "m.btee"),
+            "--key",
+            str(w / "do1.key"),
+            "--out",
+            str(w / "out" / "r.req"),
+        ],
+        1,
+        "header is not valid JSON",
+    )
     assert_nothing_written(w)
 
 
 # --------------------------------------------------------------------------- decrypt-result
-@pytest.mark.parametrize("blob,match", [
-    (b"", "not a branchy-tee result file"),
-    (b"BTEERES1" + b"\0\0\0\0", "truncated or malformed result header"),
-    (b"BTEEREQ1" + b"\0" * 100, "not a branchy-tee result file"),
-], ids=["zero-bytes", "header-only", "a-request"])
+@pytest.mark.parametrize(
+    "blob,match",
+    [
+        (b"", "not a branchy-tee result file"),
+        (b"BTEERES1" + b"\0\0\0\0", "truncated or malformed result header"),
+        (b"BTEEREQ1" + b"\0" * 100, "not a branchy-tee result file"),
+    ],
+    ids=["zero-bytes", "header-only", "a-request"],
+)
 def test_malformed_result_files(w, blob, match):
     (w / "bad.res").write_bytes(blob)
-    run_cli(["decrypt-result", str(w / "bad.res"), "--key", str(w / "do1.key"), "--request", str(w / "do1.req"),
-             "--out", str(w / "out" / "r.json")], 1, match)  # fmt: skip
+    run_cli(
+        [
+            "decrypt-result",
+            str(w / "bad.res"),
+            "--key",
+            str(w / "do1.key"),
+            "--request",
+            str(w / "do1.req"),
+            "--out",
+            str(w / "out" / "r.json"),
+        ],
+        1,
+        match,
+    )
     assert_nothing_written(w)
 
 
 def test_a_request_is_not_a_result(w):
-    run_cli(["decrypt-result", str(w / "do1.req"), "--key", str(w / "do1.key"), "--request", str(w / "do1.req")], 1,
-            "not a branchy-tee result file")  # fmt: skip
+    run_cli(
+        ["decrypt-result", str(w / "do1.req"), "--key", str(w / "do1.key"), "--request", str(w / "do1.req")],
+        1,
+        "not a branchy-tee result file",
+    )
 
 
 # --------------------------------------------------------------------------- keys
-@pytest.mark.parametrize("problem,match", [("directory", "cannot read key file"), ("short", "holds 5 bytes"),
-                                           ("missing", "not found"), ("empty", "holds 0 bytes")])
+@pytest.mark.parametrize(
+    "problem,match",
+    [
+        ("directory", "cannot read key file"),
+        ("short", "holds 5 bytes"),
+        ("missing", "not found"),
+        ("empty", "holds 0 bytes"),
+    ],
+)
 def test_unusable_key_files_for_every_command(w, problem, match):
     bad = w / "bad.key"
     if problem == "directory":
@@ -166,13 +233,40 @@ def test_unusable_key_files_for_every_command(w, problem, match):
         os.chmod(bad, 0o600)
     (w / "x.npy").write_bytes(b"")
     commands = [
-        predict_argv(w, mo="bad.key"), predict_argv(w, do="bad.key"),
+        predict_argv(w, mo="bad.key"),
+        predict_argv(w, do="bad.key"),
         ["seal", str(w), "--key", str(bad), "--out", str(w / "out" / "s.btee")],
-        ["encrypt-input", str(w / "x.npy"), "--bundle", str(w / "m.btee"), "--key", str(bad), "--out", str(w / "out" / "r")],
-        ["decrypt-result", str(w / "do1.req"), "--key", str(bad), "--request", str(w / "do1.req"), "--out",
-         str(w / "out" / "r.json")],
-        ["key-broker", "--keys", str(bad), "--policy", str(w / "none.toml"), "--identity", str(w / "none.id"),
-         "--listen", "127.0.0.1:0"],
+        [
+            "encrypt-input",
+            str(w / "x.npy"),
+            "--bundle",
+            str(w / "m.btee"),
+            "--key",
+            str(bad),
+            "--out",
+            str(w / "out" / "r"),
+        ],
+        [
+            "decrypt-result",
+            str(w / "do1.req"),
+            "--key",
+            str(bad),
+            "--request",
+            str(w / "do1.req"),
+            "--out",
+            str(w / "out" / "r.json"),
+        ],
+        [
+            "key-broker",
+            "--keys",
+            str(bad),
+            "--policy",
+            str(w / "none.toml"),
+            "--identity",
+            str(w / "none.id"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
     ]
     for argv in commands:
         run_cli(argv, 1, match if not (problem == "directory" and argv[0] == "key-broker") else "holds no *.key files")
@@ -186,35 +280,65 @@ def test_key_file_without_read_permission(w):
 
 
 # --------------------------------------------------------------------------- usage errors (exit code 2)
-@pytest.mark.parametrize("extra,match", [
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--batch-size", "many"], "invalid int value"),
-    (["--threads", "x"], "invalid int value"),
-    (["--memory-budget", "lots"], "invalid float value"),
-    (["--no-such-flag"], "unrecognized arguments"),
-    (["--attest", "sev"], "invalid choice"),
-    (["--output", "second.res"], "one result file per request"),
-])
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--batch-size", "many"], "invalid int value"),
+        (["--threads", "x"], "invalid int value"),
+        (["--memory-budget", "lots"], "invalid float value"),
+        (["--no-such-flag"], "unrecognized arguments"),
+        (["--attest", "sev"], "invalid choice"),
+        (["--output", "second.res"], "one result file per request"),
+    ],
+)
 def test_predict_usage_errors(w, extra, match):
     run_cli(predict_argv(w) + extra, 2, match)
     assert_nothing_written(w)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["decrypt-result", "x.res"], "the following arguments are required: --key"),
-    (["key-broker", "--keys", "k", "--policy", "p", "--identity", "i", "--listen", "127.0.0.1:0", "--nonce-ttl", "0"],
-     "--nonce-ttl must be positive"),
-    (["key-broker", "--keys", "k", "--policy", "p", "--identity", "i", "--listen", "127.0.0.1:99999"], "out of range"),
-    (["decrypt-result", "x.res", "--key", "k"], "one of the arguments --request --request-digest is required"),
-    (["decrypt-result", "x.res", "--key", "k", "--request", "r", "--request-digest", "ab"], "not allowed with argument"),
-    (["decrypt-result", "x.res", "--key", "k", "--request-digest", "xyz"], "--request-digest is a SHA-256"),
-    (["encrypt-input", "x.npy", "--bundle", "b", "--key", "k", "--out", "o", "--request-id", "a\udcffb"],
-     "is not valid Unicode text"),
-    (["encrypt-input", "x.npy", "--bundle", "b", "--key", "k", "--out", "o", "--request-id", "a\x1b[31mb"],
-     "must be printable text"),
-    (["encrypt-input", "--bundle", "b", "--key", "k", "--out", "o"], "the following arguments are required: INPUT"),
-    (["nonsense"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["decrypt-result", "x.res"], "the following arguments are required: --key"),
+        (
+            [
+                "key-broker",
+                "--keys",
+                "k",
+                "--policy",
+                "p",
+                "--identity",
+                "i",
+                "--listen",
+                "127.0.0.1:0",
+                "--nonce-ttl",
+                "0",
+            ],
+            "--nonce-ttl must be positive",
+        ),
+        (
+            ["key-broker", "--keys", "k", "--policy", "p", "--identity", "i", "--listen", "127.0.0.1:99999"],
+            "out of range",
+        ),
+        (["decrypt-result", "x.res", "--key", "k"], "one of the arguments --request --request-digest is required"),
+        (
+            ["decrypt-result", "x.res", "--key", "k", "--request", "r", "--request-digest", "ab"],
+            "not allowed with argument",
+        ),
+        (["decrypt-result", "x.res", "--key", "k", "--request-digest", "xyz"], "--request-digest is a SHA-256"),
+        (
+            ["encrypt-input", "x.npy", "--bundle", "b", "--key", "k", "--out", "o", "--request-id", "a\udcffb"],
+            "is not valid Unicode text",
+        ),
+        (
+            ["encrypt-input", "x.npy", "--bundle", "b", "--key", "k", "--out", "o", "--request-id", "a\x1b[31mb"],
+            "must be printable text",
+        ),
+        (["encrypt-input", "--bundle", "b", "--key", "k", "--out", "o"], "the following arguments are required: INPUT"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
 def test_other_usage_errors(w, argv, match):
     run_cli(argv, 2, match)
 
@@ -232,7 +356,14 @@ def broker(tmp_path):
 
 def good_body(url: str, kid: str, **over) -> dict:
     nonce = json.loads(http_call(url + "/v1/nonce")[1])["nonce"]
-    return {"evidence_type": "simulated", "evidence": "e30=", "public_key": "09" * 32, "nonce": nonce, "key_ids": [kid], **over}
+    return {
+        "evidence_type": "simulated",
+        "evidence": "e30=",
+        "public_key": "09" * 32,
+        "nonce": nonce,
+        "key_ids": [kid],
+        **over,
+    }
 
 
 def test_malformed_broker_requests_then_health(broker):
@@ -287,7 +418,7 @@ def test_broken_http_then_health(broker):
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(200),  # a TLS hello to a plain-HTTP broker
         b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 100_000 + b"\r\n\r\n",
         b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
-        b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"a\"",  # then closes: body never completes
+        b'POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"a"',  # then closes: body never completes
         b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
         bytes(range(256)) * 4,

@@ -32,9 +32,11 @@ def test_temporary_of_a_killed_write_is_removed_by_the_next_write(tmp_path):
     """SIGKILL between writing the temporary and renaming it: the temporary stays (nothing can remove it
     in the killed process); a later write to the same path removes it once it is a minute old."""
     target = tmp_path / "k.key"
-    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[2]); from branchy_tee import fileio; "
-            "os.replace = os.link = lambda a, b: os.kill(os.getpid(), signal.SIGKILL); "
-            "fileio.write_key_file(sys.argv[1], bytes(range(32)))")
+    code = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[2]); from branchy_tee import fileio; "
+        "os.replace = os.link = lambda a, b: os.kill(os.getpid(), signal.SIGKILL); "
+        "fileio.write_key_file(sys.argv[1], bytes(range(32)))"
+    )
     src = os.path.join(os.path.dirname(__file__), "..", "..", "src")
     p = subprocess.run([sys.executable, "-c", code, str(target), src])
     assert p.returncode == -signal.SIGKILL

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from world import quiet_call
 
 from branchy_tee import fileio
 from branchy_tee.attest.broker_server import start_broker
@@ -25,15 +26,21 @@ from branchy_tee.cli import main
 from branchy_tee.errors import BranchyError
 from branchy_tee.fileio import atomic_write_bytes, read_key_file, write_key_file
 from runs import make_random_run
-from world import quiet_call
 
 SRC = Path(fileio.__file__).resolve().parent
 
 
 def key_forms(k: bytes) -> list[bytes]:
     b64 = base64.b64encode(k)
-    return [k, k.hex().encode(), k.hex().upper().encode(), b64, b64.rstrip(b"="), base64.urlsafe_b64encode(k),
-            base64.urlsafe_b64encode(k).rstrip(b"=")]
+    return [
+        k,
+        k.hex().encode(),
+        k.hex().upper().encode(),
+        b64,
+        b64.rstrip(b"="),
+        base64.urlsafe_b64encode(k),
+        base64.urlsafe_b64encode(k).rstrip(b"="),
+    ]
 
 
 def _main(argv):
@@ -64,16 +71,63 @@ def _commands(d: Path, key: Path) -> dict[str, list[str]]:
     out = d / "out"
     mo, do = (key if key.name == "mo.key" else d / "mo.key"), (key if key.name == "do1.key" else d / "do1.key")
     return {
-        "predict": ["predict", "--bundle", str(d / "m.btee"), "--input", str(d / "do1.req"), "--output", str(out / "r.res"),
-                    "--model-key", str(mo), "--data-key", str(do), "--quiet"],
+        "predict": [
+            "predict",
+            "--bundle",
+            str(d / "m.btee"),
+            "--input",
+            str(d / "do1.req"),
+            "--output",
+            str(out / "r.res"),
+            "--model-key",
+            str(mo),
+            "--data-key",
+            str(do),
+            "--quiet",
+        ],
         "seal": ["seal", str(d / "run"), "--key", str(mo), "--out", str(out / "s.btee")],
-        "encrypt-input": ["encrypt-input", str(d / "x.npy"), "--bundle", str(d / "m.btee"), "--key", str(do), "--out", str(out / "q.req")],
-        "decrypt-result": ["decrypt-result", str(d / "do1.res"), "--key", str(do), "--request", str(d / "do1.req"),
-                           "--out", str(out / "r.json")],
-        "key-broker (file)": ["key-broker", "--keys", str(key), "--policy", str(d / "policy.toml"), "--identity",
-                              str(d / "broker.id"), "--listen", "127.0.0.1:0"],
-        "key-broker (keystore)": ["key-broker", "--keys", str(key.parent / "ks"), "--policy", str(d / "policy.toml"),
-                                  "--identity", str(d / "broker.id"), "--listen", "127.0.0.1:0"],
+        "encrypt-input": [
+            "encrypt-input",
+            str(d / "x.npy"),
+            "--bundle",
+            str(d / "m.btee"),
+            "--key",
+            str(do),
+            "--out",
+            str(out / "q.req"),
+        ],
+        "decrypt-result": [
+            "decrypt-result",
+            str(d / "do1.res"),
+            "--key",
+            str(do),
+            "--request",
+            str(d / "do1.req"),
+            "--out",
+            str(out / "r.json"),
+        ],
+        "key-broker (file)": [
+            "key-broker",
+            "--keys",
+            str(key),
+            "--policy",
+            str(d / "policy.toml"),
+            "--identity",
+            str(d / "broker.id"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        "key-broker (keystore)": [
+            "key-broker",
+            "--keys",
+            str(key.parent / "ks"),
+            "--policy",
+            str(d / "policy.toml"),
+            "--identity",
+            str(d / "broker.id"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
     }
 
 
@@ -86,11 +140,15 @@ def test_every_command_refuses_a_key_file_others_can_access(w, mode, which):
     os.chmod(key, mode)
     os.chmod(w / "ks" / which, mode)
     for name, argv in _commands(w, key).items():
-        if (which == "do1.key" and name == "seal") or (which == "mo.key" and name in ("encrypt-input", "decrypt-result")):
+        if (which == "do1.key" and name == "seal") or (
+            which == "mo.key" and name in ("encrypt-input", "decrypt-result")
+        ):
             continue
         rc, out, err = quiet_call(_main, argv)
         assert rc == 1, (name, rc, err)
-        assert f"is accessible by others (mode {mode:04o}); run 'chmod 600" in err and len(err.strip().splitlines()) == 1, (name, err)
+        assert (
+            f"is accessible by others (mode {mode:04o}); run 'chmod 600" in err and len(err.strip().splitlines()) == 1
+        ), (name, err)
         assert os.listdir(w / "out") == [], name
     os.chmod(key, 0o600)
     os.chmod(w / "ks" / which, 0o600)
@@ -136,8 +194,22 @@ def test_atomic_write_temporary_is_private_from_the_first_byte(tmp_path, monkeyp
 def test_keygen_and_decrypted_records_are_private(tmp_path, world):
     assert quiet_call(main, ["keygen", "--out", str(tmp_path / "a.key")])[0] == 0
     assert stat.S_IMODE((tmp_path / "a.key").stat().st_mode) == 0o600
-    assert quiet_call(main, ["decrypt-result", str(world.results["do1"]), "--key", str(world.do_keys["do1"]),
-                             "--request", str(world.requests["do1"]), "--out", str(tmp_path / "r.json")])[0] == 0
+    assert (
+        quiet_call(
+            main,
+            [
+                "decrypt-result",
+                str(world.results["do1"]),
+                "--key",
+                str(world.do_keys["do1"]),
+                "--request",
+                str(world.requests["do1"]),
+                "--out",
+                str(tmp_path / "r.json"),
+            ],
+        )[0]
+        == 0
+    )
     assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o600  # plaintext answers
 
 
@@ -214,8 +286,11 @@ def _secretish(n) -> bool:
 
 def _harmless(n) -> bool:
     """Constants, DER tag numbers, lengths."""
-    return (isinstance(n, ast.Constant) or (isinstance(n, ast.Name) and n.id.startswith("_TAG_"))
-            or (isinstance(n, ast.Call) and _name(n) == "len()"))
+    return (
+        isinstance(n, ast.Constant)
+        or (isinstance(n, ast.Name) and n.id.startswith("_TAG_"))
+        or (isinstance(n, ast.Call) and _name(n) == "len()")
+    )
 
 
 def test_macs_tags_and_digests_are_compared_in_constant_time():
@@ -233,13 +308,20 @@ def test_macs_tags_and_digests_are_compared_in_constant_time():
 
 
 def test_the_lint_catches_a_plain_comparison():
-    tree = ast.parse("if doc['mac'] != expected_mac: pass\nif tag == self._tag(body): pass\nif tag != _TAG_SEQUENCE: pass")
-    flagged = [n for n in ast.walk(tree) if isinstance(n, ast.Compare)
-               and any(_secretish(o) for o in [n.left, *n.comparators]) and not any(_harmless(o) for o in [n.left, *n.comparators])]
+    tree = ast.parse(
+        "if doc['mac'] != expected_mac: pass\nif tag == self._tag(body): pass\nif tag != _TAG_SEQUENCE: pass"
+    )
+    flagged = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Compare)
+        and any(_secretish(o) for o in [n.left, *n.comparators])
+        and not any(_harmless(o) for o in [n.left, *n.comparators])
+    ]
     assert len(flagged) == 2
 
 
-# --------------------------------------------------------------------------- nothing secret in logs, audit logs, temp files
+# ----------------------------------------------------------------------- nothing secret in logs, audit logs, temp files
 def test_keys_and_plaintext_never_reach_logs_or_temporary_files(tmp_path, xdg, monkeypatch, capfd):
     """The demo flow with every log on: owners' commands, three brokers (audit logs, per-decision log
     lines), predict (not quiet, stats, memory profile) with attested key release. Nothing the host can
@@ -258,36 +340,105 @@ def test_keys_and_plaintext_never_reach_logs_or_temporary_files(tmp_path, xdg, m
     for d in (mo_dir, do_dir, host):
         d.mkdir()
     make_random_run(mo_dir / "run", "lenet5")
-    for argv in (["keygen", "--out", str(mo_dir / "mo.key")], ["keygen", "--out", str(do_dir / "do.key")],
-                 ["seal", str(mo_dir / "run"), "--key", str(mo_dir / "mo.key"), "--out", str(host / "model.btee"),
-                  "--chunk-size", "4096"]):
+    for argv in (
+        ["keygen", "--out", str(mo_dir / "mo.key")],
+        ["keygen", "--out", str(do_dir / "do.key")],
+        [
+            "seal",
+            str(mo_dir / "run"),
+            "--key",
+            str(mo_dir / "mo.key"),
+            "--out",
+            str(host / "model.btee"),
+            "--chunk-size",
+            "4096",
+        ],
+    ):
         assert main(argv) == 0
     x = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     np.save(do_dir / "x.npy", x.numpy())
-    assert main(["encrypt-input", str(do_dir / "x.npy"), "--bundle", str(host / "model.btee"), "--key", str(do_dir / "do.key"),
-                 "--out", str(host / "req.enc"), "--request-id", "hyg-1"]) == 0
+    assert (
+        main(
+            [
+                "encrypt-input",
+                str(do_dir / "x.npy"),
+                "--bundle",
+                str(host / "model.btee"),
+                "--key",
+                str(do_dir / "do.key"),
+                "--out",
+                str(host / "req.enc"),
+                "--request-id",
+                "hyg-1",
+            ]
+        )
+        == 0
+    )
     keys = {"mo": read_key_file(mo_dir / "mo.key"), "do": read_key_file(do_dir / "do.key")}
     policy = {"allowed_mrenclave": [simulated_mrenclave().hex()], "allow_simulation": True}
     ids = {n: create_identity(d / f"{n}.id") for n, d in (("mo", mo_dir), ("do", do_dir))}
     log = lambda m: sys.stderr.write(f"key-broker: {m}\n")  # noqa: E731 -- what `key-broker` without --quiet prints
     audits = {n: tmp_path / f"{n}.audit.jsonl" for n in ("mo", "do")}
-    with start_broker(mo_dir / "mo.key", {**policy, "allowed_data_owners": [identity_hex(ids["do"])]},
-                      audit_log=audits["mo"], log=log, identity=ids["mo"]) as mo, \
-         start_broker(do_dir / "do.key", policy, audit_log=audits["do"], log=log, identity=ids["do"]) as do:  # fmt: skip
-        rc = main(["predict", "--bundle", str(host / "model.btee"), "--input", str(host / "req.enc"), "--output",
-                   str(host / "res.enc"), "--attest", "simulated", "--model-broker", mo.url, "--model-broker-identity",
-                   identity_hex(ids["mo"]), "--data-broker", do.url, "--stats-json", str(host / "stats.json"),
-                   "--mprofile", str(host / "prof"), "--json"])  # fmt: skip
+    with (
+        start_broker(
+            mo_dir / "mo.key",
+            {**policy, "allowed_data_owners": [identity_hex(ids["do"])]},
+            audit_log=audits["mo"],
+            log=log,
+            identity=ids["mo"],
+        ) as mo,
+        start_broker(do_dir / "do.key", policy, audit_log=audits["do"], log=log, identity=ids["do"]) as do,
+    ):
+        rc = main(
+            [
+                "predict",
+                "--bundle",
+                str(host / "model.btee"),
+                "--input",
+                str(host / "req.enc"),
+                "--output",
+                str(host / "res.enc"),
+                "--attest",
+                "simulated",
+                "--model-broker",
+                mo.url,
+                "--model-broker-identity",
+                identity_hex(ids["mo"]),
+                "--data-broker",
+                do.url,
+                "--stats-json",
+                str(host / "stats.json"),
+                "--mprofile",
+                str(host / "prof"),
+                "--json",
+            ]
+        )
         assert rc == 0
     host_visible = capfd.readouterr()
     assert "[enclave] bundle lenet5" in host_visible.err and "key-broker: granted" in host_visible.err  # logs were on
-    assert main(["decrypt-result", str(host / "res.enc"), "--key", str(do_dir / "do.key"), "--request",
-                 str(host / "req.enc")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "decrypt-result",
+                str(host / "res.enc"),
+                "--key",
+                str(do_dir / "do.key"),
+                "--request",
+                str(host / "req.enc"),
+            ]
+        )
+        == 0
+    )
     do_terminal = capfd.readouterr()
-    records = open_result((host / "res.enc").read_bytes(), keys["do"], "res", request_digest((host / "req.enc").read_bytes()))[1]
+    records = open_result(
+        (host / "res.enc").read_bytes(), keys["do"], "res", request_digest((host / "req.enc").read_bytes())
+    )[1]
 
-    texts = {"host stdout": host_visible.out.encode(), "host stderr": host_visible.err.encode(),
-             "data owner terminal": (do_terminal.out + do_terminal.err).encode()}
+    texts = {
+        "host stdout": host_visible.out.encode(),
+        "host stderr": host_visible.err.encode(),
+        "data owner terminal": (do_terminal.out + do_terminal.err).encode(),
+    }
     # torch may create its own (empty) compile cache directory in $TMPDIR; we must create nothing there
     temp_files = [p for p in tmpdir.rglob("*") if p.is_file()]
     assert [p for p in temp_files if not p.relative_to(tmpdir).parts[0].startswith("torchinductor_")] == []
@@ -306,5 +457,7 @@ def test_keys_and_plaintext_never_reach_logs_or_temporary_files(tmp_path, xdg, m
                 assert f"\t{r['class_name']}\t{r['confidence']:.4f}\t".encode() not in data
     assert "the host can read" not in host_visible.err  # no plaintext result without --plaintext-result
     assert [n for n in os.listdir(tmpdir) if not n.startswith("torchinductor_")] == []
-    stray = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name == "result.txt"]
+    stray = [
+        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name == "result.txt"
+    ]
     assert not stray, stray

@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
+from world import SGX_QUOTES
 
 from branchy_tee.attest.broker import Broker, Refusal
 from branchy_tee.attest.policy import SETTINGS, load_policy, parse_policy
@@ -26,18 +27,26 @@ from branchy_tee.attest.verify import verify_quote
 from branchy_tee.errors import AttestationError, BranchyError, IntegrityError
 from branchy_tee.seal import bundle as bundle_mod
 from branchy_tee.seal.bundle import HEADER_FILE, open_bundle, read_header_unverified
-from branchy_tee.seal.envelope import (REQUEST_MAGIC, RESULT_FORMAT, RESULT_MAGIC, open_request, open_result, read_envelope_header,
-                                       seal_envelope)
+from branchy_tee.seal.envelope import (
+    REQUEST_MAGIC,
+    RESULT_FORMAT,
+    RESULT_MAGIC,
+    open_request,
+    open_result,
+    read_envelope_header,
+    seal_envelope,
+)
 from branchy_tee.seal.keys import generate_key, key_id
 from runs import mutate_bytes
-from world import SGX_QUOTES
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
-json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
-json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                           max_leaves=16)
+json_scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+json_values = st.recursive(
+    json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=16
+)
 
 
 def _quote(name: str) -> bytes:
@@ -68,7 +77,10 @@ def test_quote_length_fields_set_to_anything(name, data):
     raw = bytearray(_quote(name))
     for _ in range(data.draw(st.integers(1, 3))):
         off, width = data.draw(st.sampled_from(_length_fields(bytes(raw))))
-        value = data.draw(st.integers(0, 2 ** (8 * width) - 1) | st.sampled_from([0, 1, 2 ** (8 * width) - 1, len(raw), len(raw) - off]))
+        value = data.draw(
+            st.integers(0, 2 ** (8 * width) - 1)
+            | st.sampled_from([0, 1, 2 ** (8 * width) - 1, len(raw), len(raw) - off])
+        )
         raw[off : off + width] = value.to_bytes(width, "little")
         try:
             q = parse_quote(bytes(raw))
@@ -128,7 +140,10 @@ def test_bundle_header_arbitrary_bytes(tmp_path, data):
 @given(st.dictionaries(st.text(max_size=12), json_values, max_size=6), json_values)
 def test_bundle_header_forged_documents(tmp_path, world, sealed_header, overrides, mac):
     """Forged headers (no model key): every field may be anything; the MAC any JSON value."""
-    doc = {"header": {**sealed_header["header"], **overrides}, "mac": mac if isinstance(mac, str) else sealed_header["mac"]}
+    doc = {
+        "header": {**sealed_header["header"], **overrides},
+        "mac": mac if isinstance(mac, str) else sealed_header["mac"],
+    }
     assume(doc != sealed_header)
     d = _write_bundle(tmp_path, json.dumps(doc, indent=1).encode() + b"\n")
     with pytest.raises(IntegrityError):
@@ -136,8 +151,14 @@ def test_bundle_header_forged_documents(tmp_path, world, sealed_header, override
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["stages", "chunk_size", "model_version", "bundle_id", "key_id", "format", "x"]),
-                       json_values, min_size=1, max_size=3))
+@given(
+    st.dictionaries(
+        st.sampled_from(["stages", "chunk_size", "model_version", "bundle_id", "key_id", "format", "x"]),
+        json_values,
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_bundle_header_authentic_but_unusable(tmp_path, world, sealed_header, overrides):
     """Headers with a valid MAC (a model owner's sealing bug) but odd fields: refused cleanly, never a crash."""
     key = world.key("mo")
@@ -156,8 +177,15 @@ def test_bundle_header_authentic_but_unusable(tmp_path, world, sealed_header, ov
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(["xor", "delete", "insert"]), st.integers(0, 10**5), st.binary(min_size=1, max_size=4)),
-                min_size=1, max_size=3))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["xor", "delete", "insert"]), st.integers(0, 10**5), st.binary(min_size=1, max_size=4)
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_bundle_header_byte_edits_never_verify(tmp_path, world, edits):
     orig = (world.bundle / HEADER_FILE).read_bytes()
     raw = mutate_bytes(orig, edits)
@@ -173,7 +201,7 @@ def test_bundle_header_regressions(tmp_path, world, sealed_header):
     raw = (world.bundle / HEADER_FILE).read_bytes()
     cases = {
         "nesting": b"[" * 200_000,
-        "huge integer": b'{"header": {"format": "x", "n": ' + b"1" * 5000 + b"}, \"mac\": \"0\"}",
+        "huge integer": b'{"header": {"format": "x", "n": ' + b"1" * 5000 + b'}, "mac": "0"}',
         "non-ASCII MAC": raw.replace(sealed_header["mac"].encode(), b"\\u00e9" + sealed_header["mac"][1:].encode()),
         "whitespace only change": raw.replace(b'\n "mac"', b'\n\t"mac"'),
         "equivalent escape": raw.replace(b'"c1"', b'"\\u0063\\u0031"'),
@@ -219,17 +247,30 @@ DIGEST = "ab" * 32  # the request a crafted result claims to answer
 
 def result_header(rid, samples) -> dict:
     """A result header with every member a result has (so that parsing reaches the payload)."""
-    return {"format": RESULT_FORMAT, "request_id": rid, "request_sha256": DIGEST, "bundle_id": "cd" * 16,
-            "model_version": 1, "model_key_id": "ef" * 8, "samples": samples}
+    return {
+        "format": RESULT_FORMAT,
+        "request_id": rid,
+        "request_sha256": DIGEST,
+        "bundle_id": "cd" * 16,
+        "model_version": 1,
+        "model_key_id": "ef" * 8,
+        "samples": samples,
+    }
 
 
 tensor_dtypes = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool])
 
 
 @FUZZ
-@given(st.binary(max_size=200) | st.builds(lambda t: st_save({"inputs": t}),
-                                          st.builds(lambda s, d: torch.zeros(s, dtype=d), st.lists(st.integers(0, 4), max_size=5), tensor_dtypes)),
-       json_values, st.text(max_size=8))
+@given(
+    st.binary(max_size=200)
+    | st.builds(
+        lambda t: st_save({"inputs": t}),
+        st.builds(lambda s, d: torch.zeros(s, dtype=d), st.lists(st.integers(0, 4), max_size=5), tensor_dtypes),
+    ),
+    json_values,
+    st.text(max_size=8),
+)
 def test_authentic_requests_and_results_with_odd_payloads(world, payload, samples, rid):
     """Payloads sealed under the right key (a data owner's bug, or a hostile data owner): only BranchyError."""
     key = world.key("do1")
@@ -260,10 +301,19 @@ def test_result_payload_regressions(world):
             read_envelope_header(blob, REQUEST_MAGIC, "req")
 
 
-# --------------------------------------------------------------------------- stage graphs (authentic bytes to ONNX Runtime)
+# ----------------------------------------------------------------------- stage graphs (authentic bytes to ONNX Runtime)
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from(["xor", "delete", "insert", "set"]), st.integers(0, 1 << 16),
-                          st.binary(min_size=1, max_size=8)), min_size=1, max_size=4))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["xor", "delete", "insert", "set"]),
+            st.integers(0, 1 << 16),
+            st.binary(min_size=1, max_size=8),
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_stage_graph_edits_give_one_line_errors(world, edits):
     """Only a buggy or malicious model owner can make authentic stage bytes malformed; even then the
     enclave refuses them with one line (or runs a graph that still has a stage graph's interface)."""
@@ -307,8 +357,15 @@ def test_policy_regressions(tmp_path):
 
 # --------------------------------------------------------------------------- simulated evidence and broker bodies
 @FUZZ
-@given(st.binary(max_size=300) | st.builds(lambda v: json.dumps(v).encode(), json_values)
-       | st.builds(lambda d, s: json.dumps({"document": d, "signature": s}).encode(), st.text(max_size=40) | st.builds(json.dumps, json_values), st.text(max_size=130)))
+@given(
+    st.binary(max_size=300)
+    | st.builds(lambda v: json.dumps(v).encode(), json_values)
+    | st.builds(
+        lambda d, s: json.dumps({"document": d, "signature": s}).encode(),
+        st.text(max_size=40) | st.builds(json.dumps, json_values),
+        st.text(max_size=130),
+    )
+)
 def test_simulated_evidence_parser(data):
     try:
         verify_simulated(data)
@@ -325,11 +382,27 @@ def broker():
 
 
 @FUZZ
-@given(st.binary(max_size=300) | st.builds(lambda v: json.dumps(v).encode(), json_values) | st.builds(
-    lambda over: json.dumps({"evidence_type": "simulated", "evidence": base64.b64encode(b"{}").decode(), "public_key": "11" * 32,
-                             "nonce": "00" * 40, "key_ids": ["0123456789abcdef"], **over}).encode(),
-    st.dictionaries(st.sampled_from(["protocol", "evidence_type", "evidence", "public_key", "nonce", "key_ids", "collateral"]),
-                    json_values, max_size=3)))
+@given(
+    st.binary(max_size=300)
+    | st.builds(lambda v: json.dumps(v).encode(), json_values)
+    | st.builds(
+        lambda over: json.dumps(
+            {
+                "evidence_type": "simulated",
+                "evidence": base64.b64encode(b"{}").decode(),
+                "public_key": "11" * 32,
+                "nonce": "00" * 40,
+                "key_ids": ["0123456789abcdef"],
+                **over,
+            }
+        ).encode(),
+        st.dictionaries(
+            st.sampled_from(["protocol", "evidence_type", "evidence", "public_key", "nonce", "key_ids", "collateral"]),
+            json_values,
+            max_size=3,
+        ),
+    )
+)
 def test_broker_request_bodies(broker, body):
     b, kid = broker  # placeholders become the broker's real key id and a nonce it issued, to get deeper
     body = body.replace(b"0123456789abcdef", kid.encode()).replace(b"00" * 40, b.nonces.issue().hex().encode())

@@ -6,9 +6,16 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from campaign import (MODES, ClientResponseTarget, Outcome, PredictTarget, format_details, format_table, run_campaign,
-                      tamper)
+from campaign import (
+    MODES,
+    ClientResponseTarget,
+    Outcome,
+    PredictTarget,
+    format_details,
+    format_table,
+    run_campaign,
+    tamper,
+)
 
 TRIALS = 30
 
@@ -26,9 +33,18 @@ def test_short_tamper_campaign(world, tmp_path, capsys):
     with capsys.disabled():
         print("\n" + format_table(rows))
     names = {r.artifact for r in rows}
-    assert {"bundle/header.json", "bundle/stage-00.bin", "bundle/stage-02.bin", "request (predict)", "result (decrypt-result)",
-            "broker/POST /v1/keys body", "client/GET /v1/nonce response", "client/POST /v1/keys response",
-            "result replayed for a new request", "client/impersonated model broker"} <= names
+    assert {
+        "bundle/header.json",
+        "bundle/stage-00.bin",
+        "bundle/stage-02.bin",
+        "request (predict)",
+        "result (decrypt-result)",
+        "broker/POST /v1/keys body",
+        "client/GET /v1/nonce response",
+        "client/POST /v1/keys response",
+        "result replayed for a new request",
+        "client/impersonated model broker",
+    } <= names
     assert not problems, problems
     bad = [f for r in rows for f in r.findings]
     assert sum(r.accepted + r.crashes for r in rows) == 0, "\n" + format_details(rows)

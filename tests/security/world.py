@@ -84,8 +84,16 @@ def build_world(d: str | Path, samples: dict[str, int] | None = None, chunk: int
         write_key_file(d / f"{name}.key", k)
     seal_run(d / "run", keys["mo"], d / "model.btee", chunk_size=chunk)
     g = torch.Generator().manual_seed(seed + 1)
-    w = World(dir=d, bundle=d / "model.btee", mo_key=d / "mo.key", do_keys={o: d / f"{o}.key" for o in samples},
-              requests={}, request_ids={}, results={}, records={})
+    w = World(
+        dir=d,
+        bundle=d / "model.btee",
+        mo_key=d / "mo.key",
+        do_keys={o: d / f"{o}.key" for o in samples},
+        requests={},
+        request_ids={},
+        results={},
+        records={},
+    )
     for o, n in samples.items():
         x = (torch.rand(n, 1, 28, 28, generator=g) - 0.5) / 0.25
         w.inputs[o] = x

@@ -146,16 +146,23 @@ class NonceBook:
         """Accept a nonce once; raise Refusal if forged/foreign, expired or already used."""
         if len(nonce) != NONCE_BYTES:
             raise Refusal(400, "bad_request", f"nonce must be {NONCE_BYTES} bytes")
-        body, tag = nonce[:-self.TAG], nonce[-self.TAG:]
+        body, tag = nonce[: -self.TAG], nonce[-self.TAG :]
         if not hmac.compare_digest(tag, self._tag(body)):
-            raise Refusal(403, "nonce_unknown", "nonce was not issued by this broker (forged, or issued before "
-                                                "a restart); get a fresh one from /v1/nonce")
+            raise Refusal(
+                403,
+                "nonce_unknown",
+                "nonce was not issued by this broker (forged, or issued before "
+                "a restart); get a fresh one from /v1/nonce",
+            )
         issued = int.from_bytes(body[:8], "big") / 1000.0
         now = self.clock()
         with self._lock:
             if nonce in self._used:
-                raise Refusal(403, "nonce_replayed", "nonce was already used (replayed request); "
-                                                     "every request needs a fresh nonce from /v1/nonce")
+                raise Refusal(
+                    403,
+                    "nonce_replayed",
+                    "nonce was already used (replayed request); every request needs a fresh nonce from /v1/nonce",
+                )
             age = now - issued
             if age > self.ttl:
                 raise Refusal(403, "nonce_expired", f"nonce expired: {age:.0f} s old, lifetime {self.ttl:g} s")
@@ -172,9 +179,14 @@ class NonceBook:
 
 
 # --------------------------------------------------------------------------- evidence
-def verify_evidence(policy: Policy, evidence_type: EvidenceType | str, evidence: bytes, *,
-                    collateral: Mapping | None = None,
-                    now: datetime | None = None) -> Claims:
+def verify_evidence(
+    policy: Policy,
+    evidence_type: EvidenceType | str,
+    evidence: bytes,
+    *,
+    collateral: Mapping | None = None,
+    now: datetime | None = None,
+) -> Claims:
     """Verify evidence (not yet its binding or the policy) and return its claims; AttestationError otherwise.
 
     DCAP quotes are verified with the policy's own collateral file. Collateral sent by the client is
@@ -209,9 +221,17 @@ def _as_identity(identity) -> Ed25519PrivateKey:
 class Broker:
     """The key broker's logic, independent of HTTP: nonces, evidence, policy, sealing, audit."""
 
-    def __init__(self, keys, policy, *, identity=None, audit_log: str | os.PathLike | None = None,
-                 nonce_ttl: float = 60.0, clock: Callable[[], float] | None = None,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        keys,
+        policy,
+        *,
+        identity=None,
+        audit_log: str | os.PathLike | None = None,
+        nonce_ttl: float = 60.0,
+        clock: Callable[[], float] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.identity = _as_identity(identity)
         self.identity_bytes = ident.public_bytes(self.identity)
         self.keys = _as_keys(keys)
@@ -221,8 +241,10 @@ class Broker:
         if self.policy.key_ids is not None:
             missing = [k for k in self.policy.key_ids if k not in self.keys]
             if missing:
-                raise BranchyError(f"policy {self.policy.source} releases key id(s) {', '.join(missing)}, "
-                                   f"which the keystore does not hold (it holds {', '.join(sorted(self.keys))})")
+                raise BranchyError(
+                    f"policy {self.policy.source} releases key id(s) {', '.join(missing)}, "
+                    f"which the keystore does not hold (it holds {', '.join(sorted(self.keys))})"
+                )
         self.clock = clock or time.time
         self.nonces = NonceBook(nonce_ttl, self.clock)
         self.log = log or (lambda msg: None)
@@ -322,8 +344,12 @@ class Broker:
             raise Refusal(403, "policy_refused", f"policy refused: {e}") from None
         entry["warnings"] = list(decision.warnings)
         if not hmac.compare_digest(claims.report_data, report_data(public_key, nonce)):
-            raise Refusal(403, "binding_mismatch", "REPORTDATA does not bind this public key and nonce "
-                                                   "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)")
+            raise Refusal(
+                403,
+                "binding_mismatch",
+                "REPORTDATA does not bind this public key and nonce "
+                "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)",
+            )
         sealed = tuple((kid, SUITE.encrypt(pack_key(self.keys[kid], decision.min_model_version), recipient,
                                            info=key_info(kid, nonce))) for kid in kids)  # fmt: skip
         release = KeyRelease(self.identity_bytes, nonce, public_key, tuple(sorted(sealed)), decision.min_model_version,
@@ -333,29 +359,41 @@ class Broker:
         if decision.allowed_data_owners is not None:
             entry["allowed_data_owners"] = len(decision.allowed_data_owners)
         if claims.simulated:
-            simulated_warning(f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(kids)} to {entry.get('remote')}")
+            simulated_warning(
+                f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(kids)} to {entry.get('remote')}"
+            )
         return release.to_json(signature)
 
     # ---- audit
     def _decide(self, entry: dict, status: int, code: str, reason: str | None) -> None:
         granted = status == 200
-        line = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "event": "key_request",
-                "decision": "granted" if granted else "refused", "status": status, "code": code, "reason": reason,
-                **entry}
+        line = {
+            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "event": "key_request",
+            "decision": "granted" if granted else "refused",
+            "status": status,
+            "code": code,
+            "reason": reason,
+            **entry,
+        }
         try:
             self.audit(line)
         except OSError as e:
             self.log(f"cannot write the audit log: {e.strerror or e}")
             if granted:  # no unaudited release
-                raise Refusal(500, "audit_failed", f"audit log unavailable ({e.strerror or e}); keys not released") from None
+                raise Refusal(
+                    500, "audit_failed", f"audit log unavailable ({e.strerror or e}); keys not released"
+                ) from None
         with self._audit_lock:
             if granted:
                 self.granted += 1
             else:
                 self.refused += 1
         who = line.get("claims", {}).get("mrenclave", "?")[:16]
-        self.log(f"{line['decision']} {', '.join(entry.get('key_ids', []) or ['-'])} to {entry.get('remote')} "
-                 f"(MRENCLAVE {who}...)" + (f": {reason}" if reason else ""))
+        self.log(
+            f"{line['decision']} {', '.join(entry.get('key_ids', []) or ['-'])} to {entry.get('remote')} "
+            f"(MRENCLAVE {who}...)" + (f": {reason}" if reason else "")
+        )
 
     def audit(self, record: dict) -> None:
         """Append one JSON line to the audit log, flushed and fsynced (no-op without a log)."""

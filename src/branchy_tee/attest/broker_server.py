@@ -118,8 +118,10 @@ async def _start_site(broker: Broker, host: str, port: int, ssl_ctx):
 
 def _startup_warnings(broker: Broker, host: str, tls: bool, warn: Callable[[str], None]) -> None:
     if not tls and not _is_loopback(host):
-        warn(f"serving plain HTTP on non-loopback address {host}: the network sees nonces and evidence (keys "
-             "stay HPKE-sealed to the enclave); use --tls-cert/--tls-key")
+        warn(
+            f"serving plain HTTP on non-loopback address {host}: the network sees nonces and evidence (keys "
+            "stay HPKE-sealed to the enclave); use --tls-cert/--tls-key"
+        )
     if broker.policy.allow_simulation:
         simulated_warning(f"ALLOWED by policy {broker.policy.source}: this broker releases keys to non-enclaves")
 
@@ -157,9 +159,20 @@ class BrokerHandle:
         self.stop()
 
 
-def start_broker(keys, policy, host: str = "127.0.0.1", port: int = 0, audit_log: str | os.PathLike | None = None, *,
-                 identity=None, tls_cert=None, tls_key=None, nonce_ttl: float = 60.0,
-                 clock: Callable[[], float] | None = None, log: Callable[[str], None] | None = None) -> BrokerHandle:
+def start_broker(
+    keys,
+    policy,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    audit_log: str | os.PathLike | None = None,
+    *,
+    identity=None,
+    tls_cert=None,
+    tls_key=None,
+    nonce_ttl: float = 60.0,
+    clock: Callable[[], float] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BrokerHandle:
     """Serve a key broker in a background thread; return once it listens (``handle.url``).
 
     ``keys``: a keystore path, a ``{key id: key}`` mapping or a list of keys. ``policy``: a
@@ -171,8 +184,9 @@ def start_broker(keys, policy, host: str = "127.0.0.1", port: int = 0, audit_log
     return serve_in_background(broker, host, port, tls_cert=tls_cert, tls_key=tls_key)
 
 
-def serve_in_background(broker: Broker, host: str = "127.0.0.1", port: int = 0, *, tls_cert=None,
-                        tls_key=None) -> BrokerHandle:
+def serve_in_background(
+    broker: Broker, host: str = "127.0.0.1", port: int = 0, *, tls_cert=None, tls_key=None
+) -> BrokerHandle:
     """Serve an existing :class:`Broker` in a background thread (``start_broker`` builds one for you)."""
     try:
         ssl_ctx = _ssl_context(tls_cert, tls_key)
@@ -213,8 +227,19 @@ def serve_in_background(broker: Broker, host: str = "127.0.0.1", port: int = 0, 
     return handle
 
 
-def serve(keys_path, policy_path, listen: str, *, identity, tls_cert=None, tls_key=None, audit_log=None,
-          nonce_ttl: float = 60.0, out=None, quiet: bool = False) -> int:
+def serve(
+    keys_path,
+    policy_path,
+    listen: str,
+    *,
+    identity,
+    tls_cert=None,
+    tls_key=None,
+    audit_log=None,
+    nonce_ttl: float = 60.0,
+    out=None,
+    quiet: bool = False,
+) -> int:
     """Run a key broker in the foreground until SIGINT/SIGTERM (``branchy-tee key-broker``)."""
     import signal
 
@@ -225,8 +250,14 @@ def serve(keys_path, policy_path, listen: str, *, identity, tls_cert=None, tls_k
     keys = load_keystore(keys_path)
     policy = load_policy(policy_path)
     err = lambda m: (sys.stderr.write(f"key-broker: {m}\n"), sys.stderr.flush())  # noqa: E731
-    broker = Broker(keys, policy, identity=ident.load_identity(identity), audit_log=audit_log, nonce_ttl=nonce_ttl,
-                    log=None if quiet else err)
+    broker = Broker(
+        keys,
+        policy,
+        identity=ident.load_identity(identity),
+        audit_log=audit_log,
+        nonce_ttl=nonce_ttl,
+        log=None if quiet else err,
+    )
     ssl_ctx = _ssl_context(tls_cert, tls_key)
 
     async def main() -> None:
@@ -238,8 +269,11 @@ def serve(keys_path, policy_path, listen: str, *, identity, tls_cert=None, tls_k
         _startup_warnings(broker, host, ssl_ctx is not None, lambda m: err(f"warning: {m}"))
         out.write(f"key broker listening on {_url(host, real_port, ssl_ctx is not None)}\n")
         out.write(f"  identity {broker.identity_hex}\n")
-        out.write(f"  releases key id(s) {', '.join(broker.released_ids)} under policy {policy.source}"
-                  + (f"; audit log {audit_log}" if audit_log else "; no audit log") + "\n")
+        out.write(
+            f"  releases key id(s) {', '.join(broker.released_ids)} under policy {policy.source}"
+            + (f"; audit log {audit_log}" if audit_log else "; no audit log")
+            + "\n"
+        )
         out.flush()
         try:
             await stop.wait()

@@ -79,11 +79,25 @@ class BrokerOffer:
 class AttestedKeys:
     """Keys by remote attestation from the owners' brokers (``predict --attest gramine|simulated``)."""
 
-    def __init__(self, attest: str, model_broker: str, model_broker_identity: bytes, data_brokers,
-                 attestation_dir: str = DEFAULT_ATTESTATION_DIR, ca_file: str | None = None, min_version: int = 0, *,
-                 dev_key_dir: str | os.PathLike | None = None, timeout: float = 30.0, provider=None):
-        self.provider = provider if provider is not None else make_provider(
-            attest, attestation_dir=attestation_dir, dev_key_dir=dev_key_dir)
+    def __init__(
+        self,
+        attest: str,
+        model_broker: str,
+        model_broker_identity: bytes,
+        data_brokers,
+        attestation_dir: str = DEFAULT_ATTESTATION_DIR,
+        ca_file: str | None = None,
+        min_version: int = 0,
+        *,
+        dev_key_dir: str | os.PathLike | None = None,
+        timeout: float = 30.0,
+        provider=None,
+    ):
+        self.provider = (
+            provider
+            if provider is not None
+            else make_provider(attest, attestation_dir=attestation_dir, dev_key_dir=dev_key_dir)
+        )
         self.model_broker = _broker_url(model_broker, "model key broker")
         if not isinstance(model_broker_identity, bytes) or len(model_broker_identity) != 32:
             raise BranchyError("the model key broker's identity must be 32 bytes (its Ed25519 public key)")
@@ -115,8 +129,10 @@ class AttestedKeys:
         if kid not in self._model:
             offer = self.offer(self.model_broker)
             if kid not in offer.key_ids:
-                raise BranchyError(f"model key broker {offer.url} does not release model key id {kid} "
-                                   f"(it releases: {', '.join(offer.key_ids) or 'none'})")
+                raise BranchyError(
+                    f"model key broker {offer.url} does not release model key id {kid} "
+                    f"(it releases: {', '.join(offer.key_ids) or 'none'})"
+                )
             keys, release = self.exchange(offer, [kid], self.model_broker_identity)
             self._model.update(keys)
             self.allowed_data_owners = release.allowed_data_owners or ()
@@ -137,8 +153,10 @@ class AttestedKeys:
         if self.allowed_data_owners is None:
             raise BranchyError("data keys are fetched after the model key (its broker says who may use the model)")
         if not self.allowed_data_owners:
-            raise AttestationError(f"the model owner's broker {self.model_broker} allows no data owner to use this model "
-                                   "(its policy has no allowed_data_owners); no data key is used")
+            raise AttestationError(
+                f"the model owner's broker {self.model_broker} allows no data owner to use this model "
+                "(its policy has no allowed_data_owners); no data key is used"
+            )
         remaining = list(dict.fromkeys(kids))
         out: dict[str, bytes] = {}
         for url in self.data_brokers:
@@ -149,14 +167,18 @@ class AttestedKeys:
             if mine and offer.identity not in self.allowed_data_owners:
                 # refuse before sending evidence (the signed release would be refused anyway)
                 who = offer.identity.hex() if offer.identity else "none given"
-                raise AttestationError(f"data key broker {url} has identity {who}, which the model owner does not "
-                                       "allow to use this model (not in allowed_data_owners); its keys are refused")
+                raise AttestationError(
+                    f"data key broker {url} has identity {who}, which the model owner does not "
+                    "allow to use this model (not in allowed_data_owners); its keys are refused"
+                )
             if mine:
                 out.update(self.exchange(offer, mine, None)[0])
                 remaining = [k for k in remaining if k not in out]
         if remaining:
-            raise BranchyError(f"no data key broker releases data key id(s) {', '.join(remaining)} "
-                               f"(asked {', '.join(self.data_brokers) or 'none'})")
+            raise BranchyError(
+                f"no data key broker releases data key id(s) {', '.join(remaining)} "
+                f"(asked {', '.join(self.data_brokers) or 'none'})"
+            )
         return out
 
     def min_model_version(self) -> int:
@@ -171,7 +193,9 @@ class AttestedKeys:
             raise AttestationError(f"key broker {url}: malformed nonce response ({e})") from None
         return BrokerOffer(url, offer.nonce, offer.key_ids, offer.identity)
 
-    def exchange(self, offer: BrokerOffer, kids: list[str], expect: bytes | None) -> tuple[dict[str, bytes], KeyRelease]:
+    def exchange(
+        self, offer: BrokerOffer, kids: list[str], expect: bytes | None
+    ) -> tuple[dict[str, bytes], KeyRelease]:
         """Attest to one broker with its nonce; return the keys ``kids`` it released and its signed release.
 
         ``expect``: the identity the release must be signed by (the model broker's), or None for a
@@ -187,7 +211,9 @@ class AttestedKeys:
             try:
                 key, sealed_version = unpack_key(SUITE.decrypt(ct, self._sk, info=key_info(kid, nonce)))
             except (InvalidTag, ValueError, TypeError):
-                raise AttestationError(f"key broker {url}: sealed key {kid} does not open (tampered or misdirected)") from None
+                raise AttestationError(
+                    f"key broker {url}: sealed key {kid} does not open (tampered or misdirected)"
+                ) from None
             if key_id(key) != kid:  # only the key's owner can produce a key with this id
                 raise AttestationError(f"key broker {url}: returned a key with id {key_id(key)} for key id {kid}")
             out[kid] = key
@@ -206,22 +232,35 @@ class AttestedKeys:
         except MessageError as e:
             raise AttestationError(f"key broker {url}: {e}") from None
         if expect is not None and release.broker != expect:
-            raise AttestationError(f"key broker {url} answered with identity {release.broker.hex()}, not the expected "
-                                   f"{expect.hex()} (impersonated, or the wrong broker at that address)")
+            raise AttestationError(
+                f"key broker {url} answered with identity {release.broker.hex()}, not the expected "
+                f"{expect.hex()} (impersonated, or the wrong broker at that address)"
+            )
         if expect is None and release.broker not in (self.allowed_data_owners or ()):
-            raise AttestationError(f"data key broker {url} has identity {release.broker.hex()}, which the model owner "
-                                   "does not allow to use this model (not in allowed_data_owners); its keys are refused")
+            raise AttestationError(
+                f"data key broker {url} has identity {release.broker.hex()}, which the model owner "
+                "does not allow to use this model (not in allowed_data_owners); its keys are refused"
+            )
         if not verify_signature(release.broker, RELEASE_PURPOSE, release.message(), signature):
-            raise AttestationError(f"key broker {url}: the key release's signature does not verify under identity "
-                                   f"{release.broker.hex()} (forged or tampered)")
+            raise AttestationError(
+                f"key broker {url}: the key release's signature does not verify under identity "
+                f"{release.broker.hex()} (forged or tampered)"
+            )
         if sorted(kid for kid, _ in release.keys) != sorted(set(kids)):
             raise AttestationError(f"key broker {url}: response does not hold exactly the key ids asked for")
         return release
 
     def _call(self, base: str, method: str, path: str, body: bytes | None = None) -> dict:
-        req = urllib.request.Request(base + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json", "Accept": "application/json",
-                                              "User-Agent": "branchy-tee-enclave/1"})
+        req = urllib.request.Request(
+            base + path,
+            data=body,
+            method=method,
+            headers={
+                "Content-Type": "application/json",
+                "Accept": "application/json",
+                "User-Agent": "branchy-tee-enclave/1",
+            },
+        )
         deadline = time.monotonic() + self.timeout  # for the whole answer: a broker dripping bytes is cut off
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:

@@ -70,8 +70,10 @@ def load_identity(path: str | os.PathLike) -> Ed25519PrivateKey:
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
-        raise BranchyError(f"identity file {path} is not an unencrypted PEM private key "
-                           "(create one with `branchy-tee keygen --identity --out FILE`)") from None
+        raise BranchyError(
+            f"identity file {path} is not an unencrypted PEM private key "
+            "(create one with `branchy-tee keygen --identity --out FILE`)"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise BranchyError(f"identity file {path} does not hold an Ed25519 key")
     return key

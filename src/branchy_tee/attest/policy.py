@@ -33,15 +33,15 @@ import dataclasses
 import difflib
 import os
 import threading
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import tomllib
+
 from ..errors import BranchyError, PolicyError, shown
 from ..measured import identity_problem
-from .protocol import MAX_ALLOWED_DATA_OWNERS
-from .protocol import KEY_ID_RE, EvidenceType
+from .protocol import KEY_ID_RE, MAX_ALLOWED_DATA_OWNERS, EvidenceType
 from .quote import EnclaveClaims
 from .verify import TCB_STATUSES, read_collateral_file
 
@@ -81,22 +81,37 @@ class Claims(EnclaveClaims):
     def from_quote(cls, vq, tcb_evaluation_data_number: int | None = None) -> "Claims":
         """From a :class:`~branchy_tee.attest.verify.VerifiedQuote` (and the collateral's TCB evaluation
         data number, when the TCB status came from collateral)."""
-        return cls(**_enclave_fields(vq), evidence_type=EvidenceType.DCAP, tee=vq.tee, tcb_status=vq.tcb_status,
-                   advisories=tuple(vq.advisories), warnings=tuple(vq.warnings),
-                   tcb_evaluation_data_number=tcb_evaluation_data_number)
+        return cls(
+            **_enclave_fields(vq),
+            evidence_type=EvidenceType.DCAP,
+            tee=vq.tee,
+            tcb_status=vq.tcb_status,
+            advisories=tuple(vq.advisories),
+            warnings=tuple(vq.warnings),
+            tcb_evaluation_data_number=tcb_evaluation_data_number,
+        )
 
     @classmethod
     def from_simulated(cls, doc) -> "Claims":
         """From a :class:`~branchy_tee.attest.providers.SimulatedDocument`."""
-        return cls(**_enclave_fields(doc), evidence_type=EvidenceType.SIMULATED, tee="simulated",
-                   signer_key=doc.public_key)
+        return cls(
+            **_enclave_fields(doc), evidence_type=EvidenceType.SIMULATED, tee="simulated", signer_key=doc.public_key
+        )
 
     def summary(self) -> dict[str, Any]:
         """For the audit log and error reports (no secrets in claims)."""
-        out = {"evidence_type": self.evidence_type, "tee": self.tee, "mrenclave": self.mrenclave.hex(),
-               "mrsigner": self.mrsigner.hex(), "isv_prod_id": self.isv_prod_id, "isv_svn": self.isv_svn,
-               "debug": self.debug, "tcb_status": self.tcb_status, "advisories": list(self.advisories),
-               "tcb_evaluation_data_number": self.tcb_evaluation_data_number}
+        out = {
+            "evidence_type": self.evidence_type,
+            "tee": self.tee,
+            "mrenclave": self.mrenclave.hex(),
+            "mrsigner": self.mrsigner.hex(),
+            "isv_prod_id": self.isv_prod_id,
+            "isv_svn": self.isv_svn,
+            "debug": self.debug,
+            "tcb_status": self.tcb_status,
+            "advisories": list(self.advisories),
+            "tcb_evaluation_data_number": self.tcb_evaluation_data_number,
+        }
         if self.signer_key is not None:
             out["dev_public_key"] = self.signer_key.hex()
         return out
@@ -144,17 +159,22 @@ class Policy:
 
     def __post_init__(self) -> None:
         if not self.allowed_mrenclave and not self.allowed_mrsigner:
-            raise BranchyError(f"policy {self.source}: set allowed_mrenclave "
-                               "(a policy that names no enclave would accept any)")
+            raise BranchyError(
+                f"policy {self.source}: set allowed_mrenclave (a policy that names no enclave would accept any)"
+            )
         if not self.allowed_mrenclave and not self.own_signing_key:
-            raise BranchyError(f"policy {self.source}: pins only allowed_mrsigner, but the host builds and signs the "
-                               "enclave, so MRSIGNER alone pins the host's own key; pin allowed_mrenclave (from the "
-                               "model owner's release statement), or set own_signing_key = true if you sign your "
-                               "enclaves yourself")
+            raise BranchyError(
+                f"policy {self.source}: pins only allowed_mrsigner, but the host builds and signs the "
+                "enclave, so MRSIGNER alone pins the host's own key; pin allowed_mrenclave (from the "
+                "model owner's release statement), or set own_signing_key = true if you sign your "
+                "enclaves yourself"
+            )
         if self.accept_client_collateral and self.min_tcb_evaluation_data_number is None:
-            raise BranchyError(f"policy {self.source}: accept_client_collateral = true needs "
-                               "min_tcb_evaluation_data_number (else the host may send old, Intel-signed collateral "
-                               "from before a TCB recovery)")
+            raise BranchyError(
+                f"policy {self.source}: accept_client_collateral = true needs "
+                "min_tcb_evaluation_data_number (else the host may send old, Intel-signed collateral "
+                "from before a TCB recovery)"
+            )
         if "Revoked" in self.accepted_tcb_statuses:
             raise BranchyError(f"policy {self.source}: TCB status 'Revoked' can never be accepted")
         if self.stale_collateral not in STALE_CHOICES:
@@ -168,7 +188,9 @@ class Policy:
         try:
             st = os.stat(self.collateral_path)
         except OSError as e:
-            raise BranchyError(f"policy {self.source}: cannot read collateral {self.collateral_path}: {e.strerror or e}") from None
+            raise BranchyError(
+                f"policy {self.source}: cannot read collateral {self.collateral_path}: {e.strerror or e}"
+            ) from None
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         with self._lock:
             if self._collateral_cache is None or self._collateral_cache[0] != stamp:
@@ -198,40 +220,60 @@ class Policy:
         elif claims.evidence_type != EvidenceType.DCAP:
             raise PolicyError(f"evidence type {ascii(str(claims.evidence_type))} is not supported")
         elif claims.tee != "sgx":
-            raise PolicyError(f"tee: the evidence is a {claims.tee.upper()} quote; this policy accepts SGX enclaves only")
+            raise PolicyError(
+                f"tee: the evidence is a {claims.tee.upper()} quote; this policy accepts SGX enclaves only"
+            )
         if self.allowed_mrenclave and claims.mrenclave not in self.allowed_mrenclave:
-            raise PolicyError(f"allowed_mrenclave: MRENCLAVE {claims.mrenclave.hex()} is not allowed "
-                              f"(policy allows {_short(m.hex() for m in self.allowed_mrenclave)})")
+            raise PolicyError(
+                f"allowed_mrenclave: MRENCLAVE {claims.mrenclave.hex()} is not allowed "
+                f"(policy allows {_short(m.hex() for m in self.allowed_mrenclave)})"
+            )
         if self.allowed_mrsigner and claims.mrsigner not in self.allowed_mrsigner:
-            raise PolicyError(f"allowed_mrsigner: MRSIGNER {claims.mrsigner.hex()} is not allowed "
-                              f"(policy allows {_short(m.hex() for m in self.allowed_mrsigner)})")
+            raise PolicyError(
+                f"allowed_mrsigner: MRSIGNER {claims.mrsigner.hex()} is not allowed "
+                f"(policy allows {_short(m.hex() for m in self.allowed_mrsigner)})"
+            )
         if self.isv_prod_id is not None and claims.isv_prod_id != self.isv_prod_id:
-            raise PolicyError(f"isv_prod_id: the enclave's ISVPRODID is {claims.isv_prod_id}, policy requires {self.isv_prod_id}")
+            raise PolicyError(
+                f"isv_prod_id: the enclave's ISVPRODID is {claims.isv_prod_id}, policy requires {self.isv_prod_id}"
+            )
         if claims.isv_svn < self.min_isv_svn:
-            raise PolicyError(f"min_isv_svn: the enclave's ISVSVN {claims.isv_svn} is below the policy minimum {self.min_isv_svn}")
+            raise PolicyError(
+                f"min_isv_svn: the enclave's ISVSVN {claims.isv_svn} is below the policy minimum {self.min_isv_svn}"
+            )
         if claims.debug and not self.allow_debug:
-            raise PolicyError("allow_debug: the enclave runs in DEBUG mode (the host can read its memory); "
-                              "policy has allow_debug = false")
+            raise PolicyError(
+                "allow_debug: the enclave runs in DEBUG mode (the host can read its memory); "
+                "policy has allow_debug = false"
+            )
         if not claims.simulated:
             status = claims.tcb_status
             if status is None and self.min_tcb_evaluation_data_number is not None:
-                raise PolicyError("min_tcb_evaluation_data_number: the quote's TCB status is unknown (no collateral), "
-                                  "so the minimum cannot be checked")
+                raise PolicyError(
+                    "min_tcb_evaluation_data_number: the quote's TCB status is unknown (no collateral), "
+                    "so the minimum cannot be checked"
+                )
             if status is None:
                 if self.require_collateral:
-                    raise PolicyError("require_collateral: the quote's TCB status is unknown (no collateral); give the "
-                                      "policy a collateral file or set require_collateral = false")
+                    raise PolicyError(
+                        "require_collateral: the quote's TCB status is unknown (no collateral); give the "
+                        "policy a collateral file or set require_collateral = false"
+                    )
                 warnings.append("TCB status not checked (no collateral; require_collateral = false)")
             elif status == "Revoked" or status not in self.accepted_tcb_statuses:
                 adv = f" (advisories {', '.join(claims.advisories)})" if claims.advisories else ""
-                raise PolicyError(f"accepted_tcb_statuses: the platform's TCB status is {status}{adv}; "
-                                  f"policy accepts {_short(self.accepted_tcb_statuses, 10)}")
+                raise PolicyError(
+                    f"accepted_tcb_statuses: the platform's TCB status is {status}{adv}; "
+                    f"policy accepts {_short(self.accepted_tcb_statuses, 10)}"
+                )
             minimum = self.min_tcb_evaluation_data_number
             if status is not None and minimum is not None:
                 number = claims.tcb_evaluation_data_number
                 if number is None or number < minimum:
-                    raise PolicyError(f"min_tcb_evaluation_data_number: the collateral's TCB evaluation data number is "
-                                      f"{number}, below the policy minimum {minimum} (collateral from before a TCB recovery)")
+                    raise PolicyError(
+                        f"min_tcb_evaluation_data_number: the collateral's TCB evaluation data number is "
+                        f"{number}, below the policy minimum {minimum} (collateral from before a TCB recovery)"
+                    )
         return Decision(self.min_model_version, tuple(warnings), self.allowed_data_owners)
 
     def describe(self) -> dict[str, Any]:
@@ -284,7 +326,9 @@ class _Reader:
         if values is None:
             return None
         if len(values) > MAX_ALLOWED_DATA_OWNERS:
-            raise self.fail(name, f"lists {len(values)} identities; at most {MAX_ALLOWED_DATA_OWNERS} fit in a key release")
+            raise self.fail(
+                name, f"lists {len(values)} identities; at most {MAX_ALLOWED_DATA_OWNERS} fit in a key release"
+            )
         for s in values:
             problem = identity_problem(s)
             if problem:
@@ -311,7 +355,9 @@ def _check_known(data: Mapping[str, Any], source: str) -> None:
         for k in unknown:
             close = difflib.get_close_matches(str(k), SETTINGS, n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise BranchyError(f"policy {source}: unknown setting {', '.join(hints)}; known settings: {', '.join(SETTINGS)}")
+        raise BranchyError(
+            f"policy {source}: unknown setting {', '.join(hints)}; known settings: {', '.join(SETTINGS)}"
+        )
 
 
 def _statuses(r: "_Reader") -> frozenset[str]:
@@ -321,7 +367,10 @@ def _statuses(r: "_Reader") -> frozenset[str]:
             raise r.fail("accepted_tcb_statuses", "lists 'Revoked', which can never be accepted")
         if s not in TCB_STATUSES:
             close = difflib.get_close_matches(s, sorted(TCB_STATUSES), n=1)
-            raise r.fail("accepted_tcb_statuses", f"lists unknown status {s!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise r.fail(
+                "accepted_tcb_statuses",
+                f"lists unknown status {s!r}" + (f" (did you mean {close[0]!r}?)" if close else ""),
+            )
     return frozenset(["UpToDate"] if statuses is None else statuses)
 
 
@@ -347,7 +396,9 @@ def _collateral_path(r: "_Reader", base_dir) -> Path | None:
     return Path(base_dir) / path if not path.is_absolute() and base_dir is not None else path
 
 
-def parse_policy(data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike | None = None) -> Policy:
+def parse_policy(
+    data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike | None = None
+) -> Policy:
     """A :class:`Policy` from a mapping (the parsed TOML). Relative paths resolve against ``base_dir``."""
     if not isinstance(data, Mapping):
         raise BranchyError(f"policy {source}: must be a table of settings")

@@ -49,7 +49,6 @@ SUITE_NAME = "DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM"
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 
 
-
 class EvidenceType(Choice):
     """What a key request's evidence is (its ``evidence_type``)."""
 
@@ -155,8 +154,11 @@ class NonceOffer:
         doc = _json_object(body, "nonce response")
         nonce = _hexfield(doc, "nonce", NONCE_BYTES)
         kids = doc.get("key_ids", [])
-        if not isinstance(kids, list) or len(kids) > MAX_KEY_IDS or not all(
-                isinstance(k, str) and KEY_ID_RE.fullmatch(k) for k in kids):
+        if (
+            not isinstance(kids, list)
+            or len(kids) > MAX_KEY_IDS
+            or not all(isinstance(k, str) and KEY_ID_RE.fullmatch(k) for k in kids)
+        ):
             raise MessageError("'key_ids' must be a list of key ids")
         identity = _hexfield(doc, "identity", IDENTITY_BYTES) if doc.get("identity") is not None else None
         ttl = doc.get("expires_in", 0)
@@ -188,7 +190,9 @@ class KeyRequest:
         """Every member checked in turn (MessageError names the first that is wrong)."""
         doc = _json_object(body, "request body")
         if doc.get("protocol", PROTOCOL) != PROTOCOL:
-            raise MessageError(f"unsupported protocol {ascii(str(doc.get('protocol'))[:40])}; this broker speaks {PROTOCOL}")
+            raise MessageError(
+                f"unsupported protocol {ascii(str(doc.get('protocol'))[:40])}; this broker speaks {PROTOCOL}"
+            )
         etype = doc.get("evidence_type")
         if etype not in EvidenceType.names():
             raise MessageError(f"'evidence_type' must be one of {', '.join(EvidenceType.names())}")
@@ -245,7 +249,8 @@ class KeyRelease:
             "identity": self.broker.hex(),
             "keys": {kid: base64.b64encode(sealed).decode() for kid, sealed in self.keys},
             "min_model_version": self.min_model_version,
-            "allowed_data_owners": None if self.allowed_data_owners is None
+            "allowed_data_owners": None
+            if self.allowed_data_owners is None
             else sorted(o.hex() for o in self.allowed_data_owners),
             "signature": signature.hex(),
         }
@@ -276,4 +281,3 @@ class KeyRelease:
             why = e if isinstance(e, MessageError) else "a member is missing"
             raise MessageError(f"malformed key release ({why})") from None
         return cls(broker, nonce, public_key, tuple(sorted(keys)), version, owners), signature
-

@@ -33,7 +33,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Mapping
 
 from cryptography.exceptions import InvalidSignature
@@ -166,7 +165,9 @@ def _check_quote_carries(quote: bytes, report_data: bytes, where: Path) -> None:
     except AttestationError as e:
         raise AttestationError(f"{where}: {e}") from None
     if not hmac.compare_digest(carried, report_data):
-        raise AttestationError(f"{where}: the quote does not carry the report data just written (stale or foreign quote)")
+        raise AttestationError(
+            f"{where}: the quote does not carry the report data just written (stale or foreign quote)"
+        )
 
 
 # --------------------------------------------------------------------------- simulated
@@ -211,8 +212,15 @@ class SimulatedProvider:
 
     evidence_type = EvidenceType.SIMULATED
 
-    def __init__(self, key_dir: str | os.PathLike | None = None, *, isv_prod_id: int = 0, isv_svn: int = 0,
-                 debug: bool = False, mrenclave: bytes | None = None):
+    def __init__(
+        self,
+        key_dir: str | os.PathLike | None = None,
+        *,
+        isv_prod_id: int = 0,
+        isv_svn: int = 0,
+        debug: bool = False,
+        mrenclave: bytes | None = None,
+    ):
         self._key = load_or_create_dev_key(key_dir)
         self.public_key = _raw_public(self._key.public_key())
         self.mrsigner = hashlib.sha256(self.public_key).digest()
@@ -303,8 +311,12 @@ def verify_simulated(evidence: bytes) -> SimulatedDocument:
 
 
 # --------------------------------------------------------------------------- factory
-def make_provider(name: EvidenceProvider | str, *, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR,
-                  dev_key_dir: str | os.PathLike | None = None):
+def make_provider(
+    name: EvidenceProvider | str,
+    *,
+    attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR,
+    dev_key_dir: str | os.PathLike | None = None,
+):
     """The evidence provider for ``--attest NAME``."""
     if name == EvidenceProvider.GRAMINE:
         return GramineProvider(attestation_dir)

@@ -244,8 +244,7 @@ class _Reader:
     def take(self, n: int, what: str) -> bytes:
         if n < 0 or n > self.end - self.pos:
             raise AttestationError(
-                f"quote truncated: {what} needs {n} bytes at offset {self.pos}, "
-                f"{max(self.end - self.pos, 0)} left"
+                f"quote truncated: {what} needs {n} bytes at offset {self.pos}, {max(self.end - self.pos, 0)} left"
             )
         out = self.data[self.pos : self.pos + n]
         self.pos += n

@@ -28,7 +28,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-
 # Gramine's quote extension: mbedTLS is handed the bytes 06 09 2A 86 48 86 F8 4D 8A 39 06 as the OID.
 RATLS_QUOTE_OID = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
 NOT_BEFORE = datetime.datetime(2001, 1, 1, tzinfo=datetime.timezone.utc)  # Gramine's defaults

@@ -25,7 +25,9 @@ def evidence_of(cert_der: bytes) -> tuple[str, bytes, bytes]:
         evidence = ext.value
         expected = public_key_report_data(cert.public_key())
     except x509.ExtensionNotFound:
-        raise AttestationError("the server's certificate carries no attestation evidence (not an RA-TLS certificate)") from None
+        raise AttestationError(
+            "the server's certificate carries no attestation evidence (not an RA-TLS certificate)"
+        ) from None
     except (ValueError, TypeError):
         raise AttestationError("the server's certificate cannot be parsed") from None
     if not 0 < len(evidence) <= MAX_EVIDENCE:
@@ -48,8 +50,10 @@ def verify_server_certificate(cert_der: bytes, policy, *, now=None):
     kind, evidence, expected = evidence_of(cert_der)
     claims = verify_evidence(policy, kind, evidence, now=now)
     if not hmac.compare_digest(claims.report_data, expected):
-        raise AttestationError("the server's evidence does not bind the key of the certificate it presented "
-                               "(REPORTDATA is not SHA-256 of its public key): evidence copied from another server")
+        raise AttestationError(
+            "the server's evidence does not bind the key of the certificate it presented "
+            "(REPORTDATA is not SHA-256 of its public key): evidence copied from another server"
+        )
     try:
         policy.evaluate(claims)
     except PolicyError as e:

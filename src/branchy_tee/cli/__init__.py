@@ -15,13 +15,28 @@ from ..parsing import ArgumentParser
 from .common import PROG
 from .enclave import add_enclave
 from .model import add_calibrate, add_eval, add_export, add_models, add_train
-from .owners import add_decrypt_result, add_encrypt_input, add_keygen, add_key_broker, add_quote, add_seal
+from .owners import add_decrypt_result, add_encrypt_input, add_key_broker, add_keygen, add_quote, add_seal
 from .runtime import add_bench, add_demo, add_predict, add_query, add_serve
 
 # Each entry adds one subcommand (or group) to the parser; keep them in the DESIGN.md order.
 BUILDERS: list[Callable] = [
-    add_models, add_train, add_eval, add_calibrate, add_export, add_keygen, add_seal, add_encrypt_input, add_predict,
-    add_decrypt_result, add_quote, add_key_broker, add_demo, add_bench, add_enclave, add_serve, add_query,
+    add_models,
+    add_train,
+    add_eval,
+    add_calibrate,
+    add_export,
+    add_keygen,
+    add_seal,
+    add_encrypt_input,
+    add_predict,
+    add_decrypt_result,
+    add_quote,
+    add_key_broker,
+    add_demo,
+    add_bench,
+    add_enclave,
+    add_serve,
+    add_query,
 ]
 
 
@@ -54,4 +69,3 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `branchy-tee models --json | head`
         sys.stderr.close()
         return 1
-

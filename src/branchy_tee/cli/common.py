@@ -77,9 +77,17 @@ def key_value(value: str) -> tuple[str, object]:
 def add_data_arguments(p, default="fashion-mnist", required=False, default_help=None) -> None:
     from ..choices import DATASETS
 
-    p.add_argument("--dataset", choices=DATASETS, default=None if required else default,
-                   help=f"dataset (default: {default_help or ('as trained' if default is None else default)})")
-    p.add_argument("--data-dir", default=None, help="dataset location (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None if required else default,
+        help=f"dataset (default: {default_help or ('as trained' if default is None else default)})",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset location (default for fashion-mnist: /usr/share/datasets/fashion-mnist)",
+    )
     p.add_argument("--download", action="store_true", help="download CIFAR-10 (official URL, MD5 checked) when missing")
 
 
@@ -88,4 +96,3 @@ ENCLAVE_ENV = ".enclave-env"  # = enclave.env.DEFAULT_ENV_DIR (not imported here
 
 def progress(msg: str) -> None:
     print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
-

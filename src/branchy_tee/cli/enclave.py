@@ -29,43 +29,99 @@ def _add_build(esub) -> None:
                     "and the bundle (id, model key id, minimum version) are measured. With --sgx also sign with "
                     "gramine-sgx-sign and print MRENCLAVE. Owners do not pin what the host prints: the model owner "
                     "reproduces the build and signs a release statement (`enclave release`).")  # fmt: skip
-    b.add_argument("--bundle", required=True, help="the sealed bundle the enclave serves (its architecture sets sgx.enclave_size)")
+    b.add_argument(
+        "--bundle", required=True, help="the sealed bundle the enclave serves (its architecture sets sgx.enclave_size)"
+    )
     b.add_argument("--out", required=True, metavar="DIR", help="build directory")
     b.add_argument("--sgx", action="store_true", help="sign for SGX (needs Gramine and a signing key)")
     b.add_argument("--debug", action="store_true", help="debug enclave (sgx.debug = true; never for production)")
     b.add_argument("--edmm", action="store_true", help="sgx.edmm_enable = true (SGX2 CPUs, Linux >= 6.0)")
     b.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (measured)")
-    b.add_argument("--model-broker-identity", metavar="HEX",
-                   help="its identity (measured; required with --model-broker): only releases it signed are accepted")
-    b.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable; measured)")
-    b.add_argument("--attest", choices=EvidenceProvider.names(), default=EvidenceProvider.GRAMINE.value,
-                   help="evidence provider (default gramine: DCAP)")
+    b.add_argument(
+        "--model-broker-identity",
+        metavar="HEX",
+        help="its identity (measured; required with --model-broker): only releases it signed are accepted",
+    )
+    b.add_argument(
+        "--data-broker",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a data owner's key broker (repeatable; measured)",
+    )
+    b.add_argument(
+        "--attest",
+        choices=EvidenceProvider.names(),
+        default=EvidenceProvider.GRAMINE.value,
+        help="evidence provider (default gramine: DCAP)",
+    )
     b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
-    b.add_argument("--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8")
-    b.add_argument("--allow-plaintext-result", action="store_true", help="let predict --plaintext-result work in the enclave")
-    b.add_argument("--min-model-version", type=int, default=None, metavar="N",
-                   help="refuse older bundles (measured; default: the bundle's model version)")
-    b.add_argument("--io-dir", action="append", default=[], metavar="DIR",
-                   help="directory of requests and results, the only data the enclave may open besides the bundle "
-                        "(repeatable; default DIR/io)")
-    b.add_argument("--stats-dir", action="append", default=[], metavar="DIR", help="directory for --stats-json/--mprofile output (repeatable)")
-    b.add_argument("--signing-key", metavar="PEM",
-                   help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; create one with gramine-sgx-gen-private-key)")
+    b.add_argument(
+        "--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8"
+    )
+    b.add_argument(
+        "--allow-plaintext-result", action="store_true", help="let predict --plaintext-result work in the enclave"
+    )
+    b.add_argument(
+        "--min-model-version",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse older bundles (measured; default: the bundle's model version)",
+    )
+    b.add_argument(
+        "--io-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of requests and results, the only data the enclave may open besides the bundle "
+        "(repeatable; default DIR/io)",
+    )
+    b.add_argument(
+        "--stats-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory for --stats-json/--mprofile output (repeatable)",
+    )
+    b.add_argument(
+        "--signing-key",
+        metavar="PEM",
+        help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; create one with gramine-sgx-gen-private-key)",
+    )
     b.add_argument("--isv-prod-id", type=int, default=0, help="sgx.isvprodid (default 0)")
     b.add_argument("--isv-svn", type=int, default=0, help="sgx.isvsvn, raise it with every security fix (default 0)")
-    b.add_argument("--accept-tcb", action="append", default=None, metavar="STATUS",
-                   help="TCB status the policy snippet accepts (repeatable; default UpToDate)")
-    b.add_argument("--batch-size", type=int, default=64, help="largest predict --batch-size to size the enclave for (default 64)")
-    b.add_argument("--max-samples", type=int, default=4096, help="most samples per run to size the enclave for (default 4096)")
-    b.add_argument("--env", default=ENCLAVE_ENV, metavar="DIR",
-                   help=f"the enclave's Python environment, made when missing (default {ENCLAVE_ENV}; see `enclave env`)")
+    b.add_argument(
+        "--accept-tcb",
+        action="append",
+        default=None,
+        metavar="STATUS",
+        help="TCB status the policy snippet accepts (repeatable; default UpToDate)",
+    )
+    b.add_argument(
+        "--batch-size", type=int, default=64, help="largest predict --batch-size to size the enclave for (default 64)"
+    )
+    b.add_argument(
+        "--max-samples", type=int, default=4096, help="most samples per run to size the enclave for (default 4096)"
+    )
+    b.add_argument(
+        "--env",
+        default=ENCLAVE_ENV,
+        metavar="DIR",
+        help=f"the enclave's Python environment, made when missing (default {ENCLAVE_ENV}; see `enclave env`)",
+    )
     b.add_argument("--enclave-size", metavar="SIZE",
                    help="sgx.enclave_size (e.g. 1G) instead of measuring the runtime: to reproduce a build (its "
                         "enclave.json has the size)")  # fmt: skip
-    b.add_argument("--serve", action="store_true",
-                   help="the enclave runs `serve` (online, attested TLS) instead of `predict`")
-    b.add_argument("--max-connections", type=int, default=64,
-                   help="serve: concurrent connections to have threads for (sgx.max_threads; default 64)")
+    b.add_argument(
+        "--serve", action="store_true", help="the enclave runs `serve` (online, attested TLS) instead of `predict`"
+    )
+    b.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="serve: concurrent connections to have threads for (sgx.max_threads; default 64)",
+    )
     b.add_argument("--json", action="store_true", help="print a JSON summary")
     b.set_defaults(func=cmd_enclave_build)
 
@@ -103,11 +159,18 @@ def _add_release(esub) -> None:
                     "id, model version, model key id, minimum version, model broker and its identity). Build it "
                     "yourself from the same commit and bundle first: never sign a measurement the host printed.")  # fmt: skip
     rel.add_argument("dir", metavar="DIR")
-    rel.add_argument("--identity", required=True, metavar="FILE", help="the model owner's identity (`keygen --identity`)")
-    rel.add_argument("--model-key", required=True, metavar="FILE",
-                     help="your model key: the enclave must pin your bundle, sealed under it")
-    rel.add_argument("--model-broker-identity", metavar="HEX",
-                     help="your key broker's identity, if it is not the --identity itself")
+    rel.add_argument(
+        "--identity", required=True, metavar="FILE", help="the model owner's identity (`keygen --identity`)"
+    )
+    rel.add_argument(
+        "--model-key",
+        required=True,
+        metavar="FILE",
+        help="your model key: the enclave must pin your bundle, sealed under it",
+    )
+    rel.add_argument(
+        "--model-broker-identity", metavar="HEX", help="your key broker's identity, if it is not the --identity itself"
+    )
     rel.add_argument("--out", required=True, metavar="release.json")
     rel.add_argument("--json", action="store_true")
     rel.set_defaults(func=cmd_enclave_release)
@@ -119,15 +182,30 @@ def _add_policy(esub) -> None:
         description="Verify release.json under the model owner's identity and write a key-broker policy that "
                     "releases keys only to the enclave it names (MRENCLAVE pinned, no debug, minimum model version).")  # fmt: skip
     pol.add_argument("--release", required=True, metavar="release.json")
-    pol.add_argument("--model-owner", required=True, metavar="HEX", help="the model owner's identity, known out of band")
+    pol.add_argument(
+        "--model-owner", required=True, metavar="HEX", help="the model owner's identity, known out of band"
+    )
     pol.add_argument("--out", required=True, metavar="POLICY.toml")
-    pol.add_argument("--accept-tcb", action="append", default=None, metavar="STATUS",
-                     help="TCB status to accept (repeatable; default UpToDate)")
+    pol.add_argument(
+        "--accept-tcb",
+        action="append",
+        default=None,
+        metavar="STATUS",
+        help="TCB status to accept (repeatable; default UpToDate)",
+    )
     pol.add_argument("--collateral", metavar="FILE", help="collateral file for DCAP quotes (dcap-qvl layout)")
-    pol.add_argument("--allowed-data-owner", action="append", default=None, metavar="HEX",
-                     help="(model owner's own policy) a data owner's identity that may use the model (repeatable)")
-    pol.add_argument("--allow-simulated", action="store_true",
-                     help="accept a release statement for a SIMULATED enclave (development only: no TEE)")
+    pol.add_argument(
+        "--allowed-data-owner",
+        action="append",
+        default=None,
+        metavar="HEX",
+        help="(model owner's own policy) a data owner's identity that may use the model (repeatable)",
+    )
+    pol.add_argument(
+        "--allow-simulated",
+        action="store_true",
+        help="accept a release statement for a SIMULATED enclave (development only: no TEE)",
+    )
     pol.add_argument("--json", action="store_true")
     pol.set_defaults(func=cmd_enclave_policy)
 
@@ -141,8 +219,10 @@ def cmd_enclave_env(args) -> int:
     if args.json:
         emit_json(summary)
         return 0
-    print(f"{e.status} {e.dir}: Python {e.python}, {summary['files']} files; "
-          + " ".join(f"{n}=={v}" for n, v in sorted(e.packages.items())))
+    print(
+        f"{e.status} {e.dir}: Python {e.python}, {summary['files']} files; "
+        + " ".join(f"{n}=={v}" for n, v in sorted(e.packages.items()))
+    )
     if e.unpinned:
         warn(f"not pinned by the enclave extra or constraints.txt: {', '.join(e.unpinned)}")
     return 0
@@ -170,35 +250,51 @@ def cmd_enclave_build(args) -> int:
     mib = 2**20
     print(f"wrote {s['manifest']} (rendered by {s['rendered_by']})")
     if s["manifest_sha256"]:
-        print(f"  trusted files {s['trusted_files']:,}; hashed manifest {s['manifest_bytes'] / 1e6:.2f} MB, "
-              f"SHA-256 {s['manifest_sha256']}")
+        print(
+            f"  trusted files {s['trusted_files']:,}; hashed manifest {s['manifest_bytes'] / 1e6:.2f} MB, "
+            f"SHA-256 {s['manifest_sha256']}"
+        )
     else:
-        print(f"  trusted files {s['trusted_files']:,} (counted by branchy-tee); the hashed manifest, its size and its "
-              "SHA-256 come from gramine-manifest (`make` in the build directory)")
+        print(
+            f"  trusted files {s['trusted_files']:,} (counted by branchy-tee); the hashed manifest, its size and its "
+            "SHA-256 come from gramine-manifest (`make` in the build directory)"
+        )
     print(f"  enclave environment {s['env']}: {' '.join(s['env_requirements'])}")
     d = s["enclave_size_detail"]
     if d["given"]:
         print(f"  sgx.enclave_size {s['enclave_size']} (given with --enclave-size, not measured)")
     else:
         t = {k: v / mib for k, v in d["terms"].items()}
-        print(f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB (VmPeak, {d['samples']} "
-              f"samples at batch size {d['batch_size']}{', measured earlier' if d['cached'] else ''}) + margin "
-              f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
-              f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, {d['spare'] / mib:.0f} MiB spare")
-    print(f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, EDMM {'yes' if s['edmm'] else 'no'}")
-    print(f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, `make` builds for gramine-direct")
-    print(f"  measured: bundle {s['bundle_id']} (model key id {s['model_key_id']}, minimum model version "
-          f"{s['min_model_version']}); model broker {s['model_broker'] or 'none'}"
-          + (f" (identity {s['model_broker_identity']})" if s["model_broker_identity"] else ""))
+        print(
+            f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB (VmPeak, {d['samples']} "
+            f"samples at batch size {d['batch_size']}{', measured earlier' if d['cached'] else ''}) + margin "
+            f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
+            f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, {d['spare'] / mib:.0f} MiB spare"
+        )
+    print(
+        f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, EDMM {'yes' if s['edmm'] else 'no'}"
+    )
+    print(
+        f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, `make` builds for gramine-direct"
+    )
+    print(
+        f"  measured: bundle {s['bundle_id']} (model key id {s['model_key_id']}, minimum model version "
+        f"{s['min_model_version']}); model broker {s['model_broker'] or 'none'}"
+        + (f" (identity {s['model_broker_identity']})" if s["model_broker_identity"] else "")
+    )
     if s["signed"]:
         print(f"signed: {s['sgx_manifest']}, {s['sigstruct']}")
         print(f"MRENCLAVE {s['mrenclave']}")
         print(f"MRSIGNER  {s['mrsigner']}")
     else:
-        print(f"NOT SIGNED: nothing was signed ({'no --sgx' if not args.sgx else 'Gramine missing'}); on an SGX machine "
-              f"with Gramine run `make SGX=1` in {s['dir']}")
-    print(f"the model owner reproduces this build and signs it: `branchy-tee enclave release {s['dir']} --identity "
-          "mo.id --model-key mo.key --out release.json`")
+        print(
+            f"NOT SIGNED: nothing was signed ({'no --sgx' if not args.sgx else 'Gramine missing'}); on an SGX machine "
+            f"with Gramine run `make SGX=1` in {s['dir']}"
+        )
+    print(
+        f"the model owner reproduces this build and signs it: `branchy-tee enclave release {s['dir']} --identity "
+        "mo.id --model-key mo.key --out release.json`"
+    )
     return 0
 
 
@@ -240,7 +336,8 @@ def cmd_enclave_policy(args) -> int:
         emit_json({"policy": args.out, "release": statement.to_json()})
         return 0
     print(f"release statement verified (signed by the model owner {args.model_owner})")
-    print(f"wrote {args.out}: releases keys only to MRENCLAVE {statement.mrenclave} "
-          f"(bundle {statement.bundle_id}, model version >= {statement.min_model_version})")
+    print(
+        f"wrote {args.out}: releases keys only to MRENCLAVE {statement.mrenclave} "
+        f"(bundle {statement.bundle_id}, model version >= {statement.min_model_version})"
+    )
     return 0
-

@@ -57,11 +57,16 @@ def cmd_quote_verify(args) -> int:
 
 
 def add_keygen(sub) -> None:
-    p = sub.add_parser("keygen", help="create a random 256-bit key, or with --identity a party's Ed25519 identity (mode 0600)")
+    p = sub.add_parser(
+        "keygen", help="create a random 256-bit key, or with --identity a party's Ed25519 identity (mode 0600)"
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="file to create (never overwritten)")
-    p.add_argument("--identity", action="store_true",
-                   help="an Ed25519 identity (PEM) for a key broker, the model owner or a data owner; prints "
-                        "`identity: <64 hex>`, the public part others pin")
+    p.add_argument(
+        "--identity",
+        action="store_true",
+        help="an Ed25519 identity (PEM) for a key broker, the model owner or a data owner; prints "
+        "`identity: <64 hex>`, the public part others pin",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_keygen)
 
@@ -90,9 +95,12 @@ def cmd_keygen(args) -> int:
 
 
 def add_seal(sub) -> None:
-    p = sub.add_parser("seal", help="seal a trained run into an encrypted, authenticated model bundle",
-                       description="Encrypt the run's exported stage graphs (exported first if missing or stale), one "
-                                   "AES-256-GCM file per stage, under an authenticated header.")
+    p = sub.add_parser(
+        "seal",
+        help="seal a trained run into an encrypted, authenticated model bundle",
+        description="Encrypt the run's exported stage graphs (exported first if missing or stale), one "
+        "AES-256-GCM file per stage, under an authenticated header.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--key", required=True, metavar="MODEL_KEY", help="the model owner's key file")
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to create, e.g. model.btee")
@@ -110,20 +118,29 @@ def cmd_seal(args) -> int:
     key = read_key_file(args.key)
     chunk_size = DEFAULT_CHUNK if args.chunk_size is None else args.chunk_size
     header = seal_run(args.run_dir, key, args.out, version=args.version, chunk_size=chunk_size, show=not args.json)
-    summary = {"bundle": args.out, "bundle_id": header.bundle_id, "model_version": header.model_version,
-               "key_id": header.key_id, "stages": [s.sealed_size for s in header.stages]}
+    summary = {
+        "bundle": args.out,
+        "bundle_id": header.bundle_id,
+        "model_version": header.model_version,
+        "key_id": header.key_id,
+        "stages": [s.sealed_size for s in header.stages],
+    }
     if args.json:
         emit_json(summary)
     else:
         sizes = ", ".join(f"{s / 2**20:.2f}" for s in summary["stages"])
-        print(f"sealed {header.arch} v{args.version} into {args.out} (bundle {header.bundle_id}, "
-              f"model key id {header.key_id}); "
-              f"stage files (MiB): {sizes}")
+        print(
+            f"sealed {header.arch} v{args.version} into {args.out} (bundle {header.bundle_id}, "
+            f"model key id {header.key_id}); "
+            f"stage files (MiB): {sizes}"
+        )
     return 0
 
 
 def add_encrypt_input(sub) -> None:
-    p = sub.add_parser("encrypt-input", help="(data owner) preprocess images or a tensor file and encrypt them as a request")
+    p = sub.add_parser(
+        "encrypt-input", help="(data owner) preprocess images or a tensor file and encrypt them as a request"
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images, or a .safetensors/.npy/.pt tensor file")
     p.add_argument("--bundle", required=True, help="the sealed bundle (only its plaintext header is read)")
     p.add_argument("--key", required=True, metavar="DATA_KEY", help="the data owner's key file")
@@ -166,9 +183,12 @@ def add_decrypt_result(sub) -> None:
     which.add_argument("--request-digest", metavar="HEX", help="that request's SHA-256 (encrypt-input prints it)")
     p.add_argument("--expect-bundle", metavar="ID", help="refuse a result answered by any other sealed bundle")
     p.add_argument("--out", metavar="FILE", help="also write the records as JSON to FILE")
-    p.add_argument("--json", action="store_true",
-                   help="print {request_id, request_sha256, bundle_id, model_version, model_key_id, records: "
-                        "[{index, label, class_name, confidence, exit}]}")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print {request_id, request_sha256, bundle_id, model_version, model_key_id, records: "
+        "[{index, label, class_name, confidence, exit}]}",
+    )
     p.set_defaults(func=cmd_decrypt_result)
 
 
@@ -186,30 +206,49 @@ def cmd_decrypt_result(args) -> int:
     header, records = open_result(read_file(args.result, "result"), key, args.result, digest)
     model = header.model
     if args.expect_bundle is not None and model.bundle_id != args.expect_bundle:
-        raise BranchyError(f"{args.result} was answered by bundle {shown(model.bundle_id, 40)}, not the expected "
-                           f"{shown(args.expect_bundle, 40)}")
+        raise BranchyError(
+            f"{args.result} was answered by bundle {shown(model.bundle_id, 40)}, not the expected "
+            f"{shown(args.expect_bundle, 40)}"
+        )
     if args.out:
         atomic_write_text(args.out, json.dumps(records, indent=1) + "\n", mode=0o600)
     if args.json:
-        emit_json({"request_id": header.request_id, "request_sha256": header.request_sha256, **model.to_json(),
-                   "records": records})
+        emit_json(
+            {
+                "request_id": header.request_id,
+                "request_sha256": header.request_sha256,
+                **model.to_json(),
+                "records": records,
+            }
+        )
         return 0
     print(f"result for request {header.request_id}: {len(records)} samples")
-    print(f"answered by bundle {shown(model.bundle_id, 40)}, model version {shown(model.model_version)}, "
-          f"model key id {shown(model.model_key_id, 20)}")
+    print(
+        f"answered by bundle {shown(model.bundle_id, 40)}, model version {shown(model.model_version)}, "
+        f"model key id {shown(model.model_key_id, 20)}"
+    )
     for r in records:
         print(f"{r['index']:>6}  {r['class_name']:<16} confidence {r['confidence']:.3f}  exit {r['exit']}")
     return 0
 
 
 def add_key_broker(sub) -> None:
-    p = sub.add_parser("key-broker", help="(owner) release keys to attested enclaves that match a policy",
-                       description="Serve a key broker: enclaves attest (DCAP quote, or simulated evidence when the "
-                                   "policy allows it) and get the keys the policy releases, HPKE-sealed to them. "
-                                   "Stops on SIGINT/SIGTERM.")
-    p.add_argument("--keys", required=True, metavar="KEYSTORE", help="directory of *.key files (mode 0600), or one key file")
-    p.add_argument("--identity", required=True, metavar="FILE",
-                   help="the broker's Ed25519 identity (`keygen --identity`); it signs every key release")
+    p = sub.add_parser(
+        "key-broker",
+        help="(owner) release keys to attested enclaves that match a policy",
+        description="Serve a key broker: enclaves attest (DCAP quote, or simulated evidence when the "
+        "policy allows it) and get the keys the policy releases, HPKE-sealed to them. "
+        "Stops on SIGINT/SIGTERM.",
+    )
+    p.add_argument(
+        "--keys", required=True, metavar="KEYSTORE", help="directory of *.key files (mode 0600), or one key file"
+    )
+    p.add_argument(
+        "--identity",
+        required=True,
+        metavar="FILE",
+        help="the broker's Ed25519 identity (`keygen --identity`); it signs every key release",
+    )
     p.add_argument("--policy", required=True, metavar="POLICY.toml", help="key-release policy (TOML)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any free port)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain")
@@ -223,6 +262,14 @@ def add_key_broker(sub) -> None:
 def cmd_key_broker(args) -> int:
     from ..attest.broker_server import serve
 
-    return serve(args.keys, args.policy, args.listen, identity=args.identity, tls_cert=args.tls_cert,
-                 tls_key=args.tls_key, audit_log=args.audit_log, nonce_ttl=args.nonce_ttl, quiet=args.quiet)
-
+    return serve(
+        args.keys,
+        args.policy,
+        args.listen,
+        identity=args.identity,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        audit_log=args.audit_log,
+        nonce_ttl=args.nonce_ttl,
+        quiet=args.quiet,
+    )

@@ -54,7 +54,9 @@ def add_query(sub) -> None:
     p.add_argument("--policy", required=True, metavar="POLICY.toml", help="your policy (the one your key broker uses)")
     p.add_argument("--identity", required=True, metavar="FILE", help="your identity (`keygen --identity`)")
     p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--json", action="store_true", help="print a JSON list of {label, class_name, confidence, exit, model}")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON list of {label, class_name, confidence, exit, model}"
+    )
     p.set_defaults(func=cmd_query)
 
 
@@ -77,7 +79,9 @@ def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole flow end to end on this machine: train, seal, brokers, enclave, results")
     p.add_argument("--out", default=None, help="demo directory (default runs/demo-<timestamp>)")
     p.add_argument("--quick", action="store_true", help="tiny model and 64 images (for tests)")
-    p.add_argument("--data-dir", default=None, help="Fashion-MNIST location (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument(
+        "--data-dir", default=None, help="Fashion-MNIST location (default /usr/share/datasets/fashion-mnist)"
+    )
     p.add_argument("--epochs", type=int, default=None, help="override the demo model's training epochs")
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.set_defaults(func=cmd_demo)
@@ -91,20 +95,40 @@ def cmd_demo(args) -> int:
     out = args.out or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
     summary = run_demo(out, quick=args.quick, data_dir=args.data_dir, epochs=args.epochs)
     if args.json:
-        emit_json({k: v for k, v in summary.items() if k != "data_owners"} | {"data_owners": {
-            w: {k: v for k, v in o.items() if k != "records"} for w, o in summary["data_owners"].items()}})
+        emit_json(
+            {k: v for k, v in summary.items() if k != "data_owners"}
+            | {
+                "data_owners": {
+                    w: {k: v for k, v in o.items() if k != "records"} for w, o in summary["data_owners"].items()
+                }
+            }
+        )
     return 0
 
 
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="measure early exit vs full model, staged memory, AEAD, cold start, quote verification")
+    p = sub.add_parser(
+        "bench", help="measure early exit vs full model, staged memory, AEAD, cold start, quote verification"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
-    p.add_argument("--quick", action="store_true", help="tiny models and few repetitions (for tests; figures are not meaningful)")
-    p.add_argument("--cache-dir", default="runs/bench-cache", help="where the trained benchmark model is kept and reused")
-    p.add_argument("--skip", action="append", default=[], choices=["early_exit", "enclave", "exit_profile", "sealed", "quote"],
-                   help="leave out one part (repeatable)")
-    p.add_argument("--serve", action="store_true",
-                   help="also load the online service at 1, 8 and 64 clients, early exit vs --full-model (1-2 min more)")
+    p.add_argument(
+        "--quick", action="store_true", help="tiny models and few repetitions (for tests; figures are not meaningful)"
+    )
+    p.add_argument(
+        "--cache-dir", default="runs/bench-cache", help="where the trained benchmark model is kept and reused"
+    )
+    p.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["early_exit", "enclave", "exit_profile", "sealed", "quote"],
+        help="leave out one part (repeatable)",
+    )
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="also load the online service at 1, 8 and 64 clients, early exit vs --full-model (1-2 min more)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -117,4 +141,3 @@ def cmd_bench(args) -> int:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     print(format_report(result))
     return 0
-

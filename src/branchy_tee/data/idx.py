@@ -87,7 +87,9 @@ def load_idx_dataset(root: str | os.PathLike, split: str, name: str, classes: li
 
 
 def load_fashion_mnist(root=None, split: str = "train") -> ImageDataset:
-    return load_idx_dataset(root or FASHION_MNIST_DIR, split, "fashion-mnist", FASHION_MNIST_CLASSES, FASHION_MNIST_STATS)
+    return load_idx_dataset(
+        root or FASHION_MNIST_DIR, split, "fashion-mnist", FASHION_MNIST_CLASSES, FASHION_MNIST_STATS
+    )
 
 
 def load_mnist(root, split: str = "train") -> ImageDataset:

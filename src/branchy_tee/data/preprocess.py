@@ -75,7 +75,9 @@ def tensor_to_inputs(t: torch.Tensor, pre: Preprocessing, where: str) -> torch.T
     elif t.dim() == 3:
         t = t.unsqueeze(0)
     if t.dim() != 4 or list(t.shape[1:]) != [c, h, w]:
-        raise BranchyError(f"{where}: tensor shape {tuple(t.shape)} does not match the model's input (N, {c}, {h}, {w})")
+        raise BranchyError(
+            f"{where}: tensor shape {tuple(t.shape)} does not match the model's input (N, {c}, {h}, {w})"
+        )
     if t.dtype == torch.uint8:
         return eval_transform(pre)(t)
     if t.dtype in (torch.float32, torch.float64, torch.float16):

@@ -59,7 +59,9 @@ def make_synthetic(
     x = x + torch.randn(x.shape, generator=g) * (0.05 + 0.45 * difficulty).view(n, 1, 1, 1)
     images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
     mean = tuple(float(m) for m in images.float().div(255).mean(dim=(0, 2, 3))) if n else (0.5,) * channels
-    std = tuple(max(float(s), 1e-3) for s in images.float().div(255).std(dim=(0, 2, 3))) if n > 1 else (0.25,) * channels
+    std = (
+        tuple(max(float(s), 1e-3) for s in images.float().div(255).std(dim=(0, 2, 3))) if n > 1 else (0.25,) * channels
+    )
     return ImageDataset(
         name="synthetic",
         images=images,

@@ -53,20 +53,19 @@ import os
 import re
 import shutil
 import subprocess
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jinja2
+import tomllib
 
 from .. import measured
 from ..choices import EvidenceProvider
 from ..errors import BranchyError, UsageError
 from ..seal.aead import MAX_DECRYPT_WORKERS
-from . import MANIFEST_NAME
+from . import MANIFEST_NAME, measure
 from . import env as enclave_env
-from . import measure
 from .config import CONFIG, ENTRIES, EnclaveConfig, load_config, manifest_defines, manifest_env  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -126,8 +125,9 @@ def jinja_environment() -> jinja2.Environment:
                               keep_trailing_newline=True, autoescape=False)  # fmt: skip
 
 
-def render_manifest(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME,
-                    template: str | os.PathLike | None = None) -> str:
+def render_manifest(
+    defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME, template: str | os.PathLike | None = None
+) -> str:
     """Render the manifest template as gramine-manifest would, ``gramine.runtimedir()`` being
     ``runtimedir``. Raises ``jinja2.UndefinedError`` when a value is missing."""
     env = jinja_environment()
@@ -149,8 +149,10 @@ def entry_script(python: str, entry: str = "predict") -> str:
     text = _render("branchy-tee-entry.template", python=python, module=ENTRIES[entry], command=entry)
     first_line = len(text.encode().split(b"\n", 1)[0]) + 1
     if first_line > SHEBANG_LIMIT:
-        raise UsageError(f"the interpreter's path {python} is too long for a script's first line "
-                         f"({first_line} bytes with '#!' and the newline; Gramine reads {SHEBANG_LIMIT})")
+        raise UsageError(
+            f"the interpreter's path {python} is too long for a script's first line "
+            f"({first_line} bytes with '#!' and the newline; Gramine reads {SHEBANG_LIMIT})"
+        )
     return text
 
 
@@ -161,7 +163,9 @@ _BAD_PATH = re.compile(r"[\"'\\$:\x00-\x1f\x7f]")
 def _abs_path(path: str, what: str) -> str:
     p = os.path.abspath(os.path.expanduser(path))
     if _BAD_PATH.search(p):
-        raise UsageError(f"{what} {p!r}: quotes, backslashes, '$', ':' and control characters are not supported in enclave paths")
+        raise UsageError(
+            f"{what} {p!r}: quotes, backslashes, '$', ':' and control characters are not supported in enclave paths"
+        )
     return p
 
 
@@ -200,7 +204,9 @@ def _check_options(opts: BuildOptions, header: BundleHeader) -> tuple[str, str, 
         raise UsageError("--isv-prod-id and --isv-svn are 16-bit numbers (0..65535)")
     if opts.attest not in EvidenceProvider.names():
         raise UsageError(f"--attest is one of {', '.join(EvidenceProvider.names())}")
-    if not opts.accepted_tcb_statuses or any(s not in TCB_STATUSES or s == "Revoked" for s in opts.accepted_tcb_statuses):
+    if not opts.accepted_tcb_statuses or any(
+        s not in TCB_STATUSES or s == "Revoked" for s in opts.accepted_tcb_statuses
+    ):
         raise UsageError(f"--accept-tcb takes one of {', '.join(sorted(TCB_STATUSES - {'Revoked'}))}")
     min_version = header.model_version if opts.min_model_version is None else opts.min_model_version
     if min_version < 0:
@@ -208,8 +214,10 @@ def _check_options(opts: BuildOptions, header: BundleHeader) -> tuple[str, str, 
     model_broker = _check_url(opts.model_broker, "--model-broker") if opts.model_broker else ""
     identity = opts.model_broker_identity or ""
     if model_broker and not identity:
-        raise UsageError("--model-broker needs --model-broker-identity HEX (the broker's identity, as `branchy-tee keygen "
-                         "--identity` printed it): the enclave accepts only key releases signed by it")
+        raise UsageError(
+            "--model-broker needs --model-broker-identity HEX (the broker's identity, as `branchy-tee keygen "
+            "--identity` printed it): the enclave accepts only key releases signed by it"
+        )
     if identity and not model_broker:
         raise UsageError("--model-broker-identity needs --model-broker URL")
     problem = measured.identity_problem(identity) if identity else None
@@ -232,8 +240,10 @@ def _paths(opts: BuildOptions, out: str, bundle: str) -> tuple[list[str], str, s
     for d in [bundle, *io_dirs]:
         for t in [env_dir, launcher] + ([broker_ca] if broker_ca else []):
             if _overlaps(d, t):
-                raise UsageError(f"data directory {d} overlaps the trusted code/configuration path {t}; "
-                                 "keep bundles, requests and results apart from the enclave environment and the build directory's files")
+                raise UsageError(
+                    f"data directory {d} overlaps the trusted code/configuration path {t}; "
+                    "keep bundles, requests and results apart from the enclave environment and the build directory's files"
+                )
     signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
     if _BAD_PATH.search(signing_key) or " " in signing_key:
         raise UsageError(f"--signing-key {signing_key!r}: spaces, quotes, '$' and ':' are not supported")
@@ -298,7 +308,9 @@ def run_tool(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
         raise BranchyError(f"cannot run {argv[0]}: {e.strerror or e}") from None
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise BranchyError(f"{Path(argv[0]).name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+        raise BranchyError(
+            f"{Path(argv[0]).name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
+        )
     return proc
 
 
@@ -327,7 +339,13 @@ def parse_sigstruct_view(text: str) -> dict:
             raise ValueError
     except (KeyError, ValueError, TypeError):
         raise BranchyError("cannot read MRENCLAVE/MRSIGNER from gramine-sgx-sigstruct-view's JSON output") from None
-    return {"mrenclave": mrenclave, "mrsigner": mrsigner, "isv_prod_id": isv_prod_id, "isv_svn": isv_svn, "debug": debug}
+    return {
+        "mrenclave": mrenclave,
+        "mrsigner": mrsigner,
+        "isv_prod_id": isv_prod_id,
+        "isv_svn": isv_svn,
+        "debug": debug,
+    }
 
 
 def read_sigstruct(directory: str | os.PathLike) -> dict:
@@ -346,17 +364,25 @@ def manifest_figures(path: str | os.PathLike) -> dict:
     data = Path(path).read_bytes()
     manifest = tomllib.loads(data.decode())
     trusted = manifest.get("sgx", {}).get("trusted_files", [])
-    hashed = isinstance(manifest.get("loader", {}).get("entrypoint"), dict) and "sha256" in manifest["loader"]["entrypoint"]
+    hashed = (
+        isinstance(manifest.get("loader", {}).get("entrypoint"), dict) and "sha256" in manifest["loader"]["entrypoint"]
+    )
     if not hashed or not all(isinstance(t, dict) and "sha256" in t for t in trusted):
-        raise BranchyError(f"the gramine-manifest on PATH ({which('gramine-manifest')}) did not add loader.entrypoint "
-                           f"and hash the trusted files, so it is Gramine 1.7 or older; this enclave needs Gramine {SUPPORTED_GRAMINE}")
-    return {"trusted_files": len(trusted), "manifest_bytes": len(data), "manifest_sha256": hashlib.sha256(data).hexdigest()}
+        raise BranchyError(
+            f"the gramine-manifest on PATH ({which('gramine-manifest')}) did not add loader.entrypoint "
+            f"and hash the trusted files, so it is Gramine 1.7 or older; this enclave needs Gramine {SUPPORTED_GRAMINE}"
+        )
+    return {
+        "trusted_files": len(trusted),
+        "manifest_bytes": len(data),
+        "manifest_sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME) -> int:
     """The trusted files a rendering would list, counted without Gramine (for the build's report)."""
     entries = tomllib.loads(render_manifest(defines, runtimedir))["sgx"]["trusted_files"]
-    paths = [e[len("file:"):] for e in entries]
+    paths = [e[len("file:") :] for e in entries]
     return sum(enclave_env.count_files(p) if p.endswith("/") else 1 for p in paths)
 
 
@@ -401,11 +427,15 @@ def build(opts: BuildOptions, log=lambda msg: None) -> dict:
 def _warnings(cfg: EnclaveConfig) -> list[str]:
     warnings = []
     if not cfg.model_broker:
-        warnings.append("no --model-broker: inside the enclave keys come only from attested key release, so this enclave "
-                        "can never get the model key (fine for --backend native with key files)")
+        warnings.append(
+            "no --model-broker: inside the enclave keys come only from attested key release, so this enclave "
+            "can never get the model key (fine for --backend native with key files)"
+        )
     elif cfg.model_broker.startswith("http://"):
-        warnings.append("plain-http model broker: key releases are signed by its measured identity and keys are "
-                        "HPKE-sealed, but the network sees nonces and evidence")
+        warnings.append(
+            "plain-http model broker: key releases are signed by its measured identity and keys are "
+            "HPKE-sealed, but the network sees nonces and evidence"
+        )
     if cfg.debug:
         warnings.append("--debug: a debug enclave's memory can be read by the host; policies keep allow_debug = false")
     if cfg.attest == EvidenceProvider.SIMULATED:
@@ -437,14 +467,23 @@ def _render_manifest_file(cfg: EnclaveConfig, out: Path, warnings: list[str]) ->
 def _sign(cfg: EnclaveConfig, out: Path) -> dict:
     missing = [t for t in ("gramine-manifest", "gramine-sgx-sign", "gramine-sgx-sigstruct-view") if not which(t)]
     if missing:
-        raise BranchyError(f"--sgx: {', '.join(missing)} not installed, so nothing was signed "
-                           f"(the manifest and Makefile are in {out}); {INSTALL_HINT}")
+        raise BranchyError(
+            f"--sgx: {', '.join(missing)} not installed, so nothing was signed "
+            f"(the manifest and Makefile are in {out}); {INSTALL_HINT}"
+        )
     if not Path(cfg.signing_key).is_file():
-        raise BranchyError(f"--sgx: no signing key at {cfg.signing_key}, so nothing was signed; "
-                           "create one with `gramine-sgx-gen-private-key` or pass --signing-key PEM (RSA-3072, exponent 3)")
+        raise BranchyError(
+            f"--sgx: no signing key at {cfg.signing_key}, so nothing was signed; "
+            "create one with `gramine-sgx-gen-private-key` or pass --signing-key PEM (RSA-3072, exponent 3)"
+        )
     run_tool(sign_argv(cfg.signing_key), cwd=str(out))
     if not (out / SGX_MANIFEST).is_file() or not (out / SIGSTRUCT).is_file():
         raise BranchyError(f"gramine-sgx-sign did not write {SGX_MANIFEST} and {SIGSTRUCT} in {out}")
     sig = read_measurements(out)
-    return {"signed": True, "sgx_manifest": str(out / SGX_MANIFEST), "sigstruct": str(out / SIGSTRUCT),
-            "mrenclave": sig["mrenclave"], "mrsigner": sig["mrsigner"]}
+    return {
+        "signed": True,
+        "sgx_manifest": str(out / SGX_MANIFEST),
+        "sigstruct": str(out / SIGSTRUCT),
+        "mrenclave": sig["mrenclave"],
+        "mrsigner": sig["mrsigner"],
+    }

@@ -89,8 +89,14 @@ class EnclaveConfig:
     def parse(cls, doc: object, where: str) -> "EnclaveConfig":
         if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT:
             old = isinstance(doc, dict) and str(doc.get("format", "")).startswith("branchy-tee/enclave/")
-            raise BranchyError(f"{where}: " + ("written by another branchy-tee; rebuild with `branchy-tee enclave build`"
-                                               if old else "not a branchy-tee enclave configuration"))
+            raise BranchyError(
+                f"{where}: "
+                + (
+                    "written by another branchy-tee; rebuild with `branchy-tee enclave build`"
+                    if old
+                    else "not a branchy-tee enclave configuration"
+                )
+            )
         names = [f.name for f in dataclasses.fields(cls)]
         if sorted(doc) != sorted(["format", *names, "env", "defines"]):
             raise BranchyError(f"{where}: not exactly the members an enclave configuration has")
@@ -106,8 +112,10 @@ class EnclaveConfig:
             raise BranchyError(f"{where}: unknown evidence provider {ascii(str(cfg.attest))[:40]}")
         cfg = cfg.replace(attest=EvidenceProvider(cfg.attest))
         if doc["env"] != cfg.env or doc["defines"] != cfg.defines:
-            raise BranchyError(f"{where} contradicts itself (its measured environment or manifest values differ from its "
-                               "settings): edited after the build; rebuild it")
+            raise BranchyError(
+                f"{where} contradicts itself (its measured environment or manifest values differ from its "
+                "settings): edited after the build; rebuild it"
+            )
         return cfg
 
 
@@ -170,7 +178,9 @@ def load_config(directory: str | os.PathLike) -> EnclaveConfig:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise BranchyError(f"{directory} is not an enclave build directory (no {CONFIG}); run `branchy-tee enclave build` first") from None
+        raise BranchyError(
+            f"{directory} is not an enclave build directory (no {CONFIG}); run `branchy-tee enclave build` first"
+        ) from None
     except (OSError, ValueError) as e:
         raise BranchyError(f"{path}: unreadable ({e})") from None
     return EnclaveConfig.parse(doc, str(path))

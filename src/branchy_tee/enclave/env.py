@@ -121,7 +121,9 @@ def enclave_requirements() -> list[str]:
     try:
         reqs = metadata.requires(DISTRIBUTION) or []
     except metadata.PackageNotFoundError:
-        raise BranchyError(f"{DISTRIBUTION} is not installed (pip install -e .), so its `{EXTRA}` extra is unknown") from None
+        raise BranchyError(
+            f"{DISTRIBUTION} is not installed (pip install -e .), so its `{EXTRA}` extra is unknown"
+        ) from None
     marker = re.compile(r"""\s*;\s*extra\s*==\s*["']%s["']\s*$""" % EXTRA)
     found = [marker.split(r)[0].strip() for r in reqs if marker.search(r)]
     if not found:
@@ -266,7 +268,9 @@ def listing(directory: Path, skip: Path | None = None) -> list[str]:
     for root, dirs, files in os.walk(directory):
         if skip is not None:
             dirs[:] = [d for d in dirs if Path(root) / d != skip]
-        out += [f"{(Path(root) / f).relative_to(directory).as_posix()}\t{os.lstat(Path(root) / f).st_size}" for f in files]
+        out += [
+            f"{(Path(root) / f).relative_to(directory).as_posix()}\t{os.lstat(Path(root) / f).st_size}" for f in files
+        ]
     return sorted(out)
 
 

@@ -45,11 +45,14 @@ def split_run_arguments(rest: list[str]) -> tuple[list[str], str, list[str]]:
     if tail and tail[0] in ENTRIES:
         command, tail = tail[0], tail[1:]
     elif tail and not tail[0].startswith("-"):
-        raise UsageError(f"only predict or serve run in the enclave, not {tail[0]!r}: use "
-                         "`enclave run DIR -- predict --bundle ...`")
+        raise UsageError(
+            f"only predict or serve run in the enclave, not {tail[0]!r}: use `enclave run DIR -- predict --bundle ...`"
+        )
     if not tail:
-        raise UsageError(f"nothing to run: give {command}'s arguments after `--`, e.g. "
-                         "`branchy-tee enclave run DIR -- predict --bundle model.btee --input req.bin --output res.bin`")
+        raise UsageError(
+            f"nothing to run: give {command}'s arguments after `--`, e.g. "
+            "`branchy-tee enclave run DIR -- predict --bundle model.btee --input req.bin --output res.bin`"
+        )
     return head, command, tail
 
 
@@ -96,21 +99,27 @@ def _inside(path: str, dirs: list[str]) -> bool:
 def check_for_enclave(ns: argparse.Namespace, cfg: EnclaveConfig) -> None:
     """Refuse, before starting Gramine, what the enclave would refuse or could not open."""
     if ns.model_key or ns.data_key:
-        raise UsageError("inside the enclave keys come only from attested key release; --model-key/--data-key "
-                         "are refused (use --backend native for development with key files)")
+        raise UsageError(
+            "inside the enclave keys come only from attested key release; --model-key/--data-key "
+            "are refused (use --backend native for development with key files)"
+        )
     if ns.attestation_dir != "/dev/attestation":
         raise UsageError("inside the enclave the attestation evidence comes from Gramine's /dev/attestation only")
     if ns.plaintext_result and not cfg.allow_plaintext:
         raise UsageError("this enclave was built without --allow-plaintext-result; --plaintext-result is refused")
     if os.path.realpath(ns.bundle) != os.path.realpath(cfg.bundle):
-        raise UsageError(f"this enclave was built for the bundle {cfg.bundle}, not {os.path.abspath(ns.bundle)}; "
-                         "rebuild it with `branchy-tee enclave build --bundle ...`")
+        raise UsageError(
+            f"this enclave was built for the bundle {cfg.bundle}, not {os.path.abspath(ns.bundle)}; "
+            "rebuild it with `branchy-tee enclave build --bundle ...`"
+        )
     for dest in DATA_PATHS:
         value = getattr(ns, dest, None)
         for path in value if isinstance(value, list) else [value] if value else []:
             if not _inside(os.path.abspath(path), list(cfg.io_dirs)):
-                raise UsageError(f"{path} is outside the enclave's data directories ({', '.join(cfg.io_dirs)}); "
-                                 "move it there or rebuild with --io-dir/--stats-dir")
+                raise UsageError(
+                    f"{path} is outside the enclave's data directories ({', '.join(cfg.io_dirs)}); "
+                    "move it there or rebuild with --io-dir/--stats-dir"
+                )
     if ns.broker_ca and cfg.broker_ca and os.path.realpath(ns.broker_ca) != os.path.realpath(cfg.broker_ca):
         raise UsageError(f"--broker-ca must be the measured {cfg.broker_ca} (only it is a trusted file in the enclave)")
     if ns.broker_ca and not cfg.broker_ca:
@@ -139,17 +148,24 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
         raise BranchyError(f"{TOOLS[backend]} not found on PATH: {INSTALL_HINT}; or use --backend native")
     cfg = load_config(directory)
     if command != cfg.entry:
-        raise UsageError(f"the enclave in {directory} was built to run {cfg.entry}, not {command}"
-                         + (" (build it with --serve)" if command == "serve" else ""))
+        raise UsageError(
+            f"the enclave in {directory} was built to run {cfg.entry}, not {command}"
+            + (" (build it with --serve)" if command == "serve" else "")
+        )
     parser = command_parser(command)
     ns = parser.parse_args(args)
     d = Path(directory).resolve()
     if backend == LaunchBackend.NATIVE:
         keys = bool(ns.model_key or ns.data_key)
         if keys:
-            print("branchy-tee enclave run: note: native run with key files: no enclave, so the manifest's measured "
-                  "settings (brokers, plaintext results, minimum model version) are not enforced", file=sys.stderr)
-        return _run_forwarding_signals([cfg.interpreter, "-m", ENTRIES[command], *args], env=native_environment(cfg, keys))
+            print(
+                "branchy-tee enclave run: note: native run with key files: no enclave, so the manifest's measured "
+                "settings (brokers, plaintext results, minimum model version) are not enforced",
+                file=sys.stderr,
+            )
+        return _run_forwarding_signals(
+            [cfg.interpreter, "-m", ENTRIES[command], *args], env=native_environment(cfg, keys)
+        )
 
     check_for_enclave(ns, cfg)
     needed = [SGX_MANIFEST, SIGSTRUCT] if backend == LaunchBackend.SGX else [MANIFEST]

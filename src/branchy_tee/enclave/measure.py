@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -64,14 +63,16 @@ def size_string(n: int) -> str:
 
 
 def parse_size(text: str) -> int:
-    """"512M", "2G" (Gramine's syntax) -> bytes; a power of two of at least 256M."""
+    """ "512M", "2G" (Gramine's syntax) -> bytes; a power of two of at least 256M."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     try:
         n = int(text[:-1]) * units[text[-1].upper()]
     except (ValueError, KeyError, IndexError):
         raise BranchyError(f"--enclave-size {text!r}: give a size like 512M or 2G") from None
     if n < MIN_ENCLAVE or n & (n - 1):
-        raise BranchyError(f"--enclave-size {text}: SGX enclave sizes are powers of two, and this one needs at least 256M")
+        raise BranchyError(
+            f"--enclave-size {text}: SGX enclave sizes are powers of two, and this one needs at least 256M"
+        )
     return n
 
 
@@ -107,8 +108,9 @@ def measurement_environment(loader_env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in loader_env.items() if k != "BRANCHY_TEE_ENCLAVE"}
 
 
-def _cache_key(header: BundleHeader, python: str, env_record: dict, loader_env: dict, batch_size: int,
-               samples: int) -> str:
+def _cache_key(
+    header: BundleHeader, python: str, env_record: dict, loader_env: dict, batch_size: int, samples: int
+) -> str:
     what = {
         "runner": hashlib.sha256(RUNNER.read_bytes()).hexdigest(), "python": python, "env": env_record,
         "header": {**header.facts_json(), "chunk_size": header.chunk_size},
@@ -118,8 +120,15 @@ def _cache_key(header: BundleHeader, python: str, env_record: dict, loader_env: 
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def measure_peak(header: BundleHeader, python: str, env_dir: str, loader_env: dict[str, str], batch_size: int,
-                 max_samples: int, log=lambda msg: None) -> dict:
+def measure_peak(
+    header: BundleHeader,
+    python: str,
+    env_dir: str,
+    loader_env: dict[str, str],
+    batch_size: int,
+    max_samples: int,
+    log=lambda msg: None,
+) -> dict:
     """Run the runtime once (see the module docstring); returns VmPeak, VmHWM and the samples run.
     A result for the same environment, architecture, settings and runner is reused from
     ENV/branchy-tee-sizes.json."""
@@ -136,8 +145,10 @@ def measure_peak(header: BundleHeader, python: str, env_dir: str, loader_env: di
         cache = {}
     if key in cache:
         return {**cache[key], "cached": True}
-    log(f"measuring the runtime's peak memory: {header.arch}, {samples} samples at batch size {batch_size}, "
-        "random weights, in the enclave environment")
+    log(
+        f"measuring the runtime's peak memory: {header.arch}, {samples} samples at batch size {batch_size}, "
+        "random weights, in the enclave environment"
+    )
     with tempfile.TemporaryDirectory(prefix="branchy-tee-size-") as tmp:
         argv = stand_in(header, Path(tmp), samples)
         argv += ["--batch-size", str(batch_size), "--full-model", "--quiet"]

@@ -134,8 +134,10 @@ def _pins(env: dict[str, str], directory: Path) -> dict:
             "model_broker": env.get(measured.MODEL_BROKER, ""),
             "model_broker_identity": env.get(measured.MODEL_BROKER_IDENTITY, "")}  # fmt: skip
     if not pins["model_broker"]:
-        raise BranchyError(f"{directory} was built without --model-broker: such an enclave can never get the model key, "
-                           "so there is nothing to release")
+        raise BranchyError(
+            f"{directory} was built without --model-broker: such an enclave can never get the model key, "
+            "so there is nothing to release"
+        )
     problems = [measured.broker_url_problem(pins["model_broker"]),
                 measured.identity_problem(pins["model_broker_identity"]),
                 None if KEY_ID_RE.fullmatch(pins["model_key_id"]) else "bad model key id",
@@ -166,8 +168,9 @@ def _simulated_measurements(cfg: EnclaveConfig, env: dict[str, str]) -> dict:
             "isv_prod_id": cfg.isv_prod_id, "isv_svn": cfg.isv_svn, "debug": cfg.debug}  # fmt: skip
 
 
-def make_release(directory: str | os.PathLike, identity, model_key: bytes,
-                 broker_identity: str | None = None) -> tuple[ReleaseStatement, str]:
+def make_release(
+    directory: str | os.PathLike, identity, model_key: bytes, broker_identity: str | None = None
+) -> tuple[ReleaseStatement, str]:
     """The signed release statement for the enclave built in ``directory`` (``identity``: the model
     owner's Ed25519 private key). A real-SGX build must have been signed (``make SGX=1``).
 
@@ -186,16 +189,24 @@ def make_release(directory: str | os.PathLike, identity, model_key: bytes,
     from ..seal.keys import key_id
 
     if key_id(model_key) != pins["model_key_id"]:
-        raise BranchyError(f"the enclave in {d} pins model key id {pins['model_key_id']}, not your model key's "
-                           f"{key_id(model_key)}: it would serve another model")
+        raise BranchyError(
+            f"the enclave in {d} pins model key id {pins['model_key_id']}, not your model key's "
+            f"{key_id(model_key)}: it would serve another model"
+        )
     header = open_bundle(cfg.bundle, model_key).header  # the bundle authenticates under your key
     if header.bundle_id != pins["bundle_id"]:
         raise BranchyError(f"the enclave in {d} pins bundle {pins['bundle_id']}, not your bundle {header.bundle_id}")
     expected = broker_identity or identity_hex(identity)
     if not hmac.compare_digest(pins["model_broker_identity"], expected):  # (public values; the lint asks for it)
-        raise BranchyError(f"the enclave in {d} trusts model broker identity {pins['model_broker_identity']}, not "
-                           f"{expected}" + ("" if broker_identity else " (yours; give --model-broker-identity if your "
-                                            "broker runs with another identity)"))
+        raise BranchyError(
+            f"the enclave in {d} trusts model broker identity {pins['model_broker_identity']}, not "
+            f"{expected}"
+            + (
+                ""
+                if broker_identity
+                else " (yours; give --model-broker-identity if your broker runs with another identity)"
+            )
+        )
     manifest = d / MANIFEST
     statement = ReleaseStatement(
         attest=cfg.attest, **{k: m[k] for k in ("mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "debug")},
@@ -209,8 +220,9 @@ def make_release(directory: str | os.PathLike, identity, model_key: bytes,
     return statement, sign(identity, RELEASE_PURPOSE, canonical_json(statement.to_json())).hex()
 
 
-def write_release(directory: str | os.PathLike, identity, out: str | os.PathLike, model_key: bytes,
-                  broker_identity: str | None = None) -> tuple[ReleaseStatement, str]:
+def write_release(
+    directory: str | os.PathLike, identity, out: str | os.PathLike, model_key: bytes, broker_identity: str | None = None
+) -> tuple[ReleaseStatement, str]:
     """Sign and write the release statement; returns it and its signature (hex)."""
     statement, signature = make_release(directory, identity, model_key, broker_identity)
     atomic_write_text(out, json.dumps(statement.signed_json(signature), indent=1) + "\n")
@@ -227,8 +239,9 @@ def verify_release(doc: object, model_owner: str, what: str = "release statement
     if statement["format"] != RELEASE_FORMAT:
         raise BranchyError(f"{what}: unknown format {shown(statement['format'], 40)}")
     if statement["model_owner"] != model_owner:
-        raise BranchyError(f"{what} is signed by {shown(statement['model_owner'], 64)}, not by the model owner "
-                           f"{model_owner} you named")
+        raise BranchyError(
+            f"{what} is signed by {shown(statement['model_owner'], 64)}, not by the model owner {model_owner} you named"
+        )
     sig = doc["signature"]
     try:
         signature = bytes.fromhex(sig) if isinstance(sig, str) else b""
@@ -236,8 +249,10 @@ def verify_release(doc: object, model_owner: str, what: str = "release statement
     except (ValueError, TypeError):
         signature, message = b"", b""
     if not verify(owner, RELEASE_PURPOSE, message, signature):
-        raise BranchyError(f"{what}: the signature does not verify under the model owner's identity {model_owner} "
-                           "(tampered, or signed by someone else)")
+        raise BranchyError(
+            f"{what}: the signature does not verify under the model owner's identity {model_owner} "
+            "(tampered, or signed by someone else)"
+        )
     return ReleaseStatement.parse(statement, f"{what} (signed)")  # the signed members, exactly as read
 
 
@@ -250,16 +265,24 @@ def read_release(path: str | os.PathLike, model_owner: str) -> ReleaseStatement:
     return verify_release(doc, model_owner, f"release statement {path}")
 
 
-def policy_from_release(statement: ReleaseStatement, *, accepted_tcb_statuses=("UpToDate",), collateral: str | None = None,
-                        allowed_data_owners: list[str] | None = None, allow_simulated: bool = False) -> str:
+def policy_from_release(
+    statement: ReleaseStatement,
+    *,
+    accepted_tcb_statuses=("UpToDate",),
+    collateral: str | None = None,
+    allowed_data_owners: list[str] | None = None,
+    allow_simulated: bool = False,
+) -> str:
     """A key-broker policy (TOML text) that releases keys only to the enclave the statement names.
     Every value written, comments included, was checked by :func:`verify_release` (no raw text)."""
     import tomli_w
 
     s = statement
     if s.attest == EvidenceProvider.SIMULATED and not allow_simulated:
-        raise BranchyError("the release statement names a SIMULATED enclave (no TEE: development only); a policy for "
-                           "it is written only with --allow-simulated")
+        raise BranchyError(
+            "the release statement names a SIMULATED enclave (no TEE: development only); a policy for "
+            "it is written only with --allow-simulated"
+        )
     policy: dict[str, Any] = {"allowed_mrenclave": [s.mrenclave], "isv_prod_id": s.isv_prod_id,
                               "min_isv_svn": s.isv_svn, "allow_debug": False,
                               "accepted_tcb_statuses": list(dict.fromkeys(accepted_tcb_statuses)),
@@ -275,7 +298,9 @@ def policy_from_release(statement: ReleaseStatement, *, accepted_tcb_statuses=("
     if collateral:
         policy["collateral"] = collateral
     else:
-        lines.append('# Add collateral = "collateral.json" (Intel TCB info, QE identity, CRLs): DCAP quotes need a TCB status.')
+        lines.append(
+            '# Add collateral = "collateral.json" (Intel TCB info, QE identity, CRLs): DCAP quotes need a TCB status.'
+        )
     if s.attest == EvidenceProvider.SIMULATED:
         policy["allow_simulation"] = True
         lines.append("# SIMULATED attestation (development only): no TEE protects the process that gets the keys.")
@@ -286,8 +311,9 @@ def policy_from_release(statement: ReleaseStatement, *, accepted_tcb_statuses=("
     return "\n".join(lines) + "\n" + tomli_w.dumps(policy)
 
 
-def write_policy_from_release(release: str | os.PathLike, model_owner: str, out: str | os.PathLike,
-                              **kw: Any) -> ReleaseStatement:
+def write_policy_from_release(
+    release: str | os.PathLike, model_owner: str, out: str | os.PathLike, **kw: Any
+) -> ReleaseStatement:
     import tomllib
 
     from ..attest.policy import parse_policy

@@ -142,7 +142,11 @@ def export_stages(model, input_shape, show: bool = False) -> tuple[list[bytes], 
     final = model.num_exits - 1
     for k in tqdm(range(model.num_exits), desc="export ONNX", leave=False, disable=None if show else True):
         last = k == final
-        graphs.append(_export(StageWithExit(model.stages[k], model.exits[k], last), h, [LOG_PROBS] if last else [FEATURES, LOG_PROBS]))
+        graphs.append(
+            _export(
+                StageWithExit(model.stages[k], model.exits[k], last), h, [LOG_PROBS] if last else [FEATURES, LOG_PROBS]
+            )
+        )
         with torch.no_grad():
             out = model.stages[k](h)
         facts.append({"weight_bytes": weight_bytes(graphs[-1]), "activation_elems": (h[0].numel() + out[0].numel())})
@@ -164,7 +168,9 @@ def _weights_digest(run_dir: Path) -> str:
     try:
         return _sha256((run_dir / "model.safetensors").read_bytes())
     except FileNotFoundError:
-        raise BranchyError(f"{run_dir}/model.safetensors: missing (was training interrupted before the first epoch ended?)") from None
+        raise BranchyError(
+            f"{run_dir}/model.safetensors: missing (was training interrupted before the first epoch ended?)"
+        ) from None
 
 
 def export_run(run_dir: str | Path, show: bool = True) -> dict:
@@ -219,7 +225,10 @@ def exported_graphs(run_dir: str | Path, show: bool = True) -> tuple[list[bytes]
     doc = read_export(run_dir)
     if doc is None or doc.get("weights_sha256") != _weights_digest(run_dir):
         if show:
-            print(f"exporting the stage graphs of {run_dir} to ONNX ({'weights changed' if doc else 'none yet'})", flush=True)
+            print(
+                f"exporting the stage graphs of {run_dir} to ONNX ({'weights changed' if doc else 'none yet'})",
+                flush=True,
+            )
         doc = export_run(run_dir, show=show)
     graphs = []
     for entry in doc["stages"]:
@@ -229,6 +238,8 @@ def exported_graphs(run_dir: str | Path, show: bool = True) -> tuple[list[bytes]
         except OSError as e:
             raise BranchyError(f"{path}: cannot read ({e.strerror}); run 'branchy-tee export {run_dir}'") from None
         if _sha256(g) != entry["sha256"]:
-            raise BranchyError(f"{path}: does not match {EXPORT_FILE} (modified after export); run 'branchy-tee export {run_dir}'")
+            raise BranchyError(
+                f"{path}: does not match {EXPORT_FILE} (modified after export); run 'branchy-tee export {run_dir}'"
+            )
         graphs.append(g)
     return graphs, doc

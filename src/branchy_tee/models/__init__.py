@@ -5,6 +5,7 @@ The import order is the order ``list_models()`` reports: small to large, as in D
 
 # isort: off
 from . import lenet, alexnet, vgg, resnet, densenet, mobilenet  # noqa: F401  (registration side effect)
+
 # isort: on
 from .multiexit import MultiExitNet
 from .registry import create_model, list_models, register_model, resolve_name

@@ -68,7 +68,11 @@ def _resnet(block, num_blocks, num_classes: int, in_channels: int, width: int, h
         planes = width * 2**i
         layers: list[nn.Module] = []
         if i == 0:
-            layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
         for s in [1 if i == 0 else 2] + [1] * (n - 1):
             layers.append(block(cin, planes, s))
             cin = planes * block.expansion

@@ -54,8 +54,9 @@ class Job:
 class Batcher:
     """``answer(x) -> per-sample results`` (a list or array of len(x)) run on gathered batches."""
 
-    def __init__(self, answer: Callable[[np.ndarray], Any], max_batch: int = 64, max_wait: float = 0.002,
-                 max_queue: int = 256):
+    def __init__(
+        self, answer: Callable[[np.ndarray], Any], max_batch: int = 64, max_wait: float = 0.002, max_queue: int = 256
+    ):
         if max_batch < 1 or max_queue < 1 or max_wait < 0:
             raise ValueError("max_batch and max_queue must be positive, max_wait not negative")
         self.answer, self.max_batch, self.max_wait, self.max_queue = answer, max_batch, max_wait, max_queue

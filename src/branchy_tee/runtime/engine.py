@@ -67,8 +67,9 @@ class _Waiting:
         return np.concatenate([p for p, _ in taken]), np.concatenate([t for _, t in taken])
 
 
-def early_exit(get_stage, num_exits: int, x: np.ndarray, criterion: Criterion, thresholds, batch_size: int = 64,
-               observe=None) -> Answers:
+def early_exit(
+    get_stage, num_exits: int, x: np.ndarray, criterion: Criterion, thresholds, batch_size: int = 64, observe=None
+) -> Answers:
     """Answer every sample of ``x`` (float32, N x stage-0 input). ``get_stage(k)`` returns stage k's
     callable; it is called only when some samples are about to run stage k. ``observe(k, positions,
     log_probs)``, if given, sees every exit's log-probabilities as they are computed (evaluation and
@@ -134,4 +135,6 @@ def _in_input_order(n: int, positions, labels, exits, best) -> Answers:
         return Answers(labels[0].astype(np.int64, copy=False), np.full(n, exits[0][0], dtype=np.int64), np.exp(best[0]))
     exit_of = np.repeat(np.array([k for k, _ in exits], dtype=np.int64), [c for _, c in exits])
     order = np.concatenate(positions).argsort(kind="stable")
-    return Answers(np.concatenate(labels)[order].astype(np.int64, copy=False), exit_of[order], np.exp(np.concatenate(best)[order]))
+    return Answers(
+        np.concatenate(labels)[order].astype(np.int64, copy=False), exit_of[order], np.exp(np.concatenate(best)[order])
+    )

@@ -91,7 +91,9 @@ class StageGraph:
         inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in session.get_outputs()]
         if inputs != [INPUT] or outputs not in ([FEATURES, LOG_PROBS], [LOG_PROBS]):
-            raise IntegrityError(f"{what}: graph has inputs {inputs} and outputs {outputs}, not a branchy-tee stage graph")
+            raise IntegrityError(
+                f"{what}: graph has inputs {inputs} and outputs {outputs}, not a branchy-tee stage graph"
+            )
         self.session = session
         self.last = outputs == [LOG_PROBS]
         self._outputs = outputs

@@ -36,7 +36,9 @@ def parse_inputs(body: bytes, input_shape: tuple, max_samples: int):
     if x.dtype != np.float32:
         raise ValueError(f"'inputs' is {x.dtype}, expected float32")
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"'inputs' has shape {tuple(x.shape)}, the model takes (N, {', '.join(map(str, input_shape))})")
+        raise ValueError(
+            f"'inputs' has shape {tuple(x.shape)}, the model takes (N, {', '.join(map(str, input_shape))})"
+        )
     if not 1 <= x.shape[0] <= max_samples:
         raise ValueError(f"a request holds 1 to {max_samples} samples, not {x.shape[0]}")
     if not np.isfinite(x).all():
@@ -80,7 +82,9 @@ class Metrics:
             lines += [f'branchy_tee_exit_samples_total{{exit="{k}"}} {n}' for k, n in enumerate(exit_counts)]
             for name, values in (("request", self.latency), ("compute", self.compute)):
                 lines.append(f"# TYPE branchy_tee_{name}_seconds summary")
-                lines += [f'branchy_tee_{name}_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self._quantiles(values).items()]
+                lines += [
+                    f'branchy_tee_{name}_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self._quantiles(values).items()
+                ]
                 lines.append(f"branchy_tee_{name}_seconds_count {len(values)}")
             lines += ["# TYPE branchy_tee_queue_requests gauge", f"branchy_tee_queue_requests {queue}",
                       "# TYPE branchy_tee_connections_total counter", f"branchy_tee_connections_total {self.connections}",
@@ -160,8 +164,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._error(411, "length_required", "send Content-Length")
             return
         if int(length) > self.server.max_body:
-            self.close_connection = True  # the body is never read
+            self.close_connection = True
             self._error(413, "too_large", f"request body over {self.server.max_body} bytes")
+            self._discard_body(int(length))
             return
         body = self._read_body(int(length))
         if body is None:
@@ -187,6 +192,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.server.metrics.observe("error")
             return None
         return b"".join(chunks)
+
+    def _discard_body(self, n: int) -> None:
+        """After refusing a body: read and drop what the client is still sending, briefly and bounded,
+        so that it can finish sending and read our answer. Closing at once with its bytes unread makes
+        the client's send fail before it sees the 413 (nginx's "lingering close")."""
+        deadline, left = time.monotonic() + 2.0, min(n, 64 << 20)
+        try:
+            self.wfile.flush()
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(1 << 20, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except (OSError, ValueError):
+            pass
 
     def _predict(self, body: bytes, t0: float) -> None:
         from .batching import Busy, Stopped
@@ -226,8 +246,20 @@ class Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address, model, batcher, context: ssl.SSLContext, *, allowed, owner,
-                 timeout_s: float, max_body: int, max_request_samples: int, log):
+    def __init__(
+        self,
+        address,
+        model,
+        batcher,
+        context: ssl.SSLContext,
+        *,
+        allowed,
+        owner,
+        timeout_s: float,
+        max_body: int,
+        max_request_samples: int,
+        log,
+    ):
         self.model, self.batcher, self.context = model, batcher, context
         self.allowed, self.owner_identities = frozenset(allowed), frozenset(owner)
         self.timeout_s, self.max_body, self.max_request_samples = timeout_s, max_body, max_request_samples

@@ -31,7 +31,9 @@ class FileKeys:
 
     def model_key(self, kid: str) -> bytes:
         if key_id(self._model) != kid:
-            raise IntegrityError(f"the bundle is sealed for model key id {kid}, but the model key given has id {key_id(self._model)}")
+            raise IntegrityError(
+                f"the bundle is sealed for model key id {kid}, but the model key given has id {key_id(self._model)}"
+            )
         return self._model
 
     def data_keys(self, kids: list[str]) -> dict[str, bytes]:

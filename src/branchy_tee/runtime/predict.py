@@ -29,31 +29,59 @@ PROG = "branchy-tee predict"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="sealed model bundle directory (model.btee)")
-    p.add_argument("--input", action="append", required=True, metavar="REQUEST",
-                   help="encrypted request from a data owner (repeat for several)")
-    p.add_argument("--output", action="append", required=True, metavar="RESULT",
-                   help="encrypted result file, one per --input, in the same order")
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="REQUEST",
+        help="encrypted request from a data owner (repeat for several)",
+    )
+    p.add_argument(
+        "--output",
+        action="append",
+        required=True,
+        metavar="RESULT",
+        help="encrypted result file, one per --input, in the same order",
+    )
     keys = p.add_argument_group("keys (development: from files)")
     keys.add_argument("--model-key", metavar="FILE", help="model owner's key file")
-    keys.add_argument("--data-key", action="append", default=[], metavar="FILE", help="a data owner's key file (repeatable)")
+    keys.add_argument(
+        "--data-key", action="append", default=[], metavar="FILE", help="a data owner's key file (repeatable)"
+    )
     att = p.add_argument_group("keys by remote attestation")
     att.add_argument("--attest", choices=EvidenceProvider.names(), help="fetch keys from the owners' key brokers")
     att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker")
-    att.add_argument("--model-broker-identity", metavar="HEX",
-                     help="its identity (64 hex, `keygen --identity` prints it); only releases it signed are accepted")
-    att.add_argument("--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable)")
+    att.add_argument(
+        "--model-broker-identity",
+        metavar="HEX",
+        help="its identity (64 hex, `keygen --identity` prints it); only releases it signed are accepted",
+    )
+    att.add_argument(
+        "--data-broker", action="append", default=[], metavar="URL", help="a data owner's key broker (repeatable)"
+    )
     att.add_argument("--attestation-dir", default="/dev/attestation", help=argparse.SUPPRESS)
     att.add_argument("--broker-ca", metavar="PEM", help="CA certificate for brokers served over HTTPS")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--memory-budget", type=float, metavar="MiB", help="limit for resident weights + one batch's activations")
+    p.add_argument(
+        "--memory-budget", type=float, metavar="MiB", help="limit for resident weights + one batch's activations"
+    )
     p.add_argument("--min-version", type=int, default=0, help="refuse bundles older than this model version")
-    p.add_argument("--plaintext-result", metavar="FILE", help="also write the answers in plain text (the host can read it)")
+    p.add_argument(
+        "--plaintext-result", metavar="FILE", help="also write the answers in plain text (the host can read it)"
+    )
     p.add_argument("--mprofile", metavar="DIR", help="write an mprofile_<timestamp>.dat memory trace into DIR")
     p.add_argument("--stats-json", metavar="FILE", help="write run statistics as JSON")
-    p.add_argument("--full-model", action="store_true",
-                   help="ignore the exit thresholds: every sample through the final exit (for comparisons)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads of each stage's session (default: OMP_NUM_THREADS, else 1)")
+    p.add_argument(
+        "--full-model",
+        action="store_true",
+        help="ignore the exit thresholds: every sample through the final exit (for comparisons)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads of each stage's session (default: OMP_NUM_THREADS, else 1)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(pinned_bundle_id=None, pinned_model_key_id=None)  # set only from measured settings
 
@@ -62,8 +90,10 @@ def _measured_only(args, dest: str, option: str, value: str, what: str) -> None:
     """Inside the enclave ``value`` (measured) decides; the host may repeat it, never change it."""
     given = getattr(args, dest)
     if given and given != value:
-        raise UsageError(f"inside the enclave {what} comes only from its measured settings; {option} {shown(given)} "
-                         f"is refused (measured: {shown(value) if value else 'none'})")
+        raise UsageError(
+            f"inside the enclave {what} comes only from its measured settings; {option} {shown(given)} "
+            f"is refused (measured: {shown(value) if value else 'none'})"
+        )
     setattr(args, dest, value or None)
 
 
@@ -80,7 +110,9 @@ def apply_enclave_settings(args, env=os.environ) -> None:
     if not measured.inside_enclave(env):
         return
     if args.model_key or args.data_key:
-        raise UsageError("inside the enclave keys come only from attested key release; --model-key/--data-key are refused")
+        raise UsageError(
+            "inside the enclave keys come only from attested key release; --model-key/--data-key are refused"
+        )
     if args.plaintext_result and env.get(measured.ALLOW_PLAINTEXT) != "1":
         raise UsageError("this enclave was built without plaintext results; --plaintext-result is refused")
     attest = env.get(measured.ATTEST) or EvidenceProvider.GRAMINE
@@ -91,16 +123,20 @@ def apply_enclave_settings(args, env=os.environ) -> None:
     _measured_only(args, "model_broker_identity", "--model-broker-identity", env.get(measured.MODEL_BROKER_IDENTITY, ""),
                    "the model broker's identity")  # fmt: skip
     if not args.model_broker or not args.model_broker_identity:
-        raise UsageError("this enclave was built without a model broker and its identity (measured "
-                         f"{measured.MODEL_BROKER} is empty), so it can never get the model key; rebuild it with "
-                         "`enclave build --model-broker URL --model-broker-identity HEX`")
+        raise UsageError(
+            "this enclave was built without a model broker and its identity (measured "
+            f"{measured.MODEL_BROKER} is empty), so it can never get the model key; rebuild it with "
+            "`enclave build --model-broker URL --model-broker-identity HEX`"
+        )
     if not args.data_broker:
         args.data_broker = [u for u in env.get(measured.DATA_BROKERS, "").split(",") if u]
     args.pinned_bundle_id = env.get(measured.BUNDLE_ID) or None
     args.pinned_model_key_id = env.get(measured.MODEL_KEY_ID) or None
     if not args.pinned_bundle_id or not args.pinned_model_key_id:
-        raise UsageError(f"this enclave was built without a measured bundle ({measured.BUNDLE_ID}, {measured.MODEL_KEY_ID} "
-                         "are empty); rebuild it with `enclave build --bundle B`")
+        raise UsageError(
+            f"this enclave was built without a measured bundle ({measured.BUNDLE_ID}, {measured.MODEL_KEY_ID} "
+            "are empty); rebuild it with `enclave build --bundle B`"
+        )
     args.min_version = max(args.min_version, int(env.get(measured.MIN_MODEL_VERSION, "0") or 0))
     args.broker_ca = env.get(measured.BROKER_CA) or None
     args.attestation_dir = "/dev/attestation"  # Gramine's pseudo-files; never a host-chosen directory
@@ -112,14 +148,22 @@ def _key_source(args):
         if args.model_key or args.data_key:
             raise UsageError("use either key files (--model-key/--data-key) or --attest, not both")
         if not args.model_broker or not args.model_broker_identity or not args.data_broker:
-            raise UsageError("--attest needs --model-broker URL, --model-broker-identity HEX and at least one "
-                             "--data-broker URL")
+            raise UsageError(
+                "--attest needs --model-broker URL, --model-broker-identity HEX and at least one --data-broker URL"
+            )
         from ..attest.client import AttestedKeys
         from ..attest.identity import parse_identity
 
         identity = parse_identity(args.model_broker_identity, "--model-broker-identity")
-        return AttestedKeys(args.attest, args.model_broker, identity, args.data_broker,
-                            attestation_dir=args.attestation_dir, ca_file=args.broker_ca, min_version=args.min_version)
+        return AttestedKeys(
+            args.attest,
+            args.model_broker,
+            identity,
+            args.data_broker,
+            attestation_dir=args.attestation_dir,
+            ca_file=args.broker_ca,
+            min_version=args.min_version,
+        )
     if not args.model_key or not args.data_key:
         raise UsageError("give --model-key and --data-key files, or --attest with key brokers")
     from .keysource import FileKeys
@@ -132,8 +176,10 @@ def check_pins(header: BundleHeader, args, what: str) -> None:
     for value, pinned, name in ((header.bundle_id, args.pinned_bundle_id, "bundle"),
                                 (header.key_id, args.pinned_model_key_id, "model key id")):  # fmt: skip
         if pinned is not None and value != pinned:
-            raise IntegrityError(f"{what}: {name} {shown(value, 40)} is not the measured {name} {pinned} "
-                                 "this enclave serves (another model is refused)")
+            raise IntegrityError(
+                f"{what}: {name} {shown(value, 40)} is not the measured {name} {pinned} "
+                "this enclave serves (another model is refused)"
+            )
 
 
 def records_for(answers, classes: Sequence[str], lo: int, hi: int) -> list[dict]:
@@ -146,7 +192,9 @@ def records_for(answers, classes: Sequence[str], lo: int, hi: int) -> list[dict]
 
 def plaintext_lines(request_id: str, records: list[dict]) -> list[str]:
     lines = [f"# request {request_id}", "index\tlabel\tclass_name\tconfidence\texit"]
-    return lines + [f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records]
+    return lines + [
+        f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records
+    ]
 
 
 def _check_arguments(args) -> None:
@@ -247,7 +295,9 @@ def run(args) -> dict:
         stats["mprofile"] = str(sampler.write(args.mprofile))
     if args.stats_json:
         atomic_write_text(args.stats_json, json.dumps(stats, indent=2) + "\n")
-    log(f"answered {len(x)} samples in {seconds:.3f} s; exits {stats['exit_counts']}; stages loaded {stats['stages_loaded']}")
+    log(
+        f"answered {len(x)} samples in {seconds:.3f} s; exits {stats['exit_counts']}; stages loaded {stats['stages_loaded']}"
+    )
     return stats
 
 

@@ -46,30 +46,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="sealed model bundle directory (model.btee)")
     p.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve on (port 0: any free port)")
     att = p.add_argument_group("the model key, by remote attestation")
-    att.add_argument("--attest", choices=EvidenceProvider.names(),
-                     help="evidence provider (inside an enclave: measured)")
+    att.add_argument(
+        "--attest", choices=EvidenceProvider.names(), help="evidence provider (inside an enclave: measured)"
+    )
     att.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (inside an enclave: measured)")
     att.add_argument("--model-broker-identity", metavar="HEX", help="its identity (inside an enclave: measured)")
     att.add_argument("--broker-ca", metavar="PEM", help="CA certificate for a broker served over HTTPS")
     att.add_argument("--attestation-dir", default="/dev/attestation", help=argparse.SUPPRESS)
-    att.add_argument("--renew", type=float, default=300.0, metavar="SECONDS",
-                     help="renew the model key and the allow-list from the model broker this often (default 300)")
+    att.add_argument(
+        "--renew",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="renew the model key and the allow-list from the model broker this often (default 300)",
+    )
     p.add_argument("--min-version", type=int, default=0, help="refuse bundles older than this model version")
     b = p.add_argument_group("batching and limits")
     b.add_argument("--batch-size", type=int, default=64, help="the engine's batch size (default 64)")
-    b.add_argument("--max-batch", type=int, default=64, help="gather up to this many samples across requests (default 64)")
-    b.add_argument("--max-wait-ms", type=float, default=0.0,
-                   help="wait at most this long to fill a batch (default 0: batch what is waiting; load forms batches)")
+    b.add_argument(
+        "--max-batch", type=int, default=64, help="gather up to this many samples across requests (default 64)"
+    )
+    b.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=0.0,
+        help="wait at most this long to fill a batch (default 0: batch what is waiting; load forms batches)",
+    )
     b.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 Retry-After (default 256)")
     b.add_argument("--max-request-samples", type=int, default=1024, help="samples per request (default 1024)")
     b.add_argument("--max-body", type=int, default=64 << 20, help="request body limit in bytes (default 64 MiB)")
-    b.add_argument("--timeout", type=float, default=30.0, help="seconds a client may take to send a request (default 30)")
+    b.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds a client may take to send a request (default 30)"
+    )
     p.add_argument("--memory-budget", type=float, metavar="MiB", help="limit for resident weights + activations")
     p.add_argument("--full-model", action="store_true", help="ignore the exit thresholds (for comparisons)")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: OMP_NUM_THREADS)")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(model_key=None, data_key=[], data_broker=[], plaintext_result=None,
-                   pinned_bundle_id=None, pinned_model_key_id=None)  # what predict's measured settings use
+    p.set_defaults(
+        model_key=None,
+        data_key=[],
+        data_broker=[],
+        plaintext_result=None,
+        pinned_bundle_id=None,
+        pinned_model_key_id=None,
+    )  # what predict's measured settings use
 
 
 # --------------------------------------------------------------------------- the model
@@ -110,11 +130,20 @@ def _model_keys(args):
 
     apply_enclave_settings(args)
     if not args.attest or not args.model_broker or not args.model_broker_identity:
-        raise UsageError("serve needs --attest, --model-broker URL and --model-broker-identity HEX "
-                         "(inside an enclave they are measured)")
+        raise UsageError(
+            "serve needs --attest, --model-broker URL and --model-broker-identity HEX "
+            "(inside an enclave they are measured)"
+        )
     identity = parse_identity(args.model_broker_identity, "--model-broker-identity")
-    return AttestedKeys(args.attest, args.model_broker, identity, [], attestation_dir=args.attestation_dir,
-                        ca_file=args.broker_ca, min_version=args.min_version)
+    return AttestedKeys(
+        args.attest,
+        args.model_broker,
+        identity,
+        [],
+        attestation_dir=args.attestation_dir,
+        ca_file=args.broker_ca,
+        min_version=args.min_version,
+    )
 
 
 def _check_limits(args) -> None:
@@ -233,8 +262,11 @@ def run(args) -> int:
     server, stop = start(args, log)
     host, port = server.server_address[:2]
     h = server.model.bundle.header
-    print(f"serving {h.arch} (bundle {h.bundle_id}, model version {h.model_version}) "
-          f"on https://{host}:{port} for {len(server.allowed)} allowed data owner(s)", flush=True)
+    print(
+        f"serving {h.arch} (bundle {h.bundle_id}, model version {h.model_version}) "
+        f"on https://{host}:{port} for {len(server.allowed)} allowed data owner(s)",
+        flush=True,
+    )
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -257,4 +289,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-

@@ -79,7 +79,9 @@ class StageStore:
         stage = StageGraph(load_session(graph, what), what)
         del graph
         if stage.last != (k == self.num_stages - 1):
-            raise IntegrityError(f"{what}: stage {k} graph {'lacks' if k < self.num_stages - 1 else 'has'} a features output")
+            raise IntegrityError(
+                f"{what}: stage {k} graph {'lacks' if k < self.num_stages - 1 else 'has'} a features output"
+            )
         self.resident[k] = stage
         self.loads += 1
         if k not in self.loaded_ever:

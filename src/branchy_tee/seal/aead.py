@@ -40,7 +40,9 @@ def sealed_size(plaintext_size: int, chunk_size: int) -> int:
     return plaintext_size + TAG * num_chunks(plaintext_size, chunk_size)
 
 
-def seal_chunks(key: bytes, plaintext: bytes | memoryview, context: bytes, chunk_size: int = DEFAULT_CHUNK) -> Iterator[bytes]:
+def seal_chunks(
+    key: bytes, plaintext: bytes | memoryview, context: bytes, chunk_size: int = DEFAULT_CHUNK
+) -> Iterator[bytes]:
     """Yield the sealed chunks of ``plaintext`` (an empty plaintext gives one empty last chunk)."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
@@ -135,7 +137,9 @@ class _Stream:
         try:
             self.aead.decrypt_into(nonce, sealed, aad, self.view[i * self.chunk_size : i * self.chunk_size + size])
         except InvalidTag:
-            raise IntegrityError(f"{self.what}: chunk {i} failed authentication (tampered, reordered, foreign or wrong key)") from None
+            raise IntegrityError(
+                f"{self.what}: chunk {i} failed authentication (tampered, reordered, foreign or wrong key)"
+            ) from None
 
     def inline(self, i: int, sealed, size: int, last: bool) -> Future:
         """Decrypt on this thread; the outcome kept like a worker's, so errors surface in chunk order."""
@@ -175,7 +179,9 @@ class _Stream:
         if got != size + TAG:
             for fut in self.pending:  # a bad earlier chunk is the first error
                 fut.result()
-            raise IntegrityError(f"{self.what}: truncated (chunk {i} of {self.n} is {got or 0} bytes, expected {size + TAG})")
+            raise IntegrityError(
+                f"{self.what}: truncated (chunk {i} of {self.n} is {got or 0} bytes, expected {size + TAG})"
+            )
         if pool is None or i % self.workers == 0:  # the reading thread takes its share too
             self.pending.append(self.inline(i, sealed, size, last))
             return pool

@@ -66,8 +66,14 @@ def _header_mac(model_key: bytes, header: dict) -> str:
 
 
 # --------------------------------------------------------------------------- writing (model owner)
-def seal_model(model, card: ModelFacts, model_key: bytes, out: str | os.PathLike, version: int = 1,
-               chunk_size: int = aead.DEFAULT_CHUNK) -> BundleHeader:
+def seal_model(
+    model,
+    card: ModelFacts,
+    model_key: bytes,
+    out: str | os.PathLike,
+    version: int = 1,
+    chunk_size: int = aead.DEFAULT_CHUNK,
+) -> BundleHeader:
     """Export a model (eval mode; ``card``: its model card, or any header of its architecture) to stage
     graphs and seal them into ``out``."""
     from ..export.onnx import export_stages
@@ -76,8 +82,14 @@ def seal_model(model, card: ModelFacts, model_key: bytes, out: str | os.PathLike
     return seal_graphs(graphs, facts, card, model_key, out, version, chunk_size)
 
 
-def seal_run(run_dir: str | os.PathLike, model_key: bytes, out: str | os.PathLike, version: int = 1,
-             chunk_size: int = aead.DEFAULT_CHUNK, show: bool = False) -> BundleHeader:
+def seal_run(
+    run_dir: str | os.PathLike,
+    model_key: bytes,
+    out: str | os.PathLike,
+    version: int = 1,
+    chunk_size: int = aead.DEFAULT_CHUNK,
+    show: bool = False,
+) -> BundleHeader:
     """Seal a run directory's exported stage graphs (exported first if they are missing or stale)."""
     from ..export.onnx import exported_graphs
     from ..rundir import read_model_card
@@ -87,8 +99,15 @@ def seal_run(run_dir: str | os.PathLike, model_key: bytes, out: str | os.PathLik
     return seal_graphs(graphs, doc["stages"], card, model_key, out, version, chunk_size)
 
 
-def seal_graphs(graphs: list[bytes], facts: list[dict], card: ModelFacts, model_key: bytes, out: str | os.PathLike,
-                version: int = 1, chunk_size: int = aead.DEFAULT_CHUNK) -> BundleHeader:
+def seal_graphs(
+    graphs: list[bytes],
+    facts: list[dict],
+    card: ModelFacts,
+    model_key: bytes,
+    out: str | os.PathLike,
+    version: int = 1,
+    chunk_size: int = aead.DEFAULT_CHUNK,
+) -> BundleHeader:
     """Seal stage graphs (ONNX bytes, one per stage; ``facts`` per stage: weight_bytes and
     activation_elems) into the bundle directory ``out``.
 
@@ -113,10 +132,24 @@ def seal_graphs(graphs: list[bytes], facts: list[dict], card: ModelFacts, model_
                     f.write(chunk)
                 f.flush()
                 os.fsync(f.fileno())
-            stages.append(StageEntry(k, stage_file(k), len(plain), int(fact["weight_bytes"]),
-                                     int(fact["activation_elems"]), aead.sealed_size(len(plain), chunk_size)))
-        header = BundleHeader(bundle_id=bundle_id, model_version=version, key_id=key_id(model_key),
-                              chunk_size=chunk_size, stages=tuple(stages), **card.facts())
+            stages.append(
+                StageEntry(
+                    k,
+                    stage_file(k),
+                    len(plain),
+                    int(fact["weight_bytes"]),
+                    int(fact["activation_elems"]),
+                    aead.sealed_size(len(plain), chunk_size),
+                )
+            )
+        header = BundleHeader(
+            bundle_id=bundle_id,
+            model_version=version,
+            key_id=key_id(model_key),
+            chunk_size=chunk_size,
+            stages=tuple(stages),
+            **card.facts(),
+        )
         header.check(f"{out}/{HEADER_FILE}", BranchyError)
         header_doc = header.to_json()
         doc = {"header": header_doc, "mac": _header_mac(model_key, header_doc)}
@@ -160,15 +193,22 @@ def _read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:  # also nesting too deep, integers too long
         raise IntegrityError(f"{file}: header is not valid JSON ({e.__class__.__name__})") from None
-    if not isinstance(doc, dict) or tuple(doc) != DOC_MEMBERS or not isinstance(doc["header"], dict) \
-            or not isinstance(doc["mac"], str):
+    if (
+        not isinstance(doc, dict)
+        or tuple(doc) != DOC_MEMBERS
+        or not isinstance(doc["header"], dict)
+        or not isinstance(doc["mac"], str)
+    ):
         raise IntegrityError(f"{file}: malformed bundle header (not exactly the members 'header' and 'mac')")
     header = doc["header"]
     if header.get("format") != BUNDLE_FORMAT:
         raise IntegrityError(f"{file}: unknown bundle format {shown(header.get('format'), 40)}")
     stages = header.get("stages")
-    if tuple(header) != HEADER_MEMBERS or not isinstance(stages, list) or not all(
-            isinstance(st, dict) and tuple(st) == STAGE_MEMBERS for st in stages):
+    if (
+        tuple(header) != HEADER_MEMBERS
+        or not isinstance(stages, list)
+        or not all(isinstance(st, dict) and tuple(st) == STAGE_MEMBERS for st in stages)
+    ):
         raise IntegrityError(f"{file}: the header does not have exactly the members a sealed bundle has")
     return doc, raw
 
@@ -194,8 +234,15 @@ class SealedBundle:
         key = _stage_key(self.model_key, h.bundle_id, h.model_version, k)
         try:
             with open(self.path / entry.file, "rb", buffering=0) as f:
-                return aead.open_chunks(key, f, _stage_context(h.bundle_id, h.model_version, k),
-                                        entry.plaintext_size, h.chunk_size, what, into)
+                return aead.open_chunks(
+                    key,
+                    f,
+                    _stage_context(h.bundle_id, h.model_version, k),
+                    entry.plaintext_size,
+                    h.chunk_size,
+                    what,
+                    into,
+                )
         except FileNotFoundError:
             raise IntegrityError(f"{what}: stage file missing") from None
         except OSError as e:
@@ -212,8 +259,10 @@ def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0)
     sealed = doc["header"]  # untyped until authenticated
     where = _where(path)
     if sealed.get("key_id") != key_id(model_key):
-        raise IntegrityError(f"{where}: sealed for model key id {shown(sealed.get('key_id'), 40)}, but the key given "
-                             f"has id {key_id(model_key)}")
+        raise IntegrityError(
+            f"{where}: sealed for model key id {shown(sealed.get('key_id'), 40)}, but the key given "
+            f"has id {key_id(model_key)}"
+        )
     try:
         expected = _header_mac(model_key, sealed)
     except (ValueError, RecursionError) as e:  # e.g. NaN smuggled into the JSON
@@ -231,6 +280,7 @@ def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0)
         detail = str(e).removeprefix(f"{where}: ")
         raise IntegrityError(f"{where}: authentic header with unusable fields: {detail}") from None
     if header.model_version < min_version:
-        raise IntegrityError(f"{where}: model version {header.model_version} is older than the minimum {min_version} "
-                             "(rollback refused)")
+        raise IntegrityError(
+            f"{where}: model version {header.model_version} is older than the minimum {min_version} (rollback refused)"
+        )
     return SealedBundle(path, header, model_key)

@@ -169,7 +169,11 @@ def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, in
         header = json.loads(data[12 : 12 + n])
     except (ValueError, RecursionError):  # also nesting too deep, integers too long
         raise IntegrityError(f"{what}: {kind} header is not valid JSON") from None
-    if not isinstance(header, dict) or not isinstance(header.get("request_id"), str) or not isinstance(header.get("key_id"), str):
+    if (
+        not isinstance(header, dict)
+        or not isinstance(header.get("request_id"), str)
+        or not isinstance(header.get("key_id"), str)
+    ):
         raise IntegrityError(f"{what}: {kind} header lacks a request id or key id")
     if not KEY_ID_RE.fullmatch(header["key_id"]):
         raise IntegrityError(f"{what}: {kind} header's key id {shown(header['key_id'], 40)} is not a key id")
@@ -191,8 +195,10 @@ def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) 
     key = keys.get(header["key_id"])
     if key is None:
         known = ", ".join(sorted(keys)) or "none"
-        raise IntegrityError(f"{what}: sealed for data key id {shown(header['key_id'], 40)}, which this run has no key for "
-                             f"(have: {known})")
+        raise IntegrityError(
+            f"{what}: sealed for data key id {shown(header['key_id'], 40)}, which this run has no key for "
+            f"(have: {known})"
+        )
     nonce, body = data[off : off + NONCE], data[off + NONCE :]
     try:
         payload = AESGCM(_key(key, magic, header["request_id"])).decrypt(nonce, body, data[:off])
@@ -246,8 +252,9 @@ def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) ->
 
 
 # --------------------------------------------------------------------------- results
-def seal_result(records: list[dict], request: RequestHeader, request_sha256: str, model: ModelRef,
-                data_key: bytes) -> bytes:
+def seal_result(
+    records: list[dict], request: RequestHeader, request_sha256: str, model: ModelRef, data_key: bytes
+) -> bytes:
     """The sealed answer to one request: bound to that request's exact bytes (``request_sha256``) and
     naming the model that answered."""
     header = ResultHeader(request.request_id, request_sha256, model, len(records), key_id(data_key))
@@ -262,9 +269,11 @@ def open_result(data: bytes, data_key: bytes, what: str, request_sha256: str) ->
     doc, payload = open_envelope(data, RESULT_MAGIC, {key_id(data_key): data_key}, what)
     h = ResultHeader.parse(doc, what)
     if not hmac.compare_digest(h.request_sha256, request_sha256):
-        raise IntegrityError(f"{what}: answers another request (request {shown(h.request_id)} with SHA-256 "
-                             f"{shown(h.request_sha256, 64)}), not the one with SHA-256 {request_sha256}: "
-                             "a replayed or misdirected result")
+        raise IntegrityError(
+            f"{what}: answers another request (request {shown(h.request_id)} with SHA-256 "
+            f"{shown(h.request_sha256, 64)}), not the one with SHA-256 {request_sha256}: "
+            "a replayed or misdirected result"
+        )
     try:
         records = json.loads(payload)
     except (ValueError, RecursionError):

@@ -25,7 +25,9 @@ def derive(key: bytes, purpose: str, context: bytes = b"", length: int = 32) -> 
     """A subkey for one purpose and context: keys for different uses are independent."""
     if len(key) != KEY_BYTES:
         raise ValueError("keys are 32 bytes")
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=_DOMAIN + purpose.encode() + b"\0" + context).derive(key)
+    return HKDF(
+        algorithm=hashes.SHA256(), length=length, salt=None, info=_DOMAIN + purpose.encode() + b"\0" + context
+    ).derive(key)
 
 
 def key_id(key: bytes) -> str:
