@@ -15,11 +15,12 @@ from branchy_tee.runtime.tuning import channels_last
 from branchy_tee.train.trainer import TrainConfig, fit
 
 SYN = {"channels": 1, "size": 28, "n": 400}
+SYN_CLI = ["--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28", "--num-workers", "0"]
 
 
 def tiny(out, **kw) -> TrainConfig:
-    base = dict(dataset="synthetic", synthetic=dict(SYN), epochs=1, lr=3e-3, batch_size=50, num_workers=0,
-                out=str(out), quiet=True, seed=1)  # fmt: skip
+    base = dict(dataset="synthetic", synthetic=dict(SYN), epochs=1, lr=3e-3, batch_size=50, num_workers=0)
+    base.update(out=str(out), quiet=True, seed=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -92,10 +93,23 @@ def test_backbone_weights_in_pytorch_cifar_names(tmp_path):
     torch.save({"net": plain, "acc": 91.0, "epoch": 3}, path)  # the layout pytorch-cifar saves
 
     out = tmp_path / "att"
-    rc = main(["train", "--net", "resnet18", "--model-config", "width=4", "--backbone-weights", str(path),
-               "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
-               "--synthetic-samples", "200",
-               "--epochs", "1", "--max-batches", "2", "--num-workers", "0", "--out", str(out), "--json"])  # fmt: skip
+    net = ["--net", "resnet18", "--model-config", "width=4", "--backbone-weights", str(path)]
+    rc = main(
+        [
+            "train",
+            *net,
+            *SYN_CLI,
+            "--synthetic-samples",
+            "200",
+            "--epochs",
+            "1",
+            "--max-batches",
+            "2",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert rc == 0
     model, card = load_run(out)
     assert all(torch.equal(source.state_dict()[k], model.state_dict()[k]) for k in backbone_keys(model))
@@ -124,9 +138,8 @@ def test_a_wrong_state_dict_is_one_line_naming_the_keys(tmp_path, capsys):
     state["stages.1.0.extra"] = torch.zeros(3)
     path = tmp_path / "bad.safetensors"
     save_file(state, path)
-    args = ["train", "--net", "lenet5", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
-            "--synthetic-samples", "100", "--epochs", "1", "--num-workers", "0",
-            "--out", str(tmp_path / "run")]  # fmt: skip
+    args = ["train", "--net", "lenet5", *SYN_CLI, "--synthetic-samples", "100", "--epochs", "1"]
+    args += ["--out", str(tmp_path / "run")]
     assert main([*args, "--backbone-weights", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

@@ -15,8 +15,9 @@ from branchy_tee.train.trainer import TrainConfig, fit
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    fit(TrainConfig(net="lenet5", dataset="synthetic", synthetic={"channels": 1, "size": 28, "n": 1000}, epochs=2,
-                    lr=3e-3, batch_size=50, num_workers=0, out=str(out), quiet=True))  # fmt: skip
+    synthetic = {"channels": 1, "size": 28, "n": 1000}
+    options = dict(epochs=2, lr=3e-3, batch_size=50, num_workers=0, out=str(out), quiet=True)
+    fit(TrainConfig(net="lenet5", dataset="synthetic", synthetic=synthetic, **options))
     return out
 
 
@@ -95,8 +96,8 @@ def test_calibration_candidates_decide_as_the_runtime_does(criterion):
     criterion = criterion_named(criterion)
     torch.manual_seed(3)
     labels = torch.randint(0, 10, (300,))
-    logits = [(torch.randn(300, 10) * s + 3 * torch.nn.functional.one_hot(labels, 10)).log_softmax(1)
-              for s in (2.0, 1.5, 1.0)]  # fmt: skip
+    one_hot = torch.nn.functional.one_hot(labels, 10)
+    logits = [(torch.randn(300, 10) * s + 3 * one_hot).log_softmax(1) for s in (2.0, 1.5, 1.0)]
     thresholds = candidate_thresholds(logits, criterion, points=50)
     for t, fast in zip(
         thresholds, shared_threshold_settings(logits, labels, [1, 2, 4], criterion, thresholds), strict=True

@@ -15,11 +15,12 @@ from branchy_tee.train import losses
 from branchy_tee.train.trainer import TrainConfig, fit
 
 SYN = {"channels": 1, "size": 28, "n": 600}
+SYN_CLI = ["--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28", "--num-workers", "0"]
 
 
 def tiny(out, **kw) -> TrainConfig:
-    base = dict(net="lenet5", dataset="synthetic", synthetic=dict(SYN), epochs=2, lr=3e-3, batch_size=50,
-                num_workers=0, out=str(out), quiet=True, seed=1)  # fmt: skip
+    base = dict(net="lenet5", dataset="synthetic", synthetic=dict(SYN), epochs=2, lr=3e-3, batch_size=50)
+    base.update(num_workers=0, out=str(out), quiet=True, seed=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -124,21 +125,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_every_seed_flag_parses(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--lr", "0.003", "--batch-size", "50", "--num-workers", "0", "--net", "LeNet5", "--epochs", "1",
-               "-p", "3", "-o", "sgd", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
-               "--synthetic-samples", "300", "--device", "cpu", "--distill", "none", "--temperature", "3",
-               "--alpha", "0.2",
-               "--exit-weights", "1,1,2", "--seed", "4", "--out", str(out), "--max-batches", "3",
-               "--json"])  # fmt: skip
+    seed_flags = ["--lr", "0.003", "--batch-size", "50", "--net", "LeNet5", "--epochs", "1", "-p", "3", "-o", "sgd"]
+    ours = ["--device", "cpu", "--distill", "none", "--temperature", "3", "--alpha", "0.2", "--exit-weights", "1,1,2"]
+    run = ["--synthetic-samples", "300", "--seed", "4", "--out", str(out), "--max-batches", "3", "--json"]
+    rc = main(["train", *seed_flags, *SYN_CLI, *ours, *run])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["epochs_run"] == 1
     saved = json.loads((out / "model.json").read_text())["training"]["config"]
     assert saved["optim"] == "sgd" and saved["exit_weights"] == [1.0, 1.0, 2.0] and saved["distill"] == "none"
-    assert main(["train", "-r", "--net", "lenet5", "--epochs", "2", "--dataset", "synthetic",
-                 "--synthetic-channels", "1",
-                 "--synthetic-size", "28", "--synthetic-samples", "300", "--num-workers", "0", "--out", str(out),
-                 "--max-batches", "3", "-o", "sgd", "--json"]) == 0  # fmt: skip
+    resume = ["train", "-r", "--net", "lenet5", "--epochs", "2", "--synthetic-samples", "300", "--out", str(out)]
+    assert main([*resume, *SYN_CLI, "--max-batches", "3", "-o", "sgd", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["epochs_run"] == 1  # resumed at epoch 2
 
 
@@ -186,14 +183,10 @@ def test_teacher_distillation(tmp_path):
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-         "branchy_tee.cli",
-         "train", "--net", "lenet5", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
-         "--synthetic-samples", "400", "--epochs", "2", "--lr", "0.003", "--batch-size", "25", "--num-workers", "0",
-         "--out", str(out), "--json"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    train = ["-m", "branchy_tee.cli", "train", "--net", "lenet5", "--synthetic-samples", "400", "--epochs", "2"]
+    run = ["--lr", "0.003", "--batch-size", "25", "--out", str(out), "--json"]
+    proc = subprocess.run([*torchrun, *train, *SYN_CLI, *run], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["world_size"] == 2

@@ -272,20 +272,8 @@ class Demo:
 
     def _predict(self, tag: str, inputs: dict[str, Path], *extra: str, quiet: bool = False) -> dict:
         """The host's command: the enclave in d/enclave runs predict (natively: no SGX here)."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "branchy_tee.cli",
-            "enclave",
-            "run",
-            "--backend",
-            LaunchBackend.NATIVE,
-            str(self.d / "enclave"),
-            "--",
-            "predict",
-            "--bundle",
-            str(self.d / "model.btee"),
-        ]
+        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
+               str(self.d / "enclave"), "--", "predict", "--bundle", str(self.d / "model.btee")]  # fmt: skip
         for who, req in inputs.items():
             cmd += [
                 "--input",
