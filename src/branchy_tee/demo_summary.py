@@ -115,6 +115,9 @@ def format_summary(s: dict) -> str:
         f"batch-128 throughput:      {t['throughput_early_exit']:.0f} vs {t['throughput_full']:.0f} samples/s "
         f"({t['throughput_speedup']:.2f}x)"
     )
+    if t["latency_speedup"] < 1:
+        lines.append("  (this model's stages cost less than the engine's call per stage: early exit does not pay here;")
+        lines.append("   `branchy-tee bench` measures a deeper model)")
     lines.append(
         f"enclave peak RSS:          {e['peak_rss_mib']:.0f} MiB staged vs {f['peak_rss_mib']:.0f} MiB full model; "
         f"resident weights {e['resident_weights_peak_mib']:.2f} vs {f['resident_weights_peak_mib']:.2f} MiB"
