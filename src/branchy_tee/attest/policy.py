@@ -213,7 +213,8 @@ class Policy:
                 raise PolicyError("simulated evidence refused: the policy has allow_simulation = false")
             if self.simulation_public_keys and claims.signer_key not in self.simulation_public_keys:
                 raise PolicyError(
-                    f"simulation_public_keys: simulated evidence is signed by dev key {(claims.signer_key or b'').hex()}, "
+                    "simulation_public_keys: simulated evidence is signed by dev key "
+                    f"{(claims.signer_key or b'').hex()}, "
                     f"policy pins {_short(k.hex() for k in self.simulation_public_keys)}"
                 )
             warnings.append("simulated evidence (no TEE) accepted: allow_simulation = true")
@@ -282,12 +283,14 @@ class Policy:
             "allowed_mrsigner": sorted(m.hex() for m in self.allowed_mrsigner),
             "isv_prod_id": self.isv_prod_id, "min_isv_svn": self.min_isv_svn, "allow_debug": self.allow_debug,
             "accepted_tcb_statuses": sorted(self.accepted_tcb_statuses), "min_model_version": self.min_model_version,
-            "allow_simulation": self.allow_simulation, "collateral": str(self.collateral_path) if self.collateral_path else None,
+            "allow_simulation": self.allow_simulation,
+            "collateral": str(self.collateral_path) if self.collateral_path else None,
             "require_collateral": self.require_collateral, "stale_collateral": self.stale_collateral,
             "key_ids": list(self.key_ids) if self.key_ids is not None else None,
             "own_signing_key": self.own_signing_key, "accept_client_collateral": self.accept_client_collateral,
             "min_tcb_evaluation_data_number": self.min_tcb_evaluation_data_number,
-            "allowed_data_owners": None if self.allowed_data_owners is None else sorted(o.hex() for o in self.allowed_data_owners),
+            "allowed_data_owners": (None if self.allowed_data_owners is None
+                                    else sorted(o.hex() for o in self.allowed_data_owners)),
         }  # fmt: skip
 
 

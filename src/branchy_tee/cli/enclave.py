@@ -87,7 +87,8 @@ def _add_build(esub) -> None:
     b.add_argument(
         "--signing-key",
         metavar="PEM",
-        help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; create one with gramine-sgx-gen-private-key)",
+        help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; "
+        "create one with gramine-sgx-gen-private-key)",
     )
     b.add_argument("--isv-prod-id", type=int, default=0, help="sgx.isvprodid (default 0)")
     b.add_argument("--isv-svn", type=int, default=0, help="sgx.isvsvn, raise it with every security fix (default 0)")
@@ -131,7 +132,8 @@ def _add_env(esub) -> None:
         "env", help="make (or check and reuse) the enclave's own Python environment",
         description="Make DIR: the standard library without test suites and the like, and only the packages the "
                     "enclave-side code imports (the `enclave` extra of pyproject.toml, pinned; constraints.txt pins "
-                    "what they pull in), without .pyc, headers, stubs and tests. `enclave build` does this too.")  # fmt: skip
+                    "what they pull in), without .pyc, headers, stubs and tests. "
+                    "`enclave build` does this too.")  # fmt: skip
     e.add_argument("--env", default=ENCLAVE_ENV, metavar="DIR", help=f"default {ENCLAVE_ENV}")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_enclave_env)
@@ -144,7 +146,8 @@ def _add_run(esub) -> None:
         description="Launch the enclave built in DIR: `gramine-sgx ./branchy-tee ARGS` (sgx), `gramine-direct "
                     "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
                     "serve) from the enclave environment with the manifest's environment (native). The command must "
-                    "be the one the enclave was built for (serve: `enclave build --serve`). Exits with its exit code.")  # fmt: skip
+                    "be the one the enclave was built for (serve: `enclave build --serve`). "
+                    "Exits with its exit code.")  # fmt: skip
     r.add_argument("--backend", choices=LaunchBackend.names(), default=LaunchBackend.SGX.value, help="default sgx")
     r.add_argument("dir", metavar="DIR", help="the build directory of `enclave build`")
     r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- {predict,serve} ARGS", help="its arguments")
@@ -157,7 +160,8 @@ def _add_release(esub) -> None:
         description="Sign, with the model owner's identity, what the enclave built in DIR is: its measurement "
                     "(MRENCLAVE, MRSIGNER; the simulated measurement for --attest simulated) and what it pins (bundle "
                     "id, model version, model key id, minimum version, model broker and its identity). Build it "
-                    "yourself from the same commit and bundle first: never sign a measurement the host printed.")  # fmt: skip
+                    "yourself from the same commit and bundle first: "
+                    "never sign a measurement the host printed.")  # fmt: skip
     rel.add_argument("dir", metavar="DIR")
     rel.add_argument(
         "--identity", required=True, metavar="FILE", help="the model owner's identity (`keygen --identity`)"
@@ -180,7 +184,8 @@ def _add_policy(esub) -> None:
     pol = esub.add_parser(
         "policy", help="(owners) verify a model owner's release statement and write a key-broker policy from it",
         description="Verify release.json under the model owner's identity and write a key-broker policy that "
-                    "releases keys only to the enclave it names (MRENCLAVE pinned, no debug, minimum model version).")  # fmt: skip
+                    "releases keys only to the enclave it names "
+                    "(MRENCLAVE pinned, no debug, minimum model version).")  # fmt: skip
     pol.add_argument("--release", required=True, metavar="release.json")
     pol.add_argument(
         "--model-owner", required=True, metavar="HEX", help="the model owner's identity, known out of band"
@@ -266,16 +271,20 @@ def cmd_enclave_build(args) -> int:
     else:
         t = {k: v / mib for k, v in d["terms"].items()}
         print(
-            f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB (VmPeak, {d['samples']} "
-            f"samples at batch size {d['batch_size']}{', measured earlier' if d['cached'] else ''}) + margin "
+            f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB "
+            f"(VmPeak, {d['samples']} samples at batch size {d['batch_size']}"
+            f"{', measured earlier' if d['cached'] else ''}) + margin "
             f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
-            f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, {d['spare'] / mib:.0f} MiB spare"
+            f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, "
+            f"{d['spare'] / mib:.0f} MiB spare"
         )
     print(
-        f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, EDMM {'yes' if s['edmm'] else 'no'}"
+        f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, "
+        f"EDMM {'yes' if s['edmm'] else 'no'}"
     )
     print(
-        f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, `make` builds for gramine-direct"
+        f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, "
+        "`make` builds for gramine-direct"
     )
     print(
         f"  measured: bundle {s['bundle_id']} (model key id {s['model_key_id']}, minimum model version "

@@ -242,7 +242,8 @@ def _paths(opts: BuildOptions, out: str, bundle: str) -> tuple[list[str], str, s
             if _overlaps(d, t):
                 raise UsageError(
                     f"data directory {d} overlaps the trusted code/configuration path {t}; "
-                    "keep bundles, requests and results apart from the enclave environment and the build directory's files"
+                    "keep bundles, requests and results apart from the enclave environment "
+                    "and the build directory's files"
                 )
     signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
     if _BAD_PATH.search(signing_key) or " " in signing_key:

@@ -220,7 +220,8 @@ def _skip_top(name: str) -> bool:
 
 def _pip_install(site: Path, requirements: list[str]) -> None:
     argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-            "--no-warn-script-location", "--target", str(site), "--constraint", str(CONSTRAINTS), *requirements]  # fmt: skip
+            "--no-warn-script-location", "--target", str(site), "--constraint", str(CONSTRAINTS),
+            *requirements]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "is ignored" not in ln]
@@ -432,7 +433,8 @@ def system_libraries(python: str, env_dir: str | os.PathLike, system_dirs: list[
     first = _ldd(objects, [])
     search = [*sorted({os.path.dirname(p) for p in first} - set(system_dirs) - {"/lib64"}), *system_dirs]
     libs = sorted(p for p in _ldd(objects, search)
-                  if os.path.basename(p) not in GRAMINE_GLIBC and not os.path.realpath(p).startswith(env_dir + os.sep))  # fmt: skip
+                  if os.path.basename(p) not in GRAMINE_GLIBC
+                  and not os.path.realpath(p).startswith(env_dir + os.sep))  # fmt: skip
     return libs, search
 
 

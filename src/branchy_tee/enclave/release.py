@@ -94,7 +94,8 @@ class ReleaseStatement:
         f = Fields(doc, what, "the release statement")
         f.text("format", lambda v: v == RELEASE_FORMAT, RELEASE_FORMAT)
         s = cls(EvidenceProvider(f.check("attest", lambda v: v in EvidenceProvider.names(), "gramine or simulated")),
-                f.check("mrenclave", _hex(64), "64 hex digits"), f.check("mrsigner", _hex_or_null(64), "64 hex digits or null"),
+                f.check("mrenclave", _hex(64), "64 hex digits"),
+                f.check("mrsigner", _hex_or_null(64), "64 hex digits or null"),
                 f.check("isv_prod_id", _u(16), "a 16-bit number"), f.check("isv_svn", _u(16), "a 16-bit number"),
                 f.flag("debug"), f.check("bundle_id", _hex(32), "32 hex digits"),
                 f.check("model_version", _u(63), "a model version"), f.check("model_key_id", _hex(16), "a key id"),

@@ -181,13 +181,14 @@ def export_run(run_dir: str | Path, show: bool = True) -> dict:
     model, card = load_run(run_dir)
     digest = _weights_digest(run_dir)
     graphs, facts = export_stages(model, card.preprocessing.input_shape, show=show)
-    doc: dict[str, Any] = {"format": EXPORT_FORMAT, "weights_sha256": digest, "arch": card.arch, "torch": torch.__version__,
+    doc: dict[str, Any] = {"format": EXPORT_FORMAT, "weights_sha256": digest, "arch": card.arch,
+           "torch": torch.__version__,
            "stages": [{"file": f"stage-{k:02d}.onnx", "sha256": _sha256(g), "size": len(g), **f}
-                      for k, (g, f) in enumerate(zip(graphs, facts))]}  # fmt: skip
+                      for k, (g, f) in enumerate(zip(graphs, facts, strict=True))]}  # fmt: skip
     # Written beside the old export and swapped in, so that onnx/ is always one complete export.
     tmp = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=run_dir))
     try:
-        for entry, g in zip(doc["stages"], graphs):
+        for entry, g in zip(doc["stages"], graphs, strict=True):
             (tmp / entry["file"]).write_bytes(g)
         (tmp / EXPORT_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         tmp.chmod(0o755)

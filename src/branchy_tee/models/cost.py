@@ -36,7 +36,7 @@ def part_flops(model: MultiExitNet, input_shape=(3, 32, 32)) -> tuple[list[int],
     device = next(model.parameters()).device
     h = torch.zeros(1, *input_shape, device=device)
     stages, heads = [], []
-    for stage, head in zip(model.stages, model.exits):
+    for stage, head in zip(model.stages, model.exits, strict=True):
         f, h = _count_flops(stage, h)
         stages.append(f)
         heads.append(_count_flops(head, h)[0])

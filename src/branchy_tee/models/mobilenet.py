@@ -6,6 +6,8 @@ V2: exits where the resolution or width changes: after the 24-, 32-, 64- and 96-
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,7 +36,7 @@ _V1_EXITS_AFTER = [1, 3, 6, 9]  # block counts, 1-based, as in the original work
 
 def _split(blocks: list[nn.Module], cuts: list[int]) -> list[list[nn.Module]]:
     bounds = [0, *cuts, len(blocks)]
-    return [blocks[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [blocks[a:b] for a, b in pairwise(bounds)]
 
 
 @register_model

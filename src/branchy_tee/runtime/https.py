@@ -87,8 +87,10 @@ class Metrics:
                 ]
                 lines.append(f"branchy_tee_{name}_seconds_count {len(values)}")
             lines += ["# TYPE branchy_tee_queue_requests gauge", f"branchy_tee_queue_requests {queue}",
-                      "# TYPE branchy_tee_connections_total counter", f"branchy_tee_connections_total {self.connections}",
-                      "# TYPE branchy_tee_tls_failures_total counter", f"branchy_tee_tls_failures_total {self.tls_failures}"]  # fmt: skip
+                      "# TYPE branchy_tee_connections_total counter",
+                      f"branchy_tee_connections_total {self.connections}",
+                      "# TYPE branchy_tee_tls_failures_total counter",
+                      f"branchy_tee_tls_failures_total {self.tls_failures}"]  # fmt: skip
         return "\n".join(lines) + "\n"
 
 

@@ -120,8 +120,8 @@ def apply_enclave_settings(args, env=os.environ) -> None:
         raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {attest}")
     args.attest = attest
     _measured_only(args, "model_broker", "--model-broker", env.get(measured.MODEL_BROKER, ""), "the model broker")
-    _measured_only(args, "model_broker_identity", "--model-broker-identity", env.get(measured.MODEL_BROKER_IDENTITY, ""),
-                   "the model broker's identity")  # fmt: skip
+    _measured_only(args, "model_broker_identity", "--model-broker-identity",
+                   env.get(measured.MODEL_BROKER_IDENTITY, ""), "the model broker's identity")  # fmt: skip
     if not args.model_broker or not args.model_broker_identity:
         raise UsageError(
             "this enclave was built without a model broker and its identity (measured "
@@ -216,7 +216,7 @@ def _open_bundle_and_requests(args, log):
     check_pins(bundle_header, args, args.bundle)
     # Learn which data keys are needed before asking for any key.
     raw_requests = [read_file(p, "request") for p in args.input]
-    kids = [request_key_id(data, p) for data, p in zip(raw_requests, args.input)]
+    kids = [request_key_id(data, p) for data, p in zip(raw_requests, args.input, strict=True)]
     model_key = keys.model_key(args.pinned_model_key_id or bundle_header.key_id)
     data_keys = keys.data_keys(sorted(set(kids)))
     bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
@@ -224,7 +224,9 @@ def _open_bundle_and_requests(args, log):
     check_pins(h, args, args.bundle)  # the file read first may have been swapped since
     log(f"bundle {h.arch} v{h.model_version} ({bundle.num_stages} stages) verified")
     shape = h.preprocessing.input_shape
-    requests = [(*open_request(data, data_keys, shape, p), data) for data, p in zip(raw_requests, args.input)]
+    requests = [
+        (*open_request(data, data_keys, shape, p), data) for data, p in zip(raw_requests, args.input, strict=True)
+    ]
     log(f"{len(requests)} request(s), {sum(len(r[1]) for r in requests)} samples verified")
     return bundle, requests, data_keys
 
@@ -235,7 +237,7 @@ def _write_results(args, bundle, requests, data_keys, answers) -> None:
     from ..seal.envelope import request_digest, seal_result
 
     outputs, text, lo = [], [], 0
-    for (req_header, inputs, raw), path in zip(requests, args.output):
+    for (req_header, inputs, raw), path in zip(requests, args.output, strict=True):
         hi = lo + len(inputs)
         recs = records_for(answers, bundle.header.classes, lo, hi)
         model = bundle.header.model_ref
@@ -296,7 +298,8 @@ def run(args) -> dict:
     if args.stats_json:
         atomic_write_text(args.stats_json, json.dumps(stats, indent=2) + "\n")
     log(
-        f"answered {len(x)} samples in {seconds:.3f} s; exits {stats['exit_counts']}; stages loaded {stats['stages_loaded']}"
+        f"answered {len(x)} samples in {seconds:.3f} s; exits {stats['exit_counts']}; "
+        f"stages loaded {stats['stages_loaded']}"
     )
     return stats
 

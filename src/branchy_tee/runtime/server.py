@@ -116,7 +116,7 @@ class LoadedModel:
 
         a = early_exit(self.store.get, self.bundle.num_stages, x, self.criterion, self.thresholds, self.batch_size)
         out = []
-        for label, conf, ex in zip(a.labels.tolist(), a.confidences.tolist(), a.exits.tolist()):
+        for label, conf, ex in zip(a.labels.tolist(), a.confidences.tolist(), a.exits.tolist(), strict=True):
             self.exit_counts[ex] += 1
             out.append({"label": label, "class_name": self.classes[label], "confidence": round(conf, 6), "exit": ex})
         return out

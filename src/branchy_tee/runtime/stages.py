@@ -34,9 +34,12 @@ class StageStore:
             need = self.weight_bytes[0] + max(self.weight_bytes[1:]) + self.activation_bytes
             if need > memory_budget_mib * MIB:
                 raise BranchyError(
-                    f"memory budget {memory_budget_mib:g} MiB is too small: stage 0 ({self.weight_bytes[0] / MIB:.1f} MiB) + the "
-                    f"largest later stage ({max(self.weight_bytes[1:]) / MIB:.1f} MiB) + activations of a batch of {batch_size} "
-                    f"({self.activation_bytes / MIB:.1f} MiB) need {need / MIB:.1f} MiB; raise --memory-budget or lower --batch-size"
+                    f"memory budget {memory_budget_mib:g} MiB is too small: "
+                    f"stage 0 ({self.weight_bytes[0] / MIB:.1f} MiB) + the "
+                    f"largest later stage ({max(self.weight_bytes[1:]) / MIB:.1f} MiB) + "
+                    f"activations of a batch of {batch_size} "
+                    f"({self.activation_bytes / MIB:.1f} MiB) need {need / MIB:.1f} MiB; "
+                    "raise --memory-budget or lower --batch-size"
                 )
         self.resident: OrderedDict[int, StageGraph] = OrderedDict()
         self.loaded_ever: list[int] = []

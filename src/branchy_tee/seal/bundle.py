@@ -125,7 +125,7 @@ def seal_graphs(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
         stages = []
-        for k, (plain, fact) in enumerate(zip(graphs, facts)):
+        for k, (plain, fact) in enumerate(zip(graphs, facts, strict=True)):
             key = _stage_key(model_key, bundle_id, version, k)
             with open(tmp / stage_file(k), "wb") as f:
                 for chunk in aead.seal_chunks(key, plain, _stage_context(bundle_id, version, k), chunk_size):
