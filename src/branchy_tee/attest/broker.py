@@ -81,7 +81,7 @@ class Refusal(Exception):
 
 
 # --------------------------------------------------------------------------- keystore
-def load_keystore(path: str | os.PathLike) -> dict[str, bytes]:
+def load_keystore(path: str | os.PathLike[str]) -> dict[str, bytes]:
     """Key id -> key from a directory of ``*.key`` files (32 bytes, mode 0600) or one key file."""
     p = Path(path)
     if p.is_dir():
@@ -227,7 +227,7 @@ class Broker:
         policy,
         *,
         identity=None,
-        audit_log: str | os.PathLike | None = None,
+        audit_log: str | os.PathLike[str] | None = None,
         nonce_ttl: float = 60.0,
         clock: Callable[[], float] | None = None,
         log: Callable[[str], None] | None = None,

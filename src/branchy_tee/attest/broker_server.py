@@ -164,7 +164,7 @@ def start_broker(
     policy,
     host: str = "127.0.0.1",
     port: int = 0,
-    audit_log: str | os.PathLike | None = None,
+    audit_log: str | os.PathLike[str] | None = None,
     *,
     identity=None,
     tls_cert=None,

@@ -89,7 +89,7 @@ class AttestedKeys:
         ca_file: str | None = None,
         min_version: int = 0,
         *,
-        dev_key_dir: str | os.PathLike | None = None,
+        dev_key_dir: str | os.PathLike[str] | None = None,
         timeout: float = 30.0,
         provider=None,
     ):

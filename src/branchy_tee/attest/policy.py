@@ -400,7 +400,7 @@ def _collateral_path(r: "_Reader", base_dir) -> Path | None:
 
 
 def parse_policy(
-    data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike | None = None
+    data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike[str] | None = None
 ) -> Policy:
     """A :class:`Policy` from a mapping (the parsed TOML). Relative paths resolve against ``base_dir``."""
     if not isinstance(data, Mapping):
@@ -437,7 +437,7 @@ def parse_policy(
     return policy
 
 
-def load_policy(path: str | os.PathLike) -> Policy:
+def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read and check a TOML policy file."""
     path = Path(path)
     try:

@@ -86,7 +86,7 @@ def simulated_warning(what: str) -> None:
 
 # --------------------------------------------------------------------------- code measurement
 @functools.lru_cache(maxsize=8)
-def code_measurement(root: str | os.PathLike | None = None) -> bytes:
+def code_measurement(root: str | os.PathLike[str] | None = None) -> bytes:
     """SHA-256 over the files of the ``branchy_tee`` package (or ``root``), by sorted relative path.
 
     Byte caches (``__pycache__``, ``*.pyc``) are left out. Computed once per process and root: the
@@ -123,7 +123,7 @@ class GramineProvider:
 
     evidence_type = EvidenceType.DCAP
 
-    def __init__(self, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR):
+    def __init__(self, attestation_dir: str | os.PathLike[str] = DEFAULT_ATTESTATION_DIR):
         self.dir = Path(attestation_dir)
 
     def evidence(self, report_data: bytes) -> bytes:
@@ -183,7 +183,7 @@ def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def load_or_create_dev_key(key_dir: str | os.PathLike | None = None) -> Ed25519PrivateKey:
+def load_or_create_dev_key(key_dir: str | os.PathLike[str] | None = None) -> Ed25519PrivateKey:
     """The Ed25519 dev key in ``key_dir`` (created on first use: directory 0700, key file 0600)."""
     d = Path(key_dir) if key_dir is not None else default_dev_key_dir()
     path = d / DEV_KEY_FILE
@@ -214,7 +214,7 @@ class SimulatedProvider:
 
     def __init__(
         self,
-        key_dir: str | os.PathLike | None = None,
+        key_dir: str | os.PathLike[str] | None = None,
         *,
         isv_prod_id: int = 0,
         isv_svn: int = 0,
@@ -314,8 +314,8 @@ def verify_simulated(evidence: bytes) -> SimulatedDocument:
 def make_provider(
     name: EvidenceProvider | str,
     *,
-    attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR,
-    dev_key_dir: str | os.PathLike | None = None,
+    attestation_dir: str | os.PathLike[str] = DEFAULT_ATTESTATION_DIR,
+    dev_key_dir: str | os.PathLike[str] | None = None,
 ):
     """The evidence provider for ``--attest NAME``."""
     if name == EvidenceProvider.GRAMINE:

@@ -126,7 +126,7 @@ def jinja_environment() -> jinja2.Environment:
 
 
 def render_manifest(
-    defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME, template: str | os.PathLike | None = None
+    defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME, template: str | os.PathLike[str] | None = None
 ) -> str:
     """Render the manifest template as gramine-manifest would, ``gramine.runtimedir()`` being
     ``runtimedir``. Raises ``jinja2.UndefinedError`` when a value is missing."""
@@ -349,7 +349,7 @@ def parse_sigstruct_view(text: str) -> dict:
     }
 
 
-def read_sigstruct(directory: str | os.PathLike) -> dict:
+def read_sigstruct(directory: str | os.PathLike[str]) -> dict:
     """The measurements in DIR's SIGSTRUCT, read by gramine-sgx-sigstruct-view."""
     d = Path(directory)
     if not (d / SIGSTRUCT).is_file():
@@ -359,7 +359,7 @@ def read_sigstruct(directory: str | os.PathLike) -> dict:
     return parse_sigstruct_view(run_tool(SIGSTRUCT_VIEW_ARGV, cwd=str(d)).stdout)
 
 
-def manifest_figures(path: str | os.PathLike) -> dict:
+def manifest_figures(path: str | os.PathLike[str]) -> dict:
     """Trusted files, size and SHA-256 of a manifest rendered by gramine-manifest; refuses one that
     Gramine 1.7 or older rendered (no loader.entrypoint, trusted files not hashed)."""
     data = Path(path).read_bytes()
@@ -387,7 +387,7 @@ def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNT
     return sum(enclave_env.count_files(p) if p.endswith("/") else 1 for p in paths)
 
 
-def read_measurements(directory: str | os.PathLike) -> dict:
+def read_measurements(directory: str | os.PathLike[str]) -> dict:
     """MRENCLAVE, MRSIGNER, ISV ids and the debug flag of the signed enclave in ``directory``."""
     d = Path(directory)
     load_config(d)

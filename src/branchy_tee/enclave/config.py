@@ -174,7 +174,7 @@ def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
     }
 
 
-def load_config(directory: str | os.PathLike) -> EnclaveConfig:
+def load_config(directory: str | os.PathLike[str]) -> EnclaveConfig:
     path = Path(directory) / CONFIG
     try:
         doc = json.loads(path.read_text())

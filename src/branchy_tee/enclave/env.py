@@ -303,7 +303,7 @@ def _clear_caches(home: Path) -> None:
         pyc.unlink(missing_ok=True)
 
 
-def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: None) -> EnclaveEnv:
+def ensure_env(env_dir: str | os.PathLike[str] = DEFAULT_ENV_DIR, log=lambda msg: None) -> EnclaveEnv:
     """Create the enclave environment in ``env_dir``, or reuse it when it was made from the same
     interpreter, requirements and constraints and still holds exactly the files it was made with.
     The branchy_tee part is renewed when the package's enclave-side files changed."""
@@ -378,7 +378,7 @@ GRAMINE_GLIBC = frozenset({
 })  # fmt: skip
 
 
-def shared_objects(directory: str | os.PathLike) -> list[str]:
+def shared_objects(directory: str | os.PathLike[str]) -> list[str]:
     """Every ELF shared object under ``directory`` (extension modules and the libraries they bundle)."""
     found = []
     for root, _dirs, files in os.walk(directory):
@@ -417,7 +417,9 @@ def _ldd(objects: list[str], search: list[str]) -> set[str]:
     return parse_ldd("\n".join(out))
 
 
-def system_libraries(python: str, env_dir: str | os.PathLike, system_dirs: list[str]) -> tuple[list[str], list[str]]:
+def system_libraries(
+    python: str, env_dir: str | os.PathLike[str], system_dirs: list[str]
+) -> tuple[list[str], list[str]]:
     """The shared libraries outside the environment that the interpreter and every shared object in
     the environment load (``ldd``), except glibc's: Gramine brings its own, mounted at /lib. Returns
     (libraries, the enclave's library search path after /lib).
@@ -438,5 +440,5 @@ def system_libraries(python: str, env_dir: str | os.PathLike, system_dirs: list[
     return libs, search
 
 
-def count_files(directory: str | os.PathLike) -> int:
+def count_files(directory: str | os.PathLike[str]) -> int:
     return sum(len(files) for _root, _dirs, files in os.walk(directory))

@@ -170,7 +170,7 @@ def _simulated_measurements(cfg: EnclaveConfig, env: dict[str, str]) -> dict:
 
 
 def make_release(
-    directory: str | os.PathLike, identity, model_key: bytes, broker_identity: str | None = None
+    directory: str | os.PathLike[str], identity, model_key: bytes, broker_identity: str | None = None
 ) -> tuple[ReleaseStatement, str]:
     """The signed release statement for the enclave built in ``directory`` (``identity``: the model
     owner's Ed25519 private key). A real-SGX build must have been signed (``make SGX=1``).
@@ -222,7 +222,11 @@ def make_release(
 
 
 def write_release(
-    directory: str | os.PathLike, identity, out: str | os.PathLike, model_key: bytes, broker_identity: str | None = None
+    directory: str | os.PathLike[str],
+    identity,
+    out: str | os.PathLike[str],
+    model_key: bytes,
+    broker_identity: str | None = None,
 ) -> tuple[ReleaseStatement, str]:
     """Sign and write the release statement; returns it and its signature (hex)."""
     statement, signature = make_release(directory, identity, model_key, broker_identity)
@@ -257,7 +261,7 @@ def verify_release(doc: object, model_owner: str, what: str = "release statement
     return ReleaseStatement.parse(statement, f"{what} (signed)")  # the signed members, exactly as read
 
 
-def read_release(path: str | os.PathLike, model_owner: str) -> ReleaseStatement:
+def read_release(path: str | os.PathLike[str], model_owner: str) -> ReleaseStatement:
     raw = read_regular_file(path, "release statement", MAX_RELEASE_BYTES)
     try:
         doc = json.loads(raw)
@@ -313,7 +317,7 @@ def policy_from_release(
 
 
 def write_policy_from_release(
-    release: str | os.PathLike, model_owner: str, out: str | os.PathLike, **kw: Any
+    release: str | os.PathLike[str], model_owner: str, out: str | os.PathLike[str], **kw: Any
 ) -> ReleaseStatement:
     import tomllib
 
