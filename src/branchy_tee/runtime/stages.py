@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import Callable
 
 from ..errors import BranchyError, IntegrityError
 from ..seal.bundle import SealedBundle
@@ -22,7 +23,13 @@ MIB = 1 << 20
 
 
 class StageStore:
-    def __init__(self, bundle: SealedBundle, memory_budget_mib: float | None = None, batch_size: int = 1, log=None):
+    def __init__(
+        self,
+        bundle: SealedBundle,
+        memory_budget_mib: float | None = None,
+        batch_size: int = 1,
+        log: Callable[[str], None] | None = None,
+    ):
         self.bundle = bundle
         self.log = log or (lambda msg: None)
         self.num_stages = bundle.num_stages

@@ -41,7 +41,7 @@ from .header import BUNDLE_FORMAT, HEADER_MEMBERS, STAGE_MEMBERS, BundleHeader, 
 from .keys import derive, key_id
 
 if TYPE_CHECKING:
-    from ..models.multiexit import MultiExitNet
+    import torch
 
 HEADER_FILE = "header.json"
 MAX_HEADER_BYTES = 1 << 20
@@ -71,7 +71,7 @@ def _header_mac(model_key: bytes, header: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- writing (model owner)
 def seal_model(
-    model: MultiExitNet,
+    model: torch.nn.Module,
     card: ModelFacts,
     model_key: bytes,
     out: str | os.PathLike[str],
