@@ -198,7 +198,7 @@ def verify_evidence(
     if evidence_type == EvidenceType.DCAP:
         from .verify import verify_quote
 
-        chosen = policy.collateral()
+        chosen: Mapping[str, Any] | None = policy.collateral()
         if chosen is None and policy.accept_client_collateral:
             chosen = collateral
         with _VERIFY_LOCK:
@@ -296,9 +296,9 @@ class Broker:
             import traceback
 
             traceback.print_exc()
-            r = Refusal(500, "internal_error", f"internal error ({type(e).__name__}); nothing released")
-            self._decide(entry, r.status, r.code, r.reason)
-            raise r from None
+            failed = Refusal(500, "internal_error", f"internal error ({type(e).__name__}); nothing released")
+            self._decide(entry, failed.status, failed.code, failed.reason)
+            raise failed from None
         self._decide(entry, 200, "granted", None)
         return response
 

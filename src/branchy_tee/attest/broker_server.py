@@ -223,8 +223,12 @@ def serve_in_background(
     if failure:
         broker.close()
         raise failure[0]
-    _startup_warnings(broker, host, handle.tls, lambda m: sys.stderr.write(f"key-broker: warning: {m}\n"))
+    _startup_warnings(broker, host, handle.tls, _warn)
     return handle
+
+
+def _warn(m: str) -> None:
+    sys.stderr.write(f"key-broker: warning: {m}\n")
 
 
 def serve(
@@ -249,7 +253,11 @@ def serve(
         raise UsageError("--nonce-ttl must be positive")
     keys = load_keystore(keys_path)
     policy = load_policy(policy_path)
-    err = lambda m: (sys.stderr.write(f"key-broker: {m}\n"), sys.stderr.flush())  # noqa: E731
+
+    def err(m: str) -> None:
+        sys.stderr.write(f"key-broker: {m}\n")
+        sys.stderr.flush()
+
     broker = Broker(
         keys,
         policy,

@@ -35,13 +35,14 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, overload
 
 import tomllib
 
 from ..errors import BranchyError, PolicyError, shown
 from ..measured import identity_problem
-from .protocol import KEY_ID_RE, MAX_ALLOWED_DATA_OWNERS, EvidenceType
+from ..seal.keys import KEY_ID_RE
+from .protocol import MAX_ALLOWED_DATA_OWNERS, EvidenceType
 from .quote import EnclaveClaims
 from .verify import TCB_STATUSES, read_collateral_file
 
@@ -308,7 +309,13 @@ class _Reader:
             raise self.fail(name, f"must be true or false, not {v!r}")
         return v
 
-    def int(self, name: str, default, hi: int) -> int | None:
+    @overload
+    def int(self, name: str, default: int, hi: int) -> int: ...
+
+    @overload
+    def int(self, name: str, default: None, hi: int) -> int | None: ...
+
+    def int(self, name: str, default: int | None, hi: int) -> int | None:
         v = self.data.get(name, default)
         if v is None and default is None:
             return None

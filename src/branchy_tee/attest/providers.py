@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -115,6 +115,15 @@ def simulated_mrenclave(env: Mapping[str, str] | None = None, code: bytes | None
     code = code_measurement() if code is None else code
     settings = measured.settings_bytes(os.environ if env is None else env)
     return hashlib.sha256(b"branchy-tee/v1 simulated-mrenclave\0" + code + settings).digest()
+
+
+# --------------------------------------------------------------------------- providers
+class EvidenceSource(Protocol):
+    """What produces evidence binding 64 bytes of report data (``GramineProvider``, ``SimulatedProvider``)."""
+
+    evidence_type: EvidenceType
+
+    def evidence(self, report_data: bytes) -> bytes: ...
 
 
 # --------------------------------------------------------------------------- gramine
@@ -229,7 +238,7 @@ class SimulatedProvider:
             raise ValueError("mrenclave must be 32 bytes")
         self.isv_prod_id, self.isv_svn, self.debug = isv_prod_id, isv_svn, debug
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, str]:
         """What a policy pins for this dev setup (hex)."""
         return {"mrenclave": self.mrenclave.hex(), "mrsigner": self.mrsigner.hex(), "public_key": self.public_key.hex()}
 
@@ -254,18 +263,21 @@ class SimulatedProvider:
         return json.dumps({"document": text, "signature": sig.hex()}).encode()
 
 
-def _field(doc: dict, name: str, kind, what: str = "simulated evidence"):
+def _u16_field(doc: dict[str, Any], name: str) -> int:
     v = doc.get(name)
-    if kind is int and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFF):
-        raise AttestationError(f"{what}: '{name}' missing or not an integer in 0..65535")
-    if kind is bool and not isinstance(v, bool):
-        raise AttestationError(f"{what}: '{name}' missing or not a boolean")
-    if kind is str and not isinstance(v, str):
-        raise AttestationError(f"{what}: '{name}' missing or not a string")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFF:
+        raise AttestationError(f"simulated evidence: '{name}' missing or not an integer in 0..65535")
     return v
 
 
-def _hexfield(doc: dict, name: str, size: int) -> bytes:
+def _bool_field(doc: dict[str, Any], name: str) -> bool:
+    v = doc.get(name)
+    if not isinstance(v, bool):
+        raise AttestationError(f"simulated evidence: '{name}' missing or not a boolean")
+    return v
+
+
+def _hexfield(doc: dict[str, Any], name: str, size: int) -> bytes:
     return hex_member(doc, name, size, AttestationError, "simulated evidence")
 
 
@@ -301,9 +313,9 @@ def verify_simulated(evidence: bytes) -> SimulatedDocument:
     return SimulatedDocument(
         mrenclave=_hexfield(doc, "mrenclave", 32),
         mrsigner=mrsigner,
-        isv_prod_id=_field(doc, "isv_prod_id", int),
-        isv_svn=_field(doc, "isv_svn", int),
-        debug=_field(doc, "debug", bool),
+        isv_prod_id=_u16_field(doc, "isv_prod_id"),
+        isv_svn=_u16_field(doc, "isv_svn"),
+        debug=_bool_field(doc, "debug"),
         report_data=_hexfield(doc, "report_data", REPORT_DATA_LEN),
         public_key=public_key,
         produced_at=str(doc.get("produced_at", ""))[:40],
@@ -316,7 +328,7 @@ def make_provider(
     *,
     attestation_dir: str | os.PathLike[str] = DEFAULT_ATTESTATION_DIR,
     dev_key_dir: str | os.PathLike[str] | None = None,
-):
+) -> GramineProvider | SimulatedProvider:
     """The evidence provider for ``--attest NAME``."""
     if name == EvidenceProvider.GRAMINE:
         return GramineProvider(attestation_dir)

@@ -22,6 +22,7 @@ def evidence_of(cert_der: bytes) -> tuple[str, bytes, bytes]:
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         ext = cert.extensions.get_extension_for_oid(RATLS_QUOTE_OID).value
+        assert isinstance(ext, x509.UnrecognizedExtension)  # cryptography knows no parser for this OID
         evidence = ext.value
         expected = public_key_report_data(cert.public_key())
     except x509.ExtensionNotFound:
