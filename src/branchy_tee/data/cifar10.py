@@ -87,6 +87,7 @@ class _Source:
             except FileNotFoundError:
                 raise DatasetError(f"{path}: missing CIFAR-10 file") from None
         where = f"{self.where}:{FOLDER}/{name}"
+        assert self.tar is not None  # no folder: __init__ opened the archive
         try:
             member = self.tar.extractfile(f"{FOLDER}/{name}")
             if member is None:

@@ -412,14 +412,15 @@ def build(opts: BuildOptions, log=lambda msg: None) -> dict:
     defines = [f"{k}={v}" for k, v in cfg.defines.items()]
     atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg.signing_key))
     atomic_write_text(out / CONFIG, json.dumps(cfg.to_json(), indent=1) + "\n")
+    warnings = _warnings(cfg)
     summary = {"dir": str(out), "entry": cfg.entry, "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
                "env": cfg.env_dir, "env_requirements": list(cfg.env_requirements), "enclave_size": cfg.enclave_size,
                "enclave_size_detail": cfg.enclave_size_detail, "max_threads": cfg.max_threads, "debug": cfg.debug,
                "edmm": cfg.edmm, "trusted_files": None, "manifest_bytes": None, "manifest_sha256": None,
-               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": _warnings(cfg),
+               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": warnings,
                "bundle_id": cfg.bundle_id, "model_key_id": cfg.model_key_id, "min_model_version": cfg.min_model_version,
                "model_broker": cfg.model_broker, "model_broker_identity": cfg.model_broker_identity}  # fmt: skip
-    summary.update(_render_manifest_file(cfg, out, summary["warnings"]))
+    summary.update(_render_manifest_file(cfg, out, warnings))
     if opts.sgx:
         summary.update(_sign(cfg, out))
     return summary

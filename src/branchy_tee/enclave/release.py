@@ -127,13 +127,16 @@ def measured_env(directory: Path, cfg: EnclaveConfig) -> dict[str, str]:
     return env
 
 
-def _pins(env: dict[str, str], directory: Path) -> dict:
+def _pins(env: dict[str, str], directory: Path) -> dict[str, Any]:
     """What the measured environment pins, each value checked (no text reaches a policy unchecked)."""
     from ..seal.keys import KEY_ID_RE
 
-    pins = {"bundle_id": env.get(measured.BUNDLE_ID, ""), "model_key_id": env.get(measured.MODEL_KEY_ID, ""),
-            "model_broker": env.get(measured.MODEL_BROKER, ""),
-            "model_broker_identity": env.get(measured.MODEL_BROKER_IDENTITY, "")}  # fmt: skip
+    pins: dict[str, Any] = {
+        "bundle_id": env.get(measured.BUNDLE_ID, ""),
+        "model_key_id": env.get(measured.MODEL_KEY_ID, ""),
+        "model_broker": env.get(measured.MODEL_BROKER, ""),
+        "model_broker_identity": env.get(measured.MODEL_BROKER_IDENTITY, ""),
+    }
     if not pins["model_broker"]:
         raise BranchyError(
             f"{directory} was built without --model-broker: such an enclave can never get the model key, "

@@ -82,6 +82,7 @@ def _quiet_exporter():
 
 
 _registry_cache: dict = {}
+_cached_builders: set = set()  # our wrappers: a registry already patched is not patched again
 
 
 def _cache_operator_registry() -> None:
@@ -95,7 +96,7 @@ def _cache_operator_registry() -> None:
         return
     registry = getattr(_registration, "ONNXRegistry", None)
     build = getattr(getattr(registry, "from_torchlib", None), "__func__", None)
-    if build is None or getattr(build, "_branchy_cached", False):
+    if registry is None or build is None or build in _cached_builders:
         return
 
     def cached(cls, *args, **kwargs):
@@ -104,7 +105,7 @@ def _cache_operator_registry() -> None:
             _registry_cache[key] = build(cls, *args, **kwargs)
         return _registry_cache[key]
 
-    cached._branchy_cached = True
+    _cached_builders.add(cached)
     registry.from_torchlib = classmethod(cached)
 
 
@@ -114,6 +115,7 @@ def _export(module: nn.Module, example: torch.Tensor, outputs: list[str]) -> byt
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(module.eval(), (example,), dynamo=True, input_names=[INPUT], output_names=outputs,
                                     dynamic_shapes=({0: batch},), verbose=False)  # fmt: skip
+    assert program is not None  # dynamo=True always gives an ONNXProgram
     return program.model_proto.SerializeToString()
 
 

@@ -9,7 +9,7 @@ Two views of the same numbers:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,7 +18,7 @@ from .multiexit import MultiExitNet
 from .registry import create_model
 
 
-def _count_flops(fn, *args) -> tuple[int, object]:
+def _count_flops(fn, *args) -> tuple[int, Any]:
     with FlopCounterMode(display=False) as counter:
         out = fn(*args)
     return counter.get_total_flops(), out
