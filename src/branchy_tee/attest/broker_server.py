@@ -231,6 +231,11 @@ def _warn(m: str) -> None:
     sys.stderr.write(f"key-broker: warning: {m}\n")
 
 
+def _err(m: str) -> None:
+    sys.stderr.write(f"key-broker: {m}\n")
+    sys.stderr.flush()
+
+
 def serve(
     keys_path,
     policy_path,
@@ -253,18 +258,13 @@ def serve(
         raise UsageError("--nonce-ttl must be positive")
     keys = load_keystore(keys_path)
     policy = load_policy(policy_path)
-
-    def err(m: str) -> None:
-        sys.stderr.write(f"key-broker: {m}\n")
-        sys.stderr.flush()
-
     broker = Broker(
         keys,
         policy,
         identity=ident.load_identity(identity),
         audit_log=audit_log,
         nonce_ttl=nonce_ttl,
-        log=None if quiet else err,
+        log=None if quiet else _err,
     )
     ssl_ctx = _ssl_context(tls_cert, tls_key)
 
@@ -274,7 +274,7 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        _startup_warnings(broker, host, ssl_ctx is not None, lambda m: err(f"warning: {m}"))
+        _startup_warnings(broker, host, ssl_ctx is not None, lambda m: _err(f"warning: {m}"))
         out.write(f"key broker listening on {_url(host, real_port, ssl_ctx is not None)}\n")
         out.write(f"  identity {broker.identity_hex}\n")
         out.write(
@@ -293,5 +293,5 @@ def serve(
     finally:
         broker.close()
     if not quiet:
-        err(f"stopped ({broker.granted} granted, {broker.refused} refused)")
+        _err(f"stopped ({broker.granted} granted, {broker.refused} refused)")
     return 0

@@ -209,6 +209,14 @@ class Policy:
     def evaluate(self, claims: Claims) -> Decision:
         """Accept ``claims`` (from evidence that verified) or raise PolicyError with the precise reason."""
         warnings: list[str] = list(claims.warnings)
+        self._check_evidence_kind(claims, warnings)
+        self._check_enclave(claims)
+        if not claims.simulated:
+            self._check_tcb(claims, warnings)
+        return Decision(self.min_model_version, tuple(warnings), self.allowed_data_owners)
+
+    def _check_evidence_kind(self, claims: Claims, warnings: list[str]) -> None:
+        """Simulated evidence only where allowed (and from a pinned dev key); otherwise SGX DCAP quotes."""
         if claims.simulated:
             if not self.allow_simulation:
                 raise PolicyError("simulated evidence refused: the policy has allow_simulation = false")
@@ -225,6 +233,9 @@ class Policy:
             raise PolicyError(
                 f"tee: the evidence is a {claims.tee.upper()} quote; this policy accepts SGX enclaves only"
             )
+
+    def _check_enclave(self, claims: Claims) -> None:
+        """What the enclave is: its measurements, product id, security version and debug mode."""
         if self.allowed_mrenclave and claims.mrenclave not in self.allowed_mrenclave:
             raise PolicyError(
                 f"allowed_mrenclave: MRENCLAVE {claims.mrenclave.hex()} is not allowed "
@@ -248,35 +259,36 @@ class Policy:
                 "allow_debug: the enclave runs in DEBUG mode (the host can read its memory); "
                 "policy has allow_debug = false"
             )
-        if not claims.simulated:
-            status = claims.tcb_status
-            if status is None and self.min_tcb_evaluation_data_number is not None:
+
+    def _check_tcb(self, claims: Claims, warnings: list[str]) -> None:
+        """The platform's TCB status (from collateral) and how recent its evaluation data is."""
+        status = claims.tcb_status
+        if status is None and self.min_tcb_evaluation_data_number is not None:
+            raise PolicyError(
+                "min_tcb_evaluation_data_number: the quote's TCB status is unknown (no collateral), "
+                "so the minimum cannot be checked"
+            )
+        if status is None:
+            if self.require_collateral:
                 raise PolicyError(
-                    "min_tcb_evaluation_data_number: the quote's TCB status is unknown (no collateral), "
-                    "so the minimum cannot be checked"
+                    "require_collateral: the quote's TCB status is unknown (no collateral); give the "
+                    "policy a collateral file or set require_collateral = false"
                 )
-            if status is None:
-                if self.require_collateral:
-                    raise PolicyError(
-                        "require_collateral: the quote's TCB status is unknown (no collateral); give the "
-                        "policy a collateral file or set require_collateral = false"
-                    )
-                warnings.append("TCB status not checked (no collateral; require_collateral = false)")
-            elif status == "Revoked" or status not in self.accepted_tcb_statuses:
-                adv = f" (advisories {', '.join(claims.advisories)})" if claims.advisories else ""
+            warnings.append("TCB status not checked (no collateral; require_collateral = false)")
+        elif status == "Revoked" or status not in self.accepted_tcb_statuses:
+            adv = f" (advisories {', '.join(claims.advisories)})" if claims.advisories else ""
+            raise PolicyError(
+                f"accepted_tcb_statuses: the platform's TCB status is {status}{adv}; "
+                f"policy accepts {_short(self.accepted_tcb_statuses, 10)}"
+            )
+        minimum = self.min_tcb_evaluation_data_number
+        if status is not None and minimum is not None:
+            number = claims.tcb_evaluation_data_number
+            if number is None or number < minimum:
                 raise PolicyError(
-                    f"accepted_tcb_statuses: the platform's TCB status is {status}{adv}; "
-                    f"policy accepts {_short(self.accepted_tcb_statuses, 10)}"
+                    f"min_tcb_evaluation_data_number: the collateral's TCB evaluation data number is "
+                    f"{number}, below the policy minimum {minimum} (collateral from before a TCB recovery)"
                 )
-            minimum = self.min_tcb_evaluation_data_number
-            if status is not None and minimum is not None:
-                number = claims.tcb_evaluation_data_number
-                if number is None or number < minimum:
-                    raise PolicyError(
-                        f"min_tcb_evaluation_data_number: the collateral's TCB evaluation data number is "
-                        f"{number}, below the policy minimum {minimum} (collateral from before a TCB recovery)"
-                    )
-        return Decision(self.min_model_version, tuple(warnings), self.allowed_data_owners)
 
     def describe(self) -> dict[str, Any]:
         return {

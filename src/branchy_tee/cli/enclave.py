@@ -36,6 +36,16 @@ def _add_build(esub) -> None:
     b.add_argument("--sgx", action="store_true", help="sign for SGX (needs Gramine and a signing key)")
     b.add_argument("--debug", action="store_true", help="debug enclave (sgx.debug = true; never for production)")
     b.add_argument("--edmm", action="store_true", help="sgx.edmm_enable = true (SGX2 CPUs, Linux >= 6.0)")
+    _add_build_trust(b)
+    _add_build_runtime(b)
+    _add_build_signing(b)
+    _add_build_sizing(b)
+    b.add_argument("--json", action="store_true", help="print a JSON summary")
+    b.set_defaults(func=cmd_enclave_build)
+
+
+def _add_build_trust(b: argparse.ArgumentParser) -> None:
+    """Whom the enclave trusts for its keys (measured)."""
     b.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (measured)")
     b.add_argument(
         "--model-broker-identity",
@@ -56,6 +66,10 @@ def _add_build(esub) -> None:
         help="evidence provider (default gramine: DCAP)",
     )
     b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
+
+
+def _add_build_runtime(b: argparse.ArgumentParser) -> None:
+    """What the enclave may do: threads, plaintext results, bundle versions, the directories it may open."""
     b.add_argument(
         "--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8"
     )
@@ -84,6 +98,10 @@ def _add_build(esub) -> None:
         metavar="DIR",
         help="directory for --stats-json/--mprofile output (repeatable)",
     )
+
+
+def _add_build_signing(b: argparse.ArgumentParser) -> None:
+    """How the enclave is signed, and the TCB statuses the printed policy snippet accepts."""
     b.add_argument(
         "--signing-key",
         metavar="PEM",
@@ -99,6 +117,10 @@ def _add_build(esub) -> None:
         metavar="STATUS",
         help="TCB status the policy snippet accepts (repeatable; default UpToDate)",
     )
+
+
+def _add_build_sizing(b: argparse.ArgumentParser) -> None:
+    """What the enclave is sized for (sgx.enclave_size, sgx.max_threads) and its environment."""
     b.add_argument(
         "--batch-size", type=int, default=64, help="largest predict --batch-size to size the enclave for (default 64)"
     )
@@ -123,8 +145,6 @@ def _add_build(esub) -> None:
         default=64,
         help="serve: concurrent connections to have threads for (sgx.max_threads; default 64)",
     )
-    b.add_argument("--json", action="store_true", help="print a JSON summary")
-    b.set_defaults(func=cmd_enclave_build)
 
 
 def _add_env(esub) -> None:
@@ -252,7 +272,6 @@ def cmd_enclave_build(args) -> int:
     if args.json:
         emit_json(s)
         return 0
-    mib = 2**20
     print(f"wrote {s['manifest']} (rendered by {s['rendered_by']})")
     if s["manifest_sha256"]:
         print(
@@ -265,19 +284,7 @@ def cmd_enclave_build(args) -> int:
             "SHA-256 come from gramine-manifest (`make` in the build directory)"
         )
     print(f"  enclave environment {s['env']}: {' '.join(s['env_requirements'])}")
-    d = s["enclave_size_detail"]
-    if d["given"]:
-        print(f"  sgx.enclave_size {s['enclave_size']} (given with --enclave-size, not measured)")
-    else:
-        t = {k: v / mib for k, v in d["terms"].items()}
-        print(
-            f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB "
-            f"(VmPeak, {d['samples']} samples at batch size {d['batch_size']}"
-            f"{', measured earlier' if d['cached'] else ''}) + margin "
-            f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
-            f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, "
-            f"{d['spare'] / mib:.0f} MiB spare"
-        )
+    _print_enclave_size(s)
     print(
         f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, "
         f"EDMM {'yes' if s['edmm'] else 'no'}"
@@ -305,6 +312,24 @@ def cmd_enclave_build(args) -> int:
         "mo.id --model-key mo.key --out release.json`"
     )
     return 0
+
+
+def _print_enclave_size(s: dict) -> None:
+    """sgx.enclave_size: given, or measured and how (peak, margin and its terms, spare)."""
+    mib = 2**20
+    d = s["enclave_size_detail"]
+    if d["given"]:
+        print(f"  sgx.enclave_size {s['enclave_size']} (given with --enclave-size, not measured)")
+        return
+    t = {k: v / mib for k, v in d["terms"].items()}
+    print(
+        f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB "
+        f"(VmPeak, {d['samples']} samples at batch size {d['batch_size']}"
+        f"{', measured earlier' if d['cached'] else ''}) + margin "
+        f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
+        f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, "
+        f"{d['spare'] / mib:.0f} MiB spare"
+    )
 
 
 def cmd_enclave_run(args) -> int:

@@ -125,23 +125,31 @@ def early_exit(
                 break
             rest = run(k, *rest)
     else:
-        waiting = [_Waiting() for _ in range(num_exits)]
-
-        def run_and_queue(k: int, pos: np.ndarray, h: np.ndarray) -> None:
-            rest = run(k, pos, h)
-            if rest is not None:
-                waiting[k + 1].add(*rest)
-
-        for start in range(0, n, batch_size):
-            run_and_queue(0, np.arange(start, min(start + batch_size, n)), x[start : start + batch_size])
-            for k in range(1, num_exits):
-                while waiting[k].count >= batch_size:
-                    run_and_queue(k, *waiting[k].pop(batch_size))
-        for k in range(1, num_exits):  # the input is used up: run what is still waiting, in part-batches
-            while waiting[k].count:
-                run_and_queue(k, *waiting[k].pop(batch_size))
-
+        _run_refilled(run, num_exits, x, batch_size)
     return _in_input_order(n, positions, labels, exits, best)
+
+
+def _run_refilled(
+    run: Callable[[int, np.ndarray, np.ndarray], Batch | None], num_exits: int, x: np.ndarray, batch_size: int
+) -> None:
+    """Run every stage on full batches: the input in batches, and in front of each later stage the
+    samples that went on past the exit before it, until a batch of them waits."""
+    n = len(x)
+    waiting = [_Waiting() for _ in range(num_exits)]
+
+    def run_and_queue(k: int, pos: np.ndarray, h: np.ndarray) -> None:
+        rest = run(k, pos, h)
+        if rest is not None:
+            waiting[k + 1].add(*rest)
+
+    for start in range(0, n, batch_size):
+        run_and_queue(0, np.arange(start, min(start + batch_size, n)), x[start : start + batch_size])
+        for k in range(1, num_exits):
+            while waiting[k].count >= batch_size:
+                run_and_queue(k, *waiting[k].pop(batch_size))
+    for k in range(1, num_exits):  # the input is used up: run what is still waiting, in part-batches
+        while waiting[k].count:
+            run_and_queue(k, *waiting[k].pop(batch_size))
 
 
 def _in_input_order(

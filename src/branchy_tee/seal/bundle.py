@@ -129,24 +129,10 @@ def seal_graphs(
     bundle_id = secrets.token_hex(16)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
-        stages = []
-        for k, (plain, fact) in enumerate(zip(graphs, facts, strict=True)):
-            key = _stage_key(model_key, bundle_id, version, k)
-            with open(tmp / stage_file(k), "wb") as f:
-                for chunk in aead.seal_chunks(key, plain, _stage_context(bundle_id, version, k), chunk_size):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            stages.append(
-                StageEntry(
-                    k,
-                    stage_file(k),
-                    len(plain),
-                    int(fact["weight_bytes"]),
-                    int(fact["activation_elems"]),
-                    aead.sealed_size(len(plain), chunk_size),
-                )
-            )
+        stages = [
+            _seal_stage(tmp, k, plain, fact, model_key, bundle_id, version, chunk_size)
+            for k, (plain, fact) in enumerate(zip(graphs, facts, strict=True))
+        ]
         header = BundleHeader(
             bundle_id=bundle_id,
             model_version=version,
@@ -165,6 +151,33 @@ def seal_graphs(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return header
+
+
+def _seal_stage(
+    tmp: Path,
+    k: int,
+    plain: bytes,
+    fact: dict[str, Any],
+    model_key: bytes,
+    bundle_id: str,
+    version: int,
+    chunk_size: int,
+) -> StageEntry:
+    """Write stage k's sealed file into ``tmp`` (fsynced); its header entry."""
+    key = _stage_key(model_key, bundle_id, version, k)
+    with open(tmp / stage_file(k), "wb") as f:
+        for chunk in aead.seal_chunks(key, plain, _stage_context(bundle_id, version, k), chunk_size):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return StageEntry(
+        k,
+        stage_file(k),
+        len(plain),
+        int(fact["weight_bytes"]),
+        int(fact["activation_elems"]),
+        aead.sealed_size(len(plain), chunk_size),
+    )
 
 
 def header_file_bytes(doc: dict[str, Any]) -> bytes:
