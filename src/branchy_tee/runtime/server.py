@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import ssl
 import sys
 import threading
 from dataclasses import dataclass
@@ -43,6 +42,8 @@ from ..errors import BranchyError, UsageError
 from ..parsing import ArgumentParser
 
 if TYPE_CHECKING:
+    import ssl
+
     import numpy as np
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -50,8 +51,7 @@ if TYPE_CHECKING:
     from ..attest.client import AttestedKeys
     from ..seal.bundle import SealedBundle
     from .https import Server
-
-Log = Callable[[str], None]
+    from .predict import Log
 
 PROG = "branchy-tee serve"
 
