@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
+
+if TYPE_CHECKING:
+    from .providers import EvidenceSource
 
 # Gramine's quote extension: mbedTLS is handed the bytes 06 09 2A 86 48 86 F8 4D 8A 39 06 as the OID.
 RATLS_QUOTE_OID = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
@@ -37,13 +42,13 @@ _SERVER_NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"),
 MAX_EVIDENCE = 16 * 1024
 
 
-def public_key_report_data(public_key) -> bytes:
+def public_key_report_data(public_key: CertificatePublicKeyTypes) -> bytes:
     """REPORTDATA for RA-TLS: SHA-256 of the DER SubjectPublicKeyInfo, then 32 zero bytes."""
     spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).digest() + bytes(32)
 
 
-def make_server_certificate(provider) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+def make_server_certificate(provider: EvidenceSource) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh key pair and a self-signed certificate (DER) with evidence from ``provider`` that binds
     the key. The private key never leaves the enclave."""
     key = ec.generate_private_key(ec.SECP384R1())

@@ -36,6 +36,16 @@ def _add_build(esub) -> None:
     b.add_argument("--sgx", action="store_true", help="sign for SGX (needs Gramine and a signing key)")
     b.add_argument("--debug", action="store_true", help="debug enclave (sgx.debug = true; never for production)")
     b.add_argument("--edmm", action="store_true", help="sgx.edmm_enable = true (SGX2 CPUs, Linux >= 6.0)")
+    _add_build_trust(b)
+    _add_build_runtime(b)
+    _add_build_signing(b)
+    _add_build_sizing(b)
+    b.add_argument("--json", action="store_true", help="print a JSON summary")
+    b.set_defaults(func=cmd_enclave_build)
+
+
+def _add_build_trust(b: argparse.ArgumentParser) -> None:
+    """Whom the enclave trusts for its keys (measured)."""
     b.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (measured)")
     b.add_argument(
         "--model-broker-identity",
@@ -56,6 +66,10 @@ def _add_build(esub) -> None:
         help="evidence provider (default gramine: DCAP)",
     )
     b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
+
+
+def _add_build_runtime(b: argparse.ArgumentParser) -> None:
+    """What the enclave may do: threads, plaintext results, bundle versions, the directories it may open."""
     b.add_argument(
         "--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8"
     )
@@ -84,10 +98,15 @@ def _add_build(esub) -> None:
         metavar="DIR",
         help="directory for --stats-json/--mprofile output (repeatable)",
     )
+
+
+def _add_build_signing(b: argparse.ArgumentParser) -> None:
+    """How the enclave is signed, and the TCB statuses the printed policy snippet accepts."""
     b.add_argument(
         "--signing-key",
         metavar="PEM",
-        help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; create one with gramine-sgx-gen-private-key)",
+        help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; "
+        "create one with gramine-sgx-gen-private-key)",
     )
     b.add_argument("--isv-prod-id", type=int, default=0, help="sgx.isvprodid (default 0)")
     b.add_argument("--isv-svn", type=int, default=0, help="sgx.isvsvn, raise it with every security fix (default 0)")
@@ -98,6 +117,10 @@ def _add_build(esub) -> None:
         metavar="STATUS",
         help="TCB status the policy snippet accepts (repeatable; default UpToDate)",
     )
+
+
+def _add_build_sizing(b: argparse.ArgumentParser) -> None:
+    """What the enclave is sized for (sgx.enclave_size, sgx.max_threads) and its environment."""
     b.add_argument(
         "--batch-size", type=int, default=64, help="largest predict --batch-size to size the enclave for (default 64)"
     )
@@ -122,8 +145,6 @@ def _add_build(esub) -> None:
         default=64,
         help="serve: concurrent connections to have threads for (sgx.max_threads; default 64)",
     )
-    b.add_argument("--json", action="store_true", help="print a JSON summary")
-    b.set_defaults(func=cmd_enclave_build)
 
 
 def _add_env(esub) -> None:
@@ -131,7 +152,8 @@ def _add_env(esub) -> None:
         "env", help="make (or check and reuse) the enclave's own Python environment",
         description="Make DIR: the standard library without test suites and the like, and only the packages the "
                     "enclave-side code imports (the `enclave` extra of pyproject.toml, pinned; constraints.txt pins "
-                    "what they pull in), without .pyc, headers, stubs and tests. `enclave build` does this too.")  # fmt: skip
+                    "what they pull in), without .pyc, headers, stubs and tests. "
+                    "`enclave build` does this too.")  # fmt: skip
     e.add_argument("--env", default=ENCLAVE_ENV, metavar="DIR", help=f"default {ENCLAVE_ENV}")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_enclave_env)
@@ -144,7 +166,8 @@ def _add_run(esub) -> None:
         description="Launch the enclave built in DIR: `gramine-sgx ./branchy-tee ARGS` (sgx), `gramine-direct "
                     "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
                     "serve) from the enclave environment with the manifest's environment (native). The command must "
-                    "be the one the enclave was built for (serve: `enclave build --serve`). Exits with its exit code.")  # fmt: skip
+                    "be the one the enclave was built for (serve: `enclave build --serve`). "
+                    "Exits with its exit code.")  # fmt: skip
     r.add_argument("--backend", choices=LaunchBackend.names(), default=LaunchBackend.SGX.value, help="default sgx")
     r.add_argument("dir", metavar="DIR", help="the build directory of `enclave build`")
     r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- {predict,serve} ARGS", help="its arguments")
@@ -157,7 +180,8 @@ def _add_release(esub) -> None:
         description="Sign, with the model owner's identity, what the enclave built in DIR is: its measurement "
                     "(MRENCLAVE, MRSIGNER; the simulated measurement for --attest simulated) and what it pins (bundle "
                     "id, model version, model key id, minimum version, model broker and its identity). Build it "
-                    "yourself from the same commit and bundle first: never sign a measurement the host printed.")  # fmt: skip
+                    "yourself from the same commit and bundle first: "
+                    "never sign a measurement the host printed.")  # fmt: skip
     rel.add_argument("dir", metavar="DIR")
     rel.add_argument(
         "--identity", required=True, metavar="FILE", help="the model owner's identity (`keygen --identity`)"
@@ -180,7 +204,8 @@ def _add_policy(esub) -> None:
     pol = esub.add_parser(
         "policy", help="(owners) verify a model owner's release statement and write a key-broker policy from it",
         description="Verify release.json under the model owner's identity and write a key-broker policy that "
-                    "releases keys only to the enclave it names (MRENCLAVE pinned, no debug, minimum model version).")  # fmt: skip
+                    "releases keys only to the enclave it names "
+                    "(MRENCLAVE pinned, no debug, minimum model version).")  # fmt: skip
     pol.add_argument("--release", required=True, metavar="release.json")
     pol.add_argument(
         "--model-owner", required=True, metavar="HEX", help="the model owner's identity, known out of band"
@@ -247,7 +272,6 @@ def cmd_enclave_build(args) -> int:
     if args.json:
         emit_json(s)
         return 0
-    mib = 2**20
     print(f"wrote {s['manifest']} (rendered by {s['rendered_by']})")
     if s["manifest_sha256"]:
         print(
@@ -260,22 +284,14 @@ def cmd_enclave_build(args) -> int:
             "SHA-256 come from gramine-manifest (`make` in the build directory)"
         )
     print(f"  enclave environment {s['env']}: {' '.join(s['env_requirements'])}")
-    d = s["enclave_size_detail"]
-    if d["given"]:
-        print(f"  sgx.enclave_size {s['enclave_size']} (given with --enclave-size, not measured)")
-    else:
-        t = {k: v / mib for k, v in d["terms"].items()}
-        print(
-            f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB (VmPeak, {d['samples']} "
-            f"samples at batch size {d['batch_size']}{', measured earlier' if d['cached'] else ''}) + margin "
-            f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
-            f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, {d['spare'] / mib:.0f} MiB spare"
-        )
+    _print_enclave_size(s)
     print(
-        f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, EDMM {'yes' if s['edmm'] else 'no'}"
+        f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, "
+        f"EDMM {'yes' if s['edmm'] else 'no'}"
     )
     print(
-        f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, `make` builds for gramine-direct"
+        f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, "
+        "`make` builds for gramine-direct"
     )
     print(
         f"  measured: bundle {s['bundle_id']} (model key id {s['model_key_id']}, minimum model version "
@@ -296,6 +312,24 @@ def cmd_enclave_build(args) -> int:
         "mo.id --model-key mo.key --out release.json`"
     )
     return 0
+
+
+def _print_enclave_size(s: dict) -> None:
+    """sgx.enclave_size: given, or measured and how (peak, margin and its terms, spare)."""
+    mib = 2**20
+    d = s["enclave_size_detail"]
+    if d["given"]:
+        print(f"  sgx.enclave_size {s['enclave_size']} (given with --enclave-size, not measured)")
+        return
+    t = {k: v / mib for k, v in d["terms"].items()}
+    print(
+        f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB "
+        f"(VmPeak, {d['samples']} samples at batch size {d['batch_size']}"
+        f"{', measured earlier' if d['cached'] else ''}) + margin "
+        f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
+        f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, "
+        f"{d['spare'] / mib:.0f} MiB spare"
+    )
 
 
 def cmd_enclave_run(args) -> int:

@@ -30,10 +30,11 @@ def add_serve(sub) -> None:
 
     p = sub.add_parser("serve", help="(enclave) answer data owners online over attested TLS, batching across requests",
                        description="Serve the sealed model online: get the model key by attestation (the measured pins "
-                                   "inside an enclave), then answer over TLS with an RA-TLS certificate (the quote binds "
-                                   "its key); data owners authenticate with client certificates from their identities, "
-                                   "matched against the model owner's allow-list; requests are batched across "
-                                   "connections. Stops on SIGINT/SIGTERM after finishing accepted requests.")  # fmt: skip
+                                   "inside an enclave), then answer over TLS with an RA-TLS certificate (the quote "
+                                   "binds its key); data owners authenticate with client certificates from their "
+                                   "identities, matched against the model owner's allow-list; requests are batched "
+                                   "across connections. Stops on SIGINT/SIGTERM after finishing accepted "
+                                   "requests.")  # fmt: skip
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
 

@@ -36,7 +36,7 @@ _FILES = {
 _UBYTE = 0x08
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one IDX file (gzipped or raw) of unsigned bytes, checking magic, shape and length."""
     path = Path(path)
     try:
@@ -63,7 +63,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
-def load_idx_dataset(root: str | os.PathLike, split: str, name: str, classes: list[str], stats) -> ImageDataset:
+def load_idx_dataset(root: str | os.PathLike[str], split: str, name: str, classes: list[str], stats) -> ImageDataset:
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root)

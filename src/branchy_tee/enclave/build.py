@@ -126,7 +126,7 @@ def jinja_environment() -> jinja2.Environment:
 
 
 def render_manifest(
-    defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME, template: str | os.PathLike | None = None
+    defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME, template: str | os.PathLike[str] | None = None
 ) -> str:
     """Render the manifest template as gramine-manifest would, ``gramine.runtimedir()`` being
     ``runtimedir``. Raises ``jinja2.UndefinedError`` when a value is missing."""
@@ -242,7 +242,8 @@ def _paths(opts: BuildOptions, out: str, bundle: str) -> tuple[list[str], str, s
             if _overlaps(d, t):
                 raise UsageError(
                     f"data directory {d} overlaps the trusted code/configuration path {t}; "
-                    "keep bundles, requests and results apart from the enclave environment and the build directory's files"
+                    "keep bundles, requests and results apart from the enclave environment "
+                    "and the build directory's files"
                 )
     signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
     if _BAD_PATH.search(signing_key) or " " in signing_key:
@@ -348,7 +349,7 @@ def parse_sigstruct_view(text: str) -> dict:
     }
 
 
-def read_sigstruct(directory: str | os.PathLike) -> dict:
+def read_sigstruct(directory: str | os.PathLike[str]) -> dict:
     """The measurements in DIR's SIGSTRUCT, read by gramine-sgx-sigstruct-view."""
     d = Path(directory)
     if not (d / SIGSTRUCT).is_file():
@@ -358,7 +359,7 @@ def read_sigstruct(directory: str | os.PathLike) -> dict:
     return parse_sigstruct_view(run_tool(SIGSTRUCT_VIEW_ARGV, cwd=str(d)).stdout)
 
 
-def manifest_figures(path: str | os.PathLike) -> dict:
+def manifest_figures(path: str | os.PathLike[str]) -> dict:
     """Trusted files, size and SHA-256 of a manifest rendered by gramine-manifest; refuses one that
     Gramine 1.7 or older rendered (no loader.entrypoint, trusted files not hashed)."""
     data = Path(path).read_bytes()
@@ -386,7 +387,7 @@ def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNT
     return sum(enclave_env.count_files(p) if p.endswith("/") else 1 for p in paths)
 
 
-def read_measurements(directory: str | os.PathLike) -> dict:
+def read_measurements(directory: str | os.PathLike[str]) -> dict:
     """MRENCLAVE, MRSIGNER, ISV ids and the debug flag of the signed enclave in ``directory``."""
     d = Path(directory)
     load_config(d)
@@ -411,14 +412,15 @@ def build(opts: BuildOptions, log=lambda msg: None) -> dict:
     defines = [f"{k}={v}" for k, v in cfg.defines.items()]
     atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg.signing_key))
     atomic_write_text(out / CONFIG, json.dumps(cfg.to_json(), indent=1) + "\n")
+    warnings = _warnings(cfg)
     summary = {"dir": str(out), "entry": cfg.entry, "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
                "env": cfg.env_dir, "env_requirements": list(cfg.env_requirements), "enclave_size": cfg.enclave_size,
                "enclave_size_detail": cfg.enclave_size_detail, "max_threads": cfg.max_threads, "debug": cfg.debug,
                "edmm": cfg.edmm, "trusted_files": None, "manifest_bytes": None, "manifest_sha256": None,
-               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": _warnings(cfg),
+               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": warnings,
                "bundle_id": cfg.bundle_id, "model_key_id": cfg.model_key_id, "min_model_version": cfg.min_model_version,
                "model_broker": cfg.model_broker, "model_broker_identity": cfg.model_broker_identity}  # fmt: skip
-    summary.update(_render_manifest_file(cfg, out, summary["warnings"]))
+    summary.update(_render_manifest_file(cfg, out, warnings))
     if opts.sgx:
         summary.update(_sign(cfg, out))
     return summary

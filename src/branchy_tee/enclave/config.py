@@ -124,7 +124,8 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
     env = {
         "LD_LIBRARY_PATH": cfg.ld_library_path,
         "OMP_NUM_THREADS": str(cfg.threads),
-        "MALLOC_ARENA_MAX": "1",  # one malloc arena: no 64 MiB reservation per thread (virtual memory is enclave memory)
+        # one malloc arena: no 64 MiB reservation per thread (virtual memory is enclave memory)
+        "MALLOC_ARENA_MAX": "1",
         "PYTHONHOME": cfg.env_dir,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
@@ -173,7 +174,7 @@ def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
     }
 
 
-def load_config(directory: str | os.PathLike) -> EnclaveConfig:
+def load_config(directory: str | os.PathLike[str]) -> EnclaveConfig:
     path = Path(directory) / CONFIG
     try:
         doc = json.loads(path.read_text())

@@ -220,7 +220,8 @@ def _skip_top(name: str) -> bool:
 
 def _pip_install(site: Path, requirements: list[str]) -> None:
     argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-            "--no-warn-script-location", "--target", str(site), "--constraint", str(CONSTRAINTS), *requirements]  # fmt: skip
+            "--no-warn-script-location", "--target", str(site), "--constraint", str(CONSTRAINTS),
+            *requirements]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "is ignored" not in ln]
@@ -302,7 +303,7 @@ def _clear_caches(home: Path) -> None:
         pyc.unlink(missing_ok=True)
 
 
-def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: None) -> EnclaveEnv:
+def ensure_env(env_dir: str | os.PathLike[str] = DEFAULT_ENV_DIR, log=lambda msg: None) -> EnclaveEnv:
     """Create the enclave environment in ``env_dir``, or reuse it when it was made from the same
     interpreter, requirements and constraints and still holds exactly the files it was made with.
     The branchy_tee part is renewed when the package's enclave-side files changed."""
@@ -377,7 +378,7 @@ GRAMINE_GLIBC = frozenset({
 })  # fmt: skip
 
 
-def shared_objects(directory: str | os.PathLike) -> list[str]:
+def shared_objects(directory: str | os.PathLike[str]) -> list[str]:
     """Every ELF shared object under ``directory`` (extension modules and the libraries they bundle)."""
     found = []
     for root, _dirs, files in os.walk(directory):
@@ -416,7 +417,9 @@ def _ldd(objects: list[str], search: list[str]) -> set[str]:
     return parse_ldd("\n".join(out))
 
 
-def system_libraries(python: str, env_dir: str | os.PathLike, system_dirs: list[str]) -> tuple[list[str], list[str]]:
+def system_libraries(
+    python: str, env_dir: str | os.PathLike[str], system_dirs: list[str]
+) -> tuple[list[str], list[str]]:
     """The shared libraries outside the environment that the interpreter and every shared object in
     the environment load (``ldd``), except glibc's: Gramine brings its own, mounted at /lib. Returns
     (libraries, the enclave's library search path after /lib).
@@ -432,9 +435,10 @@ def system_libraries(python: str, env_dir: str | os.PathLike, system_dirs: list[
     first = _ldd(objects, [])
     search = [*sorted({os.path.dirname(p) for p in first} - set(system_dirs) - {"/lib64"}), *system_dirs]
     libs = sorted(p for p in _ldd(objects, search)
-                  if os.path.basename(p) not in GRAMINE_GLIBC and not os.path.realpath(p).startswith(env_dir + os.sep))  # fmt: skip
+                  if os.path.basename(p) not in GRAMINE_GLIBC
+                  and not os.path.realpath(p).startswith(env_dir + os.sep))  # fmt: skip
     return libs, search
 
 
-def count_files(directory: str | os.PathLike) -> int:
+def count_files(directory: str | os.PathLike[str]) -> int:
     return sum(len(files) for _root, _dirs, files in os.walk(directory))

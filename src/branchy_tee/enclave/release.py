@@ -94,7 +94,8 @@ class ReleaseStatement:
         f = Fields(doc, what, "the release statement")
         f.text("format", lambda v: v == RELEASE_FORMAT, RELEASE_FORMAT)
         s = cls(EvidenceProvider(f.check("attest", lambda v: v in EvidenceProvider.names(), "gramine or simulated")),
-                f.check("mrenclave", _hex(64), "64 hex digits"), f.check("mrsigner", _hex_or_null(64), "64 hex digits or null"),
+                f.check("mrenclave", _hex(64), "64 hex digits"),
+                f.check("mrsigner", _hex_or_null(64), "64 hex digits or null"),
                 f.check("isv_prod_id", _u(16), "a 16-bit number"), f.check("isv_svn", _u(16), "a 16-bit number"),
                 f.flag("debug"), f.check("bundle_id", _hex(32), "32 hex digits"),
                 f.check("model_version", _u(63), "a model version"), f.check("model_key_id", _hex(16), "a key id"),
@@ -126,13 +127,16 @@ def measured_env(directory: Path, cfg: EnclaveConfig) -> dict[str, str]:
     return env
 
 
-def _pins(env: dict[str, str], directory: Path) -> dict:
+def _pins(env: dict[str, str], directory: Path) -> dict[str, Any]:
     """What the measured environment pins, each value checked (no text reaches a policy unchecked)."""
     from ..seal.keys import KEY_ID_RE
 
-    pins = {"bundle_id": env.get(measured.BUNDLE_ID, ""), "model_key_id": env.get(measured.MODEL_KEY_ID, ""),
-            "model_broker": env.get(measured.MODEL_BROKER, ""),
-            "model_broker_identity": env.get(measured.MODEL_BROKER_IDENTITY, "")}  # fmt: skip
+    pins: dict[str, Any] = {
+        "bundle_id": env.get(measured.BUNDLE_ID, ""),
+        "model_key_id": env.get(measured.MODEL_KEY_ID, ""),
+        "model_broker": env.get(measured.MODEL_BROKER, ""),
+        "model_broker_identity": env.get(measured.MODEL_BROKER_IDENTITY, ""),
+    }
     if not pins["model_broker"]:
         raise BranchyError(
             f"{directory} was built without --model-broker: such an enclave can never get the model key, "
@@ -169,7 +173,7 @@ def _simulated_measurements(cfg: EnclaveConfig, env: dict[str, str]) -> dict:
 
 
 def make_release(
-    directory: str | os.PathLike, identity, model_key: bytes, broker_identity: str | None = None
+    directory: str | os.PathLike[str], identity, model_key: bytes, broker_identity: str | None = None
 ) -> tuple[ReleaseStatement, str]:
     """The signed release statement for the enclave built in ``directory`` (``identity``: the model
     owner's Ed25519 private key). A real-SGX build must have been signed (``make SGX=1``).
@@ -221,7 +225,11 @@ def make_release(
 
 
 def write_release(
-    directory: str | os.PathLike, identity, out: str | os.PathLike, model_key: bytes, broker_identity: str | None = None
+    directory: str | os.PathLike[str],
+    identity,
+    out: str | os.PathLike[str],
+    model_key: bytes,
+    broker_identity: str | None = None,
 ) -> tuple[ReleaseStatement, str]:
     """Sign and write the release statement; returns it and its signature (hex)."""
     statement, signature = make_release(directory, identity, model_key, broker_identity)
@@ -256,7 +264,7 @@ def verify_release(doc: object, model_owner: str, what: str = "release statement
     return ReleaseStatement.parse(statement, f"{what} (signed)")  # the signed members, exactly as read
 
 
-def read_release(path: str | os.PathLike, model_owner: str) -> ReleaseStatement:
+def read_release(path: str | os.PathLike[str], model_owner: str) -> ReleaseStatement:
     raw = read_regular_file(path, "release statement", MAX_RELEASE_BYTES)
     try:
         doc = json.loads(raw)
@@ -312,7 +320,7 @@ def policy_from_release(
 
 
 def write_policy_from_release(
-    release: str | os.PathLike, model_owner: str, out: str | os.PathLike, **kw: Any
+    release: str | os.PathLike[str], model_owner: str, out: str | os.PathLike[str], **kw: Any
 ) -> ReleaseStatement:
     import tomllib
 

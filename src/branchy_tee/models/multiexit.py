@@ -40,7 +40,7 @@ class MultiExitNet(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
         h = x
-        for stage, head in zip(self.stages, self.exits):
+        for stage, head in zip(self.stages, self.exits, strict=True):
             h = stage(h)
             outputs.append(head(h))
         return outputs

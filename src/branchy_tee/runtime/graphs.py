@@ -99,6 +99,6 @@ class StageGraph:
         self._outputs = outputs
         self.input_shape = session.get_inputs()[0].shape[1:]
 
-    def __call__(self, h: np.ndarray):
+    def __call__(self, h: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         out = self.session.run(self._outputs, {INPUT: h})
         return (None, out[0]) if self.last else (out[0], out[1])
