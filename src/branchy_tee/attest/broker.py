@@ -350,10 +350,23 @@ class Broker:
                 "REPORTDATA does not bind this public key and nonce "
                 "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)",
             )
-        sealed = tuple((kid, SUITE.encrypt(pack_key(self.keys[kid], decision.min_model_version), recipient,
-                                           info=key_info(kid, nonce))) for kid in kids)  # fmt: skip
-        release = KeyRelease(self.identity_bytes, nonce, public_key, tuple(sorted(sealed)), decision.min_model_version,
-                             decision.allowed_data_owners)  # fmt: skip
+        sealed = tuple(
+            (
+                kid,
+                SUITE.encrypt(
+                    pack_key(self.keys[kid], decision.min_model_version), recipient, info=key_info(kid, nonce)
+                ),
+            )
+            for kid in kids
+        )
+        release = KeyRelease(
+            self.identity_bytes,
+            nonce,
+            public_key,
+            tuple(sorted(sealed)),
+            decision.min_model_version,
+            decision.allowed_data_owners,
+        )
         signature = ident.sign(self.identity, RELEASE_PURPOSE, release.message())
         entry["min_model_version"] = decision.min_model_version
         if decision.allowed_data_owners is not None:

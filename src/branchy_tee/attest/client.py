@@ -203,8 +203,9 @@ class AttestedKeys:
         url, nonce = offer.url, offer.nonce
         evidence = self.provider.evidence(report_data(self.public_key, nonce))
         body = KeyRequest(self.provider.evidence_type, evidence, self.public_key, nonce, tuple(kids)).to_json()
-        release = self.verify_release(url, self._call(url, "POST", "/v1/keys", json.dumps(body).encode()), nonce,
-                                      kids, expect)  # fmt: skip
+        release = self.verify_release(
+            url, self._call(url, "POST", "/v1/keys", json.dumps(body).encode()), nonce, kids, expect
+        )
         out: dict[str, bytes] = {}
         min_version = release.min_model_version
         for kid, ct in release.keys:

@@ -49,11 +49,24 @@ from .verify import TCB_STATUSES, read_collateral_file
 __all__ = ["Claims", "Decision", "Policy", "load_policy", "parse_policy"]
 
 SETTINGS = (
-    "allowed_mrenclave", "allowed_mrsigner", "isv_prod_id", "min_isv_svn", "allow_debug", "accepted_tcb_statuses",
-    "min_model_version", "allow_simulation", "simulation_public_keys", "collateral", "require_collateral",
-    "stale_collateral", "key_ids", "own_signing_key", "allowed_data_owners", "accept_client_collateral",
+    "allowed_mrenclave",
+    "allowed_mrsigner",
+    "isv_prod_id",
+    "min_isv_svn",
+    "allow_debug",
+    "accepted_tcb_statuses",
+    "min_model_version",
+    "allow_simulation",
+    "simulation_public_keys",
+    "collateral",
+    "require_collateral",
+    "stale_collateral",
+    "key_ids",
+    "own_signing_key",
+    "allowed_data_owners",
+    "accept_client_collateral",
     "min_tcb_evaluation_data_number",
-)  # fmt: skip
+)
 STALE_CHOICES = ("reject", "warn")
 
 
@@ -294,17 +307,23 @@ class Policy:
         return {
             "allowed_mrenclave": sorted(m.hex() for m in self.allowed_mrenclave),
             "allowed_mrsigner": sorted(m.hex() for m in self.allowed_mrsigner),
-            "isv_prod_id": self.isv_prod_id, "min_isv_svn": self.min_isv_svn, "allow_debug": self.allow_debug,
-            "accepted_tcb_statuses": sorted(self.accepted_tcb_statuses), "min_model_version": self.min_model_version,
+            "isv_prod_id": self.isv_prod_id,
+            "min_isv_svn": self.min_isv_svn,
+            "allow_debug": self.allow_debug,
+            "accepted_tcb_statuses": sorted(self.accepted_tcb_statuses),
+            "min_model_version": self.min_model_version,
             "allow_simulation": self.allow_simulation,
             "collateral": str(self.collateral_path) if self.collateral_path else None,
-            "require_collateral": self.require_collateral, "stale_collateral": self.stale_collateral,
+            "require_collateral": self.require_collateral,
+            "stale_collateral": self.stale_collateral,
             "key_ids": list(self.key_ids) if self.key_ids is not None else None,
-            "own_signing_key": self.own_signing_key, "accept_client_collateral": self.accept_client_collateral,
+            "own_signing_key": self.own_signing_key,
+            "accept_client_collateral": self.accept_client_collateral,
             "min_tcb_evaluation_data_number": self.min_tcb_evaluation_data_number,
-            "allowed_data_owners": (None if self.allowed_data_owners is None
-                                    else sorted(o.hex() for o in self.allowed_data_owners)),
-        }  # fmt: skip
+            "allowed_data_owners": (
+                None if self.allowed_data_owners is None else sorted(o.hex() for o in self.allowed_data_owners)
+            ),
+        }
 
 
 # --------------------------------------------------------------------------- parsing

@@ -147,8 +147,13 @@ class NonceOffer:
     expires_in: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"protocol": PROTOCOL, "identity": self.identity.hex() if self.identity else None,
-                "nonce": self.nonce.hex(), "expires_in": self.expires_in, "key_ids": list(self.key_ids)}  # fmt: skip
+        return {
+            "protocol": PROTOCOL,
+            "identity": self.identity.hex() if self.identity else None,
+            "nonce": self.nonce.hex(),
+            "expires_in": self.expires_in,
+            "key_ids": list(self.key_ids),
+        }
 
     @classmethod
     def parse(cls, body: bytes | dict[str, Any]) -> "NonceOffer":
@@ -179,9 +184,14 @@ class KeyRequest:
     collateral: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"protocol": PROTOCOL, "evidence_type": self.evidence_type,
-               "evidence": base64.b64encode(self.evidence).decode(), "public_key": self.public_key.hex(),
-               "nonce": self.nonce.hex(), "key_ids": list(self.key_ids)}  # fmt: skip
+        doc: dict[str, Any] = {
+            "protocol": PROTOCOL,
+            "evidence_type": self.evidence_type,
+            "evidence": base64.b64encode(self.evidence).decode(),
+            "public_key": self.public_key.hex(),
+            "nonce": self.nonce.hex(),
+            "key_ids": list(self.key_ids),
+        }
         if self.collateral is not None:
             doc["collateral"] = self.collateral
         return doc
@@ -229,8 +239,15 @@ class KeyRelease:
     def message(self) -> bytes:
         """The canonical bytes a broker signs: fixed-size fields as they are, variable ones length-prefixed,
         lists sorted, so that two releases have the same bytes exactly when they say the same thing."""
-        out = [LABEL, b"\0", self.broker, struct.pack(">H", len(self.nonce)), self.nonce, self.public_key,
-               struct.pack(">I", len(self.keys))]  # fmt: skip
+        out = [
+            LABEL,
+            b"\0",
+            self.broker,
+            struct.pack(">H", len(self.nonce)),
+            self.nonce,
+            self.public_key,
+            struct.pack(">I", len(self.keys)),
+        ]
         for kid, sealed in sorted(self.keys):
             k = kid.encode("ascii")
             out += [struct.pack(">H", len(k)), k, struct.pack(">I", len(sealed)), sealed]

@@ -69,11 +69,15 @@ def client_certificate(identity: Ed25519PrivateKey) -> bytes:
     issued by the identity's anchor name and signed by the identity key itself."""
     public = identity.public_key()
     hex_id = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "branchy-tee client")]))
-            .issuer_name(identity_name(hex_id))
-            .public_key(public).serial_number(x509.random_serial_number())
-            .not_valid_before(NOT_BEFORE).not_valid_after(NOT_AFTER)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(identity, None))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "branchy-tee client")]))
+        .issuer_name(identity_name(hex_id))
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(identity, None)
+    )
     return cert.public_bytes(serialization.Encoding.PEM)

@@ -22,13 +22,15 @@ def add_enclave(sub) -> None:
 
 def _add_build(esub) -> None:
     b = esub.add_parser(
-        "build", help="render the Gramine manifest for a bundle, write a Makefile, sign with --sgx",
+        "build",
+        help="render the Gramine manifest for a bundle, write a Makefile, sign with --sgx",
         description="Write DIR/: the Gramine manifest (rendered with gramine-manifest when installed, else by "
-                    "branchy-tee for inspection), the enclave's entry script, a Makefile (`make SGX=1` builds and "
-                    "signs, `make` builds for gramine-direct) and enclave.json. The model broker's URL and identity "
-                    "and the bundle (id, model key id, minimum version) are measured. With --sgx also sign with "
-                    "gramine-sgx-sign and print MRENCLAVE. Owners do not pin what the host prints: the model owner "
-                    "reproduces the build and signs a release statement (`enclave release`).")  # fmt: skip
+        "branchy-tee for inspection), the enclave's entry script, a Makefile (`make SGX=1` builds and "
+        "signs, `make` builds for gramine-direct) and enclave.json. The model broker's URL and identity "
+        "and the bundle (id, model key id, minimum version) are measured. With --sgx also sign with "
+        "gramine-sgx-sign and print MRENCLAVE. Owners do not pin what the host prints: the model owner "
+        "reproduces the build and signs a release statement (`enclave release`).",
+    )
     b.add_argument(
         "--bundle", required=True, help="the sealed bundle the enclave serves (its architecture sets sgx.enclave_size)"
     )
@@ -133,9 +135,12 @@ def _add_build_sizing(b: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"the enclave's Python environment, made when missing (default {ENCLAVE_ENV}; see `enclave env`)",
     )
-    b.add_argument("--enclave-size", metavar="SIZE",
-                   help="sgx.enclave_size (e.g. 1G) instead of measuring the runtime: to reproduce a build (its "
-                        "enclave.json has the size)")  # fmt: skip
+    b.add_argument(
+        "--enclave-size",
+        metavar="SIZE",
+        help="sgx.enclave_size (e.g. 1G) instead of measuring the runtime: to reproduce a build (its "
+        "enclave.json has the size)",
+    )
     b.add_argument(
         "--serve", action="store_true", help="the enclave runs `serve` (online, attested TLS) instead of `predict`"
     )
@@ -149,11 +154,13 @@ def _add_build_sizing(b: argparse.ArgumentParser) -> None:
 
 def _add_env(esub) -> None:
     e = esub.add_parser(
-        "env", help="make (or check and reuse) the enclave's own Python environment",
+        "env",
+        help="make (or check and reuse) the enclave's own Python environment",
         description="Make DIR: the standard library without test suites and the like, and only the packages the "
-                    "enclave-side code imports (the `enclave` extra of pyproject.toml, pinned; constraints.txt pins "
-                    "what they pull in), without .pyc, headers, stubs and tests. "
-                    "`enclave build` does this too.")  # fmt: skip
+        "enclave-side code imports (the `enclave` extra of pyproject.toml, pinned; constraints.txt pins "
+        "what they pull in), without .pyc, headers, stubs and tests. "
+        "`enclave build` does this too.",
+    )
     e.add_argument("--env", default=ENCLAVE_ENV, metavar="DIR", help=f"default {ENCLAVE_ENV}")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_enclave_env)
@@ -161,13 +168,15 @@ def _add_env(esub) -> None:
 
 def _add_run(esub) -> None:
     r = esub.add_parser(
-        "run", help="run predict (or serve) in the enclave: gramine-sgx, gramine-direct or natively",
+        "run",
+        help="run predict (or serve) in the enclave: gramine-sgx, gramine-direct or natively",
         usage="branchy-tee enclave run [-h] [--backend {sgx,direct,native}] DIR -- {predict,serve} ARGS...",
         description="Launch the enclave built in DIR: `gramine-sgx ./branchy-tee ARGS` (sgx), `gramine-direct "
-                    "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
-                    "serve) from the enclave environment with the manifest's environment (native). The command must "
-                    "be the one the enclave was built for (serve: `enclave build --serve`). "
-                    "Exits with its exit code.")  # fmt: skip
+        "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
+        "serve) from the enclave environment with the manifest's environment (native). The command must "
+        "be the one the enclave was built for (serve: `enclave build --serve`). "
+        "Exits with its exit code.",
+    )
     r.add_argument("--backend", choices=LaunchBackend.names(), default=LaunchBackend.SGX.value, help="default sgx")
     r.add_argument("dir", metavar="DIR", help="the build directory of `enclave build`")
     r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- {predict,serve} ARGS", help="its arguments")
@@ -176,12 +185,14 @@ def _add_run(esub) -> None:
 
 def _add_release(esub) -> None:
     rel = esub.add_parser(
-        "release", help="(model owner) sign a release statement for the enclave you built (reproduced) in DIR",
+        "release",
+        help="(model owner) sign a release statement for the enclave you built (reproduced) in DIR",
         description="Sign, with the model owner's identity, what the enclave built in DIR is: its measurement "
-                    "(MRENCLAVE, MRSIGNER; the simulated measurement for --attest simulated) and what it pins (bundle "
-                    "id, model version, model key id, minimum version, model broker and its identity). Build it "
-                    "yourself from the same commit and bundle first: "
-                    "never sign a measurement the host printed.")  # fmt: skip
+        "(MRENCLAVE, MRSIGNER; the simulated measurement for --attest simulated) and what it pins (bundle "
+        "id, model version, model key id, minimum version, model broker and its identity). Build it "
+        "yourself from the same commit and bundle first: "
+        "never sign a measurement the host printed.",
+    )
     rel.add_argument("dir", metavar="DIR")
     rel.add_argument(
         "--identity", required=True, metavar="FILE", help="the model owner's identity (`keygen --identity`)"
@@ -202,10 +213,12 @@ def _add_release(esub) -> None:
 
 def _add_policy(esub) -> None:
     pol = esub.add_parser(
-        "policy", help="(owners) verify a model owner's release statement and write a key-broker policy from it",
+        "policy",
+        help="(owners) verify a model owner's release statement and write a key-broker policy from it",
         description="Verify release.json under the model owner's identity and write a key-broker policy that "
-                    "releases keys only to the enclave it names "
-                    "(MRENCLAVE pinned, no debug, minimum model version).")  # fmt: skip
+        "releases keys only to the enclave it names "
+        "(MRENCLAVE pinned, no debug, minimum model version).",
+    )
     pol.add_argument("--release", required=True, metavar="release.json")
     pol.add_argument(
         "--model-owner", required=True, metavar="HEX", help="the model owner's identity, known out of band"
@@ -239,8 +252,15 @@ def cmd_enclave_env(args) -> int:
     from ..enclave.env import count_files, ensure_env
 
     e = ensure_env(args.env, log=progress)
-    summary = {"env": e.dir, "python": e.python, "requirements": e.requirements, "packages": e.packages,
-               "unpinned": e.unpinned, "files": count_files(e.home_lib), "status": e.status}  # fmt: skip
+    summary = {
+        "env": e.dir,
+        "python": e.python,
+        "requirements": e.requirements,
+        "packages": e.packages,
+        "unpinned": e.unpinned,
+        "files": count_files(e.home_lib),
+        "status": e.status,
+    }
     if args.json:
         emit_json(summary)
         return 0
@@ -257,15 +277,32 @@ def cmd_enclave_build(args) -> int:
     from ..enclave.build import BuildOptions, build
 
     opts = BuildOptions(
-        bundle=args.bundle, out=args.out, sgx=args.sgx, debug=args.debug, edmm=args.edmm,
-        model_broker=args.model_broker, model_broker_identity=args.model_broker_identity,
-        data_brokers=args.data_broker, attest=args.attest, threads=args.threads,
-        allow_plaintext_result=args.allow_plaintext_result, min_model_version=args.min_model_version,
-        signing_key=args.signing_key, io_dirs=args.io_dir, stats_dirs=args.stats_dir, broker_ca=args.broker_ca,
-        isv_prod_id=args.isv_prod_id, isv_svn=args.isv_svn, batch_size=args.batch_size, max_samples=args.max_samples,
-        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"], env=args.env, enclave_size=args.enclave_size,
-        serve=args.serve, max_connections=args.max_connections,
-    )  # fmt: skip
+        bundle=args.bundle,
+        out=args.out,
+        sgx=args.sgx,
+        debug=args.debug,
+        edmm=args.edmm,
+        model_broker=args.model_broker,
+        model_broker_identity=args.model_broker_identity,
+        data_brokers=args.data_broker,
+        attest=args.attest,
+        threads=args.threads,
+        allow_plaintext_result=args.allow_plaintext_result,
+        min_model_version=args.min_model_version,
+        signing_key=args.signing_key,
+        io_dirs=args.io_dir,
+        stats_dirs=args.stats_dir,
+        broker_ca=args.broker_ca,
+        isv_prod_id=args.isv_prod_id,
+        isv_svn=args.isv_svn,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
+        env=args.env,
+        enclave_size=args.enclave_size,
+        serve=args.serve,
+        max_connections=args.max_connections,
+    )
     s = build(opts, log=progress)
     for w in s["warnings"]:
         warn(w)
@@ -348,8 +385,9 @@ def cmd_enclave_release(args) -> int:
     from ..enclave.release import write_release
     from ..fileio import read_key_file
 
-    s, signature = write_release(args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key),
-                                 args.model_broker_identity)  # fmt: skip
+    s, signature = write_release(
+        args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key), args.model_broker_identity
+    )
     if args.json:
         emit_json(s.signed_json(signature))
         return 0
@@ -362,10 +400,15 @@ def cmd_enclave_release(args) -> int:
 def cmd_enclave_policy(args) -> int:
     from ..enclave.release import write_policy_from_release
 
-    statement = write_policy_from_release(args.release, args.model_owner, args.out,
-                                          accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
-                                          collateral=args.collateral, allowed_data_owners=args.allowed_data_owner,
-                                          allow_simulated=args.allow_simulated)  # fmt: skip
+    statement = write_policy_from_release(
+        args.release,
+        args.model_owner,
+        args.out,
+        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
+        collateral=args.collateral,
+        allowed_data_owners=args.allowed_data_owner,
+        allow_simulated=args.allow_simulated,
+    )
     if args.json:
         emit_json({"policy": args.out, "release": statement.to_json()})
         return 0

@@ -85,8 +85,10 @@ SHEBANG_LIMIT = 256  # bytes of a script's first line that Gramine (like Linux) 
 GRAMINE_HELPER_THREADS = 8  # Gramine's IPC/async/TLS helpers, Python's main thread, the memory sampler, headroom
 SERVER_THREADS = 2  # serve's batcher and key renewal (plus one per connection: --max-connections)
 
-INSTALL_HINT = ("install Gramine from its apt repository (https://gramine.readthedocs.io/en/stable/installation.html; "
-                "on Ubuntu: add packages.gramineproject.io, then `sudo apt install gramine`)")  # fmt: skip
+INSTALL_HINT = (
+    "install Gramine from its apt repository (https://gramine.readthedocs.io/en/stable/installation.html; "
+    "on Ubuntu: add packages.gramineproject.io, then `sudo apt install gramine`)"
+)
 
 
 @dataclass
@@ -121,8 +123,12 @@ class BuildOptions:
 # --------------------------------------------------------------------------- rendering
 def jinja_environment() -> jinja2.Environment:
     """Like gramine-manifest's: StrictUndefined, so a missing value is an error, not an empty string."""
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                              keep_trailing_newline=True, autoescape=False)  # fmt: skip
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
 
 
 def render_manifest(
@@ -275,20 +281,43 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
     if opts.serve:
         max_threads += opts.max_connections + SERVER_THREADS
     cfg = EnclaveConfig(
-        dir=out, entry=entry, bundle=bundle,
+        dir=out,
+        entry=entry,
+        bundle=bundle,
         bundle_files=tuple([os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s.file) for s in header.stages]),
-        bundle_id=header.bundle_id, model_key_id=header.key_id, model_version=header.model_version,
-        arch=header.arch, io_dirs=tuple(io_dirs), interpreter=env.python, env_dir=env.dir, env_lib=env.home_lib,
-        package_dir=env.site_packages, env_requirements=tuple(env.requirements), env_packages=dict(env.packages),
-        libs=tuple(libs), arch_libdir=arch, ld_library_path=":".join(["/lib", *search]),
-        launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"), threads=opts.threads, max_threads=max_threads,
-        batch_size=opts.batch_size, max_samples=opts.max_samples, debug=opts.debug, edmm=opts.edmm,
-        isv_prod_id=opts.isv_prod_id, isv_svn=opts.isv_svn, attest=EvidenceProvider(opts.attest),
+        bundle_id=header.bundle_id,
+        model_key_id=header.key_id,
+        model_version=header.model_version,
+        arch=header.arch,
+        io_dirs=tuple(io_dirs),
+        interpreter=env.python,
+        env_dir=env.dir,
+        env_lib=env.home_lib,
+        package_dir=env.site_packages,
+        env_requirements=tuple(env.requirements),
+        env_packages=dict(env.packages),
+        libs=tuple(libs),
+        arch_libdir=arch,
+        ld_library_path=":".join(["/lib", *search]),
+        launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"),
+        threads=opts.threads,
+        max_threads=max_threads,
+        batch_size=opts.batch_size,
+        max_samples=opts.max_samples,
+        debug=opts.debug,
+        edmm=opts.edmm,
+        isv_prod_id=opts.isv_prod_id,
+        isv_svn=opts.isv_svn,
+        attest=EvidenceProvider(opts.attest),
         model_broker=model_broker,
-        model_broker_identity=identity, data_brokers=tuple(data_brokers), allow_plaintext=opts.allow_plaintext_result,
-        min_model_version=min_version, broker_ca=broker_ca,
-        accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)), signing_key=signing_key,
-    )  # fmt: skip
+        model_broker_identity=identity,
+        data_brokers=tuple(data_brokers),
+        allow_plaintext=opts.allow_plaintext_result,
+        min_model_version=min_version,
+        broker_ca=broker_ca,
+        accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)),
+        signing_key=signing_key,
+    )
     if given_size:
         return cfg.replace(enclave_size=measure.size_string(given_size), enclave_size_detail={"given": True})
     peak = measure.measure_peak(header, env.python, env.dir, cfg.env, opts.batch_size, opts.max_samples, log)
@@ -413,13 +442,31 @@ def build(opts: BuildOptions, log=lambda msg: None) -> dict:
     atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg.signing_key))
     atomic_write_text(out / CONFIG, json.dumps(cfg.to_json(), indent=1) + "\n")
     warnings = _warnings(cfg)
-    summary = {"dir": str(out), "entry": cfg.entry, "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
-               "env": cfg.env_dir, "env_requirements": list(cfg.env_requirements), "enclave_size": cfg.enclave_size,
-               "enclave_size_detail": cfg.enclave_size_detail, "max_threads": cfg.max_threads, "debug": cfg.debug,
-               "edmm": cfg.edmm, "trusted_files": None, "manifest_bytes": None, "manifest_sha256": None,
-               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": warnings,
-               "bundle_id": cfg.bundle_id, "model_key_id": cfg.model_key_id, "min_model_version": cfg.min_model_version,
-               "model_broker": cfg.model_broker, "model_broker_identity": cfg.model_broker_identity}  # fmt: skip
+    summary = {
+        "dir": str(out),
+        "entry": cfg.entry,
+        "manifest": str(out / MANIFEST),
+        "makefile": str(out / "Makefile"),
+        "env": cfg.env_dir,
+        "env_requirements": list(cfg.env_requirements),
+        "enclave_size": cfg.enclave_size,
+        "enclave_size_detail": cfg.enclave_size_detail,
+        "max_threads": cfg.max_threads,
+        "debug": cfg.debug,
+        "edmm": cfg.edmm,
+        "trusted_files": None,
+        "manifest_bytes": None,
+        "manifest_sha256": None,
+        "signed": False,
+        "mrenclave": None,
+        "mrsigner": None,
+        "warnings": warnings,
+        "bundle_id": cfg.bundle_id,
+        "model_key_id": cfg.model_key_id,
+        "min_model_version": cfg.min_model_version,
+        "model_broker": cfg.model_broker,
+        "model_broker_identity": cfg.model_broker_identity,
+    }
     summary.update(_render_manifest_file(cfg, out, warnings))
     if opts.sgx:
         summary.update(_sign(cfg, out))
@@ -460,9 +507,11 @@ def _render_manifest_file(cfg: EnclaveConfig, out: Path, warnings: list[str]) ->
         return {**figures, "rendered_by": "gramine-manifest"}
     atomic_write_text(out / MANIFEST, render_manifest(cfg.defines))
     os.utime(out / MANIFEST, (0, 0))  # older than the template: `make` re-renders it with gramine-manifest
-    warnings.append("gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection, "
-                    f"without hashes (Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` "
-                    f"re-renders it with Gramine {SUPPORTED_GRAMINE}, which hashes it")  # fmt: skip
+    warnings.append(
+        "gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection, "
+        f"without hashes (Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` "
+        f"re-renders it with Gramine {SUPPORTED_GRAMINE}, which hashes it"
+    )
     return {"rendered_by": "branchy-tee", "trusted_files": count_trusted(cfg.defines)}
 
 

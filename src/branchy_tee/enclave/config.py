@@ -101,8 +101,10 @@ class EnclaveConfig:
         if sorted(doc) != sorted(["format", *names, "env", "defines"]):
             raise BranchyError(f"{where}: not exactly the members an enclave configuration has")
         try:
-            values: dict[str, Any] = {f.name: tuple(doc[f.name]) if "tuple" in str(f.type) and doc[f.name] is not None
-                                      else doc[f.name] for f in dataclasses.fields(cls)}  # fmt: skip
+            values: dict[str, Any] = {
+                f.name: tuple(doc[f.name]) if "tuple" in str(f.type) and doc[f.name] is not None else doc[f.name]
+                for f in dataclasses.fields(cls)
+            }
             cfg = cls(**values)
         except TypeError as e:
             raise BranchyError(f"{where}: unusable ({e})") from None

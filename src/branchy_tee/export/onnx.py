@@ -113,8 +113,15 @@ def _export(module: nn.Module, example: torch.Tensor, outputs: list[str]) -> byt
     batch = torch.export.Dim("batch", min=1)
     _cache_operator_registry()
     with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(module.eval(), (example,), dynamo=True, input_names=[INPUT], output_names=outputs,
-                                    dynamic_shapes=({0: batch},), verbose=False)  # fmt: skip
+        program = torch.onnx.export(
+            module.eval(),
+            (example,),
+            dynamo=True,
+            input_names=[INPUT],
+            output_names=outputs,
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
     assert program is not None  # dynamo=True always gives an ONNXProgram
     return program.model_proto.SerializeToString()
 
@@ -183,10 +190,16 @@ def export_run(run_dir: str | Path, show: bool = True) -> dict:
     model, card = load_run(run_dir)
     digest = _weights_digest(run_dir)
     graphs, facts = export_stages(model, card.preprocessing.input_shape, show=show)
-    doc: dict[str, Any] = {"format": EXPORT_FORMAT, "weights_sha256": digest, "arch": card.arch,
-           "torch": torch.__version__,
-           "stages": [{"file": f"stage-{k:02d}.onnx", "sha256": _sha256(g), "size": len(g), **f}
-                      for k, (g, f) in enumerate(zip(graphs, facts, strict=True))]}  # fmt: skip
+    doc: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "weights_sha256": digest,
+        "arch": card.arch,
+        "torch": torch.__version__,
+        "stages": [
+            {"file": f"stage-{k:02d}.onnx", "sha256": _sha256(g), "size": len(g), **f}
+            for k, (g, f) in enumerate(zip(graphs, facts, strict=True))
+        ],
+    }
     # Written beside the old export and swapped in, so that onnx/ is always one complete export.
     tmp = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=run_dir))
     try:

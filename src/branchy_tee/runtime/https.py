@@ -88,8 +88,11 @@ class Metrics:
         with self.lock:
             lines = ["# TYPE branchy_tee_requests_total counter"]
             lines += [f'branchy_tee_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()]
-            lines += ["# TYPE branchy_tee_samples_total counter", f"branchy_tee_samples_total {self.samples}",
-                      "# TYPE branchy_tee_exit_samples_total counter"]  # fmt: skip
+            lines += [
+                "# TYPE branchy_tee_samples_total counter",
+                f"branchy_tee_samples_total {self.samples}",
+                "# TYPE branchy_tee_exit_samples_total counter",
+            ]
             lines += [f'branchy_tee_exit_samples_total{{exit="{k}"}} {n}' for k, n in enumerate(exit_counts)]
             for name, values in (("request", self.latency), ("compute", self.compute)):
                 lines.append(f"# TYPE branchy_tee_{name}_seconds summary")
@@ -97,11 +100,14 @@ class Metrics:
                     f'branchy_tee_{name}_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self._quantiles(values).items()
                 ]
                 lines.append(f"branchy_tee_{name}_seconds_count {len(values)}")
-            lines += ["# TYPE branchy_tee_queue_requests gauge", f"branchy_tee_queue_requests {queue}",
-                      "# TYPE branchy_tee_connections_total counter",
-                      f"branchy_tee_connections_total {self.connections}",
-                      "# TYPE branchy_tee_tls_failures_total counter",
-                      f"branchy_tee_tls_failures_total {self.tls_failures}"]  # fmt: skip
+            lines += [
+                "# TYPE branchy_tee_queue_requests gauge",
+                f"branchy_tee_queue_requests {queue}",
+                "# TYPE branchy_tee_connections_total counter",
+                f"branchy_tee_connections_total {self.connections}",
+                "# TYPE branchy_tee_tls_failures_total counter",
+                f"branchy_tee_tls_failures_total {self.tls_failures}",
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -251,8 +257,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         seconds = time.perf_counter() - t0
         s.metrics.observe("ok", len(x), seconds, job.compute_seconds)
-        self._reply(200, {"model": s.model.identity, "compute_seconds": round(job.compute_seconds, 6),
-                          "batch_samples": job.batch_samples, "results": results})  # fmt: skip
+        self._reply(
+            200,
+            {
+                "model": s.model.identity,
+                "compute_seconds": round(job.compute_seconds, 6),
+                "batch_samples": job.batch_samples,
+                "results": results,
+            },
+        )
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -334,8 +347,9 @@ def tls_context(key: EllipticCurvePrivateKey, cert_der: bytes, anchors: list[byt
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     cert_pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())  # fmt: skip
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     # The ssl module loads a certificate and key only from files. Inside Gramine /tmp is an in-enclave
     # tmpfs (see the manifest), so the private key never reaches the host; the file is removed at once.
     d = tempfile.mkdtemp(prefix="branchy-tee-tls-")

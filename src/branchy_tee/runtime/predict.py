@@ -143,8 +143,13 @@ def apply_enclave_settings(args: argparse.Namespace, env: Mapping[str, str] = os
         raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {attest}")
     args.attest = attest
     _measured_only(args, "model_broker", "--model-broker", env.get(measured.MODEL_BROKER, ""), "the model broker")
-    _measured_only(args, "model_broker_identity", "--model-broker-identity",
-                   env.get(measured.MODEL_BROKER_IDENTITY, ""), "the model broker's identity")  # fmt: skip
+    _measured_only(
+        args,
+        "model_broker_identity",
+        "--model-broker-identity",
+        env.get(measured.MODEL_BROKER_IDENTITY, ""),
+        "the model broker's identity",
+    )
     if not args.model_broker or not args.model_broker_identity:
         raise UsageError(
             "this enclave was built without a model broker and its identity (measured "
@@ -196,8 +201,10 @@ def _key_source(args: argparse.Namespace) -> KeySource:
 
 def check_pins(header: BundleHeader, args: argparse.Namespace, what: str) -> None:
     """The bundle must be the one the enclave was built for (measured bundle id and model key id)."""
-    for value, pinned, name in ((header.bundle_id, args.pinned_bundle_id, "bundle"),
-                                (header.key_id, args.pinned_model_key_id, "model key id")):  # fmt: skip
+    for value, pinned, name in (
+        (header.bundle_id, args.pinned_bundle_id, "bundle"),
+        (header.key_id, args.pinned_model_key_id, "model key id"),
+    ):
         if pinned is not None and value != pinned:
             raise IntegrityError(
                 f"{what}: {name} {shown(value, 40)} is not the measured {name} {pinned} "
@@ -207,10 +214,15 @@ def check_pins(header: BundleHeader, args: argparse.Namespace, what: str) -> Non
 
 def records_for(answers: Answers, classes: Sequence[str], lo: int, hi: int) -> list[dict[str, Any]]:
     return [
-        {"index": i - lo, "label": int(answers.labels[i]), "class_name": classes[int(answers.labels[i])],
-         "confidence": round(float(answers.confidences[i]), 6), "exit": int(answers.exits[i])}
+        {
+            "index": i - lo,
+            "label": int(answers.labels[i]),
+            "class_name": classes[int(answers.labels[i])],
+            "confidence": round(float(answers.confidences[i]), 6),
+            "exit": int(answers.exits[i]),
+        }
         for i in range(lo, hi)
-    ]  # fmt: skip
+    ]
 
 
 def plaintext_lines(request_id: str, records: list[dict[str, Any]]) -> list[str]:
@@ -280,8 +292,10 @@ def _write_results(
     for path, blob in outputs:
         atomic_write_bytes(path, blob)
     if args.plaintext_result:
-        print(f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
+            file=sys.stderr,
+        )
         atomic_write_text(args.plaintext_result, "\n".join(text) + "\n")
 
 

@@ -266,9 +266,18 @@ def start(args: argparse.Namespace, log: Log | None = None) -> tuple[Server, Cal
     owner, allowed = keys.model_broker_identity, frozenset(keys.allowed_data_owners or ())
     batcher = Batcher(model.answer, args.max_batch, args.max_wait_ms / 1000.0, args.max_queue)
     tls = ServerTls(tls_key, cert_der, owner, signer)
-    server = Server((host, port), model, batcher, tls.context_for(allowed), allowed=allowed, owner={owner},
-                    timeout_s=args.timeout, max_body=args.max_body, max_request_samples=args.max_request_samples,
-                    log=log)  # fmt: skip
+    server = Server(
+        (host, port),
+        model,
+        batcher,
+        tls.context_for(allowed),
+        allowed=allowed,
+        owner={owner},
+        timeout_s=args.timeout,
+        max_body=args.max_body,
+        max_request_samples=args.max_request_samples,
+        log=log,
+    )
     renewal = Renewal(server, keys, kid, tls, args.renew, log)
     threading.Thread(target=server.serve_forever, name="serve", daemon=True).start()
     threading.Thread(target=renewal.run, name="renew", daemon=True).start()

@@ -94,15 +94,26 @@ class RequestHeader:
     dtype: str  # the payload's tensor type as the sender says it (the payload itself is checked)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": REQUEST_FORMAT, "request_id": self.request_id, "samples": self.samples,
-                "shape": list(self.shape), "dtype": self.dtype, "key_id": self.key_id}  # fmt: skip
+        return {
+            "format": REQUEST_FORMAT,
+            "request_id": self.request_id,
+            "samples": self.samples,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "key_id": self.key_id,
+        }
 
     @classmethod
     def parse(cls, doc: object, what: str) -> "RequestHeader":
         f = Fields(doc, what, "the request header", IntegrityError)
         f.text("format", lambda v: v == REQUEST_FORMAT, REQUEST_FORMAT)
-        h = cls(f.text("request_id", _is_request_id, "a request id"), f.text("key_id", _is_key_id, "a key id"),
-                f.integer("samples", 0), f.integers("shape", lo=0), f.text("dtype"))  # fmt: skip
+        h = cls(
+            f.text("request_id", _is_request_id, "a request id"),
+            f.text("key_id", _is_key_id, "a key id"),
+            f.integer("samples", 0),
+            f.integers("shape", lo=0),
+            f.text("dtype"),
+        )
         f.done()
         return h
 
@@ -119,8 +130,14 @@ class ResultHeader:
     key_id: str  # the data owner's key id
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": RESULT_FORMAT, "request_id": self.request_id, "request_sha256": self.request_sha256,
-                **self.model.to_json(), "samples": self.samples, "key_id": self.key_id}  # fmt: skip
+        return {
+            "format": RESULT_FORMAT,
+            "request_id": self.request_id,
+            "request_sha256": self.request_sha256,
+            **self.model.to_json(),
+            "samples": self.samples,
+            "key_id": self.key_id,
+        }
 
     @classmethod
     def parse(cls, doc: object, what: str) -> "ResultHeader":
@@ -128,11 +145,15 @@ class ResultHeader:
         if f.doc.get("format") != RESULT_FORMAT:
             raise IntegrityError(f"{what}: authentic, but not a {RESULT_FORMAT} result (no request digest or model)")
         f.text("format")
-        h = cls(f.text("request_id", _is_request_id, "a request id"),
-                f.text("request_sha256", lambda v: DIGEST_RE.fullmatch(v) is not None, "a SHA-256 (64 lower-case hex)"),
-                ModelRef(f.text("bundle_id"), f.integer("model_version", 1),
-                         f.text("model_key_id", _is_key_id, "a key id")),
-                f.integer("samples", 0), f.text("key_id", _is_key_id, "a key id"))  # fmt: skip
+        h = cls(
+            f.text("request_id", _is_request_id, "a request id"),
+            f.text("request_sha256", lambda v: DIGEST_RE.fullmatch(v) is not None, "a SHA-256 (64 lower-case hex)"),
+            ModelRef(
+                f.text("bundle_id"), f.integer("model_version", 1), f.text("model_key_id", _is_key_id, "a key id")
+            ),
+            f.integer("samples", 0),
+            f.text("key_id", _is_key_id, "a key id"),
+        )
         f.done()
         return h
 
@@ -220,8 +241,13 @@ def seal_request(inputs: npt.ArrayLike, data_key: bytes, request_id: str | None 
     """``inputs``: a float32 array (N, C, H, W), numpy or anything that converts to one (a CPU tensor)."""
     inputs = np.ascontiguousarray(inputs)
     check_inputs(inputs, None, "inputs")
-    header = RequestHeader(check_request_id(new_request_id() if request_id is None else request_id), key_id(data_key),
-                           int(inputs.shape[0]), tuple(int(n) for n in inputs.shape[1:]), "float32")  # fmt: skip
+    header = RequestHeader(
+        check_request_id(new_request_id() if request_id is None else request_id),
+        key_id(data_key),
+        int(inputs.shape[0]),
+        tuple(int(n) for n in inputs.shape[1:]),
+        "float32",
+    )
     return seal_envelope(REQUEST_MAGIC, header.to_json(), st_save({"inputs": inputs}), data_key)
 
 
