@@ -47,8 +47,9 @@ def _client_context(identity) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    key_pem = identity.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption())  # fmt: skip
+    key_pem = identity.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     d = tempfile.mkdtemp(prefix="branchy-tee-client-")  # the ssl module loads keys only from files
     try:
         path = os.path.join(d, "identity.pem")

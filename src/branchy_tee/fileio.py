@@ -30,7 +30,7 @@ def _remove_stale_temporaries(path: Path, older_than: float = STALE_TEMPORARY_SE
         pass
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644, overwrite: bool = True) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or the complete new one.
 
     The bytes go to a temporary file in the same directory (created with mode 0600, so a secret is
@@ -94,11 +94,11 @@ def _link_exclusively(tmp: str, path: Path, data: bytes, mode: int) -> None:
         pass
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, mode: int = 0o644) -> Path:
+def atomic_write_text(path: str | os.PathLike[str], text: str, mode: int = 0o644) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
-def write_key_file(path: str | os.PathLike, key: bytes) -> Path:
+def write_key_file(path: str | os.PathLike[str], key: bytes) -> Path:
     if len(key) != KEY_BYTES:
         raise ValueError("keys are 32 bytes")
     path = Path(path)
@@ -111,13 +111,13 @@ def write_key_file(path: str | os.PathLike, key: bytes) -> Path:
         raise BranchyError(f"cannot write key file {path}: {where}{e.strerror or e}") from None
 
 
-def read_private_file(path: str | os.PathLike, what: str = "key file", limit: int = 64 * 1024) -> bytes:
+def read_private_file(path: str | os.PathLike[str], what: str = "key file", limit: int = 64 * 1024) -> bytes:
     """Read a secret file; refuse (like ssh) one that others can read or write, and anything that is
     not a regular file of at most ``limit`` bytes."""
     return _read_checked(path, what, limit, private=True)
 
 
-def read_key_file(path: str | os.PathLike) -> bytes:
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
     """Read a 256-bit key (a private file of exactly 32 bytes)."""
     data = read_private_file(path)
     if len(data) != KEY_BYTES:
@@ -125,13 +125,13 @@ def read_key_file(path: str | os.PathLike) -> bytes:
     return data
 
 
-def read_regular_file(path: str | os.PathLike, what: str, limit: int) -> bytes:
+def read_regular_file(path: str | os.PathLike[str], what: str, limit: int) -> bytes:
     """A host-supplied file's bytes: a regular file of at most ``limit`` bytes, checked before reading,
     so that a link to /dev/zero, a FIFO or a huge file is refused instead of read."""
     return _read_checked(path, what, limit, private=False)
 
 
-def _read_checked(path: str | os.PathLike, what: str, limit: int, private: bool) -> bytes:
+def _read_checked(path: str | os.PathLike[str], what: str, limit: int, private: bool) -> bytes:
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag)
         with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:

@@ -51,9 +51,12 @@ class DataSpec:
 
     @classmethod
     def parse(cls, f: Fields) -> "DataSpec":
-        spec = cls(f.text("dataset"), f.obj("synthetic"),
-                   f.check("val_fraction", lambda v: isinstance(v, float) and 0 < v < 1, "a number in (0, 1)"),
-                   f.integer("seed"))  # fmt: skip
+        spec = cls(
+            f.text("dataset"),
+            f.obj("synthetic"),
+            f.check("val_fraction", lambda v: isinstance(v, float) and 0 < v < 1, "a number in (0, 1)"),
+            f.integer("seed"),
+        )
         f.done()
         return spec
 
@@ -75,8 +78,12 @@ class Calibration:
 
     def to_json(self) -> dict[str, Any]:
         doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**doc, "criterion": self.criterion.name, "thresholds": list(self.thresholds),
-                "exit_fractions": list(self.exit_fractions)}  # fmt: skip
+        return {
+            **doc,
+            "criterion": self.criterion.name,
+            "thresholds": list(self.thresholds),
+            "exit_fractions": list(self.exit_fractions),
+        }
 
     @classmethod
     def parse(cls, f: Fields) -> "Calibration":
@@ -134,26 +141,39 @@ class ModelFacts:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelFacts)}
 
     def facts_json(self) -> dict[str, Any]:
-        return {"arch": self.arch, "config": self.config, "classes": list(self.classes),
-                "preprocessing": self.preprocessing.to_json(), "criterion": self.criterion.name,
-                "thresholds": None if self.thresholds is None else list(self.thresholds),
-                "stage_flops": list(self.stage_flops), "head_flops": list(self.head_flops)}  # fmt: skip
+        return {
+            "arch": self.arch,
+            "config": self.config,
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.to_json(),
+            "criterion": self.criterion.name,
+            "thresholds": None if self.thresholds is None else list(self.thresholds),
+            "stage_flops": list(self.stage_flops),
+            "head_flops": list(self.head_flops),
+        }
 
     @staticmethod
     def parse_facts(f: Fields) -> dict[str, Any]:
         """The members as keyword arguments (for the artifact's constructor)."""
-        return dict(arch=f.text("arch"), config=f.obj("config"), classes=f.texts("classes"),
-                    preprocessing=f.nested("preprocessing", Preprocessing.parse),
-                    criterion=_criterion(f),
-                    thresholds=f.or_null("thresholds", f.numbers), stage_flops=f.integers("stage_flops", lo=0),
-                    head_flops=f.integers("head_flops", lo=0))  # fmt: skip
+        return dict(
+            arch=f.text("arch"),
+            config=f.obj("config"),
+            classes=f.texts("classes"),
+            preprocessing=f.nested("preprocessing", Preprocessing.parse),
+            criterion=_criterion(f),
+            thresholds=f.or_null("thresholds", f.numbers),
+            stage_flops=f.integers("stage_flops", lo=0),
+            head_flops=f.integers("head_flops", lo=0),
+        )
 
     def check_facts(self, where: str, error: type[BranchyError] = BranchyError) -> None:
         """The members agree with each other (one exit per stage, one threshold per early exit, ...)."""
         problem = None
         cfg = self.config
-        if not all(isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) and cfg[k] >= 1
-                   for k in ("num_classes", "in_channels")):  # fmt: skip
+        if not all(
+            isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) and cfg[k] >= 1
+            for k in ("num_classes", "in_channels")
+        ):
             problem = "config needs num_classes and in_channels (integers >= 1)"
         elif len(self.classes) != cfg["num_classes"]:
             problem = f"{len(self.classes)} class names for {cfg['num_classes']} classes"
@@ -181,8 +201,14 @@ class ModelCard(ModelFacts):
 
     def to_json(self) -> dict[str, Any]:
         facts = self.facts_json()
-        doc: dict[str, Any] = {"format": MODEL_FORMAT, "arch": self.arch, "config": self.config,
-                               "classes": facts["classes"], "dataset": self.dataset, **facts}  # fmt: skip
+        doc: dict[str, Any] = {
+            "format": MODEL_FORMAT,
+            "arch": self.arch,
+            "config": self.config,
+            "classes": facts["classes"],
+            "dataset": self.dataset,
+            **facts,
+        }
         for name in ("data", "training", "calibration"):
             v = getattr(self, name)
             if v is not None:
@@ -196,10 +222,12 @@ class ModelCard(ModelFacts):
             raise BranchyError(f"{where}: not a branchy-tee model description (format is not {MODEL_FORMAT})")
         f.text("format")
         card = cls(
-            **cls.parse_facts(f), dataset=f.text("dataset"),
-            data=f.optional("data", lambda n: f.nested(n, DataSpec.parse)), training=f.optional("training", f.obj),
+            **cls.parse_facts(f),
+            dataset=f.text("dataset"),
+            data=f.optional("data", lambda n: f.nested(n, DataSpec.parse)),
+            training=f.optional("training", f.obj),
             calibration=f.optional("calibration", lambda n: f.nested(n, Calibration.parse)),
-        )  # fmt: skip
+        )
         f.done()
         card.check_facts(where)
         return card

@@ -46,12 +46,23 @@ class Preprocessing:
     @classmethod
     def parse(cls, f: Fields) -> "Preprocessing":
         shape = f.integers("input_shape", lo=1, count=3)
-        scale = f.check("scale", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
-                        "a number in (0, 1]")  # fmt: skip
+        scale = f.check(
+            "scale",
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+            "a number in (0, 1]",
+        )
         mean = f.numbers("mean", count=shape[0])
-        std = f.check("std", lambda v: isinstance(v, list) and len(v) == shape[0] and all(
-            isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 and s != float("inf") for s in v),
-            f"a list of {shape[0]} positive numbers")  # fmt: skip
+        std = f.check(
+            "std",
+            lambda v: (
+                isinstance(v, list)
+                and len(v) == shape[0]
+                and all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 and s != float("inf") for s in v
+                )
+            ),
+            f"a list of {shape[0]} positive numbers",
+        )
         f.done()
         return cls((shape[0], shape[1], shape[2]), scale, mean, tuple(std))
 

@@ -114,8 +114,11 @@ class Fields:
     def items(self, name: str, ok: Callable[[Any], bool], want: str, count: int | None = None) -> tuple[Any, ...]:
         """A list whose items ``ok`` accepts (``count`` of them when given), as a tuple."""
         size = "" if count is None else f"{count} "
-        v = self.check(name, lambda v: isinstance(v, list) and (count is None or len(v) == count) and all(map(ok, v)),
-                       f"a list of {size}{want}")  # fmt: skip
+        v = self.check(
+            name,
+            lambda v: isinstance(v, list) and (count is None or len(v) == count) and all(map(ok, v)),
+            f"a list of {size}{want}",
+        )
         return tuple(v)
 
     def integers(self, name: str, lo: int | None = None, count: int | None = None) -> tuple[int, ...]:

@@ -326,6 +326,26 @@ def test_stage_graph_edits_give_one_line_errors(world, edits):
         assert "\n" not in str(e) and str(e).startswith("stage-00.bin: ")
 
 
+def test_stage_graph_regressions(world):
+    """Inputs the atheris harness found: a symbolic dimension that is not UTF-8 (ONNX Runtime raised
+    UnicodeDecodeError only when asked for the input's shape), and a non-batch dimension left symbolic."""
+    from branchy_tee.runtime.graphs import StageGraph, load_session
+
+    graph = bytes(open_bundle(world.bundle, world.key("mo")).decrypt_stage(0))
+    not_utf8 = _with_input_dim(graph, 0, "zzzzz").replace(b"zzzzz", b"\x9czzzz")
+    for bad, match in ((not_utf8, "not UTF-8"), (_with_input_dim(graph, 2, "height"), "input shape")):
+        with pytest.raises(IntegrityError, match=match):
+            StageGraph(load_session(bad, "stage-00.bin"), "stage-00.bin")
+
+
+def _with_input_dim(graph: bytes, dim: int, name: str) -> bytes:
+    import onnx
+
+    m = onnx.load_from_string(graph)
+    m.graph.input[0].type.tensor_type.shape.dim[dim].dim_param = name
+    return m.SerializeToString()
+
+
 # --------------------------------------------------------------------------- policy (TOML)
 @FUZZ
 @given(st.text(max_size=300) | st.binary(max_size=300))

@@ -81,7 +81,7 @@ class Refusal(Exception):
 
 
 # --------------------------------------------------------------------------- keystore
-def load_keystore(path: str | os.PathLike) -> dict[str, bytes]:
+def load_keystore(path: str | os.PathLike[str]) -> dict[str, bytes]:
     """Key id -> key from a directory of ``*.key`` files (32 bytes, mode 0600) or one key file."""
     p = Path(path)
     if p.is_dir():
@@ -198,7 +198,7 @@ def verify_evidence(
     if evidence_type == EvidenceType.DCAP:
         from .verify import verify_quote
 
-        chosen = policy.collateral()
+        chosen: Mapping[str, Any] | None = policy.collateral()
         if chosen is None and policy.accept_client_collateral:
             chosen = collateral
         with _VERIFY_LOCK:
@@ -227,7 +227,7 @@ class Broker:
         policy,
         *,
         identity=None,
-        audit_log: str | os.PathLike | None = None,
+        audit_log: str | os.PathLike[str] | None = None,
         nonce_ttl: float = 60.0,
         clock: Callable[[], float] | None = None,
         log: Callable[[str], None] | None = None,
@@ -296,9 +296,9 @@ class Broker:
             import traceback
 
             traceback.print_exc()
-            r = Refusal(500, "internal_error", f"internal error ({type(e).__name__}); nothing released")
-            self._decide(entry, r.status, r.code, r.reason)
-            raise r from None
+            failed = Refusal(500, "internal_error", f"internal error ({type(e).__name__}); nothing released")
+            self._decide(entry, failed.status, failed.code, failed.reason)
+            raise failed from None
         self._decide(entry, 200, "granted", None)
         return response
 
@@ -350,10 +350,23 @@ class Broker:
                 "REPORTDATA does not bind this public key and nonce "
                 "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)",
             )
-        sealed = tuple((kid, SUITE.encrypt(pack_key(self.keys[kid], decision.min_model_version), recipient,
-                                           info=key_info(kid, nonce))) for kid in kids)  # fmt: skip
-        release = KeyRelease(self.identity_bytes, nonce, public_key, tuple(sorted(sealed)), decision.min_model_version,
-                             decision.allowed_data_owners)  # fmt: skip
+        sealed = tuple(
+            (
+                kid,
+                SUITE.encrypt(
+                    pack_key(self.keys[kid], decision.min_model_version), recipient, info=key_info(kid, nonce)
+                ),
+            )
+            for kid in kids
+        )
+        release = KeyRelease(
+            self.identity_bytes,
+            nonce,
+            public_key,
+            tuple(sorted(sealed)),
+            decision.min_model_version,
+            decision.allowed_data_owners,
+        )
         signature = ident.sign(self.identity, RELEASE_PURPOSE, release.message())
         entry["min_model_version"] = decision.min_model_version
         if decision.allowed_data_owners is not None:

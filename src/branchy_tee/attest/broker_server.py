@@ -164,7 +164,7 @@ def start_broker(
     policy,
     host: str = "127.0.0.1",
     port: int = 0,
-    audit_log: str | os.PathLike | None = None,
+    audit_log: str | os.PathLike[str] | None = None,
     *,
     identity=None,
     tls_cert=None,
@@ -223,8 +223,17 @@ def serve_in_background(
     if failure:
         broker.close()
         raise failure[0]
-    _startup_warnings(broker, host, handle.tls, lambda m: sys.stderr.write(f"key-broker: warning: {m}\n"))
+    _startup_warnings(broker, host, handle.tls, _warn)
     return handle
+
+
+def _warn(m: str) -> None:
+    sys.stderr.write(f"key-broker: warning: {m}\n")
+
+
+def _err(m: str) -> None:
+    sys.stderr.write(f"key-broker: {m}\n")
+    sys.stderr.flush()
 
 
 def serve(
@@ -249,14 +258,13 @@ def serve(
         raise UsageError("--nonce-ttl must be positive")
     keys = load_keystore(keys_path)
     policy = load_policy(policy_path)
-    err = lambda m: (sys.stderr.write(f"key-broker: {m}\n"), sys.stderr.flush())  # noqa: E731
     broker = Broker(
         keys,
         policy,
         identity=ident.load_identity(identity),
         audit_log=audit_log,
         nonce_ttl=nonce_ttl,
-        log=None if quiet else err,
+        log=None if quiet else _err,
     )
     ssl_ctx = _ssl_context(tls_cert, tls_key)
 
@@ -266,7 +274,7 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        _startup_warnings(broker, host, ssl_ctx is not None, lambda m: err(f"warning: {m}"))
+        _startup_warnings(broker, host, ssl_ctx is not None, lambda m: _err(f"warning: {m}"))
         out.write(f"key broker listening on {_url(host, real_port, ssl_ctx is not None)}\n")
         out.write(f"  identity {broker.identity_hex}\n")
         out.write(
@@ -285,5 +293,5 @@ def serve(
     finally:
         broker.close()
     if not quiet:
-        err(f"stopped ({broker.granted} granted, {broker.refused} refused)")
+        _err(f"stopped ({broker.granted} granted, {broker.refused} refused)")
     return 0

@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -36,10 +37,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..errors import AttestationError, BranchyError, one_line, shown
 from ..measured import broker_url_problem
-from ..seal.keys import key_id
+from ..seal.keys import KEY_ID_RE, key_id
 from .identity import verify as verify_signature
 from .protocol import (
-    KEY_ID_RE,
     MAX_RESPONSE,
     PROTOCOL,
     RELEASE_PURPOSE,
@@ -52,7 +52,7 @@ from .protocol import (
     report_data,
     unpack_key,
 )
-from .providers import DEFAULT_ATTESTATION_DIR, make_provider
+from .providers import DEFAULT_ATTESTATION_DIR, EvidenceSource, make_provider
 
 __all__ = ["AttestedKeys", "BrokerOffer"]
 
@@ -84,15 +84,15 @@ class AttestedKeys:
         attest: str,
         model_broker: str,
         model_broker_identity: bytes,
-        data_brokers,
+        data_brokers: str | Sequence[str],
         attestation_dir: str = DEFAULT_ATTESTATION_DIR,
         ca_file: str | None = None,
         min_version: int = 0,
         *,
-        dev_key_dir: str | os.PathLike | None = None,
+        dev_key_dir: str | os.PathLike[str] | None = None,
         timeout: float = 30.0,
-        provider=None,
-    ):
+        provider: EvidenceSource | None = None,
+    ) -> None:
         self.provider = (
             provider
             if provider is not None
@@ -110,7 +110,7 @@ class AttestedKeys:
         self._min_version = int(min_version)
         self._sk = X25519PrivateKey.generate()  # one key pair per run; never leaves the enclave
         self.public_key = self._sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        handlers: list = [urllib.request.ProxyHandler({})]  # talk to the brokers directly
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # talk to the brokers directly
         if ca_file:
             try:
                 ctx = ssl.create_default_context(cafile=ca_file)
@@ -203,8 +203,9 @@ class AttestedKeys:
         url, nonce = offer.url, offer.nonce
         evidence = self.provider.evidence(report_data(self.public_key, nonce))
         body = KeyRequest(self.provider.evidence_type, evidence, self.public_key, nonce, tuple(kids)).to_json()
-        release = self.verify_release(url, self._call(url, "POST", "/v1/keys", json.dumps(body).encode()), nonce,
-                                      kids, expect)  # fmt: skip
+        release = self.verify_release(
+            url, self._call(url, "POST", "/v1/keys", json.dumps(body).encode()), nonce, kids, expect
+        )
         out: dict[str, bytes] = {}
         min_version = release.min_model_version
         for kid, ct in release.keys:
@@ -223,7 +224,9 @@ class AttestedKeys:
         self._min_version = max(self._min_version, min_version)
         return out, release
 
-    def verify_release(self, url: str, doc: dict, nonce: bytes, kids: list[str], expect: bytes | None) -> KeyRelease:
+    def verify_release(
+        self, url: str, doc: dict[str, Any], nonce: bytes, kids: list[str], expect: bytes | None
+    ) -> KeyRelease:
         """The signed release in ``doc``, checked: well-formed, exactly the key ids asked for, signed over
         this run's nonce and public key by the expected identity (or, for a data broker, by an identity
         on the model owner's allow-list)."""
@@ -250,7 +253,7 @@ class AttestedKeys:
             raise AttestationError(f"key broker {url}: response does not hold exactly the key ids asked for")
         return release
 
-    def _call(self, base: str, method: str, path: str, body: bytes | None = None) -> dict:
+    def _call(self, base: str, method: str, path: str, body: bytes | None = None) -> dict[str, Any]:
         req = urllib.request.Request(
             base + path,
             data=body,

@@ -340,7 +340,7 @@ class Collateral:
 
 
 # --------------------------------------------------------------------------- reading and checking
-def read_collateral_file(path: str | os.PathLike) -> dict:
+def read_collateral_file(path: str | os.PathLike[str]) -> dict:
     """Load a collateral JSON file (dcap-qvl layout). Unreadable: BranchyError; not JSON: AttestationError."""
     try:
         with open(path, "rb") as f:

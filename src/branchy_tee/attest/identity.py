@@ -51,7 +51,7 @@ def parse_identity(text: object, what: str = "identity") -> bytes:
     return bytes.fromhex(text)  # type: ignore[arg-type]
 
 
-def create_identity(path: str | os.PathLike) -> Ed25519PrivateKey:
+def create_identity(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """A new identity in ``path`` (mode 0600); an existing file is never replaced."""
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
@@ -64,7 +64,7 @@ def create_identity(path: str | os.PathLike) -> Ed25519PrivateKey:
     return key
 
 
-def load_identity(path: str | os.PathLike) -> Ed25519PrivateKey:
+def load_identity(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """The identity in ``path`` (a private PEM file, as ``create_identity`` writes)."""
     data = read_private_file(path, "identity file")
     try:

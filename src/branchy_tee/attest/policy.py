@@ -35,24 +35,38 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, overload
 
 import tomllib
 
 from ..errors import BranchyError, PolicyError, shown
 from ..measured import identity_problem
-from .protocol import KEY_ID_RE, MAX_ALLOWED_DATA_OWNERS, EvidenceType
+from ..seal.keys import KEY_ID_RE
+from .protocol import MAX_ALLOWED_DATA_OWNERS, EvidenceType
 from .quote import EnclaveClaims
 from .verify import TCB_STATUSES, read_collateral_file
 
 __all__ = ["Claims", "Decision", "Policy", "load_policy", "parse_policy"]
 
 SETTINGS = (
-    "allowed_mrenclave", "allowed_mrsigner", "isv_prod_id", "min_isv_svn", "allow_debug", "accepted_tcb_statuses",
-    "min_model_version", "allow_simulation", "simulation_public_keys", "collateral", "require_collateral",
-    "stale_collateral", "key_ids", "own_signing_key", "allowed_data_owners", "accept_client_collateral",
+    "allowed_mrenclave",
+    "allowed_mrsigner",
+    "isv_prod_id",
+    "min_isv_svn",
+    "allow_debug",
+    "accepted_tcb_statuses",
+    "min_model_version",
+    "allow_simulation",
+    "simulation_public_keys",
+    "collateral",
+    "require_collateral",
+    "stale_collateral",
+    "key_ids",
+    "own_signing_key",
+    "allowed_data_owners",
+    "accept_client_collateral",
     "min_tcb_evaluation_data_number",
-)  # fmt: skip
+)
 STALE_CHOICES = ("reject", "warn")
 
 
@@ -208,12 +222,21 @@ class Policy:
     def evaluate(self, claims: Claims) -> Decision:
         """Accept ``claims`` (from evidence that verified) or raise PolicyError with the precise reason."""
         warnings: list[str] = list(claims.warnings)
+        self._check_evidence_kind(claims, warnings)
+        self._check_enclave(claims)
+        if not claims.simulated:
+            self._check_tcb(claims, warnings)
+        return Decision(self.min_model_version, tuple(warnings), self.allowed_data_owners)
+
+    def _check_evidence_kind(self, claims: Claims, warnings: list[str]) -> None:
+        """Simulated evidence only where allowed (and from a pinned dev key); otherwise SGX DCAP quotes."""
         if claims.simulated:
             if not self.allow_simulation:
                 raise PolicyError("simulated evidence refused: the policy has allow_simulation = false")
             if self.simulation_public_keys and claims.signer_key not in self.simulation_public_keys:
                 raise PolicyError(
-                    f"simulation_public_keys: simulated evidence is signed by dev key {(claims.signer_key or b'').hex()}, "
+                    "simulation_public_keys: simulated evidence is signed by dev key "
+                    f"{(claims.signer_key or b'').hex()}, "
                     f"policy pins {_short(k.hex() for k in self.simulation_public_keys)}"
                 )
             warnings.append("simulated evidence (no TEE) accepted: allow_simulation = true")
@@ -223,6 +246,9 @@ class Policy:
             raise PolicyError(
                 f"tee: the evidence is a {claims.tee.upper()} quote; this policy accepts SGX enclaves only"
             )
+
+    def _check_enclave(self, claims: Claims) -> None:
+        """What the enclave is: its measurements, product id, security version and debug mode."""
         if self.allowed_mrenclave and claims.mrenclave not in self.allowed_mrenclave:
             raise PolicyError(
                 f"allowed_mrenclave: MRENCLAVE {claims.mrenclave.hex()} is not allowed "
@@ -246,49 +272,58 @@ class Policy:
                 "allow_debug: the enclave runs in DEBUG mode (the host can read its memory); "
                 "policy has allow_debug = false"
             )
-        if not claims.simulated:
-            status = claims.tcb_status
-            if status is None and self.min_tcb_evaluation_data_number is not None:
+
+    def _check_tcb(self, claims: Claims, warnings: list[str]) -> None:
+        """The platform's TCB status (from collateral) and how recent its evaluation data is."""
+        status = claims.tcb_status
+        if status is None and self.min_tcb_evaluation_data_number is not None:
+            raise PolicyError(
+                "min_tcb_evaluation_data_number: the quote's TCB status is unknown (no collateral), "
+                "so the minimum cannot be checked"
+            )
+        if status is None:
+            if self.require_collateral:
                 raise PolicyError(
-                    "min_tcb_evaluation_data_number: the quote's TCB status is unknown (no collateral), "
-                    "so the minimum cannot be checked"
+                    "require_collateral: the quote's TCB status is unknown (no collateral); give the "
+                    "policy a collateral file or set require_collateral = false"
                 )
-            if status is None:
-                if self.require_collateral:
-                    raise PolicyError(
-                        "require_collateral: the quote's TCB status is unknown (no collateral); give the "
-                        "policy a collateral file or set require_collateral = false"
-                    )
-                warnings.append("TCB status not checked (no collateral; require_collateral = false)")
-            elif status == "Revoked" or status not in self.accepted_tcb_statuses:
-                adv = f" (advisories {', '.join(claims.advisories)})" if claims.advisories else ""
+            warnings.append("TCB status not checked (no collateral; require_collateral = false)")
+        elif status == "Revoked" or status not in self.accepted_tcb_statuses:
+            adv = f" (advisories {', '.join(claims.advisories)})" if claims.advisories else ""
+            raise PolicyError(
+                f"accepted_tcb_statuses: the platform's TCB status is {status}{adv}; "
+                f"policy accepts {_short(self.accepted_tcb_statuses, 10)}"
+            )
+        minimum = self.min_tcb_evaluation_data_number
+        if status is not None and minimum is not None:
+            number = claims.tcb_evaluation_data_number
+            if number is None or number < minimum:
                 raise PolicyError(
-                    f"accepted_tcb_statuses: the platform's TCB status is {status}{adv}; "
-                    f"policy accepts {_short(self.accepted_tcb_statuses, 10)}"
+                    f"min_tcb_evaluation_data_number: the collateral's TCB evaluation data number is "
+                    f"{number}, below the policy minimum {minimum} (collateral from before a TCB recovery)"
                 )
-            minimum = self.min_tcb_evaluation_data_number
-            if status is not None and minimum is not None:
-                number = claims.tcb_evaluation_data_number
-                if number is None or number < minimum:
-                    raise PolicyError(
-                        f"min_tcb_evaluation_data_number: the collateral's TCB evaluation data number is "
-                        f"{number}, below the policy minimum {minimum} (collateral from before a TCB recovery)"
-                    )
-        return Decision(self.min_model_version, tuple(warnings), self.allowed_data_owners)
 
     def describe(self) -> dict[str, Any]:
         return {
             "allowed_mrenclave": sorted(m.hex() for m in self.allowed_mrenclave),
             "allowed_mrsigner": sorted(m.hex() for m in self.allowed_mrsigner),
-            "isv_prod_id": self.isv_prod_id, "min_isv_svn": self.min_isv_svn, "allow_debug": self.allow_debug,
-            "accepted_tcb_statuses": sorted(self.accepted_tcb_statuses), "min_model_version": self.min_model_version,
-            "allow_simulation": self.allow_simulation, "collateral": str(self.collateral_path) if self.collateral_path else None,
-            "require_collateral": self.require_collateral, "stale_collateral": self.stale_collateral,
+            "isv_prod_id": self.isv_prod_id,
+            "min_isv_svn": self.min_isv_svn,
+            "allow_debug": self.allow_debug,
+            "accepted_tcb_statuses": sorted(self.accepted_tcb_statuses),
+            "min_model_version": self.min_model_version,
+            "allow_simulation": self.allow_simulation,
+            "collateral": str(self.collateral_path) if self.collateral_path else None,
+            "require_collateral": self.require_collateral,
+            "stale_collateral": self.stale_collateral,
             "key_ids": list(self.key_ids) if self.key_ids is not None else None,
-            "own_signing_key": self.own_signing_key, "accept_client_collateral": self.accept_client_collateral,
+            "own_signing_key": self.own_signing_key,
+            "accept_client_collateral": self.accept_client_collateral,
             "min_tcb_evaluation_data_number": self.min_tcb_evaluation_data_number,
-            "allowed_data_owners": None if self.allowed_data_owners is None else sorted(o.hex() for o in self.allowed_data_owners),
-        }  # fmt: skip
+            "allowed_data_owners": (
+                None if self.allowed_data_owners is None else sorted(o.hex() for o in self.allowed_data_owners)
+            ),
+        }
 
 
 # --------------------------------------------------------------------------- parsing
@@ -305,7 +340,13 @@ class _Reader:
             raise self.fail(name, f"must be true or false, not {v!r}")
         return v
 
-    def int(self, name: str, default, hi: int) -> int | None:
+    @overload
+    def int(self, name: str, default: int, hi: int) -> int: ...
+
+    @overload
+    def int(self, name: str, default: None, hi: int) -> int | None: ...
+
+    def int(self, name: str, default: int | None, hi: int) -> int | None:
         v = self.data.get(name, default)
         if v is None and default is None:
             return None
@@ -397,7 +438,7 @@ def _collateral_path(r: "_Reader", base_dir) -> Path | None:
 
 
 def parse_policy(
-    data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike | None = None
+    data: Mapping[str, Any], source: str = "<policy>", base_dir: str | os.PathLike[str] | None = None
 ) -> Policy:
     """A :class:`Policy` from a mapping (the parsed TOML). Relative paths resolve against ``base_dir``."""
     if not isinstance(data, Mapping):
@@ -434,7 +475,7 @@ def parse_policy(
     return policy
 
 
-def load_policy(path: str | os.PathLike) -> Policy:
+def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read and check a TOML policy file."""
     path = Path(path)
     try:

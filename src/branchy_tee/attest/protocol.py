@@ -36,6 +36,7 @@ import binascii
 import hashlib
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives import hpke
 
@@ -96,11 +97,11 @@ class MessageError(ValueError):
     """A message that is not what the protocol says (one-line reason, no secrets)."""
 
 
-def _hexfield(doc: dict, name: str, size: int) -> bytes:
+def _hexfield(doc: dict[str, Any], name: str, size: int) -> bytes:
     return hex_member(doc, name, size, MessageError)
 
 
-def _b64field(doc: dict, name: str, limit: int) -> bytes:
+def _b64field(doc: dict[str, Any], name: str, limit: int) -> bytes:
     v = doc.get(name)
     if not isinstance(v, str):
         raise MessageError(f"'{name}' must be a base64 string")
@@ -112,7 +113,7 @@ def _b64field(doc: dict, name: str, limit: int) -> bytes:
         raise MessageError(f"'{name}' is not valid base64") from None
 
 
-def _json_object(body: bytes | dict, what: str) -> dict:
+def _json_object(body: bytes | dict[str, Any], what: str) -> dict[str, Any]:
     import json
 
     if isinstance(body, dict):
@@ -126,7 +127,7 @@ def _json_object(body: bytes | dict, what: str) -> dict:
     return doc
 
 
-def _key_ids(v) -> tuple[str, ...]:
+def _key_ids(v: object) -> tuple[str, ...]:
     if not isinstance(v, list) or not v or len(v) > MAX_KEY_IDS or not all(isinstance(k, str) for k in v):
         raise MessageError(f"'key_ids' must be a list of 1..{MAX_KEY_IDS} key ids")
     bad = [k for k in v if not KEY_ID_RE.fullmatch(k)]
@@ -145,12 +146,17 @@ class NonceOffer:
     identity: bytes | None
     expires_in: float
 
-    def to_json(self) -> dict:
-        return {"protocol": PROTOCOL, "identity": self.identity.hex() if self.identity else None,
-                "nonce": self.nonce.hex(), "expires_in": self.expires_in, "key_ids": list(self.key_ids)}  # fmt: skip
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "protocol": PROTOCOL,
+            "identity": self.identity.hex() if self.identity else None,
+            "nonce": self.nonce.hex(),
+            "expires_in": self.expires_in,
+            "key_ids": list(self.key_ids),
+        }
 
     @classmethod
-    def parse(cls, body: bytes | dict) -> "NonceOffer":
+    def parse(cls, body: bytes | dict[str, Any]) -> "NonceOffer":
         doc = _json_object(body, "nonce response")
         nonce = _hexfield(doc, "nonce", NONCE_BYTES)
         kids = doc.get("key_ids", [])
@@ -175,18 +181,23 @@ class KeyRequest:
     public_key: bytes
     nonce: bytes
     key_ids: tuple[str, ...]
-    collateral: dict | None = None
+    collateral: dict[str, Any] | None = None
 
-    def to_json(self) -> dict:
-        doc = {"protocol": PROTOCOL, "evidence_type": self.evidence_type,
-               "evidence": base64.b64encode(self.evidence).decode(), "public_key": self.public_key.hex(),
-               "nonce": self.nonce.hex(), "key_ids": list(self.key_ids)}  # fmt: skip
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "protocol": PROTOCOL,
+            "evidence_type": self.evidence_type,
+            "evidence": base64.b64encode(self.evidence).decode(),
+            "public_key": self.public_key.hex(),
+            "nonce": self.nonce.hex(),
+            "key_ids": list(self.key_ids),
+        }
         if self.collateral is not None:
             doc["collateral"] = self.collateral
         return doc
 
     @classmethod
-    def parse(cls, body: bytes | dict) -> "KeyRequest":
+    def parse(cls, body: bytes | dict[str, Any]) -> "KeyRequest":
         """Every member checked in turn (MessageError names the first that is wrong)."""
         doc = _json_object(body, "request body")
         if doc.get("protocol", PROTOCOL) != PROTOCOL:
@@ -228,8 +239,15 @@ class KeyRelease:
     def message(self) -> bytes:
         """The canonical bytes a broker signs: fixed-size fields as they are, variable ones length-prefixed,
         lists sorted, so that two releases have the same bytes exactly when they say the same thing."""
-        out = [LABEL, b"\0", self.broker, struct.pack(">H", len(self.nonce)), self.nonce, self.public_key,
-               struct.pack(">I", len(self.keys))]  # fmt: skip
+        out = [
+            LABEL,
+            b"\0",
+            self.broker,
+            struct.pack(">H", len(self.nonce)),
+            self.nonce,
+            self.public_key,
+            struct.pack(">I", len(self.keys)),
+        ]
         for kid, sealed in sorted(self.keys):
             k = kid.encode("ascii")
             out += [struct.pack(">H", len(k)), k, struct.pack(">I", len(sealed)), sealed]
@@ -241,7 +259,7 @@ class KeyRelease:
             out += [b"\1", struct.pack(">I", len(owners)), *owners]
         return b"".join(out)
 
-    def to_json(self, signature: bytes) -> dict:
+    def to_json(self, signature: bytes) -> dict[str, Any]:
         """The JSON of a signed release (the broker's POST /v1/keys answer)."""
         return {
             "protocol": PROTOCOL,
@@ -256,7 +274,7 @@ class KeyRelease:
         }
 
     @classmethod
-    def parse(cls, doc: dict, nonce: bytes, public_key: bytes) -> "tuple[KeyRelease, bytes]":
+    def parse(cls, doc: dict[str, Any], nonce: bytes, public_key: bytes) -> "tuple[KeyRelease, bytes]":
         """(release, signature) from a response, for the nonce and public key the enclave used;
         MessageError when a member is missing or malformed. The signature is not checked here."""
         try:

@@ -33,7 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -86,7 +86,7 @@ def simulated_warning(what: str) -> None:
 
 # --------------------------------------------------------------------------- code measurement
 @functools.lru_cache(maxsize=8)
-def code_measurement(root: str | os.PathLike | None = None) -> bytes:
+def code_measurement(root: str | os.PathLike[str] | None = None) -> bytes:
     """SHA-256 over the files of the ``branchy_tee`` package (or ``root``), by sorted relative path.
 
     Byte caches (``__pycache__``, ``*.pyc``) are left out. Computed once per process and root: the
@@ -117,13 +117,22 @@ def simulated_mrenclave(env: Mapping[str, str] | None = None, code: bytes | None
     return hashlib.sha256(b"branchy-tee/v1 simulated-mrenclave\0" + code + settings).digest()
 
 
+# --------------------------------------------------------------------------- providers
+class EvidenceSource(Protocol):
+    """What produces evidence binding 64 bytes of report data (``GramineProvider``, ``SimulatedProvider``)."""
+
+    evidence_type: EvidenceType
+
+    def evidence(self, report_data: bytes) -> bytes: ...
+
+
 # --------------------------------------------------------------------------- gramine
 class GramineProvider:
     """DCAP quotes from Gramine's ``/dev/attestation`` (or a directory laid out like it)."""
 
     evidence_type = EvidenceType.DCAP
 
-    def __init__(self, attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR):
+    def __init__(self, attestation_dir: str | os.PathLike[str] = DEFAULT_ATTESTATION_DIR):
         self.dir = Path(attestation_dir)
 
     def evidence(self, report_data: bytes) -> bytes:
@@ -183,7 +192,7 @@ def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def load_or_create_dev_key(key_dir: str | os.PathLike | None = None) -> Ed25519PrivateKey:
+def load_or_create_dev_key(key_dir: str | os.PathLike[str] | None = None) -> Ed25519PrivateKey:
     """The Ed25519 dev key in ``key_dir`` (created on first use: directory 0700, key file 0600)."""
     d = Path(key_dir) if key_dir is not None else default_dev_key_dir()
     path = d / DEV_KEY_FILE
@@ -214,7 +223,7 @@ class SimulatedProvider:
 
     def __init__(
         self,
-        key_dir: str | os.PathLike | None = None,
+        key_dir: str | os.PathLike[str] | None = None,
         *,
         isv_prod_id: int = 0,
         isv_svn: int = 0,
@@ -229,7 +238,7 @@ class SimulatedProvider:
             raise ValueError("mrenclave must be 32 bytes")
         self.isv_prod_id, self.isv_svn, self.debug = isv_prod_id, isv_svn, debug
 
-    def identity(self) -> dict:
+    def identity(self) -> dict[str, str]:
         """What a policy pins for this dev setup (hex)."""
         return {"mrenclave": self.mrenclave.hex(), "mrsigner": self.mrsigner.hex(), "public_key": self.public_key.hex()}
 
@@ -254,18 +263,21 @@ class SimulatedProvider:
         return json.dumps({"document": text, "signature": sig.hex()}).encode()
 
 
-def _field(doc: dict, name: str, kind, what: str = "simulated evidence"):
+def _u16_field(doc: dict[str, Any], name: str) -> int:
     v = doc.get(name)
-    if kind is int and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFF):
-        raise AttestationError(f"{what}: '{name}' missing or not an integer in 0..65535")
-    if kind is bool and not isinstance(v, bool):
-        raise AttestationError(f"{what}: '{name}' missing or not a boolean")
-    if kind is str and not isinstance(v, str):
-        raise AttestationError(f"{what}: '{name}' missing or not a string")
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 0xFFFF:
+        raise AttestationError(f"simulated evidence: '{name}' missing or not an integer in 0..65535")
     return v
 
 
-def _hexfield(doc: dict, name: str, size: int) -> bytes:
+def _bool_field(doc: dict[str, Any], name: str) -> bool:
+    v = doc.get(name)
+    if not isinstance(v, bool):
+        raise AttestationError(f"simulated evidence: '{name}' missing or not a boolean")
+    return v
+
+
+def _hexfield(doc: dict[str, Any], name: str, size: int) -> bytes:
     return hex_member(doc, name, size, AttestationError, "simulated evidence")
 
 
@@ -301,9 +313,9 @@ def verify_simulated(evidence: bytes) -> SimulatedDocument:
     return SimulatedDocument(
         mrenclave=_hexfield(doc, "mrenclave", 32),
         mrsigner=mrsigner,
-        isv_prod_id=_field(doc, "isv_prod_id", int),
-        isv_svn=_field(doc, "isv_svn", int),
-        debug=_field(doc, "debug", bool),
+        isv_prod_id=_u16_field(doc, "isv_prod_id"),
+        isv_svn=_u16_field(doc, "isv_svn"),
+        debug=_bool_field(doc, "debug"),
         report_data=_hexfield(doc, "report_data", REPORT_DATA_LEN),
         public_key=public_key,
         produced_at=str(doc.get("produced_at", ""))[:40],
@@ -314,9 +326,9 @@ def verify_simulated(evidence: bytes) -> SimulatedDocument:
 def make_provider(
     name: EvidenceProvider | str,
     *,
-    attestation_dir: str | os.PathLike = DEFAULT_ATTESTATION_DIR,
-    dev_key_dir: str | os.PathLike | None = None,
-):
+    attestation_dir: str | os.PathLike[str] = DEFAULT_ATTESTATION_DIR,
+    dev_key_dir: str | os.PathLike[str] | None = None,
+) -> GramineProvider | SimulatedProvider:
     """The evidence provider for ``--attest NAME``."""
     if name == EvidenceProvider.GRAMINE:
         return GramineProvider(attestation_dir)

@@ -299,7 +299,7 @@ def _parse_td10_report(raw: bytes) -> TdReportBody:
     )
 
 
-def _cert_data(r: _Reader, what: str, spans: list) -> tuple[CertificationData, int]:
+def _cert_data(r: _Reader, what: str, spans: list[tuple[str, int, int]]) -> tuple[CertificationData, int]:
     cert_type = r.u16(f"{what} type")
     size = r.u32(f"{what} size")
     start = r.pos
@@ -308,7 +308,7 @@ def _cert_data(r: _Reader, what: str, spans: list) -> tuple[CertificationData, i
     return CertificationData(cert_type, data), start
 
 
-def _qe_part(r: _Reader, spans: list) -> tuple[SgxReportBody, bytes, bytes, CertificationData]:
+def _qe_part(r: _Reader, spans: list[tuple[str, int, int]]) -> tuple[SgxReportBody, bytes, bytes, CertificationData]:
     """QE report .. inner certification data (the v3 tail, the body of v4 type-6 data)."""
     start = r.pos
     qe_raw = r.take(SGX_REPORT_LEN, "QE report")
@@ -380,7 +380,7 @@ def parse_quote(data: bytes) -> Quote:
     )
 
 
-def _parse_header(r: _Reader, spans: list) -> QuoteHeader:
+def _parse_header(r: _Reader, spans: list[tuple[str, int, int]]) -> QuoteHeader:
     """The 48-byte header; only ECDSA-P256 quotes v3 (SGX) and v4 (SGX or TDX) get past it."""
     version = r.u16("version")
     att_key_type = r.u16("attestation key type")
@@ -403,7 +403,9 @@ def _parse_header(r: _Reader, spans: list) -> QuoteHeader:
     return QuoteHeader(version, att_key_type, tee_type, qe_svn, pce_svn, qe_vendor_id, user_data)
 
 
-def _parse_signature_data(r: _Reader, version: int, spans: list) -> tuple[QuoteSignatureData, int]:
+def _parse_signature_data(
+    r: _Reader, version: int, spans: list[tuple[str, int, int]]
+) -> tuple[QuoteSignatureData, int]:
     """The length-prefixed signature data after the body, and the offset where it ends."""
     data = r.data
     sig_len = r.u32("signature data length")
@@ -439,7 +441,9 @@ def _parse_signature_data(r: _Reader, version: int, spans: list) -> tuple[QuoteS
     return sig_data, sig_start + sig_len
 
 
-def _v4_qe_certification_data(sr: _Reader, spans: list) -> tuple[SgxReportBody, bytes, bytes, CertificationData]:
+def _v4_qe_certification_data(
+    sr: _Reader, spans: list[tuple[str, int, int]]
+) -> tuple[SgxReportBody, bytes, bytes, CertificationData]:
     """Quote v4: certification data of type 6 whose body is the v3 tail (QE report .. inner data)."""
     outer_type = sr.u16("outer certification data type")
     outer_size = sr.u32("outer certification data size")
@@ -460,7 +464,7 @@ def _v4_qe_certification_data(sr: _Reader, spans: list) -> tuple[SgxReportBody, 
     return part
 
 
-def _pck_chain(cert: CertificationData, spans: list) -> tuple[bytes, ...]:
+def _pck_chain(cert: CertificationData, spans: list[tuple[str, int, int]]) -> tuple[bytes, ...]:
     """The PEM blocks of type-5 certification data (leaf first), each recorded as a span."""
     chain = split_pem_chain(cert.data)
     if not chain:

@@ -21,47 +21,62 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
+
+if TYPE_CHECKING:
+    from .providers import EvidenceSource
 
 # Gramine's quote extension: mbedTLS is handed the bytes 06 09 2A 86 48 86 F8 4D 8A 39 06 as the OID.
 RATLS_QUOTE_OID = x509.ObjectIdentifier("0.6.9.42.840.113741.1337.6")
 NOT_BEFORE = datetime.datetime(2001, 1, 1, tzinfo=datetime.timezone.utc)  # Gramine's defaults
 NOT_AFTER = datetime.datetime(2030, 12, 31, 23, 59, 59, tzinfo=datetime.timezone.utc)
-_SERVER_NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"),
-                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "branchy-tee")])  # fmt: skip
+_SERVER_NAME = x509.Name(
+    [x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "branchy-tee")]
+)
 MAX_EVIDENCE = 16 * 1024
 
 
-def public_key_report_data(public_key) -> bytes:
+def public_key_report_data(public_key: CertificatePublicKeyTypes) -> bytes:
     """REPORTDATA for RA-TLS: SHA-256 of the DER SubjectPublicKeyInfo, then 32 zero bytes."""
     spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(spki).digest() + bytes(32)
 
 
-def make_server_certificate(provider) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+def make_server_certificate(provider: EvidenceSource) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh key pair and a self-signed certificate (DER) with evidence from ``provider`` that binds
     the key. The private key never leaves the enclave."""
     key = ec.generate_private_key(ec.SECP384R1())
     evidence = provider.evidence(public_key_report_data(key.public_key()))
-    cert = (x509.CertificateBuilder()
-            .subject_name(_SERVER_NAME).issuer_name(_SERVER_NAME)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(NOT_BEFORE).not_valid_after(NOT_AFTER)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
-            .add_extension(x509.UnrecognizedExtension(RATLS_QUOTE_OID, evidence), critical=False)
-            .sign(key, hashes.SHA256()))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_SERVER_NAME)
+        .issuer_name(_SERVER_NAME)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
+        .add_extension(x509.UnrecognizedExtension(RATLS_QUOTE_OID, evidence), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     return key, cert.public_bytes(serialization.Encoding.DER)
 
 
 # --------------------------------------------------------------------------- client certificates
 def identity_name(identity_hex: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "branchy-tee identity"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, identity_hex)])  # fmt: skip
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "branchy-tee identity"),
+            x509.NameAttribute(NameOID.COMMON_NAME, identity_hex),
+        ]
+    )
 
 
 def identity_anchor(identity: bytes, signer: Ed25519PrivateKey) -> bytes:
@@ -70,12 +85,17 @@ def identity_anchor(identity: bytes, signer: Ed25519PrivateKey) -> bytes:
     OpenSSL does not check a trust anchor's own signature (``signer`` is any throwaway key), only that
     a client's certificate is signed by the anchor's public key, i.e. by the identity key."""
     name = identity_name(identity.hex())
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name)
-            .public_key(Ed25519PublicKey.from_public_bytes(identity)).serial_number(1)
-            .not_valid_before(NOT_BEFORE).not_valid_after(NOT_AFTER)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .sign(signer, None))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(Ed25519PublicKey.from_public_bytes(identity))
+        .serial_number(1)
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(signer, None)
+    )
     return cert.public_bytes(serialization.Encoding.PEM)
 
 

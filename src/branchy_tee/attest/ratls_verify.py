@@ -16,12 +16,15 @@ from .protocol import EvidenceType
 from .ratls import MAX_EVIDENCE, NOT_AFTER, NOT_BEFORE, RATLS_QUOTE_OID, identity_name, public_key_report_data
 
 
-def evidence_of(cert_der: bytes) -> tuple[str, bytes, bytes]:
+def evidence_of(cert_der: bytes | None) -> tuple[str, bytes, bytes]:
     """(evidence type, evidence, the report data this certificate's key requires); AttestationError
-    when the certificate is not an RA-TLS certificate."""
+    when the certificate is not an RA-TLS certificate (or there is none)."""
+    if cert_der is None:
+        raise AttestationError("the server's certificate cannot be parsed")
     try:
         cert = x509.load_der_x509_certificate(cert_der)
         ext = cert.extensions.get_extension_for_oid(RATLS_QUOTE_OID).value
+        assert isinstance(ext, x509.UnrecognizedExtension)  # cryptography knows no parser for this OID
         evidence = ext.value
         expected = public_key_report_data(cert.public_key())
     except x509.ExtensionNotFound:
@@ -36,7 +39,7 @@ def evidence_of(cert_der: bytes) -> tuple[str, bytes, bytes]:
     return kind, evidence, expected
 
 
-def verify_server_certificate(cert_der: bytes, policy, *, now=None):
+def verify_server_certificate(cert_der: bytes | None, policy, *, now=None):
     """Verify an RA-TLS certificate against a data owner's policy; return the enclave's claims.
 
     The evidence must verify, bind this certificate's public key in its REPORTDATA, and satisfy the
@@ -66,11 +69,15 @@ def client_certificate(identity: Ed25519PrivateKey) -> bytes:
     issued by the identity's anchor name and signed by the identity key itself."""
     public = identity.public_key()
     hex_id = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "branchy-tee client")]))
-            .issuer_name(identity_name(hex_id))
-            .public_key(public).serial_number(x509.random_serial_number())
-            .not_valid_before(NOT_BEFORE).not_valid_after(NOT_AFTER)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(identity, None))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "branchy-tee client")]))
+        .issuer_name(identity_name(hex_id))
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOT_BEFORE)
+        .not_valid_after(NOT_AFTER)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(identity, None)
+    )
     return cert.public_bytes(serialization.Encoding.PEM)

@@ -42,8 +42,20 @@ def read_input(path: str, what: str) -> bytes:
         raise BranchyError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-SEED_NETS = ["LeNet5", "AlexNet", "VGG16", "VGG19", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152",
-             "DenseNet121", "MobileNetv1", "MobileNetV2"]  # fmt: skip
+SEED_NETS = [
+    "LeNet5",
+    "AlexNet",
+    "VGG16",
+    "VGG19",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "ResNet101",
+    "ResNet152",
+    "DenseNet121",
+    "MobileNetv1",
+    "MobileNetV2",
+]
 
 
 def net_name(value: str) -> str:

@@ -22,13 +22,15 @@ def add_enclave(sub) -> None:
 
 def _add_build(esub) -> None:
     b = esub.add_parser(
-        "build", help="render the Gramine manifest for a bundle, write a Makefile, sign with --sgx",
+        "build",
+        help="render the Gramine manifest for a bundle, write a Makefile, sign with --sgx",
         description="Write DIR/: the Gramine manifest (rendered with gramine-manifest when installed, else by "
-                    "branchy-tee for inspection), the enclave's entry script, a Makefile (`make SGX=1` builds and "
-                    "signs, `make` builds for gramine-direct) and enclave.json. The model broker's URL and identity "
-                    "and the bundle (id, model key id, minimum version) are measured. With --sgx also sign with "
-                    "gramine-sgx-sign and print MRENCLAVE. Owners do not pin what the host prints: the model owner "
-                    "reproduces the build and signs a release statement (`enclave release`).")  # fmt: skip
+        "branchy-tee for inspection), the enclave's entry script, a Makefile (`make SGX=1` builds and "
+        "signs, `make` builds for gramine-direct) and enclave.json. The model broker's URL and identity "
+        "and the bundle (id, model key id, minimum version) are measured. With --sgx also sign with "
+        "gramine-sgx-sign and print MRENCLAVE. Owners do not pin what the host prints: the model owner "
+        "reproduces the build and signs a release statement (`enclave release`).",
+    )
     b.add_argument(
         "--bundle", required=True, help="the sealed bundle the enclave serves (its architecture sets sgx.enclave_size)"
     )
@@ -36,6 +38,16 @@ def _add_build(esub) -> None:
     b.add_argument("--sgx", action="store_true", help="sign for SGX (needs Gramine and a signing key)")
     b.add_argument("--debug", action="store_true", help="debug enclave (sgx.debug = true; never for production)")
     b.add_argument("--edmm", action="store_true", help="sgx.edmm_enable = true (SGX2 CPUs, Linux >= 6.0)")
+    _add_build_trust(b)
+    _add_build_runtime(b)
+    _add_build_signing(b)
+    _add_build_sizing(b)
+    b.add_argument("--json", action="store_true", help="print a JSON summary")
+    b.set_defaults(func=cmd_enclave_build)
+
+
+def _add_build_trust(b: argparse.ArgumentParser) -> None:
+    """Whom the enclave trusts for its keys (measured)."""
     b.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (measured)")
     b.add_argument(
         "--model-broker-identity",
@@ -56,6 +68,10 @@ def _add_build(esub) -> None:
         help="evidence provider (default gramine: DCAP)",
     )
     b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
+
+
+def _add_build_runtime(b: argparse.ArgumentParser) -> None:
+    """What the enclave may do: threads, plaintext results, bundle versions, the directories it may open."""
     b.add_argument(
         "--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8"
     )
@@ -84,10 +100,15 @@ def _add_build(esub) -> None:
         metavar="DIR",
         help="directory for --stats-json/--mprofile output (repeatable)",
     )
+
+
+def _add_build_signing(b: argparse.ArgumentParser) -> None:
+    """How the enclave is signed, and the TCB statuses the printed policy snippet accepts."""
     b.add_argument(
         "--signing-key",
         metavar="PEM",
-        help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; create one with gramine-sgx-gen-private-key)",
+        help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; "
+        "create one with gramine-sgx-gen-private-key)",
     )
     b.add_argument("--isv-prod-id", type=int, default=0, help="sgx.isvprodid (default 0)")
     b.add_argument("--isv-svn", type=int, default=0, help="sgx.isvsvn, raise it with every security fix (default 0)")
@@ -98,6 +119,10 @@ def _add_build(esub) -> None:
         metavar="STATUS",
         help="TCB status the policy snippet accepts (repeatable; default UpToDate)",
     )
+
+
+def _add_build_sizing(b: argparse.ArgumentParser) -> None:
+    """What the enclave is sized for (sgx.enclave_size, sgx.max_threads) and its environment."""
     b.add_argument(
         "--batch-size", type=int, default=64, help="largest predict --batch-size to size the enclave for (default 64)"
     )
@@ -110,9 +135,12 @@ def _add_build(esub) -> None:
         metavar="DIR",
         help=f"the enclave's Python environment, made when missing (default {ENCLAVE_ENV}; see `enclave env`)",
     )
-    b.add_argument("--enclave-size", metavar="SIZE",
-                   help="sgx.enclave_size (e.g. 1G) instead of measuring the runtime: to reproduce a build (its "
-                        "enclave.json has the size)")  # fmt: skip
+    b.add_argument(
+        "--enclave-size",
+        metavar="SIZE",
+        help="sgx.enclave_size (e.g. 1G) instead of measuring the runtime: to reproduce a build (its "
+        "enclave.json has the size)",
+    )
     b.add_argument(
         "--serve", action="store_true", help="the enclave runs `serve` (online, attested TLS) instead of `predict`"
     )
@@ -122,16 +150,17 @@ def _add_build(esub) -> None:
         default=64,
         help="serve: concurrent connections to have threads for (sgx.max_threads; default 64)",
     )
-    b.add_argument("--json", action="store_true", help="print a JSON summary")
-    b.set_defaults(func=cmd_enclave_build)
 
 
 def _add_env(esub) -> None:
     e = esub.add_parser(
-        "env", help="make (or check and reuse) the enclave's own Python environment",
+        "env",
+        help="make (or check and reuse) the enclave's own Python environment",
         description="Make DIR: the standard library without test suites and the like, and only the packages the "
-                    "enclave-side code imports (the `enclave` extra of pyproject.toml, pinned; constraints.txt pins "
-                    "what they pull in), without .pyc, headers, stubs and tests. `enclave build` does this too.")  # fmt: skip
+        "enclave-side code imports (the `enclave` extra of pyproject.toml, pinned; constraints.txt pins "
+        "what they pull in), without .pyc, headers, stubs and tests. "
+        "`enclave build` does this too.",
+    )
     e.add_argument("--env", default=ENCLAVE_ENV, metavar="DIR", help=f"default {ENCLAVE_ENV}")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_enclave_env)
@@ -139,12 +168,15 @@ def _add_env(esub) -> None:
 
 def _add_run(esub) -> None:
     r = esub.add_parser(
-        "run", help="run predict (or serve) in the enclave: gramine-sgx, gramine-direct or natively",
+        "run",
+        help="run predict (or serve) in the enclave: gramine-sgx, gramine-direct or natively",
         usage="branchy-tee enclave run [-h] [--backend {sgx,direct,native}] DIR -- {predict,serve} ARGS...",
         description="Launch the enclave built in DIR: `gramine-sgx ./branchy-tee ARGS` (sgx), `gramine-direct "
-                    "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
-                    "serve) from the enclave environment with the manifest's environment (native). The command must "
-                    "be the one the enclave was built for (serve: `enclave build --serve`). Exits with its exit code.")  # fmt: skip
+        "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
+        "serve) from the enclave environment with the manifest's environment (native). The command must "
+        "be the one the enclave was built for (serve: `enclave build --serve`). "
+        "Exits with its exit code.",
+    )
     r.add_argument("--backend", choices=LaunchBackend.names(), default=LaunchBackend.SGX.value, help="default sgx")
     r.add_argument("dir", metavar="DIR", help="the build directory of `enclave build`")
     r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- {predict,serve} ARGS", help="its arguments")
@@ -153,11 +185,14 @@ def _add_run(esub) -> None:
 
 def _add_release(esub) -> None:
     rel = esub.add_parser(
-        "release", help="(model owner) sign a release statement for the enclave you built (reproduced) in DIR",
+        "release",
+        help="(model owner) sign a release statement for the enclave you built (reproduced) in DIR",
         description="Sign, with the model owner's identity, what the enclave built in DIR is: its measurement "
-                    "(MRENCLAVE, MRSIGNER; the simulated measurement for --attest simulated) and what it pins (bundle "
-                    "id, model version, model key id, minimum version, model broker and its identity). Build it "
-                    "yourself from the same commit and bundle first: never sign a measurement the host printed.")  # fmt: skip
+        "(MRENCLAVE, MRSIGNER; the simulated measurement for --attest simulated) and what it pins (bundle "
+        "id, model version, model key id, minimum version, model broker and its identity). Build it "
+        "yourself from the same commit and bundle first: "
+        "never sign a measurement the host printed.",
+    )
     rel.add_argument("dir", metavar="DIR")
     rel.add_argument(
         "--identity", required=True, metavar="FILE", help="the model owner's identity (`keygen --identity`)"
@@ -178,9 +213,12 @@ def _add_release(esub) -> None:
 
 def _add_policy(esub) -> None:
     pol = esub.add_parser(
-        "policy", help="(owners) verify a model owner's release statement and write a key-broker policy from it",
+        "policy",
+        help="(owners) verify a model owner's release statement and write a key-broker policy from it",
         description="Verify release.json under the model owner's identity and write a key-broker policy that "
-                    "releases keys only to the enclave it names (MRENCLAVE pinned, no debug, minimum model version).")  # fmt: skip
+        "releases keys only to the enclave it names "
+        "(MRENCLAVE pinned, no debug, minimum model version).",
+    )
     pol.add_argument("--release", required=True, metavar="release.json")
     pol.add_argument(
         "--model-owner", required=True, metavar="HEX", help="the model owner's identity, known out of band"
@@ -214,8 +252,15 @@ def cmd_enclave_env(args) -> int:
     from ..enclave.env import count_files, ensure_env
 
     e = ensure_env(args.env, log=progress)
-    summary = {"env": e.dir, "python": e.python, "requirements": e.requirements, "packages": e.packages,
-               "unpinned": e.unpinned, "files": count_files(e.home_lib), "status": e.status}  # fmt: skip
+    summary = {
+        "env": e.dir,
+        "python": e.python,
+        "requirements": e.requirements,
+        "packages": e.packages,
+        "unpinned": e.unpinned,
+        "files": count_files(e.home_lib),
+        "status": e.status,
+    }
     if args.json:
         emit_json(summary)
         return 0
@@ -232,22 +277,38 @@ def cmd_enclave_build(args) -> int:
     from ..enclave.build import BuildOptions, build
 
     opts = BuildOptions(
-        bundle=args.bundle, out=args.out, sgx=args.sgx, debug=args.debug, edmm=args.edmm,
-        model_broker=args.model_broker, model_broker_identity=args.model_broker_identity,
-        data_brokers=args.data_broker, attest=args.attest, threads=args.threads,
-        allow_plaintext_result=args.allow_plaintext_result, min_model_version=args.min_model_version,
-        signing_key=args.signing_key, io_dirs=args.io_dir, stats_dirs=args.stats_dir, broker_ca=args.broker_ca,
-        isv_prod_id=args.isv_prod_id, isv_svn=args.isv_svn, batch_size=args.batch_size, max_samples=args.max_samples,
-        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"], env=args.env, enclave_size=args.enclave_size,
-        serve=args.serve, max_connections=args.max_connections,
-    )  # fmt: skip
+        bundle=args.bundle,
+        out=args.out,
+        sgx=args.sgx,
+        debug=args.debug,
+        edmm=args.edmm,
+        model_broker=args.model_broker,
+        model_broker_identity=args.model_broker_identity,
+        data_brokers=args.data_broker,
+        attest=args.attest,
+        threads=args.threads,
+        allow_plaintext_result=args.allow_plaintext_result,
+        min_model_version=args.min_model_version,
+        signing_key=args.signing_key,
+        io_dirs=args.io_dir,
+        stats_dirs=args.stats_dir,
+        broker_ca=args.broker_ca,
+        isv_prod_id=args.isv_prod_id,
+        isv_svn=args.isv_svn,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
+        env=args.env,
+        enclave_size=args.enclave_size,
+        serve=args.serve,
+        max_connections=args.max_connections,
+    )
     s = build(opts, log=progress)
     for w in s["warnings"]:
         warn(w)
     if args.json:
         emit_json(s)
         return 0
-    mib = 2**20
     print(f"wrote {s['manifest']} (rendered by {s['rendered_by']})")
     if s["manifest_sha256"]:
         print(
@@ -260,22 +321,14 @@ def cmd_enclave_build(args) -> int:
             "SHA-256 come from gramine-manifest (`make` in the build directory)"
         )
     print(f"  enclave environment {s['env']}: {' '.join(s['env_requirements'])}")
-    d = s["enclave_size_detail"]
-    if d["given"]:
-        print(f"  sgx.enclave_size {s['enclave_size']} (given with --enclave-size, not measured)")
-    else:
-        t = {k: v / mib for k, v in d["terms"].items()}
-        print(
-            f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB (VmPeak, {d['samples']} "
-            f"samples at batch size {d['batch_size']}{', measured earlier' if d['cached'] else ''}) + margin "
-            f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
-            f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, {d['spare'] / mib:.0f} MiB spare"
-        )
+    _print_enclave_size(s)
     print(
-        f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, EDMM {'yes' if s['edmm'] else 'no'}"
+        f"  sgx.max_threads {s['max_threads']}, debug {'yes' if s['debug'] else 'no'}, "
+        f"EDMM {'yes' if s['edmm'] else 'no'}"
     )
     print(
-        f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, `make` builds for gramine-direct"
+        f"wrote {s['makefile']}: `make SGX=1` in {s['dir']} builds and signs for gramine-sgx, "
+        "`make` builds for gramine-direct"
     )
     print(
         f"  measured: bundle {s['bundle_id']} (model key id {s['model_key_id']}, minimum model version "
@@ -298,6 +351,24 @@ def cmd_enclave_build(args) -> int:
     return 0
 
 
+def _print_enclave_size(s: dict) -> None:
+    """sgx.enclave_size: given, or measured and how (peak, margin and its terms, spare)."""
+    mib = 2**20
+    d = s["enclave_size_detail"]
+    if d["given"]:
+        print(f"  sgx.enclave_size {s['enclave_size']} (given with --enclave-size, not measured)")
+        return
+    t = {k: v / mib for k, v in d["terms"].items()}
+    print(
+        f"  sgx.enclave_size {s['enclave_size']}: measured peak {t['measured_peak']:.0f} MiB "
+        f"(VmPeak, {d['samples']} samples at batch size {d['batch_size']}"
+        f"{', measured earlier' if d['cached'] else ''}) + margin "
+        f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
+        f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, "
+        f"{d['spare'] / mib:.0f} MiB spare"
+    )
+
+
 def cmd_enclave_run(args) -> int:
     from ..enclave.launch import run_enclave, split_run_arguments
 
@@ -314,8 +385,9 @@ def cmd_enclave_release(args) -> int:
     from ..enclave.release import write_release
     from ..fileio import read_key_file
 
-    s, signature = write_release(args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key),
-                                 args.model_broker_identity)  # fmt: skip
+    s, signature = write_release(
+        args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key), args.model_broker_identity
+    )
     if args.json:
         emit_json(s.signed_json(signature))
         return 0
@@ -328,10 +400,15 @@ def cmd_enclave_release(args) -> int:
 def cmd_enclave_policy(args) -> int:
     from ..enclave.release import write_policy_from_release
 
-    statement = write_policy_from_release(args.release, args.model_owner, args.out,
-                                          accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
-                                          collateral=args.collateral, allowed_data_owners=args.allowed_data_owner,
-                                          allow_simulated=args.allow_simulated)  # fmt: skip
+    statement = write_policy_from_release(
+        args.release,
+        args.model_owner,
+        args.out,
+        accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
+        collateral=args.collateral,
+        allowed_data_owners=args.allowed_data_owner,
+        allow_simulated=args.allow_simulated,
+    )
     if args.json:
         emit_json({"policy": args.out, "release": statement.to_json()})
         return 0

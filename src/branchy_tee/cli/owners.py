@@ -171,11 +171,14 @@ def cmd_encrypt_input(args) -> int:
 
 
 def add_decrypt_result(sub) -> None:
-    p = sub.add_parser("decrypt-result", help="(data owner) verify and decrypt the result of one of your requests",
-                       description="Open a result only as the answer to the request it answers: give that request "
-                                   "file (--request) or its digest (--request-digest, printed by encrypt-input). A "
-                                   "result for any other request, e.g. an old one replayed for a reused request id, is "
-                                   "refused. Prints which sealed model answered.")  # fmt: skip
+    p = sub.add_parser(
+        "decrypt-result",
+        help="(data owner) verify and decrypt the result of one of your requests",
+        description="Open a result only as the answer to the request it answers: give that request "
+        "file (--request) or its digest (--request-digest, printed by encrypt-input). A "
+        "result for any other request, e.g. an old one replayed for a reused request id, is "
+        "refused. Prints which sealed model answered.",
+    )
     p.add_argument("result", metavar="RESULT")
     p.add_argument("--key", required=True, metavar="DATA_KEY")
     which = p.add_mutually_exclusive_group(required=True)

@@ -28,12 +28,16 @@ def cmd_predict(args) -> int:
 def add_serve(sub) -> None:
     from ..runtime.server import add_arguments
 
-    p = sub.add_parser("serve", help="(enclave) answer data owners online over attested TLS, batching across requests",
-                       description="Serve the sealed model online: get the model key by attestation (the measured pins "
-                                   "inside an enclave), then answer over TLS with an RA-TLS certificate (the quote binds "
-                                   "its key); data owners authenticate with client certificates from their identities, "
-                                   "matched against the model owner's allow-list; requests are batched across "
-                                   "connections. Stops on SIGINT/SIGTERM after finishing accepted requests.")  # fmt: skip
+    p = sub.add_parser(
+        "serve",
+        help="(enclave) answer data owners online over attested TLS, batching across requests",
+        description="Serve the sealed model online: get the model key by attestation (the measured pins "
+        "inside an enclave), then answer over TLS with an RA-TLS certificate (the quote "
+        "binds its key); data owners authenticate with client certificates from their "
+        "identities, matched against the model owner's allow-list; requests are batched "
+        "across connections. Stops on SIGINT/SIGTERM after finishing accepted "
+        "requests.",
+    )
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
 
@@ -45,10 +49,13 @@ def cmd_serve(args) -> int:
 
 
 def add_query(sub) -> None:
-    p = sub.add_parser("query", help="(data owner) verify the server's attestation, then classify images online",
-                       description="Connect to `branchy-tee serve` (one or more replicas), verify the enclave's "
-                                   "RA-TLS certificate against your policy before sending anything, authenticate "
-                                   "with your identity, and print one answer per input.")  # fmt: skip
+    p = sub.add_parser(
+        "query",
+        help="(data owner) verify the server's attestation, then classify images online",
+        description="Connect to `branchy-tee serve` (one or more replicas), verify the enclave's "
+        "RA-TLS certificate against your policy before sending anything, authenticate "
+        "with your identity, and print one answer per input.",
+    )
     p.add_argument("url", metavar="URL", help="https://HOST:PORT of a server (comma-separated for replicas)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images, or a .safetensors/.npy/.pt tensor file")
     p.add_argument("--policy", required=True, metavar="POLICY.toml", help="your policy (the one your key broker uses)")

@@ -87,6 +87,7 @@ class _Source:
             except FileNotFoundError:
                 raise DatasetError(f"{path}: missing CIFAR-10 file") from None
         where = f"{self.where}:{FOLDER}/{name}"
+        assert self.tar is not None  # no folder: __init__ opened the archive
         try:
             member = self.tar.extractfile(f"{FOLDER}/{name}")
             if member is None:
@@ -102,7 +103,7 @@ class _Source:
             self.tar.close()
 
 
-def load_cifar10(root: str | os.PathLike, split: str = "train", download: bool = False) -> ImageDataset:
+def load_cifar10(root: str | os.PathLike[str], split: str = "train", download: bool = False) -> ImageDataset:
     """Load the train (50k) or test (10k) split from ``root`` (archive, folder, or a folder holding either)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -151,7 +152,7 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def download_cifar10(root: str | os.PathLike, url: str = URL, md5: str = ARCHIVE_MD5) -> Path:
+def download_cifar10(root: str | os.PathLike[str], url: str = URL, md5: str = ARCHIVE_MD5) -> Path:
     """Fetch the archive into ``root`` and verify its MD5; nothing is left behind on failure."""
     from tqdm import tqdm
 

@@ -20,9 +20,17 @@ from .base import ImageDataset
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 MNIST_CLASSES = [str(d) for d in range(10)]
 
 # Mean/std of the training images on the 0..1 scale (computed over the 60k training images).
@@ -36,7 +44,7 @@ _FILES = {
 _UBYTE = 0x08
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read one IDX file (gzipped or raw) of unsigned bytes, checking magic, shape and length."""
     path = Path(path)
     try:
@@ -63,7 +71,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
-def load_idx_dataset(root: str | os.PathLike, split: str, name: str, classes: list[str], stats) -> ImageDataset:
+def load_idx_dataset(root: str | os.PathLike[str], split: str, name: str, classes: list[str], stats) -> ImageDataset:
     if split not in _FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root)

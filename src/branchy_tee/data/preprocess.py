@@ -24,7 +24,7 @@ def image_to_pixels(im, shape) -> torch.Tensor:
     c, h, w = shape
     im = im.convert("L" if c == 1 else "RGB")
     if im.size != (w, h):
-        im = im.resize((w, h), Image.BILINEAR)
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
     arr = np.asarray(im, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).view(h, w, c).permute(2, 0, 1)
 
@@ -93,7 +93,8 @@ def load_inputs(paths: list[str], pre: Preprocessing) -> torch.Tensor:
     """All inputs, in order, as one normalised float32 batch."""
     if not paths:
         raise BranchyError("no inputs given")
-    images, batches = [], []
+    images: list[torch.Tensor] = []
+    batches: list[torch.Tensor] = []
     for p in map(Path, paths):
         if p.suffix.lower() in TENSOR_SUFFIXES:
             if images:

@@ -85,8 +85,10 @@ SHEBANG_LIMIT = 256  # bytes of a script's first line that Gramine (like Linux) 
 GRAMINE_HELPER_THREADS = 8  # Gramine's IPC/async/TLS helpers, Python's main thread, the memory sampler, headroom
 SERVER_THREADS = 2  # serve's batcher and key renewal (plus one per connection: --max-connections)
 
-INSTALL_HINT = ("install Gramine from its apt repository (https://gramine.readthedocs.io/en/stable/installation.html; "
-                "on Ubuntu: add packages.gramineproject.io, then `sudo apt install gramine`)")  # fmt: skip
+INSTALL_HINT = (
+    "install Gramine from its apt repository (https://gramine.readthedocs.io/en/stable/installation.html; "
+    "on Ubuntu: add packages.gramineproject.io, then `sudo apt install gramine`)"
+)
 
 
 @dataclass
@@ -121,12 +123,16 @@ class BuildOptions:
 # --------------------------------------------------------------------------- rendering
 def jinja_environment() -> jinja2.Environment:
     """Like gramine-manifest's: StrictUndefined, so a missing value is an error, not an empty string."""
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
-                              keep_trailing_newline=True, autoescape=False)  # fmt: skip
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
 
 
 def render_manifest(
-    defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME, template: str | os.PathLike | None = None
+    defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME, template: str | os.PathLike[str] | None = None
 ) -> str:
     """Render the manifest template as gramine-manifest would, ``gramine.runtimedir()`` being
     ``runtimedir``. Raises ``jinja2.UndefinedError`` when a value is missing."""
@@ -242,7 +248,8 @@ def _paths(opts: BuildOptions, out: str, bundle: str) -> tuple[list[str], str, s
             if _overlaps(d, t):
                 raise UsageError(
                     f"data directory {d} overlaps the trusted code/configuration path {t}; "
-                    "keep bundles, requests and results apart from the enclave environment and the build directory's files"
+                    "keep bundles, requests and results apart from the enclave environment "
+                    "and the build directory's files"
                 )
     signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
     if _BAD_PATH.search(signing_key) or " " in signing_key:
@@ -274,20 +281,43 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
     if opts.serve:
         max_threads += opts.max_connections + SERVER_THREADS
     cfg = EnclaveConfig(
-        dir=out, entry=entry, bundle=bundle,
+        dir=out,
+        entry=entry,
+        bundle=bundle,
         bundle_files=tuple([os.path.join(bundle, HEADER_FILE)] + [os.path.join(bundle, s.file) for s in header.stages]),
-        bundle_id=header.bundle_id, model_key_id=header.key_id, model_version=header.model_version,
-        arch=header.arch, io_dirs=tuple(io_dirs), interpreter=env.python, env_dir=env.dir, env_lib=env.home_lib,
-        package_dir=env.site_packages, env_requirements=tuple(env.requirements), env_packages=dict(env.packages),
-        libs=tuple(libs), arch_libdir=arch, ld_library_path=":".join(["/lib", *search]),
-        launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"), threads=opts.threads, max_threads=max_threads,
-        batch_size=opts.batch_size, max_samples=opts.max_samples, debug=opts.debug, edmm=opts.edmm,
-        isv_prod_id=opts.isv_prod_id, isv_svn=opts.isv_svn, attest=EvidenceProvider(opts.attest),
+        bundle_id=header.bundle_id,
+        model_key_id=header.key_id,
+        model_version=header.model_version,
+        arch=header.arch,
+        io_dirs=tuple(io_dirs),
+        interpreter=env.python,
+        env_dir=env.dir,
+        env_lib=env.home_lib,
+        package_dir=env.site_packages,
+        env_requirements=tuple(env.requirements),
+        env_packages=dict(env.packages),
+        libs=tuple(libs),
+        arch_libdir=arch,
+        ld_library_path=":".join(["/lib", *search]),
+        launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"),
+        threads=opts.threads,
+        max_threads=max_threads,
+        batch_size=opts.batch_size,
+        max_samples=opts.max_samples,
+        debug=opts.debug,
+        edmm=opts.edmm,
+        isv_prod_id=opts.isv_prod_id,
+        isv_svn=opts.isv_svn,
+        attest=EvidenceProvider(opts.attest),
         model_broker=model_broker,
-        model_broker_identity=identity, data_brokers=tuple(data_brokers), allow_plaintext=opts.allow_plaintext_result,
-        min_model_version=min_version, broker_ca=broker_ca,
-        accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)), signing_key=signing_key,
-    )  # fmt: skip
+        model_broker_identity=identity,
+        data_brokers=tuple(data_brokers),
+        allow_plaintext=opts.allow_plaintext_result,
+        min_model_version=min_version,
+        broker_ca=broker_ca,
+        accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)),
+        signing_key=signing_key,
+    )
     if given_size:
         return cfg.replace(enclave_size=measure.size_string(given_size), enclave_size_detail={"given": True})
     peak = measure.measure_peak(header, env.python, env.dir, cfg.env, opts.batch_size, opts.max_samples, log)
@@ -348,7 +378,7 @@ def parse_sigstruct_view(text: str) -> dict:
     }
 
 
-def read_sigstruct(directory: str | os.PathLike) -> dict:
+def read_sigstruct(directory: str | os.PathLike[str]) -> dict:
     """The measurements in DIR's SIGSTRUCT, read by gramine-sgx-sigstruct-view."""
     d = Path(directory)
     if not (d / SIGSTRUCT).is_file():
@@ -358,7 +388,7 @@ def read_sigstruct(directory: str | os.PathLike) -> dict:
     return parse_sigstruct_view(run_tool(SIGSTRUCT_VIEW_ARGV, cwd=str(d)).stdout)
 
 
-def manifest_figures(path: str | os.PathLike) -> dict:
+def manifest_figures(path: str | os.PathLike[str]) -> dict:
     """Trusted files, size and SHA-256 of a manifest rendered by gramine-manifest; refuses one that
     Gramine 1.7 or older rendered (no loader.entrypoint, trusted files not hashed)."""
     data = Path(path).read_bytes()
@@ -386,7 +416,7 @@ def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNT
     return sum(enclave_env.count_files(p) if p.endswith("/") else 1 for p in paths)
 
 
-def read_measurements(directory: str | os.PathLike) -> dict:
+def read_measurements(directory: str | os.PathLike[str]) -> dict:
     """MRENCLAVE, MRSIGNER, ISV ids and the debug flag of the signed enclave in ``directory``."""
     d = Path(directory)
     load_config(d)
@@ -411,14 +441,33 @@ def build(opts: BuildOptions, log=lambda msg: None) -> dict:
     defines = [f"{k}={v}" for k, v in cfg.defines.items()]
     atomic_write_text(out / "Makefile", _render("Makefile.template", defines=defines, signing_key=cfg.signing_key))
     atomic_write_text(out / CONFIG, json.dumps(cfg.to_json(), indent=1) + "\n")
-    summary = {"dir": str(out), "entry": cfg.entry, "manifest": str(out / MANIFEST), "makefile": str(out / "Makefile"),
-               "env": cfg.env_dir, "env_requirements": list(cfg.env_requirements), "enclave_size": cfg.enclave_size,
-               "enclave_size_detail": cfg.enclave_size_detail, "max_threads": cfg.max_threads, "debug": cfg.debug,
-               "edmm": cfg.edmm, "trusted_files": None, "manifest_bytes": None, "manifest_sha256": None,
-               "signed": False, "mrenclave": None, "mrsigner": None, "warnings": _warnings(cfg),
-               "bundle_id": cfg.bundle_id, "model_key_id": cfg.model_key_id, "min_model_version": cfg.min_model_version,
-               "model_broker": cfg.model_broker, "model_broker_identity": cfg.model_broker_identity}  # fmt: skip
-    summary.update(_render_manifest_file(cfg, out, summary["warnings"]))
+    warnings = _warnings(cfg)
+    summary = {
+        "dir": str(out),
+        "entry": cfg.entry,
+        "manifest": str(out / MANIFEST),
+        "makefile": str(out / "Makefile"),
+        "env": cfg.env_dir,
+        "env_requirements": list(cfg.env_requirements),
+        "enclave_size": cfg.enclave_size,
+        "enclave_size_detail": cfg.enclave_size_detail,
+        "max_threads": cfg.max_threads,
+        "debug": cfg.debug,
+        "edmm": cfg.edmm,
+        "trusted_files": None,
+        "manifest_bytes": None,
+        "manifest_sha256": None,
+        "signed": False,
+        "mrenclave": None,
+        "mrsigner": None,
+        "warnings": warnings,
+        "bundle_id": cfg.bundle_id,
+        "model_key_id": cfg.model_key_id,
+        "min_model_version": cfg.min_model_version,
+        "model_broker": cfg.model_broker,
+        "model_broker_identity": cfg.model_broker_identity,
+    }
+    summary.update(_render_manifest_file(cfg, out, warnings))
     if opts.sgx:
         summary.update(_sign(cfg, out))
     return summary
@@ -458,9 +507,11 @@ def _render_manifest_file(cfg: EnclaveConfig, out: Path, warnings: list[str]) ->
         return {**figures, "rendered_by": "gramine-manifest"}
     atomic_write_text(out / MANIFEST, render_manifest(cfg.defines))
     os.utime(out / MANIFEST, (0, 0))  # older than the template: `make` re-renders it with gramine-manifest
-    warnings.append("gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection, "
-                    f"without hashes (Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` "
-                    f"re-renders it with Gramine {SUPPORTED_GRAMINE}, which hashes it")  # fmt: skip
+    warnings.append(
+        "gramine-manifest is not installed: the manifest was rendered by branchy-tee for inspection, "
+        f"without hashes (Gramine's runtime directory assumed at {DEBIAN_GRAMINE_RUNTIME}); `make` "
+        f"re-renders it with Gramine {SUPPORTED_GRAMINE}, which hashes it"
+    )
     return {"rendered_by": "branchy-tee", "trusted_files": count_trusted(cfg.defines)}
 
 

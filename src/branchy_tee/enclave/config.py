@@ -101,8 +101,10 @@ class EnclaveConfig:
         if sorted(doc) != sorted(["format", *names, "env", "defines"]):
             raise BranchyError(f"{where}: not exactly the members an enclave configuration has")
         try:
-            values: dict[str, Any] = {f.name: tuple(doc[f.name]) if "tuple" in str(f.type) and doc[f.name] is not None
-                                      else doc[f.name] for f in dataclasses.fields(cls)}  # fmt: skip
+            values: dict[str, Any] = {
+                f.name: tuple(doc[f.name]) if "tuple" in str(f.type) and doc[f.name] is not None else doc[f.name]
+                for f in dataclasses.fields(cls)
+            }
             cfg = cls(**values)
         except TypeError as e:
             raise BranchyError(f"{where}: unusable ({e})") from None
@@ -124,7 +126,8 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
     env = {
         "LD_LIBRARY_PATH": cfg.ld_library_path,
         "OMP_NUM_THREADS": str(cfg.threads),
-        "MALLOC_ARENA_MAX": "1",  # one malloc arena: no 64 MiB reservation per thread (virtual memory is enclave memory)
+        # one malloc arena: no 64 MiB reservation per thread (virtual memory is enclave memory)
+        "MALLOC_ARENA_MAX": "1",
         "PYTHONHOME": cfg.env_dir,
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONNOUSERSITE": "1",
@@ -173,7 +176,7 @@ def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
     }
 
 
-def load_config(directory: str | os.PathLike) -> EnclaveConfig:
+def load_config(directory: str | os.PathLike[str]) -> EnclaveConfig:
     path = Path(directory) / CONFIG
     try:
         doc = json.loads(path.read_text())

@@ -57,11 +57,23 @@ PACKAGE = "branchy_tee"
 ENTRY_MODULES = ("branchy_tee.runtime.predict", "branchy_tee.runtime.server")
 
 # Top-level names in the standard library folder that the enclave never runs.
-STDLIB_EXCLUDED = frozenset({
-    "site-packages", "dist-packages",  # other environments' packages
-    "test", "idlelib", "tkinter", "turtledemo", "turtle.py",  # test suites, IDE, GUI
-    "ensurepip", "venv", "lib2to3", "pydoc_data", "__phello__", "__hello__.py",  # installers, tools, demos
-})  # fmt: skip
+STDLIB_EXCLUDED = frozenset(
+    {
+        "site-packages",
+        "dist-packages",  # other environments' packages
+        "test",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "turtle.py",  # test suites, IDE, GUI
+        "ensurepip",
+        "venv",
+        "lib2to3",
+        "pydoc_data",
+        "__phello__",
+        "__hello__.py",  # installers, tools, demos
+    }
+)
 STDLIB_EXCLUDED_PREFIXES = ("config-",)  # config-3.11-x86_64-linux-gnu: the static library and build files
 # Extension modules of lib-dynload that are test helpers or need Tk.
 DYNLOAD_EXCLUDED_PREFIXES = ("_test", "_ctypes_test", "_xxtestfuzz", "xxlimited", "xxsubtype", "_tkinter")
@@ -110,8 +122,10 @@ def interpreter(python: str | None = None) -> Interpreter:
     except (OSError, subprocess.CalledProcessError, json.JSONDecodeError) as e:
         raise BranchyError(f"cannot inspect the Python installation {python}: {e}") from None
     if info["home_platlib"] != info["home_lib"] or not info["dynload"]:
-        raise BranchyError(f"{python}: a standard library split over two folders is not supported "
-                           f"({info['home_lib']}, {info['home_platlib']})")  # fmt: skip
+        raise BranchyError(
+            f"{python}: a standard library split over two folders is not supported "
+            f"({info['home_lib']}, {info['home_platlib']})"
+        )
     return Interpreter(info["executable"], info["version"], info["stdlib"], info["dynload"], info["home_lib"])
 
 
@@ -200,8 +214,11 @@ def _copy_stdlib(py: Interpreter, dest: Path) -> None:
     for root, dirs, files in os.walk(src):
         rel = Path(root).relative_to(src)
         top = rel == Path(".")
-        dirs[:] = sorted(d for d in dirs if not _excluded(d, True) and not (top and _skip_top(d))
-                         and Path(root) / d != Path(py.dynload))  # fmt: skip
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not _excluded(d, True) and not (top and _skip_top(d)) and Path(root) / d != Path(py.dynload)
+        )
         for name in sorted(files):
             if _excluded(name, False) or (top and _skip_top(name)):
                 continue
@@ -219,13 +236,28 @@ def _skip_top(name: str) -> bool:
 
 
 def _pip_install(site: Path, requirements: list[str]) -> None:
-    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
-            "--no-warn-script-location", "--target", str(site), "--constraint", str(CONSTRAINTS), *requirements]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-compile",
+        "--no-warn-script-location",
+        "--target",
+        str(site),
+        "--constraint",
+        str(CONSTRAINTS),
+        *requirements,
+    ]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "is ignored" not in ln]
-        raise BranchyError(f"pip could not install the enclave environment's requirements ({' '.join(requirements)}): "
-                           f"{lines[-1] if lines else f'exit {proc.returncode}'}")  # fmt: skip
+        raise BranchyError(
+            f"pip could not install the enclave environment's requirements ({' '.join(requirements)}): "
+            f"{lines[-1] if lines else f'exit {proc.returncode}'}"
+        )
 
 
 def _prune(site: Path) -> None:
@@ -258,8 +290,11 @@ def _installed_versions(site: Path) -> dict[str, str]:
 
 def _pinned_names(requirements: list[str]) -> set[str]:
     lines = requirements + CONSTRAINTS.read_text().splitlines()
-    return {re.split(r"[=<>!~\[; ]", ln.strip(), maxsplit=1)[0].lower().replace("_", "-")
-            for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}  # fmt: skip
+    return {
+        re.split(r"[=<>!~\[; ]", ln.strip(), maxsplit=1)[0].lower().replace("_", "-")
+        for ln in lines
+        if ln.strip() and not ln.lstrip().startswith("#")
+    }
 
 
 def listing(directory: Path, skip: Path | None = None) -> list[str]:
@@ -287,10 +322,16 @@ class EnclaveEnv:
 
 
 def _spec(py: Interpreter, requirements: list[str]) -> dict:
-    return {"format": ENV_FORMAT, "python": py.executable, "python_version": py.version, "requirements": requirements,
-            "constraints_sha256": hashlib.sha256(CONSTRAINTS.read_bytes()).hexdigest(),
-            "excluded": sorted(STDLIB_EXCLUDED | EXCLUDED_DIRS | SITE_EXCLUDED) + list(EXCLUDED_SUFFIXES)
-            + list(DYNLOAD_EXCLUDED_PREFIXES)}  # fmt: skip
+    return {
+        "format": ENV_FORMAT,
+        "python": py.executable,
+        "python_version": py.version,
+        "requirements": requirements,
+        "constraints_sha256": hashlib.sha256(CONSTRAINTS.read_bytes()).hexdigest(),
+        "excluded": sorted(STDLIB_EXCLUDED | EXCLUDED_DIRS | SITE_EXCLUDED)
+        + list(EXCLUDED_SUFFIXES)
+        + list(DYNLOAD_EXCLUDED_PREFIXES),
+    }
 
 
 def _clear_caches(home: Path) -> None:
@@ -302,7 +343,7 @@ def _clear_caches(home: Path) -> None:
         pyc.unlink(missing_ok=True)
 
 
-def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: None) -> EnclaveEnv:
+def ensure_env(env_dir: str | os.PathLike[str] = DEFAULT_ENV_DIR, log=lambda msg: None) -> EnclaveEnv:
     """Create the enclave environment in ``env_dir``, or reuse it when it was made from the same
     interpreter, requirements and constraints and still holds exactly the files it was made with.
     The branchy_tee part is renewed when the package's enclave-side files changed."""
@@ -318,8 +359,12 @@ def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: Non
     if home.is_dir():
         _clear_caches(home)
     status = "reused"
-    if not (record and record.get("spec") == spec and home.is_dir()
-            and _same(_digest(listing(env / "lib", skip=site / PACKAGE)), record.get("files_sha256"))):  # fmt: skip
+    if not (
+        record
+        and record.get("spec") == spec
+        and home.is_dir()
+        and _same(_digest(listing(env / "lib", skip=site / PACKAGE)), record.get("files_sha256"))
+    ):
         if env.exists() and not (env / RECORD).is_file():
             raise BranchyError(f"{env} exists and is not an enclave environment; remove it or choose another --env")
         log(f"creating the enclave environment {env}: Python {py.version} standard library, {' '.join(requirements)}")
@@ -350,8 +395,16 @@ def ensure_env(env_dir: str | os.PathLike = DEFAULT_ENV_DIR, log=lambda msg: Non
 
         atomic_write_text(env / RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
     unpinned = sorted(f"{n}=={v}" for n, v in versions.items() if n.replace("_", "-") not in pinned)
-    return EnclaveEnv(dir=str(env), python=py.executable, home_lib=str(home), site_packages=str(site),
-                      requirements=requirements, packages=versions, unpinned=unpinned, status=status)  # fmt: skip
+    return EnclaveEnv(
+        dir=str(env),
+        python=py.executable,
+        home_lib=str(home),
+        site_packages=str(site),
+        requirements=requirements,
+        packages=versions,
+        unpinned=unpinned,
+        status=status,
+    )
 
 
 def _same(a, b) -> bool:
@@ -370,14 +423,29 @@ def _read_record(env: Path) -> dict | None:
 # --------------------------------------------------------------------------- what it needs from the system
 # glibc's libraries: inside the enclave they come from Gramine's runtime folder (mounted at /lib),
 # never from the host (Gramine's subprojects/packagefiles/glibc-*/meson.build).
-GRAMINE_GLIBC = frozenset({
-    "ld-linux-x86-64.so.2", "libc.so.6", "libdl.so.2", "libm.so.6", "libmvec.so.1", "libpthread.so.0", "librt.so.1",
-    "libutil.so.1", "libresolv.so.2", "libanl.so.1", "libnsl.so.1", "libnss_compat.so.2", "libnss_db.so.2",
-    "libnss_dns.so.2", "libnss_files.so.2", "libthread_db.so.1",
-})  # fmt: skip
+GRAMINE_GLIBC = frozenset(
+    {
+        "ld-linux-x86-64.so.2",
+        "libc.so.6",
+        "libdl.so.2",
+        "libm.so.6",
+        "libmvec.so.1",
+        "libpthread.so.0",
+        "librt.so.1",
+        "libutil.so.1",
+        "libresolv.so.2",
+        "libanl.so.1",
+        "libnsl.so.1",
+        "libnss_compat.so.2",
+        "libnss_db.so.2",
+        "libnss_dns.so.2",
+        "libnss_files.so.2",
+        "libthread_db.so.1",
+    }
+)
 
 
-def shared_objects(directory: str | os.PathLike) -> list[str]:
+def shared_objects(directory: str | os.PathLike[str]) -> list[str]:
     """Every ELF shared object under ``directory`` (extension modules and the libraries they bundle)."""
     found = []
     for root, _dirs, files in os.walk(directory):
@@ -416,7 +484,9 @@ def _ldd(objects: list[str], search: list[str]) -> set[str]:
     return parse_ldd("\n".join(out))
 
 
-def system_libraries(python: str, env_dir: str | os.PathLike, system_dirs: list[str]) -> tuple[list[str], list[str]]:
+def system_libraries(
+    python: str, env_dir: str | os.PathLike[str], system_dirs: list[str]
+) -> tuple[list[str], list[str]]:
     """The shared libraries outside the environment that the interpreter and every shared object in
     the environment load (``ldd``), except glibc's: Gramine brings its own, mounted at /lib. Returns
     (libraries, the enclave's library search path after /lib).
@@ -431,10 +501,13 @@ def system_libraries(python: str, env_dir: str | os.PathLike, system_dirs: list[
     objects = [python, *shared_objects(env_dir)]
     first = _ldd(objects, [])
     search = [*sorted({os.path.dirname(p) for p in first} - set(system_dirs) - {"/lib64"}), *system_dirs]
-    libs = sorted(p for p in _ldd(objects, search)
-                  if os.path.basename(p) not in GRAMINE_GLIBC and not os.path.realpath(p).startswith(env_dir + os.sep))  # fmt: skip
+    libs = sorted(
+        p
+        for p in _ldd(objects, search)
+        if os.path.basename(p) not in GRAMINE_GLIBC and not os.path.realpath(p).startswith(env_dir + os.sep)
+    )
     return libs, search
 
 
-def count_files(directory: str | os.PathLike) -> int:
+def count_files(directory: str | os.PathLike[str]) -> int:
     return sum(len(files) for _root, _dirs, files in os.walk(directory))

@@ -97,9 +97,18 @@ def stand_in(header: BundleHeader, workdir: Path, samples: int) -> list[str]:
     seal_model(model, header, model_key, workdir / "model.btee", chunk_size=header.chunk_size)
     x = torch.rand(samples, *header.preprocessing.input_shape)
     (workdir / "request.bin").write_bytes(seal_request(x, data_key))
-    return ["--bundle", str(workdir / "model.btee"), "--input", str(workdir / "request.bin"),
-            "--output", str(workdir / "result.bin"), "--model-key", str(workdir / "model.key"),
-            "--data-key", str(workdir / "data.key")]  # fmt: skip
+    return [
+        "--bundle",
+        str(workdir / "model.btee"),
+        "--input",
+        str(workdir / "request.bin"),
+        "--output",
+        str(workdir / "result.bin"),
+        "--model-key",
+        str(workdir / "model.key"),
+        "--data-key",
+        str(workdir / "data.key"),
+    ]
 
 
 def measurement_environment(loader_env: dict[str, str]) -> dict[str, str]:
@@ -112,11 +121,15 @@ def _cache_key(
     header: BundleHeader, python: str, env_record: dict, loader_env: dict, batch_size: int, samples: int
 ) -> str:
     what = {
-        "runner": hashlib.sha256(RUNNER.read_bytes()).hexdigest(), "python": python, "env": env_record,
+        "runner": hashlib.sha256(RUNNER.read_bytes()).hexdigest(),
+        "python": python,
+        "env": env_record,
         "header": {**header.facts_json(), "chunk_size": header.chunk_size},
         "stages": [(s.plaintext_size, s.weight_bytes) for s in header.stages],
-        "loader_env": measurement_environment(loader_env), "batch_size": batch_size, "samples": samples,
-    }  # fmt: skip
+        "loader_env": measurement_environment(loader_env),
+        "batch_size": batch_size,
+        "samples": samples,
+    }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,8 +149,14 @@ def measure_peak(
 
     samples = min(max_samples, 2 * batch_size)
     record = json.loads((Path(env_dir) / "branchy-tee-env.json").read_text())
-    key = _cache_key(header, python, {k: record.get(k) for k in ("spec", "files_sha256", "package_sha256")},
-                     loader_env, batch_size, samples)  # fmt: skip
+    key = _cache_key(
+        header,
+        python,
+        {k: record.get(k) for k in ("spec", "files_sha256", "package_sha256")},
+        loader_env,
+        batch_size,
+        samples,
+    )
     cache_file = Path(env_dir) / CACHE
     try:
         cache = json.loads(cache_file.read_text())
@@ -152,8 +171,13 @@ def measure_peak(
     with tempfile.TemporaryDirectory(prefix="branchy-tee-size-") as tmp:
         argv = stand_in(header, Path(tmp), samples)
         argv += ["--batch-size", str(batch_size), "--full-model", "--quiet"]
-        proc = subprocess.run([python, str(RUNNER), *argv], env=measurement_environment(loader_env), cwd=tmp,
-                              capture_output=True, text=True)  # fmt: skip
+        proc = subprocess.run(
+            [python, str(RUNNER), *argv],
+            env=measurement_environment(loader_env),
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+        )
     try:
         status = json.loads(proc.stdout.strip().splitlines()[-1])
         ok = proc.returncode == 0 and status["exit_code"] == 0 and status["VmPeak"] > 0
@@ -161,8 +185,10 @@ def measure_peak(
         ok = False
     if not ok:
         lines = proc.stderr.strip().splitlines()
-        raise BranchyError(f"the runtime failed in the enclave environment while measuring its memory (exit "
-                           f"{proc.returncode}): {lines[-1] if lines else 'no output'}")  # fmt: skip
+        raise BranchyError(
+            f"the runtime failed in the enclave environment while measuring its memory (exit "
+            f"{proc.returncode}): {lines[-1] if lines else 'no output'}"
+        )
     result = {"vm_peak": status["VmPeak"], "vm_hwm": status["VmHWM"], "samples": samples, "batch_size": batch_size}
     cache[key] = result
     atomic_write_text(cache_file, json.dumps(cache, indent=1, sort_keys=True) + "\n")
@@ -180,5 +206,11 @@ def enclave_size(header: BundleHeader, measured: dict, max_samples: int) -> dict
     }
     need = sum(terms.values())
     size = max(MIN_ENCLAVE, next_power_of_two(need))
-    return {"terms": terms, "need": need, "enclave_size": size, "enclave_size_str": size_string(size),
-            "margin": need - measured["vm_peak"], "spare": size - need}  # fmt: skip
+    return {
+        "terms": terms,
+        "need": need,
+        "enclave_size": size,
+        "enclave_size_str": size_string(size),
+        "margin": need - measured["vm_peak"],
+        "spare": size - need,
+    }

@@ -41,9 +41,24 @@ from .config import EnclaveConfig, load_config
 RELEASE_FORMAT = "branchy-tee/release/v1"
 RELEASE_PURPOSE = b"enclave-release"
 MAX_RELEASE_BYTES = 64 * 1024
-FIELDS = ("format", "attest", "mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "debug", "bundle_id", "model_version",
-          "model_key_id", "min_model_version", "model_broker", "model_broker_identity", "manifest_sha256",
-          "released_at", "model_owner")  # fmt: skip
+FIELDS = (
+    "format",
+    "attest",
+    "mrenclave",
+    "mrsigner",
+    "isv_prod_id",
+    "isv_svn",
+    "debug",
+    "bundle_id",
+    "model_version",
+    "model_key_id",
+    "min_model_version",
+    "model_broker",
+    "model_broker_identity",
+    "manifest_sha256",
+    "released_at",
+    "model_owner",
+)
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -93,17 +108,23 @@ class ReleaseStatement:
         """The statement's members (``FIELDS``, in order, as signed) with every value checked."""
         f = Fields(doc, what, "the release statement")
         f.text("format", lambda v: v == RELEASE_FORMAT, RELEASE_FORMAT)
-        s = cls(EvidenceProvider(f.check("attest", lambda v: v in EvidenceProvider.names(), "gramine or simulated")),
-                f.check("mrenclave", _hex(64), "64 hex digits"), f.check("mrsigner", _hex_or_null(64), "64 hex digits or null"),
-                f.check("isv_prod_id", _u(16), "a 16-bit number"), f.check("isv_svn", _u(16), "a 16-bit number"),
-                f.flag("debug"), f.check("bundle_id", _hex(32), "32 hex digits"),
-                f.check("model_version", _u(63), "a model version"), f.check("model_key_id", _hex(16), "a key id"),
-                f.check("min_model_version", _u(63), "a model version"),
-                f.check("model_broker", lambda v: measured.broker_url_problem(v) is None, "a broker URL"),
-                f.check("model_broker_identity", lambda v: measured.identity_problem(v) is None, "an identity"),
-                f.check("manifest_sha256", _hex_or_null(64), "64 hex digits or null"),
-                f.text("released_at", lambda v: len(v) == 20 and set(v) <= set("0123456789-:TZ"), "a UTC time"),
-                f.check("model_owner", _hex(64), "an identity"))  # fmt: skip
+        s = cls(
+            EvidenceProvider(f.check("attest", lambda v: v in EvidenceProvider.names(), "gramine or simulated")),
+            f.check("mrenclave", _hex(64), "64 hex digits"),
+            f.check("mrsigner", _hex_or_null(64), "64 hex digits or null"),
+            f.check("isv_prod_id", _u(16), "a 16-bit number"),
+            f.check("isv_svn", _u(16), "a 16-bit number"),
+            f.flag("debug"),
+            f.check("bundle_id", _hex(32), "32 hex digits"),
+            f.check("model_version", _u(63), "a model version"),
+            f.check("model_key_id", _hex(16), "a key id"),
+            f.check("min_model_version", _u(63), "a model version"),
+            f.check("model_broker", lambda v: measured.broker_url_problem(v) is None, "a broker URL"),
+            f.check("model_broker_identity", lambda v: measured.identity_problem(v) is None, "an identity"),
+            f.check("manifest_sha256", _hex_or_null(64), "64 hex digits or null"),
+            f.text("released_at", lambda v: len(v) == 20 and set(v) <= set("0123456789-:TZ"), "a UTC time"),
+            f.check("model_owner", _hex(64), "an identity"),
+        )
         f.done(FIELDS)
         return s
 
@@ -126,23 +147,29 @@ def measured_env(directory: Path, cfg: EnclaveConfig) -> dict[str, str]:
     return env
 
 
-def _pins(env: dict[str, str], directory: Path) -> dict:
+def _pins(env: dict[str, str], directory: Path) -> dict[str, Any]:
     """What the measured environment pins, each value checked (no text reaches a policy unchecked)."""
     from ..seal.keys import KEY_ID_RE
 
-    pins = {"bundle_id": env.get(measured.BUNDLE_ID, ""), "model_key_id": env.get(measured.MODEL_KEY_ID, ""),
-            "model_broker": env.get(measured.MODEL_BROKER, ""),
-            "model_broker_identity": env.get(measured.MODEL_BROKER_IDENTITY, "")}  # fmt: skip
+    pins: dict[str, Any] = {
+        "bundle_id": env.get(measured.BUNDLE_ID, ""),
+        "model_key_id": env.get(measured.MODEL_KEY_ID, ""),
+        "model_broker": env.get(measured.MODEL_BROKER, ""),
+        "model_broker_identity": env.get(measured.MODEL_BROKER_IDENTITY, ""),
+    }
     if not pins["model_broker"]:
         raise BranchyError(
             f"{directory} was built without --model-broker: such an enclave can never get the model key, "
             "so there is nothing to release"
         )
-    problems = [measured.broker_url_problem(pins["model_broker"]),
-                measured.identity_problem(pins["model_broker_identity"]),
-                None if KEY_ID_RE.fullmatch(pins["model_key_id"]) else "bad model key id",
-                None if len(pins["bundle_id"]) == 32 and all(c in "0123456789abcdef" for c in pins["bundle_id"])
-                else "bad bundle id"]  # fmt: skip
+    problems = [
+        measured.broker_url_problem(pins["model_broker"]),
+        measured.identity_problem(pins["model_broker_identity"]),
+        None if KEY_ID_RE.fullmatch(pins["model_key_id"]) else "bad model key id",
+        None
+        if len(pins["bundle_id"]) == 32 and all(c in "0123456789abcdef" for c in pins["bundle_id"])
+        else "bad bundle id",
+    ]
     try:
         pins["min_model_version"] = int(env.get(measured.MIN_MODEL_VERSION, ""))
     except ValueError:
@@ -164,12 +191,17 @@ def _simulated_measurements(cfg: EnclaveConfig, env: dict[str, str]) -> dict:
         from ..attest.providers import SimulatedProvider
 
         mrsigner = SimulatedProvider(default_dev_key_dir(), mrenclave=bytes(32)).mrsigner.hex()
-    return {"mrenclave": simulated_mrenclave(env, code).hex(), "mrsigner": mrsigner,
-            "isv_prod_id": cfg.isv_prod_id, "isv_svn": cfg.isv_svn, "debug": cfg.debug}  # fmt: skip
+    return {
+        "mrenclave": simulated_mrenclave(env, code).hex(),
+        "mrsigner": mrsigner,
+        "isv_prod_id": cfg.isv_prod_id,
+        "isv_svn": cfg.isv_svn,
+        "debug": cfg.debug,
+    }
 
 
 def make_release(
-    directory: str | os.PathLike, identity, model_key: bytes, broker_identity: str | None = None
+    directory: str | os.PathLike[str], identity, model_key: bytes, broker_identity: str | None = None
 ) -> tuple[ReleaseStatement, str]:
     """The signed release statement for the enclave built in ``directory`` (``identity``: the model
     owner's Ed25519 private key). A real-SGX build must have been signed (``make SGX=1``).
@@ -209,19 +241,27 @@ def make_release(
         )
     manifest = d / MANIFEST
     statement = ReleaseStatement(
-        attest=cfg.attest, **{k: m[k] for k in ("mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "debug")},
-        bundle_id=pins["bundle_id"], model_version=header.model_version, model_key_id=pins["model_key_id"],
-        min_model_version=pins["min_model_version"], model_broker=pins["model_broker"],
+        attest=cfg.attest,
+        **{k: m[k] for k in ("mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "debug")},
+        bundle_id=pins["bundle_id"],
+        model_version=header.model_version,
+        model_key_id=pins["model_key_id"],
+        min_model_version=pins["min_model_version"],
+        model_broker=pins["model_broker"],
         model_broker_identity=pins["model_broker_identity"],
         manifest_sha256=hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
         released_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         model_owner=identity_hex(identity),
-    )  # fmt: skip
+    )
     return statement, sign(identity, RELEASE_PURPOSE, canonical_json(statement.to_json())).hex()
 
 
 def write_release(
-    directory: str | os.PathLike, identity, out: str | os.PathLike, model_key: bytes, broker_identity: str | None = None
+    directory: str | os.PathLike[str],
+    identity,
+    out: str | os.PathLike[str],
+    model_key: bytes,
+    broker_identity: str | None = None,
 ) -> tuple[ReleaseStatement, str]:
     """Sign and write the release statement; returns it and its signature (hex)."""
     statement, signature = make_release(directory, identity, model_key, broker_identity)
@@ -256,7 +296,7 @@ def verify_release(doc: object, model_owner: str, what: str = "release statement
     return ReleaseStatement.parse(statement, f"{what} (signed)")  # the signed members, exactly as read
 
 
-def read_release(path: str | os.PathLike, model_owner: str) -> ReleaseStatement:
+def read_release(path: str | os.PathLike[str], model_owner: str) -> ReleaseStatement:
     raw = read_regular_file(path, "release statement", MAX_RELEASE_BYTES)
     try:
         doc = json.loads(raw)
@@ -283,10 +323,14 @@ def policy_from_release(
             "the release statement names a SIMULATED enclave (no TEE: development only); a policy for "
             "it is written only with --allow-simulated"
         )
-    policy: dict[str, Any] = {"allowed_mrenclave": [s.mrenclave], "isv_prod_id": s.isv_prod_id,
-                              "min_isv_svn": s.isv_svn, "allow_debug": False,
-                              "accepted_tcb_statuses": list(dict.fromkeys(accepted_tcb_statuses)),
-                              "min_model_version": s.min_model_version}  # fmt: skip
+    policy: dict[str, Any] = {
+        "allowed_mrenclave": [s.mrenclave],
+        "isv_prod_id": s.isv_prod_id,
+        "min_isv_svn": s.isv_svn,
+        "allow_debug": False,
+        "accepted_tcb_statuses": list(dict.fromkeys(accepted_tcb_statuses)),
+        "min_model_version": s.min_model_version,
+    }
     lines = [
         "# Key-broker policy written by `branchy-tee enclave policy` from a release statement signed by the",
         f"# model owner {s.model_owner} (signature verified), released {s.released_at}.",
@@ -312,7 +356,7 @@ def policy_from_release(
 
 
 def write_policy_from_release(
-    release: str | os.PathLike, model_owner: str, out: str | os.PathLike, **kw: Any
+    release: str | os.PathLike[str], model_owner: str, out: str | os.PathLike[str], **kw: Any
 ) -> ReleaseStatement:
     import tomllib
 

@@ -82,6 +82,7 @@ def _quiet_exporter():
 
 
 _registry_cache: dict = {}
+_cached_builders: set = set()  # our wrappers: a registry already patched is not patched again
 
 
 def _cache_operator_registry() -> None:
@@ -95,7 +96,7 @@ def _cache_operator_registry() -> None:
         return
     registry = getattr(_registration, "ONNXRegistry", None)
     build = getattr(getattr(registry, "from_torchlib", None), "__func__", None)
-    if build is None or getattr(build, "_branchy_cached", False):
+    if registry is None or build is None or build in _cached_builders:
         return
 
     def cached(cls, *args, **kwargs):
@@ -104,7 +105,7 @@ def _cache_operator_registry() -> None:
             _registry_cache[key] = build(cls, *args, **kwargs)
         return _registry_cache[key]
 
-    cached._branchy_cached = True
+    _cached_builders.add(cached)
     registry.from_torchlib = classmethod(cached)
 
 
@@ -112,8 +113,16 @@ def _export(module: nn.Module, example: torch.Tensor, outputs: list[str]) -> byt
     batch = torch.export.Dim("batch", min=1)
     _cache_operator_registry()
     with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(module.eval(), (example,), dynamo=True, input_names=[INPUT], output_names=outputs,
-                                    dynamic_shapes=({0: batch},), verbose=False)  # fmt: skip
+        program = torch.onnx.export(
+            module.eval(),
+            (example,),
+            dynamo=True,
+            input_names=[INPUT],
+            output_names=outputs,
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+    assert program is not None  # dynamo=True always gives an ONNXProgram
     return program.model_proto.SerializeToString()
 
 
@@ -181,13 +190,20 @@ def export_run(run_dir: str | Path, show: bool = True) -> dict:
     model, card = load_run(run_dir)
     digest = _weights_digest(run_dir)
     graphs, facts = export_stages(model, card.preprocessing.input_shape, show=show)
-    doc: dict[str, Any] = {"format": EXPORT_FORMAT, "weights_sha256": digest, "arch": card.arch, "torch": torch.__version__,
-           "stages": [{"file": f"stage-{k:02d}.onnx", "sha256": _sha256(g), "size": len(g), **f}
-                      for k, (g, f) in enumerate(zip(graphs, facts))]}  # fmt: skip
+    doc: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "weights_sha256": digest,
+        "arch": card.arch,
+        "torch": torch.__version__,
+        "stages": [
+            {"file": f"stage-{k:02d}.onnx", "sha256": _sha256(g), "size": len(g), **f}
+            for k, (g, f) in enumerate(zip(graphs, facts, strict=True))
+        ],
+    }
     # Written beside the old export and swapped in, so that onnx/ is always one complete export.
     tmp = Path(tempfile.mkdtemp(prefix=f".{EXPORT_DIR}.", dir=run_dir))
     try:
-        for entry, g in zip(doc["stages"], graphs):
+        for entry, g in zip(doc["stages"], graphs, strict=True):
             (tmp / entry["file"]).write_bytes(g)
         (tmp / EXPORT_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         tmp.chmod(0o755)

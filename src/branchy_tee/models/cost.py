@@ -9,7 +9,7 @@ Two views of the same numbers:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -18,7 +18,7 @@ from .multiexit import MultiExitNet
 from .registry import create_model
 
 
-def _count_flops(fn, *args) -> tuple[int, object]:
+def _count_flops(fn, *args) -> tuple[int, Any]:
     with FlopCounterMode(display=False) as counter:
         out = fn(*args)
     return counter.get_total_flops(), out
@@ -36,7 +36,7 @@ def part_flops(model: MultiExitNet, input_shape=(3, 32, 32)) -> tuple[list[int],
     device = next(model.parameters()).device
     h = torch.zeros(1, *input_shape, device=device)
     stages, heads = [], []
-    for stage, head in zip(model.stages, model.exits):
+    for stage, head in zip(model.stages, model.exits, strict=True):
         f, h = _count_flops(stage, h)
         stages.append(f)
         heads.append(_count_flops(head, h)[0])

@@ -54,7 +54,8 @@ class FinalClassifier(nn.Module):
 def densenet121(num_classes=10, in_channels=3, growth=32, head_width=128) -> MultiExitNet:
     blocks, reduction = [6, 12, 24, 16], 0.5
     cin = 2 * growth
-    stages, exits = [], []
+    stages: list[nn.Module] = []
+    exits: list[nn.Module] = []
     for i, n in enumerate(blocks):
         layers: list[nn.Module] = []
         if i == 0:

@@ -6,6 +6,9 @@ V2: exits where the resolution or width changes: after the 24-, 32-, 64- and 96-
 
 from __future__ import annotations
 
+from itertools import pairwise
+from typing import Sequence
+
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,9 +35,9 @@ _V1_CFG = [64, (128, 2), 128, (256, 2), 256, (512, 2), 512, 512, 512, 512, 512, 
 _V1_EXITS_AFTER = [1, 3, 6, 9]  # block counts, 1-based, as in the original work
 
 
-def _split(blocks: list[nn.Module], cuts: list[int]) -> list[list[nn.Module]]:
+def _split(blocks: Sequence[nn.Module], cuts: list[int]) -> list[list[nn.Module]]:
     bounds = [0, *cuts, len(blocks)]
-    return [blocks[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [list(blocks[a:b]) for a, b in pairwise(bounds)]
 
 
 @register_model
@@ -69,7 +72,7 @@ class InvertedResidual(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Identity()
+        self.shortcut: nn.Module = nn.Identity()
         if stride == 1 and cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
 

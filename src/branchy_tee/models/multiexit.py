@@ -58,7 +58,7 @@ class MultiExitNet(nn.Module):
         outputs = []
         h = x
         scale = self.exit_grad_scale if self.training else 1.0
-        for k, (stage, head) in enumerate(zip(self.stages, self.exits)):
+        for k, (stage, head) in enumerate(zip(self.stages, self.exits, strict=True)):
             h = stage(h)
             early = k < len(self.exits) - 1
             outputs.append(head(_ScaleGrad.apply(h, scale) if early and scale != 1.0 and h.requires_grad else h))

@@ -29,15 +29,25 @@ class ModelInfo:
         return cls(h.arch, h.classes, h.preprocessing, h.criterion, h.num_stages, h.model_ref)
 
     def to_json(self) -> dict[str, Any]:
-        return {"arch": self.arch, "classes": list(self.classes), "preprocessing": self.preprocessing.to_json(),
-                "criterion": self.criterion.name, "num_exits": self.num_exits, **self.model.to_json()}  # fmt: skip
+        return {
+            "arch": self.arch,
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.to_json(),
+            "criterion": self.criterion.name,
+            "num_exits": self.num_exits,
+            **self.model.to_json(),
+        }
 
     @classmethod
     def parse(cls, doc: object, where: str) -> "ModelInfo":
         f = Fields(doc, where, "the model description", BranchyError)
-        info = cls(f.text("arch"), f.texts("classes"), f.nested("preprocessing", Preprocessing.parse),
-                   criterion(f.check("criterion", lambda v: v in NAMES, "one of " + ", ".join(NAMES))),
-                   f.integer("num_exits", 2),
-                   ModelRef(f.text("bundle_id"), f.integer("model_version", 1), f.text("model_key_id")))  # fmt: skip
+        info = cls(
+            f.text("arch"),
+            f.texts("classes"),
+            f.nested("preprocessing", Preprocessing.parse),
+            criterion(f.check("criterion", lambda v: v in NAMES, "one of " + ", ".join(NAMES))),
+            f.integer("num_exits", 2),
+            ModelRef(f.text("bundle_id"), f.integer("model_version", 1), f.text("model_key_id")),
+        )
         f.done()
         return info

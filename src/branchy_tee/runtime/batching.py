@@ -112,7 +112,8 @@ class Batcher:
     def _take_batch(self) -> list[Job]:
         """The oldest waiting jobs up to max_batch samples (at least one); called holding the lock."""
         deadline = time.monotonic() + self.max_wait
-        jobs, n = [], 0
+        jobs: list[Job] = []
+        n = 0
         while True:
             while self._pending and (not jobs or n + len(self._pending[0].x) <= self.max_batch):
                 job = self._pending.popleft()

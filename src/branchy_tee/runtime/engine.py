@@ -21,10 +21,17 @@ array operations, and the whole-batch cases (everyone exits, nobody does) skip t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .criteria import Criterion
+
+# A stage: its input batch -> (features for the next stage, None after the last stage; exit log-probabilities).
+Stage = Callable[[np.ndarray], tuple[np.ndarray | None, np.ndarray]]
+# Sees every exit's log-probabilities as they are computed: (exit, input positions, log-probabilities).
+Observer = Callable[[int, np.ndarray, np.ndarray], None]
+Batch = tuple[np.ndarray, np.ndarray]  # (input positions, stage inputs)
 
 
 @dataclass
@@ -34,21 +41,22 @@ class Answers:
     confidences: np.ndarray  # (N,) float32, max softmax probability at that exit
 
     def exit_counts(self, num_exits: int) -> list[int]:
-        return np.bincount(self.exits, minlength=num_exits).tolist()
+        counts: list[int] = np.bincount(self.exits, minlength=num_exits).tolist()
+        return counts
 
 
 class _Waiting:
     """Samples (positions, stage inputs) parked in front of one stage."""
 
-    def __init__(self):
-        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+    def __init__(self) -> None:
+        self.chunks: list[Batch] = []
         self.count = 0
 
     def add(self, pos: np.ndarray, h: np.ndarray) -> None:
         self.chunks.append((pos, h))
         self.count += len(pos)
 
-    def pop(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def pop(self, size: int) -> Batch:
         """Up to ``size`` samples, oldest first. Samples left behind are copied out of the chunk they
         came in, so that what waits holds no more memory than its own samples need."""
         taken, need = [], size
@@ -68,23 +76,33 @@ class _Waiting:
 
 
 def early_exit(
-    get_stage, num_exits: int, x: np.ndarray, criterion: Criterion, thresholds, batch_size: int = 64, observe=None
+    get_stage: Callable[[int], Stage],
+    num_exits: int,
+    x: np.ndarray,
+    criterion: Criterion,
+    thresholds: Sequence[float],
+    batch_size: int = 64,
+    observe: Observer | None = None,
 ) -> Answers:
     """Answer every sample of ``x`` (float32, N x stage-0 input). ``get_stage(k)`` returns stage k's
     callable; it is called only when some samples are about to run stage k. ``observe(k, positions,
     log_probs)``, if given, sees every exit's log-probabilities as they are computed (evaluation and
     calibration collect them with it)."""
     final = num_exits - 1
-    positions, labels, exits, best = [], [], [], []
+    positions: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    exits: list[tuple[int, int]] = []  # (exit, samples it answered), per decision
+    best: list[np.ndarray] = []
 
-    def run(k, pos, h):
-        """Run stage k on samples ``pos`` (inputs ``h``), answer those exit k is confident about and
+    def run(k: int, pos: np.ndarray, x_k: np.ndarray) -> Batch | None:
+        """Run stage k on samples ``pos`` (inputs ``x_k``), answer those exit k is confident about and
         return the others with their features (None when none is left)."""
-        h, logp = get_stage(k)(h)
+        h, logp = get_stage(k)(x_k)
         if observe is not None:
             observe(k, pos, logp)
         rest = None
         if k < final:
+            assert h is not None  # every stage but the last has features
             take = criterion.passes(criterion.score(logp), thresholds[k])
             taken = int(np.count_nonzero(take))
             if taken < len(pos):
@@ -101,32 +119,42 @@ def early_exit(
 
     n = len(x)
     if n <= batch_size:  # one batch: who goes on past exit k is stage k+1's whole batch, nobody waits
-        rest = (np.arange(n), x) if n else None
+        rest: Batch | None = (np.arange(n), x) if n else None
         for k in range(num_exits):
             if rest is None:
                 break
             rest = run(k, *rest)
     else:
-        waiting = [_Waiting() for _ in range(num_exits)]
-
-        def run_and_queue(k, pos, h):
-            rest = run(k, pos, h)
-            if rest is not None:
-                waiting[k + 1].add(*rest)
-
-        for start in range(0, n, batch_size):
-            run_and_queue(0, np.arange(start, min(start + batch_size, n)), x[start : start + batch_size])
-            for k in range(1, num_exits):
-                while waiting[k].count >= batch_size:
-                    run_and_queue(k, *waiting[k].pop(batch_size))
-        for k in range(1, num_exits):  # the input is used up: run what is still waiting, in part-batches
-            while waiting[k].count:
-                run_and_queue(k, *waiting[k].pop(batch_size))
-
+        _run_refilled(run, num_exits, x, batch_size)
     return _in_input_order(n, positions, labels, exits, best)
 
 
-def _in_input_order(n: int, positions, labels, exits, best) -> Answers:
+def _run_refilled(
+    run: Callable[[int, np.ndarray, np.ndarray], Batch | None], num_exits: int, x: np.ndarray, batch_size: int
+) -> None:
+    """Run every stage on full batches: the input in batches, and in front of each later stage the
+    samples that went on past the exit before it, until a batch of them waits."""
+    n = len(x)
+    waiting = [_Waiting() for _ in range(num_exits)]
+
+    def run_and_queue(k: int, pos: np.ndarray, h: np.ndarray) -> None:
+        rest = run(k, pos, h)
+        if rest is not None:
+            waiting[k + 1].add(*rest)
+
+    for start in range(0, n, batch_size):
+        run_and_queue(0, np.arange(start, min(start + batch_size, n)), x[start : start + batch_size])
+        for k in range(1, num_exits):
+            while waiting[k].count >= batch_size:
+                run_and_queue(k, *waiting[k].pop(batch_size))
+    for k in range(1, num_exits):  # the input is used up: run what is still waiting, in part-batches
+        while waiting[k].count:
+            run_and_queue(k, *waiting[k].pop(batch_size))
+
+
+def _in_input_order(
+    n: int, positions: list[np.ndarray], labels: list[np.ndarray], exits: list[tuple[int, int]], best: list[np.ndarray]
+) -> Answers:
     """Put the answers, collected batch by batch in the order they were decided, back in input order."""
     if not positions:
         empty = np.empty(0, dtype=np.int64)

@@ -88,17 +88,23 @@ class StageGraph:
     """One stage's session, called as ``features, log_probs = stage(h)`` (features None for the last)."""
 
     def __init__(self, session: ort.InferenceSession, what: str = "stage graph"):
-        inputs = [i.name for i in session.get_inputs()]
-        outputs = [o.name for o in session.get_outputs()]
+        try:  # ONNX Runtime decodes names and symbolic dimensions only when asked (found by fuzz_stage_graph)
+            inputs = [i.name for i in session.get_inputs()]
+            outputs = [o.name for o in session.get_outputs()]
+            shape = session.get_inputs()[0].shape if inputs else []
+        except UnicodeDecodeError:
+            raise IntegrityError(f"{what}: graph's input or output description is not UTF-8") from None
         if inputs != [INPUT] or outputs not in ([FEATURES, LOG_PROBS], [LOG_PROBS]):
             raise IntegrityError(
                 f"{what}: graph has inputs {inputs} and outputs {outputs}, not a branchy-tee stage graph"
             )
+        if not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            raise IntegrityError(f"{what}: graph's input shape {shape} is not (batch, fixed sizes...)")
         self.session = session
         self.last = outputs == [LOG_PROBS]
         self._outputs = outputs
-        self.input_shape = session.get_inputs()[0].shape[1:]
+        self.input_shape: list[int] = shape[1:]
 
-    def __call__(self, h: np.ndarray):
+    def __call__(self, h: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         out = self.session.run(self._outputs, {INPUT: h})
         return (None, out[0]) if self.last else (out[0], out[1])

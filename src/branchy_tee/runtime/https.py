@@ -15,13 +15,22 @@ import tempfile
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import shown
+
+if TYPE_CHECKING:
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from .batching import Batcher
+    from .server import LoadedModel
 
 LATENCY_WINDOW = 4096  # recent requests the latency percentiles are computed over
 
 
-def parse_inputs(body: bytes, input_shape: tuple, max_samples: int):
+def parse_inputs(body: bytes, input_shape: Sequence[int], max_samples: int) -> np.ndarray:
     """The request body's float32 (N, C, H, W) array; ValueError with a one-line reason otherwise."""
     import numpy as np
     from safetensors.numpy import load
@@ -48,7 +57,7 @@ def parse_inputs(body: bytes, input_shape: tuple, max_samples: int):
 
 # --------------------------------------------------------------------------- metrics
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.requests = {"ok": 0, "refused": 0, "busy": 0, "error": 0}
         self.samples = 0
@@ -57,7 +66,9 @@ class Metrics:
         self.connections = 0
         self.tls_failures = 0
 
-    def observe(self, outcome: str, samples: int = 0, seconds: float | None = None, compute: float | None = None):
+    def observe(
+        self, outcome: str, samples: int = 0, seconds: float | None = None, compute: float | None = None
+    ) -> None:
         with self.lock:
             self.requests[outcome] += 1
             self.samples += samples
@@ -67,7 +78,7 @@ class Metrics:
                 self.compute.append(compute)
 
     @staticmethod
-    def _quantiles(values) -> dict[str, float]:
+    def _quantiles(values: Iterable[float]) -> dict[str, float]:
         v = sorted(values)
         if not v:
             return {}
@@ -77,8 +88,11 @@ class Metrics:
         with self.lock:
             lines = ["# TYPE branchy_tee_requests_total counter"]
             lines += [f'branchy_tee_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()]
-            lines += ["# TYPE branchy_tee_samples_total counter", f"branchy_tee_samples_total {self.samples}",
-                      "# TYPE branchy_tee_exit_samples_total counter"]  # fmt: skip
+            lines += [
+                "# TYPE branchy_tee_samples_total counter",
+                f"branchy_tee_samples_total {self.samples}",
+                "# TYPE branchy_tee_exit_samples_total counter",
+            ]
             lines += [f'branchy_tee_exit_samples_total{{exit="{k}"}} {n}' for k, n in enumerate(exit_counts)]
             for name, values in (("request", self.latency), ("compute", self.compute)):
                 lines.append(f"# TYPE branchy_tee_{name}_seconds summary")
@@ -86,9 +100,14 @@ class Metrics:
                     f'branchy_tee_{name}_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self._quantiles(values).items()
                 ]
                 lines.append(f"branchy_tee_{name}_seconds_count {len(values)}")
-            lines += ["# TYPE branchy_tee_queue_requests gauge", f"branchy_tee_queue_requests {queue}",
-                      "# TYPE branchy_tee_connections_total counter", f"branchy_tee_connections_total {self.connections}",
-                      "# TYPE branchy_tee_tls_failures_total counter", f"branchy_tee_tls_failures_total {self.tls_failures}"]  # fmt: skip
+            lines += [
+                "# TYPE branchy_tee_queue_requests gauge",
+                f"branchy_tee_queue_requests {queue}",
+                "# TYPE branchy_tee_connections_total counter",
+                f"branchy_tee_connections_total {self.connections}",
+                "# TYPE branchy_tee_tls_failures_total counter",
+                f"branchy_tee_tls_failures_total {self.tls_failures}",
+            ]
         return "\n".join(lines) + "\n"
 
 
@@ -101,13 +120,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
-        self.timeout = self.server.timeout_s  # StreamRequestHandler applies it to the connection
         super().setup()
+        self.connection.settimeout(self.server.timeout_s)  # what StreamRequestHandler does with its timeout
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 -- the base class's name
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- the base class's name
         pass  # request lines carry host-visible paths only; per-request logs would also reveal timing detail
 
-    def _reply(self, status: int, obj, *, content_type="application/json", headers: dict | None = None) -> None:
+    def _reply(
+        self, status: int, obj: object, *, content_type: str = "application/json", headers: dict[str, str] | None = None
+    ) -> None:
         body = obj if isinstance(obj, bytes) else (json.dumps(obj) + "\n").encode()
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -118,7 +139,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, status: int, code: str, reason: str, headers: dict | None = None) -> None:
+    def _error(self, status: int, code: str, reason: str, headers: dict[str, str] | None = None) -> None:
         self._reply(status, {"error": reason, "code": code}, headers=headers)
 
     def _identity(self) -> bytes | None:
@@ -177,7 +198,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self, n: int) -> bytes | None:
         deadline = time.monotonic() + self.server.timeout_s
-        chunks, got = [], 0
+        chunks: list[bytes] = []
+        got = 0
         try:
             while got < n:
                 if time.monotonic() > deadline:
@@ -235,8 +257,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         seconds = time.perf_counter() - t0
         s.metrics.observe("ok", len(x), seconds, job.compute_seconds)
-        self._reply(200, {"model": s.model.identity, "compute_seconds": round(job.compute_seconds, 6),
-                          "batch_samples": job.batch_samples, "results": results})  # fmt: skip
+        self._reply(
+            200,
+            {
+                "model": s.model.identity,
+                "compute_seconds": round(job.compute_seconds, 6),
+                "batch_samples": job.batch_samples,
+                "results": results,
+            },
+        )
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -248,18 +277,18 @@ class Server(http.server.ThreadingHTTPServer):
 
     def __init__(
         self,
-        address,
-        model,
-        batcher,
+        address: tuple[str, int],
+        model: LoadedModel,
+        batcher: Batcher,
         context: ssl.SSLContext,
         *,
-        allowed,
-        owner,
+        allowed: Iterable[bytes],
+        owner: Iterable[bytes],
         timeout_s: float,
         max_body: int,
         max_request_samples: int,
-        log,
-    ):
+        log: Callable[[str], None],
+    ) -> None:
         self.model, self.batcher, self.context = model, batcher, context
         self.allowed, self.owner_identities = frozenset(allowed), frozenset(owner)
         self.timeout_s, self.max_body, self.max_request_samples = timeout_s, max_body, max_request_samples
@@ -269,13 +298,14 @@ class Server(http.server.ThreadingHTTPServer):
         self.log = log
         super().__init__(address, Handler)
 
-    def get_request(self):
+    def get_request(self) -> tuple[ssl.SSLSocket, Any]:
         sock, addr = self.socket.accept()
         sock.settimeout(self.timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small answers go out at once
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
 
-    def finish_request(self, request, client_address) -> None:
+    def finish_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
+        assert isinstance(request, ssl.SSLSocket)  # what get_request hands out
         self.metrics.connections += 1
         try:
             request.do_handshake()
@@ -285,7 +315,7 @@ class Server(http.server.ThreadingHTTPServer):
             return
         super().finish_request(request, client_address)
 
-    def handle_error(self, request, client_address) -> None:
+    def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         """One connection failed (reset mid-request, ...): count it, say what, keep serving."""
         self.metrics.observe("error")
         e = sys.exc_info()[1]
@@ -293,7 +323,7 @@ class Server(http.server.ThreadingHTTPServer):
             self.log(f"request failed: {type(e).__name__}: {shown(str(e), 200)}")
 
 
-def _close_gently(sock) -> None:
+def _close_gently(sock: ssl.SSLSocket) -> None:
     """After a failed handshake: let the TLS alert reach the client. Closing a socket with unread
     bytes (the client's first request) makes the kernel send a reset, which can overtake the alert,
     so read what is there (briefly, raw) and close only after the client's end of file."""
@@ -308,7 +338,7 @@ def _close_gently(sock) -> None:
 
 
 # --------------------------------------------------------------------------- TLS
-def tls_context(key, cert_der: bytes, anchors: list[bytes]) -> ssl.SSLContext:
+def tls_context(key: EllipticCurvePrivateKey, cert_der: bytes, anchors: list[bytes]) -> ssl.SSLContext:
     """A TLS 1.3 server context: our attested certificate, and client certificates verified against
     one anchor per allowed identity (optional: /v1/health needs none)."""
     from cryptography import x509
@@ -317,8 +347,9 @@ def tls_context(key, cert_der: bytes, anchors: list[bytes]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     cert_pem = x509.load_der_x509_certificate(cert_der).public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())  # fmt: skip
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     # The ssl module loads a certificate and key only from files. Inside Gramine /tmp is an in-enclave
     # tmpfs (see the manifest), so the private key never reaches the host; the file is removed at once.
     d = tempfile.mkdtemp(prefix="branchy-tee-tls-")
@@ -338,7 +369,7 @@ def tls_context(key, cert_der: bytes, anchors: list[bytes]) -> ssl.SSLContext:
     return ctx
 
 
-def anchors_for(identities, signer) -> list[bytes]:
+def anchors_for(identities: Iterable[bytes], signer: Ed25519PrivateKey) -> list[bytes]:
     from ..attest.ratls import identity_anchor
 
     return [identity_anchor(i, signer) for i in sorted(identities)]

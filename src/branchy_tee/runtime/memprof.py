@@ -61,7 +61,7 @@ class MemorySampler:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         self.samples.append((time.time(), rss_mib()))
@@ -70,7 +70,7 @@ class MemorySampler:
     def peak_mib(self) -> float:
         return max([m for _, m in self.samples] + [max_rss_mib()])
 
-    def write(self, directory: str | os.PathLike) -> Path:
+    def write(self, directory: str | os.PathLike[str]) -> Path:
         stamp = time.strftime("%Y%m%d%H%M%S", time.localtime(self.samples[0][0] if self.samples else time.time()))
         lines = ["CMDLINE " + " ".join([sys.executable, *sys.argv])]
         lines += [f"MEM {mib:.6f} {t:.4f}" for t, mib in self.samples]

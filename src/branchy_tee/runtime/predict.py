@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .. import measured
 from ..choices import EvidenceProvider
@@ -22,7 +22,17 @@ from ..errors import BranchyError, IntegrityError, UsageError, shown
 from ..parsing import ArgumentParser
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from ..seal.bundle import SealedBundle
+    from ..seal.envelope import RequestHeader
     from ..seal.header import BundleHeader
+    from .engine import Answers
+    from .keysource import KeySource
+
+    Request = tuple[RequestHeader, np.ndarray, bytes]  # (its header, its inputs, the file's bytes)
+
+Log = Callable[[str], None]
 
 PROG = "branchy-tee predict"
 
@@ -86,7 +96,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(pinned_bundle_id=None, pinned_model_key_id=None)  # set only from measured settings
 
 
-def _measured_only(args, dest: str, option: str, value: str, what: str) -> None:
+def _no_log(msg: str) -> None:
+    pass
+
+
+def _log_to_stderr(msg: str) -> None:
+    print(f"[enclave] {msg}", file=sys.stderr, flush=True)
+
+
+def make_log(quiet: bool) -> Log:
+    """The enclave's progress messages: to stderr, or nowhere with --quiet."""
+    return _no_log if quiet else _log_to_stderr
+
+
+def _measured_only(args: argparse.Namespace, dest: str, option: str, value: str, what: str) -> None:
     """Inside the enclave ``value`` (measured) decides; the host may repeat it, never change it."""
     given = getattr(args, dest)
     if given and given != value:
@@ -97,7 +120,7 @@ def _measured_only(args, dest: str, option: str, value: str, what: str) -> None:
     setattr(args, dest, value or None)
 
 
-def apply_enclave_settings(args, env=os.environ) -> None:
+def apply_enclave_settings(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> None:
     """In an enclave, the measured settings (the manifest's loader.env, part of MRENCLAVE) decide
     whom it trusts; the host's command line cannot change them.
 
@@ -120,8 +143,13 @@ def apply_enclave_settings(args, env=os.environ) -> None:
         raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {attest}")
     args.attest = attest
     _measured_only(args, "model_broker", "--model-broker", env.get(measured.MODEL_BROKER, ""), "the model broker")
-    _measured_only(args, "model_broker_identity", "--model-broker-identity", env.get(measured.MODEL_BROKER_IDENTITY, ""),
-                   "the model broker's identity")  # fmt: skip
+    _measured_only(
+        args,
+        "model_broker_identity",
+        "--model-broker-identity",
+        env.get(measured.MODEL_BROKER_IDENTITY, ""),
+        "the model broker's identity",
+    )
     if not args.model_broker or not args.model_broker_identity:
         raise UsageError(
             "this enclave was built without a model broker and its identity (measured "
@@ -142,7 +170,7 @@ def apply_enclave_settings(args, env=os.environ) -> None:
     args.attestation_dir = "/dev/attestation"  # Gramine's pseudo-files; never a host-chosen directory
 
 
-def _key_source(args):
+def _key_source(args: argparse.Namespace) -> KeySource:
     apply_enclave_settings(args)
     if args.attest:
         if args.model_key or args.data_key:
@@ -171,10 +199,12 @@ def _key_source(args):
     return FileKeys(args.model_key, args.data_key, args.min_version)
 
 
-def check_pins(header: BundleHeader, args, what: str) -> None:
+def check_pins(header: BundleHeader, args: argparse.Namespace, what: str) -> None:
     """The bundle must be the one the enclave was built for (measured bundle id and model key id)."""
-    for value, pinned, name in ((header.bundle_id, args.pinned_bundle_id, "bundle"),
-                                (header.key_id, args.pinned_model_key_id, "model key id")):  # fmt: skip
+    for value, pinned, name in (
+        (header.bundle_id, args.pinned_bundle_id, "bundle"),
+        (header.key_id, args.pinned_model_key_id, "model key id"),
+    ):
         if pinned is not None and value != pinned:
             raise IntegrityError(
                 f"{what}: {name} {shown(value, 40)} is not the measured {name} {pinned} "
@@ -182,22 +212,27 @@ def check_pins(header: BundleHeader, args, what: str) -> None:
             )
 
 
-def records_for(answers, classes: Sequence[str], lo: int, hi: int) -> list[dict]:
+def records_for(answers: Answers, classes: Sequence[str], lo: int, hi: int) -> list[dict[str, Any]]:
     return [
-        {"index": i - lo, "label": int(answers.labels[i]), "class_name": classes[int(answers.labels[i])],
-         "confidence": round(float(answers.confidences[i]), 6), "exit": int(answers.exits[i])}
+        {
+            "index": i - lo,
+            "label": int(answers.labels[i]),
+            "class_name": classes[int(answers.labels[i])],
+            "confidence": round(float(answers.confidences[i]), 6),
+            "exit": int(answers.exits[i]),
+        }
         for i in range(lo, hi)
-    ]  # fmt: skip
+    ]
 
 
-def plaintext_lines(request_id: str, records: list[dict]) -> list[str]:
+def plaintext_lines(request_id: str, records: list[dict[str, Any]]) -> list[str]:
     lines = [f"# request {request_id}", "index\tlabel\tclass_name\tconfidence\texit"]
     return lines + [
         f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records
     ]
 
 
-def _check_arguments(args) -> None:
+def _check_arguments(args: argparse.Namespace) -> None:
     if len(args.input) != len(args.output):
         raise UsageError(f"{len(args.input)} --input but {len(args.output)} --output; give one result file per request")
     if len(set(map(os.path.abspath, args.output))) != len(args.output):
@@ -206,7 +241,9 @@ def _check_arguments(args) -> None:
         raise UsageError("--batch-size must be at least 1")
 
 
-def _open_bundle_and_requests(args, log):
+def _open_bundle_and_requests(
+    args: argparse.Namespace, log: Log
+) -> tuple[SealedBundle, list[Request], dict[str, bytes]]:
     """Verify the bundle and every request; return (bundle, [(header, inputs, raw)], data keys)."""
     from ..seal.bundle import open_bundle, read_header_unverified
     from ..seal.envelope import open_request, read_file, request_key_id
@@ -216,7 +253,7 @@ def _open_bundle_and_requests(args, log):
     check_pins(bundle_header, args, args.bundle)
     # Learn which data keys are needed before asking for any key.
     raw_requests = [read_file(p, "request") for p in args.input]
-    kids = [request_key_id(data, p) for data, p in zip(raw_requests, args.input)]
+    kids = [request_key_id(data, p) for data, p in zip(raw_requests, args.input, strict=True)]
     model_key = keys.model_key(args.pinned_model_key_id or bundle_header.key_id)
     data_keys = keys.data_keys(sorted(set(kids)))
     bundle = open_bundle(args.bundle, model_key, min_version=max(args.min_version, keys.min_model_version()))
@@ -224,18 +261,28 @@ def _open_bundle_and_requests(args, log):
     check_pins(h, args, args.bundle)  # the file read first may have been swapped since
     log(f"bundle {h.arch} v{h.model_version} ({bundle.num_stages} stages) verified")
     shape = h.preprocessing.input_shape
-    requests = [(*open_request(data, data_keys, shape, p), data) for data, p in zip(raw_requests, args.input)]
+    requests: list[Request] = [
+        (*open_request(data, data_keys, shape, p), data) for data, p in zip(raw_requests, args.input, strict=True)
+    ]
     log(f"{len(requests)} request(s), {sum(len(r[1]) for r in requests)} samples verified")
     return bundle, requests, data_keys
 
 
-def _write_results(args, bundle, requests, data_keys, answers) -> None:
+def _write_results(
+    args: argparse.Namespace,
+    bundle: SealedBundle,
+    requests: list[Request],
+    data_keys: dict[str, bytes],
+    answers: Answers,
+) -> None:
     """Seal every data owner's answers for it; all answers exist before the first file is written."""
     from ..fileio import atomic_write_bytes, atomic_write_text
     from ..seal.envelope import request_digest, seal_result
 
-    outputs, text, lo = [], [], 0
-    for (req_header, inputs, raw), path in zip(requests, args.output):
+    outputs: list[tuple[str, bytes]] = []
+    text: list[str] = []
+    lo = 0
+    for (req_header, inputs, raw), path in zip(requests, args.output, strict=True):
         hi = lo + len(inputs)
         recs = records_for(answers, bundle.header.classes, lo, hi)
         model = bundle.header.model_ref
@@ -245,12 +292,14 @@ def _write_results(args, bundle, requests, data_keys, answers) -> None:
     for path, blob in outputs:
         atomic_write_bytes(path, blob)
     if args.plaintext_result:
-        print(f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{PROG}: warning: writing plaintext results to {args.plaintext_result}; the host can read them",
+            file=sys.stderr,
+        )
         atomic_write_text(args.plaintext_result, "\n".join(text) + "\n")
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict[str, Any]:
     # Imported here so that building the command line (``--help``) does not load the inference runtime.
     import numpy as np
 
@@ -261,7 +310,7 @@ def run(args) -> dict:
     from .stages import MIB, StageStore
     from .tuning import tune_allocator
 
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
+    log = make_log(args.quiet)
     _check_arguments(args)
     tune_allocator()
     use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1)
@@ -296,7 +345,8 @@ def run(args) -> dict:
     if args.stats_json:
         atomic_write_text(args.stats_json, json.dumps(stats, indent=2) + "\n")
     log(
-        f"answered {len(x)} samples in {seconds:.3f} s; exits {stats['exit_counts']}; stages loaded {stats['stages_loaded']}"
+        f"answered {len(x)} samples in {seconds:.3f} s; exits {stats['exit_counts']}; "
+        f"stages loaded {stats['stages_loaded']}"
     )
     return stats
 

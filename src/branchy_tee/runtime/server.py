@@ -34,10 +34,24 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from ..choices import EvidenceProvider
 from ..errors import BranchyError, UsageError
 from ..parsing import ArgumentParser
+
+if TYPE_CHECKING:
+    import ssl
+
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from ..attest.client import AttestedKeys
+    from ..seal.bundle import SealedBundle
+    from .https import Server
+    from .predict import Log
 
 PROG = "branchy-tee serve"
 
@@ -96,7 +110,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class LoadedModel:
     """The verified bundle, its stage store and exit rule: ``answer(x)`` for the batcher's thread."""
 
-    def __init__(self, bundle, memory_budget, batch_size: int, full_model: bool, log):
+    def __init__(
+        self, bundle: SealedBundle, memory_budget: float | None, batch_size: int, full_model: bool, log: Log
+    ) -> None:
         from .api import ModelInfo
         from .stages import StageStore
 
@@ -111,19 +127,19 @@ class LoadedModel:
         self.info = ModelInfo.of(h).to_json()  # GET /v1/model
         self.exit_counts = [0] * bundle.num_stages
 
-    def answer(self, x):
+    def answer(self, x: np.ndarray) -> list[dict[str, Any]]:
         from .engine import early_exit
 
         a = early_exit(self.store.get, self.bundle.num_stages, x, self.criterion, self.thresholds, self.batch_size)
         out = []
-        for label, conf, ex in zip(a.labels.tolist(), a.confidences.tolist(), a.exits.tolist()):
+        for label, conf, ex in zip(a.labels.tolist(), a.confidences.tolist(), a.exits.tolist(), strict=True):
             self.exit_counts[ex] += 1
             out.append({"label": label, "class_name": self.classes[label], "confidence": round(conf, 6), "exit": ex})
         return out
 
 
 # --------------------------------------------------------------------------- running
-def _model_keys(args):
+def _model_keys(args: argparse.Namespace) -> AttestedKeys:
     from ..attest.client import AttestedKeys
     from ..attest.identity import parse_identity
     from .predict import apply_enclave_settings
@@ -146,7 +162,7 @@ def _model_keys(args):
     )
 
 
-def _check_limits(args) -> None:
+def _check_limits(args: argparse.Namespace) -> None:
     for name in ("batch_size", "max_batch", "max_queue", "max_request_samples", "max_body"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -154,7 +170,7 @@ def _check_limits(args) -> None:
         raise UsageError("--max-wait-ms must not be negative; --timeout and --renew must be positive")
 
 
-def _load(args, log):
+def _load(args: argparse.Namespace, log: Log) -> tuple[AttestedKeys, str, LoadedModel]:
     """Attest to the model broker, verify the pinned bundle, load stage 0: (keys, model key id, model)."""
     from ..seal.bundle import open_bundle, read_header_unverified
     from .predict import check_pins
@@ -171,6 +187,22 @@ def _load(args, log):
     return keys, kid, model
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """What the server's TLS context is made of: its attested key and certificate, and the anchors of
+    the identities it lets in (the model owner's always), signed by a throwaway key."""
+
+    key: EllipticCurvePrivateKey
+    cert_der: bytes
+    owner: bytes
+    signer: Ed25519PrivateKey
+
+    def context_for(self, allowed: Iterable[bytes]) -> ssl.SSLContext:
+        from .https import anchors_for, tls_context
+
+        return tls_context(self.key, self.cert_der, anchors_for(set(allowed) | {self.owner}, self.signer))
+
+
 class Renewal:
     """Every ``--renew`` seconds: attest to the model broker again and take its allow-list. A refusal
     (the model owner revoked this enclave, or every data owner) stops the answers at once; a broker
@@ -178,17 +210,10 @@ class Renewal:
 
     GRACE = 3
 
-    def __init__(self, server, keys, kid: str, tls_key, cert_der: bytes, owner: bytes, signer, period: float, log):
-        self.server, self.keys, self.kid, self.period, self.log = server, keys, kid, period, log
-        self._tls = (tls_key, cert_der, owner, signer)
+    def __init__(self, server: Server, keys: AttestedKeys, kid: str, tls: ServerTls, period: float, log: Log) -> None:
+        self.server, self.keys, self.kid, self.tls, self.period, self.log = server, keys, kid, tls, period, log
         self.failures = 0
         self.stopping = threading.Event()
-
-    def context_for(self, allowed):
-        from .https import anchors_for, tls_context
-
-        tls_key, cert_der, owner, signer = self._tls
-        return tls_context(tls_key, cert_der, anchors_for(set(allowed) | {owner}, signer))
 
     def run(self) -> None:
         from ..errors import AttestationError
@@ -206,7 +231,7 @@ class Renewal:
                 continue
             self.failures = 0
             if new != self.server.allowed:
-                self.server.context = self.context_for(new)
+                self.server.context = self.tls.context_for(new)
                 self.server.allowed = new
                 self.log(f"allow-list renewed: {len(new)} data owner(s)")
             if self.server.state == "revoked":
@@ -217,7 +242,7 @@ class Renewal:
         self.log(f"{why}; no longer answering")
 
 
-def start(args, log=None):
+def start(args: argparse.Namespace, log: Log | None = None) -> tuple[Server, Callable[[], None]]:
     """Attest, load, and start serving in background threads; returns (server, stop function)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -225,9 +250,10 @@ def start(args, log=None):
     from ..parsing import parse_listen
     from .batching import Batcher
     from .https import Server
+    from .predict import make_log
     from .tuning import tune_allocator
 
-    log = log or (lambda msg: None)
+    log = log or make_log(quiet=True)
     _check_limits(args)
     host, port = parse_listen(args.listen)
     tune_allocator()
@@ -239,11 +265,20 @@ def start(args, log=None):
     signer = Ed25519PrivateKey.generate()  # signs the anchors (OpenSSL does not check their signatures)
     owner, allowed = keys.model_broker_identity, frozenset(keys.allowed_data_owners or ())
     batcher = Batcher(model.answer, args.max_batch, args.max_wait_ms / 1000.0, args.max_queue)
-    renewal = Renewal(None, keys, kid, tls_key, cert_der, owner, signer, args.renew, log)
-    server = Server((host, port), model, batcher, renewal.context_for(allowed), allowed=allowed, owner={owner},
-                    timeout_s=args.timeout, max_body=args.max_body, max_request_samples=args.max_request_samples,
-                    log=log)  # fmt: skip
-    renewal.server = server
+    tls = ServerTls(tls_key, cert_der, owner, signer)
+    server = Server(
+        (host, port),
+        model,
+        batcher,
+        tls.context_for(allowed),
+        allowed=allowed,
+        owner={owner},
+        timeout_s=args.timeout,
+        max_body=args.max_body,
+        max_request_samples=args.max_request_samples,
+        log=log,
+    )
+    renewal = Renewal(server, keys, kid, tls, args.renew, log)
     threading.Thread(target=server.serve_forever, name="serve", daemon=True).start()
     threading.Thread(target=renewal.run, name="renew", daemon=True).start()
 
@@ -257,10 +292,13 @@ def start(args, log=None):
     return server, stop
 
 
-def run(args) -> int:
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[enclave] {msg}", file=sys.stderr, flush=True))
+def run(args: argparse.Namespace) -> int:
+    from .predict import make_log
+
+    log = make_log(args.quiet)
     server, stop = start(args, log)
     host, port = server.server_address[:2]
+    assert isinstance(host, str)  # a bound TCP socket names its host as a str
     h = server.model.bundle.header
     print(
         f"serving {h.arch} (bundle {h.bundle_id}, model version {h.model_version}) "

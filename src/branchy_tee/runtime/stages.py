@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from typing import Callable
 
 from ..errors import BranchyError, IntegrityError
 from ..seal.bundle import SealedBundle
@@ -22,7 +23,13 @@ MIB = 1 << 20
 
 
 class StageStore:
-    def __init__(self, bundle: SealedBundle, memory_budget_mib: float | None = None, batch_size: int = 1, log=None):
+    def __init__(
+        self,
+        bundle: SealedBundle,
+        memory_budget_mib: float | None = None,
+        batch_size: int = 1,
+        log: Callable[[str], None] | None = None,
+    ):
         self.bundle = bundle
         self.log = log or (lambda msg: None)
         self.num_stages = bundle.num_stages
@@ -34,9 +41,12 @@ class StageStore:
             need = self.weight_bytes[0] + max(self.weight_bytes[1:]) + self.activation_bytes
             if need > memory_budget_mib * MIB:
                 raise BranchyError(
-                    f"memory budget {memory_budget_mib:g} MiB is too small: stage 0 ({self.weight_bytes[0] / MIB:.1f} MiB) + the "
-                    f"largest later stage ({max(self.weight_bytes[1:]) / MIB:.1f} MiB) + activations of a batch of {batch_size} "
-                    f"({self.activation_bytes / MIB:.1f} MiB) need {need / MIB:.1f} MiB; raise --memory-budget or lower --batch-size"
+                    f"memory budget {memory_budget_mib:g} MiB is too small: "
+                    f"stage 0 ({self.weight_bytes[0] / MIB:.1f} MiB) + the "
+                    f"largest later stage ({max(self.weight_bytes[1:]) / MIB:.1f} MiB) + "
+                    f"activations of a batch of {batch_size} "
+                    f"({self.activation_bytes / MIB:.1f} MiB) need {need / MIB:.1f} MiB; "
+                    "raise --memory-budget or lower --batch-size"
                 )
         self.resident: OrderedDict[int, StageGraph] = OrderedDict()
         self.loaded_ever: list[int] = []

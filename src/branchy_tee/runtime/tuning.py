@@ -14,6 +14,12 @@ owner side (training and export).
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import torch
+
+    M = TypeVar("M", bound=torch.nn.Module)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -37,8 +43,10 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30
     return ok
 
 
-def channels_last(module):
+def channels_last(module: M) -> M:
     """Convert 4-D parameters and buffers to channels-last in place (a no-op for other modules)."""
     import torch
 
-    return module.to(memory_format=torch.channels_last)
+    # torch's stubs list no memory_format for Module.to, which takes it (documented, and it works)
+    converted: M = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return converted

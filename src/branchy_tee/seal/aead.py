@@ -16,7 +16,7 @@ import os
 import struct
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Iterator
+from typing import Iterator, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -25,6 +25,17 @@ from ..errors import IntegrityError
 
 TAG = 16
 DEFAULT_CHUNK = 1 << 20
+
+# What a stream is opened into: a plain buffer, or an anonymous mapping for large stages.
+PlainBuffer = bytearray | mmap.mmap
+
+
+class ChunkReader(Protocol):
+    """What sealed chunks are read from: a binary file (buffered or not) or an in-memory stream."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 def _nonce_and_aad(context: bytes, index: int, last: bool) -> tuple[bytes, bytes]:
@@ -54,7 +65,7 @@ def seal_chunks(
         yield aead.encrypt(nonce, bytes(view[i * chunk_size : (i + 1) * chunk_size]), aad)
 
 
-def _fresh_buffer(size: int):
+def _fresh_buffer(size: int) -> PlainBuffer:
     """A zeroed, writable buffer. Large ones are their own anonymous mapping, so the memory goes back
     to the system as soon as the stage using it is dropped. Its pages are not populated up front:
     the decryption threads fault them in, in parallel, as they write their chunks (measured here on
@@ -96,7 +107,15 @@ def _wipe(view: memoryview, step: int = 1 << 20) -> None:
         view[i : i + n] = zeros[:n]
 
 
-def open_chunks(key: bytes, f: BinaryIO, context: bytes, plaintext_size: int, chunk_size: int, what: str, into=None):
+def open_chunks(
+    key: bytes,
+    f: ChunkReader,
+    context: bytes,
+    plaintext_size: int,
+    chunk_size: int,
+    what: str,
+    into: PlainBuffer | None = None,
+) -> PlainBuffer:
     """Read, verify and decrypt a whole stream of known size from ``f`` into one buffer (``into``,
     or a fresh one), which is returned.
 
@@ -130,9 +149,9 @@ class _Stream:
         self.n = num_chunks(self.size, chunk_size)
         self.workers = _decrypt_workers() if self.n >= 4 else 1
         self.ring = [memoryview(bytearray(min(self.size, chunk_size) + TAG)) for _ in range(self.workers + 1)]
-        self.pending: deque = deque()  # futures, in chunk order
+        self.pending: deque[Future[None]] = deque()  # in chunk order
 
-    def decrypt(self, i: int, sealed, size: int, last: bool) -> None:
+    def decrypt(self, i: int, sealed: memoryview, size: int, last: bool) -> None:
         nonce, aad = _nonce_and_aad(self.context, i, last)
         try:
             self.aead.decrypt_into(nonce, sealed, aad, self.view[i * self.chunk_size : i * self.chunk_size + size])
@@ -141,9 +160,9 @@ class _Stream:
                 f"{self.what}: chunk {i} failed authentication (tampered, reordered, foreign or wrong key)"
             ) from None
 
-    def inline(self, i: int, sealed, size: int, last: bool) -> Future:
+    def inline(self, i: int, sealed: memoryview, size: int, last: bool) -> Future[None]:
         """Decrypt on this thread; the outcome kept like a worker's, so errors surface in chunk order."""
-        fut: Future = Future()
+        fut: Future[None] = Future()
         try:
             self.decrypt(i, sealed, size, last)
             fut.set_result(None)
@@ -151,7 +170,7 @@ class _Stream:
             fut.set_exception(e)
         return fut
 
-    def read_all(self, f: BinaryIO) -> None:
+    def read_all(self, f: ChunkReader) -> None:
         pool = ThreadPoolExecutor(self.workers - 1) if self.workers > 1 else None
         try:
             for i in range(self.n):
@@ -169,7 +188,7 @@ class _Stream:
             if pool is not None:
                 pool.shutdown(wait=True)
 
-    def _read_one(self, f: BinaryIO, i: int, pool):
+    def _read_one(self, f: ChunkReader, i: int, pool: ThreadPoolExecutor | None) -> ThreadPoolExecutor | None:
         last = i == self.n - 1
         size = self.size - i * self.chunk_size if last else self.chunk_size
         if len(self.pending) == len(self.ring):  # the oldest chunk's buffer is needed again

@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BranchyError, IntegrityError, shown
 from ..fileio import read_regular_file
@@ -39,6 +40,9 @@ from . import aead
 from .header import BUNDLE_FORMAT, HEADER_MEMBERS, STAGE_MEMBERS, BundleHeader, StageEntry, stage_file
 from .keys import derive, key_id
 
+if TYPE_CHECKING:
+    import torch
+
 HEADER_FILE = "header.json"
 MAX_HEADER_BYTES = 1 << 20
 # header.json holds exactly these members, in this order (as seal_model writes them), and so do the
@@ -46,7 +50,7 @@ MAX_HEADER_BYTES = 1 << 20
 DOC_MEMBERS = ("header", "mac")
 
 
-def canonical_json(obj) -> bytes:
+def canonical_json(obj: object) -> bytes:
     """The one byte string a JSON object is authenticated as."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
@@ -59,7 +63,7 @@ def _stage_key(model_key: bytes, bundle_id: str, version: int, index: int) -> by
     return derive(model_key, "bundle-stage", _stage_context(bundle_id, version, index))
 
 
-def _header_mac(model_key: bytes, header: dict) -> str:
+def _header_mac(model_key: bytes, header: dict[str, Any]) -> str:
     """The MAC of a header object, exactly as read or about to be written (not a re-serialisation)."""
     mac_key = derive(model_key, "bundle-header", str(header.get("bundle_id", "")).encode())
     return hmac.new(mac_key, canonical_json(header), hashlib.sha256).hexdigest()
@@ -67,10 +71,10 @@ def _header_mac(model_key: bytes, header: dict) -> str:
 
 # --------------------------------------------------------------------------- writing (model owner)
 def seal_model(
-    model,
+    model: torch.nn.Module,
     card: ModelFacts,
     model_key: bytes,
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     version: int = 1,
     chunk_size: int = aead.DEFAULT_CHUNK,
 ) -> BundleHeader:
@@ -83,9 +87,9 @@ def seal_model(
 
 
 def seal_run(
-    run_dir: str | os.PathLike,
+    run_dir: str | os.PathLike[str],
     model_key: bytes,
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     version: int = 1,
     chunk_size: int = aead.DEFAULT_CHUNK,
     show: bool = False,
@@ -94,6 +98,7 @@ def seal_run(
     from ..export.onnx import exported_graphs
     from ..rundir import read_model_card
 
+    run_dir = Path(run_dir)
     card = read_model_card(run_dir)
     graphs, doc = exported_graphs(run_dir, show=show)
     return seal_graphs(graphs, doc["stages"], card, model_key, out, version, chunk_size)
@@ -101,10 +106,10 @@ def seal_run(
 
 def seal_graphs(
     graphs: list[bytes],
-    facts: list[dict],
+    facts: list[dict[str, Any]],
     card: ModelFacts,
     model_key: bytes,
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     version: int = 1,
     chunk_size: int = aead.DEFAULT_CHUNK,
 ) -> BundleHeader:
@@ -124,24 +129,10 @@ def seal_graphs(
     bundle_id = secrets.token_hex(16)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
-        stages = []
-        for k, (plain, fact) in enumerate(zip(graphs, facts)):
-            key = _stage_key(model_key, bundle_id, version, k)
-            with open(tmp / stage_file(k), "wb") as f:
-                for chunk in aead.seal_chunks(key, plain, _stage_context(bundle_id, version, k), chunk_size):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            stages.append(
-                StageEntry(
-                    k,
-                    stage_file(k),
-                    len(plain),
-                    int(fact["weight_bytes"]),
-                    int(fact["activation_elems"]),
-                    aead.sealed_size(len(plain), chunk_size),
-                )
-            )
+        stages = [
+            _seal_stage(tmp, k, plain, fact, model_key, bundle_id, version, chunk_size)
+            for k, (plain, fact) in enumerate(zip(graphs, facts, strict=True))
+        ]
         header = BundleHeader(
             bundle_id=bundle_id,
             model_version=version,
@@ -162,24 +153,51 @@ def seal_graphs(
     return header
 
 
-def header_file_bytes(doc: dict) -> bytes:
+def _seal_stage(
+    tmp: Path,
+    k: int,
+    plain: bytes,
+    fact: dict[str, Any],
+    model_key: bytes,
+    bundle_id: str,
+    version: int,
+    chunk_size: int,
+) -> StageEntry:
+    """Write stage k's sealed file into ``tmp`` (fsynced); its header entry."""
+    key = _stage_key(model_key, bundle_id, version, k)
+    with open(tmp / stage_file(k), "wb") as f:
+        for chunk in aead.seal_chunks(key, plain, _stage_context(bundle_id, version, k), chunk_size):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return StageEntry(
+        k,
+        stage_file(k),
+        len(plain),
+        int(fact["weight_bytes"]),
+        int(fact["activation_elems"]),
+        aead.sealed_size(len(plain), chunk_size),
+    )
+
+
+def header_file_bytes(doc: dict[str, Any]) -> bytes:
     """The exact bytes of header.json for a header document (what ``seal_model`` writes)."""
     return (json.dumps(doc, indent=1) + "\n").encode()
 
 
 # --------------------------------------------------------------------------- reading (enclave)
-def read_header_unverified(path: str | os.PathLike) -> BundleHeader:
+def read_header_unverified(path: str | os.PathLike[str]) -> BundleHeader:
     """The header as stored, without checking its MAC: for data owners (who have no model key) to
     read the preprocessing, and for the enclave to learn which model key it needs."""
     doc, _ = _read_header(path)
     return BundleHeader.parse(doc["header"], _where(path))
 
 
-def _where(path: str | os.PathLike) -> str:
+def _where(path: str | os.PathLike[str]) -> str:
     return f"{Path(path).name}/{HEADER_FILE}"
 
 
-def _read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
+def _read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
     """header.json's document ({"header", "mac"}, the header's members and their stage entries
     exactly as sealed, untyped: what the MAC covers) and its bytes."""
     file = Path(path) / HEADER_FILE
@@ -227,7 +245,7 @@ class SealedBundle:
         """Stage k's file as messages name it (BUNDLE/stage-KK.bin)."""
         return f"{self.path.name}/{self.header.stages[k].file}"
 
-    def decrypt_stage(self, k: int, into=None):
+    def decrypt_stage(self, k: int, into: aead.PlainBuffer | None = None) -> aead.PlainBuffer:
         """Stage k's plaintext (its ONNX graph's bytes, in ``into`` or a fresh buffer), every chunk verified."""
         h, entry = self.header, self.header.stages[k]
         what = self.stage_name(k)
@@ -249,7 +267,7 @@ class SealedBundle:
             raise BranchyError(f"{what}: cannot read ({e.strerror})") from None
 
 
-def open_bundle(path: str | os.PathLike, model_key: bytes, min_version: int = 0) -> SealedBundle:
+def open_bundle(path: str | os.PathLike[str], model_key: bytes, min_version: int = 0) -> SealedBundle:
     """Verify the header with the model key; refuse versions below ``min_version``.
 
     The MAC is checked over the header object exactly as read, and the file's bytes must be those

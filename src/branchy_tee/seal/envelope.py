@@ -23,9 +23,10 @@ import secrets
 import struct
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.numpy import load as st_load
@@ -93,15 +94,26 @@ class RequestHeader:
     dtype: str  # the payload's tensor type as the sender says it (the payload itself is checked)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": REQUEST_FORMAT, "request_id": self.request_id, "samples": self.samples,
-                "shape": list(self.shape), "dtype": self.dtype, "key_id": self.key_id}  # fmt: skip
+        return {
+            "format": REQUEST_FORMAT,
+            "request_id": self.request_id,
+            "samples": self.samples,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "key_id": self.key_id,
+        }
 
     @classmethod
     def parse(cls, doc: object, what: str) -> "RequestHeader":
         f = Fields(doc, what, "the request header", IntegrityError)
         f.text("format", lambda v: v == REQUEST_FORMAT, REQUEST_FORMAT)
-        h = cls(f.text("request_id", _is_request_id, "a request id"), f.text("key_id", _is_key_id, "a key id"),
-                f.integer("samples", 0), f.integers("shape", lo=0), f.text("dtype"))  # fmt: skip
+        h = cls(
+            f.text("request_id", _is_request_id, "a request id"),
+            f.text("key_id", _is_key_id, "a key id"),
+            f.integer("samples", 0),
+            f.integers("shape", lo=0),
+            f.text("dtype"),
+        )
         f.done()
         return h
 
@@ -118,8 +130,14 @@ class ResultHeader:
     key_id: str  # the data owner's key id
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": RESULT_FORMAT, "request_id": self.request_id, "request_sha256": self.request_sha256,
-                **self.model.to_json(), "samples": self.samples, "key_id": self.key_id}  # fmt: skip
+        return {
+            "format": RESULT_FORMAT,
+            "request_id": self.request_id,
+            "request_sha256": self.request_sha256,
+            **self.model.to_json(),
+            "samples": self.samples,
+            "key_id": self.key_id,
+        }
 
     @classmethod
     def parse(cls, doc: object, what: str) -> "ResultHeader":
@@ -127,11 +145,15 @@ class ResultHeader:
         if f.doc.get("format") != RESULT_FORMAT:
             raise IntegrityError(f"{what}: authentic, but not a {RESULT_FORMAT} result (no request digest or model)")
         f.text("format")
-        h = cls(f.text("request_id", _is_request_id, "a request id"),
-                f.text("request_sha256", lambda v: DIGEST_RE.fullmatch(v) is not None, "a SHA-256 (64 lower-case hex)"),
-                ModelRef(f.text("bundle_id"), f.integer("model_version", 1),
-                         f.text("model_key_id", _is_key_id, "a key id")),
-                f.integer("samples", 0), f.text("key_id", _is_key_id, "a key id"))  # fmt: skip
+        h = cls(
+            f.text("request_id", _is_request_id, "a request id"),
+            f.text("request_sha256", lambda v: DIGEST_RE.fullmatch(v) is not None, "a SHA-256 (64 lower-case hex)"),
+            ModelRef(
+                f.text("bundle_id"), f.integer("model_version", 1), f.text("model_key_id", _is_key_id, "a key id")
+            ),
+            f.integer("samples", 0),
+            f.text("key_id", _is_key_id, "a key id"),
+        )
         f.done()
         return h
 
@@ -146,7 +168,7 @@ def _key(data_key: bytes, magic: bytes, request_id: str) -> bytes:
     return derive(data_key, purpose, request_id.encode())
 
 
-def seal_envelope(magic: bytes, header: dict, payload: bytes, data_key: bytes) -> bytes:
+def seal_envelope(magic: bytes, header: dict[str, Any], payload: bytes, data_key: bytes) -> bytes:
     """Seal ``payload`` under ``header`` (a typed header's ``to_json()``; the data key's id is set here)."""
     header = {**header, "key_id": key_id(data_key)}
     hbytes = canonical_json(header)
@@ -155,7 +177,7 @@ def seal_envelope(magic: bytes, header: dict, payload: bytes, data_key: bytes) -
     return prefix + nonce + AESGCM(_key(data_key, magic, header["request_id"])).encrypt(nonce, payload, prefix)
 
 
-def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, int]:
+def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], int]:
     """(header, offset of the nonce) without decrypting. The header is not yet authenticated: only
     its request id and key id (which key opens it) are checked here, and nothing else is read from it
     before it is authenticated (``open_envelope``)."""
@@ -185,10 +207,11 @@ def read_envelope_header(data: bytes, magic: bytes, what: str) -> tuple[dict, in
 
 def request_key_id(data: bytes, what: str) -> str:
     """The data key id a request says it is sealed under (unauthenticated: it says which key to try)."""
-    return read_envelope_header(data, REQUEST_MAGIC, what)[0]["key_id"]
+    kid: str = read_envelope_header(data, REQUEST_MAGIC, what)[0]["key_id"]  # checked to be a key id
+    return kid
 
 
-def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) -> tuple[dict, bytes]:
+def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) -> tuple[dict[str, Any], bytes]:
     """(header, payload), authenticated and decrypted with the key whose id the header names
     (``keys``: key id -> key). The header is as read: its type's ``parse`` reads it next."""
     header, off = read_envelope_header(data, magic, what)
@@ -207,23 +230,28 @@ def open_envelope(data: bytes, magic: bytes, keys: dict[str, bytes], what: str) 
     return header, payload
 
 
-def read_file(path: str | os.PathLike, what: str = "request or result file", limit: int = MAX_FILE) -> bytes:
+def read_file(path: str | os.PathLike[str], what: str = "request or result file", limit: int = MAX_FILE) -> bytes:
     """A request or result file's bytes: a regular file of at most ``limit`` bytes (checked before
     reading, so a huge or endless file, e.g. /dev/zero, is refused instead of exhausting memory)."""
     return read_regular_file(path, what, limit)
 
 
 # --------------------------------------------------------------------------- requests
-def seal_request(inputs, data_key: bytes, request_id: str | None = None) -> bytes:
+def seal_request(inputs: npt.ArrayLike, data_key: bytes, request_id: str | None = None) -> bytes:
     """``inputs``: a float32 array (N, C, H, W), numpy or anything that converts to one (a CPU tensor)."""
     inputs = np.ascontiguousarray(inputs)
     check_inputs(inputs, None, "inputs")
-    header = RequestHeader(check_request_id(new_request_id() if request_id is None else request_id), key_id(data_key),
-                           int(inputs.shape[0]), tuple(int(n) for n in inputs.shape[1:]), "float32")  # fmt: skip
+    header = RequestHeader(
+        check_request_id(new_request_id() if request_id is None else request_id),
+        key_id(data_key),
+        int(inputs.shape[0]),
+        tuple(int(n) for n in inputs.shape[1:]),
+        "float32",
+    )
     return seal_envelope(REQUEST_MAGIC, header.to_json(), st_save({"inputs": inputs}), data_key)
 
 
-def check_inputs(x: np.ndarray, shape, what: str) -> None:
+def check_inputs(x: np.ndarray, shape: Sequence[int] | None, what: str) -> None:
     if x.dtype != np.float32:
         raise BranchyError(f"{what}: tensor dtype is {x.dtype}, expected float32")
     if x.ndim != 4 or (shape is not None and list(x.shape[1:]) != list(shape)):
@@ -235,7 +263,9 @@ def check_inputs(x: np.ndarray, shape, what: str) -> None:
         raise BranchyError(f"{what}: inputs contain NaN or infinite values")
 
 
-def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) -> tuple[RequestHeader, np.ndarray]:
+def open_request(
+    data: bytes, keys: dict[str, bytes], input_shape: Sequence[int] | None, what: str
+) -> tuple[RequestHeader, np.ndarray]:
     doc, payload = open_envelope(data, REQUEST_MAGIC, keys, what)
     header = RequestHeader.parse(doc, what)
     try:
@@ -253,7 +283,7 @@ def open_request(data: bytes, keys: dict[str, bytes], input_shape, what: str) ->
 
 # --------------------------------------------------------------------------- results
 def seal_result(
-    records: list[dict], request: RequestHeader, request_sha256: str, model: ModelRef, data_key: bytes
+    records: list[dict[str, Any]], request: RequestHeader, request_sha256: str, model: ModelRef, data_key: bytes
 ) -> bytes:
     """The sealed answer to one request: bound to that request's exact bytes (``request_sha256``) and
     naming the model that answered."""
@@ -261,7 +291,9 @@ def seal_result(
     return seal_envelope(RESULT_MAGIC, header.to_json(), json.dumps(records).encode(), data_key)
 
 
-def open_result(data: bytes, data_key: bytes, what: str, request_sha256: str) -> tuple[ResultHeader, list[dict]]:
+def open_result(
+    data: bytes, data_key: bytes, what: str, request_sha256: str
+) -> tuple[ResultHeader, list[dict[str, Any]]]:
     """(header, records) of a result, which must answer the request whose file has SHA-256
     ``request_sha256`` (see :func:`request_digest`); IntegrityError otherwise."""
     if not isinstance(request_sha256, str) or not DIGEST_RE.fullmatch(request_sha256):

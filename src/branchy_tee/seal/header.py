@@ -19,8 +19,22 @@ from ..strict import Fields
 from .keys import KEY_ID_RE
 
 BUNDLE_FORMAT = "branchy-tee/bundle/v2"  # v2: stage payloads are ONNX graphs (v1: safetensors)
-HEADER_MEMBERS = ("format", "bundle_id", "model_version", "key_id", "arch", "config", "classes", "preprocessing",
-                  "criterion", "thresholds", "stage_flops", "head_flops", "chunk_size", "stages")  # fmt: skip
+HEADER_MEMBERS = (
+    "format",
+    "bundle_id",
+    "model_version",
+    "key_id",
+    "arch",
+    "config",
+    "classes",
+    "preprocessing",
+    "criterion",
+    "thresholds",
+    "stage_flops",
+    "head_flops",
+    "chunk_size",
+    "stages",
+)
 BUNDLE_ID_RE = re.compile(r"[0-9a-f]{32}")  # a fresh random id per seal
 STAGE_MEMBERS = ("index", "file", "plaintext_size", "weight_bytes", "activation_elems", "sealed_size")
 
@@ -39,16 +53,25 @@ class StageEntry:
     sealed_size: int  # bytes of the encrypted file
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "file": self.file, "plaintext_size": self.plaintext_size,
-                "weight_bytes": self.weight_bytes, "activation_elems": self.activation_elems,
-                "sealed_size": self.sealed_size}  # fmt: skip
+        return {
+            "index": self.index,
+            "file": self.file,
+            "plaintext_size": self.plaintext_size,
+            "weight_bytes": self.weight_bytes,
+            "activation_elems": self.activation_elems,
+            "sealed_size": self.sealed_size,
+        }
 
     @classmethod
     def parse(cls, f: Fields, k: int) -> "StageEntry":
-        entry = cls(f.check("index", lambda v: type(v) is int and v == k, f"{k}"),
-                    f.text("file", lambda v: v == stage_file(k), repr(stage_file(k))),
-                    f.integer("plaintext_size", 0), f.integer("weight_bytes", 0), f.integer("activation_elems", 0),
-                    f.integer("sealed_size", 0))  # fmt: skip
+        entry = cls(
+            f.check("index", lambda v: type(v) is int and v == k, f"{k}"),
+            f.text("file", lambda v: v == stage_file(k), repr(stage_file(k))),
+            f.integer("plaintext_size", 0),
+            f.integer("weight_bytes", 0),
+            f.integer("activation_elems", 0),
+            f.integer("sealed_size", 0),
+        )
         f.done(STAGE_MEMBERS)
         return entry
 
@@ -82,20 +105,29 @@ class BundleHeader(ModelFacts):
         return ModelRef(self.bundle_id, self.model_version, self.key_id)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": BUNDLE_FORMAT, "bundle_id": self.bundle_id, "model_version": self.model_version,
-                "key_id": self.key_id, **self.facts_json(), "chunk_size": self.chunk_size,
-                "stages": [s.to_json() for s in self.stages]}  # fmt: skip
+        return {
+            "format": BUNDLE_FORMAT,
+            "bundle_id": self.bundle_id,
+            "model_version": self.model_version,
+            "key_id": self.key_id,
+            **self.facts_json(),
+            "chunk_size": self.chunk_size,
+            "stages": [s.to_json() for s in self.stages],
+        }
 
     @classmethod
     def parse(cls, doc: object, where: str) -> "BundleHeader":
         """IntegrityError (one line, naming ``where`` and the member) unless ``doc`` is a header."""
         f = Fields(doc, where, "the bundle header", IntegrityError)
         f.text("format", lambda v: v == BUNDLE_FORMAT, BUNDLE_FORMAT)
-        header = cls(bundle_id=f.text("bundle_id", lambda v: BUNDLE_ID_RE.fullmatch(v) is not None, "32 hex digits"),
-                     model_version=f.integer("model_version", 1),
-                     key_id=f.text("key_id", lambda v: KEY_ID_RE.fullmatch(v) is not None, "a key id (16 hex digits)"),
-                     **cls.parse_facts(f), chunk_size=f.integer("chunk_size", 1),
-                     stages=f.each("stages", StageEntry.parse))  # fmt: skip
+        header = cls(
+            bundle_id=f.text("bundle_id", lambda v: BUNDLE_ID_RE.fullmatch(v) is not None, "32 hex digits"),
+            model_version=f.integer("model_version", 1),
+            key_id=f.text("key_id", lambda v: KEY_ID_RE.fullmatch(v) is not None, "a key id (16 hex digits)"),
+            **cls.parse_facts(f),
+            chunk_size=f.integer("chunk_size", 1),
+            stages=f.each("stages", StageEntry.parse),
+        )
         f.done(HEADER_MEMBERS)
         header.check(where, IntegrityError)
         return header
