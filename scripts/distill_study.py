@@ -121,8 +121,16 @@ def phase_configs(model: str, recipe: str, seed: int, run_dir: Path) -> list:
         early, final = p.pop("early_weight", 1.0), p.pop("final_weight", 1.0)
         out = run_dir if i == len(phases) - 1 else run_dir / f"phase{i + 1}"
         extra = {k: v for k, v in spec.items() if k not in ("net", "model_config", "epochs")}  # lr, batch size, ...
-        common = dict(dataset="fashion-mnist", epochs=epochs, num_workers=0, out=str(out), seed=seed, quiet=True,
-                      patience=epochs, **extra)  # fmt: skip
+        common = dict(
+            dataset="fashion-mnist",
+            epochs=epochs,
+            num_workers=0,
+            out=str(out),
+            seed=seed,
+            quiet=True,
+            patience=epochs,
+            **extra,
+        )
         if frozen:
             cfg = TrainConfig(attach_exits=str(configs[-1].out), **common, **p)
         else:
@@ -159,11 +167,14 @@ def run_one(model: str, recipe: str, seed: int, root: Path) -> dict:
     torch.save(logits, run_dir / "logits.pt")
     test = logits["test"]
     result = {
-        "model": model, "recipe": recipe, "seed": seed, "train_seconds": round(train_seconds, 1),
+        "model": model,
+        "recipe": recipe,
+        "seed": seed,
+        "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
         "test_exit_accuracy": [float((lg.argmax(1) == test["labels"]).float().mean()) for lg in test["logits"]],
         "costs": costs_of(card)[1],
-    }  # fmt: skip
+    }
     result_path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -201,8 +212,10 @@ def load_logits(path: Path) -> dict:
     """A run's stored validation and test outputs as log-probabilities: runs made before the stage
     graphs stored raw logits, and log_softmax leaves log-probabilities as they are."""
     stored = torch.load(path, weights_only=True)
-    return {split: {"logits": [lg.float().log_softmax(1) for lg in v["logits"]], "labels": v["labels"]}
-            for split, v in stored.items()}  # fmt: skip
+    return {
+        split: {"logits": [lg.float().log_softmax(1) for lg in v["logits"]], "labels": v["labels"]}
+        for split, v in stored.items()
+    }
 
 
 def calibration_table(root: Path, rows: list[dict], criterion_name: str = "entropy", val_sizes=(None, 3000)) -> str:

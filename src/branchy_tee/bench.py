@@ -129,9 +129,13 @@ def import_closure(modules: dict[str, str | None]) -> dict:
         files = [f for d in dirs if d.exists() for f in (d.rglob("*") if d.is_dir() else [d]) if f.is_file()]
         out[top] = {"files": len(files), "mb": round(sum(f.stat().st_size for f in files) / 1e6, 2)}
     third_party = [v for k, v in out.items() if k != "branchy_tee"]
-    return {"packages": out, "third_party_files": sum(v["files"] for v in third_party),
-            "third_party_mb": round(sum(v["mb"] for v in third_party), 1), "stdlib_modules": n_std,
-            "has_torch": "torch" in modules}  # fmt: skip
+    return {
+        "packages": out,
+        "third_party_files": sum(v["files"] for v in third_party),
+        "third_party_mb": round(sum(v["mb"] for v in third_party), 1),
+        "stdlib_modules": n_std,
+        "has_torch": "torch" in modules,
+    }
 
 
 def bench_enclave(run_dir: Path, work: Path, quick: bool, data_dir=None) -> dict:
@@ -156,16 +160,38 @@ def bench_enclave(run_dir: Path, work: Path, quick: bool, data_dir=None) -> dict
     early = predict_subprocess(work, work / "bench.btee", "bench-early", 64, "req256.enc")
     full = predict_subprocess(work, work / "bench.btee", "bench-full", 64, "req256.enc", ["--full-model"])
     probe = work / "closure.json"
-    cmd = [sys.executable, "-c", _CLOSURE_PROBE, str(probe), "--bundle", str(work / "bench.btee"), "--input",
-           str(work / "req256.enc"), "--output", str(work / "closure.res"), "--model-key", str(work / "model.key"),
-           "--data-key", str(work / "data.key"), "--quiet", "--batch-size", "64"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        _CLOSURE_PROBE,
+        str(probe),
+        "--bundle",
+        str(work / "bench.btee"),
+        "--input",
+        str(work / "req256.enc"),
+        "--output",
+        str(work / "closure.res"),
+        "--model-key",
+        str(work / "model.key"),
+        "--data-key",
+        str(work / "data.key"),
+        "--quiet",
+        "--batch-size",
+        "64",
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     closure = json.loads(probe.read_text())
     weights = sum(s.weight_bytes for s in read_header_unverified(work / "bench.btee").stages)
-    return {"samples": n, "batch_size": 64, "early_exit_peak_mib": early["peak_rss_mib"],
-            "full_model_peak_mib": full["peak_rss_mib"], "early_exit_stages_loaded": early["stages_loaded"],
-            "exit_counts": early["exit_counts"], "weights_mib": weights / 2**20,
-            "import_closure": import_closure(closure["modules"])}  # fmt: skip
+    return {
+        "samples": n,
+        "batch_size": 64,
+        "early_exit_peak_mib": early["peak_rss_mib"],
+        "full_model_peak_mib": full["peak_rss_mib"],
+        "early_exit_stages_loaded": early["stages_loaded"],
+        "exit_counts": early["exit_counts"],
+        "weights_mib": weights / 2**20,
+        "import_closure": import_closure(closure["modules"]),
+    }
 
 
 # --------------------------------------------------------------------------- quote verification
@@ -175,9 +201,11 @@ def bench_quote_verify(quick: bool) -> dict | None:
     from .attest.verify import read_collateral_file, verify_quote
 
     here = Path(__file__).resolve()
-    candidates = [Path(os.environ.get("BRANCHY_TEE_SGX_QUOTES", "")),
-                  here.parents[3] / "shared" / "testdata" / "sgx-quotes",
-                  Path.cwd().parent / "shared" / "testdata" / "sgx-quotes"]  # fmt: skip
+    candidates = [
+        Path(os.environ.get("BRANCHY_TEE_SGX_QUOTES", "")),
+        here.parents[3] / "shared" / "testdata" / "sgx-quotes",
+        Path.cwd().parent / "shared" / "testdata" / "sgx-quotes",
+    ]
     qdir = next((c for c in candidates if (c / "phala-1.quote.bin").is_file()), None)
     if qdir is None:
         log("real SGX quotes not found (../shared/testdata/sgx-quotes); skipping quote verification timing")
@@ -270,9 +298,10 @@ def format_report(r: dict) -> str:
 def _format_early_exit(e: dict) -> list[str]:
     v = e["vs_onnxruntime"]
     budget = e.get("calibration_budget_pp")
-    verdict = "" if budget is None else (
-        f" (budget {budget:.2f}, margin {e['calibration_margin_se']} SE: {'within' if e['within_budget'] else 'OVER'})"
-    )  # fmt: skip
+    verdict = ""
+    if budget is not None:
+        within = "within" if e["within_budget"] else "OVER"
+        verdict = f" (budget {budget:.2f}, margin {e['calibration_margin_se']} SE: {within})"
     return [
         f"early exit vs full forward: {e['model']}, on {e['runtime']}",
         f"  test accuracy   final exit {100 * e['final_exit_test_accuracy']:.2f}%; the calibrated setting "

@@ -61,10 +61,27 @@ def predict_subprocess(
 ) -> dict:
     """``predict`` on ``work/request`` in a process of its own (keys in ``work``); its statistics."""
     stats = work / f"{name}.stats.json"
-    cmd = [sys.executable, "-m", "branchy_tee.runtime.predict", "--bundle", str(bundle),
-           "--input", str(work / request), "--output", str(work / f"{name}.res"),
-           "--model-key", str(work / "model.key"), "--data-key", str(work / "data.key"),
-           "--stats-json", str(stats), "--quiet", "--batch-size", str(batch_size), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "branchy_tee.runtime.predict",
+        "--bundle",
+        str(bundle),
+        "--input",
+        str(work / request),
+        "--output",
+        str(work / f"{name}.res"),
+        "--model-key",
+        str(work / "model.key"),
+        "--data-key",
+        str(work / "data.key"),
+        "--stats-json",
+        str(stats),
+        "--quiet",
+        "--batch-size",
+        str(batch_size),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr else proc.returncode

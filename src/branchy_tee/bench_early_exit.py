@@ -56,11 +56,24 @@ def ensure_bench_model(cache_dir: Path, quick: bool) -> Path:
         return run
     if dataset == "synthetic" and not quick:
         log("Fashion-MNIST not found: training the benchmark model on synthetic data instead")
-    log(f"training the benchmark model {spec['net']} {spec['model_config']} on {dataset} for {spec['epochs']} "
-        f"epoch(s) -> {run}")  # fmt: skip
-    fit(TrainConfig(net=spec["net"], model_config=dict(spec["model_config"]), dataset=dataset, epochs=spec["epochs"],
-                    lr=spec["lr"], batch_size=spec["batch_size"], num_workers=0, out=str(run), quiet=True,
-                    synthetic={"channels": 1, "size": 28, "n": 600} if quick else {}))  # fmt: skip
+    log(
+        f"training the benchmark model {spec['net']} {spec['model_config']} on {dataset} for {spec['epochs']} "
+        f"epoch(s) -> {run}"
+    )
+    fit(
+        TrainConfig(
+            net=spec["net"],
+            model_config=dict(spec["model_config"]),
+            dataset=dataset,
+            epochs=spec["epochs"],
+            lr=spec["lr"],
+            batch_size=spec["batch_size"],
+            num_workers=0,
+            out=str(run),
+            quiet=True,
+            synthetic={"channels": 1, "size": 28, "n": 600} if quick else {},
+        )
+    )
     return run
 
 
@@ -131,8 +144,9 @@ def load_subject(run_dir: Path, quick: bool, samples: int | None, data_dir) -> S
     x = torch.stack([test[i][0] for i in range(n)]).numpy()
     y = np.array([test[i][1] for i in range(n)])
     ours, default = _onnxruntime_sessions(model, card.preprocessing.input_shape)
-    return Subject(run_dir, card, stages, x, y, lambda b: ours.run(None, {INPUT: b})[0],
-                   lambda b: default.run(None, {INPUT: b})[0])  # fmt: skip
+    return Subject(
+        run_dir, card, stages, x, y, lambda b: ours.run(None, {INPUT: b})[0], lambda b: default.run(None, {INPUT: b})[0]
+    )
 
 
 def accuracy_on_test(s: Subject) -> dict:
@@ -144,10 +158,16 @@ def accuracy_on_test(s: Subject) -> dict:
     cal = s.card.calibration
     budget = 100 * cal.max_accuracy_drop if cal else None
     loss = 100 * (acc_full - acc_early)
-    return {"accuracy_full": acc_full, "accuracy_early_exit": acc_early, "accuracy_drop_pp": loss,
-            "final_exit_test_accuracy": acc_full, "calibrated_test_loss_pp": loss, "calibration_budget_pp": budget,
-            "calibration_margin_se": cal.margin_se if cal else None,
-            "within_budget": None if budget is None else loss <= budget + 1e-9}  # fmt: skip
+    return {
+        "accuracy_full": acc_full,
+        "accuracy_early_exit": acc_early,
+        "accuracy_drop_pp": loss,
+        "final_exit_test_accuracy": acc_full,
+        "calibrated_test_loss_pp": loss,
+        "calibration_budget_pp": budget,
+        "calibration_margin_se": cal.margin_se if cal else None,
+        "within_budget": None if budget is None else loss <= budget + 1e-9,
+    }
 
 
 def _fastest(fn, *args) -> float:
@@ -178,8 +198,13 @@ def batch1_latencies(s: Subject, quick: bool) -> dict[str, Any]:
         for stage in s.stages[: last + 1]:
             h, _ = stage(h)
 
-    t: dict[str, Any] = {"early": [], "full": [], "default": [], "exit": [[] for _ in forced],
-                         "stage": [[] for _ in s.stages]}  # fmt: skip
+    t: dict[str, Any] = {
+        "early": [],
+        "full": [],
+        "default": [],
+        "exit": [[] for _ in forced],
+        "stage": [[] for _ in s.stages],
+    }
     for i in range(min(60 if quick else 1000, len(s.x))):
         xi = s.x[i : i + 1]
         t["early"].append(_fastest(engine, xi, criterion, thresholds, 1))

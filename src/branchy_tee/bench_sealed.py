@@ -32,9 +32,16 @@ def _random_bundle(work: Path, arch: str, config: dict, thresholds_for: dict[str
     torch.manual_seed(0)
     model = create_model(arch, **config).eval()
     stage_flops, head_flops = arch_part_flops(arch, model.config, (3, 32, 32))
-    card = ModelFacts(arch=arch, config=model.config, classes=tuple(str(i) for i in range(10)),
-                      preprocessing=Preprocessing.for_images((3, 32, 32), [0.5] * 3, [0.25] * 3), criterion=ENTROPY,
-                      thresholds=None, stage_flops=tuple(stage_flops), head_flops=tuple(head_flops))  # fmt: skip
+    card = ModelFacts(
+        arch=arch,
+        config=model.config,
+        classes=tuple(str(i) for i in range(10)),
+        preprocessing=Preprocessing.for_images((3, 32, 32), [0.5] * 3, [0.25] * 3),
+        criterion=ENTROPY,
+        thresholds=None,
+        stage_flops=tuple(stage_flops),
+        head_flops=tuple(head_flops),
+    )
     key = generate_key()
     write_key_file(work / "model.key", key)
     log(f"exporting {arch} to ONNX stage graphs")
@@ -54,8 +61,11 @@ def bench_sealed(work: Path, quick: bool) -> dict:
     never = ENTROPY.never
     # "staged": everything leaves by exit 1 (exit 1 takes all: normalised entropy <= 1 always holds).
     bundles = _random_bundle(work, arch, config, {"staged": [never, 1.0, never], "full": [never] * 3})
-    return {"staged_memory": staged_memory(work, bundles, arch), "aead": aead_throughput(work, bundles, quick),
-            "cold_start": cold_start(work, bundles, quick)}  # fmt: skip
+    return {
+        "staged_memory": staged_memory(work, bundles, arch),
+        "aead": aead_throughput(work, bundles, quick),
+        "cold_start": cold_start(work, bundles, quick),
+    }
 
 
 def staged_memory(work: Path, bundles: dict[str, Path], arch: str) -> dict:
@@ -107,8 +117,12 @@ def aead_throughput(work: Path, bundles: dict[str, Path], quick: bool) -> dict:
             buf = bundle.decrypt_stage(big)
         fresh_t.append(t[1])
         del buf
-    return {"decrypt_gbps": size / min(warm_t) / 1e9, "stage_load_gbps": size / min(fresh_t) / 1e9,
-            "stage_mib": size / 2**20, "chunk_mib": bundle.header.chunk_size / 2**20}  # fmt: skip
+    return {
+        "decrypt_gbps": size / min(warm_t) / 1e9,
+        "stage_load_gbps": size / min(fresh_t) / 1e9,
+        "stage_mib": size / 2**20,
+        "chunk_mib": bundle.header.chunk_size / 2**20,
+    }
 
 
 def cold_start(work: Path, bundles: dict[str, Path], quick: bool) -> dict:
@@ -148,7 +162,10 @@ def cold_start(work: Path, bundles: dict[str, Path], quick: bool) -> dict:
             with timer() as t:
                 fn()
             acc.append(t[1])
-    cold = {"sealed_s": statistics.median(sealed_t), "plain_s": statistics.median(plain_t),
-            "sealed_exit_1_s": statistics.median(staged_t)}  # fmt: skip
+    cold = {
+        "sealed_s": statistics.median(sealed_t),
+        "plain_s": statistics.median(plain_t),
+        "sealed_exit_1_s": statistics.median(staged_t),
+    }
     cold["ratio"] = cold["sealed_s"] / cold["plain_s"]
     return cold

@@ -65,6 +65,23 @@ def step(n: int, who: str, what: str) -> None:
     say(f"\n[{n}/{TOTAL_STEPS}] {who}: {what}")
 
 
+def enclave_run(build_dir: Path, *command: str) -> list[str]:
+    """The host's command line that runs ``command`` in the enclave built in ``build_dir`` (natively:
+    no SGX here)."""
+    return [
+        sys.executable,
+        "-m",
+        "branchy_tee.cli",
+        "enclave",
+        "run",
+        "--backend",
+        LaunchBackend.NATIVE,
+        str(build_dir),
+        "--",
+        *command,
+    ]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -274,17 +291,10 @@ class Demo:
 
     def _predict(self, tag: str, inputs: dict[str, Path], *extra: str, quiet: bool = False) -> dict:
         """The host's command: the enclave in d/enclave runs predict (natively: no SGX here)."""
-        cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
-               str(self.d / "enclave"), "--", "predict", "--bundle", str(self.d / "model.btee")]  # fmt: skip
+        cmd = enclave_run(self.d / "enclave", "predict", "--bundle", str(self.d / "model.btee"))
         for who, req in inputs.items():
-            cmd += [
-                "--input",
-                str(req),
-                "--output",
-                str(self.d / "io" / f"{who}-result{tag}.enc"),
-                "--data-broker",
-                self.urls[who],
-            ]
+            result = self.d / "io" / f"{who}-result{tag}.enc"
+            cmd += ["--input", str(req), "--output", str(result), "--data-broker", self.urls[who]]
         stats_file = self.d / "io" / f"stats{tag}.json"
         cmd += ["--stats-json", str(stats_file), "--mprofile", str(self.d / "io" / (tag or "staged")), *extra]
         with subprocess.Popen(cmd, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as proc:

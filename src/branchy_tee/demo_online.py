@@ -5,13 +5,11 @@ full model, one single-image request at a time."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from .choices import LaunchBackend
-from .demo import OWNERS, _free_port, say, step
+from .demo import OWNERS, _free_port, enclave_run, say, step
 from .errors import BranchyError
 
 if TYPE_CHECKING:
@@ -43,9 +41,8 @@ def online(demo: Demo) -> None:
 
 def _serve_and_query(demo: Demo, full: bool) -> dict:
     port = _free_port()
-    cmd = [sys.executable, "-m", "branchy_tee.cli", "enclave", "run", "--backend", LaunchBackend.NATIVE,
-           str(demo.d / "enclave-serve"), "--", "serve", "--bundle", str(demo.d / "model.btee"),
-           "--listen", f"127.0.0.1:{port}", "--quiet", *(["--full-model"] if full else [])]  # fmt: skip
+    serve = ["serve", "--bundle", str(demo.d / "model.btee"), "--listen", f"127.0.0.1:{port}", "--quiet"]
+    cmd = enclave_run(demo.d / "enclave-serve", *serve, *(["--full-model"] if full else []))
     proc = subprocess.Popen(cmd, env=demo.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout is not None
@@ -75,8 +72,11 @@ def _query_concurrently(demo: Demo, port: int, n: int) -> tuple[list[float], lis
     def owner(who: str) -> None:
         x = demo.test.images[demo.halves[who]][:n]
         try:
-            with Client(f"https://127.0.0.1:{port}", policy=demo.d / who / "policy-enclave-serve.toml",
-                        identity=demo.d / who / "identity.pem") as c:  # fmt: skip
+            with Client(
+                f"https://127.0.0.1:{port}",
+                policy=demo.d / who / "policy-enclave-serve.toml",
+                identity=demo.d / who / "identity.pem",
+            ) as c:
                 c.model_info()
                 for i in range(len(x)):
                     t0 = time.perf_counter()

@@ -61,13 +61,16 @@ def shared_threshold_settings(logits, labels, costs: list[int], criterion: Crite
             undecided &= ~take
         right = correct.gather(0, exit_idx.view(1, -1)).squeeze(0)
         counts = torch.bincount(exit_idx, minlength=k_final + 1).tolist()
-        out.append({
-            "criterion": criterion.name, "thresholds": [float(t)] * k_final,
-            "accuracy": float(right.float().mean()),
-            "mean_flops": float(sum(c * costs[k] for k, c in enumerate(counts)) / n),
-            "exit_fractions": [c / n for c in counts],
-            "standard_error": paired_standard_error(right, correct[-1]),
-        })  # fmt: skip
+        out.append(
+            {
+                "criterion": criterion.name,
+                "thresholds": [float(t)] * k_final,
+                "accuracy": float(right.float().mean()),
+                "mean_flops": float(sum(c * costs[k] for k, c in enumerate(counts)) / n),
+                "exit_fractions": [c / n for c in counts],
+                "standard_error": paired_standard_error(right, correct[-1]),
+            }
+        )
     return out
 
 

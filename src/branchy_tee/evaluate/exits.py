@@ -76,8 +76,9 @@ def collect_log_probs(stages: list, dataset, batch_size: int = 256, max_batches=
     num_exits = len(stages)
     per_exit: list[list[np.ndarray]] = [[] for _ in range(num_exits)]
     labels = []
-    for i, (x, y) in enumerate(tqdm(loader, total=total, desc="collect log-probabilities", leave=False,
-                                    disable=None if show else True)):  # fmt: skip
+    for i, (x, y) in enumerate(
+        tqdm(loader, total=total, desc="collect log-probabilities", leave=False, disable=None if show else True)
+    ):
         if i >= total:
             break
         got: list = [None] * num_exits

@@ -49,19 +49,26 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise BranchyError(f"{p}: neither a safetensors file nor a weights-only torch checkpoint "
-                               f"({e.__class__.__name__})") from None
+            raise BranchyError(
+                f"{p}: neither a safetensors file nor a weights-only torch checkpoint ({e.__class__.__name__})"
+            ) from None
     state = _unwrap(obj)
     if state is None:
-        raise BranchyError(f"{p}: holds no state dict (expected a mapping of parameter names to tensors, "
-                           f"at the top or under one of {', '.join(_WRAPPER_KEYS)})")
+        raise BranchyError(
+            f"{p}: holds no state dict (expected a mapping of parameter names to tensors, "
+            f"at the top or under one of {', '.join(_WRAPPER_KEYS)})"
+        )
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
 def _is_state_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _unwrap(obj):
@@ -137,7 +144,7 @@ def _rename(key: str, prefixes: dict[str, str]) -> str:
     module, _, leaf = key.rpartition(".")
     while module:
         if module in prefixes:
-            return f"{prefixes[module]}{key[len(module):]}"
+            return f"{prefixes[module]}{key[len(module) :]}"
         module = module.rpartition(".")[0]
     return key
 
@@ -164,11 +171,16 @@ def load_plain_weights(model, state: dict[str, torch.Tensor], source: str) -> st
     missing = sorted(expected - state.keys())
     unexpected = sorted(state.keys() - expected)
     if missing or unexpected:
-        raise BranchyError(f"{source}: not a plain {model.arch} state dict ({naming} names): "
-                           f"missing {len(missing)}: {_listing(missing)}; unexpected {len(unexpected)}: {_listing(unexpected)}")
+        raise BranchyError(
+            f"{source}: not a plain {model.arch} state dict ({naming} names): "
+            f"missing {len(missing)}: {_listing(missing)}; unexpected {len(unexpected)}: {_listing(unexpected)}"
+        )
     current = model.state_dict()
-    wrong = [f"{to_plain[k]} is {tuple(state[to_plain[k]].shape)}, expected {tuple(current[k].shape)}"
-             for k in ours if state[to_plain[k]].shape != current[k].shape]
+    wrong = [
+        f"{to_plain[k]} is {tuple(state[to_plain[k]].shape)}, expected {tuple(current[k].shape)}"
+        for k in ours
+        if state[to_plain[k]].shape != current[k].shape
+    ]
     if wrong:
         raise BranchyError(f"{source}: shapes do not fit {model.arch} {model.config}: {_listing(wrong, 4)}")
     with torch.no_grad():
