@@ -1,6 +1,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from branchy_tee.cli import main
 from branchy_tee.data import load_dataset
 from branchy_tee.data.preprocess import tensor_to_inputs
@@ -12,7 +14,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--json"]) == 0
     printed = capsys.readouterr().out
-    summary = json.loads(printed[printed.index("{\n"):])
+    summary = json.loads(printed[printed.index("{\n") :])
     assert "SIMULATED" in printed
     # The data owners' decrypted answers are exactly the early-exit decisions eval computes from the
     # run's stage graphs (what was sealed is what was evaluated).
@@ -27,6 +29,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert summary["data_owners"][who]["cannot_read_other_owner"] is True
     assert [int(r[1]) for r in records] == labels.tolist()
     assert [int(r[4]) for r in records] == exits.tolist()
+    # The final exit's test accuracy and the calibrated setting's loss on test, against the budget.
+    t = summary["test"]
+    assert t["final_exit_accuracy"] == summary["final_accuracy"] and t["budget_pp"] == pytest.approx(1.0)
+    assert t["calibrated_loss_pp"] == pytest.approx(100 * (t["final_exit_accuracy"] - t["calibrated_accuracy"]))
+    assert "final exit (test split)" in printed and "calibrated setting (test)" in printed
     enclave = summary["enclave"]
     assert sum(enclave["early_exit"]["exit_counts"]) == 64
     assert enclave["full_model"]["exit_counts"][-1] == 64
@@ -40,7 +47,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         from branchy_tee.fileio import read_key_file
         from branchy_tee.seal.envelope import open_result, request_digest
 
-        key, digest = read_key_file(out / who / "data.key"), request_digest((out / "io" / f"{who}-request.enc").read_bytes())
+        key, digest = (
+            read_key_file(out / who / "data.key"),
+            request_digest((out / "io" / f"{who}-request.enc").read_bytes()),
+        )
         answers = open_result((out / "io" / f"{who}-result.enc").read_bytes(), key, "r", digest)[1]
         budgeted = open_result((out / "io" / f"{who}-result-budget.enc").read_bytes(), key, "r", digest)[1]
         assert budgeted == answers  # the same answers under the budget
@@ -58,8 +68,16 @@ def test_bench_quick_produces_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert {"latency_speedup", "throughput_speedup", "accuracy_drop_pp", "oracle_speedup", "model"} <= set(r["early_exit"])
+    assert {"latency_speedup", "throughput_speedup", "accuracy_drop_pp", "oracle_speedup", "model"} <= set(
+        r["early_exit"]
+    )
     assert {"latency_speedup", "throughput_speedup"} <= set(r["early_exit"]["vs_onnxruntime"])
+    # Beside the speed figures, what early exit costs in accuracy on the test split.
+    e = r["early_exit"]
+    assert 0 < e["final_exit_test_accuracy"] <= 1 and e["final_exit_test_accuracy"] == e["accuracy_full"]
+    assert e["calibrated_test_loss_pp"] == pytest.approx(100 * (e["accuracy_full"] - e["accuracy_early_exit"]))
+    assert e["calibration_budget_pp"] == pytest.approx(1.0) and e["calibration_margin_se"] == 2.5
+    assert e["within_budget"] == (e["calibrated_test_loss_pp"] <= 1.0 + 1e-9)
     assert r["enclave"]["early_exit_peak_mib"] > 0 and r["enclave"]["import_closure"]["has_torch"] is False
     assert {"onnxruntime", "numpy", "cryptography"} <= set(r["enclave"]["import_closure"]["packages"])
     assert {"peak_ratio", "staged_mib", "full_mib"} <= set(r["staged_memory"])
@@ -67,8 +85,14 @@ def test_bench_quick_produces_every_key(tmp_path, capsys):
     assert r["cold_start_ratio"] > 0
     assert "quote_verify_ms" in r
     assert len(r["exit_profile"]) == 12 and all(len(p["exit_flops"]) == p["exits"] for p in r["exit_profile"])
-    assert r["staged_memory"]["staged_stages_loaded"] == [0, 1] and r["staged_memory"]["full_stages_loaded"] == [0, 1, 2, 3]
-    assert "early exit vs full forward" in capsys.readouterr().out
+    assert r["staged_memory"]["staged_stages_loaded"] == [0, 1] and r["staged_memory"]["full_stages_loaded"] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    printed = capsys.readouterr().out
+    assert "early exit vs full forward" in printed and "test accuracy   final exit" in printed
 
 
 def test_bench_serve_compares_the_online_service_with_its_full_model(tmp_path, capsys):

@@ -15,8 +15,9 @@ from branchy_tee.train.trainer import TrainConfig, fit
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    fit(TrainConfig(net="lenet5", dataset="synthetic", synthetic={"channels": 1, "size": 28, "n": 1000}, epochs=2,
-                    lr=3e-3, batch_size=50, num_workers=0, out=str(out), quiet=True))  # fmt: skip
+    synthetic = {"channels": 1, "size": 28, "n": 1000}
+    options = dict(epochs=2, lr=3e-3, batch_size=50, num_workers=0, out=str(out), quiet=True)
+    fit(TrainConfig(net="lenet5", dataset="synthetic", synthetic=synthetic, **options))
     return out
 
 
@@ -27,7 +28,9 @@ def test_eval_json_is_consistent(run_dir, tmp_path, capsys):
     assert {"exits", "final_accuracy", "calibrated", "oracle", "sweep"} <= set(r)
     assert [e["index"] for e in r["exits"]] == [0, 1, 2]
     for e in r["exits"]:
-        assert {"index", "accuracy", "flops", "latency_ms"} <= set(e) and 0 <= e["accuracy"] <= 1 and e["latency_ms"] > 0
+        assert (
+            {"index", "accuracy", "flops", "latency_ms"} <= set(e) and 0 <= e["accuracy"] <= 1 and e["latency_ms"] > 0
+        )
     assert r["final_accuracy"] == r["exits"][-1]["accuracy"]
     cal = r["calibrated"]
     assert {"criterion", "thresholds", "accuracy", "mean_flops", "exit_fractions"} <= set(cal)
@@ -82,3 +85,23 @@ def test_calibrate_writes_model_json(run_dir, capsys):
     assert meta["criterion"] == "maxprob" and meta["thresholds"] == out["thresholds"]
     assert meta["calibration"]["max_accuracy_drop"] == 0.02
     calibrate_run(run_dir, criterion="entropy", show=False)  # back to the defaults for the other tests
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "maxprob"])
+def test_calibration_candidates_decide_as_the_runtime_does(criterion):
+    from branchy_tee.evaluate.calibrate import candidate_thresholds, shared_threshold_settings
+    from branchy_tee.evaluate.exits import run_setting
+    from branchy_tee.runtime.criteria import criterion as criterion_named
+
+    criterion = criterion_named(criterion)
+    torch.manual_seed(3)
+    labels = torch.randint(0, 10, (300,))
+    one_hot = torch.nn.functional.one_hot(labels, 10)
+    logits = [(torch.randn(300, 10) * s + 3 * one_hot).log_softmax(1) for s in (2.0, 1.5, 1.0)]
+    thresholds = candidate_thresholds(logits, criterion, points=50)
+    for t, fast in zip(
+        thresholds, shared_threshold_settings(logits, labels, [1, 2, 4], criterion, thresholds), strict=True
+    ):
+        ref = run_setting(logits, labels, criterion, [t, t], [1, 2, 4])
+        assert fast["accuracy"] == ref["accuracy"] and fast["exit_fractions"] == ref["exit_fractions"]
+        assert fast["mean_flops"] == pytest.approx(ref["mean_flops"])

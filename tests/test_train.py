@@ -15,11 +15,12 @@ from branchy_tee.train import losses
 from branchy_tee.train.trainer import TrainConfig, fit
 
 SYN = {"channels": 1, "size": 28, "n": 600}
+SYN_CLI = ["--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28", "--num-workers", "0"]
 
 
 def tiny(out, **kw) -> TrainConfig:
-    base = dict(net="lenet5", dataset="synthetic", synthetic=dict(SYN), epochs=2, lr=3e-3, batch_size=50,
-                num_workers=0, out=str(out), quiet=True, seed=1)  # fmt: skip
+    base = dict(net="lenet5", dataset="synthetic", synthetic=dict(SYN), epochs=2, lr=3e-3, batch_size=50)
+    base.update(num_workers=0, out=str(out), quiet=True, seed=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -29,12 +30,12 @@ def test_distillation_term_matches_hand_computation():
     teacher = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
     t = 4.0
     expected = 0.0
-    for s_row, t_row in zip(student, teacher):
+    for s_row, t_row in zip(student, teacher, strict=True):
         p = [math.exp(v / t) for v in t_row.tolist()]
         p = [v / sum(p) for v in p]
         q = [math.exp(v / t) for v in s_row.tolist()]
         q = [v / sum(q) for v in q]
-        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+        expected += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
     expected = expected / 2 * t * t
     assert abs(float(losses.distillation_term(student, teacher, t)) - expected) < 1e-6
 
@@ -44,8 +45,10 @@ def test_multi_exit_loss_combines_terms_and_detaches_teacher():
     outs = [torch.randn(4, 5, requires_grad=True) for _ in range(3)]
     y = torch.tensor([0, 1, 2, 3])
     loss, ces = losses.multi_exit_loss(outs, y, [1.0, 0.5, 2.0], alpha=0.3, temperature=2.0, teacher_logits=outs[-1])
-    manual = sum(w * F.cross_entropy(o, y) for w, o in zip([1.0, 0.5, 2.0], outs))
-    manual = manual + 0.3 * sum(losses.distillation_term(o, outs[-1], 2.0) for o in outs[:-1])
+    # Each early exit: (1 - alpha) * CE + alpha * T^2 * KL, times its weight; the final exit: CE only.
+    manual = 2.0 * F.cross_entropy(outs[-1], y)
+    for w, o in zip([1.0, 0.5], outs[:-1], strict=True):
+        manual = manual + w * (0.7 * F.cross_entropy(o, y) + 0.3 * losses.distillation_term(o, outs[-1], 2.0))
     assert torch.allclose(loss, manual)
     assert ces == pytest.approx([float(F.cross_entropy(o, y).detach()) for o in outs])
     loss.backward()
@@ -122,18 +125,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_every_seed_flag_parses(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--lr", "0.003", "--batch-size", "50", "--num-workers", "0", "--net", "LeNet5", "--epochs", "1",
-               "-p", "3", "-o", "sgd", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
-               "--synthetic-samples", "300", "--device", "cpu", "--distill", "none", "--temperature", "3", "--alpha", "0.2",
-               "--exit-weights", "1,1,2", "--seed", "4", "--out", str(out), "--max-batches", "3", "--json"])  # fmt: skip
+    seed_flags = ["--lr", "0.003", "--batch-size", "50", "--net", "LeNet5", "--epochs", "1", "-p", "3", "-o", "sgd"]
+    ours = ["--device", "cpu", "--distill", "none", "--temperature", "3", "--alpha", "0.2", "--exit-weights", "1,1,2"]
+    run = ["--synthetic-samples", "300", "--seed", "4", "--out", str(out), "--max-batches", "3", "--json"]
+    rc = main(["train", *seed_flags, *SYN_CLI, *ours, *run])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["epochs_run"] == 1
     saved = json.loads((out / "model.json").read_text())["training"]["config"]
     assert saved["optim"] == "sgd" and saved["exit_weights"] == [1.0, 1.0, 2.0] and saved["distill"] == "none"
-    assert main(["train", "-r", "--net", "lenet5", "--epochs", "2", "--dataset", "synthetic", "--synthetic-channels", "1",
-                 "--synthetic-size", "28", "--synthetic-samples", "300", "--num-workers", "0", "--out", str(out),
-                 "--max-batches", "3", "-o", "sgd", "--json"]) == 0  # fmt: skip
+    resume = ["train", "-r", "--net", "lenet5", "--epochs", "2", "--synthetic-samples", "300", "--out", str(out)]
+    assert main([*resume, *SYN_CLI, "--max-batches", "3", "-o", "sgd", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["epochs_run"] == 1  # resumed at epoch 2
 
 
@@ -171,7 +173,9 @@ def test_teacher_distillation(tmp_path):
     fit(tiny(tmp_path / "teacher", epochs=1))
     s = fit(tiny(tmp_path / "student", epochs=1, distill="teacher", teacher=str(tmp_path / "teacher")))
     assert s["epochs_run"] == 1
-    s = fit(tiny(tmp_path / "student2", epochs=1, distill="teacher", teacher=str(tmp_path / "teacher" / "checkpoint.pt")))
+    s = fit(
+        tiny(tmp_path / "student2", epochs=1, distill="teacher", teacher=str(tmp_path / "teacher" / "checkpoint.pt"))
+    )
     assert s["epochs_run"] == 1
 
 
@@ -179,15 +183,41 @@ def test_teacher_distillation(tmp_path):
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "branchy_tee.cli",
-         "train", "--net", "lenet5", "--dataset", "synthetic", "--synthetic-channels", "1", "--synthetic-size", "28",
-         "--synthetic-samples", "400", "--epochs", "2", "--lr", "0.003", "--batch-size", "25", "--num-workers", "0",
-         "--out", str(out), "--json"],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    train = ["-m", "branchy_tee.cli", "train", "--net", "lenet5", "--synthetic-samples", "400", "--epochs", "2"]
+    run = ["--lr", "0.003", "--batch-size", "25", "--out", str(out), "--json"]
+    proc = subprocess.run([*torchrun, *train, *SYN_CLI, *run], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((out / "model.json").read_text())
     assert meta["training"]["world_size"] == 2
     assert meta["training"]["ddp_identical_weights"] is True
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # only rank 0 wrote
+
+
+def test_exit_grad_scale_scales_what_early_exits_send_into_the_backbone():
+    from branchy_tee.models import create_model
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+
+    def grads(scale):
+        model = create_model("lenet5", num_classes=10, in_channels=1)
+        torch.manual_seed(0)
+        model.load_state_dict(create_model("lenet5", num_classes=10, in_channels=1).state_dict())
+        model.exit_grad_scale = scale
+        outs = model(x)
+        F.cross_entropy(outs[0], y).backward()  # an early exit's loss only
+        return model.stages[0][0].weight.grad.clone(), model.exits[0][-1].weight.grad.clone()
+
+    (stem1, head1), (stem_half, head_half), (stem0, head0) = grads(1.0), grads(0.5), grads(0.0)
+    assert torch.allclose(stem_half, 0.5 * stem1) and not torch.equal(stem1, torch.zeros_like(stem1))
+    assert torch.equal(stem0, torch.zeros_like(stem0))
+    assert torch.equal(head1, head_half) and torch.equal(head1, head0)  # the head itself learns as before
+
+
+def test_distillation_warmup_ramps_alpha():
+    from branchy_tee.train.trainer import distill_alpha
+
+    cfg = TrainConfig(alpha=0.4, distill_warmup=2.0)
+    assert [distill_alpha(cfg, p) for p in (0.0, 1.0, 2.0, 3.5)] == pytest.approx([0.0, 0.2, 0.4, 0.4])
+    assert distill_alpha(TrainConfig(alpha=0.4), 0.0) == 0.4

@@ -42,7 +42,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 # --------------------------------------------------------------------------- the worker (a client process)
-def worker(url: str, policy_path: str, identity: str, clients: int, seconds: float, start_at: float, images: str) -> dict:
+def worker(
+    url: str, policy_path: str, identity: str, clients: int, seconds: float, start_at: float, images: str
+) -> dict:
     """``clients`` closed-loop clients until ``start_at + seconds``; per-request latencies and compute."""
     import numpy as np
 
@@ -90,11 +92,27 @@ def _payload(x) -> bytes:
 
 # --------------------------------------------------------------------------- the run
 def _start_server(bundle: Path, broker, identity_hex: str, port: int, full: bool, env: dict) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "branchy_tee.cli", "serve", "--bundle", str(bundle), "--listen", f"127.0.0.1:{port}",
-           "--attest", EvidenceProvider.SIMULATED, "--model-broker", broker.url, "--model-broker-identity", identity_hex,
-           "--quiet",
-           "--threads", "1"] + (["--full-model"] if full else [])  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "branchy_tee.cli",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--attest",
+        EvidenceProvider.SIMULATED,
+        "--model-broker",
+        broker.url,
+        "--model-broker-identity",
+        identity_hex,
+        "--quiet",
+        "--threads",
+        "1",
+    ] + (["--full-model"] if full else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    assert proc.stdout is not None  # stdout=PIPE
     line = proc.stdout.readline()
     if not line.startswith("serving"):
         proc.kill()
@@ -106,19 +124,40 @@ def _measure(url: str, work: Path, clients: int, seconds: float, env: dict) -> d
     processes = min(clients, max(1, (os.cpu_count() or 2)))
     per = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
     start_at = time.time() + 3.0 + 0.05 * clients  # every client has connected and verified by then
-    cmds = [[sys.executable, "-m", "branchy_tee.bench_serve", "--worker", url, str(work / "policy.toml"),
-             str(work / "do.id"), str(n), str(seconds), repr(start_at), str(work / "images.npy")] for n in per if n]
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "branchy_tee.bench_serve",
+            "--worker",
+            url,
+            str(work / "policy.toml"),
+            str(work / "do.id"),
+            str(n),
+            str(seconds),
+            repr(start_at),
+            str(work / "images.npy"),
+        ]
+        for n in per
+        if n
+    ]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env) for c in cmds]
     outs = [json.loads(p.communicate()[0]) for p in procs]
     lat = [x for o in outs for x in o["latencies"]]
     compute = [x for o in outs for x in o["compute"]]
     errors = [e for o in outs for e in o["errors"]]
     attest = [x for o in outs for x in o["attest"]]
-    return {"clients": clients, "requests": len(lat), "errors": len(errors), "error_examples": errors[:3],
-            "throughput_per_s": round(len(lat) / seconds, 1),
-            "p50_ms": round(1000 * _percentile(lat, 0.5), 3), "p99_ms": round(1000 * _percentile(lat, 0.99), 3),
-            "compute_p50_ms": round(1000 * _percentile(compute, 0.5), 3),
-            "attest_ms_per_connection": round(1000 * statistics.median(attest), 2) if attest else None}  # fmt: skip
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "throughput_per_s": round(len(lat) / seconds, 1),
+        "p50_ms": round(1000 * _percentile(lat, 0.5), 3),
+        "p99_ms": round(1000 * _percentile(lat, 0.99), 3),
+        "compute_p50_ms": round(1000 * _percentile(compute, 0.5), 3),
+        "attest_ms_per_connection": round(1000 * statistics.median(attest), 2) if attest else None,
+    }
 
 
 def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=None, log=print) -> dict:
@@ -139,7 +178,7 @@ def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=No
     levels = (1, 4) if quick else CONCURRENCY
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), OMP_NUM_THREADS="1")
-    model, card = load_run(run_dir)
+    model, card = load_run(Path(run_dir))
     key = generate_key()
     write_key_file(work / "mo.key", key)
     seal_model(model, card, key, work / "model.btee")
@@ -160,8 +199,10 @@ def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=No
                 try:
                     for clients in levels:
                         r = _measure(f"https://127.0.0.1:{port}", work, clients, seconds, env)
-                        log(f"  {name}: {clients} client(s): {r['throughput_per_s']}/s, p50 {r['p50_ms']} ms, "
-                            f"p99 {r['p99_ms']} ms, compute p50 {r['compute_p50_ms']} ms, errors {r['errors']}")
+                        log(
+                            f"  {name}: {clients} client(s): {r['throughput_per_s']}/s, p50 {r['p50_ms']} ms, "
+                            f"p99 {r['p99_ms']} ms, compute p50 {r['compute_p50_ms']} ms, errors {r['errors']}"
+                        )
                         out[name].append(r)
                 finally:
                     proc.send_signal(signal.SIGTERM)
@@ -171,15 +212,19 @@ def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=No
             os.environ.pop("XDG_CONFIG_HOME", None)
         else:
             os.environ["XDG_CONFIG_HOME"] = old
-    ee, full = out["early_exit"], out["full_model"]
+    out["summary"] = _summary(out["early_exit"], out["full_model"])
+    return out
+
+
+def _summary(ee: list[dict], full: list[dict]) -> dict:
+    """Early exit against the full model: at the most clients (throughput) and at one (latency)."""
     top, one = -1, 0
-    out["summary"] = {
+    return {
         "throughput_speedup_at_max_clients": round(ee[top]["throughput_per_s"] / full[top]["throughput_per_s"], 2),
         "compute_p50_speedup_at_1_client": round(full[one]["compute_p50_ms"] / ee[one]["compute_p50_ms"], 2),
         "protocol_overhead_ms_at_1_client": round(ee[one]["p50_ms"] - ee[one]["compute_p50_ms"], 3),
         "attest_ms_per_connection": ee[one]["attest_ms_per_connection"],
     }
-    return out
 
 
 def main(argv=None) -> int:
@@ -188,9 +233,12 @@ def main(argv=None) -> int:
         url, policy, identity, clients, seconds, start_at, images = argv[1:8]
         sys.stderr = open(os.devnull, "w")  # simulated-attestation banners
         out = worker(url, policy, identity, int(clients), float(seconds), float(start_at), images)
-        sys.__stdout__.write(json.dumps(out))
+        print(json.dumps(out), end="", file=sys.__stdout__)
         return 0
-    print("usage: python -m branchy_tee.bench_serve --worker ... (run through `branchy-tee bench --serve`)", file=sys.stderr)
+    print(
+        "usage: python -m branchy_tee.bench_serve --worker ... (run through `branchy-tee bench --serve`)",
+        file=sys.stderr,
+    )
     return 2
 
 

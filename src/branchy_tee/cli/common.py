@@ -86,14 +86,14 @@ def key_value(value: str) -> tuple[str, object]:
     return key, raw
 
 
-def add_data_arguments(p, default="fashion-mnist", required=False) -> None:
+def add_data_arguments(p, default="fashion-mnist", required=False, default_help=None) -> None:
     from ..choices import DATASETS
 
     p.add_argument(
         "--dataset",
         choices=DATASETS,
         default=None if required else default,
-        help=f"dataset (default: {'as trained' if default is None else default})",
+        help=f"dataset (default: {default_help or ('as trained' if default is None else default)})",
     )
     p.add_argument(
         "--data-dir",

@@ -27,8 +27,9 @@ from ..runtime.engine import early_exit
 
 
 # --------------------------------------------------------------------------- data for a trained run
-def load_split(card: ModelCard, split: str, dataset: str | None = None, data_dir=None,
-               download: bool = False) -> ImageDataset:
+def load_split(
+    card: ModelCard, split: str, dataset: str | None = None, data_dir=None, download: bool = False
+) -> ImageDataset:
     """The run's validation split ('val', carved from the training set exactly as in training)
     or the test split ('test'), preprocessed as the model expects; checks that it fits the model."""
     data = card.data
@@ -59,7 +60,10 @@ def stage_graphs(run_dir, show: bool = True) -> list:
     from ..runtime.graphs import StageGraph, load_session
 
     graphs, doc = exported_graphs(run_dir, show=show)
-    return [StageGraph(load_session(g, f"{run_dir}/onnx/{e['file']}"), e["file"]) for g, e in zip(graphs, doc["stages"])]
+    return [
+        StageGraph(load_session(g, f"{run_dir}/onnx/{e['file']}"), e["file"])
+        for g, e in zip(graphs, doc["stages"], strict=True)
+    ]
 
 
 def collect_log_probs(stages: list, dataset, batch_size: int = 256, max_batches=None, show=True):
@@ -72,15 +76,17 @@ def collect_log_probs(stages: list, dataset, batch_size: int = 256, max_batches=
     num_exits = len(stages)
     per_exit: list[list[np.ndarray]] = [[] for _ in range(num_exits)]
     labels = []
-    for i, (x, y) in enumerate(tqdm(loader, total=total, desc="collect log-probabilities", leave=False,
-                                    disable=None if show else True)):  # fmt: skip
+    for i, (x, y) in enumerate(
+        tqdm(loader, total=total, desc="collect log-probabilities", leave=False, disable=None if show else True)
+    ):
         if i >= total:
             break
         got: list = [None] * num_exits
+        n = len(x)
 
-        def observe(k, pos, log_probs):
+        def observe(k, pos, log_probs, got=got, n=n):  # bound now: called only within this iteration
             if got[k] is None:
-                got[k] = np.empty((len(x), log_probs.shape[1]), np.float32)
+                got[k] = np.empty((n, log_probs.shape[1]), np.float32)
             got[k][pos] = log_probs
 
         never = [ENTROPY.never] * (num_exits - 1)
@@ -127,8 +133,11 @@ def summarize(exit_idx, preds, labels, costs: list[int]) -> dict:
 
 def run_setting(logits, labels, criterion: Criterion, thresholds, costs) -> dict:
     exit_idx, preds = decide(logits, criterion, thresholds)
-    return {"criterion": criterion.name, "thresholds": list(map(float, thresholds)),
-            **summarize(exit_idx, preds, labels, costs)}
+    return {
+        "criterion": criterion.name,
+        "thresholds": list(map(float, thresholds)),
+        **summarize(exit_idx, preds, labels, costs),
+    }
 
 
 def oracle(logits, labels, costs) -> dict:
@@ -137,8 +146,11 @@ def oracle(logits, labels, costs) -> dict:
     any_correct = correct.any(0)
     first = torch.where(any_correct, correct.float().argmax(0), torch.full_like(labels, len(logits) - 1))
     cost = torch.tensor(costs, dtype=torch.float64)[first]
-    return {"accuracy": float(any_correct.float().mean()), "mean_flops": float(cost.mean()),
-            "exit_fractions": (torch.bincount(first, minlength=len(logits)).float() / len(labels)).tolist()}
+    return {
+        "accuracy": float(any_correct.float().mean()),
+        "mean_flops": float(cost.mean()),
+        "exit_fractions": (torch.bincount(first, minlength=len(logits)).float() / len(labels)).tolist(),
+    }
 
 
 def threshold_grid(criterion: Criterion, points: int = 41) -> list[float]:
@@ -163,8 +175,9 @@ def forced_thresholds(criterion: Criterion, num_exits: int, k: int) -> list[floa
     return [criterion.never] * k + [criterion.always] * (final - k)
 
 
-def exit_latency_ms(stages: list, input_shape, criterion: Criterion = ENTROPY, reps: int = 20,
-                    warmup: int = 3) -> list[float]:
+def exit_latency_ms(
+    stages: list, input_shape, criterion: Criterion = ENTROPY, reps: int = 20, warmup: int = 3
+) -> list[float]:
     """Median batch-1 latency of a sample that leaves at each exit, through the engine and stage
     graphs as in the enclave (stages 0..k with their heads), in milliseconds."""
     x = np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)
@@ -188,7 +201,9 @@ def costs_of(card: ModelCard) -> tuple[list[int], list[int]]:
     return exit_flops_from_parts(card.stage_flops, card.head_flops), early_exit_cost(card.stage_flops, card.head_flops)
 
 
-def evaluate_run(run_dir: str | Path, dataset=None, data_dir=None, max_batches=None, latency_reps: int = 20, show=True) -> dict:
+def evaluate_run(
+    run_dir: str | Path, dataset=None, data_dir=None, max_batches=None, latency_reps: int = 20, show=True
+) -> dict:
     from ..rundir import read_model_card
 
     card = read_model_card(run_dir)
@@ -197,8 +212,15 @@ def evaluate_run(run_dir: str | Path, dataset=None, data_dir=None, max_batches=N
     logits, labels = collect_log_probs(stages, test, max_batches=max_batches, show=show)
     exit_f, cost = costs_of(card)
     latency = exit_latency_ms(stages, card.preprocessing.input_shape, card.criterion, reps=latency_reps)
-    exits = [{"index": k, "accuracy": float((lg.argmax(1) == labels).float().mean()), "flops": exit_f[k], "latency_ms": latency[k]}
-             for k, lg in enumerate(logits)]  # fmt: skip
+    exits = [
+        {
+            "index": k,
+            "accuracy": float((lg.argmax(1) == labels).float().mean()),
+            "flops": exit_f[k],
+            "latency_ms": latency[k],
+        }
+        for k, lg in enumerate(logits)
+    ]
     criterion, thresholds = card.criterion, card.exit_thresholds()
     return {
         "run": str(run_dir),
@@ -207,8 +229,10 @@ def evaluate_run(run_dir: str | Path, dataset=None, data_dir=None, max_batches=N
         "exits": exits,
         "final_accuracy": exits[-1]["accuracy"],
         "full_flops": exit_f[-1],
-        "calibrated": {**run_setting(logits, labels, criterion, thresholds, cost),
-                       "calibrated": card.thresholds is not None},
+        "calibrated": {
+            **run_setting(logits, labels, criterion, thresholds, cost),
+            "calibrated": card.thresholds is not None,
+        },
         "oracle": oracle(logits, labels, cost),
         "sweep": sweep(logits, labels, criterion, cost),
     }

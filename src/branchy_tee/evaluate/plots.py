@@ -29,17 +29,42 @@ def plot_accuracy_vs_cost(report: dict, path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     full = report["full_flops"]
     sweep = sorted(report["sweep"], key=lambda s: s["mean_flops"])
-    ax.plot([s["mean_flops"] / full for s in sweep], [100 * s["accuracy"] for s in sweep], "-", color="tab:blue",
-            label="shared-threshold sweep")
-    ax.scatter([e["flops"] / full for e in report["exits"]], [100 * e["accuracy"] for e in report["exits"]],
-               color="tab:gray", zorder=3, label="single exit")
+    ax.plot(
+        [s["mean_flops"] / full for s in sweep],
+        [100 * s["accuracy"] for s in sweep],
+        "-",
+        color="tab:blue",
+        label="shared-threshold sweep",
+    )
+    ax.scatter(
+        [e["flops"] / full for e in report["exits"]],
+        [100 * e["accuracy"] for e in report["exits"]],
+        color="tab:gray",
+        zorder=3,
+        label="single exit",
+    )
     for e in report["exits"]:
-        ax.annotate(f"exit {e['index']}", (e["flops"] / full, 100 * e["accuracy"]), textcoords="offset points", xytext=(4, -10), fontsize=8)
+        ax.annotate(
+            f"exit {e['index']}",
+            (e["flops"] / full, 100 * e["accuracy"]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=8,
+        )
     cal = report["calibrated"]
-    ax.scatter([cal["mean_flops"] / full], [100 * cal["accuracy"]], marker="*", s=180, color="tab:red", zorder=4,
-               label="calibrated thresholds")
+    ax.scatter(
+        [cal["mean_flops"] / full],
+        [100 * cal["accuracy"]],
+        marker="*",
+        s=180,
+        color="tab:red",
+        zorder=4,
+        label="calibrated thresholds",
+    )
     orc = report["oracle"]
-    ax.scatter([orc["mean_flops"] / full], [100 * orc["accuracy"]], marker="D", color="tab:green", zorder=4, label="oracle")
+    ax.scatter(
+        [orc["mean_flops"] / full], [100 * orc["accuracy"]], marker="D", color="tab:green", zorder=4, label="oracle"
+    )
     ax.set_xlabel("mean cost (fraction of the full model's FLOPs)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{report['arch']}: accuracy vs cost ({report['samples']} test samples)")

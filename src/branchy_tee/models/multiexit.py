@@ -8,6 +8,19 @@ import torch
 from torch import nn
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
 class MultiExitNet(nn.Module):
     """A backbone cut into ``stages`` with one classifier per stage in ``exits``.
 
@@ -27,6 +40,10 @@ class MultiExitNet(nn.Module):
             raise ValueError("a multi-exit network needs at least two exits")
         self.stages = nn.ModuleList(stages)
         self.exits = nn.ModuleList(exits)
+        # Training only: the factor on the gradient each early exit sends back into the shared
+        # backbone (MSDNet's and IMTA's gradient scaling); the heads themselves get their full
+        # gradient. Not a weight: it changes nothing in eval mode and is not saved.
+        self.exit_grad_scale = 1.0
 
     @property
     def num_exits(self) -> int:
@@ -40,7 +57,9 @@ class MultiExitNet(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
         h = x
-        for stage, head in zip(self.stages, self.exits, strict=True):
+        scale = self.exit_grad_scale if self.training else 1.0
+        for k, (stage, head) in enumerate(zip(self.stages, self.exits, strict=True)):
             h = stage(h)
-            outputs.append(head(h))
+            early = k < len(self.exits) - 1
+            outputs.append(head(_ScaleGrad.apply(h, scale) if early and scale != 1.0 and h.requires_grad else h))
         return outputs

@@ -1,6 +1,7 @@
 """Training loop for multi-exit networks, in the style of torchvision's reference scripts.
 
-Plain functions (``train_one_epoch``, ``evaluate``, ``fit``) and plain-dict checkpoints. Each epoch's
+Plain functions (``train_one_epoch``, ``evaluate``, ``fit``: set-up in ``setup``, the epoch loop
+here, then export and calibration) and plain-dict checkpoints (``checkpoint``). Each epoch's
 randomness (shuffling, crops, flips, dropout) is derived from (seed, epoch), so a run resumed from its
 checkpoint continues exactly as the uninterrupted run would have. Under ``torchrun`` the model is
 wrapped in DistributedDataParallel with a DistributedSampler; only rank 0 writes files.
@@ -8,402 +9,246 @@ wrapped in DistributedDataParallel with a DistributedSampler; only rank 0 writes
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import random
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler
 
-from ..data import load_dataset, train_val_split
-from ..data.transforms import eval_transform, train_transform
-from ..errors import BranchyError, UsageError
-from ..fileio import atomic_write_bytes
-from ..models import create_model, resolve_name
-from ..models.cost import arch_part_flops
-from ..runtime.tuning import channels_last
-from ..modelcard import DataSpec, ModelCard
-from ..rundir import load_run, read_model_card, write_model_card, write_weights
+from ..errors import BranchyError
+from ..rundir import read_model_card, write_model_card, write_weights
+from . import attach
+from .checkpoint import save_checkpoint, state_digest
+from .config import TrainConfig, jsonable
 from .losses import multi_exit_loss
+from .setup import Run, seed_epoch, set_up
 
-from ..choices import DISTILL, OPTIMIZERS
-from ..runtime.criteria import criterion
-
-
-@dataclass
-class TrainConfig:
-    net: str = "mobilenetv1"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    download: bool = False
-    out: str = "runs/latest"
-    lr: float = 1e-4
-    batch_size: int = 100
-    num_workers: int = 2
-    epochs: int = 100
-    patience: int = 7
-    optim: str = "adamw"
-    weight_decay: float | None = None  # None: 5e-4 for SGD, 0.01 for AdamW, 0 for Adam
-    device: str = "auto"
-    require_cuda: bool = False  # the seed's --cuda
-    distill: str = "final"
-    teacher: str | None = None
-    temperature: float = 4.0
-    alpha: float = 0.5
-    exit_weights: list[float] | None = None
-    seed: int = 0
-    max_batches: int | None = None
-    resume: bool = False
-    val_fraction: float = 0.1
-    model_config: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"width": 16}
-    synthetic: dict = field(default_factory=dict)  # make_synthetic arguments for --dataset synthetic
-    criterion: str = "entropy"
-    max_accuracy_drop: float = 0.01
-    quiet: bool = False
+__all__ = ["TrainConfig", "fit", "train_one_epoch", "evaluate", "distill_alpha"]
 
 
 class NonFiniteLoss(Exception):
     pass
 
 
-# --------------------------------------------------------------------------- setup helpers
-def pick_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
-    want_cuda = cfg.require_cuda or cfg.device == "cuda"
-    if want_cuda and not torch.cuda.is_available():
-        raise BranchyError("CUDA was required (--cuda / --device cuda) but no CUDA device is available")
-    if cfg.require_cuda and cfg.device == "cpu":
-        raise UsageError("--cuda requires CUDA but --device cpu was given")
-    if want_cuda or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def init_distributed(device_type: str) -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def seed_epoch(seed: int, epoch: int) -> int:
-    s = (seed * 1_000_003 + epoch) % 2**31
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-    return s
-
-
-def default_weight_decay(optim: str) -> float:
-    return {"sgd": 5e-4, "adamw": 0.01, "adam": 0.0}[optim]
-
-
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    wd = cfg.weight_decay if cfg.weight_decay is not None else default_weight_decay(cfg.optim)
-    if cfg.optim == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=wd)
-    if cfg.optim == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=wd)
-    if cfg.optim == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd)
-    raise UsageError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {cfg.optim!r}")
-
-
-def load_datasets(cfg: TrainConfig):
-    """(train, validation) subsets of the training split, with their transforms."""
-    full = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download, {"seed": cfg.seed, **cfg.synthetic})
-    train_idx, val_idx = train_val_split(len(full), cfg.val_fraction, seed=cfg.seed)
-    size = full.input_shape[-1]
-    aug = train_transform(full.preprocessing, size=size, padding=max(2, size // 8))
-    return full.subset(train_idx, aug), full.subset(val_idx, eval_transform(full.preprocessing)), full
-
-
-def load_teacher(path: str, num_classes: int, device: torch.device) -> torch.nn.Module:
-    """A separately trained model: a run directory, or a ``checkpoint.pt`` written by this trainer."""
-    p = Path(path)
-    if p.is_dir():
-        teacher, _ = load_run(p)
-    else:
-        ckpt = _load_checkpoint(p)
-        teacher = create_model(ckpt["arch"], **ckpt["model_config"])
-        teacher.load_state_dict(ckpt["model"])
-    if teacher.config["num_classes"] != num_classes:
-        raise BranchyError(f"teacher {path} has {teacher.config['num_classes']} classes, the dataset has {num_classes}")
-    return teacher.to(device).eval()
-
-
-def _load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # owner side only; never in the enclave
-    except FileNotFoundError:
-        raise BranchyError(f"{path}: checkpoint not found") from None
-    except Exception as e:
-        raise BranchyError(f"{path}: unreadable checkpoint ({e.__class__.__name__})") from None
-    if not isinstance(ckpt, dict) or "arch" not in ckpt or "model" not in ckpt:
-        raise BranchyError(f"{path}: not a branchy-tee training checkpoint")
-    return ckpt
-
-
-def state_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------- loops
-def _accuracies(correct: list[int], seen: int) -> list[float]:
-    return [c / max(seen, 1) for c in correct]
+class ExitMetrics:
+    """Running loss and per-exit accuracy over the batches of one pass (training or validation)."""
+
+    def __init__(self) -> None:
+        self.total, self.seen = 0.0, 0
+        self.correct: list[int] = []
+
+    def update(self, loss: torch.Tensor, outputs: list[torch.Tensor], y: torch.Tensor) -> None:
+        n = len(y)
+        self.seen += n
+        self.total += float(loss.detach()) * n
+        hits = [int((o.argmax(1) == y).sum()) for o in outputs]
+        self.correct = hits if not self.correct else [a + b for a, b in zip(self.correct, hits, strict=True)]
+
+    @property
+    def loss(self) -> float:
+        return self.total / max(self.seen, 1)
+
+    @property
+    def exit_accuracy(self) -> list[float]:
+        return [c / max(self.seen, 1) for c in self.correct]
+
+    def result(self) -> dict:
+        return {"loss": self.loss, "exit_accuracy": self.exit_accuracy, "samples": self.seen}
 
 
-def train_one_epoch(model, loader, optimizer, cfg: TrainConfig, device, epoch: int, teacher=None, show=True) -> dict:
+def distill_alpha(cfg: TrainConfig, progress: float) -> float:
+    """The distillation weight after ``progress`` epochs: ramped up linearly over the warm-up."""
+    if cfg.distill_warmup <= 0:
+        return cfg.alpha
+    return cfg.alpha * min(1.0, progress / cfg.distill_warmup)
+
+
+def _batches(loader, max_batches: int | None, desc: str, show: bool):
+    """The loader's first ``max_batches`` batches, with a progress bar."""
     from tqdm import tqdm
 
-    model.train()
-    total, seen, correct = 0.0, 0, None
-    num_batches = len(loader) if cfg.max_batches is None else min(len(loader), cfg.max_batches)
-    bar = tqdm(loader, total=num_batches, desc=f"epoch {epoch + 1} train", leave=False, disable=None if show else True)
-    for i, (x, y) in enumerate(bar):
+    num_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = tqdm(loader, total=num_batches, desc=desc, leave=False, disable=None if show else True)
+    for i, batch in enumerate(bar):
         if i >= num_batches:
             break
+        yield i, num_batches, bar, batch
+
+
+def _teacher_logits(cfg: TrainConfig, outputs, teacher, x):
+    if cfg.distill == "final":
+        return outputs[-1]  # detached inside the loss
+    if cfg.distill == "teacher":
+        with torch.no_grad():
+            return teacher(x)[-1]
+    return None
+
+
+def train_one_epoch(
+    model, loader, optimizer, cfg: TrainConfig, device, epoch: int, teacher=None, show=True, frozen=False
+) -> dict:
+    attach.set_train_mode(model, frozen)
+    metrics = ExitMetrics()
+    for i, num_batches, bar, (x, y) in _batches(loader, cfg.max_batches, f"epoch {epoch + 1} train", show):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         outputs = model(x)
-        if cfg.distill == "final":
-            teacher_logits = outputs[-1]
-        elif cfg.distill == "teacher":
-            with torch.no_grad():
-                teacher_logits = teacher(x)[-1]
-        else:
-            teacher_logits = None
         weights = cfg.exit_weights or [1.0] * len(outputs)
-        loss, _ = multi_exit_loss(outputs, y, weights, cfg.alpha, cfg.temperature, teacher_logits)
+        alpha = distill_alpha(cfg, epoch + i / num_batches)
+        loss, _ = multi_exit_loss(
+            outputs, y, weights, alpha, cfg.temperature, _teacher_logits(cfg, outputs, teacher, x)
+        )
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        n = len(y)
-        seen += n
-        total += float(loss.detach()) * n
-        hits = [int((o.argmax(1) == y).sum()) for o in outputs]
-        correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
-        accs = _accuracies(correct, seen)
-        bar.set_postfix(loss=f"{total / seen:.3f}", acc="/".join(f"{100 * a:.0f}" for a in accs))
-    return {"loss": total / max(seen, 1), "exit_accuracy": _accuracies(correct or [], seen), "samples": seen}
+        metrics.update(loss, outputs, y)
+        bar.set_postfix(loss=f"{metrics.loss:.3f}", acc="/".join(f"{100 * a:.0f}" for a in metrics.exit_accuracy))
+    return metrics.result()
 
 
 @torch.no_grad()
 def evaluate(model, loader, cfg: TrainConfig, device, max_batches: int | None = None, show=True) -> dict:
-    """Validation loss (the same loss as training, so early stopping watches what is optimised)
-    and per-exit accuracy."""
-    from tqdm import tqdm
-
+    """Validation loss (the same loss as training, so early stopping watches what is optimised; the
+    final exit is the teacher whenever distillation is on) and per-exit accuracy."""
     model.eval()
-    total, seen, correct = 0.0, 0, None
-    weights = None
-    num_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
-    for i, (x, y) in enumerate(tqdm(loader, total=num_batches, desc="validate", leave=False, disable=None if show else True)):
-        if i >= num_batches:
-            break
+    metrics = ExitMetrics()
+    for _, _, _, (x, y) in _batches(loader, max_batches, "validate", show):
         x, y = x.to(device), y.to(device)
         outputs = model(x)
-        weights = weights or cfg.exit_weights or [1.0] * len(outputs)
+        weights = cfg.exit_weights or [1.0] * len(outputs)
         teacher_logits = outputs[-1] if cfg.distill != "none" else None
         loss, _ = multi_exit_loss(outputs, y, weights, cfg.alpha, cfg.temperature, teacher_logits)
-        seen += len(y)
-        total += float(loss) * len(y)
-        hits = [int((o.argmax(1) == y).sum()) for o in outputs]
-        correct = hits if correct is None else [a + b for a, b in zip(correct, hits)]
-    return {"loss": total / max(seen, 1), "exit_accuracy": _accuracies(correct or [], seen), "samples": seen}
+        metrics.update(loss, outputs, y)
+    return metrics.result()
 
 
-# --------------------------------------------------------------------------- the run
-def _check_config(cfg: TrainConfig) -> None:
-    if cfg.optim not in OPTIMIZERS:
-        raise UsageError(f"--optim must be one of {', '.join(OPTIMIZERS)}")
-    if cfg.distill not in DISTILL:
-        raise UsageError(f"--distill must be one of {', '.join(DISTILL)}")
-    if cfg.distill == "teacher" and not cfg.teacher:
-        raise UsageError("--distill teacher needs --teacher CKPT (a run directory or checkpoint.pt)")
-    if cfg.teacher and cfg.distill != "teacher":
-        raise UsageError("--teacher is only used with --distill teacher")
-    for name, value in [("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size), ("--patience", cfg.patience)]:
-        if value < 1:
-            raise UsageError(f"{name} must be at least 1")
-    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
-        raise UsageError("--lr must be a positive number")
-    if cfg.temperature <= 0:
-        raise UsageError("--temperature must be positive")
-
-
-def fit(cfg: TrainConfig) -> dict:
-    """Train, keep the best model (lowest validation loss) in ``cfg.out``, calibrate it; return a summary."""
-    _check_config(cfg)
-    cfg.net = resolve_name(cfg.net)
-    out = Path(cfg.out)
-    device = pick_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
-    rank, world = init_distributed(device.type)
-    is_main = rank == 0
-    show = is_main and not cfg.quiet
-    ckpt_path = out / "checkpoint.pt"
-
-    resume_ckpt = None
-    if cfg.resume:
-        if not ckpt_path.is_file():
-            raise BranchyError(f"--resume: no checkpoint at {ckpt_path}")
-        resume_ckpt = _load_checkpoint(ckpt_path)
-        if resume_ckpt["arch"] != cfg.net:
-            raise BranchyError(f"--resume: {ckpt_path} is a {resume_ckpt['arch']} checkpoint, not {cfg.net}")
-
-    train_ds, val_ds, full = load_datasets(cfg)
-    in_channels, num_classes = full.input_shape[0], full.num_classes
-    torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
-    model = create_model(cfg.net, num_classes=num_classes, in_channels=in_channels, **cfg.model_config)
-    if cfg.exit_weights is not None and len(cfg.exit_weights) != model.num_exits:
-        raise UsageError(f"--exit-weights needs {model.num_exits} values for {cfg.net}, got {len(cfg.exit_weights)}")
-    if resume_ckpt is not None and resume_ckpt["model_config"] != model.config:
-        raise BranchyError(f"--resume: {ckpt_path} was trained with {resume_ckpt['model_config']}, not {model.config}")
-    stage_flops, head_flops = arch_part_flops(cfg.net, model.config, full.input_shape)
-    channels_last(model).to(device)  # ~20% faster convolutions on CPU (see runtime.tuning)
-    teacher = load_teacher(cfg.teacher, num_classes, device) if cfg.distill == "teacher" else None
-
-    optimizer = make_optimizer(model.parameters(), cfg)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    start_epoch, best_loss, best_epoch, bad_epochs = 0, math.inf, -1, 0
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scheduler.load_state_dict(resume_ckpt["scheduler"])
-        start_epoch = resume_ckpt["epoch"] + 1
-        best_loss, best_epoch, bad_epochs = resume_ckpt["best_loss"], resume_ckpt["best_epoch"], resume_ckpt["bad_epochs"]
-
-    train_model = model
-    sampler_gen = torch.Generator()
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+def _run_epoch(run: Run, epoch: int, t0: float) -> dict:
+    """Train one epoch, validate, keep the best model; the epoch's record (metrics.jsonl)."""
+    cfg, p = run.cfg, run.progress
+    s = seed_epoch(cfg.seed, epoch)
+    run.generators[0].manual_seed(s)
+    run.generators[1].manual_seed(s + 1)
+    if isinstance(run.sampler, DistributedSampler):
+        run.sampler.set_epoch(epoch)
+    try:
+        tr = train_one_epoch(
+            run.train_model, run.train_loader, run.optimizer, cfg, run.device, epoch, run.teacher, run.show, run.frozen
+        )
+    except NonFiniteLoss as e:
+        kept = (
+            f"the last good checkpoint ({run.ckpt_path}, epoch {epoch}) is kept"
+            if epoch > 0
+            else "no checkpoint was written"
+        )
+        raise BranchyError(f"{e}; training stopped, {kept}; try a lower --lr") from None
+    if run.world > 1:
+        # BatchNorm running statistics are updated from each rank's own batches; DDP only
+        # re-broadcasts them at the next forward. Take rank 0's now so that validation and the
+        # saved model are the same on every rank.
+        for buf in run.model.buffers():
+            dist.broadcast(buf, 0)
+    va = evaluate(run.model, run.val_loader, cfg, run.device, cfg.max_batches, run.show)
+    run.scheduler.step()
+    improved = va["loss"] < p.best_loss
+    if improved:
+        p.best_loss, p.best_epoch, p.bad_epochs = va["loss"], epoch, 0
     else:
-        sampler = RandomSampler(train_ds, generator=sampler_gen)
-    loader_gen = torch.Generator()
-    pin = device.type == "cuda"
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                              generator=loader_gen, pin_memory=pin, drop_last=len(train_ds) > cfg.batch_size)
-    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 256), shuffle=False, num_workers=cfg.num_workers, pin_memory=pin)
+        p.bad_epochs += 1
+    record = {
+        "epoch": epoch + 1,
+        "train_loss": tr["loss"],
+        "train_exit_accuracy": tr["exit_accuracy"],
+        "val_loss": va["loss"],
+        "val_exit_accuracy": va["exit_accuracy"],
+        "lr": run.scheduler.get_last_lr()[0],
+        "best": improved,
+        "seconds": round(time.time() - t0, 2),
+    }
+    if run.is_main:
+        _write_epoch(run, epoch, record)
+    return record
 
-    card = ModelCard(
-        arch=cfg.net,
-        config=model.config,
-        classes=tuple(full.classes),
-        dataset=full.name,
-        preprocessing=full.preprocessing,
-        criterion=criterion(cfg.criterion),
-        thresholds=None,  # until calibration: never exit early
-        stage_flops=tuple(stage_flops),
-        head_flops=tuple(head_flops),
-        data=DataSpec(cfg.dataset, {"seed": cfg.seed, **cfg.synthetic}, cfg.val_fraction, cfg.seed),
-        training={"config": _jsonable(cfg), "world_size": world},
-    )
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
 
-    stopped_early, history = False, []
-    t0 = time.time()
-    for epoch in range(start_epoch, cfg.epochs):
-        s = seed_epoch(cfg.seed, epoch)
-        sampler_gen.manual_seed(s)
-        loader_gen.manual_seed(s + 1)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        try:
-            tr = train_one_epoch(train_model, train_loader, optimizer, cfg, device, epoch, teacher, show)
-        except NonFiniteLoss as e:
-            kept = f"the last good checkpoint ({ckpt_path}, epoch {epoch}) is kept" if epoch > 0 else "no checkpoint was written"
-            raise BranchyError(f"{e}; training stopped, {kept}; try a lower --lr") from None
-        if world > 1:
-            # BatchNorm running statistics are updated from each rank's own batches; DDP only
-            # re-broadcasts them at the next forward. Take rank 0's now so that validation and the
-            # saved model are the same on every rank.
-            for buf in model.buffers():
-                dist.broadcast(buf, 0)
-        va = evaluate(model, val_loader, cfg, device, cfg.max_batches, show)
-        scheduler.step()
-        improved = va["loss"] < best_loss
-        if improved:
-            best_loss, best_epoch, bad_epochs = va["loss"], epoch, 0
-        else:
-            bad_epochs += 1
-        record = {
-            "epoch": epoch + 1, "train_loss": tr["loss"], "train_exit_accuracy": tr["exit_accuracy"],
-            "val_loss": va["loss"], "val_exit_accuracy": va["exit_accuracy"], "lr": scheduler.get_last_lr()[0],
-            "best": improved, "seconds": round(time.time() - t0, 2),
-        }  # fmt: skip
-        history.append(record)
-        if is_main:
-            if improved:
-                write_weights(out / "model.safetensors", model)
-                training = {**(card.training or {}), "best_epoch": epoch + 1, "val_loss": best_loss,
-                            "val_exit_accuracy": va["exit_accuracy"]}
-                write_model_card(out, card.replace(training=training))
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, epoch, best_loss, best_epoch, bad_epochs, cfg)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if show:
-                accs = " ".join(f"{100 * a:.1f}" for a in va["exit_accuracy"])
-                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {tr['loss']:.4f}, val loss {va['loss']:.4f}, "
-                      f"val acc per exit [{accs}]{' *' if improved else ''}", flush=True)
-        if bad_epochs >= cfg.patience:
-            stopped_early = True
-            if show:
-                print(f"early stop: no validation improvement for {cfg.patience} epochs (best epoch {best_epoch + 1})")
-            break
+def _write_epoch(run: Run, epoch: int, record: dict) -> None:
+    """Rank 0: the best weights and model card, the checkpoint, the metrics line, the progress line."""
+    out, p = run.out, run.progress
+    if record["best"]:
+        write_weights(out / "model.safetensors", run.model)
+        training = {
+            **(run.card.training or {}),
+            "best_epoch": epoch + 1,
+            "val_loss": p.best_loss,
+            "val_exit_accuracy": record["val_exit_accuracy"],
+        }
+        write_model_card(out, run.card.replace(training=training))
+    progress = {"epoch": epoch, "best_loss": p.best_loss, "best_epoch": p.best_epoch, "bad_epochs": p.bad_epochs}
+    save_checkpoint(run.ckpt_path, run.model, run.optimizer, run.scheduler, progress, jsonable(run.cfg))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if run.show:
+        accs = " ".join(f"{100 * a:.1f}" for a in record["val_exit_accuracy"])
+        print(
+            f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {record['train_loss']:.4f}, val loss "
+            f"{record['val_loss']:.4f}, val acc per exit [{accs}]{' *' if record['best'] else ''}",
+            flush=True,
+        )
 
-    summary = {"best_epoch": best_epoch + 1, "best_val_loss": best_loss, "stopped_early": stopped_early,
-               "epochs_run": len(history), "world_size": world, "history": history}  # fmt: skip
-    if world > 1:
-        digests = [None] * world
-        dist.all_gather_object(digests, state_digest(model))
+
+def _finish(run: Run, history: list[dict], stopped_early: bool) -> dict:
+    """Check that the ranks agree, export the best model's stage graphs and calibrate them."""
+    p = run.progress
+    summary = {
+        "best_epoch": p.best_epoch + 1,
+        "best_val_loss": p.best_loss,
+        "stopped_early": stopped_early,
+        "epochs_run": len(history),
+        "world_size": run.world,
+        "history": history,
+    }
+    if run.world > 1:
+        digests = [None] * run.world
+        dist.all_gather_object(digests, state_digest(run.model))
         summary["ddp_identical_weights"] = len(set(digests)) == 1
-    if is_main and (out / "model.safetensors").is_file():
+    if run.is_main and (run.out / "model.safetensors").is_file():
         from ..evaluate.calibrate import calibrate_run
         from ..export.onnx import export_run
 
-        export_run(out, show=show)  # the stage graphs that calibration, evaluation and sealing use
-
-        if world > 1:
-            now = read_model_card(out)
+        export_run(run.out, show=run.show)  # the stage graphs that calibration, evaluation and sealing use
+        if run.world > 1:
+            now = read_model_card(run.out)
             same = summary["ddp_identical_weights"]
-            write_model_card(out, now.replace(training={**(now.training or {}), "ddp_identical_weights": same}))
-        summary["calibration"] = calibrate_run(out, max_accuracy_drop=cfg.max_accuracy_drop, criterion=cfg.criterion,
-                                               device=device, max_batches=cfg.max_batches, val_set=val_ds, show=show)
-    if world > 1:
+            write_model_card(run.out, now.replace(training={**(now.training or {}), "ddp_identical_weights": same}))
+        summary["calibration"] = calibrate_run(
+            run.out,
+            max_accuracy_drop=run.cfg.max_accuracy_drop,
+            criterion=run.cfg.criterion,
+            device=run.device,
+            max_batches=run.cfg.max_batches,
+            val_set=run.val_ds,
+            show=run.show,
+        )
+    if run.world > 1:
         dist.barrier()
     return summary
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, epoch, best_loss, best_epoch, bad_epochs, cfg) -> None:
-    import io
-
-    buf = io.BytesIO()
-    torch.save({
-        "arch": model.arch, "model_config": model.config, "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "epoch": epoch, "best_loss": best_loss, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-        "config": _jsonable(cfg),
-    }, buf)  # fmt: skip
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _jsonable(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=str))
+def fit(cfg: TrainConfig) -> dict:
+    """Train, keep the best model (lowest validation loss) in ``cfg.out``, calibrate it; return a summary."""
+    run = set_up(cfg)
+    history: list[dict] = []
+    stopped_early = False
+    t0 = time.time()
+    for epoch in range(run.progress.start_epoch, cfg.epochs):
+        history.append(_run_epoch(run, epoch, t0))
+        if run.progress.bad_epochs >= cfg.patience:
+            stopped_early = True
+            if run.show:
+                print(
+                    f"early stop: no validation improvement for {cfg.patience} epochs "
+                    f"(best epoch {run.progress.best_epoch + 1})"
+                )
+            break
+    return _finish(run, history, stopped_early)
