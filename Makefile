@@ -9,7 +9,7 @@ BT     := $(VENV)/bin/branchy-tee
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: all setup data tools enclave-env demo test fuzz bench clean
+.PHONY: all setup data tools enclave-env demo lint test fuzz bench clean
 
 all: test
 
@@ -37,7 +37,13 @@ enclave-env: setup
 demo: setup data
 	$(BT) demo
 
-test: setup data tools
+# ruff (lint and format) and mypy (strict for the enclave side), configured in pyproject.toml.
+lint: setup
+	$(VENV)/bin/ruff check src tests fuzz scripts
+	$(VENV)/bin/ruff format --check src tests fuzz scripts
+	$(VENV)/bin/mypy
+
+test: setup data tools lint
 	$(PY) -m pytest -q
 
 # The security figures (docs/security.md): tamper campaign (1,000 trials per artifact), key broker

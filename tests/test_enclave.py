@@ -18,8 +18,9 @@ from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
 
 from branchy_tee.cli import main
 from branchy_tee.enclave import build as eb
+from branchy_tee.enclave.gramine import parse_sigstruct_view
 from branchy_tee.enclave.launch import split_run_arguments
-from branchy_tee.errors import UsageError
+from branchy_tee.errors import BranchyError, UsageError
 
 BROKER_M = "http://127.0.0.1:8101"
 BROKER_M_IDENTITY = "5a" * 32
@@ -556,7 +557,7 @@ def test_native_backend_runs_predict_end_to_end(sealed, tmp_path, no_gramine, ca
 def test_sigstruct_view_json_output():
     e, s = "ab" * 32, "cd" * 32
     view = {"mr_signer": s, "mr_enclave": e, "isv_prod_id": 3, "isv_svn": 1, "debug_enclave": True}
-    assert eb.parse_sigstruct_view(json.dumps(view, indent=4)) == {
+    assert parse_sigstruct_view(json.dumps(view, indent=4)) == {
         "mrenclave": e,
         "mrsigner": s,
         "isv_prod_id": 3,
@@ -569,12 +570,12 @@ def test_sigstruct_view_json_output():
         json.dumps({**view, "isv_svn": "1"}),
         json.dumps({k: v for k, v in view.items() if k != "debug_enclave"}),
     ):
-        with pytest.raises(eb.BranchyError, match="JSON"):
-            eb.parse_sigstruct_view(bad)
+        with pytest.raises(BranchyError, match="JSON"):
+            parse_sigstruct_view(bad)
 
 
 def test_ldd_output_is_read_into_normalised_paths():
-    from branchy_tee.enclave.env import parse_ldd
+    from branchy_tee.enclave.libraries import parse_ldd
 
     out = (
         "/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => "

@@ -40,7 +40,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -49,7 +49,7 @@ from ..errors import AttestationError, BranchyError, PolicyError
 from ..fileio import read_key_file
 from ..seal.keys import key_id
 from . import identity as ident
-from .policy import Claims, Policy, load_policy, parse_policy
+from .policy import Claims, Decision, Policy, load_policy, parse_policy
 from .protocol import (
     NONCE_BYTES,
     PROTOCOL,
@@ -309,18 +309,43 @@ class Broker:
 
     # ---- the checks
     def _grant(self, body: bytes, entry: dict) -> dict:
+        req, recipient = self._parse_request(body, entry)
+        self._check_key_ids(req.key_ids)
+        self.nonces.consume(req.nonce)  # single use from here on, whatever the outcome
+        claims, decision = self._attest(req, entry)
+        release = KeyRelease(
+            self.identity_bytes,
+            req.nonce,
+            req.public_key,
+            tuple(sorted(self._seal_keys(req, recipient, decision.min_model_version))),
+            decision.min_model_version,
+            decision.allowed_data_owners,
+        )
+        signature = ident.sign(self.identity, RELEASE_PURPOSE, release.message())
+        entry["min_model_version"] = decision.min_model_version
+        if decision.allowed_data_owners is not None:
+            entry["allowed_data_owners"] = len(decision.allowed_data_owners)
+        if claims.simulated:
+            simulated_warning(
+                f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(req.key_ids)} "
+                f"to {entry.get('remote')}"
+            )
+        return release.to_json(signature)
+
+    def _parse_request(self, body: bytes, entry: dict) -> tuple[KeyRequest, X25519PublicKey]:
         try:
             req = KeyRequest.parse(body)
         except MessageError as e:
             raise Refusal(400, "bad_request", str(e)) from None
-        kids, public_key, nonce = list(req.key_ids), req.public_key, req.nonce
-        entry.update(evidence_type=req.evidence_type, key_ids=kids, nonce=nonce.hex())
+        entry.update(evidence_type=req.evidence_type, key_ids=list(req.key_ids), nonce=req.nonce.hex())
         try:
-            recipient = X25519PublicKey.from_public_bytes(public_key)
+            recipient = X25519PublicKey.from_public_bytes(req.public_key)
             X25519PrivateKey.generate().exchange(recipient)  # refuses low-order points
         except ValueError:
             raise Refusal(400, "bad_request", "'public_key' is not a usable X25519 public key") from None
+        return req, recipient
 
+    def _check_key_ids(self, kids: Sequence[str]) -> None:
         unknown = [k for k in kids if k not in self.keys]
         if unknown:
             raise Refusal(404, "unknown_key_id", f"this broker holds no key with id {', '.join(unknown)}")
@@ -328,8 +353,8 @@ class Broker:
         if withheld:
             raise Refusal(403, "key_not_released", f"the policy does not release key id {', '.join(withheld)}")
 
-        self.nonces.consume(nonce)  # single use from here on, whatever the outcome
-
+    def _attest(self, req: KeyRequest, entry: dict) -> tuple[Claims, Decision]:
+        """The evidence verified, the policy applied, and REPORTDATA binding this request's key and nonce."""
         now = datetime.fromtimestamp(self.clock(), timezone.utc)
         try:
             claims = verify_evidence(self.policy, req.evidence_type, req.evidence, collateral=req.collateral, now=now)
@@ -343,39 +368,20 @@ class Broker:
         except PolicyError as e:
             raise Refusal(403, "policy_refused", f"policy refused: {e}") from None
         entry["warnings"] = list(decision.warnings)
-        if not hmac.compare_digest(claims.report_data, report_data(public_key, nonce)):
+        if not hmac.compare_digest(claims.report_data, report_data(req.public_key, req.nonce)):
             raise Refusal(
                 403,
                 "binding_mismatch",
                 "REPORTDATA does not bind this public key and nonce "
                 "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)",
             )
-        sealed = tuple(
-            (
-                kid,
-                SUITE.encrypt(
-                    pack_key(self.keys[kid], decision.min_model_version), recipient, info=key_info(kid, nonce)
-                ),
-            )
-            for kid in kids
-        )
-        release = KeyRelease(
-            self.identity_bytes,
-            nonce,
-            public_key,
-            tuple(sorted(sealed)),
-            decision.min_model_version,
-            decision.allowed_data_owners,
-        )
-        signature = ident.sign(self.identity, RELEASE_PURPOSE, release.message())
-        entry["min_model_version"] = decision.min_model_version
-        if decision.allowed_data_owners is not None:
-            entry["allowed_data_owners"] = len(decision.allowed_data_owners)
-        if claims.simulated:
-            simulated_warning(
-                f"EVIDENCE ACCEPTED by the key broker: releasing key(s) {', '.join(kids)} to {entry.get('remote')}"
-            )
-        return release.to_json(signature)
+        return claims, decision
+
+    def _seal_keys(self, req: KeyRequest, recipient: X25519PublicKey, version: int) -> list[tuple[str, bytes]]:
+        return [
+            (kid, SUITE.encrypt(pack_key(self.keys[kid], version), recipient, info=key_info(kid, req.nonce)))
+            for kid in req.key_ids
+        ]
 
     # ---- audit
     def _decide(self, entry: dict, status: int, code: str, reason: str | None) -> None:

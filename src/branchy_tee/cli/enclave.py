@@ -274,9 +274,22 @@ def cmd_enclave_env(args) -> int:
 
 
 def cmd_enclave_build(args) -> int:
-    from ..enclave.build import BuildOptions, build
+    from ..enclave.build import build
 
-    opts = BuildOptions(
+    s = build(_build_options(args), log=progress)
+    for w in s["warnings"]:
+        warn(w)
+    if args.json:
+        emit_json(s)
+    else:
+        _print_build(s, args.sgx)
+    return 0
+
+
+def _build_options(args):
+    from ..enclave.build import BuildOptions
+
+    return BuildOptions(
         bundle=args.bundle,
         out=args.out,
         sgx=args.sgx,
@@ -303,12 +316,9 @@ def cmd_enclave_build(args) -> int:
         serve=args.serve,
         max_connections=args.max_connections,
     )
-    s = build(opts, log=progress)
-    for w in s["warnings"]:
-        warn(w)
-    if args.json:
-        emit_json(s)
-        return 0
+
+
+def _print_build(s: dict, sgx: bool) -> None:
     print(f"wrote {s['manifest']} (rendered by {s['rendered_by']})")
     if s["manifest_sha256"]:
         print(
@@ -341,14 +351,13 @@ def cmd_enclave_build(args) -> int:
         print(f"MRSIGNER  {s['mrsigner']}")
     else:
         print(
-            f"NOT SIGNED: nothing was signed ({'no --sgx' if not args.sgx else 'Gramine missing'}); on an SGX machine "
+            f"NOT SIGNED: nothing was signed ({'no --sgx' if not sgx else 'Gramine missing'}); on an SGX machine "
             f"with Gramine run `make SGX=1` in {s['dir']}"
         )
     print(
         f"the model owner reproduces this build and signs it: `branchy-tee enclave release {s['dir']} --identity "
         "mo.id --model-key mo.key --out release.json`"
     )
-    return 0
 
 
 def _print_enclave_size(s: dict) -> None:

@@ -47,12 +47,10 @@ gramine-manifest in one line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,28 +65,33 @@ from ..seal.aead import MAX_DECRYPT_WORKERS
 from . import MANIFEST_NAME, measure
 from . import env as enclave_env
 from .config import CONFIG, ENTRIES, EnclaveConfig, load_config, manifest_defines, manifest_env  # noqa: F401 (re-exported)
+from .gramine import (
+    INSTALL_HINT,
+    MANIFEST,
+    MANIFEST_TEMPLATE,
+    SGX_MANIFEST,
+    SIGSTRUCT,
+    SUPPORTED_GRAMINE,
+    gramine_manifest_argv,
+    manifest_figures,
+    read_sigstruct,
+    run_tool,
+    sign_argv,
+    which,
+)
+from .libraries import system_libraries
 
 if TYPE_CHECKING:
     from ..seal.header import BundleHeader
 
 MIB = 1 << 20
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-MANIFEST_TEMPLATE = f"{MANIFEST_NAME}.manifest.template"
-MANIFEST = f"{MANIFEST_NAME}.manifest"
-SGX_MANIFEST = f"{MANIFEST_NAME}.manifest.sgx"
-SIGSTRUCT = f"{MANIFEST_NAME}.sig"
 
 # gramine.runtimedir() of Gramine's Debian/Ubuntu packages: used only when gramine-manifest is absent.
 DEBIAN_GRAMINE_RUNTIME = "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"
-SUPPORTED_GRAMINE = "1.8 or later"
 SHEBANG_LIMIT = 256  # bytes of a script's first line that Gramine (like Linux) reads: INTERP_PATH_SIZE
 GRAMINE_HELPER_THREADS = 8  # Gramine's IPC/async/TLS helpers, Python's main thread, the memory sampler, headroom
 SERVER_THREADS = 2  # serve's batcher and key renewal (plus one per connection: --max-connections)
-
-INSTALL_HINT = (
-    "install Gramine from its apt repository (https://gramine.readthedocs.io/en/stable/installation.html; "
-    "on Ubuntu: add packages.gramineproject.io, then `sudo apt install gramine`)"
-)
 
 
 @dataclass
@@ -270,16 +273,11 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
     io_dirs, env_dir, broker_ca, signing_key = _paths(opts, out, bundle)
     env = enclave_env.ensure_env(env_dir, log=log)
     arch = f"/lib/{_multiarch()}"
-    libs, search = enclave_env.system_libraries(env.python, env.dir, [arch, f"/usr{arch}"])
+    libs, search = system_libraries(env.python, env.dir, [arch, f"/usr{arch}"])
     for p in [env.python, env.home_lib, *libs]:
         _abs_path(p, "Python path")
     entry = "serve" if opts.serve else "predict"
     entry_script(env.python, entry)  # the interpreter's path must fit the entry script's first line
-    # the compute threads, Gramine's and Python's own, the stage decryption workers (seal.aead), and for
-    # serve one thread per connection plus the batcher and the key renewal
-    max_threads = opts.threads + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1
-    if opts.serve:
-        max_threads += opts.max_connections + SERVER_THREADS
     cfg = EnclaveConfig(
         dir=out,
         entry=entry,
@@ -301,7 +299,7 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
         ld_library_path=":".join(["/lib", *search]),
         launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"),
         threads=opts.threads,
-        max_threads=max_threads,
+        max_threads=_max_threads(opts),
         batch_size=opts.batch_size,
         max_samples=opts.max_samples,
         debug=opts.debug,
@@ -318,95 +316,23 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
         accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)),
         signing_key=signing_key,
     )
+    return _sized(cfg, header, given_size, log)
+
+
+def _sized(cfg: EnclaveConfig, header: BundleHeader, given_size: int | None, log) -> EnclaveConfig:
+    """sgx.enclave_size: as given, or from the runtime's peak memory measured natively."""
     if given_size:
         return cfg.replace(enclave_size=measure.size_string(given_size), enclave_size_detail={"given": True})
-    peak = measure.measure_peak(header, env.python, env.dir, cfg.env, opts.batch_size, opts.max_samples, log)
-    sizing = measure.enclave_size(header, peak, opts.max_samples)
+    peak = measure.measure_peak(header, cfg.interpreter, cfg.env_dir, cfg.env, cfg.batch_size, cfg.max_samples, log)
+    sizing = measure.enclave_size(header, peak, cfg.max_samples)
     return cfg.replace(enclave_size=sizing["enclave_size_str"], enclave_size_detail={"given": False, **peak, **sizing})
 
 
-# --------------------------------------------------------------------------- Gramine tools
-def which(tool: str) -> str | None:
-    return shutil.which(tool)
-
-
-def run_tool(argv: list[str], cwd: str) -> subprocess.CompletedProcess:
-    """Run a Gramine tool; its failure becomes one line."""
-    try:
-        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
-    except OSError as e:
-        raise BranchyError(f"cannot run {argv[0]}: {e.strerror or e}") from None
-    if proc.returncode != 0:
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise BranchyError(
-            f"{Path(argv[0]).name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}"
-        )
-    return proc
-
-
-def gramine_manifest_argv(defines: dict[str, str]) -> list[str]:
-    """gramine-manifest's command line, exactly as the Makefile runs it (in the build directory)."""
-    return ["gramine-manifest", *(f"-D{k}={v}" for k, v in defines.items()), MANIFEST_TEMPLATE, MANIFEST]
-
-
-def sign_argv(signing_key: str) -> list[str]:
-    return ["gramine-sgx-sign", "--key", signing_key, "--manifest", MANIFEST, "--output", SGX_MANIFEST]
-
-
-SIGSTRUCT_VIEW_ARGV = ["gramine-sgx-sigstruct-view", "--output-format", "json", SIGSTRUCT]
-
-
-def parse_sigstruct_view(text: str) -> dict:
-    """MRENCLAVE, MRSIGNER, ISV ids and the debug flag from ``gramine-sgx-sigstruct-view
-    --output-format json`` (its text format is documented as unstable)."""
-    try:
-        fields = json.loads(text)
-        mrenclave, mrsigner = str(fields["mr_enclave"]).lower(), str(fields["mr_signer"]).lower()
-        if not (re.fullmatch(r"[0-9a-f]{64}", mrenclave) and re.fullmatch(r"[0-9a-f]{64}", mrsigner)):
-            raise ValueError
-        isv_prod_id, isv_svn, debug = fields["isv_prod_id"], fields["isv_svn"], fields["debug_enclave"]
-        if not (type(isv_prod_id) is int and type(isv_svn) is int and type(debug) is bool):
-            raise ValueError
-    except (KeyError, ValueError, TypeError):
-        raise BranchyError("cannot read MRENCLAVE/MRSIGNER from gramine-sgx-sigstruct-view's JSON output") from None
-    return {
-        "mrenclave": mrenclave,
-        "mrsigner": mrsigner,
-        "isv_prod_id": isv_prod_id,
-        "isv_svn": isv_svn,
-        "debug": debug,
-    }
-
-
-def read_sigstruct(directory: str | os.PathLike[str]) -> dict:
-    """The measurements in DIR's SIGSTRUCT, read by gramine-sgx-sigstruct-view."""
-    d = Path(directory)
-    if not (d / SIGSTRUCT).is_file():
-        raise BranchyError(f"{d / SIGSTRUCT} does not exist: nothing was signed; run `make SGX=1` in {d} first")
-    if not which("gramine-sgx-sigstruct-view"):
-        raise BranchyError(f"gramine-sgx-sigstruct-view is not installed: {INSTALL_HINT}")
-    return parse_sigstruct_view(run_tool(SIGSTRUCT_VIEW_ARGV, cwd=str(d)).stdout)
-
-
-def manifest_figures(path: str | os.PathLike[str]) -> dict:
-    """Trusted files, size and SHA-256 of a manifest rendered by gramine-manifest; refuses one that
-    Gramine 1.7 or older rendered (no loader.entrypoint, trusted files not hashed)."""
-    data = Path(path).read_bytes()
-    manifest = tomllib.loads(data.decode())
-    trusted = manifest.get("sgx", {}).get("trusted_files", [])
-    hashed = (
-        isinstance(manifest.get("loader", {}).get("entrypoint"), dict) and "sha256" in manifest["loader"]["entrypoint"]
-    )
-    if not hashed or not all(isinstance(t, dict) and "sha256" in t for t in trusted):
-        raise BranchyError(
-            f"the gramine-manifest on PATH ({which('gramine-manifest')}) did not add loader.entrypoint "
-            f"and hash the trusted files, so it is Gramine 1.7 or older; this enclave needs Gramine {SUPPORTED_GRAMINE}"
-        )
-    return {
-        "trusted_files": len(trusted),
-        "manifest_bytes": len(data),
-        "manifest_sha256": hashlib.sha256(data).hexdigest(),
-    }
+def _max_threads(opts: BuildOptions) -> int:
+    """The compute threads, Gramine's and Python's own, the stage decryption workers (seal.aead), and
+    for serve one thread per connection plus the batcher and the key renewal."""
+    threads = opts.threads + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1
+    return threads + opts.max_connections + SERVER_THREADS if opts.serve else threads
 
 
 def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME) -> int:

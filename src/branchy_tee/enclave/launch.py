@@ -21,8 +21,8 @@ from pathlib import Path
 from ..choices import LaunchBackend
 from ..errors import BranchyError, UsageError
 from . import MANIFEST_NAME
-from .build import INSTALL_HINT, MANIFEST, SGX_MANIFEST, SIGSTRUCT, which
 from .config import ENTRIES, EnclaveConfig, load_config
+from .gramine import INSTALL_HINT, MANIFEST, SGX_MANIFEST, SIGSTRUCT, which
 
 TOOLS: dict[str, str] = {LaunchBackend.SGX: "gramine-sgx", LaunchBackend.DIRECT: "gramine-direct"}
 # predict's options that name files the enclave reads or writes.

@@ -35,8 +35,9 @@ from ..errors import BranchyError, shown
 from ..fileio import atomic_write_text, read_regular_file
 from ..seal.bundle import canonical_json
 from ..strict import Fields
-from .build import MANIFEST, SGX_MANIFEST, read_measurements
+from .build import read_measurements
 from .config import EnclaveConfig, load_config
+from .gramine import MANIFEST, SGX_MANIFEST
 
 RELEASE_FORMAT = "branchy-tee/release/v1"
 RELEASE_PURPOSE = b"enclave-release"
