@@ -6,6 +6,7 @@ checks. Every request must end in a 4xx Refusal with a one-line reason: a 500 is
 import sys
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

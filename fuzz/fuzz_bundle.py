@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

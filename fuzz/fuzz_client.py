@@ -9,14 +9,16 @@ import sys
 import urllib.request
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
     from branchy_tee.attest.client import AttestedKeys
     from branchy_tee.errors import BranchyError
 
-from campaign import _Canned, _StubProvider  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
+
+from campaign import _Canned, _StubProvider  # noqa: E402
 
 REC = json.loads((common.WORLD / "client-exchange.json").read_text())
 SK = X25519PrivateKey.from_private_bytes(bytes.fromhex(REC["sk"]))

@@ -10,6 +10,7 @@ Only BranchyError (one line) may escape."""
 import sys
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

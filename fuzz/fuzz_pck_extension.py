@@ -4,6 +4,7 @@
 import sys
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

@@ -6,6 +6,7 @@ import sys
 import tempfile
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee", "tomllib"]):

@@ -4,6 +4,7 @@ a successful parse must be self-consistent."""
 import sys
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

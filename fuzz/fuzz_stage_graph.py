@@ -6,6 +6,7 @@ escape, never another exception or a crash."""
 import sys
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

@@ -5,6 +5,7 @@ import sys
 from datetime import datetime, timezone
 
 import atheris
+
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):

@@ -47,11 +47,10 @@ def build_world(world: Path) -> None:
         return
     import shutil
 
+    from branchy_tee.seal.keys import generate_key
     from campaign import record_exchange
     from world import build_world as build
     from world import quiet_call
-
-    from branchy_tee.seal.keys import generate_key
 
     shutil.rmtree(world, ignore_errors=True)
     quiet_call(build, world)
@@ -79,13 +78,13 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
     import base64
 
     import torch
-    from campaign import SGX_QUOTES
     from safetensors.torch import save
-    from world import quiet_call
 
     from branchy_tee.attest.protocol import report_data
     from branchy_tee.attest.providers import SimulatedProvider
     from branchy_tee.seal.bundle import open_bundle
+    from campaign import SGX_QUOTES
+    from world import quiet_call
 
     quotes = [p.read_bytes() for p in sorted(SGX_QUOTES.glob("*.quote.bin"))]
     ext = []

@@ -14,13 +14,13 @@ from pathlib import Path
 import jinja2
 import pytest
 import tomllib
-from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
 
 from branchy_tee.cli import main
 from branchy_tee.enclave import build as eb
 from branchy_tee.enclave.gramine import parse_sigstruct_view
 from branchy_tee.enclave.launch import split_run_arguments
 from branchy_tee.errors import BranchyError, UsageError
+from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
 
 BROKER_M = "http://127.0.0.1:8101"
 BROKER_M_IDENTITY = "5a" * 32

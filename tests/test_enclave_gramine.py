@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from enclave_tools import ENCLAVE_ENV, REPO, SUPPORTED_GRAMINE, gramine_release, install_gramine_manifest
 
 from branchy_tee.cli import main
 from branchy_tee.enclave.env import package_closure
 from branchy_tee.enclave.libraries import GRAMINE_GLIBC
+from enclave_tools import ENCLAVE_ENV, REPO, SUPPORTED_GRAMINE, gramine_release, install_gramine_manifest
 
 # test_enclave.py's: the same loader.env, so the build reuses the memory measured there.
 BROKERS = [

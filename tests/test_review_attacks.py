@@ -11,9 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import test_trust_chain
-from test_trust_chain import BUILD, _cli, _free_port, nothing_written, run_enclave
 
+import test_trust_chain
 from branchy_tee import measured
 from branchy_tee.attest.broker import Broker, Refusal
 from branchy_tee.attest.broker_server import serve_in_background, start_broker
@@ -26,6 +25,7 @@ from branchy_tee.errors import AttestationError, BranchyError, UsageError
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.bundle import seal_model
 from branchy_tee.seal.keys import key_id
+from test_trust_chain import BUILD, _cli, _free_port, nothing_written, run_enclave
 
 # The trust-chain tests' world (model, owners, brokers' keys, built enclave), shared by these attacks.
 world = test_trust_chain.world
@@ -330,9 +330,8 @@ def test_host_cannot_skip_the_minimum_tcb_evaluation_number_by_sending_no_collat
     `require_collateral = false` (the setting for a broker without a collateral file) the host sends
     no collateral at all: the TCB status is unknown, the minimum is not checked, and the quote is
     accepted: the oldest possible choice passes where number 17 is refused."""
-    from test_broker import PHALA1_MRENCLAVE, PHALA_NOW, post_quote
-
     from branchy_tee.seal.keys import generate_key
+    from test_broker import PHALA1_MRENCLAVE, PHALA_NOW, post_quote
 
     key = generate_key()
     quote = (sgx_quotes_dir / "phala-1.quote.bin").read_bytes()

@@ -141,14 +141,13 @@ def kill_predict(world: World, work: Path, kills: int = 20, seed: int = 2026) ->
 
 # --------------------------------------------------------------------------- key broker killed under load
 def broker_restarts(work: Path, restarts: int = 3, seconds_between: float = 3.0, threads: int = 32) -> dict:
-    from campaign import _x25519, http_call
-    from load import broker_identity, sim_policy_toml, start_broker_process
-
     from branchy_tee.attest.client import AttestedKeys
     from branchy_tee.attest.protocol import report_data
     from branchy_tee.attest.providers import SimulatedProvider
     from branchy_tee.errors import AttestationError, BranchyError
     from branchy_tee.seal.keys import generate_key, key_id
+    from campaign import _x25519, http_call
+    from load import broker_identity, sim_policy_toml, start_broker_process
 
     key = generate_key()
     kid = key_id(key)

@@ -150,10 +150,9 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def run_load(work: Path, concurrency: int = 200, seconds: float = 30.0, processes: int = 4) -> dict:
-    from world import quiet_call
-
     from branchy_tee.attest.providers import SimulatedProvider
     from branchy_tee.seal.keys import generate_key, key_id
+    from world import quiet_call
 
     key = generate_key()
     sim, _, _ = quiet_call(SimulatedProvider, work / "devkey")

@@ -14,14 +14,14 @@ import struct
 import time
 
 import pytest
-from campaign import http_call
-from world import quiet_call
 
 from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.providers import SimulatedProvider
 from branchy_tee.cli import main
 from branchy_tee.seal.envelope import MAX_FILE, REQUEST_MAGIC
 from branchy_tee.seal.keys import generate_key, key_id
+from campaign import http_call
+from world import quiet_call
 
 
 def _main(argv):

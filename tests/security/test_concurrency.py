@@ -9,7 +9,6 @@ import threading
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from world import quiet_call
 
 from branchy_tee.attest.broker_server import start_broker
 from branchy_tee.attest.identity import identity_hex
@@ -17,6 +16,7 @@ from branchy_tee.attest.providers import simulated_mrenclave
 from branchy_tee.errors import IntegrityError
 from branchy_tee.runtime import predict
 from branchy_tee.seal.envelope import open_result
+from world import quiet_call
 
 IDS = {o: Ed25519PrivateKey.generate() for o in ("mo", "do1", "do2")}
 

@@ -10,9 +10,8 @@ import subprocess
 import sys
 import time
 
-from crashes import broker_ok, broker_restarts, build_crash_world, kill_predict
-
 from branchy_tee.fileio import atomic_write_bytes
+from crashes import broker_ok, broker_restarts, build_crash_world, kill_predict
 
 
 def test_predict_killed_at_random_points(tmp_path):

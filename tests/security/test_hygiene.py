@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from world import quiet_call
 
 from branchy_tee import fileio
 from branchy_tee.attest.broker_server import start_broker
@@ -26,6 +25,7 @@ from branchy_tee.cli import main
 from branchy_tee.errors import BranchyError
 from branchy_tee.fileio import atomic_write_bytes, read_key_file, write_key_file
 from runs import make_random_run
+from world import quiet_call
 
 SRC = Path(fileio.__file__).resolve().parent
 

@@ -17,7 +17,6 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
-from world import SGX_QUOTES
 
 from branchy_tee.attest.broker import Broker, Refusal
 from branchy_tee.attest.policy import SETTINGS, load_policy, parse_policy
@@ -38,6 +37,7 @@ from branchy_tee.seal.envelope import (
 )
 from branchy_tee.seal.keys import generate_key, key_id
 from runs import mutate_bytes
+from world import SGX_QUOTES
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from campaign import (
     MODES,
     ClientResponseTarget,
