@@ -296,7 +296,13 @@ class Demo:
             result = self.d / "io" / f"{who}-result{tag}.enc"
             cmd += ["--input", str(req), "--output", str(result), "--data-broker", self.urls[who]]
         stats_file = self.d / "io" / f"stats{tag}.json"
-        cmd += ["--stats-json", str(stats_file), "--mprofile", str(self.d / "io" / (tag or "staged")), *extra]
+        cmd += [
+            "--stats-json",
+            str(stats_file),
+            "--mprofile",
+            str(self.d / "io" / f"mprofile{tag or '-staged'}"),
+            *extra,
+        ]
         with subprocess.Popen(cmd, env=self.env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as proc:
             assert proc.stderr is not None
             for line in proc.stderr:
