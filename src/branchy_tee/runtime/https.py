@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import shown
 
@@ -196,37 +196,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         self._predict(body, t0)
 
+    def _body_chunks(self, n: int, seconds: float) -> Iterator[bytes]:
+        """The next ``n`` bytes of the body as they arrive; TimeoutError after ``seconds``,
+        ConnectionError if the client stops sending first."""
+        deadline = time.monotonic() + seconds
+        while n > 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError
+            chunk = self.rfile.read1(min(1 << 20, n))
+            if not chunk:
+                raise ConnectionError
+            n -= len(chunk)
+            yield chunk
+
     def _read_body(self, n: int) -> bytes | None:
-        deadline = time.monotonic() + self.server.timeout_s
-        chunks: list[bytes] = []
-        got = 0
         try:
-            while got < n:
-                if time.monotonic() > deadline:
-                    raise TimeoutError
-                chunk = self.rfile.read1(min(1 << 20, n - got))
-                if not chunk:
-                    raise ConnectionError
-                chunks.append(chunk)
-                got += len(chunk)
+            return b"".join(self._body_chunks(n, self.server.timeout_s))
         except (TimeoutError, socket.timeout, ConnectionError, ssl.SSLError, OSError):
             self.close_connection = True
             self.server.metrics.observe("error")
             return None
-        return b"".join(chunks)
 
     def _discard_body(self, n: int) -> None:
         """After refusing a body: read and drop what the client is still sending, briefly and bounded,
         so that it can finish sending and read our answer. Closing at once with its bytes unread makes
         the client's send fail before it sees the 413 (nginx's "lingering close")."""
-        deadline, left = time.monotonic() + 2.0, min(n, 64 << 20)
         try:
             self.wfile.flush()
-            while left > 0 and time.monotonic() < deadline:
-                chunk = self.rfile.read1(min(1 << 20, left))
-                if not chunk:
-                    break
-                left -= len(chunk)
+            for _ in self._body_chunks(min(n, 64 << 20), 2.0):
+                pass
         except (OSError, ValueError):
             pass
 
