@@ -117,11 +117,7 @@ class Claims(EnclaveClaims):
         out = {
             "evidence_type": self.evidence_type,
             "tee": self.tee,
-            "mrenclave": self.mrenclave.hex(),
-            "mrsigner": self.mrsigner.hex(),
-            "isv_prod_id": self.isv_prod_id,
-            "isv_svn": self.isv_svn,
-            "debug": self.debug,
+            **self.report_fields(),
             "tcb_status": self.tcb_status,
             "advisories": list(self.advisories),
             "tcb_evaluation_data_number": self.tcb_evaluation_data_number,

@@ -65,6 +65,16 @@ class EnclaveClaims:
     debug: bool
     report_data: bytes  # 64
 
+    def report_fields(self) -> dict[str, str | int | bool]:
+        """The fields a policy judges, as JSON values (byte strings in hex), for reports and logs."""
+        return {
+            "mrenclave": self.mrenclave.hex(),
+            "mrsigner": self.mrsigner.hex(),
+            "isv_prod_id": self.isv_prod_id,
+            "isv_svn": self.isv_svn,
+            "debug": self.debug,
+        }
+
 
 @dataclass(frozen=True)
 class QuoteHeader:

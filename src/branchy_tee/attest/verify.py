@@ -90,11 +90,7 @@ class VerifiedQuote(EnclaveClaims):
         return {
             "version": self.version,
             "tee": self.tee,
-            "mrenclave": self.mrenclave.hex(),
-            "mrsigner": self.mrsigner.hex(),
-            "isv_prod_id": self.isv_prod_id,
-            "isv_svn": self.isv_svn,
-            "debug": self.debug,
+            **self.report_fields(),
             "report_data": self.report_data.hex(),
             "tcb_status": self.tcb_status,
             "advisories": list(self.advisories),
