@@ -43,3 +43,25 @@ def install_gramine_manifest(bindir: Path, release: str, log: Path | None = None
     )
     wrapper.chmod(0o755)
     return wrapper
+
+
+def encrypt_sealed_images(sealed: Path, out: Path, request_id: str | None = None) -> int:
+    """The data owner's request for the ``sealed`` fixture's images (``encrypt-input``, optionally
+    ``--request-id ID``); the command's exit status."""
+    from branchy_tee.cli import main
+
+    args = ["--request-id", request_id] if request_id else []
+    key = sealed / "keys" / "data.key"
+    return main(
+        [
+            "encrypt-input",
+            str(sealed / "images.npy"),
+            "--bundle",
+            str(sealed / "model.btee"),
+            "--key",
+            str(key),
+            "--out",
+            str(out),
+            *args,
+        ]
+    )

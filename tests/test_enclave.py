@@ -20,7 +20,7 @@ from branchy_tee.enclave import build as eb
 from branchy_tee.enclave.gramine import parse_sigstruct_view
 from branchy_tee.enclave.launch import split_run_arguments
 from branchy_tee.errors import BranchyError, UsageError
-from enclave_tools import ENCLAVE_ENV, install_gramine_manifest
+from enclave_tools import ENCLAVE_ENV, encrypt_sealed_images, install_gramine_manifest
 
 BROKER_M = "http://127.0.0.1:8101"
 BROKER_M_IDENTITY = "5a" * 32
@@ -506,23 +506,7 @@ def test_native_backend_runs_predict_end_to_end(sealed, tmp_path, no_gramine, ca
     keys = sealed / "keys"
     assert main(build_args(sealed, out)) == 0
     req, res = out / "io" / "req.bin", out / "io" / "res.bin"
-    assert (
-        main(
-            [
-                "encrypt-input",
-                str(sealed / "images.npy"),
-                "--bundle",
-                str(sealed / "model.btee"),
-                "--key",
-                str(keys / "data.key"),
-                "--out",
-                str(req),
-                "--request-id",
-                "req-1",
-            ]
-        )
-        == 0
-    )
+    assert encrypt_sealed_images(sealed, req, "req-1") == 0
     rc = main(
         [
             "enclave",

@@ -17,10 +17,16 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from branchy_tee.cli import main
 from branchy_tee.enclave.env import package_closure
 from branchy_tee.enclave.libraries import GRAMINE_GLIBC
-from enclave_tools import ENCLAVE_ENV, REPO, SUPPORTED_GRAMINE, gramine_release, install_gramine_manifest
+from enclave_tools import (
+    ENCLAVE_ENV,
+    REPO,
+    SUPPORTED_GRAMINE,
+    encrypt_sealed_images,
+    gramine_release,
+    install_gramine_manifest,
+)
 
 # test_enclave.py's: the same loader.env, so the build reuses the memory measured there.
 BROKERS = [
@@ -218,21 +224,7 @@ def test_the_real_bundle_fits_the_measured_enclave_size(built, sealed, tmp_path)
     assert not detail["given"] and detail["need"] <= size and detail["terms"]["measured_peak"] == detail["vm_peak"]
     keys = sealed / "keys"
     req, res = tmp_path / "req.bin", tmp_path / "res.bin"
-    assert (
-        main(
-            [
-                "encrypt-input",
-                str(sealed / "images.npy"),
-                "--bundle",
-                str(sealed / "model.btee"),
-                "--key",
-                str(keys / "data.key"),
-                "--out",
-                str(req),
-            ]
-        )
-        == 0
-    )
+    assert encrypt_sealed_images(sealed, req) == 0
     from branchy_tee.enclave.measure import RUNNER, measurement_environment
 
     argv = [
@@ -340,23 +332,7 @@ def test_the_entry_script_opens_only_what_the_manifest_allows(built, sealed, enc
     entry, env = str(out / "branchy-tee-predict"), dict(manifest["loader"]["env"])
     keys = sealed / "keys"
     req, res = out / "io" / "req.bin", out / "io" / "res.bin"
-    assert (
-        main(
-            [
-                "encrypt-input",
-                str(sealed / "images.npy"),
-                "--bundle",
-                str(sealed / "model.btee"),
-                "--key",
-                str(keys / "data.key"),
-                "--out",
-                str(req),
-                "--request-id",
-                "strace",
-            ]
-        )
-        == 0
-    )
+    assert encrypt_sealed_images(sealed, req, "strace") == 0
     predict = ["--bundle", str(sealed / "model.btee"), "--input", str(req), "--output", str(res)]
     key_files = ["--model-key", str(keys / "model.key"), "--data-key", str(keys / "data.key")]
     runs = {

@@ -25,7 +25,7 @@ from branchy_tee.errors import AttestationError, BranchyError, UsageError
 from branchy_tee.fileio import read_key_file
 from branchy_tee.seal.bundle import seal_model
 from branchy_tee.seal.keys import key_id
-from test_trust_chain import BUILD, _cli, _free_port, nothing_written, run_enclave
+from test_trust_chain import BUILD, _cli, _free_port, _simulated_policy, nothing_written, run_enclave
 
 # The trust-chain tests' world (model, owners, brokers' keys, built enclave), shared by these attacks.
 world = test_trust_chain.world
@@ -109,20 +109,7 @@ def test_release_statement_names_what_its_measurement_pins(world, tmp_path, capf
     statement = json.loads(release.read_text())
     assert (statement["model_broker_identity"], statement["bundle_id"]) == (world.ids["mo"], world.header["bundle_id"])
     policy = tmp_path / "do1-policy.toml"
-    assert (
-        _cli(
-            "enclave",
-            "policy",
-            "--allow-simulated",
-            "--release",
-            release,
-            "--model-owner",
-            world.ids["mo"],
-            "--out",
-            policy,
-        )
-        == 0
-    )
+    assert _simulated_policy(release, world.ids["mo"], policy) == 0
     capfd.readouterr()
 
     host_policy = {
@@ -188,20 +175,7 @@ def test_release_statement_text_cannot_add_settings_to_a_data_owners_policy(worl
     ):
         return  # refused at signing
     policy = tmp_path / "do1-policy.toml"
-    if (
-        _cli(
-            "enclave",
-            "policy",
-            "--allow-simulated",
-            "--release",
-            release,
-            "--model-owner",
-            world.ids["mo"],
-            "--out",
-            policy,
-        )
-        != 0
-    ):
+    if _simulated_policy(release, world.ids["mo"], policy) != 0:
         return  # refused when writing the policy
     broker = Broker(world.path("do1.key"), load_policy(policy), identity=world.path("do1.id"))
     try:

@@ -50,6 +50,22 @@ def _cli(*argv) -> int:
     return main([str(a) for a in argv])
 
 
+def _simulated_policy(release, model_owner, out, *extra) -> int:
+    """`enclave policy --allow-simulated`: a broker policy written from a release statement."""
+    return _cli(
+        "enclave",
+        "policy",
+        "--allow-simulated",
+        "--release",
+        release,
+        "--model-owner",
+        model_owner,
+        *extra,
+        "--out",
+        out,
+    )
+
+
 @dataclass
 class World:
     d: Path
@@ -115,35 +131,16 @@ def world(tmp_path_factory, enclave_env) -> World:
             )
             == 0
         )
+        assert _simulated_policy(d / "release.json", ids["mo"], d / "do-policy.toml") == 0
         assert (
-            _cli(
-                "enclave",
-                "policy",
-                "--allow-simulated",
-                "--release",
+            _simulated_policy(
                 d / "release.json",
-                "--model-owner",
                 ids["mo"],
-                "--out",
-                d / "do-policy.toml",
-            )
-            == 0
-        )
-        assert (
-            _cli(
-                "enclave",
-                "policy",
-                "--allow-simulated",
-                "--release",
-                d / "release.json",
-                "--model-owner",
-                ids["mo"],
+                d / "mo-policy.toml",
                 "--allowed-data-owner",
                 ids["do1"],
                 "--allowed-data-owner",
                 ids["do2"],
-                "--out",
-                d / "mo-policy.toml",
             )
             == 0
         )
@@ -439,7 +436,7 @@ def test_release_statement_tampered_or_signed_by_another_identity_is_refused(wor
         f = tmp_path / "release.json"
         f.write_bytes(doc_or_bytes if isinstance(doc_or_bytes, bytes) else json.dumps(doc_or_bytes).encode())
         capfd.readouterr()
-        rc = _cli("enclave", "policy", "--allow-simulated", "--release", f, "--model-owner", owner, "--out", out)
+        rc = _simulated_policy(f, owner, out)
         return rc, capfd.readouterr().err
 
     assert policy(good)[0] == 0 and out.exists()
@@ -582,20 +579,7 @@ def test_cli_surfaces_are_one_line(world, tmp_path, capfd):
     assert "refusing to overwrite an identity" in capfd.readouterr().err
     assert _cli(*BUILD, "--bundle", world.bundle, "--out", tmp_path / "e", "--model-broker", "http://127.0.0.1:1") == 2
     assert "--model-broker needs --model-broker-identity" in capfd.readouterr().err
-    assert (
-        _cli(
-            "enclave",
-            "policy",
-            "--allow-simulated",
-            "--release",
-            world.path("release.json"),
-            "--model-owner",
-            "xyz",
-            "--out",
-            tmp_path / "p.toml",
-        )
-        == 2
-    )
+    assert _simulated_policy(world.path("release.json"), "xyz", tmp_path / "p.toml") == 2
     err = capfd.readouterr().err
     assert "is not an identity" in err and len(err.strip().splitlines()) == 1
 
