@@ -2,6 +2,7 @@
 samples that go on to a later stage are gathered into full batches there (the point of refilling),
 with few samples left waiting."""
 
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -81,3 +82,32 @@ def test_no_samples_no_work(setting):
     model, stages, x, thresholds, *_ = setting
     ans = early_exit(recording(stages, log := []), model.num_exits, x[:0], ENTROPY, thresholds, batch_size=8)
     assert len(ans.labels) == len(ans.exits) == len(ans.confidences) == 0 and log == []
+
+
+@pytest.mark.parametrize("workers,batch_size", [(2, 8), (3, 16), (4, 64), (2, 90)])
+def test_batches_in_parallel_give_the_same_answers_in_input_order(setting, workers, batch_size):
+    """predict --threads N runs N whole-batch parts of a request at once: each sample's answer, and
+    what evaluation observes about it, is that of the one-worker run, in input order."""
+    model, stages, x, thresholds, labels, exits, confidences = setting
+    seen, threads = [], set()
+
+    def observe(k, pos, logp):
+        threads.add(threading.get_ident())
+        seen.extend((k, int(p), float(row.max())) for p, row in zip(pos, logp, strict=True))
+
+    ans = early_exit(stages.__getitem__, model.num_exits, x, ENTROPY, thresholds, batch_size, observe, workers=workers)
+    assert ans.labels.tolist() == labels.tolist() and ans.exits.tolist() == exits.tolist()
+    assert np.allclose(ans.confidences, confidences.numpy(), atol=1e-5)
+    alone: list = []
+    early_exit(
+        stages.__getitem__,
+        model.num_exits,
+        x,
+        ENTROPY,
+        thresholds,
+        batch_size,
+        lambda k, pos, logp: alone.extend((k, int(p), float(row.max())) for p, row in zip(pos, logp, strict=True)),
+    )
+    assert sorted(seen) == sorted(alone)  # every sample observed at every exit it reached, under its own position
+    # parts of more than one batch run on the pool's threads, a request of one batch on the caller's
+    assert (threading.get_ident() in threads) == (batch_size >= len(x))

@@ -310,8 +310,9 @@ def _format_early_exit(e: dict) -> list[str]:
         f"{e['latency_speedup']:.2f}x  (ONNX Runtime defaults: {v['latency_ms']:.3f} ms -> "
         f"{v['latency_speedup']:.2f}x)",
         f"  batch-128       {e['throughput_early_exit']:.0f} vs {e['throughput_full']:.0f} samples/s  -> "
-        f"{e['throughput_speedup']:.2f}x  (ONNX Runtime defaults: {v['throughput']:.0f}/s -> "
-        f"{v['throughput_speedup']:.2f}x)",
+        f"{e['throughput_speedup']:.2f}x  (on {v['workers']} cores {v['throughput_early_exit']:.0f}/s vs ONNX "
+        f"Runtime defaults {v['throughput']:.0f}/s -> {v['throughput_speedup']:.2f}x; one core "
+        f"{v['throughput_speedup_one_worker']:.2f}x)",
         f"  oracle speedup  {e['oracle_speedup']:.2f}x (early exit reaches "
         f"{100 * e['fraction_of_oracle_speedup']:.0f}% of it)",
         f"  exits taken     {' / '.join(f'{100 * f:.1f}%' for f in e['exit_fractions'])}",

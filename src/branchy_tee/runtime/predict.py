@@ -90,7 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="intra-op threads of each stage's session (default: OMP_NUM_THREADS, else 1)",
+        help="compute threads (default: OMP_NUM_THREADS, else 1): a request of several batches runs that many "
+        "batches at once on single-threaded stage sessions; with --memory-budget, one batch at a time with "
+        "that many threads inside each stage",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(pinned_bundle_id=None, pinned_model_key_id=None)  # set only from measured settings
@@ -313,7 +315,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log = make_log(args.quiet)
     _check_arguments(args)
     tune_allocator()
-    use_threads(args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1)
+    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or 1
+    # Whole batches in parallel scale better than threads inside a stage (runtime.engine._in_parallel),
+    # but each batch in flight holds its own activations and may hold a stage the budget would evict.
+    workers = 1 if args.memory_budget is not None else threads
+    use_threads(threads if workers == 1 else 1)
     t0 = time.perf_counter()
     with MemorySampler() if args.mprofile or args.stats_json else contextlib.nullcontext() as sampler:
         bundle, requests, data_keys = _open_bundle_and_requests(args, log)
@@ -321,7 +327,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         x = np.concatenate([r[1] for r in requests])
         store = StageStore(bundle, args.memory_budget, args.batch_size, log)
         thresholds = h.exit_thresholds(args.full_model)
-        answers = early_exit(store.get, bundle.num_stages, x, h.criterion, thresholds, args.batch_size)
+        answers = early_exit(store.get, bundle.num_stages, x, h.criterion, thresholds, args.batch_size, workers=workers)
         _write_results(args, bundle, requests, data_keys, answers)
         seconds = time.perf_counter() - t0
     stats = {

@@ -10,6 +10,7 @@ is built).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -54,6 +55,7 @@ class StageStore:
         self.evictions = 0
         self.resident_peak = 0
         self.load_seconds = 0.0
+        self._lock = threading.Lock()  # the engine's workers share the store
         self.get(0)
 
     @property
@@ -62,12 +64,13 @@ class StageStore:
 
     def get(self, k: int) -> StageGraph:
         """Stage k's graph, loading it if needed."""
-        stage = self.resident.get(k)
-        if stage is not None:
-            self.resident.move_to_end(k)
-            return stage
-        self._make_room(k)
-        return self._load(k)
+        with self._lock:
+            stage = self.resident.get(k)
+            if stage is not None:
+                self.resident.move_to_end(k)
+                return stage
+            self._make_room(k)
+            return self._load(k)
 
     def _make_room(self, k: int) -> None:
         if self.budget is None:
@@ -83,11 +86,11 @@ class StageStore:
     def _load(self, k: int) -> StageGraph:
         t = time.perf_counter()
         what = self.bundle.stage_name(k)
-        plain = self.bundle.decrypt_stage(k)
-        graph = bytes(plain)  # what ONNX Runtime's loader takes
-        del plain  # so that at most two copies of the graph exist while its session is built: ours and the parser's
-        stage = StageGraph(load_session(graph, what), what)
-        del graph
+        # A bytearray is what ONNX Runtime's loader takes without another copy (runtime.graphs).
+        plain = bytearray(self.bundle.header.stages[k].plaintext_size)
+        self.bundle.decrypt_stage(k, into=plain)
+        stage = StageGraph(load_session(plain, what), what)
+        del plain  # the session holds what it needs
         if stage.last != (k == self.num_stages - 1):
             raise IntegrityError(
                 f"{what}: stage {k} graph {'lacks' if k < self.num_stages - 1 else 'has'} a features output"
