@@ -53,6 +53,26 @@ def test_answers_do_not_depend_on_the_batch_size(setting, batch_size):
     assert np.allclose(ans.confidences, confidences.numpy(), atol=1e-5)
 
 
+def test_a_sample_alone_gets_the_answer_it_gets_in_a_batch(setting):
+    """A request of one sample takes the engine's short path; its decision is the batch's."""
+    model, stages, x, thresholds, labels, exits, confidences = setting
+    for i in range(len(x)):
+        seen = []
+        ans = early_exit(
+            stages.__getitem__,
+            model.num_exits,
+            x[i : i + 1],
+            ENTROPY,
+            thresholds,
+            64,
+            lambda k, pos, logp, seen=seen: seen.append((k, pos.tolist())),
+        )
+        assert (ans.labels.tolist(), ans.exits.tolist()) == ([int(labels[i])], [int(exits[i])])
+        assert ans.labels.dtype == ans.exits.dtype == np.int64 and ans.confidences.dtype == np.float32
+        assert np.allclose(ans.confidences, confidences[i : i + 1].numpy(), atol=1e-5)
+        assert seen == [(k, [0]) for k in range(int(exits[i]) + 1)]
+
+
 def test_later_stages_run_on_full_batches(setting):
     model, stages, x, thresholds, _, exits, _ = setting
     log = []

@@ -15,7 +15,8 @@ is per-sample, so a sample's label and exit do not depend on which other samples
 nor on the order in which batches run.
 
 At batch size 1 the per-stage bookkeeping costs as much as a small stage, so it is kept to a few
-array operations, and the whole-batch cases (everyone exits, nobody does) skip the masking.
+array operations, and the whole-batch cases (everyone exits, nobody does) skip the masking; a
+request of one sample skips it altogether (``_one_sample``: 2-3 microseconds a stage).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def early_exit(
     n = len(x)
     if workers > 1 and n > batch_size:
         return _in_parallel(get_stage, num_exits, x, criterion, thresholds, batch_size, observe, workers)
+    if n == 1:
+        return _one_sample(get_stage, num_exits, x, criterion, thresholds, observe)
     final = num_exits - 1
     positions: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -132,6 +135,30 @@ def early_exit(
     else:
         _run_refilled(run, num_exits, x, batch_size)
     return _in_input_order(n, positions, labels, exits, best)
+
+
+_ONE = np.zeros(1, dtype=np.int64)  # the positions of a one-sample input
+
+
+def _one_sample(
+    get_stage: Callable[[int], Stage],
+    num_exits: int,
+    x: np.ndarray,
+    criterion: Criterion,
+    thresholds: Sequence[float],
+    observe: Observer | None,
+) -> Answers:
+    """One sample (a request of one, the latency case): the same decision on the same numbers as for
+    a batch, without the bookkeeping of who goes on, which at batch 1 cost as much as a small stage."""
+    h: np.ndarray | None = x
+    for k in range(num_exits):
+        assert h is not None  # every stage but the last has features
+        h, logp = get_stage(k)(h)
+        if observe is not None:
+            observe(k, _ONE, logp)
+        if k == num_exits - 1 or criterion.passes(criterion.score(logp), thresholds[k])[0]:
+            break
+    return Answers(logp.argmax(axis=1), np.array([k], dtype=np.int64), np.exp(logp.max(axis=1)))
 
 
 def _run_refilled(
