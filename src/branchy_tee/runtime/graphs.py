@@ -10,8 +10,9 @@ from the graph's bytes in memory (decrypted in the enclave, never written to a f
 
 Session options (``session_options``; measured on this project's 2-core machine, see BENCHMARKS.md):
 all graph optimisations (the blocked NCHWc convolution layouts come only with ORT_ENABLE_ALL; the
-extended level was 3x slower at batch 1), intra-op threads from the caller (OMP_NUM_THREADS in the
-enclave), no thread spinning, one memory arena shared by every stage's session, no memory pattern.
+extended level was 3x slower at batch 1), intra-op threads from the caller (one: predict spends its
+threads on whole batches at once, ``runtime.engine``), no thread spinning, one memory arena shared by
+every stage's session, no memory pattern.
 
 Standard library, numpy and onnxruntime only (enclave side).
 """
