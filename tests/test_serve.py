@@ -191,6 +191,16 @@ def test_identities_not_on_the_allow_list_are_refused(world):
         assert s.server.metrics.samples == 4
 
 
+def test_a_connection_kept_alive_is_judged_against_the_allow_list_at_every_request(world):
+    """The server reads a connection's identity once; whether it may ask is decided per request."""
+    with Served(world) as s, s.client("do1") as c:
+        check_answers(world, c.predict(world["x"][:2]))
+        s.server.allowed = frozenset({bytes.fromhex(world["ids"]["do2"])})  # what a renewal does
+        with pytest.raises(BranchyError, match=f"identity {world['ids']['do1']} is not allowed"):
+            c.predict(world["x"][:2])
+        assert c.verifications == 1  # the same connection, refused
+
+
 def test_a_forged_anchor_in_the_clients_chain_does_not_help(world, tmp_path):
     """A stranger sends a certificate 'issued' by an allowed identity's anchor name plus its own
     self-made anchor with that name: OpenSSL uses the server's anchor, so the handshake fails."""
