@@ -283,6 +283,38 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(world):
         assert s.server.batcher.batches < 8  # several requests shared a batch
 
 
+def test_a_request_that_stops_waiting_strands_no_request_behind_it():
+    """A request whose thread gives up while the engine is busy leaves the queue: the next request
+    in line is still woken to run its own batch when the engine is free."""
+    from branchy_tee.runtime.batching import Batcher
+
+    release = threading.Event()
+
+    def answer(x):
+        if x[0, 0] == 0:
+            release.wait(10)
+        return x[:, 0].tolist()
+
+    b = Batcher(answer, max_batch=1, max_wait=0.0)
+    first = b.submit(np.zeros((1, 1), np.float32))
+    got = {}
+    leader = threading.Thread(target=lambda: got.setdefault("first", first.wait(10)))
+    leader.start()
+    while b.waiting:  # the first request's thread is running it
+        time.sleep(0.01)
+    impatient = b.submit(np.ones((1, 1), np.float32))
+    patient = b.submit(np.full((1, 1), 2, np.float32))
+    waiter = threading.Thread(target=lambda: got.setdefault("patient", patient.wait(10)))
+    waiter.start()
+    with pytest.raises(TimeoutError):
+        impatient.wait(0.2)
+    release.set()
+    leader.join(10)
+    waiter.join(10)
+    assert got == {"first": [0.0], "patient": [2.0]} and b.batches == 2
+    b.stop(5)
+
+
 def test_bad_requests_are_one_line_4xx_and_the_server_keeps_serving(world):
     from safetensors.numpy import save
 
