@@ -315,6 +315,18 @@ def test_a_request_that_stops_waiting_strands_no_request_behind_it():
     b.stop(5)
 
 
+def test_the_client_sends_a_small_request_in_one_write(world, monkeypatch):
+    """Headers and body in one TLS record: one read for the server instead of two."""
+    with Served(world) as s, s.client() as c:
+        c.model_info()
+        writes = []
+        conn = c.replicas[0].conn
+        real = conn.sock.sendall
+        monkeypatch.setattr(conn.sock, "sendall", lambda data: (writes.append(len(data)), real(data))[1])
+        check_answers(world, c.predict(world["x"][:2]))
+        assert len(writes) == 1 and writes[0] > 2 * 28 * 28 * 4
+
+
 def test_bad_requests_are_one_line_4xx_and_the_server_keeps_serving(world):
     from safetensors.numpy import save
 

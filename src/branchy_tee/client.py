@@ -64,6 +64,34 @@ def _client_context(identity) -> ssl.SSLContext:
     return ctx
 
 
+class _Connection(http.client.HTTPSConnection):
+    """An HTTPS connection that never reconnects by itself (every connection the client uses is one
+    it verified) and sends a small request's headers and body in one write. http.client writes them
+    separately: two TLS records, so two reads on the server (and two packets) for every request."""
+
+    auto_open = 0
+    ONE_WRITE = 1 << 16  # larger bodies span several TLS records anyway: not worth a copy
+    _held: list[bytes] | None = None
+
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kw: Any) -> None:
+        if not isinstance(body, bytes) or len(body) > self.ONE_WRITE:
+            super().request(method, url, body, headers or {}, **kw)
+            return
+        self._held = []
+        try:
+            super().request(method, url, body, headers or {}, **kw)
+            data = b"".join(self._held)
+        finally:
+            self._held = None
+        super().send(data)
+
+    def send(self, data: Any) -> None:
+        if self._held is None:
+            super().send(data)
+        else:
+            self._held.append(bytes(data))
+
+
 class _Replica:
     """One server URL and its verified connection (re-verified whenever it reconnects)."""
 
@@ -72,7 +100,7 @@ class _Replica:
         if parts.scheme != "https" or not parts.hostname:
             raise UsageError(f"{shown(url)} is not an https:// URL of a branchy-tee server")
         self.url, self.host, self.port = url.rstrip("/"), parts.hostname, parts.port or 443
-        self.conn: http.client.HTTPSConnection | None = None
+        self.conn: _Connection | None = None
         self.claims = None
 
 
@@ -106,10 +134,10 @@ class Client:
         self.attest_seconds: list[float] = []
 
     # ---- connections
-    def _connect(self, r: _Replica) -> http.client.HTTPSConnection:
+    def _connect(self, r: _Replica) -> _Connection:
         from .attest.ratls_verify import verify_server_certificate
 
-        conn = http.client.HTTPSConnection(r.host, r.port, timeout=self.timeout, context=self._ctx)
+        conn = _Connection(r.host, r.port, timeout=self.timeout, context=self._ctx)
         t0 = time.perf_counter()
         try:
             conn.connect()
