@@ -64,6 +64,15 @@ def _client_context(identity) -> ssl.SSLContext:
     return ctx
 
 
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait before the next try: the server's Retry-After (in seconds), at most 5."""
+    try:
+        seconds = float(value or 1)
+    except ValueError:
+        return 1.0
+    return min(seconds, 5.0) if seconds >= 0 else 1.0  # NaN too
+
+
 class _Connection(http.client.HTTPSConnection):
     """An HTTPS connection that never reconnects by itself (every connection the client uses is one
     it verified) and sends a small request's headers and body in one write. http.client writes them
@@ -154,7 +163,8 @@ class Client:
 
     def _call(
         self, r: _Replica, method: str, path: str, body: bytes | None, content_type: str
-    ) -> tuple[int, bytes, dict]:
+    ) -> tuple[int, bytes, http.client.HTTPMessage]:
+        """(status, body, headers: case-insensitive ``.get``) of one request to ``r``."""
         for attempt in (0, 1):  # a kept-alive connection the server closed: reconnect (and re-verify) once
             conn = r.conn or self._connect(r)
             try:
@@ -163,10 +173,9 @@ class Client:
                 data = resp.read(MAX_RESPONSE + 1)
                 if len(data) > MAX_RESPONSE:
                     raise BranchyError(f"{r.url}: response larger than {MAX_RESPONSE} bytes")
-                headers = {k.lower(): v for k, v in resp.getheaders()}
-                if headers.get("connection", "").lower() == "close":
+                if (resp.headers.get("Connection") or "").lower() == "close":
                     self._drop(r)
-                return resp.status, data, headers
+                return resp.status, data, resp.headers
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self._drop(r)
                 if attempt or r.conn is not None:
@@ -207,7 +216,7 @@ class Client:
                     continue
                 if status == 503:
                     errors.append(f"{r.url}: busy or draining (503)")
-                    time.sleep(min(float(headers.get("retry-after", "1") or 1), 5.0) / len(self.replicas))
+                    time.sleep(_retry_after(headers.get("Retry-After")) / len(self.replicas))
                     continue
                 try:
                     doc = json.loads(data)
