@@ -327,6 +327,30 @@ def test_the_client_sends_a_small_request_in_one_write(world, monkeypatch):
         assert len(writes) == 1 and writes[0] > 2 * 28 * 28 * 4
 
 
+def test_the_benchmarks_batched_clients_send_batches_that_are_answered_whole(world):
+    """`bench --serve`'s batched load shape: every request carries its images and is one engine batch."""
+    from branchy_tee.bench_serve import worker
+
+    (world["d"] / "bench-policy.toml").write_text(
+        f'allowed_mrenclave = ["{world["mrenclave"]}"]\nallow_simulation = true\n'
+    )
+    np.save(world["d"] / "bench-images.npy", (world["x"] - 0.5) / 0.25)
+    with Served(world, extra=("--max-batch", "8")) as s:
+        out = worker(
+            s.url,
+            str(world["d"] / "bench-policy.toml"),
+            str(world["d"] / "do1.id"),
+            2,
+            1.0,
+            time.time() + 1.0,
+            str(world["d"] / "bench-images.npy"),
+            per_request=8,
+        )
+    assert not out["errors"] and len(out["latencies"]) > 1
+    assert out["batch_samples"] == [8] * len(out["latencies"])
+    assert s.server.metrics.samples == 8 * s.server.metrics.requests["ok"]
+
+
 def test_bad_requests_are_one_line_4xx_and_the_server_keeps_serving(world):
     from safetensors.numpy import save
 
