@@ -208,6 +208,11 @@ def _measure_batched(url: str, work: Path, clients: int, per_request: int, secon
 
 def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=None, log=print) -> dict:
     """Seal ``run_dir``'s model, serve it twice (early exit, full model) and load both in turn."""
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as work:  # keys and identities: not left behind
+        return _serve_bench(Path(work), run_dir, quick, data_dir, log)
+
+
+def _serve_bench(work: Path, run_dir: str | os.PathLike, quick: bool, data_dir, log) -> dict:
     import numpy as np
 
     from .attest.broker_server import start_broker
@@ -225,7 +230,6 @@ def run_serve_bench(run_dir: str | os.PathLike, quick: bool = False, data_dir=No
     batched_clients, batched_images, batched_seconds = (
         (2, 16, 1.0) if quick else (BATCHED_CLIENTS, BATCHED_IMAGES, seconds)
     )
-    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     env = dict(os.environ, XDG_CONFIG_HOME=str(work / "config"), OMP_NUM_THREADS="1")
     model, card = load_run(Path(run_dir))
     key = generate_key()
