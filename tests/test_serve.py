@@ -191,6 +191,16 @@ def test_identities_not_on_the_allow_list_are_refused(world):
         assert s.server.metrics.samples == 4
 
 
+def test_a_connection_kept_alive_is_judged_against_the_allow_list_at_every_request(world):
+    """The server reads a connection's identity once; whether it may ask is decided per request."""
+    with Served(world) as s, s.client("do1") as c:
+        check_answers(world, c.predict(world["x"][:2]))
+        s.server.allowed = frozenset({bytes.fromhex(world["ids"]["do2"])})  # what a renewal does
+        with pytest.raises(BranchyError, match=f"identity {world['ids']['do1']} is not allowed"):
+            c.predict(world["x"][:2])
+        assert c.verifications == 1  # the same connection, refused
+
+
 def test_a_forged_anchor_in_the_clients_chain_does_not_help(world, tmp_path):
     """A stranger sends a certificate 'issued' by an allowed identity's anchor name plus its own
     self-made anchor with that name: OpenSSL uses the server's anchor, so the handshake fails."""
@@ -271,6 +281,74 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(world):
         for i in range(8):
             check_answers(world, results[i], i * 6)
         assert s.server.batcher.batches < 8  # several requests shared a batch
+
+
+def test_a_request_that_stops_waiting_strands_no_request_behind_it():
+    """A request whose thread gives up while the engine is busy leaves the queue: the next request
+    in line is still woken to run its own batch when the engine is free."""
+    from branchy_tee.runtime.batching import Batcher
+
+    release = threading.Event()
+
+    def answer(x):
+        if x[0, 0] == 0:
+            release.wait(10)
+        return x[:, 0].tolist()
+
+    b = Batcher(answer, max_batch=1, max_wait=0.0)
+    first = b.submit(np.zeros((1, 1), np.float32))
+    got = {}
+    leader = threading.Thread(target=lambda: got.setdefault("first", first.wait(10)))
+    leader.start()
+    while b.waiting:  # the first request's thread is running it
+        time.sleep(0.01)
+    impatient = b.submit(np.ones((1, 1), np.float32))
+    patient = b.submit(np.full((1, 1), 2, np.float32))
+    waiter = threading.Thread(target=lambda: got.setdefault("patient", patient.wait(10)))
+    waiter.start()
+    with pytest.raises(TimeoutError):
+        impatient.wait(0.2)
+    release.set()
+    leader.join(10)
+    waiter.join(10)
+    assert got == {"first": [0.0], "patient": [2.0]} and b.batches == 2
+    b.stop(5)
+
+
+def test_the_client_sends_a_small_request_in_one_write(world, monkeypatch):
+    """Headers and body in one TLS record: one read for the server instead of two."""
+    with Served(world) as s, s.client() as c:
+        c.model_info()
+        writes = []
+        conn = c.replicas[0].conn
+        real = conn.sock.sendall
+        monkeypatch.setattr(conn.sock, "sendall", lambda data: (writes.append(len(data)), real(data))[1])
+        check_answers(world, c.predict(world["x"][:2]))
+        assert len(writes) == 1 and writes[0] > 2 * 28 * 28 * 4
+
+
+def test_the_benchmarks_batched_clients_send_batches_that_are_answered_whole(world):
+    """`bench --serve`'s batched load shape: every request carries its images and is one engine batch."""
+    from branchy_tee.bench_serve import worker
+
+    (world["d"] / "bench-policy.toml").write_text(
+        f'allowed_mrenclave = ["{world["mrenclave"]}"]\nallow_simulation = true\n'
+    )
+    np.save(world["d"] / "bench-images.npy", (world["x"] - 0.5) / 0.25)
+    with Served(world, extra=("--max-batch", "8")) as s:
+        out = worker(
+            s.url,
+            str(world["d"] / "bench-policy.toml"),
+            str(world["d"] / "do1.id"),
+            2,
+            1.0,
+            time.time() + 1.0,
+            str(world["d"] / "bench-images.npy"),
+            per_request=8,
+        )
+    assert not out["errors"] and len(out["latencies"]) > 1
+    assert out["batch_samples"] == [8] * len(out["latencies"])
+    assert s.server.metrics.samples == 8 * s.server.metrics.requests["ok"]
 
 
 def test_bad_requests_are_one_line_4xx_and_the_server_keeps_serving(world):

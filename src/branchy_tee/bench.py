@@ -360,4 +360,15 @@ def _format_serve(s: dict) -> list[str]:
         f"{m['compute_p50_speedup_at_1_client']:.2f}x lower at 1 client; protocol overhead "
         f"{m['protocol_overhead_ms_at_1_client']:.2f} ms; attestation {m['attest_ms_per_connection']} ms per connection"
     )
+    if "batched" in s:
+        b = s["batched"]
+        ee, full, bm = b["early_exit"], b["full_model"], b["summary"]
+        lines += [
+            f"online service, batched requests ({b['clients']} closed-loop clients x {b['images_per_request']} images "
+            "a request): early exit vs --full-model",
+            f"  {ee['images_per_s']:.0f} vs {full['images_per_s']:.0f} images/s -> {bm['images_per_s_speedup']:.2f}x; "
+            f"p50 {ee['p50_ms']:.2f} vs {full['p50_ms']:.2f} ms, p99 {ee['p99_ms']:.2f} vs {full['p99_ms']:.2f} ms, "
+            f"compute p50 {ee['compute_p50_ms']:.2f} vs {full['compute_p50_ms']:.2f} ms a request "
+            f"({bm['compute_p50_speedup']:.2f}x), errors {ee['errors']}+{full['errors']}",
+        ]
     return lines

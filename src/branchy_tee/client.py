@@ -64,6 +64,43 @@ def _client_context(identity) -> ssl.SSLContext:
     return ctx
 
 
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait before the next try: the server's Retry-After (in seconds), at most 5."""
+    try:
+        seconds = float(value or 1)
+    except ValueError:
+        return 1.0
+    return min(seconds, 5.0) if seconds >= 0 else 1.0  # NaN too
+
+
+class _Connection(http.client.HTTPSConnection):
+    """An HTTPS connection that never reconnects by itself (every connection the client uses is one
+    it verified) and sends a small request's headers and body in one write. http.client writes them
+    separately: two TLS records, so two reads on the server (and two packets) for every request."""
+
+    auto_open = 0
+    ONE_WRITE = 1 << 16  # larger bodies span several TLS records anyway: not worth a copy
+    _held: list[bytes] | None = None
+
+    def request(self, method: str, url: str, body: Any = None, headers: Any = None, **kw: Any) -> None:
+        if not isinstance(body, bytes) or len(body) > self.ONE_WRITE:
+            super().request(method, url, body, headers or {}, **kw)
+            return
+        self._held = []
+        try:
+            super().request(method, url, body, headers or {}, **kw)
+            data = b"".join(self._held)
+        finally:
+            self._held = None
+        super().send(data)
+
+    def send(self, data: Any) -> None:
+        if self._held is None:
+            super().send(data)
+        else:
+            self._held.append(bytes(data))
+
+
 class _Replica:
     """One server URL and its verified connection (re-verified whenever it reconnects)."""
 
@@ -72,7 +109,7 @@ class _Replica:
         if parts.scheme != "https" or not parts.hostname:
             raise UsageError(f"{shown(url)} is not an https:// URL of a branchy-tee server")
         self.url, self.host, self.port = url.rstrip("/"), parts.hostname, parts.port or 443
-        self.conn: http.client.HTTPSConnection | None = None
+        self.conn: _Connection | None = None
         self.claims = None
 
 
@@ -106,10 +143,10 @@ class Client:
         self.attest_seconds: list[float] = []
 
     # ---- connections
-    def _connect(self, r: _Replica) -> http.client.HTTPSConnection:
+    def _connect(self, r: _Replica) -> _Connection:
         from .attest.ratls_verify import verify_server_certificate
 
-        conn = http.client.HTTPSConnection(r.host, r.port, timeout=self.timeout, context=self._ctx)
+        conn = _Connection(r.host, r.port, timeout=self.timeout, context=self._ctx)
         t0 = time.perf_counter()
         try:
             conn.connect()
@@ -126,7 +163,8 @@ class Client:
 
     def _call(
         self, r: _Replica, method: str, path: str, body: bytes | None, content_type: str
-    ) -> tuple[int, bytes, dict]:
+    ) -> tuple[int, bytes, http.client.HTTPMessage]:
+        """(status, body, headers: case-insensitive ``.get``) of one request to ``r``."""
         for attempt in (0, 1):  # a kept-alive connection the server closed: reconnect (and re-verify) once
             conn = r.conn or self._connect(r)
             try:
@@ -135,10 +173,9 @@ class Client:
                 data = resp.read(MAX_RESPONSE + 1)
                 if len(data) > MAX_RESPONSE:
                     raise BranchyError(f"{r.url}: response larger than {MAX_RESPONSE} bytes")
-                headers = {k.lower(): v for k, v in resp.getheaders()}
-                if headers.get("connection", "").lower() == "close":
+                if (resp.headers.get("Connection") or "").lower() == "close":
                     self._drop(r)
-                return resp.status, data, headers
+                return resp.status, data, resp.headers
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self._drop(r)
                 if attempt or r.conn is not None:
@@ -179,7 +216,7 @@ class Client:
                     continue
                 if status == 503:
                     errors.append(f"{r.url}: busy or draining (503)")
-                    time.sleep(min(float(headers.get("retry-after", "1") or 1), 5.0) / len(self.replicas))
+                    time.sleep(_retry_after(headers.get("Retry-After")) / len(self.replicas))
                     continue
                 try:
                     doc = json.loads(data)

@@ -6,7 +6,10 @@ that submitted a request and finds the engine free takes the oldest waiting requ
 ``max_batch`` samples (holding the batch open up to ``max_wait`` for more when it is not full),
 runs them and hands every request its slice; the others wait for their answer, or for the engine to
 become free if their request is still waiting. A lone request therefore runs on its own thread with
-no hand-over at all, and under load every batch is as full as the queue allows. The queue of
+no hand-over at all, and under load every batch is as full as the queue allows. Wake-ups are
+addressed: a finished batch wakes the threads whose requests it answered and, if requests are still
+waiting, the one thread whose request is oldest (the next leader), never every waiting thread (with
+64 clients that was ~60 needless wake-ups per request, each taking the lock and the GIL). The queue of
 waiting requests is bounded: when it is full a request is refused at once (the server answers 503
 with Retry-After) instead of waiting forever. Answers do not depend on the batch they were computed
 in (BatchNorm in eval mode: every operation is per sample), so batching changes latency and
@@ -36,12 +39,16 @@ class Stopped(Exception):
 class Job:
     x: np.ndarray
     batcher: Batcher
-    enqueued: float = field(default_factory=time.perf_counter)
     done: bool = False
     result: Any = None
     error: BaseException | None = None
     compute_seconds: float = 0.0  # of the batch this job ran in
     batch_samples: int = 0
+    # Its own thread waits here (on the batcher's lock) for its answer or for its turn to lead.
+    wake: threading.Condition = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.wake = threading.Condition(self.batcher._lock)
 
     def wait(self, timeout: float | None) -> Any:
         """The job's answers; this thread runs batches itself while the engine is free."""
@@ -60,7 +67,9 @@ class Batcher:
         if max_batch < 1 or max_queue < 1 or max_wait < 0:
             raise ValueError("max_batch and max_queue must be positive, max_wait not negative")
         self.answer, self.max_batch, self.max_wait, self.max_queue = answer, max_batch, max_wait, max_queue
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        # Only a leader holding its batch open and stop() wait here; request threads wait on their job's.
+        self._cv = threading.Condition(self._lock)
         self._pending: deque[Job] = deque()
         self._running = False
         self._accepting = True
@@ -68,13 +77,13 @@ class Batcher:
 
     def submit(self, x: np.ndarray) -> Job:
         job = Job(x, self)
-        with self._cv:
+        with self._lock:
             if not self._accepting:
                 raise Stopped("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise Busy("too many requests are waiting")
             self._pending.append(job)
-            self._cv.notify_all()  # a leader holding its batch open may take this one too
+            self._cv.notify()  # a leader holding its batch open may take this one too
         return job
 
     @property
@@ -86,28 +95,54 @@ class Batcher:
         deadline = time.monotonic() + timeout
         with self._cv:
             self._accepting = False
+            self._cv.notify_all()  # a leader holding its batch open runs it now
             while (self._pending or self._running) and self._cv.wait(max(0.0, deadline - time.monotonic())):
                 pass
 
     def _serve_until_done(self, job: Job, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cv:
+        with self._lock:
             while not job.done:
-                if self._running or not self._pending:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if (left is not None and left <= 0) or not self._cv.wait(left):
-                        if not job.done:
-                            raise TimeoutError("no answer in time")
+                if not self._running and self._pending:
+                    self._lead()
                     continue
-                self._running = True
-                jobs = self._take_batch()
-                self._cv.release()
-                try:
-                    self._run(jobs)
-                finally:
-                    self._cv.acquire()
-                    self._running = False
-                    self._cv.notify_all()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    self._give_up(job)
+                    raise TimeoutError("no answer in time")
+                job.wake.wait(left)
+
+    def _lead(self) -> None:
+        """Take a batch, run it without the lock, answer its jobs; called holding the lock."""
+        self._running = True
+        jobs = self._take_batch()
+        self._lock.release()
+        try:
+            self._run(jobs)
+        finally:
+            self._lock.acquire()
+            self._running = False
+            for job in jobs:
+                job.done = True
+                job.wake.notify()
+            self._engine_free()
+
+    def _engine_free(self) -> None:
+        """Holding the lock, with no batch running: the thread of the oldest waiting job leads next;
+        with none waiting, stop() may return."""
+        if self._pending:
+            self._pending[0].wake.notify()
+        else:
+            self._cv.notify_all()
+
+    def _give_up(self, job: Job) -> None:
+        """A job whose thread stops waiting leaves the queue, and does not leave it without a leader."""
+        try:
+            self._pending.remove(job)
+        except ValueError:
+            pass  # it is in the batch being run; nobody will read its answer
+        if not self._running:
+            self._engine_free()
 
     def _take_batch(self) -> list[Job]:
         """The oldest waiting jobs up to max_batch samples (at least one); called holding the lock."""
@@ -132,12 +167,10 @@ class Batcher:
         except BaseException as e:  # noqa: BLE001 -- handed to every waiting request
             results, error = None, e
         seconds = time.perf_counter() - t0
-        with self._cv:
-            self.batches += 1
-            lo = 0
-            for job in jobs:
-                hi = lo + len(job.x)
-                job.result = None if results is None else results[lo:hi]
-                job.error, job.compute_seconds, job.batch_samples = error, seconds, len(x)
-                job.done = True
-                lo = hi
+        self.batches += 1
+        lo = 0
+        for job in jobs:
+            hi = lo + len(job.x)
+            job.result = None if results is None else results[lo:hi]
+            job.error, job.compute_seconds, job.batch_samples = error, seconds, len(x)
+            lo = hi
