@@ -636,6 +636,19 @@ def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_t
             io_dirs=[str(tmp_path / "io")],
         )
     )
+    # threads: predict's and Gramine's own, one per connection, the batcher and the key renewal, and
+    # the intra-op pool of each stage's session (4 compute threads by default: 3 pool threads each)
+    import tomllib
+
+    from branchy_tee.enclave.build import GRAMINE_HELPER_THREADS, SERVER_THREADS
+    from branchy_tee.seal.aead import MAX_DECRYPT_WORKERS
+    from branchy_tee.seal.bundle import read_header_unverified
+
+    stages = len(read_header_unverified(d / "model.btee").stages)
+    manifest = tomllib.loads((tmp_path / "enc" / "branchy-tee.manifest").read_text())
+    assert manifest["sgx"]["max_threads"] == (
+        4 + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1 + 3 * stages + 64 + SERVER_THREADS
+    )
     write_release(tmp_path / "enc", load_identity(d / "mo.id"), tmp_path / "release.json", read_key_file(d / "mo.key"))
     write_policy_from_release(
         tmp_path / "release.json",

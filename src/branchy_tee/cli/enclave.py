@@ -73,7 +73,11 @@ def _add_build_trust(b: argparse.ArgumentParser) -> None:
 def _add_build_runtime(b: argparse.ArgumentParser) -> None:
     """What the enclave may do: threads, plaintext results, bundle versions, the directories it may open."""
     b.add_argument(
-        "--threads", type=int, default=4, help="OMP_NUM_THREADS in the enclave (default 4); sgx.max_threads = this + 8"
+        "--threads",
+        type=int,
+        default=4,
+        help="compute threads in the enclave (OMP_NUM_THREADS; default 4): predict runs that many batches at once, "
+        "serve that many threads inside each stage; sgx.max_threads counts them",
     )
     b.add_argument(
         "--allow-plaintext-result", action="store_true", help="let predict --plaintext-result work in the enclave"

@@ -299,7 +299,7 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
         ld_library_path=":".join(["/lib", *search]),
         launcher=os.path.join(out, f"{MANIFEST_NAME}-{entry}"),
         threads=opts.threads,
-        max_threads=_max_threads(opts),
+        max_threads=_max_threads(opts, len(header.stages)),
         batch_size=opts.batch_size,
         max_samples=opts.max_samples,
         debug=opts.debug,
@@ -328,11 +328,16 @@ def _sized(cfg: EnclaveConfig, header: BundleHeader, given_size: int | None, log
     return cfg.replace(enclave_size=sizing["enclave_size_str"], enclave_size_detail={"given": False, **peak, **sizing})
 
 
-def _max_threads(opts: BuildOptions) -> int:
+def _max_threads(opts: BuildOptions, num_stages: int) -> int:
     """The compute threads, Gramine's and Python's own, the stage decryption workers (seal.aead), and
-    for serve one thread per connection plus the batcher and the key renewal."""
+    for serve one thread per connection plus the batcher and the key renewal. predict spends its
+    compute threads on whole batches at once over single-threaded stage sessions; serve runs one
+    batch at a time on ``threads`` intra-op threads per stage session, and every session has its
+    own pool of ``threads - 1`` (ONNX Runtime's shared pool cannot be kept from spinning)."""
     threads = opts.threads + GRAMINE_HELPER_THREADS + MAX_DECRYPT_WORKERS - 1
-    return threads + opts.max_connections + SERVER_THREADS if opts.serve else threads
+    if not opts.serve:
+        return threads
+    return threads + (opts.threads - 1) * num_stages + opts.max_connections + SERVER_THREADS
 
 
 def count_trusted(defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME) -> int:

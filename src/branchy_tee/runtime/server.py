@@ -94,7 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--memory-budget", type=float, metavar="MiB", help="limit for resident weights + activations")
     p.add_argument("--full-model", action="store_true", help="ignore the exit thresholds (for comparisons)")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: OMP_NUM_THREADS)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads inside each stage session (default: OMP_NUM_THREADS, else 1); batches run one at a time",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(
         model_key=None,
