@@ -104,4 +104,8 @@ def test_bench_serve_compares_the_online_service_with_its_full_model(tmp_path, c
     for r in s["early_exit"] + s["full_model"]:
         assert r["requests"] > 0 and r["errors"] == 0 and r["p99_ms"] >= r["p50_ms"] > 0
     assert s["summary"]["attest_ms_per_connection"] > 0
+    b = s["batched"]  # the second load shape: requests of several images each, never split across batches
+    for r in (b["early_exit"], b["full_model"]):
+        assert r["requests"] > 0 and r["errors"] == 0 and r["mean_batch_samples"] >= b["images_per_request"]
+    assert b["summary"]["images_per_s_speedup"] > 0
     assert "online service" in capsys.readouterr().out

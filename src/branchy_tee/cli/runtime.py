@@ -134,7 +134,8 @@ def add_bench(sub) -> None:
     p.add_argument(
         "--serve",
         action="store_true",
-        help="also load the online service at 1, 8 and 64 clients, early exit vs --full-model (1-2 min more)",
+        help="also load the online service, early exit vs --full-model: 1, 8 and 64 clients sending one image "
+        "a request, then 8 clients sending 64 images a request (about 2 min more)",
     )
     p.set_defaults(func=cmd_bench)
 
