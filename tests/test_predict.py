@@ -337,9 +337,9 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def _refused(tmp_path, capsys, match, **kw):
+def _refused(tmp_path, capsys, match, *extra, **kw):
     capsys.readouterr()
-    assert predict(tmp_path, **kw) == 1
+    assert predict(tmp_path, *extra, **kw) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err, err
     assert "Traceback" not in err
@@ -361,10 +361,23 @@ def test_flipped_header_byte(sealed, capsys):
     _refused(sealed, capsys, "header failed authentication")
 
 
+# The parallel case: batches of 8 on 3 threads, so a later stage is first needed on a worker thread.
+PARALLEL = ("--batch-size", "8", "--threads", "3")
+
+
+@pytest.mark.parametrize("extra", [(), PARALLEL], ids=["one-batch", "parallel-batches"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_flipped_stage_byte(sealed, capsys, stage):
+def test_flipped_stage_byte(sealed, capsys, stage, extra):
     _flip(sealed / "m.btee" / f"stage-{stage:02d}.bin", 5000)
-    _refused(sealed, capsys, f"stage-{stage:02d}.bin: chunk 1 failed authentication")
+    _refused(sealed, capsys, f"stage-{stage:02d}.bin: chunk 1 failed authentication", *extra)
+
+
+def test_parallel_batches_give_the_one_batch_answers(sealed):
+    assert predict(sealed) == 0
+    alone = results(sealed)
+    assert predict(sealed, *PARALLEL, "--stats-json", str(sealed / "stats.json")) == 0
+    assert results(sealed) == alone
+    assert sum(json.loads((sealed / "stats.json").read_text())["exit_counts"]) == len(alone)
 
 
 def test_truncated_stage(sealed, capsys):
