@@ -1,7 +1,7 @@
-"""atheris: building a stage's ONNX Runtime session from its decrypted bytes (runtime.graphs), what
-the enclave does with every stage it loads. The bytes are authenticated before this runs, so only a
-buggy or malicious model owner could send malformed ones; still, only a one-line IntegrityError may
-escape, never another exception or a crash."""
+"""atheris: building a stage's ONNX Runtime session from its decrypted payload (runtime.graphs: the
+graph, then its weight blob), what the enclave does with every stage it loads. The bytes are
+authenticated before this runs, so only a buggy or malicious model owner could send malformed ones;
+still, only a one-line IntegrityError may escape, never another exception or a crash."""
 
 import sys
 

@@ -110,13 +110,26 @@ def test_bundle_round_trip_and_header_binding(tmp_path):
     header = seal_run(tmp_path / "run", KEY, tmp_path / "m.btee", version=3, chunk_size=4096)
     assert header.model_version == 3 and header.key_id == key_id(KEY)
     b = open_bundle(tmp_path / "m.btee", KEY, min_version=3)
-    # What is sealed is the run's exported stage graphs, byte for byte.
+    # What is sealed is the run's exported stage graphs, byte for byte, each packed with its weights
+    # in a blob after it (the payload eval and calibrate load too), and nothing else.
+    import onnx
+
+    from branchy_tee.export.payload import pack
+    from branchy_tee.runtime.graphs import unpack
+
     export = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
     for k in range(b.num_stages):
         graph = (tmp_path / "run" / "onnx" / f"stage-{k:02d}.onnx").read_bytes()
-        assert bytes(b.decrypt_stage(k)) == graph
-        assert header.stages[k].plaintext_size == len(graph)
+        payload = bytes(b.decrypt_stage(k))
+        assert payload == pack(graph) and header.stages[k].plaintext_size == len(payload)
         assert header.stages[k].weight_bytes == export["stages"][k]["weight_bytes"] > 0
+        small, blob = unpack(payload, "stage")
+        inits = {t.name: t for t in onnx.load_from_string(graph).graph.initializer}
+        moved = [t for t in onnx.load_from_string(small).graph.initializer if t.external_data]
+        assert moved and len(small) < len(graph)
+        for t in moved:  # each weight moved to the blob is the exported one, at a 64-byte boundary
+            at, n = (int(next(e.value for e in t.external_data if e.key == key)) for key in ("offset", "length"))
+            assert at % 64 == 0 and bytes(blob[at : at + n]) == inits[t.name].raw_data
     with pytest.raises(IntegrityError, match="older than the minimum 4"):
         open_bundle(tmp_path / "m.btee", KEY, min_version=4)
     with pytest.raises(IntegrityError, match="model key id"):

@@ -85,22 +85,24 @@ def _onnxruntime_sessions(model, input_shape):
     import onnxruntime as ort
 
     from .export.onnx import export_full_model
+    from .export.payload import pack
     from .runtime.graphs import PROVIDERS, load_session
 
     graph = export_full_model(model, input_shape)
-    return load_session(graph, "full model"), ort.InferenceSession(graph, providers=PROVIDERS)
+    return load_session(pack(graph), "full model"), ort.InferenceSession(graph, providers=PROVIDERS)
 
 
 def _onnxruntime_call_us(calls: int = 2000) -> float:
     """Median time of one session call on a one-node graph (Identity of a 1x10 tensor), microseconds."""
     from onnx import TensorProto, helper
 
+    from .export.payload import pack
     from .runtime.graphs import load_session
 
     io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 10]) for n in ("input", "output")]
     graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "identity", io[:1], io[1:])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    session = load_session(model.SerializeToString(), "identity")
+    session = load_session(pack(model.SerializeToString()), "identity")
     x = np.zeros((1, 10), np.float32)
     times = []
     for _ in range(calls):

@@ -338,12 +338,60 @@ def test_stage_graph_regressions(world):
             StageGraph(load_session(bad, "stage-00.bin"), "stage-00.bin")
 
 
-def _with_input_dim(graph: bytes, dim: int, name: str) -> bytes:
+def _with_input_dim(payload: bytes, dim: int, name: str) -> bytes:
+    def edit(m):
+        m.graph.input[0].type.tensor_type.shape.dim[dim].dim_param = name
+
+    return _edited(payload, edit)
+
+
+def _edited(payload: bytes, edit) -> bytes:
+    """The stage payload with its graph edited (its weight blob as it was)."""
     import onnx
 
+    from branchy_tee.export.payload import join
+    from branchy_tee.runtime.graphs import unpack
+
+    graph, blob = unpack(payload, "stage")
     m = onnx.load_from_string(graph)
-    m.graph.input[0].type.tensor_type.shape.dim[dim].dim_param = name
-    return m.SerializeToString()
+    edit(m)
+    return join(m.SerializeToString(), bytes(blob))
+
+
+def _external(m, key: str, value: str) -> None:
+    """Set ``key`` of the first initializer kept in the weight blob."""
+    t = next(t for t in m.graph.initializer if t.external_data)
+    next(e for e in t.external_data if e.key == key).value = value
+
+
+def test_stage_payload_weights_come_only_from_its_own_blob(world, tmp_path, monkeypatch):
+    """A stage payload names where its weights lie; whatever it says, they are read from the
+    decrypted blob or not at all: never from a file (the host's), never outside the blob."""
+    from branchy_tee.runtime.graphs import StageGraph, load_session
+
+    payload = bytes(open_bundle(world.bundle, world.key("mo")).decrypt_stage(0))
+    StageGraph(load_session(payload, "stage-00.bin"), "stage-00.bin")  # as sealed: fine
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "host.bin").write_bytes(bytes(1 << 20))  # weights the host would like to see used
+    blob_size = len(payload) - 4096 * -(-(8 + int.from_bytes(payload[:8], "little")) // 4096)
+    for key, value, match in (
+        ("location", "host.bin", "External file: host.bin not found"),
+        ("location", str(tmp_path / "host.bin"), "External file: .*host.bin not found"),
+        ("offset", str(blob_size), "given file_length"),
+        ("offset", "-64", "given file_length"),
+        ("length", str(1 << 30), "size mismatch"),
+    ):
+        bad = _edited(payload, lambda m, key=key, value=value: _external(m, key, value))
+        with pytest.raises(IntegrityError, match=match):
+            load_session(bad, "stage-00.bin")
+    for bad, match in (
+        (payload[:7], "has no graph length"),
+        ((len(payload)).to_bytes(8, "little") + payload[8:], "does not fit"),
+        (bytes(8) + payload[8:], "does not fit"),
+        (payload[: 4096 * -(-(8 + int.from_bytes(payload[:8], "little")) // 4096) - 1], "does not fit"),
+    ):
+        with pytest.raises(IntegrityError, match=match):
+            load_session(bad, "stage-00.bin")
 
 
 # --------------------------------------------------------------------------- policy (TOML)

@@ -6,7 +6,8 @@ stage and its exit head:
     input (N, *stage input)  ->  features (N, *stage output), log_probs (N, classes)
 
 The last stage's graph has only ``log_probs``. The runtime builds one ONNX Runtime session per stage
-from the graph's bytes in memory (decrypted in the enclave, never written to a file).
+from the stage's payload in memory (decrypted in the enclave, never written to a file): the graph,
+then its weights in one aligned blob that the session uses in place (``unpack``).
 
 Session options (``session_options``; measured on this project's 2-core machine, see BENCHMARKS.md):
 all graph optimisations (the blocked NCHWc convolution layouts come only with ORT_ENABLE_ALL; the
@@ -19,14 +20,20 @@ Standard library, numpy and onnxruntime only (enclave side).
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi import _pybind_state as _C  # see load_session
 
 from ..errors import IntegrityError
 
 INPUT, FEATURES, LOG_PROBS = "input", "features", "log_probs"
 PROVIDERS = ["CPUExecutionProvider"]
+# The stage payload (``unpack``): the blob starts at a page boundary of the decrypted buffer, each
+# weight in it at a multiple of WEIGHT_ALIGN, and the graph names the blob WEIGHTS.
+PAYLOAD_ALIGN, WEIGHT_ALIGN, EXTERNAL_MIN, WEIGHTS = 4096, 64, 1024, "weights"
+_EMPTY = memoryview(bytearray(1))  # what ONNX Runtime is given for an empty blob (it wants a buffer)
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 _threads = 1  # predict's default too: see use_threads
 _arena_registered = False
@@ -69,25 +76,47 @@ def session_options() -> ort.SessionOptions:
     return so
 
 
-def load_session(graph: bytes | bytearray, what: str) -> ort.InferenceSession:
-    """An inference session for one serialised graph (authenticated bytes, held only in memory).
+def unpack(payload: Buffer, what: str) -> tuple[bytes, memoryview]:
+    """(graph bytes, weight blob) of a stage payload; one-line IntegrityError for a malformed one.
 
-    Built with ONNX Runtime's C-level session, which takes a ``bytearray`` as it is: the public
-    wrapper wants ``bytes``, one more copy of the graph in fresh memory (for a 155 MiB stage, about
-    a quarter of the sealed cold start). The caller may wipe ``graph`` once this returns."""
-    if not isinstance(graph, (bytes, bytearray)):
-        graph = bytes(graph)
+    A stage payload is ``u64 little-endian graph length | graph | zero padding to PAYLOAD_ALIGN |
+    weight blob``: the graph's initializers of ``EXTERNAL_MIN`` bytes or more live in the blob, as
+    ONNX external data of the file named ``WEIGHTS`` at 64-byte-aligned offsets
+    (``export.payload.pack`` writes it). ONNX Runtime parses only the small graph and takes the
+    weights from the blob where they lie, instead of copying a whole graph of weights into a string
+    and parsing it (cold start, ResNet-152: 1.38-1.46x the plain ONNX file before, BENCHMARKS.md)."""
+    view = memoryview(payload).cast("B")
+    if len(view) < 8:
+        raise IntegrityError(f"{what}: stage payload of {len(view)} bytes has no graph length")
+    n = int.from_bytes(view[:8], "little")
+    blob_at = -(-(8 + n) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+    if n == 0 or blob_at > len(view):
+        raise IntegrityError(f"{what}: stage payload's graph length {n} does not fit its {len(view)} bytes")
+    return bytes(view[8 : 8 + n]), view[blob_at:]
+
+
+def load_session(payload: Buffer, what: str) -> ort.InferenceSession:
+    """An inference session for one stage payload (authenticated bytes, held only in memory; see
+    ``unpack``). The session uses the weights in ``payload`` where they are, so it keeps
+    ``payload`` alive itself: dropping the session is what frees them."""
+    graph, blob = unpack(payload, what)
     if not _arena_registered:
         use_threads(_threads)
+    so = session_options()
+    # Always registered, even empty: with no in-memory table ONNX Runtime would look for the
+    # external file on disk, which the host controls. With the table it refuses any other name and
+    # any offset or length outside the blob.
+    so.add_external_initializers_from_files_in_memory([WEIGHTS], [blob if len(blob) else _EMPTY], [len(blob)])
+    so.add_session_config_entry("session.use_external_initializer_file_buffers_directly", "1")
     try:
-        c_session = _C.InferenceSession(session_options(), graph, False, False)
-        c_session.initialize_session(PROVIDERS, [{}], set())
+        session = ort.InferenceSession(graph, so, providers=PROVIDERS)
     except Exception as e:  # onnxruntime raises its own exception types for malformed graphs
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise IntegrityError(f"{what}: authentic but not a usable ONNX graph ({first[:200]})") from None
-    # The public object around it, keeping neither the model's bytes (every loaded stage would
-    # otherwise stay resident twice) nor a provider fallback (CPU-only).
-    return ort.InferenceSession._from_initialized_c_session(c_session)
+    # The wrapper keeps the graph's bytes for a provider fallback that CPU-only sessions never use.
+    session._model_bytes = None
+    session._branchy_tee_weights = payload  # ONNX Runtime holds pointers into it, not a reference
+    return session
 
 
 class StageGraph:

@@ -4,8 +4,8 @@ Stage 0 is loaded eagerly and never evicted. With a memory budget, least-recentl
 are evicted (their sessions dropped) so that resident stages plus the activations the engine may
 hold stay within the budget: SGX protected memory is small and paging it is expensive. A stage's
 size for the budget is the ``weight_bytes`` the bundle header records for it: the bytes of its
-graph's weights, which its session keeps (the graph's bytes themselves are freed once the session
-is built).
+graph's weights, which its session uses where they were decrypted (the decrypted payload lives as
+long as the session).
 """
 
 from __future__ import annotations
@@ -86,11 +86,9 @@ class StageStore:
     def _load(self, k: int) -> StageGraph:
         t = time.perf_counter()
         what = self.bundle.stage_name(k)
-        # A bytearray is what ONNX Runtime's loader takes without another copy (runtime.graphs).
-        plain = bytearray(self.bundle.header.stages[k].plaintext_size)
-        self.bundle.decrypt_stage(k, into=plain)
-        stage = StageGraph(load_session(plain, what), what)
-        del plain  # the session holds what it needs
+        # Decrypted into fresh page-aligned memory, which the session then keeps: the weights are
+        # used where they were decrypted (runtime.graphs.unpack).
+        stage = StageGraph(load_session(self.bundle.decrypt_stage(k), what), what)
         if stage.last != (k == self.num_stages - 1):
             raise IntegrityError(
                 f"{what}: stage {k} graph {'lacks' if k < self.num_stages - 1 else 'has'} a features output"

@@ -3,7 +3,8 @@ file per stage.
 
     model.btee/
       header.json       {"header": {...}, "mac": "<HMAC-SHA256 over the canonical header JSON>"}
-      stage-00.bin      chunked AES-256-GCM of stage 0's ONNX graph (the stage and exit head 0)
+      stage-00.bin      chunked AES-256-GCM of stage 0's payload: its ONNX graph (the stage and exit
+                        head 0), then the graph's weights in one aligned blob (export.payload)
       stage-01.bin      ...
 
 Keys (all derived from the model key with HKDF): the header MAC key is bound to the bundle id; each
@@ -16,8 +17,9 @@ The header is plaintext on purpose: data owners read the preprocessing from it w
 key. It reveals the architecture, class names and thresholds, not the weights.
 
 What is sealed is what the owner evaluated and calibrated: the stage graphs exported into the run
-directory (``export.onnx``), byte for byte. The enclave builds each stage's ONNX Runtime session
-from the decrypted bytes in memory (``runtime.graphs``).
+directory (``export.onnx``), each packed into its payload by the same deterministic function that
+``eval`` and ``calibrate`` load them through. The enclave builds each stage's ONNX Runtime session
+from the decrypted payload in memory, using the weights where they were decrypted (``runtime.graphs``).
 """
 
 from __future__ import annotations
@@ -114,11 +116,14 @@ def seal_graphs(
     chunk_size: int = aead.DEFAULT_CHUNK,
 ) -> BundleHeader:
     """Seal stage graphs (ONNX bytes, one per stage; ``facts`` per stage: weight_bytes and
-    activation_elems) into the bundle directory ``out``.
+    activation_elems) into the bundle directory ``out``, each as its stage payload
+    (``export.payload``: the graph, then its weights in one aligned blob).
 
     The bundle is built in a temporary directory beside ``out`` and renamed into place, so ``out``
     either does not exist or is complete.
     """
+    from ..export.payload import pack
+
     out = Path(out)
     if out.exists():
         raise BranchyError(f"{out} already exists; choose another --out or remove it")
@@ -130,8 +135,8 @@ def seal_graphs(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else "."))
     try:
         stages = [
-            _seal_stage(tmp, k, plain, fact, model_key, bundle_id, version, chunk_size)
-            for k, (plain, fact) in enumerate(zip(graphs, facts, strict=True))
+            _seal_stage(tmp, k, pack(graph), fact, model_key, bundle_id, version, chunk_size)
+            for k, (graph, fact) in enumerate(zip(graphs, facts, strict=True))
         ]
         header = BundleHeader(
             bundle_id=bundle_id,
