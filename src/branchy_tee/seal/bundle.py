@@ -251,7 +251,7 @@ class SealedBundle:
         return f"{self.path.name}/{self.header.stages[k].file}"
 
     def decrypt_stage(self, k: int, into: aead.PlainBuffer | None = None) -> aead.PlainBuffer:
-        """Stage k's plaintext (its ONNX graph's bytes, in ``into`` or a fresh buffer), every chunk verified."""
+        """Stage k's plaintext (its payload, in ``into`` or a fresh buffer), every chunk verified."""
         h, entry = self.header, self.header.stages[k]
         what = self.stage_name(k)
         key = _stage_key(self.model_key, h.bundle_id, h.model_version, k)

@@ -47,7 +47,7 @@ def stage_file(k: int) -> str:
 class StageEntry:
     index: int
     file: str  # stage-KK.bin in the bundle directory
-    plaintext_size: int  # bytes of the stage's ONNX graph
+    plaintext_size: int  # bytes of the stage's payload (export.payload: graph, then weight blob)
     weight_bytes: int  # what its session keeps resident: the unit of the enclave's memory budget
     activation_elems: int  # one sample's stage input plus output (runtime.budget)
     sealed_size: int  # bytes of the encrypted file
