@@ -41,9 +41,15 @@ HARNESSES = {
 }
 
 
+# Written into the world when it is built: a world sealed in an older stage format is built again
+# (its stage 0 would not be a payload the harnesses can take apart).
+WORLD_FORMAT = "stage payload: graph + weight blob\n"
+
+
 def build_world(world: Path) -> None:
     """The world and the recorded broker exchange (once; the corpora depend on its keys)."""
-    if (world / "client-exchange.json").is_file():
+    marker = world / "format"
+    if (world / "client-exchange.json").is_file() and marker.is_file() and marker.read_text() == WORLD_FORMAT:
         return
     import shutil
 
@@ -72,6 +78,7 @@ def build_world(world: Path) -> None:
             }
         )
     )
+    marker.write_text(WORLD_FORMAT)  # last: a world interrupted while being built is built again
 
 
 def seeds(world: Path) -> dict[str, list[bytes]]:
@@ -82,6 +89,7 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
 
     from branchy_tee.attest.protocol import report_data
     from branchy_tee.attest.providers import SimulatedProvider
+    from branchy_tee.runtime.graphs import unpack
     from branchy_tee.seal.bundle import open_bundle
     from campaign import SGX_QUOTES
     from world import quiet_call
@@ -101,7 +109,8 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
             pass
     header = (world / "model.btee" / "header.json").read_bytes()
     request, result = (world / "do1.req").read_bytes(), (world / "reference" / "do1.res").read_bytes()
-    stage0 = bytes(open_bundle(world / "model.btee", (world / "mo.key").read_bytes()).decrypt_stage(0))
+    payload = open_bundle(world / "model.btee", (world / "mo.key").read_bytes()).decrypt_stage(0)
+    stage0 = unpack(payload, "stage-00.bin")[0]  # the graph: the harness adds the genuine weight blob
     policies = [
         b'allowed_mrenclave = ["' + b"ab" * 32 + b'"]\nallow_simulation = true\nmin_model_version = 2\n',
         b'allowed_mrsigner = ["' + b"cd" * 32 + b'"]\nisv_prod_id = 1\nmin_isv_svn = 3\nallow_debug = false\n'
