@@ -142,6 +142,9 @@ class StageGraph:
         self.last = outputs == [LOG_PROBS]
         self._outputs = outputs
         self.input_shape: list[int] = shape[1:]
+        # The decrypted weights the session uses in place: set last, so that when a stage is dropped
+        # they are released after the C-level session (``_run`` holds it too), never before.
+        self._weights = getattr(session, "_branchy_tee_weights", None)
 
     def __call__(self, h: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         out = self._run(self._outputs, {INPUT: h}, None)
