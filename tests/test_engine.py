@@ -109,25 +109,23 @@ def test_batches_in_parallel_give_the_same_answers_in_input_order(setting, worke
     """predict --threads N runs N whole-batch parts of a request at once: each sample's answer, and
     what evaluation observes about it, is that of the one-worker run, in input order."""
     model, stages, x, thresholds, labels, exits, confidences = setting
+
+    def recorder(seen: list, threads: set):
+        """An observer noting (exit, position, best log-probability) and the thread it was called on."""
+
+        def observe(k, pos, logp):
+            threads.add(threading.get_ident())
+            seen.extend((k, int(p), float(row.max())) for p, row in zip(pos, logp, strict=True))
+
+        return observe
+
     seen, threads = [], set()
-
-    def observe(k, pos, logp):
-        threads.add(threading.get_ident())
-        seen.extend((k, int(p), float(row.max())) for p, row in zip(pos, logp, strict=True))
-
+    observe = recorder(seen, threads)
     ans = early_exit(stages.__getitem__, model.num_exits, x, ENTROPY, thresholds, batch_size, observe, workers=workers)
     assert ans.labels.tolist() == labels.tolist() and ans.exits.tolist() == exits.tolist()
     assert np.allclose(ans.confidences, confidences.numpy(), atol=1e-5)
     alone: list = []
-    early_exit(
-        stages.__getitem__,
-        model.num_exits,
-        x,
-        ENTROPY,
-        thresholds,
-        batch_size,
-        lambda k, pos, logp: alone.extend((k, int(p), float(row.max())) for p, row in zip(pos, logp, strict=True)),
-    )
+    early_exit(stages.__getitem__, model.num_exits, x, ENTROPY, thresholds, batch_size, recorder(alone, set()))
     assert sorted(seen) == sorted(alone)  # every sample observed at every exit it reached, under its own position
     # parts of more than one batch run on the pool's threads, a request of one batch on the caller's
     assert (threading.get_ident() in threads) == (batch_size >= len(x))

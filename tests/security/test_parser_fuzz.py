@@ -373,7 +373,8 @@ def test_stage_payload_weights_come_only_from_its_own_blob(world, tmp_path, monk
     StageGraph(load_session(payload, "stage-00.bin"), "stage-00.bin")  # as sealed: fine
     monkeypatch.chdir(tmp_path)
     (tmp_path / "host.bin").write_bytes(bytes(1 << 20))  # weights the host would like to see used
-    blob_size = len(payload) - 4096 * -(-(8 + int.from_bytes(payload[:8], "little")) // 4096)
+    blob_at = 4096 * -(-(8 + int.from_bytes(payload[:8], "little")) // 4096)  # the layout, worked out here
+    blob_size = len(payload) - blob_at
     for key, value, match in (
         ("location", "host.bin", "External file: host.bin not found"),
         ("location", str(tmp_path / "host.bin"), "External file: .*host.bin not found"),
@@ -388,7 +389,7 @@ def test_stage_payload_weights_come_only_from_its_own_blob(world, tmp_path, monk
         (payload[:7], "has no graph length"),
         ((len(payload)).to_bytes(8, "little") + payload[8:], "does not fit"),
         (bytes(8) + payload[8:], "does not fit"),
-        (payload[: 4096 * -(-(8 + int.from_bytes(payload[:8], "little")) // 4096) - 1], "does not fit"),
+        (payload[: blob_at - 1], "does not fit"),
     ):
         with pytest.raises(IntegrityError, match=match):
             load_session(bad, "stage-00.bin")
