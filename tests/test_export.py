@@ -98,3 +98,55 @@ def test_a_graph_changed_after_export_is_refused_and_export_redoes_it(tmp_path, 
     assert [e["file"] for e in doc["stages"]] == ["stage-00.onnx", "stage-01.onnx", "stage-02.onnx"]
     assert all(e["weight_bytes"] > 0 and e["activation_elems"] > 0 for e in doc["stages"])
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.json", "model.safetensors", "onnx"]
+
+
+def test_a_cheap_first_stage_passes_its_input_on_and_the_next_graph_computes_it_again(tmp_path):
+    """MobileNet V1's first stage computes about 50 FLOPs per element of its output, 32 times the
+    image: its graph hands the image itself on (features == input, bit for bit) and graph 1 computes
+    stages 0 and 1 from it. The sealed chain of graphs giving PyTorch's outputs is the test above; this
+    one pins the shape of the export and the memory figure the enclave budgets with."""
+    import onnxruntime as ort
+
+    make_random_run(tmp_path / "run", "mobilenetv1", 3, 32, width_mult=0.25)
+    doc = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
+    assert [e["passes_input"] for e in doc["stages"]] == [True, False, False, False, False]
+    assert [e["computes"] for e in doc["stages"]] == [[0], [0, 1], [2], [3], [4]]
+    image, stage0_out = 3 * 32 * 32, 16 * 32 * 32
+    # graph 1 holds stage 0's output in passing: it counts in graph 1's activation figure
+    assert doc["stages"][1]["activation_elems"] >= image + stage0_out
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
+    graph0 = ort.InferenceSession(str(tmp_path / "run" / "onnx" / "stage-00.onnx"), providers=["CPUExecutionProvider"])
+    features, log_probs = graph0.run(None, {"input": x})
+    assert np.array_equal(features, x) and log_probs.shape == (3, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "lenet5", "densenet121"])
+def test_other_models_pass_their_features_on(tmp_path, name):
+    channels, size, config = CONFIGS[name]
+    make_random_run(tmp_path / "run", name, channels, size, **config)
+    doc = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
+    assert not any(e["passes_input"] for e in doc["stages"])
+    assert [e["computes"] for e in doc["stages"]] == [[k] for k in range(len(doc["stages"]))]
+
+
+@pytest.mark.parametrize("size", [(4, 4), (7, 7), (14, 14), (28, 28), (5, 9), (3, 2), (1, 1)])
+@pytest.mark.parametrize("out", [4, 1, 3, (2, 5)])
+def test_exported_adaptive_pooling_is_pytorchs(size, out):
+    from torch import nn
+
+    from branchy_tee.export.onnx import _AdaptiveAvgPool
+
+    x = torch.randn(2, 3, *size)
+    assert torch.allclose(_AdaptiveAvgPool(out)(x), nn.AdaptiveAvgPool2d(out)(x), atol=1e-6)
+
+
+def test_a_run_exported_by_an_older_branchy_tee_is_exported_again(tmp_path, capsys):
+    from branchy_tee.export.onnx import EXPORT_FORMAT, OLDER_FORMATS, exported_graphs
+
+    make_random_run(tmp_path / "run", "lenet5", 1, 28)
+    path = tmp_path / "run" / "onnx" / "export.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "format": sorted(OLDER_FORMATS)[0]}))
+    _, again = exported_graphs(tmp_path / "run", show=True)
+    assert again["format"] == EXPORT_FORMAT and json.loads(path.read_text())["format"] == EXPORT_FORMAT
+    assert "(exported by an older branchy-tee)" in capsys.readouterr().out

@@ -5,7 +5,23 @@ Stage k's graph computes stage k and exit head k (``runtime.graphs`` names the i
     input (N, *stage k input)  ->  features (N, *stage k output), log_probs (N, classes)
 
 The last stage's graph has only ``log_probs``. The batch dimension is dynamic; the image size is the
-model's input size. The exporter is torch's own (``torch.onnx.export``, the dynamo path: it handles
+model's input size.
+
+Two things are exported otherwise than the PyTorch modules would be, for speed on ONNX Runtime, with
+the same arithmetic (the test over every registered model holds them to PyTorch's outputs):
+- **A cheap stage that expands its input passes its input on** (``passes_input``): its graph outputs
+  the exit's log-probabilities and, as ``features``, its own input unchanged; the next stage's graph
+  computes that stage again, then its own. MobileNet V1's first stage turns a 28x28 image into 32
+  feature maps of 28x28 with about 50 FLOPs per output element: at batch 128 writing those maps out
+  of ONNX Runtime's blocked layout took a third of the stage's time, and stage 1 spent another sixth
+  reading them back in, while most samples leave at exit 0 and never need them. Computing the stage
+  again for the few that go on is cheaper. No other registered model has a stage that cheap
+  (their first stages compute 1,300-23,000 FLOPs per output element).
+- **Adaptive average pooling whose windows do not tile the input** (14x14 to 4x4: windows of 4 at
+  starts 0, 3, 7, 10) is exported as two matrix products with constant averaging matrices, where the
+  exporter writes a gather of every window followed by a mean: that took a third of the benchmark
+  model's stage 1, the products a seventh (and they read the NCHW copy of the feature maps that the
+  features output needs anyway). The exporter is torch's own (``torch.onnx.export``, the dynamo path: it handles
 the exit heads' adaptive pooling). Everything downstream runs these graphs and nothing else:
 ``eval`` and ``calibrate`` through the enclave's own engine, ``seal`` encrypts their bytes. So the
 thresholds are chosen on the very numbers the enclave computes.
@@ -19,6 +35,7 @@ do not match their digests. Owner side: torch, onnx and onnxscript.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -29,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BranchyError
@@ -36,21 +54,72 @@ from ..runtime.graphs import FEATURES, INPUT, LOG_PROBS
 
 EXPORT_DIR = "onnx"
 EXPORT_FILE = "export.json"
-EXPORT_FORMAT = "branchy-tee/onnx-export/v1"
+EXPORT_FORMAT = "branchy-tee/onnx-export/v2"
+OLDER_FORMATS = {"branchy-tee/onnx-export/v1"}  # exported again when met (same arithmetic, slower graphs)
 EXAMPLE_BATCH = 2  # torch.export specialises a dimension that is 1 in the example input
+# A graph passes its input on when its stages compute fewer FLOPs than this per element of their
+# output (and the output is larger than the input). Measured on the benchmark model (MobileNet V1
+# x0.5 on 28x28, about 50 FLOPs per element): writing and reading back one element costs about what
+# 100 FLOPs of its convolutions do, so below this bound computing the stage again for the samples that
+# go on (a fifth of them there) is the cheaper side.
+RECOMPUTE_BELOW_FLOPS_PER_ELEMENT = 128
 
 
 class StageWithExit(nn.Module):
-    """Stage k followed by exit head k; the head's output as log-probabilities."""
+    """Stage k followed by exit head k; the head's output as log-probabilities. ``stage`` may be
+    several stages (the ones earlier graphs passed their input over); with ``passes_input`` the
+    features output is the graph's input, for the next graph to compute from."""
 
-    def __init__(self, stage: nn.Module, head: nn.Module, last: bool):
+    def __init__(self, stage: nn.Module, head: nn.Module, last: bool, passes_input: bool = False):
         super().__init__()
-        self.stage, self.head, self.last = stage, head, last
+        self.stage, self.head, self.last, self.passes_input = stage, _exportable_pooling(head), last, passes_input
 
-    def forward(self, h):
-        h = self.stage(h)
+    def forward(self, x):
+        h = self.stage(x)
         log_probs = torch.log_softmax(self.head(h), dim=1)
-        return log_probs if self.last else (h, log_probs)
+        if self.last:
+            return log_probs
+        # clone: an output may not be the graph's input itself (ONNX Runtime copies it out, cheaply:
+        # the input is the smaller tensor)
+        return (x.clone() if self.passes_input else h), log_probs
+
+
+class _AdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` that exports well (see the module's note). Shapes are fixed at export
+    (only the batch is dynamic), so the windows are known when the graph is traced."""
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x):
+        size = self.output_size
+        out = (size, size) if isinstance(size, int) else tuple(size)
+        h, w = x.shape[-2:]
+        if None in out or (h % out[0] == 0 and w % out[1] == 0):  # tiling windows: one AveragePool already
+            return F.adaptive_avg_pool2d(x, size)
+        return torch.matmul(torch.matmul(_pooling_matrix(out[0], h), x), _pooling_matrix(out[1], w).t())
+
+
+def _pooling_matrix(out: int, n: int) -> torch.Tensor:
+    """(out, n): row i averages PyTorch's adaptive-pooling window i, [floor(i n / out), ceil((i + 1) n / out))."""
+    m = torch.zeros(out, n)
+    for i in range(out):
+        start, end = i * n // out, -(-(i + 1) * n // out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def _exportable_pooling(head: nn.Module) -> nn.Module:
+    """A copy of ``head`` with its adaptive average pools as ``_AdaptiveAvgPool`` (the model is untouched)."""
+    if not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in head.modules()):
+        return head
+    head = copy.deepcopy(head)
+    for parent in list(head.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.AdaptiveAvgPool2d):
+                setattr(parent, name, _AdaptiveAvgPool(child.output_size))
+    return head
 
 
 class FullModel(nn.Module):
@@ -141,25 +210,48 @@ def weight_bytes(graph: bytes) -> int:
 
 
 def export_stages(model, input_shape, show: bool = False) -> tuple[list[bytes], list[dict]]:
-    """(graph bytes per stage, facts per stage: weight_bytes and activation_elems, the elements of
-    one sample's stage input plus output, which the enclave budgets memory with)."""
+    """(graph bytes per stage, facts per stage: weight_bytes; activation_elems, the elements of one
+    sample's graph input plus every output it computes, which the enclave budgets memory with;
+    computes, the stages its graph computes; passes_input, see ``StageWithExit``)."""
     from tqdm import tqdm
 
+    from ..models.cost import part_flops
+
     model.eval()
-    h = torch.zeros(EXAMPLE_BATCH, *input_shape)
+    stage_flops, _ = part_flops(model, tuple(input_shape))
+    h = x = torch.zeros(EXAMPLE_BATCH, *input_shape)  # h: stage k's input; x: this graph's input
+    first = 0  # the first stage this graph computes (earlier graphs passed their input over it)
+    outputs = 0  # elements of one sample's outputs of the stages from ``first`` to k
     graphs, facts = [], []
     final = model.num_exits - 1
     for k in tqdm(range(model.num_exits), desc="export ONNX", leave=False, disable=None if show else True):
         last = k == final
-        graphs.append(
-            _export(
-                StageWithExit(model.stages[k], model.exits[k], last), h, [LOG_PROBS] if last else [FEATURES, LOG_PROBS]
-            )
-        )
         with torch.no_grad():
             out = model.stages[k](h)
-        facts.append({"weight_bytes": weight_bytes(graphs[-1]), "activation_elems": (h[0].numel() + out[0].numel())})
+        computed, outputs = range(first, k + 1), outputs + out[0].numel()
+        passes = (
+            not last
+            and out[0].numel() > x[0].numel()
+            and sum(stage_flops[j] for j in computed) < RECOMPUTE_BELOW_FLOPS_PER_ELEMENT * out[0].numel()
+        )
+        stages = model.stages[k] if first == k else nn.Sequential(*(model.stages[j] for j in computed))
+        graphs.append(
+            _export(
+                StageWithExit(stages, model.exits[k], last, passes), x, [LOG_PROBS] if last else [FEATURES, LOG_PROBS]
+            )
+        )
+        elems = x[0].numel() + outputs + (x[0].numel() if passes else 0)
+        facts.append(
+            {
+                "weight_bytes": weight_bytes(graphs[-1]),
+                "activation_elems": elems,
+                "computes": list(computed),
+                "passes_input": passes,
+            }
+        )
         h = out
+        if not passes:
+            first, x, outputs = k + 1, out, 0
     return graphs, facts
 
 
@@ -229,9 +321,17 @@ def read_export(run_dir: str | Path) -> dict | None:
         return None
     except (OSError, ValueError) as e:
         raise BranchyError(f"{path}: unreadable ({e}); run 'branchy-tee export {run_dir}'") from None
+    if isinstance(doc, dict) and doc.get("format") in OLDER_FORMATS:
+        return None  # exported again, like a run never exported
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         raise BranchyError(f"{path}: not a branchy-tee export (format is not {EXPORT_FORMAT})")
     return doc
+
+
+def _why_export(run_dir: Path, doc: dict | None) -> str:
+    if doc is not None:
+        return "weights changed"
+    return "exported by an older branchy-tee" if (run_dir / EXPORT_DIR / EXPORT_FILE).exists() else "none yet"
 
 
 def exported_graphs(run_dir: str | Path, show: bool = True) -> tuple[list[bytes], dict]:
@@ -242,7 +342,7 @@ def exported_graphs(run_dir: str | Path, show: bool = True) -> tuple[list[bytes]
     if doc is None or doc.get("weights_sha256") != _weights_digest(run_dir):
         if show:
             print(
-                f"exporting the stage graphs of {run_dir} to ONNX ({'weights changed' if doc else 'none yet'})",
+                f"exporting the stage graphs of {run_dir} to ONNX ({_why_export(run_dir, doc)})",
                 flush=True,
             )
         doc = export_run(run_dir, show=show)

@@ -5,9 +5,10 @@ The engine (``runtime.engine``) runs one batch through one stage at a time and p
 that go on to stage k in a queue until a full batch of them is waiting. So besides the batch in
 flight (the hungriest stage's input and output), fewer than 2 x batch samples (batch-1 waiting, plus
 up to a batch just added by the run of stage k-1) wait in front of every later stage k, each holding
-stage k's input. ``activation_elems`` per stage is recorded at sealing time: one sample's stage
-input plus output. Stage k's input is stage k-1's output, so it is at most the smaller of the two
-stages' figures; the bound below uses that.
+stage k's input. ``activation_elems`` per stage is recorded at sealing time: one sample's graph
+input plus every output the graph computes (a graph may compute an earlier stage again,
+``export.onnx``). Stage k's input is stage k-1's features output, so it is at most the smaller of
+the two stages' figures; the bound below uses that.
 """
 
 from __future__ import annotations

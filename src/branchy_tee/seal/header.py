@@ -49,7 +49,7 @@ class StageEntry:
     file: str  # stage-KK.bin in the bundle directory
     plaintext_size: int  # bytes of the stage's payload (export.payload: graph, then weight blob)
     weight_bytes: int  # what its session keeps resident: the unit of the enclave's memory budget
-    activation_elems: int  # one sample's stage input plus output (runtime.budget)
+    activation_elems: int  # one sample's graph input plus the outputs it computes (runtime.budget)
     sealed_size: int  # bytes of the encrypted file
 
     def to_json(self) -> dict[str, Any]:
