@@ -129,3 +129,38 @@ def test_batches_in_parallel_give_the_same_answers_in_input_order(setting, worke
     assert sorted(seen) == sorted(alone)  # every sample observed at every exit it reached, under its own position
     # parts of more than one batch run on the pool's threads, a request of one batch on the caller's
     assert (threading.get_ident() in threads) == (batch_size >= len(x))
+
+
+@pytest.mark.parametrize("batch_size", [16, 90, 256])
+def test_a_stage_runs_a_batch_in_runs_of_at_most_its_run_size_with_the_same_answers(setting, batch_size):
+    """A stage whose activations would spill out of the caches runs a batch in several runs
+    (``run_size``, from the bundle's activation figures): no run is larger, every sample reaching
+    the stage runs it exactly once, and every answer is the whole-batch one."""
+    model, stages, x, thresholds, labels, exits, confidences = setting
+    log = []
+
+    class Sized:
+        def __init__(self, k, run_size):
+            self.k, self.run_size = k, run_size
+
+        def __call__(self, h):
+            log.append((self.k, len(h)))
+            return stages[self.k](h)
+
+    sizes = [7, 5, None, 3][: model.num_exits] + [None] * (model.num_exits - 4)
+    sized = [Sized(k, n) for k, n in enumerate(sizes)]
+    ans = early_exit(sized.__getitem__, model.num_exits, x, ENTROPY, thresholds, batch_size)
+    assert ans.labels.tolist() == labels.tolist() and ans.exits.tolist() == exits.tolist()
+    assert np.allclose(ans.confidences, confidences.numpy(), atol=1e-5)
+    for k, limit in enumerate(sizes):
+        runs = [n for j, n in log if j == k]
+        assert sum(runs) == int((exits >= k).sum())
+        assert max(runs) <= (limit or batch_size)
+
+
+def test_run_sizes_follow_the_activation_figures():
+    from branchy_tee.runtime.budget import FLOAT_BYTES, MIN_RUN, RUN_BYTES, run_size
+
+    assert run_size(0) is None
+    assert run_size(RUN_BYTES // FLOAT_BYTES // 32) == 32
+    assert run_size(10**9) == MIN_RUN and run_size(1) == RUN_BYTES // FLOAT_BYTES

@@ -58,11 +58,12 @@ def stage_graphs(run_dir, show: bool = True) -> list:
     """The run's stage graphs (exported first if missing or stale) as the enclave runs them."""
     from ..export.onnx import exported_graphs
     from ..export.payload import pack
+    from ..runtime.budget import run_size
     from ..runtime.graphs import StageGraph, load_session
 
     graphs, doc = exported_graphs(run_dir, show=show)
     return [  # the payloads seal encrypts, loaded as the enclave loads them
-        StageGraph(load_session(pack(g), f"{run_dir}/onnx/{e['file']}"), e["file"])
+        StageGraph(load_session(pack(g), f"{run_dir}/onnx/{e['file']}"), e["file"], run_size(e["activation_elems"]))
         for g, e in zip(graphs, doc["stages"], strict=True)
     ]
 

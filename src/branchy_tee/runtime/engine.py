@@ -10,9 +10,14 @@ than once per input batch. Fewer than batch_size samples wait in front of each s
 (``runtime.budget``).
 
 A stage is any callable ``features, log_probs = stage(h)`` (``runtime.graphs.StageGraph`` in the
-enclave; features is None for the last stage). With BatchNorm folded for inference every operation
-is per-sample, so a sample's label and exit do not depend on which other samples share its batch,
-nor on the order in which batches run.
+enclave; features is None for the last stage), optionally with a ``run_size`` attribute. With
+BatchNorm folded for inference every operation is per-sample, so a sample's label and exit do not
+depend on which other samples share its batch, nor on the order in which batches run.
+
+A stage may run a batch in several runs of at most its ``run_size`` samples (``runtime.budget``):
+a stage whose activations for a whole batch spill out of the CPU's caches is faster per sample on
+fewer samples at once, while the batch stays the unit that later stages wait for and that the memory
+budget counts.
 
 At batch size 1 the per-stage bookkeeping costs as much as a small stage, so it is kept to a few
 array operations, and the whole-batch cases (everyone exits, nobody does) skip the masking; a
@@ -71,9 +76,7 @@ class _Waiting:
                 self.chunks[0] = (pos[need:].copy(), h[need:].copy())
                 need = 0
         self.count -= size - need
-        if len(taken) == 1:  # the batch-1 case and whole chunks: no copy
-            return taken[0]
-        return np.concatenate([p for p, _ in taken]), np.concatenate([t for _, t in taken])
+        return taken[0] if len(taken) == 1 else _joined(taken)  # one whole chunk: no copy
 
 
 def early_exit(
@@ -103,10 +106,20 @@ def early_exit(
     exits: list[tuple[int, int]] = []  # (exit, samples it answered), per decision
     best: list[np.ndarray] = []
 
-    def run(k: int, pos: np.ndarray, x_k: np.ndarray) -> Batch | None:
-        """Run stage k on samples ``pos`` (inputs ``x_k``), answer those exit k is confident about and
-        return the others with their features (None when none is left)."""
-        h, logp = get_stage(k)(x_k)
+    def run(k: int, pos: np.ndarray, x_k: np.ndarray) -> list[Batch]:
+        """Run stage k on samples ``pos`` (inputs ``x_k``) in runs of at most the stage's
+        ``run_size``, answer those exit k is confident about and return the others with their
+        features, one part per run (none when none is left)."""
+        stage = get_stage(k)
+        step = getattr(stage, "run_size", None) or len(pos)
+        if step >= len(pos):
+            rest = decide(k, stage, pos, x_k)
+            return [] if rest is None else [rest]
+        parts = (decide(k, stage, pos[i : i + step], x_k[i : i + step]) for i in range(0, len(pos), step))
+        return [p for p in parts if p is not None]
+
+    def decide(k: int, stage: Stage, pos: np.ndarray, x_k: np.ndarray) -> Batch | None:
+        h, logp = stage(x_k)
         if observe is not None:
             observe(k, pos, logp)
         rest = None
@@ -127,11 +140,12 @@ def early_exit(
         return rest
 
     if n <= batch_size:  # one batch: who goes on past exit k is stage k+1's whole batch, nobody waits
-        rest: Batch | None = (np.arange(n), x) if n else None
+        rests = [(np.arange(n), x)] if n else []
         for k in range(num_exits):
-            if rest is None:
+            if not rests:
                 break
-            rest = run(k, *rest)
+            rest = rests[0] if len(rests) == 1 else _joined(rests)
+            rests = run(k, *rest)
     else:
         _run_refilled(run, num_exits, x, batch_size)
     return _in_input_order(n, positions, labels, exits, best)
@@ -161,8 +175,12 @@ def _one_sample(
     return Answers(logp.argmax(axis=1), np.array([k], dtype=np.int64), np.exp(logp.max(axis=1)))
 
 
+def _joined(parts: list[Batch]) -> Batch:
+    return np.concatenate([p for p, _ in parts]), np.concatenate([h for _, h in parts])
+
+
 def _run_refilled(
-    run: Callable[[int, np.ndarray, np.ndarray], Batch | None], num_exits: int, x: np.ndarray, batch_size: int
+    run: Callable[[int, np.ndarray, np.ndarray], list[Batch]], num_exits: int, x: np.ndarray, batch_size: int
 ) -> None:
     """Run every stage on full batches: the input in batches, and in front of each later stage the
     samples that went on past the exit before it, until a batch of them waits."""
@@ -170,8 +188,7 @@ def _run_refilled(
     waiting = [_Waiting() for _ in range(num_exits)]
 
     def run_and_queue(k: int, pos: np.ndarray, h: np.ndarray) -> None:
-        rest = run(k, pos, h)
-        if rest is not None:
+        for rest in run(k, pos, h):
             waiting[k + 1].add(*rest)
 
     for start in range(0, n, batch_size):

@@ -122,7 +122,7 @@ def load_session(payload: Buffer, what: str) -> ort.InferenceSession:
 class StageGraph:
     """One stage's session, called as ``features, log_probs = stage(h)`` (features None for the last)."""
 
-    def __init__(self, session: ort.InferenceSession, what: str = "stage graph"):
+    def __init__(self, session: ort.InferenceSession, what: str = "stage graph", run_size: int | None = None):
         try:  # ONNX Runtime decodes names and symbolic dimensions only when asked (found by fuzz_stage_graph)
             inputs = [i.name for i in session.get_inputs()]
             outputs = [o.name for o in session.get_outputs()]
@@ -136,6 +136,7 @@ class StageGraph:
         if not shape or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
             raise IntegrityError(f"{what}: graph's input shape {shape} is not (batch, fixed sizes...)")
         self.session = session
+        self.run_size = run_size  # the most samples the engine runs through it at once (runtime.budget)
         # The C-level run: the public one checks the feed's names and ownership on every call (2-3
         # microseconds a stage at batch 1); this feed is always {INPUT: one float32 array}.
         self._run = session._sess.run

@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..errors import BranchyError, IntegrityError
 from ..seal.bundle import SealedBundle
-from .budget import activation_bytes_per_sample
+from .budget import activation_bytes_per_sample, run_size
 from .graphs import StageGraph, load_session
 
 MIB = 1 << 20
@@ -88,7 +88,8 @@ class StageStore:
         what = self.bundle.stage_name(k)
         # Decrypted into fresh page-aligned memory, which the session then keeps: the weights are
         # used where they were decrypted (runtime.graphs.unpack).
-        stage = StageGraph(load_session(self.bundle.decrypt_stage(k), what), what)
+        elems = self.bundle.header.stages[k].activation_elems
+        stage = StageGraph(load_session(self.bundle.decrypt_stage(k), what), what, run_size(elems))
         if stage.last != (k == self.num_stages - 1):
             raise IntegrityError(
                 f"{what}: stage {k} graph {'lacks' if k < self.num_stages - 1 else 'has'} a features output"
