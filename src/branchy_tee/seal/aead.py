@@ -70,18 +70,15 @@ def _fresh_buffer(size: int) -> PlainBuffer:
     to the system as soon as the stage using it is dropped. Its pages are not populated up front:
     the decryption threads fault them in, in parallel, as they write their chunks (measured here on
     a 156 MiB stage with 2 threads: 1.54 GB/s, against 1.35 GB/s when the kernel maps every page
-    first in one thread); huge pages, where the kernel offers them, cut the faults 512-fold."""
+    first in one thread). No huge pages: asking for them (MADV_HUGEPAGE) made the same stage 54 ms
+    instead of 68 when the kernel had huge pages free, and up to 417 ms when it had to compact
+    memory first (a kernel whose THP defrag policy is "madvise" does that synchronously), which
+    made the cold start swing between 0.6x and 1.8x the plain ONNX file's."""
     if size >= 1 << 20 and hasattr(mmap, "MAP_ANONYMOUS"):
         try:
-            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         except OSError:
-            return bytearray(size)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                buf.madvise(mmap.MADV_HUGEPAGE)
-            except OSError:
-                pass
-        return buf
+            pass
     return bytearray(size)
 
 
