@@ -111,10 +111,11 @@ def early_exit(
         ``run_size``, answer those exit k is confident about and return the others with their
         features, one part per run (none when none is left)."""
         stage = get_stage(k)
-        step = getattr(stage, "run_size", None) or len(pos)
-        if step >= len(pos):
+        limit = getattr(stage, "run_size", None) or len(pos)
+        if limit >= len(pos):
             rest = decide(k, stage, pos, x_k)
             return [] if rest is None else [rest]
+        step = -(-len(pos) // -(-len(pos) // limit))  # runs of equal size: 128 in 4 x 32, not 3 x 39 + 11
         parts = (decide(k, stage, pos[i : i + step], x_k[i : i + step]) for i in range(0, len(pos), step))
         return [p for p in parts if p is not None]
 
