@@ -17,6 +17,7 @@ import torch
 from branchy_tee.cli import main
 from branchy_tee.fileio import read_key_file
 from branchy_tee.models import list_models
+from branchy_tee.runtime.budget import run_size
 from branchy_tee.runtime.criteria import ENTROPY
 from branchy_tee.runtime.engine import early_exit
 from branchy_tee.runtime.stages import StageStore
@@ -69,6 +70,10 @@ def test_sealed_stage_graphs_give_the_pytorch_models_outputs(tmp_path, name):
     )
     store = StageStore(open_bundle(tmp_path / "m.btee", read_key_file(tmp_path / "mo.key")))
     got = [np.full_like(e, np.nan) for e in expected]
+    header = store.bundle.header
+    assert [store.get(k).run_size for k in range(model.num_exits)] == [
+        run_size(s.activation_elems) for s in header.stages
+    ]
 
     def observe(k, pos, log_probs):
         got[k][pos] = log_probs
@@ -111,9 +116,11 @@ def test_a_cheap_first_stage_passes_its_input_on_and_the_next_graph_computes_it_
     doc = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
     assert [e["passes_input"] for e in doc["stages"]] == [True, False, False, False, False]
     assert [e["computes"] for e in doc["stages"]] == [[0], [0, 1], [2], [3], [4]]
-    image, stage0_out = 3 * 32 * 32, 16 * 32 * 32
-    # graph 1 holds stage 0's output in passing: it counts in graph 1's activation figure
-    assert doc["stages"][1]["activation_elems"] >= image + stage0_out
+    image, stage0_out, stage1_out = 3 * 32 * 32, 16 * 32 * 32, 32 * 16 * 16
+    # graph 0: the image, stage 0's output (for its exit head) and the image's copy as features;
+    # graph 1: the image and both stages' outputs, stage 0's held in passing
+    assert doc["stages"][0]["activation_elems"] == image + stage0_out + image
+    assert doc["stages"][1]["activation_elems"] == image + stage0_out + stage1_out
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
     graph0 = ort.InferenceSession(str(tmp_path / "run" / "onnx" / "stage-00.onnx"), providers=["CPUExecutionProvider"])
     features, log_probs = graph0.run(None, {"input": x})
@@ -150,3 +157,18 @@ def test_a_run_exported_by_an_older_branchy_tee_is_exported_again(tmp_path, caps
     _, again = exported_graphs(tmp_path / "run", show=True)
     assert again["format"] == EXPORT_FORMAT and json.loads(path.read_text())["format"] == EXPORT_FORMAT
     assert "(exported by an older branchy-tee)" in capsys.readouterr().out
+
+
+def test_a_malformed_export_json_is_refused_in_one_line(tmp_path, capsys):
+    make_random_run(tmp_path / "run", "lenet5", 1, 28)
+    path = tmp_path / "run" / "onnx" / "export.json"
+    doc = json.loads(path.read_text())
+    doc["stages"][0]["activation_elems"] = "lots"
+    path.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert (
+        main(["seal", str(tmp_path / "run"), "--key", str(keygen(tmp_path / "mo.key")), "--out", str(tmp_path / "m")])
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert "export.json: malformed stage list" in err and len(err.strip().splitlines()) == 1

@@ -5,7 +5,10 @@ Stage k's graph computes stage k and exit head k (``runtime.graphs`` names the i
     input (N, *stage k input)  ->  features (N, *stage k output), log_probs (N, classes)
 
 The last stage's graph has only ``log_probs``. The batch dimension is dynamic; the image size is the
-model's input size.
+model's input size. The exporter is torch's own (``torch.onnx.export``, the dynamo path: it handles
+the exit heads' adaptive pooling). Everything downstream runs these graphs and nothing else:
+``eval`` and ``calibrate`` through the enclave's own engine, ``seal`` encrypts their bytes. So the
+thresholds are chosen on the very numbers the enclave computes.
 
 Two things are exported otherwise than the PyTorch modules would be, for speed on ONNX Runtime, with
 the same arithmetic (the test over every registered model holds them to PyTorch's outputs):
@@ -21,10 +24,8 @@ the same arithmetic (the test over every registered model holds them to PyTorch'
   starts 0, 3, 7, 10) is exported as two matrix products with constant averaging matrices, where the
   exporter writes a gather of every window followed by a mean: that took a third of the benchmark
   model's stage 1, the products a seventh (and they read the NCHW copy of the feature maps that the
-  features output needs anyway). The exporter is torch's own (``torch.onnx.export``, the dynamo path: it handles
-the exit heads' adaptive pooling). Everything downstream runs these graphs and nothing else:
-``eval`` and ``calibrate`` through the enclave's own engine, ``seal`` encrypts their bytes. So the
-thresholds are chosen on the very numbers the enclave computes.
+  features output needs anyway). Only the exit heads' pooling is rewritten; stages are exported as
+  they are.
 
 In a run directory the graphs live in ``onnx/``: ``stage-NN.onnx`` and ``export.json`` (the digest
 of the weights they were exported from, and of each graph). Training ends by exporting; ``eval``,
@@ -240,6 +241,7 @@ def export_stages(model, input_shape, show: bool = False) -> tuple[list[bytes], 
                 StageWithExit(stages, model.exits[k], last, passes), x, [LOG_PROBS] if last else [FEATURES, LOG_PROBS]
             )
         )
+        # input + every stage output computed in passing + the input's copy as features, if passed on
         elems = x[0].numel() + outputs + (x[0].numel() if passes else 0)
         facts.append(
             {
@@ -325,7 +327,23 @@ def read_export(run_dir: str | Path) -> dict | None:
         return None  # exported again, like a run never exported
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         raise BranchyError(f"{path}: not a branchy-tee export (format is not {EXPORT_FORMAT})")
+    stages = doc.get("stages")
+    if not isinstance(stages, list) or not stages or not all(map(_stage_entry_ok, stages)):
+        raise BranchyError(f"{path}: malformed stage list; run 'branchy-tee export {run_dir}'")
     return doc
+
+
+def _stage_entry_ok(entry: object) -> bool:
+    def count(v: object) -> bool:
+        return type(v) is int and v >= 0
+
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("file"), str)
+        and isinstance(entry.get("sha256"), str)
+        and count(entry.get("weight_bytes"))
+        and count(entry.get("activation_elems"))
+    )
 
 
 def _why_export(run_dir: Path, doc: dict | None) -> str:
