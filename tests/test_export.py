@@ -105,7 +105,7 @@ def test_a_graph_changed_after_export_is_refused_and_export_redoes_it(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.json", "model.safetensors", "onnx"]
 
 
-def test_a_cheap_first_stage_passes_its_input_on_and_the_next_graph_computes_it_again(tmp_path):
+def test_a_cheap_first_stage_passes_its_input_on_and_the_next_graph_computes_it_again(tmp_path, capsys):
     """MobileNet V1's first stage computes about 50 FLOPs per element of its output, 32 times the
     image: its graph hands the image itself on (features == input, bit for bit) and graph 1 computes
     stages 0 and 1 from it. The sealed chain of graphs giving PyTorch's outputs is the test above; this
@@ -121,6 +121,11 @@ def test_a_cheap_first_stage_passes_its_input_on_and_the_next_graph_computes_it_
     # graph 1: the image and both stages' outputs, stage 0's held in passing
     assert doc["stages"][0]["activation_elems"] == image + stage0_out + image
     assert doc["stages"][1]["activation_elems"] == image + stage0_out + stage1_out
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("passes its input on (the next graph computes this stage again)")
+    assert lines[1].endswith("computes stages 0-1") and lines[2].endswith(" MiB")
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32), dtype=np.float32)
     graph0 = ort.InferenceSession(str(tmp_path / "run" / "onnx" / "stage-00.onnx"), providers=["CPUExecutionProvider"])
     features, log_probs = graph0.run(None, {"input": x})

@@ -353,6 +353,15 @@ def cmd_export(args) -> int:
         for e in doc["stages"]:
             print(
                 f"{args.run_dir}/{EXPORT_DIR}/{e['file']}: {e['size'] / 2**20:.2f} MiB, "
-                f"weights {e['weight_bytes'] / 2**20:.2f} MiB"
+                f"weights {e['weight_bytes'] / 2**20:.2f} MiB{_graph_note(e)}"
             )
     return 0
+
+
+def _graph_note(entry: dict) -> str:
+    """What a stage graph computes, where it is not simply its own stage (``export.onnx``)."""
+    stages = entry["computes"]
+    note = f", computes stages {stages[0]}-{stages[-1]}" if len(stages) > 1 else ""
+    if entry["passes_input"]:
+        note += ", passes its input on (the next graph computes this stage again)"
+    return note
