@@ -176,4 +176,5 @@ def test_a_malformed_export_json_is_refused_in_one_line(tmp_path, capsys):
         == 1
     )
     err = capsys.readouterr().err
-    assert "export.json: malformed stage list" in err and len(err.strip().splitlines()) == 1
+    assert "export.json: field 'stages[0].activation_elems' must be an integer >= 0" in err
+    assert "run 'branchy-tee export" in err and len(err.strip().splitlines()) == 1

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..errors import BranchyError
 from ..runtime.graphs import FEATURES, INPUT, LOG_PROBS
+from ..strict import Fields
 
 EXPORT_DIR = "onnx"
 EXPORT_FILE = "export.json"
@@ -222,14 +223,15 @@ def export_stages(model, input_shape, show: bool = False) -> tuple[list[bytes], 
     stage_flops, _ = part_flops(model, tuple(input_shape))
     h = x = torch.zeros(EXAMPLE_BATCH, *input_shape)  # h: stage k's input; x: this graph's input
     first = 0  # the first stage this graph computes (earlier graphs passed their input over it)
-    outputs = 0  # elements of one sample's outputs of the stages from ``first`` to k
+    out_elems: list[int] = []  # one sample's output elements, per stage
     graphs, facts = [], []
     final = model.num_exits - 1
     for k in tqdm(range(model.num_exits), desc="export ONNX", leave=False, disable=None if show else True):
         last = k == final
         with torch.no_grad():
             out = model.stages[k](h)
-        computed, outputs = range(first, k + 1), outputs + out[0].numel()
+        out_elems.append(out[0].numel())
+        computed = range(first, k + 1)
         passes = (
             not last
             and out[0].numel() > x[0].numel()
@@ -242,7 +244,7 @@ def export_stages(model, input_shape, show: bool = False) -> tuple[list[bytes], 
             )
         )
         # input + every stage output computed in passing + the input's copy as features, if passed on
-        elems = x[0].numel() + outputs + (x[0].numel() if passes else 0)
+        elems = x[0].numel() + sum(out_elems[j] for j in computed) + (x[0].numel() if passes else 0)
         facts.append(
             {
                 "weight_bytes": weight_bytes(graphs[-1]),
@@ -253,7 +255,7 @@ def export_stages(model, input_shape, show: bool = False) -> tuple[list[bytes], 
         )
         h = out
         if not passes:
-            first, x, outputs = k + 1, out, 0
+            first, x = k + 1, out
     return graphs, facts
 
 
@@ -327,23 +329,20 @@ def read_export(run_dir: str | Path) -> dict | None:
         return None  # exported again, like a run never exported
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         raise BranchyError(f"{path}: not a branchy-tee export (format is not {EXPORT_FORMAT})")
-    stages = doc.get("stages")
-    if not isinstance(stages, list) or not stages or not all(map(_stage_entry_ok, stages)):
-        raise BranchyError(f"{path}: malformed stage list; run 'branchy-tee export {run_dir}'")
+    f = Fields(doc, str(path), "export")
+    try:  # what later steps read from each stage (the rest is for people)
+        f.check("stages", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
+        f.each("stages", _stage_entry)
+    except BranchyError as e:
+        raise BranchyError(f"{e}; run 'branchy-tee export {run_dir}'") from None
     return doc
 
 
-def _stage_entry_ok(entry: object) -> bool:
-    def count(v: object) -> bool:
-        return type(v) is int and v >= 0
-
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("file"), str)
-        and isinstance(entry.get("sha256"), str)
-        and count(entry.get("weight_bytes"))
-        and count(entry.get("activation_elems"))
-    )
+def _stage_entry(e: Fields, k: int) -> None:
+    e.text("file")
+    e.text("sha256")
+    e.integer("weight_bytes", 0)
+    e.integer("activation_elems", 0)
 
 
 def _why_export(run_dir: Path, doc: dict | None) -> str:

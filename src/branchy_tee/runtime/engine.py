@@ -113,9 +113,6 @@ def early_exit(
         features, one part per run (none when none is left)."""
         stage = get_stage(k)
         limit = getattr(stage, "run_size", None) or len(pos)
-        if limit >= len(pos):
-            rest = decide(k, stage, pos, x_k)
-            return [] if rest is None else [rest]
         runs = -(-len(pos) // limit)  # of sizes differing by one at most: 128 in 4 x 32, not 3 x 39 + 11
         cuts = [i * len(pos) // runs for i in range(runs + 1)]
         parts = (decide(k, stage, pos[a:b], x_k[a:b]) for a, b in pairwise(cuts))
