@@ -44,7 +44,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: setup data tools lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The security figures (docs/security.md): tamper campaign (1,000 trials per artifact), key broker
 # under 200 concurrent clients for 30 s, SIGKILL crash tests, then the atheris fuzzers for FUZZ_SECONDS in
@@ -54,12 +54,12 @@ FUZZ_SECONDS ?= 600
 fuzz: setup data
 	$(PY) -m pip install --quiet --disable-pip-version-check 'atheris>=2.3'
 	@mkdir -p fuzz/out; status=0; \
-	$(PY) tests/security/campaign.py --trials 1000 --json fuzz/out/campaign.json || status=1; \
-	$(PY) tests/security/load.py --concurrency 200 --seconds 30 --json fuzz/out/load.json || status=1; \
-	$(PY) tests/security/crashes.py --kills 20 --restarts 3 --json fuzz/out/crashes.json || status=1; \
+	$(PY) fuzz/campaign.py --trials 1000 --json fuzz/out/campaign.json || status=1; \
+	$(PY) fuzz/load.py --concurrency 200 --seconds 30 --json fuzz/out/load.json || status=1; \
+	$(PY) fuzz/crashes.py --kills 20 --restarts 3 --json fuzz/out/crashes.json || status=1; \
 	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS) --json fuzz/out/fuzz-report.json || status=1; \
-	if [ $$status = 0 ]; then $(PY) tests/security/report.py fuzz/out --update docs/security.md; \
-	else $(PY) tests/security/report.py fuzz/out; fi; \
+	if [ $$status = 0 ]; then $(PY) fuzz/report.py fuzz/out --update docs/security.md; \
+	else $(PY) fuzz/report.py fuzz/out; fi; \
 	exit $$status
 
 bench: setup data

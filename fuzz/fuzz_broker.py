@@ -10,8 +10,8 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.attest.broker import Broker, Refusal
-    from branchy_tee.seal.keys import generate_key, key_id
+    from branchy_tee.broker.broker import Broker, Refusal
+    from branchy_tee.core.keys import generate_key, key_id
 
 _KEY = generate_key()
 BROKER = Broker([_KEY], {"allowed_mrenclave": ["00" * 32], "allow_simulation": True})

@@ -17,8 +17,8 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.errors import BranchyError
-    from branchy_tee.seal import bundle
+    from branchy_tee.core.errors import BranchyError
+    from branchy_tee.tee.sealed import bundle
 
 KEY = common.read_key("mo.key")
 GENUINE = (common.WORLD / "model.btee" / bundle.HEADER_FILE).read_bytes()
@@ -37,7 +37,7 @@ def TestOneInput(data: bytes) -> None:
             header = doc["header"] if isinstance(doc, dict) and isinstance(doc.get("header"), dict) else doc
             if not isinstance(header, dict):
                 return
-            rest = bundle.header_file_bytes({"header": header, "mac": bundle._header_mac(KEY, header)})
+            rest = bundle.header_file_bytes({"header": header, "mac": bundle.header_mac(KEY, header)})
             forged = False
         except (ValueError, RecursionError, TypeError):
             return

@@ -13,8 +13,8 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.attest.client import AttestedKeys
-    from branchy_tee.errors import BranchyError
+    from branchy_tee.core.errors import BranchyError
+    from branchy_tee.tee.attest.client import AttestedKeys
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
 

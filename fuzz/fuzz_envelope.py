@@ -14,9 +14,9 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.errors import BranchyError
-    from branchy_tee.seal import envelope
-    from branchy_tee.seal.keys import key_id
+    from branchy_tee.core.errors import BranchyError
+    from branchy_tee.core.keys import key_id
+    from branchy_tee.tee.sealed import envelope
 
 KEY = common.read_key("do1.key")
 KEYS = {key_id(KEY): KEY}

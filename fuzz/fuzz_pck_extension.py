@@ -8,8 +8,8 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.attest.pck import SGX_EXTENSION_OID, parse_pck_extension
-    from branchy_tee.errors import AttestationError
+    from branchy_tee.core.errors import AttestationError
+    from branchy_tee.verifier.pck import SGX_EXTENSION_OID, parse_pck_extension
 
 
 class _Value:

@@ -10,8 +10,8 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee", "tomllib"]):
-    from branchy_tee.attest.policy import load_policy
-    from branchy_tee.errors import BranchyError
+    from branchy_tee.core.errors import BranchyError
+    from branchy_tee.verifier.policy import load_policy
 
 DIR = tempfile.mkdtemp(prefix="fuzz-policy-", dir=common.SCRATCH)
 PATH = os.path.join(DIR, "policy.toml")

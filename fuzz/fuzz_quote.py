@@ -8,8 +8,8 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.attest.quote import parse_quote
-    from branchy_tee.errors import AttestationError
+    from branchy_tee.core.errors import AttestationError
+    from branchy_tee.tee.attest.quote import parse_quote
 
 
 def TestOneInput(data: bytes) -> None:

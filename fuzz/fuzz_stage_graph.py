@@ -14,10 +14,10 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.errors import IntegrityError
+    from branchy_tee.core.errors import IntegrityError
     from branchy_tee.export.payload import join
-    from branchy_tee.runtime.graphs import StageGraph, load_session, unpack, use_threads
-    from branchy_tee.seal.bundle import open_bundle
+    from branchy_tee.tee.graphs import StageGraph, load_session, unpack, use_threads
+    from branchy_tee.tee.sealed.bundle import open_bundle
 
 use_threads(1)
 _, BLOB = unpack(open_bundle(common.WORLD / "model.btee", common.read_key("mo.key")).decrypt_stage(0), "stage")

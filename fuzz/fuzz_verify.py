@@ -9,8 +9,8 @@ import atheris
 import common
 
 with atheris.instrument_imports(include=["branchy_tee"]):
-    from branchy_tee.attest.verify import verify_quote
-    from branchy_tee.errors import AttestationError
+    from branchy_tee.core.errors import AttestationError
+    from branchy_tee.verifier.dcap import verify_quote
 
 NOW = datetime(2025, 6, 20, tzinfo=timezone.utc)
 

@@ -53,7 +53,7 @@ def build_world(world: Path) -> None:
         return
     import shutil
 
-    from branchy_tee.seal.keys import generate_key
+    from branchy_tee.core.keys import generate_key
     from campaign import record_exchange
     from world import build_world as build
     from world import quiet_call
@@ -87,10 +87,10 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
     import torch
     from safetensors.torch import save
 
-    from branchy_tee.attest.protocol import report_data
-    from branchy_tee.attest.providers import SimulatedProvider
-    from branchy_tee.runtime.graphs import unpack
-    from branchy_tee.seal.bundle import open_bundle
+    from branchy_tee.tee.attest.protocol import report_data
+    from branchy_tee.tee.attest.providers import SimulatedProvider
+    from branchy_tee.tee.graphs import unpack
+    from branchy_tee.tee.sealed.bundle import open_bundle
     from campaign import SGX_QUOTES
     from world import quiet_call
 
@@ -100,8 +100,8 @@ def seeds(world: Path) -> dict[str, list[bytes]]:
         try:
             from cryptography import x509
 
-            from branchy_tee.attest.pck import SGX_EXTENSION_OID
-            from branchy_tee.attest.quote import parse_quote
+            from branchy_tee.tee.attest.quote import parse_quote
+            from branchy_tee.verifier.pck import SGX_EXTENSION_OID
 
             leaf = x509.load_pem_x509_certificate(parse_quote(q).pck_chain_pem[0])
             ext.append(leaf.extensions.get_extension_for_oid(SGX_EXTENSION_OID).value.value)

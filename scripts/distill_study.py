@@ -147,7 +147,7 @@ def phase_configs(model: str, recipe: str, seed: int, run_dir: Path) -> list:
 
 def run_one(model: str, recipe: str, seed: int, root: Path) -> dict:
     from branchy_tee.evaluate.exits import collect_log_probs, costs_of, load_split, stage_graphs
-    from branchy_tee.rundir import read_model_card
+    from branchy_tee.models.rundir import read_model_card
     from branchy_tee.train.trainer import fit
 
     run_dir = root / model / recipe / f"seed{seed}"
@@ -223,7 +223,7 @@ def calibration_table(root: Path, rows: list[dict], criterion_name: str = "entro
     (smaller validation sets are the first samples of the run's own)."""
     from branchy_tee.evaluate.calibrate import candidate_thresholds, choose, shared_threshold_settings
     from branchy_tee.evaluate.exits import run_setting
-    from branchy_tee.runtime.criteria import criterion as criterion_named
+    from branchy_tee.tee.criteria import criterion as criterion_named
 
     criterion = criterion_named(criterion_name)
 

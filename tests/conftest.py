@@ -13,6 +13,13 @@ SHARED = REPO.parent / "shared"
 SGX_QUOTES = SHARED / "testdata" / "sgx-quotes"
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that needs the enclave environment is an ``enclave`` test (see pyproject's markers)."""
+    for item in items:
+        if "enclave_env" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.enclave)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -30,7 +37,7 @@ def sgx_quotes_dir() -> Path:
 def enclave_env():
     """The enclave's Python environment, made once: REPO/.enclave-env, the one `make enclave-env` and
     `branchy-tee enclave build` use, so later test runs reuse it (about 30 s to make)."""
-    from branchy_tee.enclave.env import ensure_env
+    from branchy_tee.gramine.env import ensure_env
 
     return ensure_env(REPO / ".enclave-env")
 
@@ -43,11 +50,11 @@ def sealed(tmp_path_factory):
     The run directory is written directly (random weights) instead of by a training run: packaging
     does not care what the weights are, and this keeps the file well under its time budget."""
     from branchy_tee.cli import main
-    from branchy_tee.modelcard import ModelCard
     from branchy_tee.models import create_model
-    from branchy_tee.preprocessing import Preprocessing
-    from branchy_tee.rundir import write_model_card, write_weights
-    from branchy_tee.runtime.criteria import ENTROPY
+    from branchy_tee.models.card import ModelCard
+    from branchy_tee.models.rundir import write_model_card, write_weights
+    from branchy_tee.tee.criteria import ENTROPY
+    from branchy_tee.tee.sealed.preprocessing import Preprocessing
 
     base = tmp_path_factory.mktemp("sealed")
     model = create_model("lenet5", num_classes=10, in_channels=1).eval()

@@ -10,12 +10,12 @@ import torch
 from branchy_tee.cli import main
 from branchy_tee.evaluate.exits import collect_log_probs, decide, exit_scores, stage_graphs
 from branchy_tee.export.onnx import EXPORT_DIR, export_run
-from branchy_tee.modelcard import DataSpec, ModelCard
 from branchy_tee.models import create_model
+from branchy_tee.models.card import DataSpec, ModelCard
 from branchy_tee.models.cost import arch_part_flops
-from branchy_tee.preprocessing import Preprocessing
-from branchy_tee.rundir import read_model_card, write_model_card, write_weights
-from branchy_tee.runtime.criteria import criterion as criterion_named
+from branchy_tee.models.rundir import read_model_card, write_model_card, write_weights
+from branchy_tee.tee.criteria import criterion as criterion_named
+from branchy_tee.tee.sealed.preprocessing import Preprocessing
 
 # Exports by weights digest: tests make the same seeded random runs again and again, and exporting
 # (a few seconds per stage) would dominate the suite. Held in memory: nothing is written outside

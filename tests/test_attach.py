@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save_file
 
 from branchy_tee.cli import main
-from branchy_tee.errors import BranchyError
+from branchy_tee.core.errors import BranchyError
 from branchy_tee.models import create_model
+from branchy_tee.models.layout import channels_last
 from branchy_tee.models.plain import backbone_keys, kuangliu_prefixes, load_plain_weights
-from branchy_tee.rundir import load_run, read_model_card
-from branchy_tee.runtime.tuning import channels_last
+from branchy_tee.models.rundir import load_run, read_model_card
 from branchy_tee.train.trainer import TrainConfig, fit
 
 SYN = {"channels": 1, "size": 28, "n": 400}

@@ -12,12 +12,12 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.torch import save_file
 
-from branchy_tee.attest.broker_server import start_broker
-from branchy_tee.attest.identity import identity_hex
-from branchy_tee.attest.providers import simulated_mrenclave
+from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
-from branchy_tee.fileio import read_key_file
-from branchy_tee.seal.keys import key_id
+from branchy_tee.core.fileio import read_key_file
+from branchy_tee.core.keys import key_id
+from branchy_tee.tee.attest.identity import identity_hex
+from branchy_tee.tee.attest.providers import simulated_mrenclave
 from branchy_tee.train.trainer import TrainConfig, fit
 
 

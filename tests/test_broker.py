@@ -21,18 +21,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from branchy_tee.attest.broker import Broker, load_keystore
-from branchy_tee.attest.broker_server import start_broker
-from branchy_tee.attest.client import AttestedKeys
-from branchy_tee.attest.identity import create_identity, identity_hex
-from branchy_tee.attest.identity import verify as verify_signature
-from branchy_tee.attest.policy import load_policy
-from branchy_tee.attest.protocol import RELEASE_PURPOSE, SUITE, KeyRelease, key_info, report_data, unpack_key
-from branchy_tee.attest.providers import GramineProvider, SimulatedProvider
+from branchy_tee.broker.broker import Broker, load_keystore
+from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
-from branchy_tee.errors import AttestationError, BranchyError
-from branchy_tee.fileio import write_key_file
-from branchy_tee.seal.keys import generate_key, key_id
+from branchy_tee.core.errors import AttestationError, BranchyError
+from branchy_tee.core.fileio import write_key_file
+from branchy_tee.core.keys import generate_key, key_id
+from branchy_tee.tee.attest.client import AttestedKeys
+from branchy_tee.tee.attest.identity import create_identity, identity_hex
+from branchy_tee.tee.attest.identity import verify as verify_signature
+from branchy_tee.tee.attest.protocol import RELEASE_PURPOSE, SUITE, KeyRelease, key_info, report_data, unpack_key
+from branchy_tee.tee.attest.providers import GramineProvider, SimulatedProvider
+from branchy_tee.verifier.policy import load_policy
 
 PHALA_NOW = datetime(2025, 6, 20, tzinfo=timezone.utc)
 PHALA1_MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
@@ -695,3 +695,36 @@ def test_cli_key_broker_errors(tmp_path, capsys, keys):
     assert "pins only allowed_mrsigner" in err and "own_signing_key = true" in err and len(err.splitlines()) == 1
     policy.write_text('allowed_mrsigner = ["' + "11" * 32 + '"]\nown_signing_key = true\n')
     assert load_policy(policy).allowed_mrsigner == {bytes.fromhex("11" * 32)}
+
+
+# --------------------------------------------------------------------------- collateral chosen by the host
+def test_host_cannot_skip_the_minimum_tcb_evaluation_number_by_sending_no_collateral(sgx_quotes_dir):
+    """`accept_client_collateral = true` with `min_tcb_evaluation_data_number` exists so that the host
+    cannot pick old Intel-signed collateral (phala-1's is number 17; the minimum here is 18). With
+    `require_collateral = false` (the setting for a broker without a collateral file) the host sends
+    no collateral at all: the TCB status is unknown, the minimum is not checked, and the quote is
+    accepted: the oldest possible choice passes where number 17 is refused."""
+    from branchy_tee.core.keys import generate_key
+
+    key = generate_key()
+    quote = (sgx_quotes_dir / "phala-1.quote.bin").read_bytes()
+    col = json.loads((sgx_quotes_dir / "phala-1.collateral.json").read_text())
+    policy = {
+        "allowed_mrenclave": [PHALA1_MRENCLAVE],
+        "accept_client_collateral": True,
+        "min_tcb_evaluation_data_number": 18,
+        "require_collateral": False,
+        "accepted_tcb_statuses": ["UpToDate", "ConfigurationAndSWHardeningNeeded"],
+    }
+    try:
+        handle = start_broker([key], policy, clock=lambda: PHALA_NOW.timestamp())
+    except BranchyError:
+        return  # the policy is refused at broker start: also a fix
+    with handle as b:
+        st, out = post_quote(b, quote, key_id(key), collateral=col)
+        assert (st, out["code"]) == (403, "policy_refused") and "below the policy minimum 18" in out["error"]
+        st, out = post_quote(b, quote, key_id(key))  # no collateral
+        assert (st, out["code"]) == (403, "policy_refused"), (
+            f"without collateral the quote passed the policy (it failed only at {out['code']}): the minimum TCB "
+            "evaluation data number is skipped when the host sends none"
+        )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from branchy_tee.core.errors import DatasetError
 from branchy_tee.data import cifar10 as cifar_mod
 from branchy_tee.data import (
     fashion_mnist_available,
@@ -22,8 +23,7 @@ from branchy_tee.data import (
     train_val_split,
 )
 from branchy_tee.data.idx import load_mnist, read_idx
-from branchy_tee.errors import DatasetError
-from branchy_tee.preprocessing import Preprocessing
+from branchy_tee.tee.sealed.preprocessing import Preprocessing
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -282,7 +282,7 @@ def test_split_is_deterministic_and_disjoint():
 
 
 def test_load_dataset_errors():
-    from branchy_tee.errors import UsageError
+    from branchy_tee.core.errors import UsageError
 
     with pytest.raises(UsageError, match="choose one of"):
         load_dataset("imagenet", "train")

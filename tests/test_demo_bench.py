@@ -6,8 +6,10 @@ import pytest
 from branchy_tee.cli import main
 from branchy_tee.data import load_dataset
 from branchy_tee.data.preprocess import tensor_to_inputs
-from branchy_tee.rundir import read_model_card
+from branchy_tee.models.rundir import read_model_card
 from runs import reference_decisions
+
+pytestmark = pytest.mark.slow  # the demo and the benchmark, end to end
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
@@ -44,8 +46,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert budget["resident_weights_peak_mib"] < enclave["full_model"]["resident_weights_peak_mib"]
     assert budget["evictions"] > 0 or len(budget["stages_loaded"]) < 3  # all three stages never fit at once
     for who in ("do-a", "do-b"):
-        from branchy_tee.fileio import read_key_file
-        from branchy_tee.seal.envelope import open_result, request_digest
+        from branchy_tee.client.envelopes import open_result
+        from branchy_tee.core.fileio import read_key_file
+        from branchy_tee.tee.sealed.envelope import request_digest
 
         key, digest = (
             read_key_file(out / who / "data.key"),

@@ -16,10 +16,10 @@ import pytest
 import tomllib
 
 from branchy_tee.cli import main
-from branchy_tee.enclave import build as eb
-from branchy_tee.enclave.gramine import parse_sigstruct_view
-from branchy_tee.enclave.launch import split_run_arguments
-from branchy_tee.errors import BranchyError, UsageError
+from branchy_tee.core.errors import BranchyError, UsageError
+from branchy_tee.gramine import build as eb
+from branchy_tee.gramine.launch import split_run_arguments
+from branchy_tee.gramine.tools import parse_sigstruct_view
 from enclave_tools import ENCLAVE_ENV, encrypt_sealed_images, install_gramine_manifest
 
 BROKER_M = "http://127.0.0.1:8101"
@@ -325,7 +325,7 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
     assert summary["signed"] and summary["mrenclave"] == sig[9:41].hex() and summary["mrsigner"] == sig[41:73].hex()
     assert not (out / "policy.toml").exists()  # owners never pin what the host printed
     # The model owner (having reproduced this build) signs a release statement; a data owner writes its policy.
-    from branchy_tee.attest.identity import create_identity, identity_hex
+    from branchy_tee.tee.attest.identity import create_identity, identity_hex
 
     mo = identity_hex(create_identity(tmp_path / "mo.id"))
     assert (
@@ -411,7 +411,7 @@ def test_make_sgx_in_the_build_directory(sealed, tmp_path, no_gramine, monkeypat
     again = subprocess.run(["make", "SGX=1"], cwd=out, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and len(log.read_text().splitlines()) == 3
     monkeypatch.setenv("PATH", env["PATH"])
-    from branchy_tee.attest.identity import create_identity
+    from branchy_tee.tee.attest.identity import create_identity
 
     create_identity(tmp_path / "mo.id")
     capsys.readouterr()
@@ -559,7 +559,7 @@ def test_sigstruct_view_json_output():
 
 
 def test_ldd_output_is_read_into_normalised_paths():
-    from branchy_tee.enclave.libraries import parse_ldd
+    from branchy_tee.gramine.libraries import parse_ldd
 
     out = (
         "/e/numpy/_core/_multiarray.so:\n\tlinux-vdso.so.1 (0x00007ffd)\n\tlibz.so.1 => "
@@ -592,7 +592,7 @@ def test_run_argument_splitting():
 
 
 def test_enclave_size_is_a_power_of_two_rounding():
-    from branchy_tee.enclave import measure
+    from branchy_tee.gramine import measure
 
     assert measure.next_power_of_two(760 << 20) == 1 << 30
     assert measure.size_string(1 << 30) == "1G" and measure.size_string(512 << 20) == "512M"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from branchy_tee.enclave.env import package_closure
-from branchy_tee.enclave.libraries import GRAMINE_GLIBC
+from branchy_tee.gramine.env import enclave_files
+from branchy_tee.gramine.libraries import GRAMINE_GLIBC
 from enclave_tools import (
     ENCLAVE_ENV,
     REPO,
@@ -27,6 +27,8 @@ from enclave_tools import (
     gramine_release,
     install_gramine_manifest,
 )
+
+pytestmark = pytest.mark.gramine  # Gramine's manifest renderers (../shared/gramine-tools)
 
 # test_enclave.py's: the same loader.env, so the build reuses the memory measured there.
 BROKERS = [
@@ -104,9 +106,11 @@ def test_the_enclave_environment_holds_only_what_the_enclave_runs(enclave_env):
         for p in (home / "site-packages" / "branchy_tee").rglob("*")
         if p.is_file()
     )
-    assert ours == package_closure() and "branchy_tee/runtime/predict.py" in ours
+    assert ours == enclave_files() and "branchy_tee/tee/predict.py" in ours
     assert not any(
-        m in f for f in ours for m in ("train/", "evaluate/", "enclave/", "attest/broker", "attest/verify", "cli/")
+        m in f
+        for f in ours
+        for m in ("models/", "train/", "evaluate/", "export/", "seal/", "gramine/", "broker/", "verifier/", "cli/")
     )
     # The standard library without other environments' packages, test suites and tools; nothing
     # that is not run: no bytecode, stubs, headers, tests.
@@ -225,7 +229,7 @@ def test_the_real_bundle_fits_the_measured_enclave_size(built, sealed, tmp_path)
     keys = sealed / "keys"
     req, res = tmp_path / "req.bin", tmp_path / "res.bin"
     assert encrypt_sealed_images(sealed, req) == 0
-    from branchy_tee.enclave.measure import RUNNER, measurement_environment
+    from branchy_tee.gramine.measure import RUNNER, measurement_environment
 
     argv = [
         cfg["interpreter"],

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from branchy_tee.evaluate.exits import stage_graphs
-from branchy_tee.runtime.criteria import ENTROPY
-from branchy_tee.runtime.engine import early_exit
+from branchy_tee.tee.criteria import ENTROPY
+from branchy_tee.tee.engine import early_exit
 from runs import graph_log_probs, make_random_run, reference_decisions, spreading_thresholds
 
 
@@ -161,7 +161,7 @@ def test_a_stage_runs_a_batch_in_runs_of_at_most_its_run_size_with_the_same_answ
 
 
 def test_run_sizes_follow_the_activation_figures():
-    from branchy_tee.runtime.budget import FLOAT_BYTES, MIN_RUN, RUN_BYTES, run_size
+    from branchy_tee.tee.budget import FLOAT_BYTES, MIN_RUN, RUN_BYTES, run_size
 
     assert run_size(0) is None
     assert run_size(RUN_BYTES // FLOAT_BYTES // 32) == 32

@@ -7,8 +7,8 @@ from PIL import Image
 from branchy_tee.cli import main
 from branchy_tee.evaluate.calibrate import calibrate, calibrate_run
 from branchy_tee.evaluate.exits import collect_log_probs, decide, exit_scores, load_split, oracle, stage_graphs
-from branchy_tee.rundir import read_model_card
-from branchy_tee.runtime.criteria import ENTROPY
+from branchy_tee.models.rundir import read_model_card
+from branchy_tee.tee.criteria import ENTROPY
 from branchy_tee.train.trainer import TrainConfig, fit
 
 
@@ -91,7 +91,7 @@ def test_calibrate_writes_model_json(run_dir, capsys):
 def test_calibration_candidates_decide_as_the_runtime_does(criterion):
     from branchy_tee.evaluate.calibrate import candidate_thresholds, shared_threshold_settings
     from branchy_tee.evaluate.exits import run_setting
-    from branchy_tee.runtime.criteria import criterion as criterion_named
+    from branchy_tee.tee.criteria import criterion as criterion_named
 
     criterion = criterion_named(criterion)
     torch.manual_seed(3)

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from branchy_tee.cli import main
-from branchy_tee.fileio import read_key_file
+from branchy_tee.core.fileio import read_key_file
 from branchy_tee.models import list_models
-from branchy_tee.runtime.budget import run_size
-from branchy_tee.runtime.criteria import ENTROPY
-from branchy_tee.runtime.engine import early_exit
-from branchy_tee.runtime.stages import StageStore
-from branchy_tee.seal.bundle import open_bundle
+from branchy_tee.tee.budget import run_size
+from branchy_tee.tee.criteria import ENTROPY
+from branchy_tee.tee.engine import early_exit
+from branchy_tee.tee.sealed.bundle import open_bundle
+from branchy_tee.tee.stages import StageStore
 from runs import keygen, make_random_run
 
 # (in_channels, image size, config): the narrowest configuration each family offers; a model not

@@ -3,7 +3,7 @@ from itertools import pairwise
 import pytest
 import torch
 
-from branchy_tee.errors import UsageError
+from branchy_tee.core.errors import UsageError
 from branchy_tee.models import MultiExitNet, create_model, list_models, resolve_name
 from branchy_tee.models.cost import exit_flops, param_counts
 

@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from branchy_tee.attest.policy import Claims, Policy, load_policy, parse_policy
-from branchy_tee.attest.verify import verify_quote
-from branchy_tee.errors import BranchyError, PolicyError
+from branchy_tee.core.errors import BranchyError, PolicyError
+from branchy_tee.verifier.dcap import verify_quote
+from branchy_tee.verifier.policy import Claims, Policy, load_policy, parse_policy
 
 PHALA_NOW = datetime(2025, 6, 20, tzinfo=timezone.utc)  # inside the phala collateral windows
 MOBILECOIN_NOW = datetime(2023, 5, 1, tzinfo=timezone.utc)

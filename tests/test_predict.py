@@ -8,8 +8,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from branchy_tee.cli import main
-from branchy_tee.fileio import read_key_file
-from branchy_tee.seal.envelope import open_result, request_digest
+from branchy_tee.client.envelopes import open_result
+from branchy_tee.core.fileio import read_key_file
+from branchy_tee.tee.sealed.envelope import request_digest
 from runs import keygen, make_random_run, reference_decisions, set_thresholds, spreading_thresholds
 
 ARCHS = [
@@ -292,7 +293,7 @@ class Refuse:
         if name.split(".")[0] in OWNER_SIDE:
             raise ImportError(f"{name} is owner-side; the enclave must not import it")
 sys.meta_path.insert(0, Refuse())
-from branchy_tee.runtime.predict import main
+from branchy_tee.tee.predict import main
 rc = main(sys.argv[2:])
 json.dump(sorted({m.split(".")[0] for m in sys.modules}), open(sys.argv[1], "w"))
 sys.exit(rc)
@@ -488,7 +489,7 @@ def _raw_request(tmp, x, key_file, rid="r1"):
     """A request sealed without the client-side checks, as a malicious or buggy data owner could."""
     from safetensors.torch import save
 
-    from branchy_tee.seal.envelope import REQUEST_MAGIC, seal_envelope
+    from branchy_tee.tee.sealed.envelope import REQUEST_MAGIC, seal_envelope
 
     header = {
         "format": "branchy-tee/request/v1",

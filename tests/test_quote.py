@@ -21,11 +21,11 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from branchy_tee.attest.pck import parse_pck_extension
-from branchy_tee.attest.quote import INTEL_QE_VENDOR_ID, TdReportBody, parse_quote
-from branchy_tee.attest.verify import verify_quote
 from branchy_tee.cli import main
-from branchy_tee.errors import AttestationError
+from branchy_tee.core.errors import AttestationError
+from branchy_tee.tee.attest.quote import INTEL_QE_VENDOR_ID, TdReportBody, parse_quote
+from branchy_tee.verifier.dcap import verify_quote
+from branchy_tee.verifier.pck import parse_pck_extension
 from runs import mutate_bytes
 
 QUOTES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "sgx-quotes"
@@ -876,7 +876,7 @@ def test_synthetic_collateral_signed_by_platform_key_is_rejected(fake):
 def test_bundled_root_matches_shared_copy():
     from importlib import resources
 
-    bundled = resources.files("branchy_tee.attest").joinpath("data/intel-sgx-root-ca.pem").read_bytes()
+    bundled = resources.files("branchy_tee.verifier").joinpath("data/intel-sgx-root-ca.pem").read_bytes()
     der = x509.load_pem_x509_certificate(bundled).public_bytes(serialization.Encoding.DER)
     assert hashlib.sha256(der).hexdigest() == "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
     assert base64.b64encode(der)[:20] == b"MIICjzCCAjSgAwIBAgIU"

@@ -6,20 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from branchy_tee.errors import BranchyError, IntegrityError, UsageError
-from branchy_tee.fileio import read_key_file, write_key_file
-from branchy_tee.seal import aead
-from branchy_tee.seal.bundle import open_bundle, seal_model
-from branchy_tee.seal.envelope import open_request, open_result, request_digest, seal_request, seal_result
-from branchy_tee.seal.header import ModelRef
-from branchy_tee.seal.keys import derive, generate_key, key_id
+from branchy_tee.client.envelopes import open_result, seal_request
+from branchy_tee.core.errors import BranchyError, IntegrityError, UsageError
+from branchy_tee.core.fileio import read_key_file, write_key_file
+from branchy_tee.core.keys import derive, generate_key, key_id
+from branchy_tee.seal.bundle import seal_chunks, seal_model
+from branchy_tee.tee.sealed import aead
+from branchy_tee.tee.sealed.bundle import open_bundle
+from branchy_tee.tee.sealed.envelope import open_request, request_digest, seal_result
+from branchy_tee.tee.sealed.header import ModelRef
 from runs import make_random_run
 
 KEY = bytes(range(32))
 
 
 def _stream(data, chunk=16, ctx=b"ctx"):
-    return b"".join(aead.seal_chunks(KEY, data, ctx, chunk))
+    return b"".join(seal_chunks(KEY, data, ctx, chunk))
 
 
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 64, 100])
@@ -115,7 +117,7 @@ def test_bundle_round_trip_and_header_binding(tmp_path):
     import onnx
 
     from branchy_tee.export.payload import pack
-    from branchy_tee.runtime.graphs import unpack
+    from branchy_tee.tee.graphs import unpack
 
     export = json.loads((tmp_path / "run" / "onnx" / "export.json").read_text())
     for k in range(b.num_stages):
@@ -186,7 +188,7 @@ def test_host_strings_in_request_headers_are_checked_and_escaped():
     import json
     import struct
 
-    from branchy_tee.seal.envelope import REQUEST_MAGIC, read_envelope_header
+    from branchy_tee.tee.sealed.envelope import REQUEST_MAGIC, read_envelope_header
 
     for header, match in (
         ({"request_id": "\ud800", "key_id": "ab" * 8}, "is not valid Unicode text"),
@@ -209,7 +211,7 @@ def bundle(tmp_path):
 
 
 def test_header_json_that_is_not_a_small_regular_file_is_never_read(bundle, tmp_path):
-    from branchy_tee.seal.bundle import MAX_HEADER_BYTES, read_header_unverified
+    from branchy_tee.tee.sealed.bundle import MAX_HEADER_BYTES, read_header_unverified
 
     path, key = bundle
     header = path / "header.json"
@@ -237,7 +239,7 @@ def test_header_json_that_is_not_a_small_regular_file_is_never_read(bundle, tmp_
 def test_header_json_must_have_exactly_the_sealed_members_in_order(bundle):
     import json
 
-    from branchy_tee.seal.bundle import read_header_unverified
+    from branchy_tee.tee.sealed.bundle import read_header_unverified
 
     path, key = bundle
     header = path / "header.json"

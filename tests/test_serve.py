@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from branchy_tee.attest.broker_server import start_broker
-from branchy_tee.attest.identity import create_identity, identity_hex
-from branchy_tee.attest.providers import SimulatedProvider, simulated_mrenclave
+from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
-from branchy_tee.client import Client
-from branchy_tee.errors import AttestationError, BranchyError
-from branchy_tee.parsing import ArgumentParser
-from branchy_tee.runtime import server as srv
+from branchy_tee.client.online import Client
+from branchy_tee.core.commandline import ArgumentParser
+from branchy_tee.core.errors import AttestationError, BranchyError
+from branchy_tee.tee.attest.identity import create_identity, identity_hex
+from branchy_tee.tee.attest.providers import SimulatedProvider, simulated_mrenclave
+from branchy_tee.tee.serve import server as srv
 from runs import keygen, make_random_run, reference_decisions, set_thresholds, spreading_thresholds
 
 PARTIES = ("mo", "do1", "do2", "stranger")
@@ -154,8 +154,9 @@ def test_evidence_copied_from_another_server_is_refused(world):
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from branchy_tee.attest import ratls, ratls_verify
-    from branchy_tee.attest.policy import parse_policy
+    from branchy_tee.tee.attest import ratls
+    from branchy_tee.verifier import ratls as ratls_verify
+    from branchy_tee.verifier.policy import parse_policy
 
     sim = SimulatedProvider()
     _, genuine = ratls.make_server_certificate(sim)
@@ -207,7 +208,7 @@ def test_a_forged_anchor_in_the_clients_chain_does_not_help(world, tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from branchy_tee.attest import ratls
+    from branchy_tee.tee.attest import ratls
 
     stranger = Ed25519PrivateKey.generate()
     allowed_hex = world["ids"]["do1"]
@@ -286,7 +287,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answers(world):
 def test_a_request_that_stops_waiting_strands_no_request_behind_it():
     """A request whose thread gives up while the engine is busy leaves the queue: the next request
     in line is still woken to run its own batch when the engine is free."""
-    from branchy_tee.runtime.batching import Batcher
+    from branchy_tee.tee.serve.batching import Batcher
 
     release = threading.Event()
 
@@ -329,7 +330,7 @@ def test_the_client_sends_a_small_request_in_one_write(world, monkeypatch):
 
 def test_the_benchmarks_batched_clients_send_batches_that_are_answered_whole(world):
     """`bench --serve`'s batched load shape: every request carries its images and is one engine batch."""
-    from branchy_tee.bench_serve import worker
+    from branchy_tee.bench.serve import worker
 
     (world["d"] / "bench-policy.toml").write_text(
         f'allowed_mrenclave = ["{world["mrenclave"]}"]\nallow_simulation = true\n'
@@ -610,10 +611,10 @@ def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_t
     import subprocess
     import sys
 
-    from branchy_tee.attest.identity import load_identity
-    from branchy_tee.enclave.build import BuildOptions, build
-    from branchy_tee.enclave.release import write_policy_from_release, write_release
-    from branchy_tee.fileio import read_key_file
+    from branchy_tee.core.fileio import read_key_file
+    from branchy_tee.gramine.build import BuildOptions, build
+    from branchy_tee.gramine.release import write_policy_from_release, write_release
+    from branchy_tee.tee.attest.identity import load_identity
 
     d = world["d"]
     with socket.socket() as sock:
@@ -640,9 +641,9 @@ def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_t
     # the intra-op pool of each stage's session (4 compute threads by default: 3 pool threads each)
     import tomllib
 
-    from branchy_tee.enclave.build import GRAMINE_HELPER_THREADS, SERVER_THREADS
-    from branchy_tee.seal.aead import MAX_DECRYPT_WORKERS
-    from branchy_tee.seal.bundle import read_header_unverified
+    from branchy_tee.gramine.build import GRAMINE_HELPER_THREADS, SERVER_THREADS
+    from branchy_tee.tee.sealed.aead import MAX_DECRYPT_WORKERS
+    from branchy_tee.tee.sealed.bundle import read_header_unverified
 
     stages = len(read_header_unverified(d / "model.btee").stages)
     manifest = tomllib.loads((tmp_path / "enc" / "branchy-tee.manifest").read_text())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from branchy_tee.cli import main
-from branchy_tee.errors import BranchyError
+from branchy_tee.core.errors import BranchyError
 from branchy_tee.train import losses
 from branchy_tee.train.trainer import TrainConfig, fit
 

@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from branchy_tee.choices import EvidenceProvider, LaunchBackend
-from branchy_tee.errors import BranchyError, IntegrityError
-from branchy_tee.modelcard import ModelCard
-from branchy_tee.runtime.criteria import ENTROPY, MAXPROB, NAMES, criterion
-from branchy_tee.seal.envelope import RequestHeader, ResultHeader
-from branchy_tee.seal.header import BundleHeader
+from branchy_tee.core.choices import EvidenceProvider
+from branchy_tee.core.errors import BranchyError, IntegrityError
+from branchy_tee.gramine.launch import LaunchBackend
+from branchy_tee.models.card import ModelCard
+from branchy_tee.tee.criteria import ENTROPY, MAXPROB, NAMES, criterion
+from branchy_tee.tee.sealed.envelope import RequestHeader, ResultHeader
+from branchy_tee.tee.sealed.header import BundleHeader
 
 # model.json as training and calibration have always written it (key order included)
 CARD = {
@@ -167,7 +168,7 @@ def test_enum_values_are_their_strings():
 
 
 def test_release_statement_round_trips_and_names_the_bad_member():
-    from branchy_tee.enclave.release import ReleaseStatement
+    from branchy_tee.gramine.release import ReleaseStatement
 
     doc = {
         "format": "branchy-tee/release/v1",

@@ -1,5 +1,5 @@
-"""Fixtures of the security suite. tests/ (for ``runs``) and this directory (for ``world``,
-``campaign`` and friends) are put on sys.path, so the modules here also run as scripts."""
+"""Fixtures of the security suite. tests/ (for ``runs``), this directory (for ``world``) and fuzz/
+(the `make fuzz` scripts whose helpers the tests share) are put on sys.path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-for p in (str(HERE.parent), str(HERE)):
+for p in (str(HERE.parent), str(HERE), str(HERE.parents[1] / "fuzz")):
     if p not in sys.path:
         sys.path.insert(0, p)
 

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from branchy_tee.attest.broker_server import start_broker
-from branchy_tee.attest.providers import SimulatedProvider
+from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
-from branchy_tee.seal.envelope import MAX_FILE, REQUEST_MAGIC
-from branchy_tee.seal.keys import generate_key, key_id
+from branchy_tee.core.keys import generate_key, key_id
+from branchy_tee.tee.attest.providers import SimulatedProvider
+from branchy_tee.tee.sealed.envelope import MAX_FILE, REQUEST_MAGIC
 from campaign import http_call
 from world import quiet_call
 

@@ -1,6 +1,6 @@
 """Two data owners using one running enclave at the same time: each gets exactly its own answers,
 sealed so that only it can read them. (The 200-concurrent burst on one key broker is in
-tests/test_broker.py; the 30-second load run is tests/security/load.py, in `make fuzz`.)"""
+tests/test_broker.py; the 30-second load run is fuzz/load.py, in `make fuzz`.)"""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import threading
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from branchy_tee.attest.broker_server import start_broker
-from branchy_tee.attest.identity import identity_hex
-from branchy_tee.attest.providers import simulated_mrenclave
-from branchy_tee.errors import IntegrityError
-from branchy_tee.runtime import predict
-from branchy_tee.seal.envelope import open_result
+from branchy_tee.broker.server import start_broker
+from branchy_tee.client.envelopes import open_result
+from branchy_tee.core.errors import IntegrityError
+from branchy_tee.tee import predict
+from branchy_tee.tee.attest.identity import identity_hex
+from branchy_tee.tee.attest.providers import simulated_mrenclave
 from world import quiet_call
 
 IDS = {o: Ed25519PrivateKey.generate() for o in ("mo", "do1", "do2")}

@@ -1,4 +1,4 @@
-"""SIGKILL at random points (short versions; ``make fuzz`` runs tests/security/crashes.py with more):
+"""SIGKILL at random points (short versions; ``make fuzz`` runs fuzz/crashes.py with more):
 predict leaves only complete, authentic results or nothing; a key broker killed under load and
 restarted loses no audit line and never accepts a nonce twice; temporaries of killed writes go."""
 
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from branchy_tee.fileio import atomic_write_bytes
+from branchy_tee.core.fileio import atomic_write_bytes
 from crashes import broker_ok, broker_restarts, build_crash_world, kill_predict
 
 
@@ -32,7 +32,7 @@ def test_temporary_of_a_killed_write_is_removed_by_the_next_write(tmp_path):
     in the killed process); a later write to the same path removes it once it is a minute old."""
     target = tmp_path / "k.key"
     code = (
-        "import os, signal, sys; sys.path.insert(0, sys.argv[2]); from branchy_tee import fileio; "
+        "import os, signal, sys; sys.path.insert(0, sys.argv[2]); from branchy_tee.core import fileio; "
         "os.replace = os.link = lambda a, b: os.kill(os.getpid(), signal.SIGKILL); "
         "fileio.write_key_file(sys.argv[1], bytes(range(32)))"
     )

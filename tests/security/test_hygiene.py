@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from branchy_tee import fileio
-from branchy_tee.attest.broker_server import start_broker
-from branchy_tee.attest.providers import SimulatedProvider, simulated_mrenclave
+from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
-from branchy_tee.errors import BranchyError
-from branchy_tee.fileio import atomic_write_bytes, read_key_file, write_key_file
+from branchy_tee.core import fileio
+from branchy_tee.core.errors import BranchyError
+from branchy_tee.core.fileio import atomic_write_bytes, read_key_file, write_key_file
+from branchy_tee.tee.attest.providers import SimulatedProvider, simulated_mrenclave
 from runs import make_random_run
 from world import quiet_call
 
-SRC = Path(fileio.__file__).resolve().parent
+SRC = Path(fileio.__file__).resolve().parents[1]
 
 
 def key_forms(k: bytes) -> list[bytes]:
@@ -61,7 +61,7 @@ def w(world, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 1, 28, 28), dtype=np.float32))
     (tmp_path / "policy.toml").write_text('allowed_mrenclave = ["' + "00" * 32 + '"]\n')
     (tmp_path / "out").mkdir()
-    from branchy_tee.attest.identity import create_identity
+    from branchy_tee.tee.attest.identity import create_identity
 
     create_identity(tmp_path / "broker.id")
     return tmp_path
@@ -215,7 +215,7 @@ def test_keygen_and_decrypted_records_are_private(tmp_path, world):
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o602])
 def test_identity_files_are_private_and_refused_when_others_can_access_them(tmp_path, mode):
-    from branchy_tee.attest.identity import load_identity
+    from branchy_tee.tee.attest.identity import load_identity
 
     code, out, _ = quiet_call(main, ["keygen", "--identity", "--out", str(tmp_path / "a.id")])
     assert code == 0 and out.splitlines()[-1].startswith("identity: ")
@@ -261,7 +261,7 @@ def test_keygen_without_hard_links_still_never_replaces_a_key(tmp_path, monkeypa
 
 # --------------------------------------------------------------------------- constant-time comparisons
 _SECRETISH = re.compile(r"(^|_)(mac|macs|tag|tags|digest|hmac|report_data|expected)(_|$)", re.I)
-_DIGEST_CALLS = {"digest", "hexdigest", "_tag", "_header_mac", "report_data", "new"}
+_DIGEST_CALLS = {"digest", "hexdigest", "_tag", "header_mac", "report_data", "new"}
 
 
 def _name(n) -> str | None:
@@ -304,7 +304,9 @@ def test_macs_tags_and_digests_are_compared_in_constant_time():
                     offenders.append(f"{f.relative_to(SRC)}:{node.lineno}: {ast.unparse(node)}")
     assert not offenders, "\n".join(offenders)
     uses = {f.relative_to(SRC).as_posix(): f.read_text().count("hmac.compare_digest(") for f in SRC.rglob("*.py")}
-    assert uses["seal/bundle.py"] >= 1 and uses["attest/broker.py"] >= 2  # header MAC; nonce tag and REPORTDATA binding
+    assert (
+        uses["tee/sealed/bundle.py"] >= 1 and uses["broker/broker.py"] >= 2
+    )  # header MAC; nonce tag and REPORTDATA binding
 
 
 def test_the_lint_catches_a_plain_comparison():
@@ -329,8 +331,9 @@ def test_keys_and_plaintext_never_reach_logs_or_temporary_files(tmp_path, xdg, m
     stays empty; no stray files."""
     import torch
 
-    from branchy_tee.attest.identity import create_identity, identity_hex
-    from branchy_tee.seal.envelope import open_result, request_digest
+    from branchy_tee.client.envelopes import open_result
+    from branchy_tee.tee.attest.identity import create_identity, identity_hex
+    from branchy_tee.tee.sealed.envelope import request_digest
 
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()

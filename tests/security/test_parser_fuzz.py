@@ -1,5 +1,5 @@
 """Property-based fuzzing of every parser that reads host-controlled bytes: only declared errors
-(``branchy_tee.errors.*``; ``ValueError`` where a function documents it) may escape.
+(``branchy_tee.core.errors.*``; ``ValueError`` where a function documents it) may escape.
 
 tests/test_quote.py already fuzzes ``parse_quote`` with arbitrary bytes, a valid header followed by
 random bytes and byte edits of two real quotes; here: length fields set to arbitrary values, the
@@ -18,24 +18,24 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from branchy_tee.attest.broker import Broker, Refusal
-from branchy_tee.attest.policy import SETTINGS, load_policy, parse_policy
-from branchy_tee.attest.providers import verify_simulated
-from branchy_tee.attest.quote import parse_quote
-from branchy_tee.attest.verify import verify_quote
-from branchy_tee.errors import AttestationError, BranchyError, IntegrityError
-from branchy_tee.seal import bundle as bundle_mod
-from branchy_tee.seal.bundle import HEADER_FILE, open_bundle, read_header_unverified
-from branchy_tee.seal.envelope import (
+from branchy_tee.broker.broker import Broker, Refusal
+from branchy_tee.client.envelopes import open_result
+from branchy_tee.core.errors import AttestationError, BranchyError, IntegrityError
+from branchy_tee.core.keys import generate_key, key_id
+from branchy_tee.tee.attest.quote import parse_quote
+from branchy_tee.tee.sealed import bundle as bundle_mod
+from branchy_tee.tee.sealed.bundle import HEADER_FILE, open_bundle, read_header_unverified
+from branchy_tee.tee.sealed.envelope import (
     REQUEST_MAGIC,
     RESULT_FORMAT,
     RESULT_MAGIC,
     open_request,
-    open_result,
     read_envelope_header,
     seal_envelope,
 )
-from branchy_tee.seal.keys import generate_key, key_id
+from branchy_tee.verifier.dcap import verify_quote
+from branchy_tee.verifier.evidence import verify_simulated
+from branchy_tee.verifier.policy import SETTINGS, load_policy, parse_policy
 from runs import mutate_bytes
 from world import SGX_QUOTES
 
@@ -164,7 +164,7 @@ def test_bundle_header_authentic_but_unusable(tmp_path, world, sealed_header, ov
     key = world.key("mo")
     header = {**sealed_header["header"], **overrides}
     try:
-        mac = bundle_mod._header_mac(key, header)
+        mac = bundle_mod.header_mac(key, header)
     except ValueError:  # NaN: cannot even be authenticated
         return
     d = _write_bundle(tmp_path, bundle_mod.header_file_bytes({"header": header, "mac": mac}))
@@ -317,7 +317,7 @@ def test_result_payload_regressions(world):
 def test_stage_graph_edits_give_one_line_errors(world, edits):
     """Only a buggy or malicious model owner can make authentic stage bytes malformed; even then the
     enclave refuses them with one line (or runs a graph that still has a stage graph's interface)."""
-    from branchy_tee.runtime.graphs import StageGraph, load_session
+    from branchy_tee.tee.graphs import StageGraph, load_session
 
     graph = bytes(open_bundle(world.bundle, world.key("mo")).decrypt_stage(0))
     try:
@@ -329,7 +329,7 @@ def test_stage_graph_edits_give_one_line_errors(world, edits):
 def test_stage_graph_regressions(world):
     """Inputs the atheris harness found: a symbolic dimension that is not UTF-8 (ONNX Runtime raised
     UnicodeDecodeError only when asked for the input's shape), and a non-batch dimension left symbolic."""
-    from branchy_tee.runtime.graphs import StageGraph, load_session
+    from branchy_tee.tee.graphs import StageGraph, load_session
 
     graph = bytes(open_bundle(world.bundle, world.key("mo")).decrypt_stage(0))
     not_utf8 = _with_input_dim(graph, 0, "zzzzz").replace(b"zzzzz", b"\x9czzzz")
@@ -350,7 +350,7 @@ def _edited(payload: bytes, edit) -> bytes:
     import onnx
 
     from branchy_tee.export.payload import join
-    from branchy_tee.runtime.graphs import unpack
+    from branchy_tee.tee.graphs import unpack
 
     graph, blob = unpack(payload, "stage")
     m = onnx.load_from_string(graph)
@@ -367,7 +367,7 @@ def _external(m, key: str, value: str) -> None:
 def test_stage_payload_weights_come_only_from_its_own_blob(world, tmp_path, monkeypatch):
     """A stage payload names where its weights lie; whatever it says, they are read from the
     decrypted blob or not at all: never from a file (the host's), never outside the blob."""
-    from branchy_tee.runtime.graphs import StageGraph, load_session
+    from branchy_tee.tee.graphs import StageGraph, load_session
 
     payload = bytes(open_bundle(world.bundle, world.key("mo")).decrypt_stage(0))
     StageGraph(load_session(payload, "stage-00.bin"), "stage-00.bin")  # as sealed: fine

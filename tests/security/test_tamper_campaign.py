@@ -1,5 +1,5 @@
 """The tamper campaign, short: 30 trials per artifact (10 flips, 10 truncations, 10 extensions) with a
-fixed seed. ``make fuzz`` runs it with 1,000 per artifact (tests/security/campaign.py)."""
+fixed seed. ``make fuzz`` runs it with 1,000 per artifact (fuzz/campaign.py)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def test_the_campaign_notices_an_accepted_tamper(world, tmp_path, monkeypatch):
     or accepted (different answers), never as rejected."""
     import io
 
-    from branchy_tee.seal import aead
+    from branchy_tee.tee.sealed import aead
 
     target = PredictTarget(world, tmp_path, "stage-02.bin")
     real = aead.open_chunks
@@ -74,7 +74,7 @@ def test_the_campaign_notices_an_accepted_tamper(world, tmp_path, monkeypatch):
     assert target.run(target.data[:-1] + b"\0").kind == "benign"
 
     def wrong(key, f, context, size, chunk, what, into=None):  # ... and then changes the weights
-        from branchy_tee.runtime.graphs import unpack
+        from branchy_tee.tee.graphs import unpack
 
         out = lenient(key, f, context, size, chunk, what, into)
         if what.endswith("stage-02.bin"):  # zero the weight blob in place: still a valid graph
@@ -89,7 +89,7 @@ def test_the_campaign_notices_an_accepted_tamper(world, tmp_path, monkeypatch):
 @pytest.mark.parametrize("which", ["nonce", "keys"])
 def test_untampered_recorded_responses_are_accepted(world, tmp_path, which):
     """The canned broker responses work when unchanged, so rejections in the campaign are real."""
-    from branchy_tee.seal.keys import generate_key
+    from branchy_tee.core.keys import generate_key
 
     keys = [generate_key(), generate_key()]
     t = ClientResponseTarget(tmp_path, keys, which)

@@ -37,12 +37,12 @@ class World:
 
     def digest(self, owner: str) -> str:
         """SHA-256 of the owner's request file: what its result binds."""
-        from branchy_tee.seal.envelope import request_digest
+        from branchy_tee.tee.sealed.envelope import request_digest
 
         return request_digest(self.requests[owner].read_bytes())
 
     def key(self, name: str) -> bytes:
-        from branchy_tee.fileio import read_key_file
+        from branchy_tee.core.fileio import read_key_file
 
         return read_key_file(self.mo_key if name == "mo" else self.do_keys[name])
 
@@ -68,11 +68,11 @@ def quiet_call(fn, *args, **kw):
 def build_world(d: str | Path, samples: dict[str, int] | None = None, chunk: int = 4096, seed: int = 0) -> World:
     import torch
 
-    from branchy_tee.fileio import write_key_file
-    from branchy_tee.runtime import predict
+    from branchy_tee.client.envelopes import open_result, seal_request
+    from branchy_tee.core.fileio import write_key_file
+    from branchy_tee.core.keys import generate_key
     from branchy_tee.seal.bundle import seal_run
-    from branchy_tee.seal.envelope import open_result, seal_request
-    from branchy_tee.seal.keys import generate_key
+    from branchy_tee.tee import predict
     from runs import make_random_run
 
     d = Path(d)

@@ -10,15 +10,22 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from ..errors import BranchyError
-from ..parsing import ArgumentParser
-from .common import PROG
-from .enclave import add_enclave
-from .model import add_calibrate, add_eval, add_export, add_models, add_train
-from .owners import add_decrypt_result, add_encrypt_input, add_key_broker, add_keygen, add_quote, add_seal
-from .runtime import add_bench, add_demo, add_predict, add_query, add_serve
+from branchy_tee.cli.common import PROG
+from branchy_tee.cli.enclave import add_enclave
+from branchy_tee.cli.model import add_calibrate, add_eval, add_export, add_models, add_train
+from branchy_tee.cli.owners import (
+    add_decrypt_result,
+    add_encrypt_input,
+    add_key_broker,
+    add_keygen,
+    add_quote,
+    add_seal,
+)
+from branchy_tee.cli.runtime import add_bench, add_demo, add_predict, add_query, add_serve
+from branchy_tee.core.commandline import ArgumentParser
+from branchy_tee.core.errors import BranchyError
 
-# Each entry adds one subcommand (or group) to the parser; keep them in the DESIGN.md order.
+# Each entry adds one subcommand (or group) to the parser, in the order --help lists them.
 BUILDERS: list[Callable] = [
     add_models,
     add_train,
@@ -42,7 +49,7 @@ BUILDERS: list[Callable] = [
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0] if __doc__ else None)
-    from .. import __version__
+    from branchy_tee import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -55,7 +62,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..runtime.tuning import tune_allocator
+    from branchy_tee.tee.tuning import tune_allocator
 
     tune_allocator()
     try:

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ..errors import BranchyError, UsageError
+from branchy_tee.core.errors import BranchyError, UsageError
 
 PROG = "branchy-tee"
 
@@ -25,7 +25,7 @@ def iso8601_utc(text: str):
     """argparse type for --now: ISO 8601; 'Z' and naive times mean UTC."""
     from datetime import timezone
 
-    from ..strict import iso8601
+    from branchy_tee.core.strict import iso8601
 
     try:
         dt = iso8601(text)
@@ -59,7 +59,7 @@ SEED_NETS = [
 
 
 def net_name(value: str) -> str:
-    from ..models import resolve_name
+    from branchy_tee.models import resolve_name
 
     try:
         return resolve_name(value)
@@ -87,7 +87,7 @@ def key_value(value: str) -> tuple[str, object]:
 
 
 def add_data_arguments(p, default="fashion-mnist", required=False, default_help=None) -> None:
-    from ..choices import DATASETS
+    from branchy_tee.train.choices import DATASETS
 
     p.add_argument(
         "--dataset",
@@ -103,7 +103,7 @@ def add_data_arguments(p, default="fashion-mnist", required=False, default_help=
     p.add_argument("--download", action="store_true", help="download CIFAR-10 (official URL, MD5 checked) when missing")
 
 
-ENCLAVE_ENV = ".enclave-env"  # = enclave.env.DEFAULT_ENV_DIR (not imported here: the parser stays light)
+ENCLAVE_ENV = ".enclave-env"  # = gramine.env.DEFAULT_ENV_DIR (not imported here: the parser stays light)
 
 
 def progress(msg: str) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..choices import EvidenceProvider, LaunchBackend
-from ..parsing import ArgumentParser
-from .common import ENCLAVE_ENV, PROG, emit_json, progress, warn
+from branchy_tee.cli.common import ENCLAVE_ENV, PROG, emit_json, progress, warn
+from branchy_tee.core.commandline import ArgumentParser
+from branchy_tee.gramine.launch import LaunchBackend
+from branchy_tee.tee.startup import add_trust_arguments
 
 
 def add_enclave(sub) -> None:
@@ -38,36 +39,12 @@ def _add_build(esub) -> None:
     b.add_argument("--sgx", action="store_true", help="sign for SGX (needs Gramine and a signing key)")
     b.add_argument("--debug", action="store_true", help="debug enclave (sgx.debug = true; never for production)")
     b.add_argument("--edmm", action="store_true", help="sgx.edmm_enable = true (SGX2 CPUs, Linux >= 6.0)")
-    _add_build_trust(b)
+    add_trust_arguments(b, data_brokers=True, build=True)
     _add_build_runtime(b)
     _add_build_signing(b)
     _add_build_sizing(b)
     b.add_argument("--json", action="store_true", help="print a JSON summary")
     b.set_defaults(func=cmd_enclave_build)
-
-
-def _add_build_trust(b: argparse.ArgumentParser) -> None:
-    """Whom the enclave trusts for its keys (measured)."""
-    b.add_argument("--model-broker", metavar="URL", help="the model owner's key broker (measured)")
-    b.add_argument(
-        "--model-broker-identity",
-        metavar="HEX",
-        help="its identity (measured; required with --model-broker): only releases it signed are accepted",
-    )
-    b.add_argument(
-        "--data-broker",
-        action="append",
-        default=[],
-        metavar="URL",
-        help="a data owner's key broker (repeatable; measured)",
-    )
-    b.add_argument(
-        "--attest",
-        choices=EvidenceProvider.names(),
-        default=EvidenceProvider.GRAMINE.value,
-        help="evidence provider (default gramine: DCAP)",
-    )
-    b.add_argument("--broker-ca", metavar="PEM", help="CA certificate of HTTPS brokers (a trusted file in the enclave)")
 
 
 def _add_build_runtime(b: argparse.ArgumentParser) -> None:
@@ -176,7 +153,7 @@ def _add_run(esub) -> None:
         help="run predict (or serve) in the enclave: gramine-sgx, gramine-direct or natively",
         usage="branchy-tee enclave run [-h] [--backend {sgx,direct,native}] DIR -- {predict,serve} ARGS...",
         description="Launch the enclave built in DIR: `gramine-sgx ./branchy-tee ARGS` (sgx), `gramine-direct "
-        "./branchy-tee ARGS` (direct), or `python -m branchy_tee.runtime.predict ARGS` (`.server` for "
+        "./branchy-tee ARGS` (direct), or `python -m branchy_tee.tee.predict ARGS` (`.server` for "
         "serve) from the enclave environment with the manifest's environment (native). The command must "
         "be the one the enclave was built for (serve: `enclave build --serve`). "
         "Exits with its exit code.",
@@ -253,7 +230,7 @@ def _add_policy(esub) -> None:
 
 
 def cmd_enclave_env(args) -> int:
-    from ..enclave.env import count_files, ensure_env
+    from branchy_tee.gramine.env import count_files, ensure_env
 
     e = ensure_env(args.env, log=progress)
     summary = {
@@ -278,7 +255,7 @@ def cmd_enclave_env(args) -> int:
 
 
 def cmd_enclave_build(args) -> int:
-    from ..enclave.build import build
+    from branchy_tee.gramine.build import build
 
     s = build(_build_options(args), log=progress)
     for w in s["warnings"]:
@@ -291,7 +268,7 @@ def cmd_enclave_build(args) -> int:
 
 
 def _build_options(args):
-    from ..enclave.build import BuildOptions
+    from branchy_tee.gramine.build import BuildOptions
 
     return BuildOptions(
         bundle=args.bundle,
@@ -383,7 +360,7 @@ def _print_enclave_size(s: dict) -> None:
 
 
 def cmd_enclave_run(args) -> int:
-    from ..enclave.launch import run_enclave, split_run_arguments
+    from branchy_tee.gramine.launch import run_enclave, split_run_arguments
 
     head, command, command_args = split_run_arguments(args.predict_args)
     if head:  # run options given after DIR: `enclave run DIR --backend native -- predict ...`
@@ -394,9 +371,9 @@ def cmd_enclave_run(args) -> int:
 
 
 def cmd_enclave_release(args) -> int:
-    from ..attest.identity import load_identity
-    from ..enclave.release import write_release
-    from ..fileio import read_key_file
+    from branchy_tee.core.fileio import read_key_file
+    from branchy_tee.gramine.release import write_release
+    from branchy_tee.tee.attest.identity import load_identity
 
     s, signature = write_release(
         args.dir, load_identity(args.identity), args.out, read_key_file(args.model_key), args.model_broker_identity
@@ -411,7 +388,7 @@ def cmd_enclave_release(args) -> int:
 
 
 def cmd_enclave_policy(args) -> int:
-    from ..enclave.release import write_policy_from_release
+    from branchy_tee.gramine.release import write_policy_from_release
 
     statement = write_policy_from_release(
         args.release,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..choices import CRITERIA
-from ..errors import UsageError
-from .common import SEED_NETS, add_data_arguments, emit_json, floats, key_value, net_name
+from branchy_tee.cli.common import SEED_NETS, add_data_arguments, emit_json, floats, key_value, net_name
+from branchy_tee.core.errors import UsageError
+from branchy_tee.tee.criteria import NAMES as CRITERIA
 
 
 def add_models(sub) -> None:
@@ -15,8 +15,8 @@ def add_models(sub) -> None:
 
 
 def cmd_models(args) -> int:
-    from ..models import list_models
-    from ..models.cost import describe_model
+    from branchy_tee.models import list_models
+    from branchy_tee.models.cost import describe_model
 
     rows = [describe_model(name, num_classes=args.num_classes) for name in list_models()]
     if args.json:
@@ -34,7 +34,7 @@ def cmd_models(args) -> int:
 
 
 def add_train(sub) -> None:
-    from ..choices import OPTIMIZERS
+    from branchy_tee.train.choices import OPTIMIZERS
 
     p = sub.add_parser(
         "train",
@@ -69,7 +69,7 @@ def add_train(sub) -> None:
 
 
 def _add_loss_arguments(p) -> None:
-    from ..choices import DISTILL
+    from branchy_tee.train.choices import DISTILL
 
     p.add_argument(
         "--distill",
@@ -159,7 +159,7 @@ def _add_run_arguments(p) -> None:
 
 
 def cmd_train(args) -> int:
-    from ..train.trainer import TrainConfig, fit
+    from branchy_tee.train.trainer import TrainConfig, fit
 
     synthetic = {"channels": args.synthetic_channels, "size": args.synthetic_size}
     if args.synthetic_samples:
@@ -242,7 +242,7 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..evaluate.exits import evaluate_run
+    from branchy_tee.evaluate.exits import evaluate_run
 
     report = evaluate_run(
         args.run_dir,
@@ -253,7 +253,7 @@ def cmd_eval(args) -> int:
         show=not args.json,
     )
     if args.plot:
-        from ..evaluate.plots import plot_accuracy_vs_cost
+        from branchy_tee.evaluate.plots import plot_accuracy_vs_cost
 
         report["plot"] = str(plot_accuracy_vs_cost(report, args.plot))
     if args.json:
@@ -305,7 +305,7 @@ def add_calibrate(sub) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from ..evaluate.calibrate import DEFAULT_MARGIN_SE, calibrate_run
+    from branchy_tee.evaluate.calibrate import DEFAULT_MARGIN_SE, calibrate_run
 
     if not 0 <= args.max_accuracy_drop < 1:
         raise UsageError("--max-accuracy-drop is a fraction in [0, 1), e.g. 0.01 for one point")
@@ -344,7 +344,7 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from ..export.onnx import EXPORT_DIR, export_run
+    from branchy_tee.export.onnx import EXPORT_DIR, export_run
 
     doc = export_run(args.run_dir, show=not args.json)
     if args.json:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from ..errors import BranchyError, UsageError, shown
-from ..parsing import ArgumentParser
-from .common import emit_json, iso8601_utc, read_input, warn
+from branchy_tee.cli.common import emit_json, iso8601_utc, read_input, warn
+from branchy_tee.core.commandline import ArgumentParser
+from branchy_tee.core.errors import BranchyError, UsageError, shown
 
 
 def add_quote(sub) -> None:
@@ -27,7 +27,7 @@ def add_quote(sub) -> None:
 
 
 def cmd_quote_verify(args) -> int:
-    from ..attest.verify import read_collateral_file, verify_quote
+    from branchy_tee.verifier.dcap import read_collateral_file, verify_quote
 
     data = read_input(args.quote, "quote")
     root = read_input(args.root, "root CA") if args.root else None
@@ -72,11 +72,11 @@ def add_keygen(sub) -> None:
 
 
 def cmd_keygen(args) -> int:
-    from ..fileio import write_key_file
-    from ..seal.keys import generate_key, key_id
+    from branchy_tee.core.fileio import write_key_file
+    from branchy_tee.core.keys import generate_key, key_id
 
     if args.identity:
-        from ..attest.identity import create_identity, identity_hex
+        from branchy_tee.tee.attest.identity import create_identity, identity_hex
 
         public = identity_hex(create_identity(args.out))
         if args.json:
@@ -111,9 +111,9 @@ def add_seal(sub) -> None:
 
 
 def cmd_seal(args) -> int:
-    from ..fileio import read_key_file
-    from ..seal.aead import DEFAULT_CHUNK
-    from ..seal.bundle import seal_run
+    from branchy_tee.core.fileio import read_key_file
+    from branchy_tee.seal.bundle import seal_run
+    from branchy_tee.tee.sealed.aead import DEFAULT_CHUNK
 
     key = read_key_file(args.key)
     chunk_size = DEFAULT_CHUNK if args.chunk_size is None else args.chunk_size
@@ -151,10 +151,11 @@ def add_encrypt_input(sub) -> None:
 
 
 def cmd_encrypt_input(args) -> int:
-    from ..data.preprocess import load_inputs
-    from ..fileio import atomic_write_bytes, read_key_file
-    from ..seal.bundle import read_header_unverified
-    from ..seal.envelope import check_request_id, new_request_id, request_digest, seal_request
+    from branchy_tee.client.envelopes import new_request_id, seal_request
+    from branchy_tee.core.fileio import atomic_write_bytes, read_key_file
+    from branchy_tee.data.preprocess import load_inputs
+    from branchy_tee.tee.sealed.bundle import read_header_unverified
+    from branchy_tee.tee.sealed.envelope import check_request_id, request_digest
 
     request_id = check_request_id(args.request_id) if args.request_id is not None else new_request_id()
     key = read_key_file(args.key)
@@ -196,8 +197,9 @@ def add_decrypt_result(sub) -> None:
 
 
 def cmd_decrypt_result(args) -> int:
-    from ..fileio import atomic_write_text, read_key_file
-    from ..seal.envelope import open_result, read_file, request_digest
+    from branchy_tee.client.envelopes import open_result
+    from branchy_tee.core.fileio import atomic_write_text, read_key_file
+    from branchy_tee.tee.sealed.envelope import read_file, request_digest
 
     if args.request is not None:
         digest = request_digest(read_file(args.request, "request"))
@@ -263,7 +265,7 @@ def add_key_broker(sub) -> None:
 
 
 def cmd_key_broker(args) -> int:
-    from ..attest.broker_server import serve
+    from branchy_tee.broker.server import serve
 
     return serve(
         args.keys,

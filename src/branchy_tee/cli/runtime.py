@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from .common import emit_json
+from branchy_tee.cli.common import emit_json
 
 
 def add_predict(sub) -> None:
-    from ..runtime.predict import add_arguments
+    from branchy_tee.tee.predict import add_arguments
 
     p = sub.add_parser("predict", help="(enclave) answer encrypted requests with the sealed model, early exit")
     add_arguments(p)
@@ -17,7 +17,7 @@ def add_predict(sub) -> None:
 
 
 def cmd_predict(args) -> int:
-    from ..runtime.predict import run
+    from branchy_tee.tee.predict import run
 
     stats = run(args)
     if args.json:
@@ -26,7 +26,7 @@ def cmd_predict(args) -> int:
 
 
 def add_serve(sub) -> None:
-    from ..runtime.server import add_arguments
+    from branchy_tee.tee.serve.server import add_arguments
 
     p = sub.add_parser(
         "serve",
@@ -43,7 +43,7 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from ..runtime.server import run
+    from branchy_tee.tee.serve.server import run
 
     return run(args)
 
@@ -68,7 +68,7 @@ def add_query(sub) -> None:
 
 
 def cmd_query(args) -> int:
-    from ..client import Client
+    from branchy_tee.client.online import Client
 
     with Client(args.url.split(","), policy=args.policy, identity=args.identity, timeout=args.timeout) as c:
         results = c.predict(args.inputs)
@@ -97,7 +97,7 @@ def add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     import time as _time
 
-    from ..demo import run_demo
+    from branchy_tee.demo.run import run_demo
 
     out = args.out or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
     summary = run_demo(out, quick=args.quick, data_dir=args.data_dir, epochs=args.epochs)
@@ -141,8 +141,8 @@ def add_bench(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    from ..bench import format_report, run_bench
-    from ..fileio import atomic_write_text
+    from branchy_tee.bench.run import format_report, run_bench
+    from branchy_tee.core.fileio import atomic_write_text
 
     result = run_bench(quick=args.quick, cache_dir=args.cache_dir, skip=tuple(args.skip), serve=args.serve)
     if args.json:

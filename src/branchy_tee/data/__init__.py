@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..choices import DATASETS
-from .base import ImageDataset, train_val_split
-from .cifar10 import load_cifar10
-from .idx import FASHION_MNIST_DIR, fashion_mnist_available, load_fashion_mnist, load_mnist
-from .synthetic import make_synthetic
-from .transforms import eval_transform, train_transform
+from branchy_tee.data.base import ImageDataset, train_val_split
+from branchy_tee.data.cifar10 import load_cifar10
+from branchy_tee.data.idx import FASHION_MNIST_DIR, fashion_mnist_available, load_fashion_mnist, load_mnist
+from branchy_tee.data.synthetic import make_synthetic
+from branchy_tee.data.transforms import eval_transform, train_transform
+from branchy_tee.train.choices import DATASETS
 
 SYNTHETIC_SIZES = {"train": 10000, "test": 2000}
 
@@ -21,7 +21,7 @@ def load_dataset(
 ) -> ImageDataset:
     """Load ``split`` ('train' or 'test') of a dataset by name. ``synthetic`` holds keyword arguments
     for :func:`make_synthetic` (channels, size, seed, n)."""
-    from ..errors import UsageError
+    from branchy_tee.core.errors import UsageError
 
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, split)

@@ -8,7 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch.utils.data import Dataset
 
-from ..preprocessing import Preprocessing
+from branchy_tee.tee.sealed.preprocessing import Preprocessing
 
 
 @dataclass

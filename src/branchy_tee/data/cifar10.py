@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DatasetError
-from .base import ImageDataset
+from branchy_tee.core.errors import DatasetError
+from branchy_tee.data.base import ImageDataset
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE = "cifar-10-python.tar.gz"

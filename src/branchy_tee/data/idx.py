@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DatasetError
-from .base import ImageDataset
+from branchy_tee.core.errors import DatasetError
+from branchy_tee.data.base import ImageDataset
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BranchyError
-from ..preprocessing import Preprocessing
-from .transforms import Normalize, eval_transform
+from branchy_tee.core.errors import BranchyError
+from branchy_tee.data.transforms import Normalize, eval_transform
+from branchy_tee.tee.sealed.preprocessing import Preprocessing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 TENSOR_SUFFIXES = {".safetensors", ".npy", ".pt"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ImageDataset
+from branchy_tee.data.base import ImageDataset
 
 SYNTHETIC_CLASSES = [f"class-{i}" for i in range(10)]
 

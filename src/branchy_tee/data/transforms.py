@@ -4,7 +4,7 @@ Each transform takes and returns one image tensor (C, H, W), or a batch (N, C, H
 random. Randomness comes from torch's global RNG, which DataLoader seeds per worker, so runs are
 reproducible under ``torch.manual_seed``.
 
-Scaling and normalising are the model's preprocessing (``preprocessing.Preprocessing``, recorded in
+Scaling and normalising are the model's preprocessing (``tee.sealed.preprocessing.Preprocessing``, recorded in
 its model card and bundle header): :func:`eval_transform` is the one way raw images become inputs,
 in training, evaluation, ``encrypt-input`` and the online client alike (``data.preprocess``).
 """
@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..preprocessing import Preprocessing
+from branchy_tee.tee.sealed.preprocessing import Preprocessing
 
 
 class Compose:

@@ -1,12 +1,9 @@
 """Choose exit thresholds on the validation split: the cheapest setting within an accuracy budget.
 
-Candidates share one threshold across the early exits: a free threshold per exit overfits the
-validation set (measured on Fashion-MNIST: per-exit thresholds lost 1.1-1.8 points on test where one
-shared threshold lost ~1.0). The chosen setting must also keep a margin of ``DEFAULT_MARGIN_SE``
-standard errors of the paired accuracy difference (calibrated vs final exit, on validation): over
-the 54 runs of the distillation study (docs/training.md, 6,000 validation samples), a margin of 1 met
-the 1-point budget on the test split in 44 runs (worst loss 1.20 points), a margin of 2.5 in all 54
-(worst 0.89 points), at a mean cost of 0.422 instead of 0.404 of the full model's FLOPs.
+Candidates share one threshold across the early exits, because a free threshold per exit overfits
+the validation set. The chosen setting also keeps a margin of ``DEFAULT_MARGIN_SE`` standard errors
+of the paired accuracy difference (calibrated vs final exit, on validation), so that the budget
+holds on unseen data (BENCHMARKS.md, "Runtime choices", has the figures that set both).
 """
 
 from __future__ import annotations
@@ -15,12 +12,11 @@ import math
 
 import torch
 
-from ..runtime.criteria import Criterion
-from ..runtime.criteria import criterion as criterion_named
-from .exits import collect_log_probs, costs_of, exit_scores, stage_graphs
+from branchy_tee.evaluate.exits import collect_log_probs, costs_of, exit_scores, stage_graphs
+from branchy_tee.tee.criteria import Criterion
+from branchy_tee.tee.criteria import criterion as criterion_named
 
-# How many standard errors of the paired accuracy difference the choice keeps in hand (measured: see
-# the module docstring).
+# How many standard errors of the paired accuracy difference the choice keeps in hand.
 DEFAULT_MARGIN_SE = 2.5
 
 
@@ -139,9 +135,9 @@ def calibrate_run(
     first if missing or stale): the thresholds are chosen on the numbers the enclave computes.
     ``device`` is accepted for callers and unused: the graphs run on ONNX Runtime's CPU provider, as
     in the enclave."""
-    from ..modelcard import Calibration
-    from ..rundir import read_model_card, write_model_card
-    from .exits import load_split
+    from branchy_tee.evaluate.exits import load_split
+    from branchy_tee.models.card import Calibration
+    from branchy_tee.models.rundir import read_model_card, write_model_card
 
     card = read_model_card(run_dir)
     criterion = criterion_named(criterion or card.criterion)

@@ -1,9 +1,9 @@
 """Per-exit evaluation: accuracy, cost, the early-exit decision at given thresholds, sweeps, oracle.
 
 What is evaluated is what is sealed: the run's exported stage graphs (``export.onnx``), run on ONNX
-Runtime by the enclave's own engine (``runtime.engine``). The log-probabilities of *all* exits are
+Runtime by the enclave's own engine (``tee.engine``). The log-probabilities of *all* exits are
 collected once through it; the early-exit decision is then simulated with the runtime's own
-criterion (``runtime.criteria``) on those very numbers, so what is reported is what the enclave
+criterion (``tee.criteria``) on those very numbers, so what is reported is what the enclave
 will do (every operation of a stage graph is per-sample, so a sample's numbers do not depend on the
 batch it shares).
 """
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import ImageDataset, load_dataset, train_val_split
-from ..data.transforms import eval_transform
-from ..errors import BranchyError
-from ..modelcard import ModelCard
-from ..models.cost import early_exit_cost, exit_flops_from_parts
-from ..runtime.criteria import ENTROPY, Criterion
-from ..runtime.engine import early_exit
+from branchy_tee.core.errors import BranchyError
+from branchy_tee.data import ImageDataset, load_dataset, train_val_split
+from branchy_tee.data.transforms import eval_transform
+from branchy_tee.models.card import ModelCard
+from branchy_tee.models.cost import early_exit_cost, exit_flops_from_parts
+from branchy_tee.tee.criteria import ENTROPY, Criterion
+from branchy_tee.tee.engine import early_exit
 
 
 # --------------------------------------------------------------------------- data for a trained run
@@ -56,10 +56,10 @@ def load_split(
 
 def stage_graphs(run_dir, show: bool = True) -> list:
     """The run's stage graphs (exported first if missing or stale) as the enclave runs them."""
-    from ..export.onnx import exported_graphs
-    from ..export.payload import pack
-    from ..runtime.budget import run_size
-    from ..runtime.graphs import StageGraph, load_session
+    from branchy_tee.export.onnx import exported_graphs
+    from branchy_tee.export.payload import pack
+    from branchy_tee.tee.budget import run_size
+    from branchy_tee.tee.graphs import StageGraph, load_session
 
     graphs, doc = exported_graphs(run_dir, show=show)
     return [  # the payloads seal encrypts, loaded as the enclave loads them
@@ -104,7 +104,7 @@ def collect_log_probs(stages: list, dataset, batch_size: int = 256, max_batches=
 # --------------------------------------------------------------------------- decisions
 def exit_scores(log_probs: torch.Tensor, criterion: Criterion) -> torch.Tensor:
     """Per-sample confidence score (N,) of one exit's log-probabilities (N, C): the runtime's own
-    computation (``runtime.criteria``), on the numbers the stage graph returned."""
+    computation (``tee.criteria``), on the numbers the stage graph returned."""
     return torch.from_numpy(criterion.score(log_probs.numpy()))
 
 
@@ -206,7 +206,7 @@ def costs_of(card: ModelCard) -> tuple[list[int], list[int]]:
 def evaluate_run(
     run_dir: str | Path, dataset=None, data_dir=None, max_batches=None, latency_reps: int = 20, show=True
 ) -> dict:
-    from ..rundir import read_model_card
+    from branchy_tee.models.rundir import read_model_card
 
     card = read_model_card(run_dir)
     test = load_split(card, "test", dataset, data_dir)

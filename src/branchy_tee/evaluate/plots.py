@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from ..fileio import atomic_write_bytes
+from branchy_tee.core.fileio import atomic_write_bytes
 
 
 def _figure():

@@ -1,6 +1,6 @@
 """Export a multi-exit model as one ONNX graph per stage, the graphs the enclave runs.
 
-Stage k's graph computes stage k and exit head k (``runtime.graphs`` names the inputs and outputs):
+Stage k's graph computes stage k and exit head k (``tee.graphs`` names the inputs and outputs):
 
     input (N, *stage k input)  ->  features (N, *stage k output), log_probs (N, classes)
 
@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import BranchyError
-from ..runtime.graphs import FEATURES, INPUT, LOG_PROBS
-from ..strict import Fields
+from branchy_tee.core.errors import BranchyError
+from branchy_tee.core.strict import Fields
+from branchy_tee.tee.graphs import FEATURES, INPUT, LOG_PROBS
 
 EXPORT_DIR = "onnx"
 EXPORT_FILE = "export.json"
@@ -217,7 +217,7 @@ def export_stages(model, input_shape, show: bool = False) -> tuple[list[bytes], 
     computes, the stages its graph computes; passes_input, see ``StageWithExit``)."""
     from tqdm import tqdm
 
-    from ..models.cost import part_flops
+    from branchy_tee.models.cost import part_flops
 
     model.eval()
     stage_flops, _ = part_flops(model, tuple(input_shape))
@@ -280,7 +280,7 @@ def _weights_digest(run_dir: Path) -> str:
 
 def export_run(run_dir: str | Path, show: bool = True) -> dict:
     """Export a run directory's model into RUN_DIR/onnx (replacing what was there); return export.json."""
-    from ..rundir import load_run
+    from branchy_tee.models.rundir import load_run
 
     run_dir = Path(run_dir)
     model, card = load_run(run_dir)

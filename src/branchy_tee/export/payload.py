@@ -1,4 +1,4 @@
-"""The stage payload the model owner seals and the enclave loads (``runtime.graphs.unpack``): a stage
+"""The stage payload the model owner seals and the enclave loads (``tee.graphs.unpack``): a stage
 graph with its large weights moved out of the protobuf into one aligned blob after it.
 
 Owner side (onnx). Deterministic: the same graph always packs to the same bytes, so what ``eval`` and
@@ -7,7 +7,7 @@ Owner side (onnx). Deterministic: the same graph always packs to the same bytes,
 
 from __future__ import annotations
 
-from ..runtime.graphs import EXTERNAL_MIN, PAYLOAD_ALIGN, WEIGHT_ALIGN, WEIGHTS
+from branchy_tee.tee.graphs import EXTERNAL_MIN, PAYLOAD_ALIGN, WEIGHT_ALIGN, WEIGHTS
 
 
 def pack(graph: bytes) -> bytes:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .heads import ExitHead
-from .multiexit import MultiExitNet
-from .registry import register_model
+from branchy_tee.models.heads import ExitHead
+from branchy_tee.models.multiexit import MultiExitNet
+from branchy_tee.models.registry import register_model
 
 
 def _conv(cin: int, cout: int, k: int = 3) -> list[nn.Module]:

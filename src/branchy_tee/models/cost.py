@@ -14,8 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .multiexit import MultiExitNet
-from .registry import create_model
+from branchy_tee.models.multiexit import MultiExitNet
+from branchy_tee.models.registry import create_model
 
 
 def _count_flops(fn, *args) -> tuple[int, Any]:

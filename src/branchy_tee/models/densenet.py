@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import ExitHead
-from .multiexit import MultiExitNet
-from .registry import register_model
+from branchy_tee.models.heads import ExitHead
+from branchy_tee.models.multiexit import MultiExitNet
+from branchy_tee.models.registry import register_model
 
 
 class DenseLayer(nn.Module):

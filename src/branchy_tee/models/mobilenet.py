@@ -12,9 +12,9 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import nn
 
-from .heads import ExitHead, PoolLinearHead
-from .multiexit import MultiExitNet
-from .registry import register_model
+from branchy_tee.models.heads import ExitHead, PoolLinearHead
+from branchy_tee.models.multiexit import MultiExitNet
+from branchy_tee.models.registry import register_model
 
 
 class DepthwiseSeparable(nn.Module):

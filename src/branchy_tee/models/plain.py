@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import BranchyError
+from branchy_tee.core.errors import BranchyError
 
 _WRAPPER_KEYS = ("state_dict", "model", "net", "model_state_dict")
 
@@ -100,9 +100,9 @@ def kuangliu_prefixes(model) -> dict[str, str] | None:
     densenet121: conv1 -> stem; denseN.J -> dense layer J of stage N-1; transN -> its transition;
                  bn, linear -> the final classifier
     """
-    from .densenet import DenseLayer, FinalClassifier, Transition
-    from .mobilenet import DepthwiseSeparable, InvertedResidual
-    from .resnet import BasicBlock, Bottleneck
+    from branchy_tee.models.densenet import DenseLayer, FinalClassifier, Transition
+    from branchy_tee.models.mobilenet import DepthwiseSeparable, InvertedResidual
+    from branchy_tee.models.resnet import BasicBlock, Bottleneck
 
     arch, last = model.arch, model.num_exits - 1
     out: dict[str, str] = {}

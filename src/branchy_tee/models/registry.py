@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import UsageError
+from branchy_tee.core.errors import UsageError
 
 _MODELS: dict[str, Callable] = {}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .heads import ExitHead, PoolLinearHead
-from .multiexit import MultiExitNet
-from .registry import register_model
+from branchy_tee.models.heads import ExitHead, PoolLinearHead
+from branchy_tee.models.multiexit import MultiExitNet
+from branchy_tee.models.registry import register_model
 
 # Channels per block; each inner list ends with a 2x2 max-pool.
 _CFG = {

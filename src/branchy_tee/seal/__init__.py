@@ -1,2 +1,1 @@
-"""Sealed model bundles, encrypted requests and results. The read side is enclave code: it imports
-only cryptography, safetensors, torch and the standard library."""
+"""The model owner's sealing: a run's stage graphs encrypted into a bundle (``model.btee``)."""

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import cast
 
-from ..errors import UsageError
-from ..modelcard import DataSpec, ModelCard
-from ..models import create_model, resolve_name
-from ..models.multiexit import MultiExitNet
-from ..models.plain import backbone_keys, load_plain_weights, read_state_dict
-from ..rundir import load_run
-from .checkpoint import state_digest
+from branchy_tee.core.errors import UsageError
+from branchy_tee.models import create_model, resolve_name
+from branchy_tee.models.card import DataSpec, ModelCard
+from branchy_tee.models.multiexit import MultiExitNet
+from branchy_tee.models.plain import backbone_keys, load_plain_weights, read_state_dict
+from branchy_tee.models.rundir import load_run
+from branchy_tee.train.checkpoint import state_digest
 
 
 def is_attaching(cfg) -> bool:

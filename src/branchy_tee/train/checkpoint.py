@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from ..errors import BranchyError
-from ..fileio import atomic_write_bytes
-from ..models import create_model
-from ..rundir import load_run
+from branchy_tee.core.errors import BranchyError
+from branchy_tee.core.fileio import atomic_write_bytes
+from branchy_tee.models import create_model
+from branchy_tee.models.rundir import load_run
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, progress: dict, config: dict) -> None:

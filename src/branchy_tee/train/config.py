@@ -6,9 +6,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..choices import DISTILL, OPTIMIZERS
-from ..errors import UsageError
-from . import attach
+from branchy_tee.core.errors import UsageError
+from branchy_tee.train import attach
+from branchy_tee.train.choices import DISTILL, OPTIMIZERS
 
 
 @dataclass

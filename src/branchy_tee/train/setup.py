@@ -14,20 +14,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 
-from ..choices import OPTIMIZERS
-from ..data import load_dataset, train_val_split
-from ..data.transforms import eval_transform, train_transform
-from ..errors import BranchyError, UsageError
-from ..modelcard import DataSpec, ModelCard
-from ..models import create_model, resolve_name
-from ..models.cost import arch_part_flops
-from ..models.multiexit import MultiExitNet
-from ..rundir import read_model_card
-from ..runtime.criteria import criterion
-from ..runtime.tuning import channels_last
-from . import attach
-from .checkpoint import load_checkpoint, load_teacher
-from .config import TrainConfig, check_config, jsonable
+from branchy_tee.core.errors import BranchyError, UsageError
+from branchy_tee.data import load_dataset, train_val_split
+from branchy_tee.data.transforms import eval_transform, train_transform
+from branchy_tee.models import create_model, resolve_name
+from branchy_tee.models.card import DataSpec, ModelCard
+from branchy_tee.models.cost import arch_part_flops
+from branchy_tee.models.layout import channels_last
+from branchy_tee.models.multiexit import MultiExitNet
+from branchy_tee.models.rundir import read_model_card
+from branchy_tee.tee.criteria import criterion
+from branchy_tee.train import attach
+from branchy_tee.train.checkpoint import load_checkpoint, load_teacher
+from branchy_tee.train.choices import OPTIMIZERS
+from branchy_tee.train.config import TrainConfig, check_config, jsonable
 
 
 def pick_device(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
@@ -228,7 +228,7 @@ def set_up(cfg: TrainConfig) -> Run:
             f"--resume: {out / 'checkpoint.pt'} was trained with {resume_ckpt['model_config']}, not {model.config}"
         )
     card = _model_card(cfg, arch, model, full, data, world, source)
-    channels_last(model).to(device)  # ~20% faster convolutions on CPU (see runtime.tuning)
+    channels_last(model).to(device)  # faster convolutions on CPU (models.layout)
     teacher = load_teacher(cfg.teacher, full.num_classes, device) if cfg.distill == "teacher" and cfg.teacher else None
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)

@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from ..errors import BranchyError
-from ..rundir import read_model_card, write_model_card, write_weights
-from . import attach
-from .checkpoint import save_checkpoint, state_digest
-from .config import TrainConfig, jsonable
-from .losses import multi_exit_loss
-from .setup import Run, seed_epoch, set_up
+from branchy_tee.core.errors import BranchyError
+from branchy_tee.models.rundir import read_model_card, write_model_card, write_weights
+from branchy_tee.train import attach
+from branchy_tee.train.checkpoint import save_checkpoint, state_digest
+from branchy_tee.train.config import TrainConfig, jsonable
+from branchy_tee.train.losses import multi_exit_loss
+from branchy_tee.train.setup import Run, seed_epoch, set_up
 
 __all__ = ["TrainConfig", "fit", "train_one_epoch", "evaluate", "distill_alpha"]
 
@@ -213,8 +213,8 @@ def _finish(run: Run, history: list[dict], stopped_early: bool) -> dict:
         dist.all_gather_object(digests, state_digest(run.model))
         summary["ddp_identical_weights"] = len(set(digests)) == 1
     if run.is_main and (run.out / "model.safetensors").is_file():
-        from ..evaluate.calibrate import calibrate_run
-        from ..export.onnx import export_run
+        from branchy_tee.evaluate.calibrate import calibrate_run
+        from branchy_tee.export.onnx import export_run
 
         export_run(run.out, show=run.show)  # the stage graphs that calibration, evaluation and sealing use
         if run.world > 1:

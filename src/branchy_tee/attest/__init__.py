@@ -1,1 +1,0 @@
-"""Remote attestation: parse and verify Intel SGX/TDX DCAP quotes (see ``quote`` and ``verify``)."""
