@@ -3,6 +3,7 @@ no cycle, and modules stay small enough to read."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from import_graph import PACKAGE, read_graph
 SRC = Path(__file__).resolve().parents[1] / "src"
 # What the enclave's environment holds besides the standard library (the `enclave` extra).
 ENCLAVE_LIBRARIES = {"onnxruntime", "numpy", "safetensors", "cryptography"}
+MAX_FUNCTION_LINES = 60
 MAX_FILE_LINES = 500
 
 
@@ -92,6 +94,17 @@ def test_no_module_is_over_500_lines():
     long = {
         p.relative_to(SRC).as_posix(): n for p in _sources() if (n := len(p.read_text().splitlines())) > MAX_FILE_LINES
     }
+    assert long == {}
+
+
+def test_no_function_is_over_60_lines():
+    long = {}
+    for path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{path.relative_to(SRC).as_posix()}:{node.lineno} {node.name}"] = n
     assert long == {}
 
 
