@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -65,3 +66,41 @@ def encrypt_sealed_images(sealed: Path, out: Path, request_id: str | None = None
             *args,
         ]
     )
+
+
+SHARED_GRAMINE = REPO.parent / "shared" / "gramine" / "v1.9"
+
+
+def gramine_direct(cache: Path) -> Path:
+    """The bin/ folder of a real Gramine with gramine-direct: PATH's, else ../shared/gramine/v1.9; or skip.
+
+    A copy of ../shared whose symbolic links were flattened into small files naming their targets
+    (direct/loader -> libpal.so: gramine-direct then fails with "Permission denied") is copied once to
+    ``cache`` with those links restored; Gramine's own files are used unchanged."""
+    import shutil
+
+    on_path = shutil.which("gramine-direct")
+    if on_path:
+        return Path(on_path).resolve().parent
+    loader = SHARED_GRAMINE / "lib" / "x86_64-linux-gnu" / "gramine" / "direct" / "loader"
+    if not (SHARED_GRAMINE / "bin" / "gramine-direct").is_file() or not loader.exists():
+        pytest.skip(f"no gramine-direct on PATH and no Gramine 1.9 in {SHARED_GRAMINE}")
+    if loader.is_symlink() or os.access(loader, os.X_OK):
+        return SHARED_GRAMINE / "bin"
+    fixed = cache / "gramine-v1.9"
+    if not fixed.is_dir():
+        tmp = cache / "gramine-v1.9.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(SHARED_GRAMINE, tmp)
+        for d in [tmp, *tmp.rglob("*")]:
+            if d.is_dir():
+                d.chmod(d.stat().st_mode | 0o200)  # (the shared tree is read-only)
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink() and f.stat().st_size < 256:
+                target = f.read_bytes()
+                name = target.decode(errors="replace")
+                if b"\n" not in target and "\0" not in name and (f.parent / name).exists():
+                    f.unlink()
+                    f.symlink_to(name)
+        tmp.rename(fixed)
+    return fixed / "bin"

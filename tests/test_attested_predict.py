@@ -17,7 +17,7 @@ from branchy_tee.cli import main
 from branchy_tee.core.fileio import read_key_file
 from branchy_tee.core.keys import key_id
 from branchy_tee.tee.attest.identity import identity_hex
-from branchy_tee.tee.attest.providers import simulated_mrenclave
+from branchy_tee.tee.attest.providers import load_or_create_dev_key, simulated_mrenclave
 from branchy_tee.train.trainer import TrainConfig, fit
 
 
@@ -208,6 +208,7 @@ def test_measured_enclave_settings_override_the_hosts_command_line(world, tmp_pa
     header = json.loads((d / "model.btee" / "header.json").read_text())["header"]
     ports = {name: _free_port() for name in IDS}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    load_or_create_dev_key()  # what `enclave build --attest simulated` does: inside, the key is only read
     for name, value in [
         ("ENCLAVE", "1"),
         ("ATTEST", "simulated"),

@@ -271,6 +271,16 @@ def test_missing_template_values_fail_loudly(sealed, tmp_path, no_gramine):
         eb._render("Makefile.template", defines=[])
 
 
+@pytest.mark.parametrize("option", ["--io-dir", "--stats-dir"])
+@pytest.mark.parametrize("folder", ["/tmp", "/"])
+def test_build_refuses_a_data_directory_over_the_enclaves_tmp(sealed, tmp_path, no_gramine, option, folder, capsys):
+    """The host proposes `--io-dir /tmp`: the manifest would mount the host's /tmp over the enclave's
+    in-memory one, where serve writes its TLS private key. Refused in one line; below /tmp is fine."""
+    assert main(build_args(sealed, tmp_path / "enc", option, folder)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "in-memory /tmp" in err
+
+
 def test_build_refuses_data_directories_that_overlap_code(sealed, tmp_path, no_gramine, enclave_env, capsys):
     assert main(build_args(sealed, tmp_path / "enc", "--io-dir", enclave_env.site_packages)) == 2
     assert "overlaps the trusted" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from enclave_tools import (
     REPO,
     SUPPORTED_GRAMINE,
     encrypt_sealed_images,
+    gramine_direct,
     gramine_release,
     install_gramine_manifest,
 )
@@ -51,10 +52,13 @@ def build(
     cwd: Path | None = None,
     env_dir: Path = ENCLAVE_ENV,
     pythonpath: Path | None = None,
+    signer: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """`branchy-tee enclave build` in a process of its own, with ``bindir`` (Gramine's gramine-manifest)
-    first on PATH; with ``pythonpath``, branchy_tee is imported from that checkout's src."""
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    first on PATH, then ``signer`` (a Gramine bin/ with gramine-sgx-sign); with ``pythonpath``,
+    branchy_tee is imported from that checkout's src."""
+    path = os.pathsep.join([str(bindir), *([str(signer), str(Path(sys.executable).parent)] if signer else [])])
+    env = {**os.environ, "PATH": f"{path}{os.pathsep}{os.environ['PATH']}"}
     if pythonpath:
         env["PYTHONPATH"] = str(pythonpath)
     argv = [
@@ -183,12 +187,30 @@ def fresh_checkout(dest: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_two_fresh_checkouts_render_byte_identical_hashed_manifests(sealed, tmp_path):
+def _gramine_signer(tmp_path_factory) -> Path | None:
+    """A Gramine bin/ whose gramine-sgx-sign runs here (it needs pyelftools), or None."""
+    import importlib.util
+
+    try:
+        bindir = gramine_direct(tmp_path_factory.getbasetemp())
+    except pytest.skip.Exception:
+        return None
+    if not (bindir / "gramine-sgx-sign").is_file() or importlib.util.find_spec("elftools") is None:
+        return None
+    return bindir
+
+
+def test_two_fresh_checkouts_render_byte_identical_hashed_manifests(sealed, tmp_path, tmp_path_factory):
     if not shutil.which("git") or not (REPO / ".git").exists():
         pytest.skip("needs this repository's git checkout (git ls-files) to make fresh copies")
     install_gramine_manifest(tmp_path / "bin", "1.9")
     checkout, out = tmp_path / "checkout", tmp_path / "enc"
     rendered, size = [], []
+    signer, sign = _gramine_signer(tmp_path_factory), []
+    if signer:  # Gramine's own gramine-sgx-sign: the real MRENCLAVE of each build
+        key = tmp_path / "signing-key.pem"
+        subprocess.run([sys.executable, str(signer / "gramine-sgx-gen-private-key"), str(key)], check=True)
+        sign = ["--sgx", "--signing-key", str(key)]
     for _ in range(2):  # one after the other at the same path, each with an environment of its own
         fresh_checkout(checkout)
         # The second build is the owner's rebuild (docs/sgx.md): the size from the first's enclave.json, not measured
@@ -198,9 +220,11 @@ def test_two_fresh_checkouts_render_byte_identical_hashed_manifests(sealed, tmp_
             out,
             tmp_path / "bin",
             *size,
+            *sign,
             cwd=checkout,
             env_dir=checkout / ".enclave-env",
             pythonpath=checkout / "src",
+            signer=signer,
         )
         assert done.returncode == 0, done.stderr
         summary = json.loads(done.stdout)
@@ -212,6 +236,11 @@ def test_two_fresh_checkouts_render_byte_identical_hashed_manifests(sealed, tmp_
     (first, s1), (second, s2) = rendered
     assert first == second, "two fresh checkouts rendered different hashed manifests"
     assert s1["manifest_sha256"] == s2["manifest_sha256"]
+    if signer:
+        assert s1["signed"] and s1["mrenclave"] == s2["mrenclave"], (s1["mrenclave"], s2["mrenclave"])
+        print(f"MRENCLAVE from gramine-sgx-sign, both checkouts: {s1['mrenclave']}")
+    else:
+        print("Gramine's gramine-sgx-sign (../shared/gramine) or pyelftools is missing: MRENCLAVE not computed")
     assert not s1["enclave_size_detail"]["given"] and s2["enclave_size_detail"]["given"]
     print(
         f"hashed manifest SHA-256 {s1['manifest_sha256']}, measured peak "

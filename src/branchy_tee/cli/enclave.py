@@ -7,7 +7,10 @@ import argparse
 from branchy_tee.cli.common import ENCLAVE_ENV, PROG, emit_json, progress, warn
 from branchy_tee.core.commandline import ArgumentParser
 from branchy_tee.gramine.launch import LaunchBackend
+from branchy_tee.gramine.tools import use_gramine
 from branchy_tee.tee.startup import add_trust_arguments
+
+GRAMINE_HELP = "a Gramine installation (its prefix or bin/ folder) to use before the one on PATH"
 
 
 def add_enclave(sub) -> None:
@@ -43,6 +46,7 @@ def _add_build(esub) -> None:
     _add_build_runtime(b)
     _add_build_signing(b)
     _add_build_sizing(b)
+    b.add_argument("--gramine", metavar="DIR", help=GRAMINE_HELP)
     b.add_argument("--json", action="store_true", help="print a JSON summary")
     b.set_defaults(func=cmd_enclave_build)
 
@@ -159,6 +163,7 @@ def _add_run(esub) -> None:
         "Exits with its exit code.",
     )
     r.add_argument("--backend", choices=LaunchBackend.names(), default=LaunchBackend.SGX.value, help="default sgx")
+    r.add_argument("--gramine", metavar="DIR", help=GRAMINE_HELP)
     r.add_argument("dir", metavar="DIR", help="the build directory of `enclave build`")
     r.add_argument("predict_args", nargs=argparse.REMAINDER, metavar="-- {predict,serve} ARGS", help="its arguments")
     r.set_defaults(func=cmd_enclave_run)
@@ -257,6 +262,7 @@ def cmd_enclave_env(args) -> int:
 def cmd_enclave_build(args) -> int:
     from branchy_tee.gramine.build import build
 
+    use_gramine(args.gramine)
     s = build(_build_options(args), log=progress)
     for w in s["warnings"]:
         warn(w)
@@ -366,7 +372,10 @@ def cmd_enclave_run(args) -> int:
     if head:  # run options given after DIR: `enclave run DIR --backend native -- predict ...`
         p = ArgumentParser(prog=f"{PROG} enclave run")
         p.add_argument("--backend", choices=LaunchBackend.names(), default=args.backend)
-        args.backend = p.parse_args(head).backend
+        p.add_argument("--gramine", default=args.gramine)
+        late = p.parse_args(head)
+        args.backend, args.gramine = late.backend, late.gramine
+    use_gramine(args.gramine)
     return run_enclave(args.dir, args.backend, command_args, command)
 
 

@@ -244,6 +244,14 @@ def _paths(opts: BuildOptions, out: str, bundle: str) -> tuple[list[str], str, s
         broker_ca = _abs_path(opts.broker_ca, "--broker-ca")
         if not Path(broker_ca).is_file():
             raise BranchyError(f"--broker-ca {broker_ca}: no such file")
+    for d in [bundle, *io_dirs]:
+        # A host folder mounted at /tmp (or above it) replaces the enclave's in-memory /tmp, where serve
+        # writes its TLS private key for the ssl module to load: the host would read the key.
+        if _overlaps(d, "/tmp") and not d.startswith("/tmp/"):
+            raise UsageError(
+                f"{d} would mount the host's folder over the enclave's in-memory /tmp (where its TLS key "
+                "lives): give a folder below /tmp, or elsewhere"
+            )
     env_dir = _abs_path(opts.env, "--env")
     launcher = os.path.join(out, f"{MANIFEST_NAME}-{'serve' if opts.serve else 'predict'}")
     for d in [bundle, *io_dirs]:
@@ -315,8 +323,25 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
         broker_ca=broker_ca,
         accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)),
         signing_key=signing_key,
+        dev_key_dir=_dev_key_dir(opts, io_dirs),
     )
     return _sized(cfg, header, given_size, log)
+
+
+def _dev_key_dir(opts: BuildOptions, io_dirs: list[str]) -> str:
+    """Simulated builds: make the development attestation key here, outside the enclave, so that the
+    enclave only reads it (a trusted file); "" for a DCAP build, which never sees it."""
+    if opts.attest != EvidenceProvider.SIMULATED:
+        return ""
+    from branchy_tee.tee.attest.providers import default_dev_key_dir, load_or_create_dev_key
+
+    d = str(default_dev_key_dir().resolve())
+    if _BAD_PATH.search(d) or " " in d:
+        raise UsageError(f"the development key's folder {d!r}: spaces, quotes, '$' and ':' are not supported")
+    if any(_overlaps(d, io) for io in io_dirs):
+        raise UsageError(f"the development key's folder {d} overlaps a data directory; move one of them")
+    load_or_create_dev_key(d)
+    return d
 
 
 def _sized(cfg: EnclaveConfig, header: BundleHeader, given_size: int | None, log) -> EnclaveConfig:

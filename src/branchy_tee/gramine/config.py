@@ -22,7 +22,7 @@ from branchy_tee.core.errors import BranchyError
 from branchy_tee.tee import measured
 
 CONFIG = "enclave.json"
-CONFIG_FORMAT = "branchy-tee/enclave/v3"
+CONFIG_FORMAT = "branchy-tee/enclave/v4"
 ENTRIES = {"predict": "branchy_tee.tee.predict", "serve": "branchy_tee.tee.serve.server"}
 
 
@@ -64,6 +64,7 @@ class EnclaveConfig:
     broker_ca: str | None
     accepted_tcb_statuses: tuple[str, ...]
     signing_key: str
+    dev_key_dir: str = ""  # simulated builds: where the development attestation key is (made by the build)
     enclave_size: str = ""
     enclave_size_detail: dict[str, Any] = field(default_factory=dict)
 
@@ -147,6 +148,8 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
     }
     if cfg.broker_ca:
         env[measured.BROKER_CA] = cfg.broker_ca
+    if cfg.dev_key_dir:
+        env[measured.DEV_KEY_DIR] = cfg.dev_key_dir
     return env
 
 
@@ -170,6 +173,7 @@ def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
         "isvprodid": str(cfg.isv_prod_id),
         "isvsvn": str(cfg.isv_svn),
         "broker_ca": cfg.broker_ca or "",
+        "dev_key_dir": cfg.dev_key_dir,
         "bundle_dir": cfg.bundle,
         "bundle_files": ":".join(cfg.bundle_files),
         "io_dirs": ":".join(cfg.io_dirs),

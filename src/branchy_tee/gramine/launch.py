@@ -22,7 +22,15 @@ from branchy_tee.core.choices import Choice
 from branchy_tee.core.errors import BranchyError, UsageError
 from branchy_tee.gramine import MANIFEST_NAME
 from branchy_tee.gramine.config import ENTRIES, EnclaveConfig, load_config
-from branchy_tee.gramine.tools import INSTALL_HINT, MANIFEST, SGX_MANIFEST, SIGSTRUCT, which
+from branchy_tee.gramine.tools import (
+    INSTALL_HINT,
+    MANIFEST,
+    SGX_MANIFEST,
+    SIGSTRUCT,
+    gramine_manifest_argv,
+    run_tool,
+    which,
+)
 
 
 class LaunchBackend(Choice):
@@ -47,7 +55,9 @@ def split_run_arguments(rest: list[str]) -> tuple[list[str], str, list[str]]:
         head, tail = rest[:i], rest[i + 1 :]
     else:  # argparse already dropped the `--`: leading run options, then predict's arguments
         i = 0
-        while i < len(rest) and (rest[i] == "--backend" or rest[i].startswith("--backend=")):
+        while i < len(rest) and (
+            rest[i] in ("--backend", "--gramine") or rest[i].startswith(("--backend=", "--gramine="))
+        ):
             i += 1 if "=" in rest[i] else 2
         head, tail = rest[:i], rest[i:]
     command = "predict"
@@ -154,7 +164,10 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
     if backend not in LaunchBackend.names():
         raise UsageError(f"--backend is one of {', '.join(LaunchBackend.names())}")
     if backend in TOOLS and not which(TOOLS[backend]):
-        raise BranchyError(f"{TOOLS[backend]} not found on PATH: {INSTALL_HINT}; or use --backend native")
+        raise BranchyError(
+            f"{TOOLS[backend]} not found on PATH: {INSTALL_HINT}, or give --gramine DIR (a Gramine installation); "
+            "or use --backend native"
+        )
     cfg = load_config(directory)
     if command != cfg.entry:
         raise UsageError(
@@ -177,6 +190,8 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
         )
 
     check_for_enclave(ns, cfg)
+    if backend == LaunchBackend.DIRECT:
+        _render_if_needed(d, cfg)
     needed = [SGX_MANIFEST, SIGSTRUCT] if backend == LaunchBackend.SGX else [MANIFEST]
     missing = [n for n in needed if not (d / n).is_file()]
     if missing:
@@ -186,6 +201,14 @@ def run_enclave(directory: str, backend: str, args: list[str], command: str = "p
     if backend == LaunchBackend.DIRECT and (d / MANIFEST).stat().st_mtime == 0:
         raise BranchyError(f"{d / MANIFEST} was rendered without Gramine (for inspection); run `make` in {d} first")
     return _run_forwarding_signals([TOOLS[backend], f"./{MANIFEST_NAME}", *canonical_argv(parser, ns)], cwd=str(d))
+
+
+def _render_if_needed(d: Path, cfg: EnclaveConfig) -> None:
+    """gramine-direct needs the manifest gramine-manifest hashed: render it here, exactly as the build
+    directory's Makefile would, if the build ran without Gramine."""
+    m = d / MANIFEST
+    if (not m.is_file() or m.stat().st_mtime == 0) and which("gramine-manifest"):
+        run_tool(gramine_manifest_argv(cfg.defines), cwd=str(d))
 
 
 def _run_forwarding_signals(argv: list[str], **kw) -> int:

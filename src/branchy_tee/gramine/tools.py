@@ -14,7 +14,7 @@ from pathlib import Path
 
 import tomllib
 
-from branchy_tee.core.errors import BranchyError
+from branchy_tee.core.errors import BranchyError, UsageError
 from branchy_tee.gramine import MANIFEST_NAME
 
 MANIFEST_TEMPLATE = f"{MANIFEST_NAME}.manifest.template"
@@ -30,6 +30,20 @@ INSTALL_HINT = (
 
 def which(tool: str) -> str | None:
     return shutil.which(tool)
+
+
+def use_gramine(where: str | None) -> None:
+    """Put the Gramine installation ``where`` (its prefix or its bin/ folder) first on PATH, for this
+    process and the tools it starts; with None, the tools already on PATH are used."""
+    if where is None:
+        return
+    base = Path(where).resolve()
+    bindir = base / "bin" if (base / "bin").is_dir() else base
+    if not any((bindir / t).is_file() for t in ("gramine-direct", "gramine-manifest", "gramine-sgx")):
+        raise UsageError(
+            f"--gramine {where}: no Gramine there (expected gramine-direct or gramine-manifest in it or in its bin/)"
+        )
+    os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def run_tool(argv: list[str], cwd: str) -> subprocess.CompletedProcess:

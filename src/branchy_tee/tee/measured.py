@@ -23,6 +23,7 @@ MODEL_KEY_ID = "BRANCHY_TEE_MODEL_KEY_ID"  # the model key id that seals it
 MIN_MODEL_VERSION = "BRANCHY_TEE_MIN_MODEL_VERSION"
 ALLOW_PLAINTEXT = "BRANCHY_TEE_ALLOW_PLAINTEXT"  # "1": --plaintext-result allowed
 BROKER_CA = "BRANCHY_TEE_BROKER_CA"  # CA certificate for HTTPS brokers (a trusted file)
+DEV_KEY_DIR = "BRANCHY_TEE_DEV_KEY_DIR"  # simulated builds only: the dev attestation key's folder (trusted)
 
 NAMES = (
     ENCLAVE,
@@ -35,6 +36,7 @@ NAMES = (
     MIN_MODEL_VERSION,
     ALLOW_PLAINTEXT,
     BROKER_CA,
+    DEV_KEY_DIR,
 )
 
 IDENTITY_RE = re.compile(r"[0-9a-f]{64}")  # a raw Ed25519 public key, lower-case hex

@@ -56,6 +56,9 @@ _ATTESTATION_LOCK = threading.Lock()
 
 
 def default_dev_key_dir() -> Path:
+    """The measured folder of a simulated build, else $XDG_CONFIG_HOME/branchy-tee/dev-attestation-key."""
+    if os.environ.get(measured.DEV_KEY_DIR):
+        return Path(os.environ[measured.DEV_KEY_DIR])
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "branchy-tee" / "dev-attestation-key"
 
@@ -185,6 +188,11 @@ def load_or_create_dev_key(key_dir: str | os.PathLike[str] | None = None) -> Ed2
     """The Ed25519 dev key in ``key_dir`` (created on first use: directory 0700, key file 0600)."""
     d = Path(key_dir) if key_dir is not None else default_dev_key_dir()
     path = d / DEV_KEY_FILE
+    if not path.exists() and measured.inside_enclave(os.environ):
+        # Inside an enclave the key is a trusted file the build made (Gramine has no hard links).
+        raise BranchyError(
+            f"the development attestation key {path} is missing: `enclave build --attest simulated` makes it"
+        )
     if not path.exists():
         try:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -1,0 +1,222 @@
+"""The enclave under Gramine's LibOS (gramine-direct) beside the same enclave run natively, in one run.
+
+On the benchmark model (`branchy-tee bench`'s cached MobileNet V1, trained on first use), with
+simulated attestation and two key brokers on loopback, `enclave run --backend native|direct` runs
+predict on 1, 256 and 1,024 test images, early exit and --full-model:
+
+- start-up to first answer: the wall time of a one-image request (process start, attestation, keys,
+  bundle, one answer);
+- batch-1 latency: predict's own inference time for 256 images at --batch-size 1, per image (its
+  statistics: early exit alone, without start-up, attestation or file I/O);
+- batch-128 throughput: 1,024 images at --batch-size 128 over that inference time;
+- VmPeak of the Gramine process (sampled from the host's /proc), and the sgx.enclave_size it implies
+  (a lower bound for SGX: Gramine's own memory is in it), beside the size the build derived from the
+  native peak.
+
+    .venv/bin/python scripts/bench_gramine.py [--gramine DIR] [--json runs/bench-gramine.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from branchy_tee.bench.early_exit import ensure_bench_model
+from branchy_tee.broker.server import start_broker
+from branchy_tee.cli import main
+from branchy_tee.client.envelopes import seal_request
+from branchy_tee.core.fileio import atomic_write_text, write_key_file
+from branchy_tee.core.keys import generate_key
+from branchy_tee.evaluate.exits import load_split
+from branchy_tee.gramine.config import load_config
+from branchy_tee.gramine.measure import MIB, next_power_of_two, size_string
+from branchy_tee.gramine.tools import use_gramine
+from branchy_tee.models.rundir import read_model_card
+from branchy_tee.seal.bundle import seal_run
+from branchy_tee.tee.attest.identity import create_identity, identity_hex
+from branchy_tee.tee.attest.providers import code_measurement, simulated_mrenclave
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {"one": 1, "batch1": 256, "batch128": 1024}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vm_peak_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmPeak:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _run(argv: list[str], env: dict) -> tuple[float, int]:
+    """(wall seconds, the process's VmPeak in KiB, sampled every 20 ms)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _vm_peak_kib(proc.pid), *(_vm_peak_kib(c) for c in _children(proc.pid)))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"{' '.join(argv[:6])} ... failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}"
+        )
+    return time.perf_counter() - t, peak[0]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _prepare(work: Path, run_dir: Path) -> dict:
+    card = read_model_card(run_dir)
+    key, data_key = generate_key(), generate_key()
+    write_key_file(work / "mo.key", key)
+    write_key_file(work / "do.key", data_key)
+    seal_run(run_dir, key, work / "model.btee")
+    (work / "io").mkdir()
+    test = load_split(card, "test")
+    for name, n in SIZES.items():
+        x = torch.stack([test[i][0] for i in range(n)])
+        (work / "io" / f"{name}.enc").write_bytes(seal_request(x, data_key))
+    ids = {p: identity_hex(create_identity(work / f"{p}.id")) for p in ("mo", "do")}
+    port = _free_port()
+    build = [
+        "enclave",
+        "build",
+        "--bundle",
+        str(work / "model.btee"),
+        "--out",
+        str(work / "enc"),
+        "--attest",
+        "simulated",
+    ]
+    build += ["--env", str(REPO / ".enclave-env"), "--io-dir", str(work / "io"), "--threads", "1"]
+    build += ["--model-broker", f"http://127.0.0.1:{port}", "--model-broker-identity", ids["mo"]]
+    if main(build) != 0:
+        raise SystemExit("enclave build failed")
+    cfg = load_config(work / "enc")
+    mrenclave = simulated_mrenclave(cfg.env, code_measurement(Path(cfg.package_dir) / "branchy_tee")).hex()
+    return {
+        "port": port,
+        "ids": ids,
+        "cfg": cfg,
+        "policy": {"allowed_mrenclave": [mrenclave], "allow_simulation": True},
+    }
+
+
+def _measure(work: Path, backend: str, full: bool, data_broker: str) -> dict:
+    out: dict = {}
+    for name in SIZES:
+        batch = 128 if name == "batch128" else 1
+        stats = work / "io" / f"{backend}-{name}-{full}.json"
+        argv = [
+            sys.executable,
+            "-m",
+            "branchy_tee.cli",
+            "enclave",
+            "run",
+            "--backend",
+            backend,
+            str(work / "enc"),
+            "--",
+        ]
+        argv += ["predict", "--bundle", str(work / "model.btee"), "--input", str(work / "io" / f"{name}.enc")]
+        argv += ["--output", str(work / "io" / f"{name}.res"), "--data-broker", data_broker, "--quiet"]
+        argv += [
+            "--batch-size",
+            str(batch),
+            "--threads",
+            "1",
+            "--stats-json",
+            str(stats),
+            *(["--full-model"] if full else []),
+        ]
+        (work / "io" / f"{name}.res").unlink(missing_ok=True)
+        wall, peak = _run(argv, dict(os.environ))
+        infer = json.loads(stats.read_text())["inference_seconds"]
+        out[name] = {"wall_s": wall, "inference_s": infer, "vm_peak_mib": peak / 1024}
+    return {
+        "startup_to_first_answer_s": round(out["one"]["wall_s"], 3),
+        "batch1_latency_ms": round(1000 * out["batch1"]["inference_s"] / SIZES["batch1"], 4),
+        "batch128_samples_per_s": round(SIZES["batch128"] / out["batch128"]["inference_s"], 1),
+        "vm_peak_mib": round(max(v["vm_peak_mib"] for v in out.values()), 1),
+    }
+
+
+def main_(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gramine", metavar="DIR", help="a Gramine installation (default: gramine-direct on PATH)")
+    p.add_argument("--cache-dir", default="runs/bench-cache", help="the benchmark model's cache (default %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    # Gramine's Python tools run with the first python3 on PATH: this one, which has their packages.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    use_gramine(args.gramine)
+    run_dir = ensure_bench_model(Path(args.cache_dir), quick=False)
+    with tempfile.TemporaryDirectory(prefix="branchy-gramine-bench-") as tmp:
+        work = Path(tmp)
+        os.environ["XDG_CONFIG_HOME"] = str(work / "config")
+        w = _prepare(work, run_dir)
+        r: dict = {"model": str(run_dir), "native": {}, "direct": {}}
+        with (
+            start_broker(
+                work / "mo.key",
+                {**w["policy"], "allowed_data_owners": [w["ids"]["do"]]},
+                identity=work / "mo.id",
+                port=w["port"],
+            ),
+            start_broker(work / "do.key", w["policy"], identity=work / "do.id") as do,
+        ):
+            for backend in ("native", "direct"):  # one after the other, the same requests
+                for mode, full in (("early_exit", False), ("full_model", True)):
+                    r[backend][mode] = _measure(work, backend, full, do.url)
+                    print(f"{backend:>6} {mode:<10} {r[backend][mode]}", flush=True)
+        detail = w["cfg"].enclave_size_detail
+    for b in ("native", "direct"):
+        e, f = r[b]["early_exit"], r[b]["full_model"]
+        r[b]["batch1_speedup"] = round(f["batch1_latency_ms"] / e["batch1_latency_ms"], 3)
+        r[b]["batch128_speedup"] = round(e["batch128_samples_per_s"] / f["batch128_samples_per_s"], 3)
+    vm = max(r["direct"][m]["vm_peak_mib"] for m in ("early_exit", "full_model"))
+    r["enclave_size"] = {
+        "from_native_peak": w["cfg"].enclave_size,
+        "native_detail": detail,
+        "gramine_vm_peak_mib": vm,
+        "from_gramine_vm_peak": size_string(next_power_of_two(int(vm * MIB))),
+    }
+    print(json.dumps({k: r[k] for k in ("native", "direct", "enclave_size")}, indent=1))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(r, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main_())
