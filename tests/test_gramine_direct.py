@@ -148,8 +148,33 @@ def gramine(world: World, *args: str, env: dict | None = None) -> subprocess.Com
     )
 
 
-def _predict_args(world: World, data_broker: str, *extra: str) -> list[str]:
-    return ["--bundle", str(world.d / "model.btee"), "--data-broker", data_broker, "--quiet", *extra]
+def _predict_args(world: World, data_broker: str, output: str, *extra: str, request: Path | None = None) -> list[str]:
+    request = request or world.d / "io" / "req.enc"
+    return [
+        "--bundle",
+        str(world.d / "model.btee"),
+        "--input",
+        str(request),
+        "--output",
+        str(world.d / "io" / output),
+    ] + [
+        "--data-broker",
+        data_broker,
+        "--quiet",
+        *extra,
+    ]
+
+
+def _predict_with_brokers(world: World, output: str, *extra: str, request: Path | None = None):
+    """predict under gramine-direct, with both brokers running."""
+    mo, do = world.brokers()
+    with mo, do:
+        return gramine(world, *_predict_args(world, do.url, output, *extra, request=request))
+
+
+def _error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """What the enclave printed besides the simulation warnings and its progress."""
+    return [line for line in done.stdout.strip().splitlines() if not line.startswith(("!!", "[enclave]"))]
 
 
 def test_a_trusted_file_changed_after_the_build_is_refused_by_gramine(world):
@@ -171,14 +196,10 @@ def test_a_file_outside_the_manifest_is_refused_by_gramine_in_one_line(world):
     extra = world.d / "model.btee" / "extra.enc"
     shutil.copy(world.d / "io" / "req.enc", extra)
     try:
-        mo, do = world.brokers()
-        with mo, do:
-            done = gramine(
-                world, *_predict_args(world, do.url, "--input", str(extra), "--output", str(world.d / "io" / "x.res"))
-            )
+        done = _predict_with_brokers(world, "x.res", request=extra)
     finally:
         extra.unlink()
-    err = [line for line in done.stdout.strip().splitlines() if not line.startswith(("!!", "[enclave]"))]
+    err = _error_lines(done)
     assert done.returncode == 1 and len(err) == 1 and "Permission denied" in err[0], done.stdout
     assert "cannot read request" in err[0] and "Traceback" not in done.stdout
 
@@ -192,10 +213,8 @@ def test_the_hosts_environment_does_not_reach_the_enclave(world):
         "PYTHONPATH": str(world.d),
         "PYTHONSTARTUP": str(world.d / "sitecustomize.py"),
     }
-    out = ["--output", str(world.d / "io" / "p.res"), "--plaintext-result", str(world.d / "io" / "p.txt")]
-    done = gramine(
-        world, *_predict_args(world, "http://127.0.0.1:9", "--input", str(world.d / "io" / "req.enc"), *out), env=host
-    )
+    out = ["p.res", "--plaintext-result", str(world.d / "io" / "p.txt")]
+    done = gramine(world, *_predict_args(world, "http://127.0.0.1:9", *out), env=host)
     assert done.returncode == 2 and "--plaintext-result is refused" in done.stdout, done.stdout
     assert "host code ran" not in done.stdout and not (world.d / "io" / "p.txt").exists()
 
@@ -216,24 +235,10 @@ def test_a_tampered_stage_is_refused_as_tampering(world, tmp_path, capfd):
     flipped[len(flipped) // 2] ^= 0x01
     try:
         stage.write_bytes(bytes(flipped))
-        mo, do = world.brokers()
-        with mo, do:
-            # --full-model: every sample needs stage 1
-            done = gramine(
-                world,
-                *_predict_args(
-                    world,
-                    do.url,
-                    "--input",
-                    str(world.d / "io" / "req.enc"),
-                    "--output",
-                    str(world.d / "io" / "t.res"),
-                    "--full-model",
-                ),
-            )
+        done = _predict_with_brokers(world, "t.res", "--full-model")  # every sample needs stage 1
     finally:
         stage.write_bytes(original)
-    err = [line for line in done.stdout.strip().splitlines() if not line.startswith(("!!", "[enclave]"))]
+    err = _error_lines(done)
     assert done.returncode == 1 and len(err) == 1 and "stage-01.bin" in err[0], done.stdout
     assert "tamper" in err[0].lower() or "authentic" in err[0].lower(), err[0]
     assert not (world.d / "io" / "t.res").exists()
@@ -241,26 +246,8 @@ def test_a_tampered_stage_is_refused_as_tampering(world, tmp_path, capfd):
 
 def test_a_run_under_a_memory_budget_loads_and_evicts_inside_the_libos(world):
     stats = world.d / "io" / "budget.json"
-    mo, do = world.brokers()
-    with mo, do:
-        done = gramine(
-            world,
-            *_predict_args(
-                world,
-                do.url,
-                "--input",
-                str(world.d / "io" / "req.enc"),
-                "--output",
-                str(world.d / "io" / "b.res"),
-                "--full-model",
-                "--memory-budget",
-                "0.28",
-                "--batch-size",
-                "1",
-                "--stats-json",
-                str(stats),
-            ),
-        )
+    budget = ["--full-model", "--memory-budget", "0.28", "--batch-size", "1", "--stats-json", str(stats)]
+    done = _predict_with_brokers(world, "b.res", *budget)
     assert done.returncode == 0, done.stdout
     s = json.loads(stats.read_text())
     weights = sum(
