@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from branchy_tee.cli import main
 from branchy_tee.client.envelopes import seal_request
 from branchy_tee.core.fileio import atomic_write_text, write_key_file
 from branchy_tee.core.keys import generate_key
+from branchy_tee.demo.common import free_port
 from branchy_tee.evaluate.exits import load_split
 from branchy_tee.gramine.config import load_config
 from branchy_tee.gramine.measure import MIB, next_power_of_two, size_string
@@ -48,12 +48,6 @@ from branchy_tee.tee.attest.providers import code_measurement, simulated_mrencla
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"one": 1, "batch1": 256, "batch128": 1024}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _vm_peak_kib(pid: int) -> int:
@@ -108,7 +102,7 @@ def _prepare(work: Path, run_dir: Path) -> dict:
         x = torch.stack([test[i][0] for i in range(n)])
         (work / "io" / f"{name}.enc").write_bytes(seal_request(x, data_key))
     ids = {p: identity_hex(create_identity(work / f"{p}.id")) for p in ("mo", "do")}
-    port = _free_port()
+    port = free_port()
     build = [
         "enclave",
         "build",

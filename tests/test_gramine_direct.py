@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 
 from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
+from branchy_tee.demo.common import free_port
 from branchy_tee.gramine.config import load_config
 from branchy_tee.tee.attest.identity import create_identity, identity_hex
 from branchy_tee.tee.attest.providers import code_measurement, simulated_mrenclave
@@ -28,12 +28,6 @@ from runs import keygen, make_random_run
 pytestmark = [pytest.mark.gramine, pytest.mark.enclave]
 
 ENV_DIR = Path(__file__).resolve().parents[1] / ".enclave-env"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -69,7 +63,7 @@ def world(tmp_path_factory, enclave_env):
             keygen(d / f"{p}.key")
             ids[p] = identity_hex(create_identity(d / f"{p}.id"))
         assert main(["seal", str(d / "run"), "--key", str(d / "mo.key"), "--out", str(d / "model.btee")]) == 0
-        port = _free_port()
+        port = free_port()
         (d / "io").mkdir()
         build = ["enclave", "build", "--bundle", str(d / "model.btee"), "--out", str(d / "enclave")]
         build += ["--attest", "simulated", "--env", str(ENV_DIR), "--enclave-size", "1G", "--io-dir", str(d / "io")]
@@ -279,7 +273,7 @@ def test_serve_answers_query_and_the_client_over_ra_tls_under_gramine_direct(wor
     (tmp_path / "policy.toml").write_text(
         f"allowed_mrenclave = {json.dumps(world.policy['allowed_mrenclave'])}\nallow_simulation = true\n"
     )
-    port = _free_port()
+    port = free_port()
     started = time.time()
     mo, _ = world.brokers()
     with mo:
