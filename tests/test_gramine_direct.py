@@ -19,7 +19,9 @@ import pytest
 from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
 from branchy_tee.demo.common import free_port
+from branchy_tee.gramine import direct_peak
 from branchy_tee.gramine.config import load_config
+from branchy_tee.gramine.measure import parse_size
 from branchy_tee.tee.attest.identity import create_identity, identity_hex
 from branchy_tee.tee.attest.providers import code_measurement, simulated_mrenclave
 from enclave_tools import gramine_direct
@@ -198,6 +200,24 @@ def test_a_file_outside_the_manifest_is_refused_by_gramine_in_one_line(world):
     assert "cannot read request" in err[0] and "Traceback" not in done.stdout
 
 
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        ("truncated", "tampered"),  # the request cut short by the host: refused as tampering
+        ("--batch-size=0", "--batch-size"),  # predict's own argument checks, inside the LibOS
+    ],
+)
+def test_bad_input_is_one_line_without_a_traceback_inside_the_libos(world, bad, expected):
+    request = world.d / "io" / "cut.enc"
+    request.write_bytes((world.d / "io" / "req.enc").read_bytes()[:-7])
+    extra = [bad] if bad.startswith("--") else []
+    done = _predict_with_brokers(world, "cut.res", *extra, request=request if not extra else None)
+    err = _error_lines(done)
+    assert done.returncode in (1, 2) and len(err) == 1 and expected in err[0], done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not (world.d / "io" / "cut.res").exists()
+
+
 def test_the_hosts_environment_does_not_reach_the_enclave(world):
     """BRANCHY_TEE_ALLOW_PLAINTEXT=1 and PYTHONPATH in the host's environment: Gramine passes only the
     manifest's loader.env, so plaintext results stay refused (by the enclave itself, in one line)."""
@@ -249,6 +269,24 @@ def test_a_run_under_a_memory_budget_loads_and_evicts_inside_the_libos(world):
     )
     assert s["resident_weights_peak_mib"] * 2**20 < weights  # never all stages at once
     assert s["evictions"] > 0 and s["stage_loads"] > len(s["stages_loaded"])
+
+
+def test_the_enclave_size_is_derived_from_gramines_own_vm_peak_too(world, tmp_path, capsys):
+    """Without --enclave-size the build also runs the stand-in inside gramine-direct: the Gramine
+    process's VmPeak (the LibOS and PAL around the runtime) sizes the enclave beside the native run."""
+    out = tmp_path / "sized"
+    build = ["enclave", "build", "--bundle", str(world.d / "model.btee"), "--out", str(out), "--attest", "simulated"]
+    assert main([*build, "--env", str(ENV_DIR), "--io-dir", str(world.d / "io"), "--batch-size", "32"]) == 0
+    d = load_config(out).enclave_size_detail
+    g = d["gramine_direct"]
+    assert g is not None and g["samples"] == d["samples"] == 64
+    assert g["vm_peak"] > 100 * 2**20  # the Gramine process itself (Python + ONNX Runtime alone are more)
+    assert g["terms"]["gramine"] == direct_peak.SGX_ONLY_SHARE
+    chosen = parse_size(load_config(out).enclave_size)
+    assert chosen == max(d["enclave_size"], g["enclave_size"]) and chosen >= g["need"]
+    printed = capsys.readouterr().out
+    assert "under gramine-direct: VmPeak" in printed
+    print(f"VmPeak native {d['vm_peak'] / 2**20:.0f} MiB, gramine-direct {g['vm_peak'] / 2**20:.0f} MiB")
 
 
 def _host_files_with_a_private_key(roots: list[Path], since: float) -> list[str]:

@@ -363,6 +363,16 @@ def _print_enclave_size(s: dict) -> None:
         f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, "
         f"{d['spare'] / mib:.0f} MiB spare"
     )
+    g = d.get("gramine_direct")
+    if g is None:
+        print("  (gramine-direct not installed: sized from the native run only)")
+        return
+    print(
+        f"  under gramine-direct: VmPeak {g['vm_peak'] / mib:.0f} MiB{' (measured earlier)' if g['cached'] else ''} "
+        f"+ margin {g['margin'] / mib:.0f} MiB (inputs {g['terms']['inputs_not_run'] / mib:.0f}, waiting samples "
+        f"{g['terms']['parked_samples'] / mib:.0f}, SGX-only {g['terms']['gramine'] / mib:.0f}) = "
+        f"{g['need'] / mib:.0f} MiB -> {g['enclave_size_str']}; the larger of the two is used"
+    )
 
 
 def cmd_enclave_run(args) -> int:

@@ -64,6 +64,7 @@ from branchy_tee.gramine import MANIFEST_NAME, measure
 from branchy_tee.gramine import env as enclave_env
 from branchy_tee.gramine.config import CONFIG, ENTRIES, EnclaveConfig, load_config, manifest_defines, manifest_env  # noqa: F401 (re-exported)
 from branchy_tee.gramine.libraries import system_libraries
+from branchy_tee.gramine.sizing import sized
 from branchy_tee.gramine.tools import (
     INSTALL_HINT,
     MANIFEST,
@@ -325,7 +326,7 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
         signing_key=signing_key,
         dev_key_dir=_dev_key_dir(opts, io_dirs),
     )
-    return _sized(cfg, header, given_size, log)
+    return sized(cfg, header, given_size, entry_script(env.python, "predict"), log)
 
 
 def _dev_key_dir(opts: BuildOptions, io_dirs: list[str]) -> str:
@@ -342,15 +343,6 @@ def _dev_key_dir(opts: BuildOptions, io_dirs: list[str]) -> str:
         raise UsageError(f"the development key's folder {d} overlaps a data directory; move one of them")
     load_or_create_dev_key(d)
     return d
-
-
-def _sized(cfg: EnclaveConfig, header: BundleHeader, given_size: int | None, log) -> EnclaveConfig:
-    """sgx.enclave_size: as given, or from the runtime's peak memory measured natively."""
-    if given_size:
-        return cfg.replace(enclave_size=measure.size_string(given_size), enclave_size_detail={"given": True})
-    peak = measure.measure_peak(header, cfg.interpreter, cfg.env_dir, cfg.env, cfg.batch_size, cfg.max_samples, log)
-    sizing = measure.enclave_size(header, peak, cfg.max_samples)
-    return cfg.replace(enclave_size=sizing["enclave_size_str"], enclave_size_detail={"given": False, **peak, **sizing})
 
 
 def _max_threads(opts: BuildOptions, num_stages: int) -> int:

@@ -153,12 +153,15 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
     return env
 
 
+def loader_env_toml(env: dict[str, str]) -> str:
+    """loader.env as a TOML inline table: every value is a checked path, URL, hex or number (no quotes)."""
+    return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items()) + " }"
+
+
 def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
     """The template's values, as the strings gramine-manifest's -D options carry."""
-    env = manifest_env(cfg)
     return {
-        # loader.env as a TOML inline table: every value is a checked path, URL, hex or number (no quotes)
-        "loader_env": "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items()) + " }",
+        "loader_env": loader_env_toml(manifest_env(cfg)),
         "log_level": "warning" if cfg.debug else "error",
         "launcher": cfg.launcher,
         "python": cfg.interpreter,

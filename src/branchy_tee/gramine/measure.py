@@ -117,20 +117,39 @@ def measurement_environment(loader_env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in loader_env.items() if k != "BRANCHY_TEE_ENCLAVE"}
 
 
-def _cache_key(
-    header: BundleHeader, python: str, env_record: dict, loader_env: dict, batch_size: int, samples: int
-) -> str:
-    what = {
+def cache_what(
+    header: BundleHeader, python: str, env_dir: str, loader_env: dict, batch_size: int, samples: int
+) -> dict:
+    """Everything a measured peak depends on: a result for the same values is reused."""
+    record = json.loads((Path(env_dir) / "branchy-tee-env.json").read_text())
+    return {
         "runner": hashlib.sha256(RUNNER.read_bytes()).hexdigest(),
         "python": python,
-        "env": env_record,
+        "env": {k: record.get(k) for k in ("spec", "files_sha256", "package_sha256")},
         "header": {**header.facts_json(), "chunk_size": header.chunk_size},
         "stages": [(s.plaintext_size, s.weight_bytes) for s in header.stages],
         "loader_env": measurement_environment(loader_env),
         "batch_size": batch_size,
         "samples": samples,
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def cached(env_dir: str, what: dict, compute) -> dict:
+    """``compute()``'s result for ``what``, reused from ENV/branchy-tee-sizes.json when measured before."""
+    from branchy_tee.core.fileio import atomic_write_text
+
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    cache_file = Path(env_dir) / CACHE
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    if key in cache:
+        return {**cache[key], "cached": True}
+    result = compute()
+    cache[key] = result
+    atomic_write_text(cache_file, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    return {**result, "cached": False}
 
 
 def measure_peak(
@@ -142,28 +161,13 @@ def measure_peak(
     max_samples: int,
     log=lambda msg: None,
 ) -> dict:
-    """Run the runtime once (see the module docstring); returns VmPeak, VmHWM and the samples run.
-    A result for the same environment, architecture, settings and runner is reused from
-    ENV/branchy-tee-sizes.json."""
-    from branchy_tee.core.fileio import atomic_write_text
-
+    """Run the runtime once (see the module docstring); returns VmPeak, VmHWM and the samples run."""
     samples = min(max_samples, 2 * batch_size)
-    record = json.loads((Path(env_dir) / "branchy-tee-env.json").read_text())
-    key = _cache_key(
-        header,
-        python,
-        {k: record.get(k) for k in ("spec", "files_sha256", "package_sha256")},
-        loader_env,
-        batch_size,
-        samples,
-    )
-    cache_file = Path(env_dir) / CACHE
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    if key in cache:
-        return {**cache[key], "cached": True}
+    what = cache_what(header, python, env_dir, loader_env, batch_size, samples)
+    return cached(env_dir, what, lambda: _measure(header, python, loader_env, batch_size, samples, log))
+
+
+def _measure(header: BundleHeader, python: str, loader_env: dict, batch_size: int, samples: int, log) -> dict:
     log(
         f"measuring the runtime's peak memory: {header.arch}, {samples} samples at batch size {batch_size}, "
         "random weights, in the enclave environment"
@@ -189,20 +193,18 @@ def measure_peak(
             f"the runtime failed in the enclave environment while measuring its memory (exit "
             f"{proc.returncode}): {lines[-1] if lines else 'no output'}"
         )
-    result = {"vm_peak": status["VmPeak"], "vm_hwm": status["VmHWM"], "samples": samples, "batch_size": batch_size}
-    cache[key] = result
-    atomic_write_text(cache_file, json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    return {**result, "cached": False}
+    return {"vm_peak": status["VmPeak"], "vm_hwm": status["VmHWM"], "samples": samples, "batch_size": batch_size}
 
 
-def enclave_size(header: BundleHeader, measured: dict, max_samples: int) -> dict:
-    """The terms of ``need`` (module docstring), bytes, and the size chosen."""
+def enclave_size(header: BundleHeader, measured: dict, max_samples: int, gramine_share: int = GRAMINE_SHARE) -> dict:
+    """The terms of ``need`` (module docstring), bytes, and the size chosen. ``gramine_share``: what
+    Gramine adds beyond the measured run (less when that run was inside Gramine: ``direct_peak``)."""
     input_bytes = 4 * math.prod(header.preprocessing.input_shape)
     terms = {
         "measured_peak": measured["vm_peak"],
         "inputs_not_run": INPUT_COPIES * max(0, max_samples - measured["samples"]) * input_bytes,
         "parked_samples": measured["batch_size"] * activation_bytes_per_sample(header),
-        "gramine": GRAMINE_SHARE,
+        "gramine": gramine_share,
     }
     need = sum(terms.values())
     size = max(MIN_ENCLAVE, next_power_of_two(need))
