@@ -20,6 +20,7 @@ from branchy_tee.core.errors import BranchyError, UsageError
 from branchy_tee.gramine import build as eb
 from branchy_tee.gramine.launch import split_run_arguments
 from branchy_tee.gramine.tools import parse_sigstruct_view
+from branchy_tee.tee import measured
 from enclave_tools import ENCLAVE_ENV, encrypt_sealed_images, install_gramine_manifest
 
 BROKER_M = "http://127.0.0.1:8101"
@@ -272,13 +273,37 @@ def test_missing_template_values_fail_loudly(sealed, tmp_path, no_gramine):
 
 
 @pytest.mark.parametrize("option", ["--io-dir", "--stats-dir"])
-@pytest.mark.parametrize("folder", ["/tmp", "/"])
-def test_build_refuses_a_data_directory_over_the_enclaves_tmp(sealed, tmp_path, no_gramine, option, folder, capsys):
-    """The host proposes `--io-dir /tmp`: the manifest would mount the host's /tmp over the enclave's
-    in-memory one, where serve writes its TLS private key. Refused in one line; below /tmp is fine."""
+@pytest.mark.parametrize(
+    "folder, said",
+    [
+        ("/tmp", "in-memory /tmp"),
+        ("/", "in-memory /tmp"),
+        (measured.SECRETS_DIR, f"in-memory {measured.SECRETS_DIR}"),
+        ("/dev", "Gramine's /dev"),
+        ("/proc/self", "inside Gramine's /proc"),
+        ("/sys/kernel", "inside Gramine's /sys"),
+    ],
+)
+def test_build_refuses_a_data_directory_over_enclave_memory(sealed, tmp_path, no_gramine, option, folder, said, capsys):
+    """The host proposes `--io-dir /tmp` (or /, the secrets tmpfs, Gramine's pseudo-filesystems): the
+    manifest would mount a host folder where the enclave keeps memory-only files (serve's TLS private
+    key) or Gramine's own. Refused in one line; below /tmp is fine."""
     assert main(build_args(sealed, tmp_path / "enc", option, folder)) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "in-memory /tmp" in err
+    assert len(err.splitlines()) == 1 and said in err
+
+
+def test_the_tls_key_tmpfs_is_enclave_memory_and_nothing_covers_it(sealed, tmp_path, no_gramine):
+    """The manifest mounts the fixed secrets folder as a tmpfs; no host-backed mount is at, above or
+    below it (the TLS key is written there inside the enclave: tee/serve/https.py)."""
+    assert main(build_args(sealed, tmp_path / "enc", "--io-dir", str(tmp_path / "io"), "--serve")) == 0
+    mounts = tomllib.loads((tmp_path / "enc" / "branchy-tee.manifest").read_text())["fs"]["mounts"]
+    secrets = [m for m in mounts if m["path"] == measured.SECRETS_DIR]
+    assert secrets == [{"type": "tmpfs", "path": measured.SECRETS_DIR}]
+    for m in mounts:
+        if m.get("type") != "tmpfs":
+            p, s = Path(m["path"]), Path(measured.SECRETS_DIR)
+            assert p != s and p not in s.parents and s not in p.parents, m
 
 
 def test_build_refuses_data_directories_that_overlap_code(sealed, tmp_path, no_gramine, enclave_env, capsys):

@@ -29,8 +29,8 @@ from runs import keygen, make_random_run, reference_decisions, set_thresholds, s
 PARTIES = ("mo", "do1", "do2", "stranger")
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+@pytest.fixture(scope="module", name="world")
+def world_fixture(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CONFIG_HOME", str(d / "config"))
@@ -165,14 +165,15 @@ def test_evidence_copied_from_another_server_is_refused(world):
     )
     host_key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([])
+    g = x509.load_der_x509_certificate(genuine)
     forged = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(host_key.public_key())
         .serial_number(1)
-        .not_valid_before(ratls.NOT_BEFORE)
-        .not_valid_after(ratls.NOT_AFTER)
+        .not_valid_before(g.not_valid_before_utc)
+        .not_valid_after(g.not_valid_after_utc)
         .add_extension(x509.UnrecognizedExtension(ratls.RATLS_QUOTE_OID, evidence), critical=False)
         .sign(host_key, hashes.SHA256())
     ).public_bytes(serialization.Encoding.DER)
@@ -180,6 +181,98 @@ def test_evidence_copied_from_another_server_is_refused(world):
     assert ratls_verify.verify_server_certificate(genuine, policy).mrenclave == sim.mrenclave
     with pytest.raises(AttestationError, match="does not bind the key of the certificate"):
         ratls_verify.verify_server_certificate(forged, policy)
+
+
+def test_server_certificates_are_short_lived_and_the_client_checks_their_validity(world):
+    """A certificate whose key leaked once must stop working: serve's certificates live 20 minutes
+    from the enclave's clock, and the client refuses one that is expired, not yet valid, or valid
+    longer (a host's own certificate with genuine-looking evidence, valid for years)."""
+    import datetime
+
+    from branchy_tee.tee.attest import ratls
+    from branchy_tee.verifier import ratls as ratls_verify
+    from branchy_tee.verifier.policy import parse_policy
+
+    sim = SimulatedProvider()
+    policy = parse_policy(do_policy(world, allowed_mrenclave=[sim.mrenclave.hex()]))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    _, current = ratls.make_server_certificate(sim)
+    ratls_verify.verify_server_certificate(current, policy)
+    for when, why in ((now - datetime.timedelta(hours=1), "expired"), (now + datetime.timedelta(hours=1), "not yet")):
+        _, cert = ratls.make_server_certificate(sim, now=when)
+        with pytest.raises(AttestationError, match=why):
+            ratls_verify.verify_server_certificate(cert, policy)
+
+
+def test_the_client_shows_its_identity_only_to_the_attested_server(world):
+    """A server that answers the data owner's URL without the attested key (the host's own TLS
+    server asking for client certificates) never receives the data owner's certificate: the client
+    verifies the attestation on a connection without one, then pins exactly that certificate."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(minutes=10))
+        .sign(key, hashes.SHA256())
+    )
+    pem = world["d"] / "host-tls.pem"
+    pem.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        + cert.public_bytes(serialization.Encoding.PEM)
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pem)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cadata=cert.public_bytes(serialization.Encoding.PEM).decode())
+    seen: list = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(2.0)
+
+    def host_server() -> None:
+        while True:
+            try:
+                raw, _ = listener.accept()
+            except OSError:  # (the timeout: the client has given up)
+                return
+            try:
+                with ctx.wrap_socket(raw, server_side=True) as tls:
+                    seen.append(tls.getpeercert(binary_form=True))
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                seen.append("tls error")
+
+    host = threading.Thread(target=host_server, daemon=True)
+    host.start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    with Client(url, policy=do_policy(world), identity=world["d"] / "do1.id", retries=1) as c:
+        with pytest.raises(AttestationError):
+            c.predict(world["x"][:1])
+    host.join(10)
+    listener.close()
+    assert seen and all(s is None or s == "tls error" for s in seen), seen  # never a client certificate
+
+
+def test_the_server_makes_a_new_tls_key_at_every_renewal(world):
+    with Served(world, extra=("--renew", "0.2")) as s:
+        first = s.server.context
+        deadline = time.time() + 10
+        while s.server.context is first and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.server.context is not first
+        with s.client("do1") as c:
+            check_answers(world, c.predict(world["x"][:2]))
 
 
 # --------------------------------------------------------------------------- who may query
@@ -348,8 +441,8 @@ def test_the_benchmarks_batched_clients_send_batches_that_are_answered_whole(wor
             per_request=8,
         )
     assert not out["errors"] and len(out["latencies"]) > 1
-    assert out["batch_samples"] == [8] * len(out["latencies"])
-    assert s.server.metrics.samples == 8 * s.server.metrics.requests["ok"]
+    ok = s.server.metrics.requests["ok"]
+    assert s.server.metrics.samples == 8 * ok and s.server.batcher.batches == ok  # one whole batch each
 
 
 def test_bad_requests_are_one_line_4xx_and_the_server_keeps_serving(world):
@@ -483,6 +576,19 @@ def test_cli_query(world, capfd):
         )
         out = json.loads(capfd.readouterr().out)
         assert len(out) == 3 and {"label", "class_name", "confidence", "exit", "model"} <= set(out[0])
+        assert {r["attestation"] for r in out} == {"simulated"}
+        text = [
+            "query",
+            s.url,
+            str(world["d"] / "x.npy"),
+            "--policy",
+            str(pol),
+            "--identity",
+            str(world["d"] / "do1.id"),
+        ]
+        assert main(text) == 0
+        said = capfd.readouterr().out
+        assert "attestation SIMULATED" in said and "attestation verified" not in said  # never dressed up as a TEE
         assert (
             main(
                 [
@@ -586,6 +692,55 @@ def test_server_killed_under_load_gives_clear_errors_never_wrong_answers_and_cli
     assert stats["wrong"] == 0 and not stats["unclear"], stats
     assert stats["ok_before"] > 0 and stats["ok_after"] > 0 and stats["errors"] > 0, stats
     assert all(v >= 2 for v in stats["verifications"]), stats  # every client re-attested the new server
+
+
+@pytest.mark.parametrize("renew", ["inf", "nan", "1e9", "301", "0", "-1"])
+def test_the_hosts_renewal_period_is_capped_by_the_enclave(world, renew, capsys):
+    """`--renew 1e9` would keep a revoked data owner answered for ever, `inf` killed the renewal thread
+    and `nan` renewed in a busy loop: each is refused in one line before anything starts."""
+    argv = [
+        "--bundle",
+        str(world["d"] / "model.btee"),
+        "--listen",
+        "127.0.0.1:0",
+        "--attest",
+        "simulated",
+        "--quiet",
+        "--renew",
+        renew,
+    ]
+    assert srv.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--renew" in err and "300" in err
+
+
+def test_a_revoked_data_owner_is_refused_within_the_answer_budget_whatever_the_period(world, monkeypatch):
+    """The host passes the longest period (300 s) and the model owner removes data owner 1: after at
+    most Renewal.MAX_REQUESTS answers the server stops, renews at once, and refuses data owner 1."""
+    from branchy_tee.tee.serve.renewal import Renewal
+
+    monkeypatch.setattr(Renewal, "MAX_REQUESTS", 5)
+    with Served(world, extra=("--renew", "300")) as s:
+        port = int(s.broker.url.rsplit(":", 1)[1])
+        s.broker.stop()
+        s.broker = start_broker(
+            world["d"] / "mo.key",
+            do_policy(world, allowed_data_owners=[world["ids"]["do2"]]),
+            identity=world["d"] / "mo.id",
+            port=port,
+        )
+        answered = 0
+        with s.client("do1") as c:
+            for _ in range(20):
+                try:
+                    c.predict(world["x"][:1])
+                    answered += 1
+                except BranchyError:
+                    break
+        assert answered <= 5
+        assert s.server.allowed == {bytes.fromhex(world["ids"]["do2"])}
+        with s.client("do2") as c:
+            check_answers(world, c.predict(world["x"][:2]))
 
 
 def test_a_model_broker_gone_for_good_stops_the_answers_after_a_grace(world):

@@ -62,7 +62,9 @@ def add_query(sub) -> None:
     p.add_argument("--identity", required=True, metavar="FILE", help="your identity (`keygen --identity`)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument(
-        "--json", action="store_true", help="print a JSON list of {label, class_name, confidence, exit, model}"
+        "--json",
+        action="store_true",
+        help="print a JSON list of {label, class_name, confidence, exit, model, attestation}",
     )
     p.set_defaults(func=cmd_query)
 
@@ -76,7 +78,13 @@ def cmd_query(args) -> int:
         emit_json(results)
         return 0
     model = results[0]["model"]
-    print(f"answered by bundle {model['bundle_id']} (model version {model['model_version']}), attestation verified")
+    how = results[0]["attestation"]
+    verified = (
+        "attestation SIMULATED (development only: no TEE protected your images)"
+        if how == "simulated"
+        else f"attestation verified ({how})"
+    )
+    print(f"answered by bundle {model['bundle_id']} (model version {model['model_version']}), {verified}")
     for i, r in enumerate(results):
         print(f"{i:>6}  {r['class_name']:<16} confidence {r['confidence']:.3f}  exit {r['exit']}")
     return 0

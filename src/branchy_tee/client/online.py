@@ -6,12 +6,15 @@ sends anything.
         for r in c.predict(["shirt.png", "boot.jpg"]):
             print(r["class_name"], r["confidence"], r["exit"], r["model"]["bundle_id"])
 
-At every connection (including a reconnect, and every replica) the client takes the certificate the
-server presented in that very handshake, verifies its evidence (DCAP quote to Intel's root, with the
-policy's own collateral and the current time, or simulated evidence where the policy allows it),
-checks that REPORTDATA binds that certificate's public key, and judges the claims with the data
-owner's own policy (the same policy file and verifier its key broker uses). Only then does it send a
-request, authenticated with a client certificate made from the data owner's identity key.
+At every connection (including a reconnect, and every replica) the client first connects without
+a client certificate, takes the certificate the server presented, verifies its evidence (DCAP
+quote to Intel's root, with the policy's own collateral and the current time, or simulated evidence
+where the policy allows it), checks that REPORTDATA binds that certificate's public key, that the
+certificate is valid now and short-lived, and judges the claims with the data owner's own policy
+(the same policy file and verifier its key broker uses). Only then does it connect again, with a
+client certificate made from the data owner's identity key and that one server certificate as its
+only trust anchor: the identity never reaches a server that has not proved it holds the attested key.
+A connection is dropped before its certificate expires (serve renews it at every key renewal).
 
 Several URLs (replicas behind any load balancer, or listed here) are used in turn; a replica that
 fails or answers 503 is skipped for the next one, and each is verified on its own.
@@ -29,7 +32,6 @@ import time
 import urllib.parse
 from typing import Any, Iterable
 
-from branchy_tee.client.tls import client_context
 from branchy_tee.core.errors import AttestationError, BranchyError, UsageError, shown
 from branchy_tee.tee.serve.api import ModelInfo
 
@@ -83,6 +85,7 @@ class _Replica:
         self.url, self.host, self.port = url.rstrip("/"), parts.hostname, parts.port or 443
         self.conn: _Connection | None = None
         self.claims = None
+        self.expires = 0.0  # (time.time()) when the verified certificate of ``conn`` stops being valid
 
 
 class Client:
@@ -107,7 +110,6 @@ class Client:
 
         self.identity_hex = identity_hex(self.identity)
         self.timeout, self.retries = timeout, retries
-        self._ctx = client_context(self.identity)
         self._next = 0
         self._lock = threading.Lock()
         self._info: ModelInfo | None = None
@@ -116,27 +118,39 @@ class Client:
 
     # ---- connections
     def _connect(self, r: _Replica) -> _Connection:
-        from branchy_tee.verifier.ratls import verify_server_certificate
+        from branchy_tee.client.tls import anonymous_context, client_context
+        from branchy_tee.verifier.ratls import check_validity, verify_server_certificate
 
-        conn = _Connection(r.host, r.port, timeout=self.timeout, context=self._ctx)
         t0 = time.perf_counter()
+        first = _Connection(r.host, r.port, timeout=self.timeout, context=anonymous_context())
         try:
-            conn.connect()
+            first.connect()
+            cert = first.sock.getpeercert(binary_form=True)
+        finally:
+            first.close()
+        if not cert:
+            raise AttestationError(f"{r.url} presented no certificate")
+        r.claims = verify_server_certificate(cert, self.policy)
+        self.attest_seconds.append(time.perf_counter() - t0)
+        self.verifications += 1
+        conn = _Connection(r.host, r.port, timeout=self.timeout, context=client_context(self.identity, cert))
+        try:
+            conn.connect()  # OpenSSL refuses any certificate but the verified one before it sends ours
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # request headers and body: no Nagle wait
-            cert = conn.sock.getpeercert(binary_form=True)
-            r.claims = verify_server_certificate(cert, self.policy)
+            if conn.sock.getpeercert(binary_form=True) != cert:
+                raise AttestationError(f"{r.url} presented another certificate than the one just verified")
         except BaseException:
             conn.close()
             raise
-        self.attest_seconds.append(time.perf_counter() - t0)
-        self.verifications += 1
-        r.conn = conn
+        r.conn, r.expires = conn, check_validity(cert).timestamp()
         return conn
 
     def _call(
         self, r: _Replica, method: str, path: str, body: bytes | None, content_type: str
     ) -> tuple[int, bytes, http.client.HTTPMessage]:
         """(status, body, headers: case-insensitive ``.get``) of one request to ``r``."""
+        if r.conn is not None and time.time() > r.expires - 30:
+            self._drop(r)  # its certificate is about to expire: verify the server's current one
         for attempt in (0, 1):  # a kept-alive connection the server closed: reconnect (and re-verify) once
             conn = r.conn or self._connect(r)
             try:
@@ -210,7 +224,8 @@ class Client:
 
     def predict(self, images) -> list[dict[str, Any]]:
         """Answers for PNG/JPEG paths, PIL images, or an array/tensor of raw images (N, C, H, W) or
-        (N, H, W): each {label, class_name, confidence, exit, model}."""
+        (N, H, W): each {label, class_name, confidence, exit, model, attestation} (attestation: "sgx",
+        "tdx", or "simulated": development evidence, no TEE protected the images)."""
         from safetensors.numpy import save
 
         x = self._inputs(images)
@@ -218,7 +233,9 @@ class Client:
         results, model = doc.get("results"), doc.get("model")
         if not isinstance(results, list) or len(results) != len(x) or not isinstance(model, dict):
             raise BranchyError(f"{url}: malformed answer")
-        return [{**r, "model": model} for r in results]
+        claims = next(r.claims for r in self.replicas if r.url == url)
+        tee = claims.tee if claims is not None else None  # (set by the connection that answered)
+        return [{**r, "model": model, "attestation": tee} for r in results]
 
     def _inputs(self, images):
         import numpy as np

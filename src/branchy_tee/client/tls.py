@@ -15,15 +15,25 @@ from cryptography.x509.oid import NameOID
 from branchy_tee.tee.attest.ratls import NOT_AFTER, NOT_BEFORE, identity_name
 
 
-def client_context(identity) -> ssl.SSLContext:
-    """TLS 1.3, the data owner's identity as client certificate; the server's certificate is not
-    checked by a CA (it is self-signed): it is checked by its attestation, after the handshake."""
-    from cryptography.hazmat.primitives import serialization
-
+def anonymous_context() -> ssl.SSLContext:
+    """TLS 1.3 without a client certificate, accepting any server certificate: for the first
+    handshake, whose certificate is then judged by its attestation (and nothing is sent on it)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client_context(identity, server_cert_der: bytes) -> ssl.SSLContext:
+    """TLS 1.3, the data owner's identity as client certificate, and exactly one trusted server
+    certificate: the one whose attestation was verified. OpenSSL sends the identity only after the
+    server proved it holds that certificate's key, so no other server ever sees the identity."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # the pinned certificate is the server's name
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=server_cert_der)
     key_pem = identity.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

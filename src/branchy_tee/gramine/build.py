@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,7 @@ from branchy_tee.gramine import MANIFEST_NAME, measure
 from branchy_tee.gramine import env as enclave_env
 from branchy_tee.gramine.config import CONFIG, ENTRIES, EnclaveConfig, load_config, manifest_defines, manifest_env  # noqa: F401 (re-exported)
 from branchy_tee.gramine.libraries import system_libraries
+from branchy_tee.gramine.paths import BAD_PATH, abs_path, check_data_dir, overlaps
 from branchy_tee.gramine.sizing import sized
 from branchy_tee.gramine.tools import (
     INSTALL_HINT,
@@ -167,28 +167,11 @@ def entry_script(python: str, entry: str = "predict") -> str:
 
 
 # --------------------------------------------------------------------------- values
-_BAD_PATH = re.compile(r"[\"'\\$:\x00-\x1f\x7f]")
-
-
-def _abs_path(path: str, what: str) -> str:
-    p = os.path.abspath(os.path.expanduser(path))
-    if _BAD_PATH.search(p):
-        raise UsageError(
-            f"{what} {p!r}: quotes, backslashes, '$', ':' and control characters are not supported in enclave paths"
-        )
-    return p
-
-
 def _check_url(url: str, what: str) -> str:
     problem = measured.broker_url_problem(url)
     if problem:
         raise UsageError(f"{what} {url!r} {problem}")
     return url
-
-
-def _overlaps(a: str, b: str) -> bool:
-    pa, pb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
-    return pa == pb or pa in pb.parents or pb in pa.parents
 
 
 def default_signing_key() -> str:
@@ -238,33 +221,27 @@ def _check_options(opts: BuildOptions, header: BundleHeader) -> tuple[str, str, 
 
 def _paths(opts: BuildOptions, out: str, bundle: str) -> tuple[list[str], str, str | None, str]:
     """(data directories, the enclave environment, the broker CA, the signing key), checked."""
-    io_dirs = [_abs_path(d, "--io-dir") for d in opts.io_dirs] or [os.path.join(out, "io")]
-    io_dirs = list(dict.fromkeys(io_dirs + [_abs_path(d, "--stats-dir") for d in opts.stats_dirs]))
+    io_dirs = [abs_path(d, "--io-dir") for d in opts.io_dirs] or [os.path.join(out, "io")]
+    io_dirs = list(dict.fromkeys(io_dirs + [abs_path(d, "--stats-dir") for d in opts.stats_dirs]))
     broker_ca = None
     if opts.broker_ca:
-        broker_ca = _abs_path(opts.broker_ca, "--broker-ca")
+        broker_ca = abs_path(opts.broker_ca, "--broker-ca")
         if not Path(broker_ca).is_file():
             raise BranchyError(f"--broker-ca {broker_ca}: no such file")
     for d in [bundle, *io_dirs]:
-        # A host folder mounted at /tmp (or above it) replaces the enclave's in-memory /tmp, where serve
-        # writes its TLS private key for the ssl module to load: the host would read the key.
-        if _overlaps(d, "/tmp") and not d.startswith("/tmp/"):
-            raise UsageError(
-                f"{d} would mount the host's folder over the enclave's in-memory /tmp (where its TLS key "
-                "lives): give a folder below /tmp, or elsewhere"
-            )
-    env_dir = _abs_path(opts.env, "--env")
+        check_data_dir(d)
+    env_dir = abs_path(opts.env, "--env")
     launcher = os.path.join(out, f"{MANIFEST_NAME}-{'serve' if opts.serve else 'predict'}")
     for d in [bundle, *io_dirs]:
         for t in [env_dir, launcher] + ([broker_ca] if broker_ca else []):
-            if _overlaps(d, t):
+            if overlaps(d, t):
                 raise UsageError(
                     f"data directory {d} overlaps the trusted code/configuration path {t}; "
                     "keep bundles, requests and results apart from the enclave environment "
                     "and the build directory's files"
                 )
-    signing_key = _abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
-    if _BAD_PATH.search(signing_key) or " " in signing_key:
+    signing_key = abs_path(opts.signing_key, "--signing-key") if opts.signing_key else default_signing_key()
+    if BAD_PATH.search(signing_key) or " " in signing_key:
         raise UsageError(f"--signing-key {signing_key!r}: spaces, quotes, '$' and ':' are not supported")
     return io_dirs, env_dir, broker_ca, signing_key
 
@@ -274,8 +251,8 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
     work out every value of the build (written to OUT/enclave.json)."""
     from branchy_tee.tee.sealed.bundle import HEADER_FILE, read_header_unverified
 
-    out = _abs_path(opts.out, "--out")
-    bundle = _abs_path(opts.bundle, "--bundle")
+    out = abs_path(opts.out, "--out")
+    bundle = abs_path(opts.bundle, "--bundle")
     header = read_header_unverified(bundle)
     model_broker, identity, data_brokers, min_version = _check_options(opts, header)
     given_size = measure.parse_size(opts.enclave_size) if opts.enclave_size else None
@@ -284,7 +261,7 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
     arch = f"/lib/{_multiarch()}"
     libs, search = system_libraries(env.python, env.dir, [arch, f"/usr{arch}"])
     for p in [env.python, env.home_lib, *libs]:
-        _abs_path(p, "Python path")
+        abs_path(p, "Python path")
     entry = "serve" if opts.serve else "predict"
     entry_script(env.python, entry)  # the interpreter's path must fit the entry script's first line
     cfg = EnclaveConfig(
@@ -337,9 +314,9 @@ def _dev_key_dir(opts: BuildOptions, io_dirs: list[str]) -> str:
     from branchy_tee.tee.attest.providers import default_dev_key_dir, load_or_create_dev_key
 
     d = str(default_dev_key_dir().resolve())
-    if _BAD_PATH.search(d) or " " in d:
+    if BAD_PATH.search(d) or " " in d:
         raise UsageError(f"the development key's folder {d!r}: spaces, quotes, '$' and ':' are not supported")
-    if any(_overlaps(d, io) for io in io_dirs):
+    if any(overlaps(d, io) for io in io_dirs):
         raise UsageError(f"the development key's folder {d} overlaps a data directory; move one of them")
     load_or_create_dev_key(d)
     return d

@@ -180,6 +180,7 @@ def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
         "bundle_dir": cfg.bundle,
         "bundle_files": ":".join(cfg.bundle_files),
         "io_dirs": ":".join(cfg.io_dirs),
+        "secrets_dir": measured.SECRETS_DIR,
     }
 
 

@@ -25,6 +25,11 @@ ALLOW_PLAINTEXT = "BRANCHY_TEE_ALLOW_PLAINTEXT"  # "1": --plaintext-result allow
 BROKER_CA = "BRANCHY_TEE_BROKER_CA"  # CA certificate for HTTPS brokers (a trusted file)
 DEV_KEY_DIR = "BRANCHY_TEE_DEV_KEY_DIR"  # simulated builds only: the dev attestation key's folder (trusted)
 
+# Not a variable: a fixed path the manifest mounts as an in-enclave tmpfs (never host-backed) and
+# the build refuses to mount anything over. The only place the enclave writes a secret to a file
+# (the ssl module loads the TLS key from files only).
+SECRETS_DIR = "/branchy-tee-secrets"
+
 NAMES = (
     ENCLAVE,
     ATTEST,

@@ -3,15 +3,39 @@ certificate checked against a data owner's policy."""
 
 from __future__ import annotations
 
+import datetime
+
 from cryptography import x509
 
 from branchy_tee.core.errors import AttestationError
 from branchy_tee.tee.attest.protocol import EvidenceType
 from branchy_tee.tee.attest.ratls import (
+    CLOCK_SKEW,
     MAX_EVIDENCE,
     RATLS_QUOTE_OID,
+    SERVER_CERT_LIFETIME,
     public_key_report_data,
 )
+
+
+def check_validity(cert_der: bytes, now: datetime.datetime | None = None) -> datetime.datetime:
+    """The server certificate's end of validity; AttestationError when, by the client's own clock,
+    it is expired or not yet valid, or valid for longer than serve ever makes one (a certificate
+    whose key leaked once would otherwise keep working)."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    cert = x509.load_der_x509_certificate(cert_der)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if end - start > SERVER_CERT_LIFETIME + CLOCK_SKEW:
+        raise AttestationError(
+            f"the server's certificate is valid for {end - start}, longer than the "
+            f"{SERVER_CERT_LIFETIME + CLOCK_SKEW} a branchy-tee server gives one: refused"
+        )
+    if not start - CLOCK_SKEW <= now <= end:
+        raise AttestationError(
+            f"the server's certificate is valid from {start:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC, "
+            f"and it is now {now:%Y-%m-%d %H:%M:%S} UTC here: expired or not yet valid"
+        )
+    return end
 
 
 def evidence_of(cert_der: bytes | None) -> tuple[str, bytes, bytes]:
@@ -49,6 +73,8 @@ def verify_server_certificate(cert_der: bytes | None, policy, *, now=None):
     from branchy_tee.verifier.evidence import verify_evidence
 
     kind, evidence, expected = evidence_of(cert_der)
+    assert cert_der is not None  # (evidence_of refuses None)
+    check_validity(cert_der, now)
     claims = verify_evidence(policy, kind, evidence, now=now)
     if not hmac.compare_digest(claims.report_data, expected):
         raise AttestationError(

@@ -41,6 +41,11 @@ _SERVER_NAME = x509.Name(
     [x509.NameAttribute(NameOID.COMMON_NAME, "RATLS"), x509.NameAttribute(NameOID.ORGANIZATION_NAME, "branchy-tee")]
 )
 MAX_EVIDENCE = 16 * 1024
+# A server certificate is valid for SERVER_CERT_LIFETIME from the enclave's clock (minus CLOCK_SKEW,
+# for clients whose clock is behind); serve makes a new key and certificate at every renewal (at
+# most every 300 s), and clients refuse certificates that are expired, not yet valid, or valid longer.
+SERVER_CERT_LIFETIME = datetime.timedelta(minutes=20)
+CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
 def public_key_report_data(public_key: CertificatePublicKeyTypes) -> bytes:
@@ -49,9 +54,12 @@ def public_key_report_data(public_key: CertificatePublicKeyTypes) -> bytes:
     return hashlib.sha256(spki).digest() + bytes(32)
 
 
-def make_server_certificate(provider: EvidenceSource) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+def make_server_certificate(
+    provider: EvidenceSource, now: datetime.datetime | None = None
+) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh key pair and a self-signed certificate (DER) with evidence from ``provider`` that binds
-    the key. The private key never leaves the enclave."""
+    the key, valid for SERVER_CERT_LIFETIME from ``now``. The private key never leaves the enclave."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP384R1())
     evidence = provider.evidence(public_key_report_data(key.public_key()))
     cert = (
@@ -60,8 +68,8 @@ def make_server_certificate(provider: EvidenceSource) -> tuple[ec.EllipticCurveP
         .issuer_name(_SERVER_NAME)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOT_BEFORE)
-        .not_valid_after(NOT_AFTER)
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + SERVER_CERT_LIFETIME)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=False)
         .add_extension(x509.UnrecognizedExtension(RATLS_QUOTE_OID, evidence), critical=False)
         .sign(key, hashes.SHA256())

@@ -8,16 +8,18 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import socket
 import ssl
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from branchy_tee.core.errors import shown
+from branchy_tee.tee import measured
+from branchy_tee.tee.serve.metrics import Metrics
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,7 +29,8 @@ if TYPE_CHECKING:
     from branchy_tee.tee.serve.batching import Batcher
     from branchy_tee.tee.serve.model import LoadedModel
 
-LATENCY_WINDOW = 4096  # recent requests the latency percentiles are computed over
+UNAUTHENTICATED_CONNECTIONS = 8  # at once, without a client certificate: they may only ask /v1/health
+_ASCII_DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 def parse_inputs(body: bytes, input_shape: Sequence[int], max_samples: int) -> np.ndarray:
@@ -55,62 +58,6 @@ def parse_inputs(body: bytes, input_shape: Sequence[int], max_samples: int) -> n
     return np.ascontiguousarray(x)
 
 
-# --------------------------------------------------------------------------- metrics
-class Metrics:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests = {"ok": 0, "refused": 0, "busy": 0, "error": 0}
-        self.samples = 0
-        self.latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.compute: deque[float] = deque(maxlen=LATENCY_WINDOW)
-        self.connections = 0
-        self.tls_failures = 0
-
-    def observe(
-        self, outcome: str, samples: int = 0, seconds: float | None = None, compute: float | None = None
-    ) -> None:
-        with self.lock:
-            self.requests[outcome] += 1
-            self.samples += samples
-            if seconds is not None:
-                self.latency.append(seconds)
-            if compute is not None:
-                self.compute.append(compute)
-
-    @staticmethod
-    def _quantiles(values: Iterable[float]) -> dict[str, float]:
-        v = sorted(values)
-        if not v:
-            return {}
-        return {q: v[min(len(v) - 1, int(float(q) * len(v)))] for q in ("0.5", "0.9", "0.99")}
-
-    def prometheus(self, exit_counts: list[int], queue: int) -> str:
-        with self.lock:
-            lines = ["# TYPE branchy_tee_requests_total counter"]
-            lines += [f'branchy_tee_requests_total{{outcome="{k}"}} {v}' for k, v in self.requests.items()]
-            lines += [
-                "# TYPE branchy_tee_samples_total counter",
-                f"branchy_tee_samples_total {self.samples}",
-                "# TYPE branchy_tee_exit_samples_total counter",
-            ]
-            lines += [f'branchy_tee_exit_samples_total{{exit="{k}"}} {n}' for k, n in enumerate(exit_counts)]
-            for name, values in (("request", self.latency), ("compute", self.compute)):
-                lines.append(f"# TYPE branchy_tee_{name}_seconds summary")
-                lines += [
-                    f'branchy_tee_{name}_seconds{{quantile="{q}"}} {v:.6f}' for q, v in self._quantiles(values).items()
-                ]
-                lines.append(f"branchy_tee_{name}_seconds_count {len(values)}")
-            lines += [
-                "# TYPE branchy_tee_queue_requests gauge",
-                f"branchy_tee_queue_requests {queue}",
-                "# TYPE branchy_tee_connections_total counter",
-                f"branchy_tee_connections_total {self.connections}",
-                "# TYPE branchy_tee_tls_failures_total counter",
-                f"branchy_tee_tls_failures_total {self.tls_failures}",
-            ]
-        return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------- HTTP
 class Handler(http.server.BaseHTTPRequestHandler):
     server: "Server"
@@ -122,6 +69,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.connection.settimeout(self.server.timeout_s)  # what StreamRequestHandler does with its timeout
+
+    def handle_one_request(self) -> None:
+        # One deadline for the request line, the headers and the body together (the socket's timeout
+        # is per read: a client dripping a byte every few seconds would never meet it).
+        self.server.set_deadline(self.connection)
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- the base class's name
         pass  # request lines carry host-visible paths only; per-request logs would also reveal timing detail
@@ -159,7 +112,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _authorise(self, who: str) -> bool:
         state = self.server.state
         if state != "ok":
-            self._error(503, state, f"the server is {state}", {"Retry-After": "5"} if state == "draining" else None)
+            retry = {"draining": "5", "renewing": "1"}.get(state)
+            self._error(503, state, f"the server is {state}", {"Retry-After": retry} if retry else None)
             return False
         identity = self._identity()
         allowed = self.server.owner_identities if who == "model owner" else self.server.allowed
@@ -171,39 +125,54 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return True
 
     def do_GET(self) -> None:  # noqa: N802 -- http.server's name
-        if self.path == "/v1/health":
-            self._reply(200, {"status": self.server.state, "queue": self.server.batcher.waiting})
+        if self.path == "/v1/health":  # anyone may ask: nothing about the load (the metrics are the model owner's)
+            self._reply(200, {"status": self.server.state})
         elif self.path == "/v1/model":
             if self._authorise("data owners on the model owner's allow-list"):
                 self._reply(200, self.server.model.info)
         elif self.path == "/v1/metrics":
             if self._authorise("model owner"):
-                text = self.server.metrics.prometheus(self.server.model.exit_counts, self.server.batcher.waiting)
+                b = self.server.batcher
+                text = self.server.metrics.prometheus(self.server.model.exit_counts, b.waiting, b.batches)
                 self._reply(200, text.encode(), content_type="text/plain; version=0.0.4")
         else:
             self._error(404, "not_found", f"no such endpoint {shown(self.path, 60)}")
 
     def do_POST(self) -> None:  # noqa: N802
         if self.path != "/v1/predict":
+            self.close_connection = True  # (its body is not read)
             self._error(404, "not_found", f"no such endpoint {shown(self.path, 60)}")
             return
         t0 = time.perf_counter()
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        # Who is asking, before a byte of the body is read: no certificate, or one not on the
+        # allow-list, gets its answer and the connection closed with the body unread.
+        if not self._authorise("data owners on the model owner's allow-list"):
             self.close_connection = True
-            self._error(411, "length_required", "send Content-Length")
             return
-        if int(length) > self.server.max_body:
+        length = self.headers.get("Content-Length") or ""
+        if not _ASCII_DIGITS.fullmatch(length):  # (str.isdigit() takes '²' and other digits int() refuses)
+            self.close_connection = True
+            self._error(411, "length_required", "send Content-Length (ASCII digits)")
+            return
+        n = int(length)
+        if n > self.server.max_body:
             self.close_connection = True
             self._error(413, "too_large", f"request body over {self.server.max_body} bytes")
-            self._discard_body(int(length))
+            self._discard_body(n)
             return
-        body = self._read_body(int(length))
-        if body is None:
+        if not self.server.reserve(n):
+            self.close_connection = True
+            self.server.metrics.observe("busy")
+            self._error(503, "busy", "too many request bytes in flight", {"Retry-After": "1"})
+            self._discard_body(n)  # (read and dropped, bounded: the client then reads the 503)
             return
-        if not self._authorise("data owners on the model owner's allow-list"):
-            return
-        self._predict(body, t0)
+        try:
+            body = self._read_body(n)
+            self.server.clear_deadline(self.connection)  # read in time: the answer may take longer
+            if body is not None:
+                self._predict(body, t0)
+        finally:
+            self.server.release(n)
 
     def _body_chunks(self, n: int, seconds: float) -> Iterator[bytes]:
         """The next ``n`` bytes of the body as they arrive; TimeoutError after ``seconds``,
@@ -264,20 +233,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         seconds = time.perf_counter() - t0
         s.metrics.observe("ok", len(x), seconds, job.compute_seconds)
-        self._reply(
-            200,
-            {
-                "model": s.model.identity,
-                "compute_seconds": round(job.compute_seconds, 6),
-                "batch_samples": job.batch_samples,
-                "results": results,
-            },
-        )
+        s.on_answer()
+        # Only this request's own figures: the batch it shared with other data owners (its size, its
+        # compute time) would tell them about each other's requests.
+        self._reply(200, {"model": s.model.identity, "samples": len(x), "results": results})
 
 
 class Server(http.server.ThreadingHTTPServer):
     """HTTPS with attested certificate; the TLS handshake runs in each connection's own thread, so a
-    client that stalls in the handshake holds only its own thread."""
+    client that stalls in the handshake holds only its own thread. At most ``max_connections``
+    connections at once (one thread each: the manifest's sgx.max_threads counts them), of which
+    UNAUTHENTICATED_CONNECTIONS without a client certificate; each request (from its connection's
+    acceptance, for the first) must arrive whole within ``timeout_s``; request bodies in flight hold
+    at most ``max_inflight`` bytes (each counted twice: the body and the array parsed from it)."""
 
     daemon_threads = True
     request_queue_size = 1024
@@ -294,17 +262,84 @@ class Server(http.server.ThreadingHTTPServer):
         timeout_s: float,
         max_body: int,
         max_request_samples: int,
+        max_connections: int,
+        max_inflight: int,
         log: Callable[[str], None],
     ) -> None:
         self.model, self.batcher, self.context = model, batcher, context
         self.allowed, self.owner_identities = frozenset(allowed), frozenset(owner)
         self.timeout_s, self.max_body, self.max_request_samples = timeout_s, max_body, max_request_samples
+        self.max_connections, self.max_inflight = max_connections, max_inflight
         self.answer_timeout = 600.0
         self.state = "ok"
+        self.on_answer: Callable[[], None] = lambda: None  # the renewal counts answers (tee.serve.renewal)
         self.metrics = Metrics()
         self.log = log
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._unauthenticated = 0
+        self._inflight = 0
+        self._deadlines: dict[ssl.SSLSocket, float] = {}
+        self._closed = threading.Event()
         super().__init__(address, Handler)
+        threading.Thread(target=self._enforce_deadlines, name="deadlines", daemon=True).start()
 
+    # ---- limits
+    def reserve(self, n: int) -> bool:
+        with self._lock:
+            if self._inflight + 2 * n > self.max_inflight:
+                return False
+            self._inflight += 2 * n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._lock:
+            self._inflight -= 2 * n
+
+    def set_deadline(self, sock: ssl.SSLSocket) -> None:
+        with self._lock:
+            self._deadlines[sock] = time.monotonic() + self.timeout_s
+
+    def clear_deadline(self, sock: ssl.SSLSocket) -> None:
+        with self._lock:
+            self._deadlines.pop(sock, None)
+
+    def _enforce_deadlines(self) -> None:
+        """Shut down connections whose request did not arrive in time: their blocked read returns."""
+        while not self._closed.wait(0.25):
+            now = time.monotonic()
+            with self._lock:
+                late = [sock for sock, t in self._deadlines.items() if t < now]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                self.metrics.deadline_closes += 1
+                try:
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            full = self._connections >= self.max_connections
+            if not full:
+                self._connections += 1
+        if full:  # no thread for it: closed at once
+            self.metrics.refused_connections += 1
+            self.shutdown_request(request)
+            return
+        self.set_deadline(request)  # the handshake and the first request
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.clear_deadline(request)
+            with self._lock:
+                self._connections -= 1
+
+    # ---- connections
     def get_request(self) -> tuple[ssl.SSLSocket, Any]:
         sock, addr = self.socket.accept()
         sock.settimeout(self.timeout_s)
@@ -320,7 +355,25 @@ class Server(http.server.ThreadingHTTPServer):
             self.metrics.tls_failures += 1  # malformed TLS, a refused client certificate, a stalled client
             _close_gently(request)
             return
-        super().finish_request(request, client_address)
+        anonymous = not request.getpeercert(binary_form=True)
+        if anonymous:
+            with self._lock:
+                full = self._unauthenticated >= UNAUTHENTICATED_CONNECTIONS
+                if not full:
+                    self._unauthenticated += 1
+            if full:
+                self.metrics.refused_connections += 1
+                return
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            if anonymous:
+                with self._lock:
+                    self._unauthenticated -= 1
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any) -> None:
         """One connection failed (reset mid-request, ...): count it, say what, keep serving."""
@@ -357,9 +410,13 @@ def tls_context(key: EllipticCurvePrivateKey, cert_der: bytes, anchors: list[byt
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    # The ssl module loads a certificate and key only from files. Inside Gramine /tmp is an in-enclave
-    # tmpfs (see the manifest), so the private key never reaches the host; the file is removed at once.
-    d = tempfile.mkdtemp(prefix="branchy-tee-tls-")
+    # The ssl module loads a certificate and key only from files. Inside the enclave they go to the
+    # manifest's in-enclave tmpfs, which nothing host-backed may cover (the build refuses it), so the
+    # private key never reaches the host; the file is removed at once. (Outside Gramine, e.g.
+    # `enclave run --backend native`, that folder does not exist and no enclave protects anything.)
+    d = tempfile.mkdtemp(
+        prefix="branchy-tee-tls-", dir=measured.SECRETS_DIR if os.path.isdir(measured.SECRETS_DIR) else None
+    )
     try:
         path = os.path.join(d, "tls.pem")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

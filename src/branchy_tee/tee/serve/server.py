@@ -14,22 +14,26 @@ refuses, so the model owner can revoke a data owner or the whole deployment.
 
 API (JSON unless said otherwise; errors are ``{"error": "<one line>", "code": "..."}``)::
 
-    GET  /v1/health    anyone           {"status": "ok" | "draining" | "revoked", "queue": n}
+    GET  /v1/health    anyone           {"status": "ok" | "draining" | "renewing" | "revoked"}
     GET  /v1/model     allowed owners   arch, classes, preprocessing, bundle id, model version, model key id
     POST /v1/predict   allowed owners   body: safetensors with one float32 tensor "inputs" (N, C, H, W)
-                                        -> {"model": {...}, "compute_seconds": s, "results": [{label,
+                                        -> {"model": {...}, "samples": n, "results": [{label,
                                             class_name, confidence, exit}, ...]}
     GET  /v1/metrics   the model owner  Prometheus text: requests, samples per exit, latency percentiles
 
 Requests are gathered into batches across connections and data owners (``tee.serve.batching``): at
 most ``--max-batch`` samples or ``--max-wait-ms`` of waiting. Beyond ``--max-queue`` waiting requests
-the answer is 503 with Retry-After. Bodies over ``--max-body`` are refused before they are read;
-slow clients time out (``--timeout``); SIGTERM/SIGINT finish what was accepted and refuse new work.
+the answer is 503 with Retry-After. The client's certificate is checked before any body byte is
+read; bodies over ``--max-body``, or beyond ``--max-inflight-mib`` of bodies in flight, are refused
+before they are read; a request must arrive whole within ``--timeout``; at most ``--max-connections``
+connections (8 without a certificate, which may only ask /v1/health). SIGTERM/SIGINT finish what
+was accepted and refuse new work.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import threading
@@ -57,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=300.0,
         metavar="SECONDS",
-        help="renew the model key and the allow-list from the model broker this often (default 300)",
+        help="renew the model key, the allow-list and the TLS certificate from the model broker this often "
+        "(default and most: 300)",
     )
     p.add_argument("--min-version", type=int, default=0, help="refuse bundles older than this model version")
     b = p.add_argument_group("batching and limits")
@@ -75,7 +80,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-request-samples", type=int, default=1024, help="samples per request (default 1024)")
     b.add_argument("--max-body", type=int, default=64 << 20, help="request body limit in bytes (default 64 MiB)")
     b.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds a client may take to send a request (default 30)"
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may take to send a whole request: line, headers and body (default 30)",
+    )
+    b.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="connections at once, one thread each (default 64; at most what the enclave was built for)",
+    )
+    b.add_argument(
+        "--max-inflight-mib",
+        type=int,
+        default=256,
+        help="request bytes being read or waiting, counted twice (body and array), before 503 (default 256)",
     )
     p.add_argument("--memory-budget", type=float, metavar="MiB", help="limit for resident weights + activations")
     p.add_argument("--full-model", action="store_true", help="ignore the exit thresholds (for comparisons)")
@@ -90,11 +110,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # --------------------------------------------------------------------------- running
 def _check_limits(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "max_batch", "max_queue", "max_request_samples", "max_body"):
+    for name in (
+        "batch_size",
+        "max_batch",
+        "max_queue",
+        "max_request_samples",
+        "max_body",
+        "max_connections",
+        "max_inflight_mib",
+    ):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_wait_ms < 0 or args.timeout <= 0 or args.renew <= 0:
-        raise UsageError("--max-wait-ms must not be negative; --timeout and --renew must be positive")
+    if not (args.max_wait_ms >= 0 and 0 < args.timeout < math.inf):
+        raise UsageError("--max-wait-ms must not be negative; --timeout must be a positive number of seconds")
+    if not 0 < args.renew <= Renewal.MAX_PERIOD:  # (NaN fails too)
+        raise UsageError(
+            f"--renew {args.renew}: give 0 < SECONDS <= {Renewal.MAX_PERIOD:.0f} (revocation reaches the "
+            "enclave within one renewal, so the enclave caps it)"
+        )
 
 
 def _load(args: argparse.Namespace, log: Log) -> tuple[AttestedKeys, str, LoadedModel]:
@@ -116,10 +149,7 @@ def _load(args: argparse.Namespace, log: Log) -> tuple[AttestedKeys, str, Loaded
 
 def start(args: argparse.Namespace, log: Log | None = None) -> tuple[Server, Callable[[], None]]:
     """Attest, load, and start serving in background threads; returns (server, stop function)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     from branchy_tee.core.commandline import parse_listen
-    from branchy_tee.tee.attest.ratls import make_server_certificate
     from branchy_tee.tee.graphs import use_threads
     from branchy_tee.tee.serve.batching import Batcher
     from branchy_tee.tee.serve.https import Server
@@ -131,11 +161,9 @@ def start(args: argparse.Namespace, log: Log | None = None) -> tuple[Server, Cal
     tune_allocator()
     use_threads(compute_threads(args.threads))
     keys, kid, model = _load(args, log)
-    tls_key, cert_der = make_server_certificate(keys.provider)
-    signer = Ed25519PrivateKey.generate()  # signs the anchors (OpenSSL does not check their signatures)
     owner, allowed = keys.model_broker_identity, frozenset(keys.allowed_data_owners or ())
     batcher = Batcher(model.answer, args.max_batch, args.max_wait_ms / 1000.0, args.max_queue)
-    tls = ServerTls(tls_key, cert_der, owner, signer)
+    tls = ServerTls.fresh(keys.provider, owner)
     server = Server(
         (host, port),
         model,
@@ -146,15 +174,19 @@ def start(args: argparse.Namespace, log: Log | None = None) -> tuple[Server, Cal
         timeout_s=args.timeout,
         max_body=args.max_body,
         max_request_samples=args.max_request_samples,
+        max_connections=args.max_connections,
+        max_inflight=args.max_inflight_mib << 20,
         log=log,
     )
     renewal = Renewal(server, keys, kid, tls, args.renew, log)
+    server.on_answer = renewal.answered
     threading.Thread(target=server.serve_forever, name="serve", daemon=True).start()
     threading.Thread(target=renewal.run, name="renew", daemon=True).start()
 
     def stop() -> None:
         server.state = "draining"
         renewal.stopping.set()
+        renewal.now.set()
         server.shutdown()  # no new connections; requests being read still reach the batcher
         batcher.stop()
         server.server_close()
