@@ -86,7 +86,7 @@ def _prepare(work: Path, run_dir: Path) -> dict:
         "--attest",
         "simulated",
     ]
-    build += ["--env", str(REPO / ".enclave-env"), "--io-dir", str(work / "io"), "--threads", "1"]
+    build += ["--env", str(REPO / ".enclave-env"), "--io-dir", str(work / "io"), "--threads", "1", "--allow-full-model"]
     build += ["--model-broker", f"http://127.0.0.1:{port}", "--model-broker-identity", ids["mo"]]
     if main(build) != 0:
         raise SystemExit("enclave build failed")

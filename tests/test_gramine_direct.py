@@ -69,6 +69,7 @@ def world(tmp_path_factory, enclave_env):
         (d / "io").mkdir()
         build = ["enclave", "build", "--bundle", str(d / "model.btee"), "--out", str(d / "enclave")]
         build += ["--attest", "simulated", "--env", str(ENV_DIR), "--enclave-size", "1G", "--io-dir", str(d / "io")]
+        build += ["--allow-full-model"]  # (the memory-budget and stage-loading cases compare with it)
         build += ["--model-broker", f"http://127.0.0.1:{port}", "--model-broker-identity", ids["mo"]]
         assert main(build) == 0
         assert main([*build[:5], str(d / "enclave-serve"), *build[6:], "--serve"]) == 0

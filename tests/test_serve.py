@@ -811,9 +811,11 @@ def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_t
         world["ids"]["mo"],
         tmp_path / "mo.toml",
         allowed_data_owners=[world["ids"]["do1"]],
-        allow_simulated=True,
+        consent=["simulated"],
     )
-    write_policy_from_release(tmp_path / "release.json", world["ids"]["mo"], tmp_path / "do.toml", allow_simulated=True)
+    write_policy_from_release(
+        tmp_path / "release.json", world["ids"]["mo"], tmp_path / "do.toml", consent=["simulated"]
+    )
     with start_broker(d / "mo.key", tmp_path / "mo.toml", identity=d / "mo.id", port=broker_port):
         proc = subprocess.Popen(
             [

@@ -644,7 +644,7 @@ def test_release_is_refused_for_an_enclave_that_pins_another_model_or_broker(wor
         )
         == 1
     )
-    assert "names a SIMULATED enclave" in capfd.readouterr().err and not (tmp_path / "p.toml").exists()
+    assert "did not consent to simulated attestation" in capfd.readouterr().err and not (tmp_path / "p.toml").exists()
 
 
 def test_decrypt_result_can_require_the_released_bundle(world, tmp_path, capfd):

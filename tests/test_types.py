@@ -171,7 +171,7 @@ def test_release_statement_round_trips_and_names_the_bad_member():
     from branchy_tee.gramine.release import ReleaseStatement
 
     doc = {
-        "format": "branchy-tee/release/v1",
+        "format": "branchy-tee/release/v2",
         "attest": "simulated",
         "mrenclave": "ab" * 32,
         "mrsigner": None,
@@ -185,10 +185,14 @@ def test_release_statement_round_trips_and_names_the_bad_member():
         "model_broker": "http://127.0.0.1:8000",
         "model_broker_identity": "5a" * 32,
         "manifest_sha256": None,
+        "measured": {"loader.env.BRANCHY_TEE_ATTEST": "simulated", "sgx.debug": False},
+        "dangerous": ["simulated"],
         "released_at": "2026-01-02T03:04:05Z",
         "model_owner": "5a" * 32,
     }
     s = ReleaseStatement.parse(dict(doc), "release.json")
     assert s.to_json() == doc and list(s.to_json()) == list(doc) and s.attest is EvidenceProvider.SIMULATED
+    with pytest.raises(BranchyError, match="'dangerous' does not name exactly"):
+        ReleaseStatement.parse({**doc, "dangerous": []}, "release.json")
     with pytest.raises(BranchyError, match="release.json: field 'isv_svn' must be a 16-bit number"):
         ReleaseStatement.parse({**doc, "isv_svn": 1 << 16}, "release.json")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from branchy_tee.cli.common import ENCLAVE_ENV, PROG, emit_json, progress, warn
 from branchy_tee.core.commandline import ArgumentParser
 from branchy_tee.gramine.launch import LaunchBackend
+from branchy_tee.gramine.statement import DANGEROUS
 from branchy_tee.gramine.tools import use_gramine
 from branchy_tee.tee.startup import add_trust_arguments
 
@@ -62,6 +64,12 @@ def _add_build_runtime(b: argparse.ArgumentParser) -> None:
     )
     b.add_argument(
         "--allow-plaintext-result", action="store_true", help="let predict --plaintext-result work in the enclave"
+    )
+    b.add_argument(
+        "--allow-full-model",
+        action="store_true",
+        help="let the host run --full-model (every sample through every stage, the thresholds ignored: for "
+        "comparisons); measured, and each owner's policy must consent",
     )
     b.add_argument(
         "--min-model-version",
@@ -225,11 +233,8 @@ def _add_policy(esub) -> None:
         metavar="HEX",
         help="(model owner's own policy) a data owner's identity that may use the model (repeatable)",
     )
-    pol.add_argument(
-        "--allow-simulated",
-        action="store_true",
-        help="accept a release statement for a SIMULATED enclave (development only: no TEE)",
-    )
+    for name, (_, what) in DANGEROUS.items():  # one consent flag per dangerous setting a release may name
+        pol.add_argument(f"--allow-{name}", action="store_true", help=f"consent to {what}")
     pol.add_argument("--json", action="store_true")
     pol.set_defaults(func=cmd_enclave_policy)
 
@@ -288,6 +293,7 @@ def _build_options(args):
         attest=args.attest,
         threads=args.threads,
         allow_plaintext_result=args.allow_plaintext_result,
+        allow_full_model=args.allow_full_model,
         min_model_version=args.min_model_version,
         signing_key=args.signing_key,
         io_dirs=args.io_dir,
@@ -400,6 +406,8 @@ def cmd_enclave_release(args) -> int:
     if args.json:
         emit_json(s.signed_json(signature))
         return 0
+    for name in s.dangerous:
+        print(f"branchy-tee: warning: {DANGEROUS[name][1]}: each owner's policy needs --allow-{name}", file=sys.stderr)
     print(f"wrote {args.out}: release statement signed by {s.model_owner}")
     print(f"  MRENCLAVE {s.mrenclave} ({s.attest})")
     print(f"  bundle {s.bundle_id} (model version {s.model_version}), model broker identity {s.model_broker_identity}")
@@ -416,7 +424,7 @@ def cmd_enclave_policy(args) -> int:
         accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
         collateral=args.collateral,
         allowed_data_owners=args.allowed_data_owner,
-        allow_simulated=args.allow_simulated,
+        consent=[n for n in DANGEROUS if getattr(args, f"allow_{n.replace('-', '_')}")],
     )
     if args.json:
         emit_json({"policy": args.out, "release": statement.to_json()})

@@ -147,6 +147,7 @@ class Demo:
                 io_dirs=[str(self.d / "io")],
                 threads=2,
                 enclave_size=enclave_size,
+                allow_full_model=True,  # the demo compares early exit with the full model
             )
         )
         self.enclave_size = built["enclave_size"]
@@ -170,14 +171,14 @@ class Demo:
             mo_id,
             self.d / "mo" / f"policy-{name}.toml",
             allowed_data_owners=[self.ids[w][1] for w in OWNERS],
-            allow_simulated=True,
+            consent=["simulated", "full-model"],
         )
         for who in OWNERS:
             write_policy_from_release(
                 self.d / "mo" / f"release-{name}.json",
                 mo_id,
                 self.d / who / f"policy-{name}.toml",
-                allow_simulated=True,
+                consent=["simulated", "full-model"],
             )
         say(
             "    data owners A and B verify it under the model owner's identity and write their policies from it; the "

@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import jinja2
 import tomllib
 
 from branchy_tee.core.choices import EvidenceProvider
@@ -64,6 +63,7 @@ from branchy_tee.gramine import env as enclave_env
 from branchy_tee.gramine.config import CONFIG, ENTRIES, EnclaveConfig, load_config, manifest_defines, manifest_env  # noqa: F401 (re-exported)
 from branchy_tee.gramine.libraries import system_libraries
 from branchy_tee.gramine.paths import BAD_PATH, abs_path, check_data_dir, overlaps
+from branchy_tee.gramine.render import DEBIAN_GRAMINE_RUNTIME, TEMPLATES, jinja_environment, render_manifest  # noqa: F401 (re-exported)
 from branchy_tee.gramine.sizing import sized
 from branchy_tee.gramine.tools import (
     INSTALL_HINT,
@@ -86,10 +86,7 @@ if TYPE_CHECKING:
     from branchy_tee.tee.sealed.header import BundleHeader
 
 MIB = 1 << 20
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 
-# gramine.runtimedir() of Gramine's Debian/Ubuntu packages: used only when gramine-manifest is absent.
-DEBIAN_GRAMINE_RUNTIME = "/usr/lib/x86_64-linux-gnu/gramine/runtime/glibc"
 SHEBANG_LIMIT = 256  # bytes of a script's first line that Gramine (like Linux) reads: INTERP_PATH_SIZE
 GRAMINE_HELPER_THREADS = 8  # Gramine's IPC/async/TLS helpers, Python's main thread, the memory sampler, headroom
 SERVER_THREADS = 2  # serve's batcher and key renewal (plus one per connection: --max-connections)
@@ -108,6 +105,7 @@ class BuildOptions:
     attest: str = EvidenceProvider.GRAMINE
     threads: int = 4
     allow_plaintext_result: bool = False
+    allow_full_model: bool = False  # the host may run --full-model, ignoring the model owner's thresholds
     min_model_version: int | None = None  # default: the bundle's model version
     signing_key: str | None = None
     io_dirs: list[str] = field(default_factory=list)  # default: OUT/io
@@ -122,32 +120,6 @@ class BuildOptions:
     enclave_size: str | None = None  # given instead of measured (e.g. to reproduce a build)
     serve: bool = False  # the entry point is `serve` (online) instead of `predict`
     max_connections: int = 64  # serve: concurrent connections (one thread each) the enclave has threads for
-
-
-# --------------------------------------------------------------------------- rendering
-def jinja_environment() -> jinja2.Environment:
-    """Like gramine-manifest's: StrictUndefined, so a missing value is an error, not an empty string."""
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-
-
-def render_manifest(
-    defines: dict[str, str], runtimedir: str = DEBIAN_GRAMINE_RUNTIME, template: str | os.PathLike[str] | None = None
-) -> str:
-    """Render the manifest template as gramine-manifest would, ``gramine.runtimedir()`` being
-    ``runtimedir``. Raises ``jinja2.UndefinedError`` when a value is missing."""
-    env = jinja_environment()
-    env.globals["gramine"] = {"runtimedir": lambda libc="glibc": runtimedir}
-    env.globals["env"] = dict(os.environ)
-    if template is None:
-        tpl = env.get_template(MANIFEST_TEMPLATE)
-    else:
-        tpl = env.from_string(Path(template).read_text())
-    return tpl.render(**defines)
 
 
 def _render(name: str, **values) -> str:
@@ -297,6 +269,7 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
         model_broker_identity=identity,
         data_brokers=tuple(data_brokers),
         allow_plaintext=opts.allow_plaintext_result,
+        allow_full_model=opts.allow_full_model,
         min_model_version=min_version,
         broker_ca=broker_ca,
         accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)),
@@ -414,6 +387,10 @@ def _warnings(cfg: EnclaveConfig) -> list[str]:
         warnings.append("--debug: a debug enclave's memory can be read by the host; policies keep allow_debug = false")
     if cfg.attest == EvidenceProvider.SIMULATED:
         warnings.append("--attest simulated: development only; brokers must set allow_simulation = true to accept it")
+    if cfg.allow_plaintext:
+        warnings.append("--allow-plaintext-result: the host may ask for results it can read; owners must consent")
+    if cfg.allow_full_model:
+        warnings.append("--allow-full-model: the host may ignore the model owner's thresholds; owners must consent")
     return warnings
 
 

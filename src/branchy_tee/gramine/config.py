@@ -22,7 +22,7 @@ from branchy_tee.core.errors import BranchyError
 from branchy_tee.tee import measured
 
 CONFIG = "enclave.json"
-CONFIG_FORMAT = "branchy-tee/enclave/v4"
+CONFIG_FORMAT = "branchy-tee/enclave/v5"
 ENTRIES = {"predict": "branchy_tee.tee.predict", "serve": "branchy_tee.tee.serve.server"}
 
 
@@ -60,6 +60,7 @@ class EnclaveConfig:
     model_broker_identity: str
     data_brokers: tuple[str, ...]
     allow_plaintext: bool
+    allow_full_model: bool
     min_model_version: int
     broker_ca: str | None
     accepted_tcb_statuses: tuple[str, ...]
@@ -145,6 +146,9 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
         measured.MODEL_KEY_ID: cfg.model_key_id,
         measured.MIN_MODEL_VERSION: str(cfg.min_model_version),
         measured.ALLOW_PLAINTEXT: "1" if cfg.allow_plaintext else "0",
+        measured.ALLOW_FULL_MODEL: "1" if cfg.allow_full_model else "0",
+        measured.ENTRY: cfg.entry,
+        measured.SETTINGS_DIGEST: settings_digest(cfg),
     }
     if cfg.broker_ca:
         env[measured.BROKER_CA] = cfg.broker_ca
@@ -160,8 +164,11 @@ def loader_env_toml(env: dict[str, str]) -> str:
 
 def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
     """The template's values, as the strings gramine-manifest's -D options carry."""
+    return {"loader_env": loader_env_toml(manifest_env(cfg)), **_defines_but_env(cfg)}
+
+
+def _defines_but_env(cfg: EnclaveConfig) -> dict[str, str]:
     return {
-        "loader_env": loader_env_toml(manifest_env(cfg)),
         "log_level": "warning" if cfg.debug else "error",
         "launcher": cfg.launcher,
         "python": cfg.interpreter,
@@ -182,6 +189,24 @@ def manifest_defines(cfg: EnclaveConfig) -> dict[str, str]:
         "io_dirs": ":".join(cfg.io_dirs),
         "secrets_dir": measured.SECRETS_DIR,
     }
+
+
+def settings_digest(cfg: EnclaveConfig) -> str:
+    """SHA-256 of every manifest value but loader.env and the development key's own mount and file,
+    as branchy-tee renders the template: a measured setting itself, so that simulated evidence (which
+    measures the code and the measured settings) covers what MRENCLAVE covers under SGX (threads,
+    enclave size, debug, mounts, allowed files, ...). The key's place stays out: owners who share
+    one development key share the measurement."""
+    import hashlib
+
+    import tomllib
+
+    from branchy_tee.core.strict import canonical_json
+    from branchy_tee.gramine.render import render_manifest
+
+    doc = tomllib.loads(render_manifest({**_defines_but_env(cfg), "loader_env": "{}", "dev_key_dir": ""}))
+    del doc["loader"]["env"]
+    return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
 def load_config(directory: str | os.PathLike[str]) -> EnclaveConfig:

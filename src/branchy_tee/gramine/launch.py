@@ -126,6 +126,8 @@ def check_for_enclave(ns: argparse.Namespace, cfg: EnclaveConfig) -> None:
         raise UsageError("inside the enclave the attestation evidence comes from Gramine's /dev/attestation only")
     if getattr(ns, "plaintext_result", None) and not cfg.allow_plaintext:
         raise UsageError("this enclave was built without --allow-plaintext-result; --plaintext-result is refused")
+    if getattr(ns, "full_model", None) and not cfg.allow_full_model:
+        raise UsageError("this enclave was built without --allow-full-model; --full-model is refused")
     if os.path.realpath(ns.bundle) != os.path.realpath(cfg.bundle):
         raise UsageError(
             f"this enclave was built for the bundle {cfg.bundle}, not {os.path.abspath(ns.bundle)}; "

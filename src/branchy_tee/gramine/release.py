@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from branchy_tee.core.choices import EvidenceProvider
 from branchy_tee.core.errors import BranchyError, shown
@@ -34,11 +34,19 @@ from branchy_tee.core.fileio import atomic_write_text, read_regular_file
 from branchy_tee.core.strict import Fields, canonical_json
 from branchy_tee.gramine.build import read_measurements
 from branchy_tee.gramine.config import EnclaveConfig, load_config
+from branchy_tee.gramine.statement import (
+    DANGEROUS,
+    MAX_MEMBERS,
+    dangerous_settings,
+    measured_configuration,
+    measured_manifest,
+)
 from branchy_tee.gramine.tools import MANIFEST, SGX_MANIFEST
 from branchy_tee.tee import measured
 from branchy_tee.tee.attest.identity import identity_hex, parse_identity, sign, verify
 
-RELEASE_FORMAT = "branchy-tee/release/v1"
+RELEASE_FORMAT = "branchy-tee/release/v2"
+OLD_FORMATS = ("branchy-tee/release/v1",)
 RELEASE_PURPOSE = b"enclave-release"
 MAX_RELEASE_BYTES = 64 * 1024
 FIELDS = (
@@ -56,6 +64,8 @@ FIELDS = (
     "model_broker",
     "model_broker_identity",
     "manifest_sha256",
+    "measured",
+    "dangerous",
     "released_at",
     "model_owner",
 )
@@ -92,12 +102,15 @@ class ReleaseStatement:
     model_broker: str
     model_broker_identity: str
     manifest_sha256: str | None
+    measured: dict[str, Any]  # every measured manifest value by dotted path (gramine.statement)
+    dangerous: tuple[str, ...]  # the settings in it that need each owner's consent (statement.DANGEROUS)
     released_at: str  # YYYY-MM-DDTHH:MM:SSZ
     model_owner: str  # the signer's identity, 64 hex
 
     def to_json(self) -> dict[str, Any]:
         """The members that are signed (canonical JSON of this is the signed message)."""
-        return {"format": RELEASE_FORMAT, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        doc = {"format": RELEASE_FORMAT, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+        return {**doc, "dangerous": list(self.dangerous)}
 
     def signed_json(self, signature: str) -> dict[str, Any]:
         """The release file's document: the members and the signature (hex)."""
@@ -122,11 +135,19 @@ class ReleaseStatement:
             f.check("model_broker", lambda v: measured.broker_url_problem(v) is None, "a broker URL"),
             f.check("model_broker_identity", lambda v: measured.identity_problem(v) is None, "an identity"),
             f.check("manifest_sha256", _hex_or_null(64), "64 hex digits or null"),
+            f.check("measured", _measured_values, "a table of measured values"),
+            tuple(f.check("dangerous", lambda v: isinstance(v, list), "a list")),
             f.text("released_at", lambda v: len(v) == 20 and set(v) <= set("0123456789-:TZ"), "a UTC time"),
             f.check("model_owner", _hex(64), "an identity"),
         )
         f.done(FIELDS)
+        if list(s.dangerous) != dangerous_settings(s.measured):
+            raise BranchyError(f"{what}: 'dangerous' does not name exactly the dangerous measured settings")
         return s
+
+
+def _measured_values(v: object) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v) and len(v) <= MAX_MEMBERS
 
 
 def measured_env(directory: Path, cfg: EnclaveConfig) -> dict[str, str]:
@@ -245,6 +266,8 @@ def make_release(
             )
         )
     manifest = d / MANIFEST
+    signed = cfg.attest != EvidenceProvider.SIMULATED
+    values = measured_configuration(measured_manifest(d, signed), None if signed else cfg.env)
     statement = ReleaseStatement(
         attest=cfg.attest,
         **{k: m[k] for k in ("mrenclave", "mrsigner", "isv_prod_id", "isv_svn", "debug")},
@@ -255,6 +278,8 @@ def make_release(
         model_broker=pins["model_broker"],
         model_broker_identity=pins["model_broker_identity"],
         manifest_sha256=hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+        measured=values,
+        dangerous=tuple(dangerous_settings(values)),
         released_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         model_owner=identity_hex(identity),
     )
@@ -278,6 +303,11 @@ def verify_release(doc: object, model_owner: str, what: str = "release statement
     """The statement in ``doc`` if it is well formed and signed by ``model_owner`` (64 hex); else
     BranchyError with the reason."""
     owner = parse_identity(model_owner, "--model-owner")
+    if isinstance(doc, dict) and doc.get("format") in OLD_FORMATS:
+        raise BranchyError(
+            f"{what} is in the older format {doc['format']}, which does not show every measured setting: "
+            "ask the model owner for a new one (`branchy-tee enclave release`)"
+        )
     if not isinstance(doc, dict) or tuple(doc) != (*FIELDS, "signature"):
         raise BranchyError(f"{what} is not a {RELEASE_FORMAT} statement (members differ)")
     statement = {k: doc[k] for k in FIELDS}
@@ -316,23 +346,24 @@ def policy_from_release(
     accepted_tcb_statuses=("UpToDate",),
     collateral: str | None = None,
     allowed_data_owners: list[str] | None = None,
-    allow_simulated: bool = False,
+    consent: Iterable[str] = (),
 ) -> str:
     """A key-broker policy (TOML text) that releases keys only to the enclave the statement names.
     Every value written, comments included, was checked by :func:`verify_release` (no raw text)."""
     import tomli_w
 
     s = statement
-    if s.attest == EvidenceProvider.SIMULATED and not allow_simulated:
+    missing = [n for n in s.dangerous if n not in set(consent)]
+    if missing:
         raise BranchyError(
-            "the release statement names a SIMULATED enclave (no TEE: development only); a policy for "
-            "it is written only with --allow-simulated"
+            "the release statement names settings that hand the host something, and you did not consent to "
+            + "; ".join(f"{DANGEROUS[n][1]} (--allow-{n})" for n in missing)
         )
     policy: dict[str, Any] = {
         "allowed_mrenclave": [s.mrenclave],
         "isv_prod_id": s.isv_prod_id,
         "min_isv_svn": s.isv_svn,
-        "allow_debug": False,
+        "allow_debug": "debug" in s.dangerous,  # (only with that owner's consent: see above)
         "accepted_tcb_statuses": list(dict.fromkeys(accepted_tcb_statuses)),
         "min_model_version": s.min_model_version,
     }
@@ -342,6 +373,7 @@ def policy_from_release(
         f"# The enclave serves bundle {s.bundle_id} (model version {s.model_version}, model key id {s.model_key_id}),",
         f"# gets its model key from {s.model_broker} (identity {s.model_broker_identity}).",
     ]
+    lines += [f"# Consented to: {DANGEROUS[n][1]} (--allow-{n})." for n in s.dangerous]
     if s.debug:
         lines.append("# The release names a DEBUG enclave: allow_debug = false makes brokers refuse it.")
     if collateral:

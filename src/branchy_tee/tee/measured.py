@@ -24,6 +24,9 @@ MIN_MODEL_VERSION = "BRANCHY_TEE_MIN_MODEL_VERSION"
 ALLOW_PLAINTEXT = "BRANCHY_TEE_ALLOW_PLAINTEXT"  # "1": --plaintext-result allowed
 BROKER_CA = "BRANCHY_TEE_BROKER_CA"  # CA certificate for HTTPS brokers (a trusted file)
 DEV_KEY_DIR = "BRANCHY_TEE_DEV_KEY_DIR"  # simulated builds only: the dev attestation key's folder (trusted)
+ENTRY = "BRANCHY_TEE_ENTRY"  # "predict" or "serve": the one command this enclave runs
+ALLOW_FULL_MODEL = "BRANCHY_TEE_ALLOW_FULL_MODEL"  # "1": --full-model (the thresholds ignored) allowed
+SETTINGS_DIGEST = "BRANCHY_TEE_SETTINGS_SHA256"  # the manifest's other values (gramine.config.settings_digest)
 
 # Not a variable: a fixed path the manifest mounts as an in-enclave tmpfs (never host-backed) and
 # the build refuses to mount anything over. The only place the enclave writes a secret to a file
@@ -42,6 +45,9 @@ NAMES = (
     ALLOW_PLAINTEXT,
     BROKER_CA,
     DEV_KEY_DIR,
+    ENTRY,
+    ALLOW_FULL_MODEL,
+    SETTINGS_DIGEST,
 )
 
 IDENTITY_RE = re.compile(r"[0-9a-f]{64}")  # a raw Ed25519 public key, lower-case hex

@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     log = make_log(args.quiet)
     _check_arguments(args)
-    settings = trust(args)  # before anything is read: inside an enclave the measured settings decide
+    settings = trust(args, "predict")  # before anything is read: inside an enclave the measured settings decide
     tune_allocator()
     threads = compute_threads(args.threads)
     # Whole batches in parallel scale better than threads inside a stage (tee.engine._in_parallel),

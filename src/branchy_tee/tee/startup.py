@@ -173,7 +173,7 @@ def _from_command_line(args: argparse.Namespace) -> Trust:
     )
 
 
-def _from_measured(args: argparse.Namespace, env: Mapping[str, str]) -> Trust:
+def _from_measured(args: argparse.Namespace, env: Mapping[str, str], command: str) -> Trust:
     """Keys only from attested key release: the model key from the measured model broker, signed by
     its measured identity, for the measured bundle and model key id. Data-broker URLs may come from
     the command line (their identities are checked against the model owner's signed allow-list)."""
@@ -183,6 +183,14 @@ def _from_measured(args: argparse.Namespace, env: Mapping[str, str]) -> Trust:
         )
     if getattr(args, "plaintext_result", None) and env.get(measured.ALLOW_PLAINTEXT) != "1":
         raise UsageError("this enclave was built without plaintext results; --plaintext-result is refused")
+    if getattr(args, "full_model", None) and env.get(measured.ALLOW_FULL_MODEL) != "1":
+        raise UsageError(
+            "this enclave was built without --allow-full-model: --full-model (ignoring the model owner's "
+            "thresholds) is refused"
+        )
+    entry = env.get(measured.ENTRY, "")
+    if entry and entry != command:
+        raise UsageError(f"this enclave was built to run {entry}, not {command}")
     attest = env.get(measured.ATTEST) or EvidenceProvider.GRAMINE.value
     if args.attest and args.attest != attest:
         raise UsageError(f"--attest {args.attest} differs from the enclave's measured setting {attest}")
@@ -219,9 +227,9 @@ def _from_measured(args: argparse.Namespace, env: Mapping[str, str]) -> Trust:
     )
 
 
-def trust(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Trust:
+def trust(args: argparse.Namespace, command: str, env: Mapping[str, str] = os.environ) -> Trust:
     """The run's :class:`Trust`: from the measured settings inside an enclave, else the command line.
 
     ``args`` holds :func:`add_trust_arguments`' options and ``--min-version``; predict's also holds
     key files and ``--plaintext-result`` (serve has neither)."""
-    return _from_measured(args, env) if measured.inside_enclave(env) else _from_command_line(args)
+    return _from_measured(args, env, command) if measured.inside_enclave(env) else _from_command_line(args)

@@ -134,7 +134,7 @@ def _load(args: argparse.Namespace, log: Log) -> tuple[AttestedKeys, str, Loaded
     """Attest to the model broker, verify the pinned bundle, load stage 0: (keys, model key id, model)."""
     from branchy_tee.tee.sealed.bundle import open_bundle, read_header_unverified
 
-    settings = trust(args)  # inside an enclave the measured settings decide
+    settings = trust(args, "serve")  # inside an enclave the measured settings decide
     keys = settings.model_keys()
     header = read_header_unverified(args.bundle)
     settings.check_pins(header, args.bundle)
