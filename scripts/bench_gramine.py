@@ -38,7 +38,7 @@ from branchy_tee.cli import main
 from branchy_tee.client.envelopes import seal_request
 from branchy_tee.core.fileio import atomic_write_text, write_key_file
 from branchy_tee.core.keys import generate_key
-from branchy_tee.demo.common import free_port
+from branchy_tee.demo.common import enclave_run, free_port
 from branchy_tee.evaluate.exits import load_split
 from branchy_tee.gramine.config import load_config
 from branchy_tee.gramine.direct_peak import run_sampling_vm_peak
@@ -105,18 +105,8 @@ def _measure(work: Path, backend: str, full: bool, data_broker: str) -> dict:
     for name in SIZES:
         batch = 128 if name == "batch128" else 1
         stats = work / "io" / f"{backend}-{name}-{full}.json"
-        argv = [
-            sys.executable,
-            "-m",
-            "branchy_tee.cli",
-            "enclave",
-            "run",
-            "--backend",
-            backend,
-            str(work / "enc"),
-            "--",
-        ]
-        argv += ["predict", "--bundle", str(work / "model.btee"), "--input", str(work / "io" / f"{name}.enc")]
+        argv = enclave_run(work / "enc", "predict", backend=backend)
+        argv += ["--bundle", str(work / "model.btee"), "--input", str(work / "io" / f"{name}.enc")]
         argv += ["--output", str(work / "io" / f"{name}.res"), "--data-broker", data_broker, "--quiet"]
         argv += [
             "--batch-size",

@@ -18,7 +18,7 @@ import pytest
 
 from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
-from branchy_tee.demo.common import free_port
+from branchy_tee.demo.common import enclave_run, free_port
 from branchy_tee.gramine import direct_peak
 from branchy_tee.gramine.config import load_config
 from branchy_tee.gramine.measure import parse_size
@@ -316,17 +316,8 @@ def test_serve_answers_query_and_the_client_over_ra_tls_under_gramine_direct(wor
     started = time.time()
     mo, _ = world.brokers()
     with mo:
-        argv = [
-            sys.executable,
-            "-m",
-            "branchy_tee.cli",
-            "enclave",
-            "run",
-            "--backend",
-            "direct",
-            str(world.d / "enclave-serve"),
-        ]
-        argv += ["--", "serve", "--bundle", str(world.d / "model.btee"), "--listen", f"127.0.0.1:{port}", "--quiet"]
+        serve = ["serve", "--bundle", str(world.d / "model.btee"), "--listen", f"127.0.0.1:{port}", "--quiet"]
+        argv = enclave_run(world.d / "enclave-serve", *serve, backend="direct")
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             line = proc.stdout.readline()

@@ -559,50 +559,15 @@ def test_cli_query(world, capfd):
         pol.write_text(f'allowed_mrenclave = ["{world["mrenclave"]}"]\nallow_simulation = true\n')
         np.save(world["d"] / "x.npy", (world["x"][:3] * 255).astype(np.uint8))
         capfd.readouterr()
-        assert (
-            main(
-                [
-                    "query",
-                    s.url,
-                    str(world["d"] / "x.npy"),
-                    "--policy",
-                    str(pol),
-                    "--identity",
-                    str(world["d"] / "do1.id"),
-                    "--json",
-                ]
-            )
-            == 0
-        )
+        query = ["query", s.url, str(world["d"] / "x.npy"), "--policy", str(pol), "--identity"]
+        assert main([*query, str(world["d"] / "do1.id"), "--json"]) == 0
         out = json.loads(capfd.readouterr().out)
         assert len(out) == 3 and {"label", "class_name", "confidence", "exit", "model"} <= set(out[0])
         assert {r["attestation"] for r in out} == {"simulated"}
-        text = [
-            "query",
-            s.url,
-            str(world["d"] / "x.npy"),
-            "--policy",
-            str(pol),
-            "--identity",
-            str(world["d"] / "do1.id"),
-        ]
-        assert main(text) == 0
+        assert main([*query, str(world["d"] / "do1.id")]) == 0
         said = capfd.readouterr().out
         assert "attestation SIMULATED" in said and "attestation verified" not in said  # never dressed up as a TEE
-        assert (
-            main(
-                [
-                    "query",
-                    s.url,
-                    str(world["d"] / "x.npy"),
-                    "--policy",
-                    str(pol),
-                    "--identity",
-                    str(world["d"] / "stranger.id"),
-                ]
-            )
-            == 1
-        )
+        assert main([*query, str(world["d"] / "stranger.id")]) == 1
         err = capfd.readouterr().err
         assert "does not accept your identity" in err and len(err.strip().splitlines()) == 1
 

@@ -20,9 +20,9 @@ def step(n: int, who: str, what: str) -> None:
     say(f"\n[{n}/{TOTAL_STEPS}] {who}: {what}")
 
 
-def enclave_run(build_dir: Path, *command: str) -> list[str]:
-    """The host's command line that runs ``command`` in the enclave built in ``build_dir`` (natively:
-    no SGX here)."""
+def enclave_run(build_dir: Path, *command: str, backend: str = LaunchBackend.NATIVE) -> list[str]:
+    """The host's command line that runs ``command`` in the enclave built in ``build_dir`` (natively
+    by default: no SGX here)."""
     return [
         sys.executable,
         "-m",
@@ -30,7 +30,7 @@ def enclave_run(build_dir: Path, *command: str) -> list[str]:
         "enclave",
         "run",
         "--backend",
-        LaunchBackend.NATIVE,
+        backend,
         str(build_dir),
         "--",
         *command,
