@@ -286,3 +286,23 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_plaintext_results_only_for_the_data_owners_that_allow_them(world, tmp_path, xdg, capsys):
+    """The host asks for --plaintext-result with two data owners' requests in one run; only data
+    owner 1's broker policy allows plaintext results (signed into its key release), so only its
+    request's labels reach the host's file; data owner 2's are withheld, and its sealed result is intact."""
+    d, _ = world
+    out = tmp_path / "out"
+    with (
+        start_broker(d / "mo.key", mo_policy(), identity=IDS["mo"]) as mo,
+        start_broker(d / "do1.key", sim_policy(allow_plaintext_results=True), identity=IDS["do1"]) as do1,
+        start_broker(d / "do2.key", sim_policy(), identity=IDS["do2"]) as do2,
+    ):
+        text = tmp_path / "plain.tsv"
+        assert main(predict_args(d, out, mo.url, [do1.url, do2.url], "--plaintext-result", str(text))) == 0
+    lines = text.read_text().splitlines()
+    assert lines[0] == "# request req-1" and len([ln for ln in lines if ln[:1].isdigit()]) == 5  # data owner 1's
+    assert "# request req-2: withheld (its data owner allows no plaintext results)" in lines
+    rc, recs2 = decrypt(d, out / "o2.res", "do2", capsys)
+    assert rc == 0 and len(recs2) == 3

@@ -694,6 +694,11 @@ def test_cli_key_broker_errors(tmp_path, capsys, keys):
     err = capsys.readouterr().err
     assert "pins only allowed_mrsigner" in err and "own_signing_key = true" in err and len(err.splitlines()) == 1
     policy.write_text('allowed_mrsigner = ["' + "11" * 32 + '"]\nown_signing_key = true\n')
+    with pytest.raises(BranchyError, match="pin allowed_settings too"):  # one signer signs builds of any settings
+        load_policy(policy)
+    policy.write_text(
+        'allowed_mrsigner = ["' + "11" * 32 + '"]\nown_signing_key = true\nallowed_settings = ["' + "22" * 32 + '"]\n'
+    )
     assert load_policy(policy).allowed_mrsigner == {bytes.fromhex("11" * 32)}
 
 

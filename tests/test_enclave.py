@@ -131,6 +131,22 @@ def build_args(sealed, out, *extra, measure=False):
     ]
 
 
+def test_a_serve_build_measures_its_caps_and_sizes_the_enclave_for_them(sealed, tmp_path, no_gramine, capsys):
+    """serve's in-flight bytes, queue and connections were host flags the enclave was never sized for:
+    the build now measures them (the host may only lower them) and adds the in-flight cap to the size."""
+    out = tmp_path / "enc"
+    argv = build_args(sealed, out, "--serve", "--max-inflight-mib", "32", "--max-queue", "9", measure=True)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    cfg = json.loads((out / "enclave.json").read_text())
+    assert cfg["env"]["BRANCHY_TEE_SERVE_CAPS"] == "max_connections=64,max_inflight_mib=32,max_queue=9"
+    terms = cfg["enclave_size_detail"]["terms"]
+    assert terms["inflight_requests"] == 32 << 20 and cfg["enclave_size_detail"]["need"] == sum(terms.values())
+    assert size_bytes(cfg["enclave_size"]) >= sum(terms.values())
+    assert "serve: in-flight 32 MiB (the queue's waiting requests counted in it)" in printed
+    assert f"<= sgx.enclave_size {cfg['enclave_size']}" in printed
+
+
 def read_manifest(out) -> dict:
     return tomllib.loads((Path(out) / "branchy-tee.manifest").read_text())
 
@@ -411,6 +427,7 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
         "allow_debug": False,
         "accepted_tcb_statuses": ["UpToDate"],
         "min_model_version": 1,
+        "allowed_settings": [release["measured"]["loader.env.BRANCHY_TEE_SETTINGS_SHA256"]],
     }
 
 

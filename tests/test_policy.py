@@ -75,11 +75,12 @@ def test_policy_accepting_that_status_grants(phala1):
         phala1
     )
     assert d.min_model_version == 7 and d.warnings == ()
-    # MRSIGNER alone also identifies it
+    # MRSIGNER alone also identifies it, with the settings digest its REPORTDATA carries
     d = parse_policy(
         {
             "allowed_mrsigner": [PHALA1_MRSIGNER],
             "own_signing_key": True,
+            "allowed_settings": [phala1.report_data[32:].hex()],
             "accepted_tcb_statuses": ["ConfigurationAndSWHardeningNeeded"],
         }
     ).evaluate(phala1)

@@ -70,16 +70,16 @@ def test_gramine_refusals(tmp_path, sgx_quotes_dir):
 # --------------------------------------------------------------------------- simulated
 def test_dev_key_created_once_with_private_modes(tmp_path, capsys):
     kd = tmp_path / "cfg" / "dev-key"
-    a = SimulatedProvider(kd)
+    a = SimulatedProvider(kd / "shared.key")
     assert stat.S_IMODE(os.stat(kd).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(kd / "ed25519.key").st_mode) == 0o600
-    b = SimulatedProvider(kd)
+    assert stat.S_IMODE(os.stat(kd / "shared.key").st_mode) == 0o600
+    b = SimulatedProvider(kd / "shared.key")
     assert a.public_key == b.public_key and a.mrsigner == hashlib.sha256(a.public_key).digest()
     ident = a.identity()
     assert ident["mrenclave"] == simulated_mrenclave().hex() and ident["public_key"] == a.public_key.hex()
-    os.chmod(kd / "ed25519.key", 0o640)
+    os.chmod(kd / "shared.key", 0o640)
     with pytest.raises(BranchyError, match="accessible by others"):
-        SimulatedProvider(kd)
+        SimulatedProvider(kd / "shared.key")
 
 
 def test_default_dev_key_dir_follows_xdg(monkeypatch, tmp_path):

@@ -86,11 +86,11 @@ def test_every_measured_value_has_its_counterpart_in_the_statement(owner, render
             assert shown[key] == value, key
     # the settings the issue names, among them
     for name in measured.NAMES:
-        assert f"loader.env.{name}" in shown or name == measured.BROKER_CA, name
+        assert f"loader.env.{name}" in shown or name in (measured.BROKER_CA, measured.SERVE_CAPS), name  # (serve)
     for key in ("libos.entrypoint", "loader.insecure__use_cmdline_argv", "sgx.enclave_size", "sgx.max_threads"):
         assert key in shown
     assert {"type": "tmpfs", "path": measured.SECRETS_DIR} in shown["fs.mounts"]
-    assert shown[f"loader.env.{measured.DEV_KEY_DIR}"]  # the simulated build's development key folder
+    assert shown[f"loader.env.{measured.DEV_KEY}"]  # the simulated build's development key file
     if renderer != "branchy-tee":  # Gramine's hashes are measured values too
         assert "loader.entrypoint.sha256" in shown and shown["sgx.trusted_files"]["count"] > 1000
 
@@ -110,12 +110,14 @@ def test_every_measured_value_has_its_counterpart_in_the_statement(owner, render
         (["--serve"], f"loader.env.{measured.ENTRY}"),
         (["--enclave-size", "2G"], "sgx.enclave_size"),
         (["--max-connections", "9", "--serve"], "sgx.max_threads"),
+        (["--max-inflight-mib", "9", "--serve"], f"loader.env.{measured.SERVE_CAPS}"),
+        (["--max-queue", "9", "--serve"], f"loader.env.{measured.SERVE_CAPS}"),
     ],
 )
 def test_changing_any_measured_option_changes_the_statement(owner, option, changed):
     base, _ = release(owner, "base")
     other, _ = release(owner, "changed", *option)
-    assert base["measured"][changed] != other["measured"][changed]
+    assert base["measured"].get(changed) != other["measured"][changed]
     assert base["mrenclave"] != other["mrenclave"]  # (simulated: the settings and the entry point are in it)
 
 

@@ -156,3 +156,36 @@ def _payload(x) -> bytes:
     from safetensors.numpy import save
 
     return save({"inputs": x})
+
+
+def test_the_measured_caps_may_only_be_lowered_by_the_host(world):
+    """The enclave is sized for its build's --max-connections, --max-inflight-mib and --max-queue
+    (measured); inside it the host's larger values were taken as given. Now they are refused in one
+    line, smaller ones are kept, and the caps are the defaults."""
+    from branchy_tee.core.commandline import ArgumentParser
+    from branchy_tee.core.errors import UsageError
+    from branchy_tee.tee import measured
+    from branchy_tee.tee.serve import server as srv
+
+    env = {measured.ENCLAVE: "1", measured.SERVE_CAPS: "max_connections=16,max_inflight_mib=64,max_queue=32"}
+
+    def limits(*argv: str):
+        p = ArgumentParser()
+        srv.add_arguments(p)
+        args = p.parse_args(["--bundle", "b", "--listen", "127.0.0.1:0", *argv])
+        srv._check_limits(args, env)
+        return args.max_connections, args.max_inflight_mib, args.max_queue
+
+    assert limits() == (16, 64, 32)
+    assert limits("--max-connections", "4", "--max-queue", "8") == (4, 64, 8)
+    for flag in ("--max-connections", "--max-inflight-mib", "--max-queue"):
+        with pytest.raises(UsageError, match=f"{flag} 1000 is above the cap .* the host may only lower it"):
+            limits(flag, "1000")
+    with pytest.raises(UsageError, match="BRANCHY_TEE_SERVE_CAPS is not"):
+        srv._check_limits(ArgumentParser().parse_args([]), {**env, measured.SERVE_CAPS: "max_connections=²"})
+    outside = srv.DEFAULT_CAPS
+    args = ArgumentParser()
+    srv.add_arguments(args)
+    parsed = args.parse_args(["--bundle", "b", "--listen", "127.0.0.1:0"])
+    srv._check_limits(parsed, {})
+    assert (parsed.max_connections, parsed.max_inflight_mib, parsed.max_queue) == tuple(outside.values())

@@ -171,10 +171,10 @@ def test_release_statement_round_trips_and_names_the_bad_member():
     from branchy_tee.gramine.release import ReleaseStatement
 
     doc = {
-        "format": "branchy-tee/release/v2",
+        "format": "branchy-tee/release/v3",
         "attest": "simulated",
         "mrenclave": "ab" * 32,
-        "mrsigner": None,
+        "mrsigner": "12" * 32,
         "isv_prod_id": 0,
         "isv_svn": 1,
         "debug": False,
@@ -185,7 +185,12 @@ def test_release_statement_round_trips_and_names_the_bad_member():
         "model_broker": "http://127.0.0.1:8000",
         "model_broker_identity": "5a" * 32,
         "manifest_sha256": None,
-        "measured": {"loader.env.BRANCHY_TEE_ATTEST": "simulated", "sgx.debug": False},
+        "dev_public_key": "34" * 32,
+        "measured": {
+            "loader.env.BRANCHY_TEE_ATTEST": "simulated",
+            "loader.env.BRANCHY_TEE_SETTINGS_SHA256": "56" * 32,
+            "sgx.debug": False,
+        },
         "dangerous": ["simulated"],
         "released_at": "2026-01-02T03:04:05Z",
         "model_owner": "5a" * 32,
@@ -196,3 +201,7 @@ def test_release_statement_round_trips_and_names_the_bad_member():
         ReleaseStatement.parse({**doc, "dangerous": []}, "release.json")
     with pytest.raises(BranchyError, match="release.json: field 'isv_svn' must be a 16-bit number"):
         ReleaseStatement.parse({**doc, "isv_svn": 1 << 16}, "release.json")
+    with pytest.raises(BranchyError, match="'dev_public_key' is for simulated builds"):
+        ReleaseStatement.parse({**doc, "dev_public_key": None}, "release.json")
+    with pytest.raises(BranchyError, match="measured settings digest .* is missing"):
+        ReleaseStatement.parse({**doc, "measured": {"loader.env.BRANCHY_TEE_ATTEST": "simulated"}}, "release.json")

@@ -158,11 +158,11 @@ def test_every_command_refuses_a_key_file_others_can_access(w, mode, which):
 
 def test_dev_attestation_key_must_be_private(tmp_path):
     d = tmp_path / "devkey"
-    quiet_call(SimulatedProvider, d)
+    quiet_call(SimulatedProvider, d / "ed25519.key")
     assert stat.S_IMODE(d.stat().st_mode) == 0o700 and stat.S_IMODE((d / "ed25519.key").stat().st_mode) == 0o600
     os.chmod(d / "ed25519.key", 0o644)
     with pytest.raises(BranchyError, match="accessible by others"):
-        SimulatedProvider(d)
+        SimulatedProvider(d / "ed25519.key")
 
 
 @pytest.mark.parametrize("umask", [0o000, 0o022, 0o077])

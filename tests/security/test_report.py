@@ -14,7 +14,7 @@ def test_security_page_shows_exactly_the_kept_reports():
     b, e = measured_block(page)
     data = ROOT / "docs" / "security-data"
     assert sorted(p.name for p in data.glob("*.json")) == sorted(
-        ["campaign.json", "crashes.json", "fuzz-report.json", "load.json"]
+        ["campaign.json", "crashes.json", "fuzz-report.json", "load.json", "serve-abuse.json"]
     )
     assert page[b:e] == render(data), "docs/security.md was edited by hand: run `make fuzz` (or report.py --update)"
     assert "| **total** |" in page[b:e]

@@ -286,6 +286,7 @@ class Broker:
             tuple(sorted(self._seal_keys(req, recipient, decision.min_model_version))),
             decision.min_model_version,
             decision.allowed_data_owners,
+            decision.plaintext_results,
         )
         signature = ident.sign(self.identity, RELEASE_PURPOSE, release.message())
         entry["min_model_version"] = decision.min_model_version
@@ -334,12 +335,12 @@ class Broker:
         except PolicyError as e:
             raise Refusal(403, "policy_refused", f"policy refused: {e}") from None
         entry["warnings"] = list(decision.warnings)
-        if not hmac.compare_digest(claims.report_data, report_data(req.public_key, req.nonce)):
+        if not hmac.compare_digest(claims.report_data[:32], report_data(req.public_key, req.nonce)[:32]):
             raise Refusal(
                 403,
                 "binding_mismatch",
                 "REPORTDATA does not bind this public key and nonce "
-                "(expected SHA-256('branchy-tee/v1' || public key || nonce) || 0^32)",
+                "(expected SHA-256('branchy-tee/v1' || public key || nonce) || settings digest)",
             )
         return claims, decision
 

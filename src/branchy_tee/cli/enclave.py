@@ -103,6 +103,13 @@ def _add_build_signing(b: argparse.ArgumentParser) -> None:
         help="gramine-sgx-sign --key (default ~/.config/gramine/enclave-key.pem; "
         "create one with gramine-sgx-gen-private-key)",
     )
+    b.add_argument(
+        "--dev-key",
+        metavar="FILE",
+        help="--attest simulated: the development attestation key the owners share (made if absent; "
+        "default ~/.config/branchy-tee/dev-attestation-key/ed25519.key); the release statement carries "
+        "its public key and policies pin it",
+    )
     b.add_argument("--isv-prod-id", type=int, default=0, help="sgx.isvprodid (default 0)")
     b.add_argument("--isv-svn", type=int, default=0, help="sgx.isvsvn, raise it with every security fix (default 0)")
     b.add_argument(
@@ -141,7 +148,21 @@ def _add_build_sizing(b: argparse.ArgumentParser) -> None:
         "--max-connections",
         type=int,
         default=64,
-        help="serve: concurrent connections to have threads for (sgx.max_threads; default 64)",
+        help="serve: concurrent connections to have threads for (sgx.max_threads; default 64); measured: "
+        "serve --max-connections may only be lower",
+    )
+    b.add_argument(
+        "--max-inflight-mib",
+        type=int,
+        default=256,
+        help="serve: request bytes being read or waiting, counted twice, that sgx.enclave_size holds "
+        "(default 256); measured: serve may only lower it",
+    )
+    b.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        help="serve: waiting requests (default 256); measured, may only be lowered",
     )
 
 
@@ -306,8 +327,11 @@ def _build_options(args):
         accepted_tcb_statuses=args.accept_tcb or ["UpToDate"],
         env=args.env,
         enclave_size=args.enclave_size,
+        dev_key=args.dev_key,
         serve=args.serve,
         max_connections=args.max_connections,
+        max_inflight_mib=args.max_inflight_mib,
+        max_queue=args.max_queue,
     )
 
 
@@ -366,9 +390,17 @@ def _print_enclave_size(s: dict) -> None:
         f"(VmPeak, {d['samples']} samples at batch size {d['batch_size']}"
         f"{', measured earlier' if d['cached'] else ''}) + margin "
         f"{d['margin'] / mib:.0f} MiB (inputs of a full run {t['inputs_not_run']:.0f}, waiting samples "
-        f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}) = {d['need'] / mib:.0f} MiB, "
-        f"{d['spare'] / mib:.0f} MiB spare"
+        f"{t['parked_samples']:.0f}, Gramine {t['gramine']:.0f}"
+        + (f", serve's in-flight requests {t['inflight_requests']:.0f}" if t.get("inflight_requests") else "")
+        + f") = {d['need'] / mib:.0f} MiB, {d['spare'] / mib:.0f} MiB spare"
     )
+    if t.get("inflight_requests"):
+        print(
+            f"  serve: in-flight {t['inflight_requests']:.0f} MiB (the queue's waiting requests counted in it) + "
+            f"peak {t['measured_peak']:.0f} + waiting samples {t['parked_samples']:.0f} + Gramine's share "
+            f"{t['gramine']:.0f} MiB = {d['need'] / mib:.0f} MiB <= sgx.enclave_size {s['enclave_size']}; "
+            "the measured caps (--max-connections, --max-inflight-mib, --max-queue) may only be lowered by the host"
+        )
     g = d.get("gramine_direct")
     if g is None:
         print("  (gramine-direct not installed: sized from the native run only)")

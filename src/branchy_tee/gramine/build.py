@@ -118,8 +118,11 @@ class BuildOptions:
     accepted_tcb_statuses: list[str] = field(default_factory=lambda: ["UpToDate"])
     env: str = enclave_env.DEFAULT_ENV_DIR  # the enclave's Python environment (made when missing)
     enclave_size: str | None = None  # given instead of measured (e.g. to reproduce a build)
+    dev_key: str | None = None  # simulated builds: the shared development key file (default: this user's)
     serve: bool = False  # the entry point is `serve` (online) instead of `predict`
     max_connections: int = 64  # serve: concurrent connections (one thread each) the enclave has threads for
+    max_inflight_mib: int = 256  # serve: request bytes being read or waiting (counted twice), sized for
+    max_queue: int = 256  # serve: waiting requests
 
 
 def _render(name: str, **values) -> str:
@@ -163,8 +166,10 @@ def _check_options(opts: BuildOptions, header: BundleHeader) -> tuple[str, str, 
 
     if not 1 <= opts.threads <= 256:
         raise UsageError("--threads must be between 1 and 256")
-    if opts.batch_size < 1 or opts.max_samples < 1 or opts.max_connections < 1:
-        raise UsageError("--batch-size, --max-samples and --max-connections must be at least 1")
+    if min(opts.batch_size, opts.max_samples, opts.max_connections, opts.max_inflight_mib, opts.max_queue) < 1:
+        raise UsageError(
+            "--batch-size, --max-samples, --max-connections, --max-inflight-mib and --max-queue must be at least 1"
+        )
     if not (0 <= opts.isv_prod_id < 1 << 16 and 0 <= opts.isv_svn < 1 << 16):
         raise UsageError("--isv-prod-id and --isv-svn are 16-bit numbers (0..65535)")
     if opts.attest not in EvidenceProvider.names():
@@ -274,25 +279,30 @@ def build_config(opts: BuildOptions, log=lambda msg: None) -> EnclaveConfig:
         broker_ca=broker_ca,
         accepted_tcb_statuses=tuple(dict.fromkeys(opts.accepted_tcb_statuses)),
         signing_key=signing_key,
-        dev_key_dir=_dev_key_dir(opts, io_dirs),
+        serve_caps={n: getattr(opts, n) for n in measured.CAP_NAMES} if opts.serve else {},
+        dev_key=_dev_key(opts, io_dirs),
     )
     return sized(cfg, header, given_size, entry_script(env.python, "predict"), log)
 
 
-def _dev_key_dir(opts: BuildOptions, io_dirs: list[str]) -> str:
-    """Simulated builds: make the development attestation key here, outside the enclave, so that the
-    enclave only reads it (a trusted file); "" for a DCAP build, which never sees it."""
+def _dev_key(opts: BuildOptions, io_dirs: list[str]) -> str:
+    """Simulated builds: the development attestation key file (``--dev-key``, else this user's), made
+    here if absent, outside the enclave, so that the enclave only reads it (a trusted file); "" for a
+    DCAP build, which never sees it. Owners who develop together share one such file."""
     if opts.attest != EvidenceProvider.SIMULATED:
+        if opts.dev_key:
+            raise UsageError("--dev-key is for --attest simulated builds only (a DCAP build never sees it)")
         return ""
-    from branchy_tee.tee.attest.providers import default_dev_key_dir, load_or_create_dev_key
+    from branchy_tee.tee.attest.providers import DEV_KEY_FILE, default_dev_key_dir, load_or_create_dev_key
 
-    d = str(default_dev_key_dir().resolve())
-    if BAD_PATH.search(d) or " " in d:
-        raise UsageError(f"the development key's folder {d!r}: spaces, quotes, '$' and ':' are not supported")
-    if any(overlaps(d, io) for io in io_dirs):
-        raise UsageError(f"the development key's folder {d} overlaps a data directory; move one of them")
-    load_or_create_dev_key(d)
-    return d
+    f = os.path.abspath(opts.dev_key) if opts.dev_key else str((default_dev_key_dir() / DEV_KEY_FILE).absolute())
+    if BAD_PATH.search(f) or " " in f:
+        raise UsageError(f"the development key {f!r}: spaces, quotes, '$' and ':' are not supported")
+    if any(overlaps(os.path.dirname(f), io) for io in io_dirs):
+        raise UsageError(f"the development key's folder {os.path.dirname(f)} overlaps a data directory; move one")
+    check_data_dir(os.path.dirname(f))
+    load_or_create_dev_key(f)
+    return f
 
 
 def _max_threads(opts: BuildOptions, num_stages: int) -> int:

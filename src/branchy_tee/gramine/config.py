@@ -11,6 +11,7 @@ build, so it no longer describes what is measured). Unknown or missing members a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from branchy_tee.core.errors import BranchyError
 from branchy_tee.tee import measured
 
 CONFIG = "enclave.json"
-CONFIG_FORMAT = "branchy-tee/enclave/v5"
+CONFIG_FORMAT = "branchy-tee/enclave/v6"
 ENTRIES = {"predict": "branchy_tee.tee.predict", "serve": "branchy_tee.tee.serve.server"}
 
 
@@ -65,7 +66,8 @@ class EnclaveConfig:
     broker_ca: str | None
     accepted_tcb_statuses: tuple[str, ...]
     signing_key: str
-    dev_key_dir: str = ""  # simulated builds: where the development attestation key is (made by the build)
+    serve_caps: dict[str, int] = field(default_factory=dict)  # serve builds: measured.CAP_NAMES' caps
+    dev_key: str = ""  # simulated builds: the development attestation key file (--dev-key; made by the build)
     enclave_size: str = ""
     enclave_size_detail: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +127,14 @@ class EnclaveConfig:
 
 def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
     """The environment the manifest sets (loader.env), from the build configuration."""
+    env = _env_but_digest(cfg)
+    env[measured.SETTINGS_DIGEST] = settings_digest(cfg)
+    if cfg.dev_key:
+        env[measured.DEV_KEY] = cfg.dev_key
+    return env
+
+
+def _env_but_digest(cfg: EnclaveConfig) -> dict[str, str]:
     env = {
         "LD_LIBRARY_PATH": cfg.ld_library_path,
         "OMP_NUM_THREADS": str(cfg.threads),
@@ -148,12 +158,11 @@ def manifest_env(cfg: EnclaveConfig) -> dict[str, str]:
         measured.ALLOW_PLAINTEXT: "1" if cfg.allow_plaintext else "0",
         measured.ALLOW_FULL_MODEL: "1" if cfg.allow_full_model else "0",
         measured.ENTRY: cfg.entry,
-        measured.SETTINGS_DIGEST: settings_digest(cfg),
     }
+    if cfg.serve_caps:
+        env[measured.SERVE_CAPS] = measured.serve_caps_text(cfg.serve_caps)
     if cfg.broker_ca:
         env[measured.BROKER_CA] = cfg.broker_ca
-    if cfg.dev_key_dir:
-        env[measured.DEV_KEY_DIR] = cfg.dev_key_dir
     return env
 
 
@@ -183,7 +192,8 @@ def _defines_but_env(cfg: EnclaveConfig) -> dict[str, str]:
         "isvprodid": str(cfg.isv_prod_id),
         "isvsvn": str(cfg.isv_svn),
         "broker_ca": cfg.broker_ca or "",
-        "dev_key_dir": cfg.dev_key_dir,
+        "dev_key": cfg.dev_key,
+        "dev_key_dir": os.path.dirname(cfg.dev_key),
         "bundle_dir": cfg.bundle,
         "bundle_files": ":".join(cfg.bundle_files),
         "io_dirs": ":".join(cfg.io_dirs),
@@ -192,11 +202,23 @@ def _defines_but_env(cfg: EnclaveConfig) -> dict[str, str]:
 
 
 def settings_digest(cfg: EnclaveConfig) -> str:
-    """SHA-256 of every manifest value but loader.env and the development key's own mount and file,
-    as branchy-tee renders the template: a measured setting itself, so that simulated evidence (which
-    measures the code and the measured settings) covers what MRENCLAVE covers under SGX (threads,
-    enclave size, debug, mounts, allowed files, ...). The key's place stays out: owners who share
-    one development key share the measurement."""
+    """SHA-256 of every manifest value, loader.env included, but this digest itself and the development
+    key's place (its variable, mount and file), as branchy-tee renders the template. A measured setting
+    itself: simulated evidence (which measures the code and the measured settings) covers what MRENCLAVE
+    covers under SGX (threads, enclave size, debug, mounts, allowed files, ...), and the enclave puts it
+    in REPORTDATA for policies that pin only MRSIGNER. Owners who share one development key share it."""
+    defines = {
+        **_defines_but_env(cfg),
+        "loader_env": loader_env_toml(_env_but_digest(cfg)),
+        "dev_key": "",
+        "dev_key_dir": "",
+    }
+    return _digest_of_rendering(json.dumps(defines, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of_rendering(defines_json: str) -> str:
+    """(Cached: ``env`` is read often and rendering takes a few milliseconds.)"""
     import hashlib
 
     import tomllib
@@ -204,8 +226,7 @@ def settings_digest(cfg: EnclaveConfig) -> str:
     from branchy_tee.core.strict import canonical_json
     from branchy_tee.gramine.render import render_manifest
 
-    doc = tomllib.loads(render_manifest({**_defines_but_env(cfg), "loader_env": "{}", "dev_key_dir": ""}))
-    del doc["loader"]["env"]
+    doc = tomllib.loads(render_manifest(json.loads(defines_json)))
     return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 

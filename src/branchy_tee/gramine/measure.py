@@ -196,15 +196,19 @@ def _measure(header: BundleHeader, python: str, loader_env: dict, batch_size: in
     return {"vm_peak": status["VmPeak"], "vm_hwm": status["VmHWM"], "samples": samples, "batch_size": batch_size}
 
 
-def enclave_size(header: BundleHeader, measured: dict, max_samples: int, gramine_share: int = GRAMINE_SHARE) -> dict:
+def enclave_size(
+    header: BundleHeader, measured: dict, max_samples: int, gramine_share: int = GRAMINE_SHARE, inflight: int = 0
+) -> dict:
     """The terms of ``need`` (module docstring), bytes, and the size chosen. ``gramine_share``: what
-    Gramine adds beyond the measured run (less when that run was inside Gramine: ``direct_peak``)."""
+    Gramine adds beyond the measured run (less when that run was inside Gramine: ``direct_peak``);
+    ``inflight``: serve's measured cap on request bytes being read or waiting (the queue's included)."""
     input_bytes = 4 * math.prod(header.preprocessing.input_shape)
     terms = {
         "measured_peak": measured["vm_peak"],
         "inputs_not_run": INPUT_COPIES * max(0, max_samples - measured["samples"]) * input_bytes,
         "parked_samples": measured["batch_size"] * activation_bytes_per_sample(header),
         "gramine": gramine_share,
+        "inflight_requests": inflight,
     }
     need = sum(terms.values())
     size = max(MIN_ENCLAVE, next_power_of_two(need))

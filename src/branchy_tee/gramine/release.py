@@ -38,6 +38,7 @@ from branchy_tee.gramine.statement import (
     DANGEROUS,
     MAX_MEMBERS,
     dangerous_settings,
+    env_member,
     measured_configuration,
     measured_manifest,
 )
@@ -45,8 +46,8 @@ from branchy_tee.gramine.tools import MANIFEST, SGX_MANIFEST
 from branchy_tee.tee import measured
 from branchy_tee.tee.attest.identity import identity_hex, parse_identity, sign, verify
 
-RELEASE_FORMAT = "branchy-tee/release/v2"
-OLD_FORMATS = ("branchy-tee/release/v1",)
+RELEASE_FORMAT = "branchy-tee/release/v3"
+OLD_FORMATS = ("branchy-tee/release/v1", "branchy-tee/release/v2")
 RELEASE_PURPOSE = b"enclave-release"
 MAX_RELEASE_BYTES = 64 * 1024
 FIELDS = (
@@ -64,6 +65,7 @@ FIELDS = (
     "model_broker",
     "model_broker_identity",
     "manifest_sha256",
+    "dev_public_key",
     "measured",
     "dangerous",
     "released_at",
@@ -91,7 +93,7 @@ class ReleaseStatement:
 
     attest: EvidenceProvider
     mrenclave: str  # 64 hex
-    mrsigner: str | None  # 64 hex; None for simulated evidence of another machine's dev key
+    mrsigner: str  # 64 hex; for simulated evidence SHA-256 of the development key's public key
     isv_prod_id: int
     isv_svn: int
     debug: bool
@@ -102,6 +104,7 @@ class ReleaseStatement:
     model_broker: str
     model_broker_identity: str
     manifest_sha256: str | None
+    dev_public_key: str | None  # simulated builds: the shared development key's public key (64 hex)
     measured: dict[str, Any]  # every measured manifest value by dotted path (gramine.statement)
     dangerous: tuple[str, ...]  # the settings in it that need each owner's consent (statement.DANGEROUS)
     released_at: str  # YYYY-MM-DDTHH:MM:SSZ
@@ -124,7 +127,7 @@ class ReleaseStatement:
         s = cls(
             EvidenceProvider(f.check("attest", lambda v: v in EvidenceProvider.names(), "gramine or simulated")),
             f.check("mrenclave", _hex(64), "64 hex digits"),
-            f.check("mrsigner", _hex_or_null(64), "64 hex digits or null"),
+            f.check("mrsigner", _hex(64), "64 hex digits"),
             f.check("isv_prod_id", _u(16), "a 16-bit number"),
             f.check("isv_svn", _u(16), "a 16-bit number"),
             f.flag("debug"),
@@ -135,6 +138,7 @@ class ReleaseStatement:
             f.check("model_broker", lambda v: measured.broker_url_problem(v) is None, "a broker URL"),
             f.check("model_broker_identity", lambda v: measured.identity_problem(v) is None, "an identity"),
             f.check("manifest_sha256", _hex_or_null(64), "64 hex digits or null"),
+            f.check("dev_public_key", _hex_or_null(64), "64 hex digits or null"),
             f.check("measured", _measured_values, "a table of measured values"),
             tuple(f.check("dangerous", lambda v: isinstance(v, list), "a list")),
             f.text("released_at", lambda v: len(v) == 20 and set(v) <= set("0123456789-:TZ"), "a UTC time"),
@@ -143,7 +147,17 @@ class ReleaseStatement:
         f.done(FIELDS)
         if list(s.dangerous) != dangerous_settings(s.measured):
             raise BranchyError(f"{what}: 'dangerous' does not name exactly the dangerous measured settings")
+        if (s.dev_public_key is None) != (s.attest != EvidenceProvider.SIMULATED):
+            raise BranchyError(f"{what}: 'dev_public_key' is for simulated builds, and only for them")
+        if not _hex(64)(s.settings_sha256):
+            member = env_member(measured.SETTINGS_DIGEST)
+            raise BranchyError(f"{what}: the measured settings digest ({member}) is missing")
         return s
+
+    @property
+    def settings_sha256(self) -> str:
+        """The measured settings digest the enclave puts in REPORTDATA (what policies pin as allowed_settings)."""
+        return self.measured.get(env_member(measured.SETTINGS_DIGEST), "")
 
 
 def _measured_values(v: object) -> bool:
@@ -201,28 +215,17 @@ def _pins(env: dict[str, str], directory: Path) -> dict[str, Any]:
 
 
 def _simulated_measurements(cfg: EnclaveConfig, env: dict[str, str]) -> dict:
-    from branchy_tee.tee.attest.providers import (
-        DEV_KEY_FILE,
-        code_measurement,
-        default_dev_key_dir,
-        simulated_mrenclave,
-    )
+    from branchy_tee.tee.attest.providers import code_measurement, dev_public_key, simulated_mrenclave
 
     code = code_measurement(Path(cfg.package_dir) / "branchy_tee")
-    # MRSIGNER of simulated evidence is the hash of the dev key of whoever runs it: known here only if
-    # that is this machine's dev key. Policies written from a release never pin it.
-    dev_key = default_dev_key_dir() / DEV_KEY_FILE
-    mrsigner = None
-    if dev_key.is_file():
-        from branchy_tee.tee.attest.providers import SimulatedProvider
-
-        mrsigner = SimulatedProvider(default_dev_key_dir(), mrenclave=bytes(32)).mrsigner.hex()
+    public = dev_public_key(cfg.dev_key)  # the key the owners share (`enclave build --dev-key`)
     return {
         "mrenclave": simulated_mrenclave(env, code).hex(),
-        "mrsigner": mrsigner,
+        "mrsigner": hashlib.sha256(public).hexdigest(),
         "isv_prod_id": cfg.isv_prod_id,
         "isv_svn": cfg.isv_svn,
         "debug": cfg.debug,
+        "dev_public_key": public.hex(),
     }
 
 
@@ -278,6 +281,7 @@ def make_release(
         model_broker=pins["model_broker"],
         model_broker_identity=pins["model_broker_identity"],
         manifest_sha256=hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None,
+        dev_public_key=m.get("dev_public_key"),
         measured=values,
         dangerous=tuple(dangerous_settings(values)),
         released_at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -366,6 +370,8 @@ def policy_from_release(
         "allow_debug": "debug" in s.dangerous,  # (only with that owner's consent: see above)
         "accepted_tcb_statuses": list(dict.fromkeys(accepted_tcb_statuses)),
         "min_model_version": s.min_model_version,
+        # the enclave's REPORTDATA carries it: binds even a policy that someone later reduces to MRSIGNER
+        "allowed_settings": [s.settings_sha256],
     }
     lines = [
         "# Key-broker policy written by `branchy-tee enclave policy` from a release statement signed by the",
@@ -384,11 +390,15 @@ def policy_from_release(
         )
     if s.attest == EvidenceProvider.SIMULATED:
         policy["allow_simulation"] = True
+        policy["simulation_public_keys"] = [s.dev_public_key]
         lines.append("# SIMULATED attestation (development only): no TEE protects the process that gets the keys.")
     if allowed_data_owners is not None:
         for o in allowed_data_owners:
             parse_identity(o, "--allowed-data-owner")
         policy["allowed_data_owners"] = sorted(set(allowed_data_owners))
+    if "plaintext-result" in s.dangerous:  # (only with this owner's consent: see above)
+        policy["allow_plaintext_results"] = True
+        lines.append("# allow_plaintext_results = true: the enclave may write your requests' results in plain text.")
     return "\n".join(lines) + "\n" + tomli_w.dumps(policy)
 
 

@@ -29,23 +29,24 @@ SUMMARISED = "sgx.trusted_files"
 MAX_MEMBERS = 512
 
 
-def _env(name: str) -> str:
+def env_member(name: str) -> str:
+    """The statement member of a loader.env variable."""
     return f"loader.env.{name}"
 
 
 # name (the consent flag is --allow-NAME) -> (is it set in these measured values?, what it hands the host)
 DANGEROUS: dict[str, tuple[Callable[[dict[str, Any]], bool], str]] = {
     "simulated": (
-        lambda m: m.get(_env(measured.ATTEST)) == "simulated",
+        lambda m: m.get(env_member(measured.ATTEST)) == "simulated",
         "simulated attestation: no TEE protects the process that gets the keys",
     ),
     "debug": (lambda m: m.get("sgx.debug") is True, "a debug enclave: the host can read its memory"),
     "plaintext-result": (
-        lambda m: m.get(_env(measured.ALLOW_PLAINTEXT)) == "1",
+        lambda m: m.get(env_member(measured.ALLOW_PLAINTEXT)) == "1",
         "plaintext results: the host may ask for results it can read",
     ),
     "full-model": (
-        lambda m: m.get(_env(measured.ALLOW_FULL_MODEL)) == "1",
+        lambda m: m.get(env_member(measured.ALLOW_FULL_MODEL)) == "1",
         "--full-model: the host may ignore the model owner's exit thresholds",
     ),
 }

@@ -23,10 +23,11 @@ MODEL_KEY_ID = "BRANCHY_TEE_MODEL_KEY_ID"  # the model key id that seals it
 MIN_MODEL_VERSION = "BRANCHY_TEE_MIN_MODEL_VERSION"
 ALLOW_PLAINTEXT = "BRANCHY_TEE_ALLOW_PLAINTEXT"  # "1": --plaintext-result allowed
 BROKER_CA = "BRANCHY_TEE_BROKER_CA"  # CA certificate for HTTPS brokers (a trusted file)
-DEV_KEY_DIR = "BRANCHY_TEE_DEV_KEY_DIR"  # simulated builds only: the dev attestation key's folder (trusted)
+DEV_KEY = "BRANCHY_TEE_DEV_KEY"  # simulated builds only: the shared development attestation key (trusted file)
 ENTRY = "BRANCHY_TEE_ENTRY"  # "predict" or "serve": the one command this enclave runs
 ALLOW_FULL_MODEL = "BRANCHY_TEE_ALLOW_FULL_MODEL"  # "1": --full-model (the thresholds ignored) allowed
-SETTINGS_DIGEST = "BRANCHY_TEE_SETTINGS_SHA256"  # the manifest's other values (gramine.config.settings_digest)
+SERVE_CAPS = "BRANCHY_TEE_SERVE_CAPS"  # serve builds: "max_connections=N,max_inflight_mib=N,max_queue=N"
+SETTINGS_DIGEST = "BRANCHY_TEE_SETTINGS_SHA256"  # every other manifest value (gramine.config.settings_digest)
 
 # Not a variable: a fixed path the manifest mounts as an in-enclave tmpfs (never host-backed) and
 # the build refuses to mount anything over. The only place the enclave writes a secret to a file
@@ -44,11 +45,17 @@ NAMES = (
     MIN_MODEL_VERSION,
     ALLOW_PLAINTEXT,
     BROKER_CA,
-    DEV_KEY_DIR,
     ENTRY,
     ALLOW_FULL_MODEL,
+    SERVE_CAPS,
     SETTINGS_DIGEST,
 )
+
+# serve's limits that the build sizes the enclave for: inside the enclave the host may only lower them.
+CAP_NAMES = ("max_connections", "max_inflight_mib", "max_queue")
+
+# DEV_KEY is not in NAMES: owners who share one development key at different paths share the
+# simulated measurement; their policies pin the key's public key instead (the release statement's).
 
 IDENTITY_RE = re.compile(r"[0-9a-f]{64}")  # a raw Ed25519 public key, lower-case hex
 
@@ -117,3 +124,28 @@ def settings(env: Mapping[str, str]) -> dict[str, str]:
 def settings_bytes(env: Mapping[str, str]) -> bytes:
     """The canonical bytes of the measured settings (what simulated evidence measures)."""
     return json.dumps(settings(env), separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def settings_binding(env: Mapping[str, str]) -> bytes:
+    """The second half of every REPORTDATA the enclave produces: its measured settings digest (32
+    bytes), so that a broker or client that pins only the signer (MRSIGNER) still sees which settings
+    it is dealing with. 32 zero bytes outside an enclave or when the digest is not well formed."""
+    value = env.get(SETTINGS_DIGEST, "") if inside_enclave(env) else ""
+    if len(value) != 64 or not set(value) <= set("0123456789abcdef"):
+        return bytes(32)
+    return bytes.fromhex(value)
+
+
+def serve_caps_text(caps: Mapping[str, int]) -> str:
+    return ",".join(f"{name}={int(caps[name])}" for name in CAP_NAMES)
+
+
+def serve_caps(env: Mapping[str, str]) -> dict[str, int]:
+    """The measured caps on serve's limits ({} when none are measured); ValueError when malformed."""
+    text = env.get(SERVE_CAPS, "")
+    if not text:
+        return {}
+    caps = dict(item.split("=", 1) for item in text.split(","))
+    if sorted(caps) != sorted(CAP_NAMES) or not all(v.isascii() and v.isdigit() for v in caps.values()):
+        raise ValueError(f"{SERVE_CAPS} is not {serve_caps_text(dict.fromkeys(CAP_NAMES, 0)).replace('0', 'N')}")
+    return {name: int(caps[name]) for name in CAP_NAMES}

@@ -111,8 +111,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def _open_bundle_and_requests(
     args: argparse.Namespace, trust: Trust, log: Log
-) -> tuple[SealedBundle, list[Request], dict[str, bytes]]:
-    """Verify the bundle and every request; return (bundle, [(header, inputs, raw)], data keys)."""
+) -> tuple[SealedBundle, list[Request], dict[str, bytes], set[str]]:
+    """Verify the bundle and every request; return (bundle, [(header, inputs, raw)], data keys, the data
+    key ids whose owners consented to plaintext results)."""
     from branchy_tee.tee.sealed.bundle import open_bundle, read_header_unverified
     from branchy_tee.tee.sealed.envelope import open_request, read_file, request_key_id
 
@@ -133,7 +134,7 @@ def _open_bundle_and_requests(
         (*open_request(data, data_keys, shape, p), data) for data, p in zip(raw_requests, args.input, strict=True)
     ]
     log(f"{len(requests)} request(s), {sum(len(r[1]) for r in requests)} samples verified")
-    return bundle, requests, data_keys
+    return bundle, requests, data_keys, {k for k in data_keys if keys.plaintext_allowed(k)}
 
 
 def _write_results(
@@ -142,8 +143,10 @@ def _write_results(
     requests: list[Request],
     data_keys: dict[str, bytes],
     answers: Answers,
+    plaintext_ok: set[str],
 ) -> None:
-    """Seal every data owner's answers for it; all answers exist before the first file is written."""
+    """Seal every data owner's answers for it; all answers exist before the first file is written.
+    The plaintext file holds only the requests whose data owner's signed key release allows it."""
     from branchy_tee.core.fileio import atomic_write_bytes, atomic_write_text
     from branchy_tee.tee.sealed.envelope import request_digest, seal_result
 
@@ -155,7 +158,10 @@ def _write_results(
         recs = records_for(answers, bundle.header.classes, lo, hi)
         model = bundle.header.model_ref
         outputs.append((path, seal_result(recs, req_header, request_digest(raw), model, data_keys[req_header.key_id])))
-        text += plaintext_lines(req_header.request_id, recs)
+        if req_header.key_id in plaintext_ok:
+            text += plaintext_lines(req_header.request_id, recs)
+        else:
+            text.append(f"# request {req_header.request_id}: withheld (its data owner allows no plaintext results)")
         lo = hi
     for path, blob in outputs:
         atomic_write_bytes(path, blob)
@@ -189,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     use_threads(threads if workers == 1 else 1)
     t0 = time.perf_counter()
     with MemorySampler() if args.mprofile or args.stats_json else contextlib.nullcontext() as sampler:
-        bundle, requests, data_keys = _open_bundle_and_requests(args, settings, log)
+        bundle, requests, data_keys, plaintext_ok = _open_bundle_and_requests(args, settings, log)
         h = bundle.header
         x = np.concatenate([r[1] for r in requests])
         store = StageStore(bundle, args.memory_budget, args.batch_size, log)
@@ -197,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t_infer = time.perf_counter()
         answers = early_exit(store.get, bundle.num_stages, x, h.criterion, thresholds, args.batch_size, workers=workers)
         inference_seconds = time.perf_counter() - t_infer
-        _write_results(args, bundle, requests, data_keys, answers)
+        _write_results(args, bundle, requests, data_keys, answers, plaintext_ok)
         seconds = time.perf_counter() - t0
     stats = {
         "samples": len(x),

@@ -119,6 +119,7 @@ class Trust:
             attestation_dir=self.attestation_dir,
             ca_file=self.broker_ca,
             min_version=self.min_version,
+            settings=measured.settings_binding(os.environ),
         )
 
     def key_source(self) -> KeySource:

@@ -3,6 +3,7 @@
     allowed_mrenclave = ["33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"]
     allowed_mrsigner  = []            # may add to allowed_mrenclave; alone only with own_signing_key
     own_signing_key = false           # true: you sign your enclaves yourself, so MRSIGNER alone pins them
+    allowed_settings = ["<64 hex>"]   # measured settings digests you accepted (needed with MRSIGNER alone)
     isv_prod_id = 0                   # optional: require this product id
     min_isv_svn = 0
     allow_debug = false               # a DEBUG enclave's memory is readable by the host
@@ -17,10 +18,15 @@
     stale_collateral = "reject"       # or "warn": expired collateral only adds a warning
     key_ids = ["0123456789abcdef"]    # keys this policy releases (default: every key in the keystore)
     allowed_data_owners = ["<64 hex>"]   # model owner: the data owners' identities that may use the model
+    allow_plaintext_results = false   # data owner: the enclave may write your requests' results in plain text
 
 The host builds and signs the enclave, so a policy must pin ``allowed_mrenclave`` (reproduce the
 build, or take it from the model owner's signed release statement); ``allowed_mrsigner`` alone pins
 the host's signing key unless ``own_signing_key = true`` says the policy's owner signs its enclaves.
+Even then one signer signs many builds, some with settings an owner never accepted (plaintext
+results, a debug enclave): the enclave puts its measured settings digest in REPORTDATA's second half
+(``measured.settings_binding``), and such a policy must pin it (``allowed_settings``, the release
+statement's ``loader.env.BRANCHY_TEE_SETTINGS_SHA256``).
 
 Unknown settings are errors (a typo must not silently weaken a policy). :meth:`Policy.evaluate`
 accepts verified :class:`Claims` or raises :class:`~branchy_tee.core.errors.PolicyError` naming the
@@ -66,6 +72,8 @@ SETTINGS = (
     "allowed_data_owners",
     "accept_client_collateral",
     "min_tcb_evaluation_data_number",
+    "allowed_settings",
+    "allow_plaintext_results",
 )
 STALE_CHOICES = ("reject", "warn")
 
@@ -135,6 +143,7 @@ class Decision:
     min_model_version: int
     warnings: tuple[str, ...] = ()
     allowed_data_owners: tuple[bytes, ...] | None = None
+    plaintext_results: bool = False  # signed into the release: this owner consents to plaintext results
 
 
 # --------------------------------------------------------------------------- policy
@@ -163,6 +172,8 @@ class Policy:
     allowed_data_owners: tuple[bytes, ...] | None = None
     accept_client_collateral: bool = False
     min_tcb_evaluation_data_number: int | None = None
+    allowed_settings: frozenset[bytes] = frozenset()
+    allow_plaintext_results: bool = False
     source: str = "<policy>"
     _collateral_cache: tuple | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -178,6 +189,12 @@ class Policy:
                 "enclave, so MRSIGNER alone pins the host's own key; pin allowed_mrenclave (from the "
                 "model owner's release statement), or set own_signing_key = true if you sign your "
                 "enclaves yourself"
+            )
+        if not self.allowed_mrenclave and not self.allowed_settings:
+            raise BranchyError(
+                f"policy {self.source}: pins only allowed_mrsigner, which every build you sign shares, "
+                "whatever its settings; pin allowed_settings too (the release statement's "
+                "loader.env.BRANCHY_TEE_SETTINGS_SHA256 of each build you accept)"
             )
         if self.accept_client_collateral and self.min_tcb_evaluation_data_number is None:
             raise BranchyError(
@@ -222,7 +239,7 @@ class Policy:
         self._check_enclave(claims)
         if not claims.simulated:
             self._check_tcb(claims, warnings)
-        return Decision(self.min_model_version, tuple(warnings), self.allowed_data_owners)
+        return Decision(self.min_model_version, tuple(warnings), self.allowed_data_owners, self.allow_plaintext_results)
 
     def _check_evidence_kind(self, claims: Claims, warnings: list[str]) -> None:
         """Simulated evidence only where allowed (and from a pinned dev key); otherwise SGX DCAP quotes."""
@@ -263,6 +280,11 @@ class Policy:
             raise PolicyError(
                 f"min_isv_svn: the enclave's ISVSVN {claims.isv_svn} is below the policy minimum {self.min_isv_svn}"
             )
+        if self.allowed_settings and claims.report_data[32:] not in self.allowed_settings:
+            raise PolicyError(
+                f"allowed_settings: the enclave runs with measured settings {claims.report_data[32:].hex()}, "
+                f"which this policy did not accept (policy allows {_short(m.hex() for m in self.allowed_settings)})"
+            )
         if claims.debug and not self.allow_debug:
             raise PolicyError(
                 "allow_debug: the enclave runs in DEBUG mode (the host can read its memory); "
@@ -300,26 +322,15 @@ class Policy:
                 )
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "allowed_mrenclave": sorted(m.hex() for m in self.allowed_mrenclave),
-            "allowed_mrsigner": sorted(m.hex() for m in self.allowed_mrsigner),
-            "isv_prod_id": self.isv_prod_id,
-            "min_isv_svn": self.min_isv_svn,
-            "allow_debug": self.allow_debug,
-            "accepted_tcb_statuses": sorted(self.accepted_tcb_statuses),
-            "min_model_version": self.min_model_version,
-            "allow_simulation": self.allow_simulation,
-            "collateral": str(self.collateral_path) if self.collateral_path else None,
-            "require_collateral": self.require_collateral,
-            "stale_collateral": self.stale_collateral,
-            "key_ids": list(self.key_ids) if self.key_ids is not None else None,
-            "own_signing_key": self.own_signing_key,
-            "accept_client_collateral": self.accept_client_collateral,
-            "min_tcb_evaluation_data_number": self.min_tcb_evaluation_data_number,
-            "allowed_data_owners": (
-                None if self.allowed_data_owners is None else sorted(o.hex() for o in self.allowed_data_owners)
-            ),
-        }
+        """Every setting by its name in the file, as JSON values (hex for measurements and identities)."""
+
+        def value(v: Any) -> Any:
+            if isinstance(v, (frozenset, tuple)):
+                items = [x.hex() if isinstance(x, bytes) else x for x in v]
+                return sorted(items) if isinstance(v, frozenset) or isinstance(next(iter(v), ""), bytes) else items
+            return str(v) if isinstance(v, Path) else v
+
+        return {name: value(getattr(self, "collateral_path" if name == "collateral" else name)) for name in SETTINGS}
 
 
 # --------------------------------------------------------------------------- parsing
@@ -463,6 +474,8 @@ def parse_policy(
         allowed_data_owners=r.identities("allowed_data_owners"),
         accept_client_collateral=r.bool("accept_client_collateral", False),
         min_tcb_evaluation_data_number=r.int("min_tcb_evaluation_data_number", None, 2**32 - 1),
+        allowed_settings=r.measurements("allowed_settings"),
+        allow_plaintext_results=r.bool("allow_plaintext_results", False),
         source=source,
     )
     if sim_keys and not policy.allow_simulation:

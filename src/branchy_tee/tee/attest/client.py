@@ -89,14 +89,15 @@ class AttestedKeys:
         ca_file: str | None = None,
         min_version: int = 0,
         *,
-        dev_key_dir: str | os.PathLike[str] | None = None,
+        dev_key: str | os.PathLike[str] | None = None,
+        settings: bytes = bytes(32),
         timeout: float = 30.0,
         provider: EvidenceSource | None = None,
     ) -> None:
         self.provider = (
             provider
             if provider is not None
-            else make_provider(attest, attestation_dir=attestation_dir, dev_key_dir=dev_key_dir)
+            else make_provider(attest, attestation_dir=attestation_dir, dev_key=dev_key)
         )
         self.model_broker = _broker_url(model_broker, "model key broker")
         if not isinstance(model_broker_identity, bytes) or len(model_broker_identity) != 32:
@@ -107,6 +108,7 @@ class AttestedKeys:
             data_brokers = [data_brokers]
         self.data_brokers = [_broker_url(u, "data key broker") for u in data_brokers]
         self.timeout = timeout
+        self.settings = settings  # REPORTDATA's second half (measured.settings_binding)
         self._min_version = int(min_version)
         self._sk = X25519PrivateKey.generate()  # one key pair per run; never leaves the enclave
         self.public_key = self._sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -121,6 +123,7 @@ class AttestedKeys:
         self._model: dict[str, bytes] = {}
         self.sources: dict[str, str] = {}  # key id -> broker URL that released it
         self.identities: dict[str, str] = {}  # key id -> identity (hex) of the broker that signed it
+        self._plaintext: dict[str, bool] = {}  # data key id -> its owner's signed consent to plaintext results
 
     # ---- KeySource
     def model_key(self, kid: str) -> bytes:
@@ -184,6 +187,9 @@ class AttestedKeys:
     def min_model_version(self) -> int:
         return self._min_version
 
+    def plaintext_allowed(self, kid: str) -> bool:
+        return self._plaintext.get(kid, False) and kid not in self._model
+
     # ---- protocol steps
     def offer(self, url: str) -> BrokerOffer:
         """GET /v1/nonce: a fresh nonce and the key ids the broker releases."""
@@ -201,7 +207,7 @@ class AttestedKeys:
         ``expect``: the identity the release must be signed by (the model broker's), or None for a
         data broker, whose identity must then be on the model owner's allow-list."""
         url, nonce = offer.url, offer.nonce
-        evidence = self.provider.evidence(report_data(self.public_key, nonce))
+        evidence = self.provider.evidence(report_data(self.public_key, nonce, self.settings))
         body = KeyRequest(self.provider.evidence_type, evidence, self.public_key, nonce, tuple(kids)).to_json()
         release = self.verify_release(
             url, self._call(url, "POST", "/v1/keys", json.dumps(body).encode()), nonce, kids, expect
@@ -218,6 +224,7 @@ class AttestedKeys:
             if key_id(key) != kid:  # only the key's owner can produce a key with this id
                 raise AttestationError(f"key broker {url}: returned a key with id {key_id(key)} for key id {kid}")
             out[kid] = key
+            self._plaintext[kid] = release.plaintext_results
             self.sources[kid] = url
             self.identities[kid] = release.broker.hex()
             min_version = max(min_version, sealed_version)

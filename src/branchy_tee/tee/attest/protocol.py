@@ -6,7 +6,7 @@ One exchange per broker::
     X25519 key pair (sk, pk), once per run
     GET  /v1/nonce                           ->    {"nonce": hex(40 bytes), "expires_in": s,
                                              <-     "key_ids": [ids this broker releases], ...}
-    report_data = SHA-256("branchy-tee/v1" || pk || nonce) || 0^32
+    report_data = SHA-256("branchy-tee/v1" || pk || nonce) || settings digest (32 bytes, see below)
     evidence    = quote (gramine, DCAP) or signed document (simulated) carrying report_data
     POST /v1/keys {"protocol", "evidence_type", "evidence": b64, "public_key": hex(pk),
                    "nonce": hex, "key_ids": [...], "collateral": {...} (optional)}
@@ -66,13 +66,17 @@ MAX_RESPONSE = 1 << 20  # response size limit of the client
 _KEY_MAGIC = b"BTK1"
 
 
-def report_data(public_key: bytes, nonce: bytes) -> bytes:
-    """REPORTDATA binding the enclave's public key to the broker's nonce (64 bytes)."""
+def report_data(public_key: bytes, nonce: bytes, settings: bytes = bytes(32)) -> bytes:
+    """REPORTDATA binding the enclave's public key to the broker's nonce (the first 32 bytes), and the
+    enclave's measured settings digest (``measured.settings_binding``, the last 32), which a policy that
+    pins only MRSIGNER checks (``allowed_settings``)."""
     if len(public_key) != PUBLIC_KEY_BYTES:
         raise ValueError(f"public key must be {PUBLIC_KEY_BYTES} bytes")
     if len(nonce) != NONCE_BYTES:
         raise ValueError(f"nonce must be {NONCE_BYTES} bytes")
-    return hashlib.sha256(LABEL + public_key + nonce).digest() + bytes(32)
+    if len(settings) != 32:
+        raise ValueError("the settings digest must be 32 bytes")
+    return hashlib.sha256(LABEL + public_key + nonce).digest() + settings
 
 
 def key_info(kid: str, nonce: bytes) -> bytes:
@@ -235,6 +239,7 @@ class KeyRelease:
     keys: tuple[tuple[str, bytes], ...]  # (key id, HPKE enc || ciphertext), sorted by key id
     min_model_version: int
     allowed_data_owners: tuple[bytes, ...] | None  # None: this broker says nothing about data owners
+    plaintext_results: bool = False  # a data owner's consent to plaintext results of its requests
 
     def message(self) -> bytes:
         """The canonical bytes a broker signs: fixed-size fields as they are, variable ones length-prefixed,
@@ -257,6 +262,7 @@ class KeyRelease:
         else:
             owners = sorted(set(self.allowed_data_owners))
             out += [b"\1", struct.pack(">I", len(owners)), *owners]
+        out.append(b"\1" if self.plaintext_results else b"\0")
         return b"".join(out)
 
     def to_json(self, signature: bytes) -> dict[str, Any]:
@@ -270,6 +276,7 @@ class KeyRelease:
             "allowed_data_owners": None
             if self.allowed_data_owners is None
             else sorted(o.hex() for o in self.allowed_data_owners),
+            "plaintext_results": self.plaintext_results,
             "signature": signature.hex(),
         }
 
@@ -281,6 +288,9 @@ class KeyRelease:
             broker = _hexfield(doc, "identity", IDENTITY_BYTES)
             signature = _hexfield(doc, "signature", 64)
             keys_doc, version, owners_doc = doc["keys"], doc["min_model_version"], doc["allowed_data_owners"]
+            plaintext = doc["plaintext_results"]
+            if not isinstance(plaintext, bool):
+                raise MessageError("'plaintext_results' must be true or false")
             if not isinstance(keys_doc, dict) or not 0 < len(keys_doc) <= MAX_KEY_IDS:
                 raise MessageError("'keys' must map 1..64 key ids to sealed keys")
             keys = []
@@ -298,4 +308,4 @@ class KeyRelease:
         except (KeyError, TypeError, binascii.Error, ValueError) as e:
             why = e if isinstance(e, MessageError) else "a member is missing"
             raise MessageError(f"malformed key release ({why})") from None
-        return cls(broker, nonce, public_key, tuple(sorted(keys)), version, owners), signature
+        return cls(broker, nonce, public_key, tuple(sorted(keys)), version, owners, plaintext), signature

@@ -7,9 +7,10 @@
 
 ``simulated`` (development only)
     No TEE at all: a JSON document ``{mrenclave, mrsigner, isv_prod_id, isv_svn, debug,
-    report_data, public_key, ...}`` signed with a local Ed25519 dev key, created on first use in
-    ``$XDG_CONFIG_HOME/branchy-tee/dev-attestation-key`` (default ``~/.config/...``; directory
-    0700, key file 0600). ``mrenclave`` (:func:`simulated_mrenclave`) is a SHA-256 over the
+    report_data, public_key, ...}`` signed with an Ed25519 dev key file, created on first use in
+    ``$XDG_CONFIG_HOME/branchy-tee/dev-attestation-key/ed25519.key`` (default ``~/.config/...``;
+    directory 0700, key file 0600) or where ``enclave build --dev-key`` says. ``mrenclave``
+    (:func:`simulated_mrenclave`) is a SHA-256 over the
     installed ``branchy_tee`` package files (:func:`code_measurement`) and the enclave's measured
     settings (``branchy_tee.tee.measured``: the manifest's ``loader.env`` values, as a real MRENCLAVE
     covers them), so a policy pins the code and every measured pin; ``mrsigner`` is SHA-256 of the
@@ -56,11 +57,16 @@ _ATTESTATION_LOCK = threading.Lock()
 
 
 def default_dev_key_dir() -> Path:
-    """The measured folder of a simulated build, else $XDG_CONFIG_HOME/branchy-tee/dev-attestation-key."""
-    if os.environ.get(measured.DEV_KEY_DIR):
-        return Path(os.environ[measured.DEV_KEY_DIR])
+    """$XDG_CONFIG_HOME/branchy-tee/dev-attestation-key (default ``~/.config/...``)."""
     base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "branchy-tee" / "dev-attestation-key"
+
+
+def default_dev_key() -> Path:
+    """The development key file: the measured one of a simulated build, else the default folder's."""
+    if os.environ.get(measured.DEV_KEY):
+        return Path(os.environ[measured.DEV_KEY])
+    return default_dev_key_dir() / DEV_KEY_FILE
 
 
 _explained = False
@@ -184,19 +190,20 @@ def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def load_or_create_dev_key(key_dir: str | os.PathLike[str] | None = None) -> Ed25519PrivateKey:
-    """The Ed25519 dev key in ``key_dir`` (created on first use: directory 0700, key file 0600)."""
-    d = Path(key_dir) if key_dir is not None else default_dev_key_dir()
-    path = d / DEV_KEY_FILE
+def load_or_create_dev_key(key_file: str | os.PathLike[str] | None = None) -> Ed25519PrivateKey:
+    """The Ed25519 dev key in ``key_file`` (created on first use: its folder 0700 if new, the file 0600).
+    Owners who develop together share one such file (``enclave build --dev-key FILE``)."""
+    path = Path(key_file) if key_file is not None else default_dev_key()
     if not path.exists() and measured.inside_enclave(os.environ):
         # Inside an enclave the key is a trusted file the build made (Gramine has no hard links).
         raise BranchyError(
             f"the development attestation key {path} is missing: `enclave build --attest simulated` makes it"
         )
     if not path.exists():
+        d = path.parent
         try:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=f".{DEV_KEY_FILE}.", dir=d)  # mode 0600
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=d)  # mode 0600
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(os.urandom(32))
@@ -209,8 +216,13 @@ def load_or_create_dev_key(key_dir: str | os.PathLike[str] | None = None) -> Ed2
             finally:
                 os.unlink(tmp)
         except OSError as e:
-            raise BranchyError(f"cannot create the dev attestation key in {d}: {e.strerror or e}") from None
+            raise BranchyError(f"cannot create the dev attestation key {path}: {e.strerror or e}") from None
     return Ed25519PrivateKey.from_private_bytes(read_key_file(path))
+
+
+def dev_public_key(key_file: str | os.PathLike[str]) -> bytes:
+    """The raw public key of the development key in ``key_file`` (what policies pin)."""
+    return _raw_public(load_or_create_dev_key(key_file).public_key())
 
 
 class SimulatedProvider:
@@ -220,14 +232,14 @@ class SimulatedProvider:
 
     def __init__(
         self,
-        key_dir: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
         *,
         isv_prod_id: int = 0,
         isv_svn: int = 0,
         debug: bool = False,
         mrenclave: bytes | None = None,
     ):
-        self._key = load_or_create_dev_key(key_dir)
+        self._key = load_or_create_dev_key(key_file)
         self.public_key = _raw_public(self._key.public_key())
         self.mrsigner = hashlib.sha256(self.public_key).digest()
         self.mrenclave = mrenclave if mrenclave is not None else simulated_mrenclave()
@@ -265,12 +277,12 @@ def make_provider(
     name: EvidenceProvider | str,
     *,
     attestation_dir: str | os.PathLike[str] = DEFAULT_ATTESTATION_DIR,
-    dev_key_dir: str | os.PathLike[str] | None = None,
+    dev_key: str | os.PathLike[str] | None = None,
 ) -> GramineProvider | SimulatedProvider:
     """The evidence provider for ``--attest NAME``."""
     if name == EvidenceProvider.GRAMINE:
         return GramineProvider(attestation_dir)
     if name == EvidenceProvider.SIMULATED:
-        return SimulatedProvider(dev_key_dir)
+        return SimulatedProvider(dev_key)
     names = ", ".join(EvidenceProvider.names())
     raise BranchyError(f"unknown evidence provider {ascii(str(name))} (choose from {names})")

@@ -1,7 +1,8 @@
 """Attested TLS in Gramine's RA-TLS form, and client certificates made from party identities.
 
 Server (enclave) side, as Gramine's ``ra_tls_create_key_and_crt_der`` does it: a fresh ECDSA P-384
-key pair, evidence whose REPORTDATA is SHA-256(the DER SubjectPublicKeyInfo of that key) || 0^32,
+key pair, evidence whose REPORTDATA is SHA-256(the DER SubjectPublicKeyInfo of that key) || the
+enclave's measured settings digest (Gramine's own puts zeros there),
 and a self-signed certificate carrying the evidence as a non-critical X.509 extension. The
 extension's OID is the one Gramine writes (the bytes of its ``NON_STANDARD_INTEL_SGX_QUOTE_OID``
 taken as the OID's content, i.e. ``0.6.9.42.840.113741.1337.6``), so Gramine's own RA-TLS verifiers
@@ -48,20 +49,21 @@ SERVER_CERT_LIFETIME = datetime.timedelta(minutes=20)
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
-def public_key_report_data(public_key: CertificatePublicKeyTypes) -> bytes:
-    """REPORTDATA for RA-TLS: SHA-256 of the DER SubjectPublicKeyInfo, then 32 zero bytes."""
+def public_key_report_data(public_key: CertificatePublicKeyTypes, settings: bytes = bytes(32)) -> bytes:
+    """REPORTDATA for RA-TLS: SHA-256 of the DER SubjectPublicKeyInfo (what Gramine's verifiers check),
+    then the enclave's measured settings digest (``measured.settings_binding``; zeros in Gramine's own)."""
     spki = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(spki).digest() + bytes(32)
+    return hashlib.sha256(spki).digest() + settings
 
 
 def make_server_certificate(
-    provider: EvidenceSource, now: datetime.datetime | None = None
+    provider: EvidenceSource, now: datetime.datetime | None = None, settings: bytes = bytes(32)
 ) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     """A fresh key pair and a self-signed certificate (DER) with evidence from ``provider`` that binds
     the key, valid for SERVER_CERT_LIFETIME from ``now``. The private key never leaves the enclave."""
     now = now or datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP384R1())
-    evidence = provider.evidence(public_key_report_data(key.public_key()))
+    evidence = provider.evidence(public_key_report_data(key.public_key(), settings))
     cert = (
         x509.CertificateBuilder()
         .subject_name(_SERVER_NAME)

@@ -36,13 +36,13 @@ class ServerTls:
         return tls_context(self.key, self.cert_der, anchors_for(set(allowed) | {self.owner}, self.signer))
 
     @classmethod
-    def fresh(cls, provider: EvidenceSource, owner: bytes) -> "ServerTls":
+    def fresh(cls, provider: EvidenceSource, owner: bytes, settings: bytes) -> "ServerTls":
         """A new key pair and attested certificate (short-lived: ``tee.attest.ratls``)."""
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
         from branchy_tee.tee.attest.ratls import make_server_certificate
 
-        key, cert = make_server_certificate(provider)
+        key, cert = make_server_certificate(provider, settings=settings)
         return cls(key, cert, owner, Ed25519PrivateKey.generate())  # (OpenSSL does not check anchors' signatures)
 
 
@@ -96,7 +96,7 @@ class Renewal:
                     self._revoke(f"the model broker was unreachable {self.failures} times in a row ({e})")
                 continue
             self.failures = 0
-            self.tls = ServerTls.fresh(self.keys.provider, self.tls.owner)
+            self.tls = ServerTls.fresh(self.keys.provider, self.tls.owner, self.keys.settings)
             self.server.context = self.tls.context_for(new)
             if new != self.server.allowed:
                 self.server.allowed = new

@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from branchy_tee.core.commandline import ArgumentParser
 from branchy_tee.core.errors import BranchyError, UsageError
+from branchy_tee.tee import measured
 from branchy_tee.tee.serve.model import LoadedModel
 from branchy_tee.tee.serve.renewal import Renewal, ServerTls
 from branchy_tee.tee.startup import Log, add_trust_arguments, compute_threads, make_log, trust
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from branchy_tee.tee.serve.https import Server
 
 PROG = "branchy-tee serve"
+DEFAULT_CAPS = {"max_connections": 64, "max_inflight_mib": 256, "max_queue": 256}  # as `enclave build` measures
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,7 +79,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="wait at most this long to fill a batch (default 0: batch what is waiting; load forms batches)",
     )
-    b.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503 Retry-After (default 256)")
     b.add_argument("--max-request-samples", type=int, default=1024, help="samples per request (default 1024)")
     b.add_argument("--max-body", type=int, default=64 << 20, help="request body limit in bytes (default 64 MiB)")
     b.add_argument(
@@ -85,18 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a client may take to send a whole request: line, headers and body (default 30)",
     )
-    b.add_argument(
-        "--max-connections",
-        type=int,
-        default=64,
-        help="connections at once, one thread each (default 64; at most what the enclave was built for)",
-    )
-    b.add_argument(
-        "--max-inflight-mib",
-        type=int,
-        default=256,
-        help="request bytes being read or waiting, counted twice (body and array), before 503 (default 256)",
-    )
+    _add_caps(b)
     p.add_argument("--memory-budget", type=float, metavar="MiB", help="limit for resident weights + activations")
     p.add_argument("--full-model", action="store_true", help="ignore the exit thresholds (for comparisons)")
     p.add_argument(
@@ -108,8 +99,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _add_caps(b: argparse._ArgumentGroup) -> None:
+    """The limits an enclave build measures as caps (``measured.CAP_NAMES``)."""
+    b.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help=f"waiting requests before 503 Retry-After (default {DEFAULT_CAPS['max_queue']}; inside an enclave "
+        "its measured cap, and never more)",
+    )
+    b.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help=f"connections at once, one thread each (default {DEFAULT_CAPS['max_connections']}; inside an "
+        "enclave its measured cap, and never more)",
+    )
+    b.add_argument(
+        "--max-inflight-mib",
+        type=int,
+        default=None,
+        help="request bytes being read or waiting, counted twice (body and array), before 503 (default "
+        f"{DEFAULT_CAPS['max_inflight_mib']}; inside an enclave its measured cap, and never more)",
+    )
+
+
 # --------------------------------------------------------------------------- running
-def _check_limits(args: argparse.Namespace) -> None:
+def _check_limits(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> None:
+    """Every limit positive and finite; inside an enclave the measured caps (what sgx.enclave_size and
+    sgx.max_threads were sized for) are the defaults, and the host may only lower them."""
+    try:
+        caps = measured.serve_caps(env) if measured.inside_enclave(env) else {}
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for name in measured.CAP_NAMES:
+        given, cap = getattr(args, name), caps.get(name)
+        if cap is not None and given is not None and given > cap:
+            raise UsageError(
+                f"--{name.replace('_', '-')} {given} is above the cap {cap} this enclave was built and sized "
+                "for (measured): the host may only lower it"
+            )
+        setattr(args, name, given if given is not None else cap if cap is not None else DEFAULT_CAPS[name])
     for name in (
         "batch_size",
         "max_batch",
@@ -163,7 +193,7 @@ def start(args: argparse.Namespace, log: Log | None = None) -> tuple[Server, Cal
     keys, kid, model = _load(args, log)
     owner, allowed = keys.model_broker_identity, frozenset(keys.allowed_data_owners or ())
     batcher = Batcher(model.answer, args.max_batch, args.max_wait_ms / 1000.0, args.max_queue)
-    tls = ServerTls.fresh(keys.provider, owner)
+    tls = ServerTls.fresh(keys.provider, owner, keys.settings)
     server = Server(
         (host, port),
         model,
