@@ -47,7 +47,8 @@ test: setup data tools lint
 	$(PY) -m pytest -q --durations=25
 
 # The security figures (docs/security.md): tamper campaign (1,000 trials per artifact), key broker
-# under 200 concurrent clients for 30 s, SIGKILL crash tests, then the atheris fuzzers for FUZZ_SECONDS in
+# under 200 concurrent clients for 30 s, SIGKILL crash tests, serve under abuse (unauthenticated bodies, slow
+# drip, connection flood: memory and threads against the enclave's), then the atheris fuzzers for FUZZ_SECONDS in
 # total. Every part runs even if an earlier one fails; reports in fuzz/out/. When all pass, the reports are kept
 # in docs/security-data/ and docs/security.md's figures are rewritten from them.
 FUZZ_SECONDS ?= 600
@@ -57,6 +58,7 @@ fuzz: setup data
 	$(PY) fuzz/campaign.py --trials 1000 --json fuzz/out/campaign.json || status=1; \
 	$(PY) fuzz/load.py --concurrency 200 --seconds 30 --json fuzz/out/load.json || status=1; \
 	$(PY) fuzz/crashes.py --kills 20 --restarts 3 --json fuzz/out/crashes.json || status=1; \
+	$(PY) fuzz/serve_abuse.py --json fuzz/out/serve-abuse.json || status=1; \
 	$(PY) fuzz/run.py --seconds $(FUZZ_SECONDS) --json fuzz/out/fuzz-report.json || status=1; \
 	if [ $$status = 0 ]; then $(PY) fuzz/report.py fuzz/out --update docs/security.md; \
 	else $(PY) fuzz/report.py fuzz/out; fi; \

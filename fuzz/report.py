@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-REPORTS = ("campaign.json", "load.json", "crashes.json", "fuzz-report.json")
+REPORTS = ("campaign.json", "load.json", "crashes.json", "fuzz-report.json", "serve-abuse.json")
 BEGIN, END = "<!-- measured:begin", "<!-- measured:end -->"
 
 
@@ -98,6 +98,28 @@ def _crashes(cr: dict) -> list[str]:
     ]
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _serve_abuse(sa: dict) -> list[str]:
+    lim = sa["limits"]
+    out = [
+        f"**serve under abuse** ({sa['date']}; a native server with the manifest's stack size and allocator, "
+        f"its enclave's limits: `sgx.max_threads` {lim['sgx_max_threads']}, `sgx.enclave_size` "
+        f"{lim['sgx_enclave_size'] >> 20} MiB):",
+        "",
+        "| case | connections | server VmPeak MiB | VmRSS MiB | threads | answers after | within limits |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for name, c in sa["cases"].items():
+        out.append(
+            f"| {name} | {c['connections']} | {c['server_vm_peak'] >> 20} | {c['server_vm_rss'] >> 20} | "
+            f"{c['server_threads']} | {_yes(c['answers_after'])} | {_yes(c['within_limits'])} |"
+        )
+    return out + [""]
+
+
 def render(d: Path) -> str:
     out: list[str] = []
     for name, part in (
@@ -105,6 +127,7 @@ def render(d: Path) -> str:
         ("fuzz-report.json", _fuzz),
         ("load.json", _load_test),
         ("crashes.json", _crashes),
+        ("serve-abuse.json", _serve_abuse),
     ):
         report = _load(d, name)
         if report:
