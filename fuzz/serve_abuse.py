@@ -200,7 +200,7 @@ def enclave_limits(work: Path, broker_url: str, mo_hex: str) -> dict:
     argv = ["enclave", "build", "--bundle", str(work / "model.btee"), "--out", str(work / "enc"), "--serve"]
     argv += ["--env", str(REPO / ".enclave-env"), "--attest", "simulated", "--io-dir", str(work / "io")]
     argv += ["--model-broker", broker_url, "--model-broker-identity", mo_hex, "--threads", str(THREADS)]
-    if cli([*argv, "--max-connections", str(CONNECTIONS), "--dev-key", str(work / "dev.key")]) != 0:
+    if cli([*argv, "--max-connections", str(CONNECTIONS), "--dev-key", str(work / "devkey" / "dev.key")]) != 0:
         raise RuntimeError("enclave build failed")
     cfg = load_config(work / "enc")
     return {"sgx_max_threads": cfg.max_threads, "sgx_enclave_size": parse_size(cfg.enclave_size)}
