@@ -105,3 +105,20 @@ def test_calibration_candidates_decide_as_the_runtime_does(criterion):
         ref = run_setting(logits, labels, criterion, [t, t], [1, 2, 4])
         assert fast["accuracy"] == ref["accuracy"] and fast["exit_fractions"] == ref["exit_fractions"]
         assert fast["mean_flops"] == pytest.approx(ref["mean_flops"])
+
+
+@pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".pdf", b"%PDF"), (".svg", b"<?xml")])
+def test_plots_are_written_in_the_format_their_name_says(tmp_path, suffix, magic):
+    """`--plot p.pdf` wrote PNG bytes."""
+    from branchy_tee.evaluate.plots import _figure, _save
+
+    plt = _figure()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    assert _save(fig, tmp_path / f"p{suffix}").read_bytes().startswith(magic)
+
+
+def test_a_plot_name_of_another_format_is_refused_before_the_evaluation(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "no-such-run"), "--plot", str(tmp_path / "p.jpg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "name it .png, .pdf or .svg" in err

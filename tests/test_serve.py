@@ -818,3 +818,20 @@ def test_enclave_built_with_serve_answers_a_data_owner_whose_policy_comes_from_t
         finally:
             proc.terminate()
             assert proc.wait(30) == 0
+
+
+def test_the_client_takes_paths_pil_images_and_arrays_mixed_and_refuses_others(world, tmp_path):
+    """`Client.predict` on a mixed list raised a raw numpy ValueError."""
+    from PIL import Image
+
+    pixels = (np.asarray(world["x"][:2, 0]) * 255).round().astype(np.uint8)
+    Image.fromarray(pixels[0]).save(tmp_path / "a.png")
+    pil = Image.fromarray(pixels[1])
+    with Served(world) as s, s.client("do1") as c:
+        one_by_one = [c.predict(tmp_path / "a.png")[0], c.predict(pil)[0], c.predict(world["x"][2])[0]]
+        mixed = c.predict([str(tmp_path / "a.png"), pil, world["x"][2]])
+        assert [r["label"] for r in mixed] == [r["label"] for r in one_by_one]
+        with pytest.raises(BranchyError, match=r"images\[1\] is a dict: give image paths, PIL images or arrays"):
+            c.predict([tmp_path / "a.png", {"not": "an image"}])
+        with pytest.raises(BranchyError, match=r"more than 2x apart\); give --resize"):
+            c.predict(Image.new("L", (300, 200)))

@@ -221,3 +221,43 @@ def test_distillation_warmup_ramps_alpha():
     cfg = TrainConfig(alpha=0.4, distill_warmup=2.0)
     assert [distill_alpha(cfg, p) for p in (0.0, 1.0, 2.0, 3.5)] == pytest.approx([0.0, 0.2, 0.4, 0.4])
     assert distill_alpha(TrainConfig(alpha=0.4), 0.0) == 0.4
+
+
+def test_a_resume_says_where_and_a_larger_epochs_recomputes_the_schedule(tmp_path, capsys):
+    """`--resume` said nothing, and a larger --epochs restarted nothing: the cosine schedule stayed
+    the old run's (it ended at lr 0)."""
+    out = tmp_path / "run"
+    fit(tiny(out, epochs=1, max_batches=2))
+    capsys.readouterr()
+    fit(tiny(out, epochs=3, max_batches=2, resume=True, quiet=False))
+    printed = capsys.readouterr().out
+    assert f"resumed {out} at epoch 2/3 (best epoch 1" in printed
+    assert "the cosine schedule is recomputed for 3 epochs instead of 1" in printed
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    base = 3e-3
+    assert lrs[1:] == pytest.approx([base * (1 + math.cos(2 * math.pi / 3)) / 2, 0.0], abs=1e-9)
+
+
+def test_training_in_a_log_prints_progress_with_an_eta_and_warns_at_chance(tmp_path, capsys, monkeypatch):
+    from branchy_tee.train import trainer
+
+    monkeypatch.setattr(trainer, "LOG_EVERY", 0.0)  # (every batch: stderr is not a terminal here)
+    fit(tiny(tmp_path / "run", epochs=1, max_batches=4, lr=1e-7, quiet=False))
+    cap = capsys.readouterr()
+    assert "batch 1/4" in cap.err and "batches/s, ETA" in cap.err
+    assert "epoch 1/1:" in cap.out and "s left)" in cap.out
+    assert "warning: the final exit is at chance" in cap.err
+
+
+def test_calibration_that_finds_nothing_cheaper_than_the_full_model_stores_never_exit(capsys):
+    from branchy_tee.evaluate.calibrate import _fall_back_to_the_full_model, calibrate
+
+    torch.manual_seed(0)
+    logits = [torch.randn(200, 10).log_softmax(1) for _ in range(2)]
+    labels = torch.randint(0, 10, (200,))
+    result = calibrate(logits, labels, [180, 200], max_accuracy_drop=0.5)
+    result["full_flops"] = 150  # the heads cost more than early exit saves
+    assert result["mean_flops"] >= 150
+    _fall_back_to_the_full_model(result, show=True)
+    assert result["exit_fractions"][-1] == 1.0 and result["mean_flops"] == 200
+    assert "no exit setting within the budget is cheaper than the full model" in capsys.readouterr().err

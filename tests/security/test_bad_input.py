@@ -132,8 +132,26 @@ def test_malformed_request_files(w, blob, match):
             "header bytes differ",
         ),
         (lambda raw, mac: b"", "header is not valid JSON"),
+        # a flipped byte in a member's *name* was a configuration error; the MAC comes first now
+        (
+            lambda raw, mac: raw.replace(b'"model_version":', b'"model_versiom":'),
+            "could not be authenticated here (no model key): tampered?",
+        ),
+        (
+            lambda raw, mac: raw.replace(b'"key_id":', b'"kay_id":'),
+            "could not be authenticated here (no model key): tampered?",
+        ),
     ],
-    ids=["deep-nesting", "huge-integer", "non-ascii-mac", "whitespace", "duplicate-key", "empty"],
+    ids=[
+        "deep-nesting",
+        "huge-integer",
+        "non-ascii-mac",
+        "whitespace",
+        "duplicate-key",
+        "empty",
+        "name",
+        "key-id-name",
+    ],
 )
 def test_malformed_bundle_headers(w, edit, match):
     hdr = w / "m.btee" / "header.json"
@@ -141,6 +159,18 @@ def test_malformed_bundle_headers(w, edit, match):
     hdr.write_bytes(edit(raw, json.loads(raw)["mac"].encode()))
     run_cli(predict_argv(w), 1, match)
     assert_nothing_written(w)
+
+
+@pytest.mark.parametrize("name", [b'"model_version":', b'"key_id":', b'"stages":'])
+def test_a_flipped_byte_in_a_header_members_name_is_tampering_where_the_key_is_at_hand(w, name):
+    from branchy_tee.core.errors import IntegrityError
+    from branchy_tee.core.fileio import read_key_file
+    from branchy_tee.tee.sealed.bundle import open_bundle
+
+    hdr = w / "m.btee" / "header.json"
+    hdr.write_bytes(hdr.read_bytes().replace(name, name[:-3] + bytes([name[-3] ^ 1]) + name[-2:], 1))
+    with pytest.raises(IntegrityError, match=r"header failed authentication \(tampered"):
+        open_bundle(w / "m.btee", read_key_file(w / "mo.key"))
 
 
 def test_bundle_files_that_are_not_files(w):

@@ -12,7 +12,7 @@ from typing import Callable
 
 from branchy_tee.cli.common import PROG
 from branchy_tee.cli.enclave import add_enclave
-from branchy_tee.cli.model import add_calibrate, add_eval, add_export, add_models, add_train
+from branchy_tee.cli.model import add_calibrate, add_eval, add_export, add_images, add_models, add_train
 from branchy_tee.cli.owners import (
     add_decrypt_result,
     add_encrypt_input,
@@ -32,6 +32,7 @@ BUILDERS: list[Callable] = [
     add_eval,
     add_calibrate,
     add_export,
+    add_images,
     add_keygen,
     add_seal,
     add_encrypt_input,

@@ -176,7 +176,7 @@ def _add_env(esub) -> None:
         "`enclave build` does this too.",
     )
     e.add_argument("--env", default=ENCLAVE_ENV, metavar="DIR", help=f"default {ENCLAVE_ENV}")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="print a JSON summary")
     e.set_defaults(func=cmd_enclave_env)
 
 
@@ -221,8 +221,8 @@ def _add_release(esub) -> None:
     rel.add_argument(
         "--model-broker-identity", metavar="HEX", help="your key broker's identity, if it is not the --identity itself"
     )
-    rel.add_argument("--out", required=True, metavar="release.json")
-    rel.add_argument("--json", action="store_true")
+    rel.add_argument("--out", required=True, metavar="release.json", help="the statement to write")
+    rel.add_argument("--json", action="store_true", help="print the statement as JSON")
     rel.set_defaults(func=cmd_enclave_release)
 
 
@@ -234,11 +234,13 @@ def _add_policy(esub) -> None:
         "releases keys only to the enclave it names "
         "(MRENCLAVE pinned, no debug, minimum model version).",
     )
-    pol.add_argument("--release", required=True, metavar="release.json")
+    pol.add_argument(
+        "--release", required=True, metavar="release.json", help="the model owner's signed release statement"
+    )
     pol.add_argument(
         "--model-owner", required=True, metavar="HEX", help="the model owner's identity, known out of band"
     )
-    pol.add_argument("--out", required=True, metavar="POLICY.toml")
+    pol.add_argument("--out", required=True, metavar="POLICY.toml", help="the broker policy to write")
     pol.add_argument(
         "--accept-tcb",
         action="append",
@@ -256,7 +258,7 @@ def _add_policy(esub) -> None:
     )
     for name, (_, what) in DANGEROUS.items():  # one consent flag per dangerous setting a release may name
         pol.add_argument(f"--allow-{name}", action="store_true", help=f"consent to {what}")
-    pol.add_argument("--json", action="store_true")
+    pol.add_argument("--json", action="store_true", help="print a JSON summary")
     pol.set_defaults(func=cmd_enclave_policy)
 
 

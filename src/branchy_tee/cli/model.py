@@ -10,7 +10,7 @@ from branchy_tee.tee.criteria import NAMES as CRITERIA
 def add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered multi-exit models with their exits and cost")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=10, help="classes of the models built to count parameters")
     p.set_defaults(func=cmd_models)
 
 
@@ -46,7 +46,7 @@ def add_train(sub) -> None:
     # The seed's flags, verbatim (defaults as in the seed).
     p.add_argument("--lr", type=float, default=0.0001, help="learning rate (default 0.0001)")
     p.add_argument("--cuda", action="store_true", help="require CUDA (fail if there is none)")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=100, help="training batch size")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument(
         "--net",
@@ -55,13 +55,16 @@ def add_train(sub) -> None:
         metavar="NET",
         help=f"model: one of {', '.join(SEED_NETS)} (any case) (default MobileNetv1, or the run's with --attach-exits)",
     )
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=100, help="most epochs (early stopping may end sooner)")
     p.add_argument("--resume", "-r", action="store_true", help="resume from RUN_DIR/checkpoint.pt")
+    p.add_argument("--force", action="store_true", help="replace a run already in RUN_DIR (else refused)")
     p.add_argument("--patience", "-p", type=int, default=7, help="early-stopping patience in epochs")
-    p.add_argument("--optim", "-o", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--optim", "-o", choices=OPTIMIZERS, default="adamw", help="optimizer")
     # Ours.
     add_data_arguments(p, default=None, default_help="fashion-mnist, or the run's with --attach-exits")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (auto: CUDA if present)"
+    )
     _add_loss_arguments(p)
     _add_attach_arguments(p)
     _add_run_arguments(p)
@@ -81,7 +84,7 @@ def _add_loss_arguments(p) -> None:
     p.add_argument(
         "--teacher", metavar="CKPT", help="run directory or checkpoint.pt of a trained teacher (--distill teacher)"
     )
-    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
     p.add_argument(
         "--alpha",
         type=float,
@@ -134,8 +137,8 @@ def _add_attach_arguments(p) -> None:
 
 
 def _add_run_arguments(p) -> None:
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=None, help="default 5e-4 for SGD, 0.01 for AdamW, 0 for Adam")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, split)")
     p.add_argument("--out", default="runs/latest", metavar="RUN_DIR", help="run directory (default runs/latest)")
     p.add_argument("--max-batches", type=int, default=None, help="at most this many batches per epoch (quick runs)")
     p.add_argument(
@@ -146,8 +149,8 @@ def _add_run_arguments(p) -> None:
         metavar="KEY=VALUE",
         help="extra model option, e.g. width=16 for a narrow ResNet (repeatable)",
     )
-    p.add_argument("--synthetic-channels", type=int, choices=[1, 3], default=3)
-    p.add_argument("--synthetic-size", type=int, default=32)
+    p.add_argument("--synthetic-channels", type=int, choices=[1, 3], default=3, help="--dataset synthetic: channels")
+    p.add_argument("--synthetic-size", type=int, default=32, help="--dataset synthetic: image side")
     p.add_argument(
         "--synthetic-samples", type=int, default=None, help="training samples of the synthetic set (default 10000)"
     )
@@ -193,6 +196,7 @@ def cmd_train(args) -> int:
         seed=args.seed,
         max_batches=args.max_batches,
         resume=args.resume,
+        force=args.force,
         model_config=dict(args.model_config),
         synthetic=synthetic if args.dataset == "synthetic" else {},
         criterion=args.criterion,
@@ -235,7 +239,9 @@ def add_eval(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     add_data_arguments(p, default=None)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--plot", metavar="PNG", help="write an accuracy-vs-cost plot")
+    p.add_argument(
+        "--plot", metavar="FILE", help="write an accuracy-vs-cost plot (.png, .pdf or .svg: the suffix says)"
+    )
     p.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches of 256")
     p.add_argument("--latency-reps", type=int, default=20, help="timed repetitions per exit (batch 1)")
     p.set_defaults(func=cmd_eval)
@@ -243,7 +249,10 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> int:
     from branchy_tee.evaluate.exits import evaluate_run
+    from branchy_tee.evaluate.plots import plot_format
 
+    if args.plot:
+        plot_format(args.plot)  # before the evaluation, not after it
     report = evaluate_run(
         args.run_dir,
         args.dataset,
@@ -299,8 +308,8 @@ def add_calibrate(sub) -> None:
         "split in every run of docs/training.md; 0 = exactly the budget on validation)",
     )
     add_data_arguments(p, default=None)
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-batches", type=int, default=None, help="use at most this many batches (default: all)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -365,3 +374,38 @@ def _graph_note(entry: dict) -> str:
     if entry["passes_input"]:
         note += ", passes its input on (the next graph computes this stage again)"
     return note
+
+
+def add_images(sub) -> None:
+    p = sub.add_parser(
+        "images", help="write images of a dataset split as PNG files (e.g. test images to encrypt and query)"
+    )
+    add_data_arguments(p)
+    p.add_argument("--split", choices=["train", "test"], default="test", help="which split")
+    p.add_argument("--count", type=int, default=8, help="how many (the split's first ones)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to create (never overwritten)")
+    p.set_defaults(func=cmd_images)
+
+
+def cmd_images(args) -> int:
+    """NNNN-CLASS.png for the split's first ``--count`` images, in a directory that did not exist."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from branchy_tee.core.errors import UsageError
+    from branchy_tee.data import load_dataset
+
+    out = Path(args.out)
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    if out.exists():
+        raise UsageError(f"--out {out} exists: give a new directory")
+    ds = load_dataset(args.dataset, args.split, args.data_dir)
+    out.mkdir(parents=True)
+    for i in range(min(args.count, len(ds.images))):
+        pixels = ds.images[i].permute(1, 2, 0).numpy()
+        name = ds.classes[int(ds.labels[i])].replace("/", "-").replace(" ", "-")
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(out / f"{i:04d}-{name}.png")
+    print(f"wrote {min(args.count, len(ds.images))} {args.dataset} {args.split} images to {out}")
+    return 0

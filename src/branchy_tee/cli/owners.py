@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 
 from branchy_tee.cli.common import emit_json, iso8601_utc, read_input, warn
 from branchy_tee.core.commandline import ArgumentParser
@@ -60,21 +62,45 @@ def add_keygen(sub) -> None:
     p = sub.add_parser(
         "keygen", help="create a random 256-bit key, or with --identity a party's Ed25519 identity (mode 0600)"
     )
-    p.add_argument("--out", required=True, metavar="FILE", help="file to create (never overwritten)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", metavar="FILE", help="file to create (never overwritten)")
+    g.add_argument(
+        "--show", metavar="FILE", help="print the identity (or key id) of an existing file again; writes nothing"
+    )
     p.add_argument(
         "--identity",
         action="store_true",
         help="an Ed25519 identity (PEM) for a key broker, the model owner or a data owner; prints "
         "`identity: <64 hex>`, the public part others pin",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_keygen)
+
+
+def _show_key(path: str, as_json: bool) -> int:
+    """An identity file's identity, or a key file's key id (read, checked, nothing written)."""
+    from branchy_tee.core.fileio import read_key_file
+    from branchy_tee.core.keys import key_id
+    from branchy_tee.tee.attest.identity import identity_hex, load_identity
+
+    head = open(path, "rb").read(64) if os.path.isfile(path) else b""
+    if head.startswith(b"-----BEGIN"):
+        doc = {"identity_file": path, "identity": identity_hex(load_identity(path))}
+    else:
+        doc = {"key_file": path, "key_id": key_id(read_key_file(path))}
+    if as_json:
+        emit_json(doc)
+    else:
+        print(f"identity: {doc['identity']}" if "identity" in doc else f"key id: {doc['key_id']}")
+    return 0
 
 
 def cmd_keygen(args) -> int:
     from branchy_tee.core.fileio import write_key_file
     from branchy_tee.core.keys import generate_key, key_id
 
+    if args.show:
+        return _show_key(args.show, args.json)
     if args.identity:
         from branchy_tee.tee.attest.identity import create_identity, identity_hex
 
@@ -106,7 +132,7 @@ def add_seal(sub) -> None:
     p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to create, e.g. model.btee")
     p.add_argument("--version", type=int, default=1, help="model version (brokers can refuse older ones)")
     p.add_argument("--chunk-size", type=int, help="AEAD chunk size in bytes (default 1 MiB)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_seal)
 
 
@@ -144,22 +170,28 @@ def add_encrypt_input(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images, or a .safetensors/.npy/.pt tensor file")
     p.add_argument("--bundle", required=True, help="the sealed bundle (only its plaintext header is read)")
     p.add_argument("--key", required=True, metavar="DATA_KEY", help="the data owner's key file")
-    p.add_argument("--out", required=True, metavar="REQUEST")
+    p.add_argument("--out", required=True, metavar="REQUEST", help="the request file to create (never overwritten)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (its result then answers nothing)")
     p.add_argument("--request-id", help="default: a random id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--resize", action="store_true", help="resize images of any size to the model's input")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_encrypt_input)
 
 
 def cmd_encrypt_input(args) -> int:
     from branchy_tee.client.envelopes import new_request_id, seal_request
-    from branchy_tee.core.fileio import atomic_write_bytes, read_key_file
+    from branchy_tee.core.fileio import atomic_write_bytes, check_output, read_key_file
     from branchy_tee.data.preprocess import load_inputs
     from branchy_tee.tee.sealed.bundle import read_header_unverified
     from branchy_tee.tee.sealed.envelope import check_request_id, request_digest
 
+    check_output(args.out, "--out", [*args.inputs, args.key], replace=args.force)
     request_id = check_request_id(args.request_id) if args.request_id is not None else new_request_id()
     key = read_key_file(args.key)
-    x = load_inputs(args.inputs, read_header_unverified(args.bundle).preprocessing)
+    notes: list[str] = []
+    x = load_inputs(args.inputs, read_header_unverified(args.bundle).preprocessing, args.resize, notes)
+    for note in notes:
+        print(note, file=sys.stderr)
     sealed = seal_request(x, key, request_id)
     atomic_write_bytes(args.out, sealed, mode=0o644)
     digest = request_digest(sealed)
@@ -181,7 +213,7 @@ def add_decrypt_result(sub) -> None:
         "refused. Prints which sealed model answered.",
     )
     p.add_argument("result", metavar="RESULT")
-    p.add_argument("--key", required=True, metavar="DATA_KEY")
+    p.add_argument("--key", required=True, metavar="DATA_KEY", help="the data owner's key file")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--request", metavar="REQUEST", help="the request file this result answers")
     which.add_argument("--request-digest", metavar="HEX", help="that request's SHA-256 (encrypt-input prints it)")

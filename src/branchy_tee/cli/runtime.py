@@ -60,7 +60,7 @@ def add_query(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG images, or a .safetensors/.npy/.pt tensor file")
     p.add_argument("--policy", required=True, metavar="POLICY.toml", help="your policy (the one your key broker uses)")
     p.add_argument("--identity", required=True, metavar="FILE", help="your identity (`keygen --identity`)")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
     p.add_argument(
         "--json",
         action="store_true",

@@ -238,22 +238,30 @@ class Client:
         return [{**r, "model": model, "attestation": tee} for r in results]
 
     def _inputs(self, images):
+        """One batch from image paths, PIL images, arrays or tensors (one image or a batch), mixed in a
+        list or alone; BranchyError in one line for anything else."""
         import numpy as np
         import torch
 
         from branchy_tee.data.preprocess import image_to_pixels, load_inputs, tensor_to_inputs
 
         prep = self.model_info().preprocessing
-        if isinstance(images, (str, os.PathLike)):
-            images = [images]
-        if isinstance(images, (list, tuple)) and images and all(isinstance(i, (str, os.PathLike)) for i in images):
-            x = load_inputs([str(i) for i in images], prep)
-        elif isinstance(images, (list, tuple)) and images and all(hasattr(i, "convert") for i in images):  # PIL
-            x = tensor_to_inputs(torch.stack([image_to_pixels(i, prep.input_shape) for i in images]), prep, "images")
-        else:
-            t = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
-            x = tensor_to_inputs(t, prep, "images")
-        return np.ascontiguousarray(x.numpy().astype(np.float32))
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not items:
+            raise BranchyError("images: nothing to classify")
+        parts = []
+        for i, item in enumerate(items):
+            where = f"images[{i}]" if isinstance(images, (list, tuple)) else "images"
+            if isinstance(item, (str, os.PathLike)):
+                parts.append(load_inputs([str(item)], prep))
+            elif hasattr(item, "convert"):  # a PIL image
+                parts.append(tensor_to_inputs(image_to_pixels(item, prep.input_shape, where)[None], prep, where))
+            elif isinstance(item, (torch.Tensor, np.ndarray, list)):
+                t = item if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item))
+                parts.append(tensor_to_inputs(t, prep, where))
+            else:
+                raise BranchyError(f"{where} is a {type(item).__name__}: give image paths, PIL images or arrays")
+        return np.ascontiguousarray(torch.cat(parts).numpy().astype(np.float32))
 
     def close(self) -> None:
         for r in self.replicas:

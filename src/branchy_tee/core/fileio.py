@@ -8,6 +8,7 @@ import stat
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterable
 
 from branchy_tee.core.errors import BranchyError
 from branchy_tee.core.keys import KEY_BYTES
@@ -28,6 +29,39 @@ def _remove_stale_temporaries(path: Path, older_than: float = STALE_TEMPORARY_SE
                         os.unlink(e.path)
     except OSError:  # best effort: never a reason to fail the write itself
         pass
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    option: str,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    *,
+    replace: bool = False,
+    keep_magic: bytes | None = None,
+) -> None:
+    """Refuse, in one line, an output that would destroy work: a directory, one of ``inputs``, an existing
+    file unless ``replace``, or (``keep_magic``) an existing file that starts with those bytes whatever
+    ``replace`` says (e.g. a request, which its result would orphan)."""
+    from branchy_tee.core.errors import UsageError
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{option} {path} is a directory: give a file name")
+    real = os.path.realpath(p)
+    if any(real == os.path.realpath(i) for i in inputs):
+        raise UsageError(f"{option} {path} is also an input: writing it would replace that input")
+    if not p.exists():
+        return
+    if keep_magic is not None:
+        try:
+            with open(p, "rb") as f:
+                kept = f.read(len(keep_magic)) == keep_magic
+        except OSError:
+            kept = False
+        if kept:
+            raise UsageError(f"{option} {path} is an existing request: give another file name for the result")
+    if not replace:
+        raise UsageError(f"{option} {path} exists: give another name, or --force to replace it")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644, overwrite: bool = True) -> Path:

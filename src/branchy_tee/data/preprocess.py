@@ -17,11 +17,25 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TENSOR_SUFFIXES = {".safetensors", ".npy", ".pt"}
 
 
-def image_to_pixels(im, shape) -> torch.Tensor:
-    """A PIL image as uint8 (C, H, W): converted to grey or RGB as the model expects, resized if needed."""
+MAX_RESIZE = 2.0  # an image side may differ from the model's input by this factor; beyond it, --resize
+
+
+def image_to_pixels(im, shape, where: str = "image", resize: bool = False, notes: list[str] | None = None):
+    """A PIL image as uint8 (C, H, W): converted to grey or RGB as the model expects, and resized to
+    the model's input when its sides are within MAX_RESIZE of it (any size with ``resize``); each
+    resize is noted in ``notes``. BranchyError otherwise."""
     from PIL import Image
 
     c, h, w = shape
+    if im.size != (w, h):
+        factor = max(im.size[0] / w, w / im.size[0], im.size[1] / h, h / im.size[1])
+        if factor > MAX_RESIZE and not resize:
+            raise BranchyError(
+                f"{where}: a {im.size[0]}x{im.size[1]} image, the model takes {w}x{h} (more than {MAX_RESIZE:g}x "
+                "apart); give --resize to resize it anyway"
+            )
+        if notes is not None:
+            notes.append(f"{where}: resized {im.size[0]}x{im.size[1]} to {w}x{h}")
     im = im.convert("L" if c == 1 else "RGB")
     if im.size != (w, h):
         im = im.resize((w, h), Image.Resampling.BILINEAR)
@@ -29,13 +43,13 @@ def image_to_pixels(im, shape) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).view(h, w, c).permute(2, 0, 1)
 
 
-def load_image(path: Path, shape) -> torch.Tensor:
+def load_image(path: Path, shape, resize: bool = False, notes: list[str] | None = None) -> torch.Tensor:
     """One image file as uint8 (C, H, W) (see :func:`image_to_pixels`)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return image_to_pixels(im, shape)
+            return image_to_pixels(im, shape, str(path), resize, notes)
     except FileNotFoundError:
         raise BranchyError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -89,8 +103,10 @@ def tensor_to_inputs(t: torch.Tensor, pre: Preprocessing, where: str) -> torch.T
     raise BranchyError(f"{where}: tensor dtype {dtype} is not supported (uint8 pixels or float 0..1)")
 
 
-def load_inputs(paths: list[str], pre: Preprocessing) -> torch.Tensor:
-    """All inputs, in order, as one normalised float32 batch."""
+def load_inputs(
+    paths: list[str], pre: Preprocessing, resize: bool = False, notes: list[str] | None = None
+) -> torch.Tensor:
+    """All inputs, in order, as one normalised float32 batch (``resize``, ``notes``: :func:`image_to_pixels`)."""
     if not paths:
         raise BranchyError("no inputs given")
     images: list[torch.Tensor] = []
@@ -102,7 +118,7 @@ def load_inputs(paths: list[str], pre: Preprocessing) -> torch.Tensor:
                 images = []
             batches.append(tensor_to_inputs(load_tensor_file(p), pre, str(p)))
         else:
-            images.append(load_image(p, pre.input_shape))
+            images.append(load_image(p, pre.input_shape, resize, notes))
     if images:
         batches.append(eval_transform(pre)(torch.stack(images)))
     x = torch.cat(batches)

@@ -117,6 +117,22 @@ def calibrate(
     }
 
 
+def _fall_back_to_the_full_model(result: dict, show: bool) -> None:
+    """No setting within the budget costs less than the full model alone (the heads cost more than
+    the exits save): store 'never exit early', the full model's answers, and say so."""
+    import sys
+
+    never = max(result["candidates"], key=lambda c: (c["exit_fractions"][-1], -c["mean_flops"]))
+    cheapest = result["mean_flops"] / result["full_flops"]
+    result.update({k: never[k] for k in ("thresholds", "accuracy", "mean_flops", "exit_fractions")})
+    result["warning"] = (
+        f"no exit setting within the budget is cheaper than the full model (the cheapest costs {cheapest:.2f}x "
+        "its FLOPs): stored 'never exit early'; train longer, or attach the exits to a better model"
+    )
+    if show:
+        print(f"warning: {result['warning']}", file=sys.stderr)
+
+
 def calibrate_run(
     run_dir,
     max_accuracy_drop=0.01,
@@ -147,7 +163,10 @@ def calibrate_run(
     # The saving is reported against the plain full model (no early-exit heads at all).
     result = calibrate(logits, labels, cost, criterion, max_accuracy_drop, margin_se)
     result["full_flops"] = exit_f[-1]
-    record = {k: v for k, v in result.items() if k != "candidates"} | {"criterion": criterion, "samples": len(labels)}
+    if result["mean_flops"] >= exit_f[-1]:
+        _fall_back_to_the_full_model(result, show)
+    record = {k: v for k, v in result.items() if k not in ("candidates", "warning")}
+    record |= {"criterion": criterion, "samples": len(labels)}
     write_model_card(
         run_dir,
         card.replace(criterion=criterion, thresholds=tuple(result["thresholds"]), calibration=Calibration(**record)),

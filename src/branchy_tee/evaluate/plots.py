@@ -1,4 +1,4 @@
-"""PNG plots: accuracy against cost, and the enclave's memory timeline."""
+"""Plots (PNG, PDF or SVG, as the file name says): accuracy against cost, and the enclave's memory timeline."""
 
 from __future__ import annotations
 
@@ -17,9 +17,22 @@ def _figure():
     return plt
 
 
+FORMATS = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
+
+
+def plot_format(path) -> str:
+    """The format a plot's file name asks for; UsageError for one we do not write."""
+    from branchy_tee.core.errors import UsageError
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise UsageError(f"plot {path}: name it .png, .pdf or .svg (the suffix chooses the format)")
+    return FORMATS[suffix]
+
+
 def _save(fig, path) -> Path:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format=plot_format(path), dpi=120, bbox_inches="tight")
     return atomic_write_bytes(path, buf.getvalue())
 
 

@@ -40,6 +40,19 @@ def resolve_name(name: str) -> str:
     raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(_MODELS)}")
 
 
+def _check_config(registered: str, config: dict) -> None:
+    """Options whose default is a number take a positive number (widths, multipliers, growth rates):
+    anything else would fail deep inside the builder, or build a network of zero channels."""
+    import inspect
+
+    params = inspect.signature(_MODELS[registered]).parameters
+    for key, value in config.items():
+        default = params[key].default if key in params else None
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise UsageError(f"--model-config {key}={value}: {registered}'s {key} takes a positive number")
+
+
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **config):
     """Build a multi-exit model by name. Extra ``config`` keys are passed to the family builder."""
     if num_classes < 2:
@@ -47,6 +60,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **confi
     if in_channels not in (1, 3):
         raise UsageError(f"in_channels must be 1 or 3, got {in_channels}")
     registered = resolve_name(name)
+    _check_config(registered, config)
     try:
         model = _MODELS[registered](num_classes=num_classes, in_channels=in_channels, **config)
     except TypeError as e:

@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-key", action="append", default=[], metavar="FILE", help="a data owner's key file (repeatable)"
     )
     add_trust_arguments(p, data_brokers=True)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch through the stages")
     p.add_argument(
         "--memory-budget", type=float, metavar="MiB", help="limit for resident weights + one batch's activations"
     )
@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "batches at once on single-threaded stage sessions; with --memory-budget, one batch at a time with "
         "that many threads inside each stage",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no log lines on stderr")
 
 
 def records_for(answers: Answers, classes: Sequence[str], lo: int, hi: int) -> list[dict[str, Any]]:
@@ -105,6 +105,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"{len(args.input)} --input but {len(args.output)} --output; give one result file per request")
     if len(set(map(os.path.abspath, args.output))) != len(args.output):
         raise UsageError("two --output paths are the same")
+    from branchy_tee.core.fileio import check_output
+    from branchy_tee.tee.sealed.envelope import REQUEST_MAGIC
+
+    outputs = [("--output", p) for p in args.output] + [("--plaintext-result", args.plaintext_result)] * bool(
+        args.plaintext_result
+    )
+    for option, path in outputs:  # results are replaced; inputs, requests and directories never
+        check_output(path, option, [*args.input, args.bundle], replace=True, keep_magic=REQUEST_MAGIC)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
 

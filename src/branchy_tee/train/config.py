@@ -39,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     max_batches: int | None = None
     resume: bool = False
+    force: bool = False  # replace a run already in ``out`` (else refused: it is never overwritten silently)
     val_fraction: float = 0.1
     augment: bool = True  # random crop (padded) and horizontal flip of training images
     model_config: dict = field(default_factory=dict)  # extra builder arguments, e.g. {"width": 16}

@@ -139,7 +139,46 @@ class Run:
         return self.out / "checkpoint.pt"
 
 
+RUN_FILES = ("checkpoint.pt", "model.json", "metrics.jsonl")  # what makes a directory hold a run
+
+
+def check_run_dir(cfg: TrainConfig, out: Path) -> None:
+    """A run directory holds one run: training into one that has a run needs --resume (continue it)
+    or --force (replace it: its metrics are started afresh, not appended to)."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume or not held:
+        return
+    if not cfg.force:
+        raise UsageError(
+            f"--out {out} already holds a run ({held[0]}): give a new --out, --resume to continue it, "
+            "or --force to replace it"
+        )
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _resumed(cfg: TrainConfig, out: Path, optimizer, scheduler, progress: "Progress") -> None:
+    """Say where the run resumes; a different --epochs recomputes the cosine schedule for the new
+    total, continuing from the current epoch (the learning rate set to the new curve's value there)."""
+    old = scheduler.T_max
+    if old != cfg.epochs:
+        scheduler.T_max = cfg.epochs
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            cos = math.cos(math.pi * scheduler.last_epoch / cfg.epochs)
+            group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + cos) / 2
+    if cfg.quiet:
+        return
+    print(
+        f"resumed {out} at epoch {progress.start_epoch + 1}/{cfg.epochs} (best epoch {progress.best_epoch + 1}, "
+        f"val loss {progress.best_loss:.4f})"
+        + (
+            f"; the cosine schedule is recomputed for {cfg.epochs} epochs instead of {old}" if old != cfg.epochs else ""
+        ),
+        flush=True,
+    )
+
+
 def _resume_checkpoint(cfg: TrainConfig, ckpt_path: Path) -> dict | None:
+    check_run_dir(cfg, ckpt_path.parent)
     if not cfg.resume:
         return None
     if not ckpt_path.is_file():
@@ -240,6 +279,7 @@ def set_up(cfg: TrainConfig) -> Run:
         progress = Progress(
             resume_ckpt["epoch"] + 1, resume_ckpt["best_loss"], resume_ckpt["best_epoch"], resume_ckpt["bad_epochs"]
         )
+        _resumed(cfg, out, optimizer, scheduler, progress)
     train_model: torch.nn.Module = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None

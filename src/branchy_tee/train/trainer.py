@@ -10,6 +10,7 @@ wrapped in DistributedDataParallel with a DistributedSampler; only rank 0 writes
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import torch
@@ -65,15 +66,32 @@ def distill_alpha(cfg: TrainConfig, progress: float) -> float:
     return cfg.alpha * min(1.0, progress / cfg.distill_warmup)
 
 
+LOG_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal (logs)
+
+
 def _batches(loader, max_batches: int | None, desc: str, show: bool):
-    """The loader's first ``max_batches`` batches, with a progress bar."""
+    """The loader's first ``max_batches`` batches, with a progress bar (rate and ETA) on a terminal,
+    and a progress line every LOG_EVERY seconds in logs."""
+    import sys
+
     from tqdm import tqdm
 
     num_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     bar = tqdm(loader, total=num_batches, desc=desc, leave=False, disable=None if show else True)
+    logging = show and not sys.stderr.isatty()
+    start = last = time.monotonic()
     for i, batch in enumerate(bar):
         if i >= num_batches:
             break
+        now = time.monotonic()
+        if logging and i and now - last >= LOG_EVERY:
+            rate = i / (now - start)
+            print(
+                f"{desc}: batch {i}/{num_batches}, {rate:.1f} batches/s, ETA {(num_batches - i) / rate:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            last = now
         yield i, num_batches, bar, batch
 
 
@@ -190,9 +208,12 @@ def _write_epoch(run: Run, epoch: int, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
     if run.show:
         accs = " ".join(f"{100 * a:.1f}" for a in record["val_exit_accuracy"])
+        done = epoch + 1 - p.start_epoch
+        left = record["seconds"] / done * (run.cfg.epochs - epoch - 1)
         print(
             f"epoch {epoch + 1}/{run.cfg.epochs}: train loss {record['train_loss']:.4f}, val loss "
-            f"{record['val_loss']:.4f}, val acc per exit [{accs}]{' *' if record['best'] else ''}",
+            f"{record['val_loss']:.4f}, val acc per exit [{accs}]{' *' if record['best'] else ''} "
+            f"({record['seconds']:.0f} s; at most {left:.0f} s left)",
             flush=True,
         )
 
@@ -235,6 +256,22 @@ def _finish(run: Run, history: list[dict], stopped_early: bool) -> dict:
     return summary
 
 
+def _warn_at_chance(run: Run, history: list[dict]) -> None:
+    """A final exit no better than guessing trains and calibrates without an error: say so."""
+    import sys
+
+    chance = 1 / len(run.card.classes)
+    best = max((h["val_exit_accuracy"][-1] for h in history), default=None)
+    # within two standard errors of guessing, on this many validation images
+    n = len(run.val_ds)  # type: ignore[arg-type]
+    if best is not None and best < chance + 2 * math.sqrt(chance * (1 - chance) / max(1, n)):
+        print(
+            f"warning: the final exit is at chance ({100 * best:.1f}% on validation, chance {100 * chance:.1f}%): "
+            "train longer, lower --lr, or check the data",
+            file=sys.stderr,
+        )
+
+
 def fit(cfg: TrainConfig) -> dict:
     """Train, keep the best model (lowest validation loss) in ``cfg.out``, calibrate it; return a summary."""
     run = set_up(cfg)
@@ -251,4 +288,6 @@ def fit(cfg: TrainConfig) -> dict:
                     f"(best epoch {run.progress.best_epoch + 1})"
                 )
             break
+    if run.show:
+        _warn_at_chance(run, history)
     return _finish(run, history, stopped_early)

@@ -76,17 +76,20 @@ def header_file_bytes(doc: dict[str, Any]) -> bytes:
 def read_header_unverified(path: str | os.PathLike[str]) -> BundleHeader:
     """The header as stored, without checking its MAC: for data owners (who have no model key) to
     read the preprocessing, and for the enclave to learn which model key it needs."""
-    doc, _ = _read_header(path)
-    return BundleHeader.parse(doc["header"], _where(path))
+    doc, _ = _read_document(path)
+    try:
+        _check_members(doc, Path(path) / HEADER_FILE)
+        return BundleHeader.parse(doc["header"], _where(path))
+    except IntegrityError as e:  # without the model key, a change cannot be told from another format
+        raise IntegrityError(f"{e}; the header could not be authenticated here (no model key): tampered?") from None
 
 
 def _where(path: str | os.PathLike[str]) -> str:
     return f"{Path(path).name}/{HEADER_FILE}"
 
 
-def _read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
-    """header.json's document ({"header", "mac"}, the header's members and their stage entries
-    exactly as sealed, untyped: what the MAC covers) and its bytes."""
+def _read_document(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
+    """header.json as {"header": {...}, "mac": str} and its bytes: nothing inside the header checked yet."""
     file = Path(path) / HEADER_FILE
     if not os.path.lexists(file):
         raise BranchyError(f"{path}: not a sealed bundle (no {HEADER_FILE})")
@@ -105,6 +108,10 @@ def _read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
         or not isinstance(doc["mac"], str)
     ):
         raise IntegrityError(f"{file}: malformed bundle header (not exactly the members 'header' and 'mac')")
+    return doc, raw
+
+
+def _check_members(doc: dict[str, Any], file: Path) -> None:
     header = doc["header"]
     if header.get("format") != BUNDLE_FORMAT:
         raise IntegrityError(f"{file}: unknown bundle format {shown(header.get('format'), 40)}")
@@ -115,7 +122,6 @@ def _read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
         or not all(isinstance(st, dict) and tuple(st) == STAGE_MEMBERS for st in stages)
     ):
         raise IntegrityError(f"{file}: the header does not have exactly the members a sealed bundle has")
-    return doc, raw
 
 
 @dataclass
@@ -160,25 +166,26 @@ def open_bundle(path: str | os.PathLike[str], model_key: bytes, min_version: int
     The MAC is checked over the header object exactly as read, and the file's bytes must be those
     that object is written as; only then is the header parsed into its type."""
     path = Path(path)
-    doc, raw = _read_header(path)
+    doc, raw = _read_document(path)  # the MAC first: a change anywhere in the header is tampering
     sealed = doc["header"]  # untyped until authenticated
     where = _where(path)
-    if sealed.get("key_id") != key_id(model_key):
-        raise IntegrityError(
-            f"{where}: sealed for model key id {shown(sealed.get('key_id'), 40)}, but the key given "
-            f"has id {key_id(model_key)}"
-        )
     try:
         expected = header_mac(model_key, sealed)
     except (ValueError, RecursionError) as e:  # e.g. NaN smuggled into the JSON
-        raise IntegrityError(f"{where}: header cannot be authenticated ({e})") from None
+        raise IntegrityError(f"{where}: header cannot be authenticated ({e}): tampered") from None
     # compare_digest refuses non-ASCII str (TypeError): only a hex MAC can be the right one anyway.
     if not doc["mac"].isascii() or not hmac.compare_digest(expected, doc["mac"]):
-        raise IntegrityError(f"{where}: header failed authentication (tampered or wrong model key)")
+        if isinstance(sealed.get("key_id"), str) and sealed["key_id"] != key_id(model_key):
+            raise IntegrityError(
+                f"{where}: sealed for model key id {shown(sealed.get('key_id'), 40)}, but the key given "
+                f"has id {key_id(model_key)}"
+            )
+        raise IntegrityError(f"{where}: header failed authentication (tampered, or the wrong model key)")
     # The MAC covers the parsed header; also refuse any change to the file's bytes that parses to
     # the same header (whitespace, escapes, digits): the file must be byte for byte as sealed.
     if raw != header_file_bytes(doc):
         raise IntegrityError(f"{where}: header bytes differ from the sealed file (reformatted or tampered)")
+    _check_members(doc, path / HEADER_FILE)
     try:
         header = BundleHeader.parse(sealed, where)
     except IntegrityError as e:

@@ -96,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="threads inside each stage session (default: OMP_NUM_THREADS, else 1); batches run one at a time",
     )
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no log lines on stderr")
 
 
 def _add_caps(b: argparse._ArgumentGroup) -> None:
@@ -125,6 +125,17 @@ def _add_caps(b: argparse._ArgumentGroup) -> None:
 
 
 # --------------------------------------------------------------------------- running
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            s.bind((host, port))
+    except OSError as e:
+        raise BranchyError(f"--listen {host}:{port}: cannot listen there ({e.strerror or e})") from None
+
+
 def _check_limits(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> None:
     """Every limit positive and finite; inside an enclave the measured caps (what sgx.enclave_size and
     sgx.max_threads were sized for) are the defaults, and the host may only lower them."""
@@ -188,6 +199,7 @@ def start(args: argparse.Namespace, log: Log | None = None) -> tuple[Server, Cal
     log = log or make_log(quiet=True)
     _check_limits(args)
     host, port = parse_listen(args.listen)
+    _check_port(host, port)  # before attesting: a port in use is one line, not a fetched key and a traceback
     tune_allocator()
     use_threads(compute_threads(args.threads))
     keys, kid, model = _load(args, log)
