@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("{\n") :])
     assert "SIMULATED" in printed
+    steps = [int(n) for n in re.findall(r"^\[(\d)/8\]", printed, re.M)]
+    assert steps == list(range(1, 9))  # every step once, in order ([7/8] came before [6/8])
     # The data owners' decrypted answers are exactly the early-exit decisions eval computes from the
     # run's stage graphs (what was sealed is what was evaluated).
     card = read_model_card(out / "mo" / "run")

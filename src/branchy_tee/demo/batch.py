@@ -295,7 +295,7 @@ class Demo:
         from branchy_tee.tee.sealed.envelope import request_digest
 
         step(
-            6,
+            7,
             "data owners A and B",
             "each decrypts its own results, bound to its request, and sees which model answered",
         )
@@ -347,7 +347,7 @@ class Demo:
         from branchy_tee.data.preprocess import tensor_to_inputs
         from branchy_tee.evaluate.exits import collect_log_probs, decide, stage_graphs
 
-        step(7, "enclave", "staged loading: easy images need only the first stage; a memory budget below the weights")
+        step(6, "enclave", "staged loading: easy images need only the first stage; a memory budget below the weights")
         x = tensor_to_inputs(self.test.images[self.halves["do-a"]], self.card.preprocessing, "images")
         candidates = torch.utils.data.TensorDataset(x[:512], torch.zeros(len(x[:512]), dtype=torch.long))
         log_probs = collect_log_probs(stage_graphs(self.run_dir, show=False), candidates, show=False)[0]

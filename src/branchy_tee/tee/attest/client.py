@@ -291,7 +291,12 @@ class AttestedKeys:
                 reason = e.reason
             raise AttestationError(f"key broker {base} refused: {one_line(reason)} (HTTP {e.code})") from None
         except urllib.error.URLError as e:
-            raise BranchyError(f"key broker {base} is unreachable: {one_line(e.reason)}") from None
+            hint = (
+                " (is the broker serving plain HTTP? give an http:// URL, or start it with --tls-cert)"
+                if base.startswith("https://") and "WRONG_VERSION_NUMBER" in str(e.reason)
+                else ""
+            )
+            raise BranchyError(f"key broker {base} is unreachable: {one_line(e.reason)}{hint}") from None
         except (OSError, http.client.HTTPException) as e:  # timeouts, resets, malformed HTTP
             raise BranchyError(f"key broker {base} is unreachable: {one_line(e) or type(e).__name__}") from None
         if len(data) > MAX_RESPONSE:

@@ -15,7 +15,7 @@
     settings (``branchy_tee.tee.measured``: the manifest's ``loader.env`` values, as a real MRENCLAVE
     covers them), so a policy pins the code and every measured pin; ``mrsigner`` is SHA-256 of the
     dev public key, so pinning MRSIGNER pins the dev key. Brokers refuse it unless their policy
-    says ``allow_simulation = true``; both sides print a loud warning every time.
+    says ``allow_simulation = true``; both sides announce it once per process, loudly.
 
 Standard library, ``cryptography`` and branchy_tee's errors, fileio, choices, tee.attest.protocol and
 tee.attest.quote: this is enclave code.
@@ -73,12 +73,11 @@ _explained = False
 
 
 def simulated_warning(what: str) -> None:
-    """The warning both sides print every time simulated evidence is produced or accepted: a boxed
-    explanation the first time in a process, one line every time after that."""
+    """The warning both sides print when simulated evidence is produced, allowed or accepted: a boxed
+    explanation once per process (the first time), never more (a demo printed it 22 times); the
+    broker's decision lines and audit log still name every simulated grant."""
     global _explained
-    if _explained:
-        sys.stderr.write(f"!! WARNING: SIMULATED ATTESTATION {what} (development only, not a TEE)\n")
-    else:
+    if not _explained:
         bar = "!" * 78
         sys.stderr.write(
             f"{bar}\n!! WARNING: SIMULATED ATTESTATION {what}.\n"
