@@ -17,10 +17,19 @@ WORK=${WORK:-walkthrough}        # a new directory for all the files
 BT=${BT:-branchy-tee}
 ENCLAVE_ENV=${ENCLAVE_ENV:-$PWD/.enclave-env}  # the enclave's Python environment (`make` made it)
 
-mkdir "$WORK" && cd "$WORK"
+mkdir "$WORK"
+cd "$WORK"
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-wait_for() { until (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; do sleep 0.2; done; }
+trap 'kill "${pids[@]}" 2>/dev/null; wait 2>/dev/null || true' EXIT
+wait_for() {  # PORT PID: until the process listens there (it must stay alive; at most 120 s)
+    for _ in $(seq 600); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || { echo "the process for port $1 stopped" >&2; return 1; }
+        sleep 0.2
+    done
+    echo "nothing listens on port $1 after 120 s" >&2
+    return 1
+}
 
 # 1. Model owner: train and seal the model; an identity for its key broker and its signatures.
 $BT train --net "$NET" --epochs "$EPOCHS" --max-batches "$MAX_BATCHES" --out run
@@ -53,8 +62,8 @@ $BT enclave policy --release release.json --model-owner "$MO" --allow-simulated 
 $BT key-broker --keys do.key --policy do-policy.toml --identity do.id --listen "127.0.0.1:$DO_PORT" &
 pids+=($!)
 $BT encrypt-input images/*.png --bundle model.btee --key do.key --out io/request.enc
-wait_for "$MO_PORT"
-wait_for "$DO_PORT"
+wait_for "$MO_PORT" "${pids[0]}"
+wait_for "$DO_PORT" "${pids[1]}"
 
 # 6. Host: run the enclave on the request; it gets both keys from the brokers by attestation.
 $BT enclave run enclave --backend native -- predict --bundle model.btee \
@@ -72,11 +81,12 @@ $BT enclave policy --release release-serve.json --model-owner "$MO" --allow-simu
 kill "${pids[0]}" && wait "${pids[0]}" || true
 $BT key-broker --keys mo.key --policy mo-policy-serve.toml --identity mo.id --listen "127.0.0.1:$MO_PORT" &
 pids+=($!)
-wait_for "$MO_PORT"
+wait_for "$MO_PORT" "$!"
 
 # 9. Host: serve. Data owner: its policy for the serving enclave, then query it over attested TLS.
 $BT enclave run enclave-serve --backend native -- serve --bundle model.btee --listen "127.0.0.1:$SERVE_PORT" &
 pids+=($!)
+serve_pid=$!
 $BT enclave policy --release release-serve.json --model-owner "$MO" --allow-simulated --out do-policy-serve.toml
-wait_for "$SERVE_PORT"
+wait_for "$SERVE_PORT" "$serve_pid"
 $BT query "https://127.0.0.1:$SERVE_PORT" images/*.png --policy do-policy-serve.toml --identity do.id

@@ -28,13 +28,19 @@ from branchy_tee.verifier.ratls import verify_server_certificate
 from test_release_statement import owner, release  # noqa: F401 (a fixture)
 
 
+def binding_of(statement: dict) -> str:
+    """What the statement's loader.env values make the enclave put in REPORTDATA (as a policy pins it)."""
+    env = {k.removeprefix("loader.env."): v for k, v in statement["measured"].items() if k.startswith("loader.env.")}
+    return measured.settings_binding(env).hex()
+
+
 def signer_only_policy(statement: dict, **kw) -> dict:
     """What an owner who signs its own enclaves writes: MRSIGNER (here the dev key's) and the settings
     of the one build it accepted."""
     return {
         "allowed_mrsigner": [statement["mrsigner"]],
         "own_signing_key": True,
-        "allowed_settings": [statement["measured"][f"loader.env.{measured.SETTINGS_DIGEST}"]],
+        "allowed_settings": [binding_of(statement)],
         "allow_simulation": True,
         **kw,
     }
@@ -90,7 +96,9 @@ def test_the_settings_digest_covers_loader_env_but_not_the_dev_keys_place(owner)
     cfg = load_config(base_dir)
     assert settings_digest(cfg.replace(ld_library_path=cfg.ld_library_path + ":/opt")) != settings_digest(cfg)
     assert settings_digest(cfg.replace(dev_key="/elsewhere/k.key")) == settings_digest(cfg)
-    assert measured.settings_binding(cfg.env).hex() == cfg.env[measured.SETTINGS_DIGEST]
+    # the enclave recomputes its binding from what it runs with: a value edited after the build (the
+    # settings digest string left as it was) changes it
+    assert measured.settings_binding({**cfg.env, measured.ALLOW_PLAINTEXT: "1"}) != measured.settings_binding(cfg.env)
     assert measured.settings_binding({measured.SETTINGS_DIGEST: "ab" * 32}) == bytes(32)  # not inside an enclave
 
 

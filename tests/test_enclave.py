@@ -19,6 +19,7 @@ from branchy_tee.cli import main
 from branchy_tee.core.errors import BranchyError, UsageError
 from branchy_tee.gramine import build as eb
 from branchy_tee.gramine.launch import split_run_arguments
+from branchy_tee.gramine.release import read_release
 from branchy_tee.gramine.tools import parse_sigstruct_view
 from branchy_tee.tee import measured
 from enclave_tools import ENCLAVE_ENV, encrypt_sealed_images, install_gramine_manifest
@@ -427,7 +428,7 @@ def test_build_sgx_calls_the_gramine_tools(sealed, tmp_path, gramine, capsys):
         "allow_debug": False,
         "accepted_tcb_statuses": ["UpToDate"],
         "min_model_version": 1,
-        "allowed_settings": [release["measured"]["loader.env.BRANCHY_TEE_SETTINGS_SHA256"]],
+        "allowed_settings": [read_release(tmp_path / "r.json", mo).settings_sha256],
     }
 
 

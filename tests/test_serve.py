@@ -831,6 +831,7 @@ def test_the_client_takes_paths_pil_images_and_arrays_mixed_and_refuses_others(w
         one_by_one = [c.predict(tmp_path / "a.png")[0], c.predict(pil)[0], c.predict(world["x"][2])[0]]
         mixed = c.predict([str(tmp_path / "a.png"), pil, world["x"][2]])
         assert [r["label"] for r in mixed] == [r["label"] for r in one_by_one]
+        assert len(c.predict([world["x"][3, 0], world["x"][4, 0]])) == 2  # grey images as 2-D arrays, as before
         with pytest.raises(BranchyError, match=r"images\[1\] is a dict: give image paths, PIL images or arrays"):
             c.predict([tmp_path / "a.png", {"not": "an image"}])
         with pytest.raises(BranchyError, match=r"more than 2x apart\); give --resize"):

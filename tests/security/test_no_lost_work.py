@@ -103,3 +103,18 @@ def test_images_far_from_the_models_size_need_resize_and_resizes_are_said(w, tmp
         main, [*argv, str(tmp_path / "big.png"), str(tmp_path / "near.png"), "--resize", "--out", str(w / "r1.req")]
     )
     assert rc == 0 and "big.png: resized 300x200 to 28x28" in err and "near.png: resized 32x32 to 28x28" in err
+
+
+def test_the_plaintext_file_never_replaces_a_sealed_result(w):  # noqa: F811
+    argv = predict_argv(w) + ["--plaintext-result", str(w / "out" / "res.enc")]
+    run_cli(argv, 2, "two --output (or --plaintext-result) paths are the same")
+    assert_nothing_written(w)
+
+
+def test_a_release_never_makes_the_development_key_it_names(tmp_path):
+    from branchy_tee.core.errors import BranchyError
+    from branchy_tee.tee.attest.providers import dev_public_key
+
+    with pytest.raises(BranchyError, match="the development key .* is not here: copy the shared key"):
+        dev_public_key(tmp_path / "absent.key")
+    assert not (tmp_path / "absent.key").exists()

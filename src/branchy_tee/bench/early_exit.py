@@ -71,6 +71,7 @@ def ensure_bench_model(cache_dir: Path, quick: bool) -> Path:
             batch_size=spec["batch_size"],
             num_workers=0,
             out=str(run),
+            force=True,  # (a cache: an interrupted run is replaced)
             quiet=True,
             synthetic={"channels": 1, "size": 28, "n": 600} if quick else {},
         )

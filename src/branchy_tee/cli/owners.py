@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 
@@ -83,7 +82,11 @@ def _show_key(path: str, as_json: bool) -> int:
     from branchy_tee.core.keys import key_id
     from branchy_tee.tee.attest.identity import identity_hex, load_identity
 
-    head = open(path, "rb").read(64) if os.path.isfile(path) else b""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise BranchyError(f"{path}: {e.strerror or e}") from None
     if head.startswith(b"-----BEGIN"):
         doc = {"identity_file": path, "identity": identity_hex(load_identity(path))}
     else:

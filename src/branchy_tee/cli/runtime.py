@@ -61,6 +61,7 @@ def add_query(sub) -> None:
     p.add_argument("--policy", required=True, metavar="POLICY.toml", help="your policy (the one your key broker uses)")
     p.add_argument("--identity", required=True, metavar="FILE", help="your identity (`keygen --identity`)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    p.add_argument("--resize", action="store_true", help="resize images of any size to the model's input")
     p.add_argument(
         "--json",
         action="store_true",
@@ -72,7 +73,9 @@ def add_query(sub) -> None:
 def cmd_query(args) -> int:
     from branchy_tee.client.online import Client
 
-    with Client(args.url.split(","), policy=args.policy, identity=args.identity, timeout=args.timeout) as c:
+    with Client(
+        args.url.split(","), policy=args.policy, identity=args.identity, timeout=args.timeout, resize=args.resize
+    ) as c:
         results = c.predict(args.inputs)
     if args.json:
         emit_json(results)

@@ -91,7 +91,17 @@ class _Replica:
 class Client:
     """Attested, authenticated access to one or more ``branchy-tee serve`` replicas."""
 
-    def __init__(self, urls: str | Iterable[str], policy, identity, *, timeout: float = 60.0, retries: int = 3):
+    def __init__(
+        self,
+        urls: str | Iterable[str],
+        policy,
+        identity,
+        *,
+        timeout: float = 60.0,
+        retries: int = 3,
+        resize: bool = False,
+    ):
+        self.resize = resize  # images far from the model's size are refused unless True (data.preprocess)
         from branchy_tee.tee.attest.identity import load_identity
         from branchy_tee.verifier.policy import Policy, load_policy, parse_policy
 
@@ -246,6 +256,15 @@ class Client:
         from branchy_tee.data.preprocess import image_to_pixels, load_inputs, tensor_to_inputs
 
         prep = self.model_info().preprocessing
+        if (
+            isinstance(images, (list, tuple))
+            and images
+            and all(isinstance(i, (np.ndarray, list, int, float)) for i in images)
+        ):
+            try:
+                images = np.asarray(images)  # numbers only: one array, as before (a batch, or one image)
+            except ValueError:
+                pass  # ragged: item by item
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if not items:
             raise BranchyError("images: nothing to classify")
@@ -253,9 +272,10 @@ class Client:
         for i, item in enumerate(items):
             where = f"images[{i}]" if isinstance(images, (list, tuple)) else "images"
             if isinstance(item, (str, os.PathLike)):
-                parts.append(load_inputs([str(item)], prep))
+                parts.append(load_inputs([str(item)], prep, self.resize))
             elif hasattr(item, "convert"):  # a PIL image
-                parts.append(tensor_to_inputs(image_to_pixels(item, prep.input_shape, where)[None], prep, where))
+                pixels = image_to_pixels(item, prep.input_shape, where, self.resize)
+                parts.append(tensor_to_inputs(pixels[None], prep, where))
             elif isinstance(item, (torch.Tensor, np.ndarray, list)):
                 t = item if isinstance(item, torch.Tensor) else torch.as_tensor(np.asarray(item))
                 parts.append(tensor_to_inputs(t, prep, where))

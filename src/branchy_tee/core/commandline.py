@@ -16,7 +16,9 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if not action.option_strings or "default" in text or default in (None, False, [], argparse.SUPPRESS):
+        if not action.option_strings or "default" in text or default is None or default is False:
+            return text
+        if default == [] or default == argparse.SUPPRESS:
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 

@@ -119,15 +119,14 @@ def calibrate(
 
 def _fall_back_to_the_full_model(result: dict, show: bool) -> None:
     """No setting within the budget costs less than the full model alone (the heads cost more than
-    the exits save): store 'never exit early', the full model's answers, and say so."""
+    the exits save): keep the cheapest (every other setting, 'never exit early' included, runs the
+    heads too and costs more), and say so: early exit does not pay for this model."""
     import sys
 
-    never = max(result["candidates"], key=lambda c: (c["exit_fractions"][-1], -c["mean_flops"]))
     cheapest = result["mean_flops"] / result["full_flops"]
-    result.update({k: never[k] for k in ("thresholds", "accuracy", "mean_flops", "exit_fractions")})
     result["warning"] = (
-        f"no exit setting within the budget is cheaper than the full model (the cheapest costs {cheapest:.2f}x "
-        "its FLOPs): stored 'never exit early'; train longer, or attach the exits to a better model"
+        f"no exit setting within the budget is cheaper than the full model (the cheapest, stored, costs "
+        f"{cheapest:.2f}x its FLOPs): early exit does not pay here; train longer, or use `predict --full-model`"
     )
     if show:
         print(f"warning: {result['warning']}", file=sys.stderr)

@@ -149,15 +149,18 @@ class ReleaseStatement:
             raise BranchyError(f"{what}: 'dangerous' does not name exactly the dangerous measured settings")
         if (s.dev_public_key is None) != (s.attest != EvidenceProvider.SIMULATED):
             raise BranchyError(f"{what}: 'dev_public_key' is for simulated builds, and only for them")
-        if not _hex(64)(s.settings_sha256):
+        if not _hex(64)(s.measured.get(env_member(measured.SETTINGS_DIGEST))):
             member = env_member(measured.SETTINGS_DIGEST)
             raise BranchyError(f"{what}: the measured settings digest ({member}) is missing")
         return s
 
     @property
     def settings_sha256(self) -> str:
-        """The measured settings digest the enclave puts in REPORTDATA (what policies pin as allowed_settings)."""
-        return self.measured.get(env_member(measured.SETTINGS_DIGEST), "")
+        """What the enclave puts in REPORTDATA's second half (``measured.settings_binding``), computed
+        here from the statement's own loader.env values: policies pin it as allowed_settings."""
+        prefix = env_member("")
+        env = {k[len(prefix) :]: v for k, v in self.measured.items() if k.startswith(prefix) and isinstance(v, str)}
+        return measured.settings_binding(env).hex()
 
 
 def _measured_values(v: object) -> bool:

@@ -127,13 +127,15 @@ def settings_bytes(env: Mapping[str, str]) -> bytes:
 
 
 def settings_binding(env: Mapping[str, str]) -> bytes:
-    """The second half of every REPORTDATA the enclave produces: its measured settings digest (32
-    bytes), so that a broker or client that pins only the signer (MRSIGNER) still sees which settings
-    it is dealing with. 32 zero bytes outside an enclave or when the digest is not well formed."""
-    value = env.get(SETTINGS_DIGEST, "") if inside_enclave(env) else ""
-    if len(value) != 64 or not set(value) <= set("0123456789abcdef"):
+    """The second half of every REPORTDATA the enclave produces (32 bytes): SHA-256 of the measured
+    settings it runs with (``settings_bytes``: every NAMES value, SETTINGS_DIGEST of the rest of the
+    manifest among them), recomputed from its own environment, so that a broker or client that pins
+    only the signer (MRSIGNER) still sees which settings it deals with. Zeros outside an enclave."""
+    if not inside_enclave(env):
         return bytes(32)
-    return bytes.fromhex(value)
+    import hashlib
+
+    return hashlib.sha256(b"branchy-tee/v1 settings\0" + settings_bytes(env)).digest()
 
 
 def serve_caps_text(caps: Mapping[str, int]) -> str:

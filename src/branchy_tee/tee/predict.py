@@ -103,8 +103,9 @@ def plaintext_lines(request_id: str, records: list[dict[str, Any]]) -> list[str]
 def _check_arguments(args: argparse.Namespace) -> None:
     if len(args.input) != len(args.output):
         raise UsageError(f"{len(args.input)} --input but {len(args.output)} --output; give one result file per request")
-    if len(set(map(os.path.abspath, args.output))) != len(args.output):
-        raise UsageError("two --output paths are the same")
+    written = [*args.output, *([args.plaintext_result] if args.plaintext_result else [])]
+    if len(set(map(os.path.abspath, written))) != len(written):
+        raise UsageError("two --output (or --plaintext-result) paths are the same")
     from branchy_tee.core.fileio import check_output
     from branchy_tee.tee.sealed.envelope import REQUEST_MAGIC
 

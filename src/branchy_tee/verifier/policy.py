@@ -25,8 +25,8 @@ build, or take it from the model owner's signed release statement); ``allowed_mr
 the host's signing key unless ``own_signing_key = true`` says the policy's owner signs its enclaves.
 Even then one signer signs many builds, some with settings an owner never accepted (plaintext
 results, a debug enclave): the enclave puts its measured settings digest in REPORTDATA's second half
-(``measured.settings_binding``), and such a policy must pin it (``allowed_settings``, the release
-statement's ``loader.env.BRANCHY_TEE_SETTINGS_SHA256``).
+(``measured.settings_binding``, SHA-256 of the measured settings it runs with), and such a policy
+must pin it (``allowed_settings``: ``ReleaseStatement.settings_sha256``, computed from the statement).
 
 Unknown settings are errors (a typo must not silently weaken a policy). :meth:`Policy.evaluate`
 accepts verified :class:`Claims` or raises :class:`~branchy_tee.core.errors.PolicyError` naming the
@@ -193,8 +193,8 @@ class Policy:
         if not self.allowed_mrenclave and not self.allowed_settings:
             raise BranchyError(
                 f"policy {self.source}: pins only allowed_mrsigner, which every build you sign shares, "
-                "whatever its settings; pin allowed_settings too (the release statement's "
-                "loader.env.BRANCHY_TEE_SETTINGS_SHA256 of each build you accept)"
+                "whatever its settings; pin allowed_settings too (write the policy with `enclave policy` "
+                "from the release statement of each build you accept)"
             )
         if self.accept_client_collateral and self.min_tcb_evaluation_data_number is None:
             raise BranchyError(

@@ -220,8 +220,14 @@ def load_or_create_dev_key(key_file: str | os.PathLike[str] | None = None) -> Ed
 
 
 def dev_public_key(key_file: str | os.PathLike[str]) -> bytes:
-    """The raw public key of the development key in ``key_file`` (what policies pin)."""
-    return _raw_public(load_or_create_dev_key(key_file).public_key())
+    """The raw public key of the development key in ``key_file`` (what policies pin); never creates one."""
+    path = Path(key_file)
+    if not str(key_file) or not path.is_file():
+        raise BranchyError(
+            f"the development key {key_file or '(none)'} the build names is not here: copy the shared key "
+            "file to that path (`enclave build --dev-key FILE`)"
+        )
+    return _raw_public(Ed25519PrivateKey.from_private_bytes(read_key_file(path)).public_key())
 
 
 class SimulatedProvider:

@@ -50,7 +50,8 @@ if TYPE_CHECKING:
 HEADER_FILE = "header.json"
 MAX_HEADER_BYTES = 1 << 20
 # header.json holds exactly these members, in this order (as seal_model writes them), and so do the
-# header and its stage entries: anything else is refused before the MAC is even computed.
+# header and its stage entries: anything else is refused (with the model key at hand, after the MAC:
+# a change anywhere in the header is reported as tampering).
 DOC_MEMBERS = ("header", "mac")
 
 

@@ -143,6 +143,10 @@ def _check_limits(args: argparse.Namespace, env: Mapping[str, str] = os.environ)
         caps = measured.serve_caps(env) if measured.inside_enclave(env) else {}
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if measured.inside_enclave(env) and not caps:
+        raise UsageError(
+            f"this enclave measures no {measured.SERVE_CAPS}: it was not built with `enclave build --serve`"
+        )
     for name in measured.CAP_NAMES:
         given, cap = getattr(args, name), caps.get(name)
         if cap is not None and given is not None and given > cap:
