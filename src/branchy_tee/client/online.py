@@ -187,9 +187,11 @@ class Client:
         self, method: str, path: str, body: bytes | None = None, content_type: str = "application/octet-stream"
     ) -> tuple[dict, str]:
         """JSON answer from the first replica that gives one (round robin, failover); the URL used."""
-        errors = []
+        errors: list[str] = []
         with self._lock:
-            for _ in range(self.retries * len(self.replicas)):
+            for attempt in range(self.retries * len(self.replicas)):
+                if attempt and errors and "(503)" not in errors[-1]:  # a refused or reset connection: back off
+                    time.sleep(min(1.0, 0.05 * 2**attempt) / len(self.replicas))
                 r = self.replicas[self._next % len(self.replicas)]
                 self._next += 1
                 try:
