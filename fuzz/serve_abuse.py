@@ -108,9 +108,10 @@ class Sampler:
 
 
 def _anonymous(port: int) -> ssl.SSLSocket:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30))
+    """A TLS connection without a client certificate (the client's own first handshake)."""
+    from branchy_tee.client.tls import anonymous_context
+
+    return anonymous_context().wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30))
 
 
 def unauthenticated_body(port: int, connections: int = 8) -> dict:
