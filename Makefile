@@ -9,7 +9,7 @@ BT     := $(VENV)/bin/branchy-tee
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: all setup data tools enclave-env demo lint test fuzz bench clean
+.PHONY: all setup data tools enclave-env demo demo-banner lint test fuzz bench clean
 
 all: test
 
@@ -34,8 +34,13 @@ enclave-env: setup
 	$(BT) enclave env
 
 # The main job: every party on this machine (train, calibrate, seal, key brokers, enclave, results).
-demo: setup data
+# The model is trained once and cached in runs/cache/ (shared with `make bench`).
+demo: demo-banner setup data
 	$(BT) demo
+
+demo-banner:
+	@echo "make demo: on a fresh clone about 7 minutes here (set-up 1-2, training the model 4, the rest 1);"
+	@echo "           about 1 minute once the model is cached in runs/cache/"
 
 # ruff (lint and format) and mypy (strict for the enclave side), configured in pyproject.toml.
 lint: setup

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 
-from branchy_tee.bench.early_exit import ensure_bench_model
 from branchy_tee.broker.server import start_broker
 from branchy_tee.cli import main
 from branchy_tee.client.envelopes import seal_request
@@ -48,6 +47,7 @@ from branchy_tee.models.rundir import read_model_card
 from branchy_tee.seal.bundle import seal_run
 from branchy_tee.tee.attest.identity import create_identity, identity_hex
 from branchy_tee.tee.attest.providers import code_measurement, simulated_mrenclave
+from branchy_tee.train.cache import DEFAULT_CACHE, cached_model, recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"one": 1, "batch1": 2000, "batch128": 10000}
@@ -142,14 +142,14 @@ def _best(runs: list[dict]) -> dict:
 def main_(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gramine", metavar="DIR", help="a Gramine installation (default: gramine-direct on PATH)")
-    p.add_argument("--cache-dir", default="runs/bench-cache", help="the benchmark model's cache (default %(default)s)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="the trained model's cache (default %(default)s)")
     p.add_argument("--repeat", type=int, default=3, help="runs of each measurement, best kept (default %(default)s)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args(argv)
     # Gramine's Python tools run with the first python3 on PATH: this one, which has their packages.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     use_gramine(args.gramine)
-    run_dir = ensure_bench_model(Path(args.cache_dir), quick=False)
+    run_dir = cached_model(args.cache_dir, recipe(quick=False), quiet=True)
     with tempfile.TemporaryDirectory(prefix="branchy-gramine-bench-") as tmp:
         work = Path(tmp)
         os.environ["XDG_CONFIG_HOME"] = str(work / "config")

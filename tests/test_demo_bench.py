@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow  # the demo and the benchmark, end to end
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--json"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.index("{\n") :])
     assert "SIMULATED" in printed
@@ -38,7 +38,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     t = summary["test"]
     assert t["final_exit_accuracy"] == summary["final_accuracy"] and t["budget_pp"] == pytest.approx(1.0)
     assert t["calibrated_loss_pp"] == pytest.approx(100 * (t["final_exit_accuracy"] - t["calibrated_accuracy"]))
-    assert "final exit (test split)" in printed and "calibrated setting (test)" in printed
+    assert "final exit" in printed and "early exit (calibrated)" in printed
+    # early exit against three baselines: the engine's full model, the one-graph model, ONNX Runtime's defaults
+    timing = summary["timing"]
+    for baseline in (timing["vs_every_stage"], timing, timing["vs_onnxruntime"]):
+        assert baseline["latency_speedup"] > 0 and baseline["throughput_speedup"] > 0
+    assert "on the same engine" in printed and "ONNX Runtime's defaults" in printed
+    assert printed.index("about") < printed.index("[1/8]")  # the expected duration comes first
     enclave = summary["enclave"]
     assert sum(enclave["early_exit"]["exit_counts"]) == 64
     assert enclave["full_model"]["exit_counts"][-1] == 64

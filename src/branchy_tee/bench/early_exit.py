@@ -17,66 +17,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from branchy_tee.bench.common import ENGINE_THREADS, log
+from branchy_tee.bench.common import ENGINE_THREADS
 from branchy_tee.tee.engine import early_exit
 
-# The early-exit benchmark model: deep enough that exit 0 is cheap, small enough to train here in
-# about 15 minutes (MobileNetV1 at width 0.5, four epochs of Fashion-MNIST on two cores).
-BENCH_MODEL: dict[str, Any] = {
-    "net": "mobilenetv1",
-    "model_config": {"width_mult": 0.5},
-    "epochs": 4,
-    "lr": 3e-3,
-    "batch_size": 128,
-}
-QUICK_MODEL: dict[str, Any] = {"net": "lenet5", "model_config": {}, "epochs": 1, "lr": 3e-3, "batch_size": 50}
 SPIN_PAUSE = 0.02  # seconds after each call with ONNX Runtime's default options, for its spinning threads to stop
 REPS = 3  # batch-1 runs per sample and path; the fastest counts
-
-
-def ensure_bench_model(cache_dir: Path, quick: bool) -> Path:
-    """Train the benchmark model once and reuse it (the run directory is the cache). A cached model
-    calibrated otherwise than calibration now does (on PyTorch's outputs rather than the stage
-    graphs', or with another margin) is calibrated again."""
-    from branchy_tee.data import fashion_mnist_available
-    from branchy_tee.evaluate.calibrate import DEFAULT_MARGIN_SE, calibrate_run
-    from branchy_tee.export.onnx import read_export
-    from branchy_tee.models.rundir import MODEL_CARD, read_model_card
-    from branchy_tee.train.trainer import TrainConfig, fit
-
-    spec = QUICK_MODEL if quick else BENCH_MODEL
-    dataset = "fashion-mnist" if fashion_mnist_available() and not quick else "synthetic"
-    tag = "-".join([spec["net"], *(f"{k}{v}" for k, v in spec["model_config"].items()), dataset, f"e{spec['epochs']}"])
-    run = cache_dir / tag
-    if (run / MODEL_CARD).is_file() and read_model_card(run).thresholds:
-        calibration = read_model_card(run).calibration
-        if read_export(run) is None or calibration is None or calibration.margin_se != DEFAULT_MARGIN_SE:
-            log(f"calibrating the cached benchmark model {run} again, on its stage graphs with the current margin")
-            calibrate_run(run, max_accuracy_drop=calibration.max_accuracy_drop if calibration else 0.01, show=False)
-        log(f"reusing the cached benchmark model {run}")
-        return run
-    if dataset == "synthetic" and not quick:
-        log("Fashion-MNIST not found: training the benchmark model on synthetic data instead")
-    log(
-        f"training the benchmark model {spec['net']} {spec['model_config']} on {dataset} for {spec['epochs']} "
-        f"epoch(s) -> {run}"
-    )
-    fit(
-        TrainConfig(
-            net=spec["net"],
-            model_config=dict(spec["model_config"]),
-            dataset=dataset,
-            epochs=spec["epochs"],
-            lr=spec["lr"],
-            batch_size=spec["batch_size"],
-            num_workers=0,
-            out=str(run),
-            force=True,  # (a cache: an interrupted run is replaced)
-            quiet=True,
-            synthetic={"channels": 1, "size": 28, "n": 600} if quick else {},
-        )
-    )
-    return run
 
 
 def _onnxruntime_sessions(model, input_shape):
@@ -185,7 +130,7 @@ def _fastest(fn, *args) -> float:
     return best
 
 
-def batch1_latencies(s: Subject, quick: bool) -> dict[str, Any]:
+def batch1_latencies(s: Subject, samples: int) -> dict[str, Any]:
     """Seconds per sample at batch 1, all measured sample by sample in one interleaved loop, so that
     drift of this machine's speed hits every figure alike: the calibrated early exit, the full model
     on both session options, leaving at each exit k through the same engine (for the oracle), and
@@ -211,7 +156,7 @@ def batch1_latencies(s: Subject, quick: bool) -> dict[str, Any]:
         "exit": [[] for _ in forced],
         "stage": [[] for _ in s.stages],
     }
-    for i in range(min(60 if quick else 1000, len(s.x))):
+    for i in range(min(samples, len(s.x))):
         xi = s.x[i : i + 1]
         t["early"].append(_fastest(engine, xi, criterion, thresholds, 1))
         t["full"].append(_fastest(s.full_ours, xi))
@@ -224,9 +169,10 @@ def batch1_latencies(s: Subject, quick: bool) -> dict[str, Any]:
     return t
 
 
-def batch128_throughputs(s: Subject, quick: bool) -> tuple[float, float, float, float]:
+def batch128_throughputs(s: Subject, quick: bool) -> tuple[float, float, float, float, float]:
     """Samples per second (early exit, full model, full model on ONNX Runtime's defaults, early exit on
-    every core) over the same samples, given to early exit as one request as predict gets them (so
+    every core, every stage through the engine as ``predict --full-model`` runs) over the same
+    samples, given to early exit as one request as predict gets them (so
     the engine can refill the later stages' batches), and to the full model batch by batch; the best
     of interleaved runs. ONNX Runtime's defaults use every core: early exit on every core is
     ``predict --threads`` cores (one batch per core at once on single-threaded sessions)."""
@@ -239,23 +185,31 @@ def batch128_throughputs(s: Subject, quick: bool) -> tuple[float, float, float, 
     def batches(fn):
         return lambda: [fn(s.x[i : i + 128]) for i in range(0, len(s.x), 128)]
 
+    from branchy_tee.evaluate.exits import forced_thresholds
+
     cores = os.cpu_count() or 1
-    tp_early, tp_full, tp_default, tp_cores = 0.0, 0.0, 0.0, 0.0
+    every_stage = forced_thresholds(s.card.criterion, s.num_exits, s.num_exits - 1)
+    tp_early, tp_full, tp_default, tp_cores, tp_stages = 0.0, 0.0, 0.0, 0.0, 0.0
     for _ in range(1 if quick else 3):
         tp_early = max(tp_early, throughput(lambda: s.early(s.x, None, 128)))
         tp_cores = max(tp_cores, throughput(lambda: s.early(s.x, None, 128, workers=cores)))
+        tp_stages = max(tp_stages, throughput(lambda: s.early(s.x, every_stage, 128)))
         tp_full = max(tp_full, throughput(batches(s.full_ours)))
         tp_default = max(tp_default, throughput(batches(s.full_default)))
         time.sleep(SPIN_PAUSE)
-    return tp_early, tp_full, tp_default, tp_cores
+    return tp_early, tp_full, tp_default, tp_cores, tp_stages
 
 
-def bench_early_exit(run_dir: Path, quick: bool, samples: int | None = None, data_dir=None) -> dict:
+def bench_early_exit(
+    run_dir: Path, quick: bool, samples: int | None = None, data_dir=None, latency_samples: int | None = None
+) -> dict:
     """Early exit (the run's stage graphs through the enclave's engine, on ONNX Runtime) against the
-    full model on the same runtime and against the full model on ONNX Runtime's default options."""
+    full model on the same runtime and against the full model on ONNX Runtime's default options:
+    accuracy and throughput over ``samples`` test images (all by default), batch-1 latency over the
+    first ``latency_samples`` of them (1,000 by default)."""
     s = load_subject(run_dir, quick, samples, data_dir)
     accuracy = accuracy_on_test(s)
-    lat = batch1_latencies(s, quick)
+    lat = batch1_latencies(s, latency_samples or (60 if quick else 1000))
     throughputs = batch128_throughputs(s, quick)
     # What one ONNX Runtime call costs with nothing to compute (a one-node graph): the floor under
     # every stage call at batch 1, which the engine pays once per stage a sample runs.
@@ -265,6 +219,7 @@ def bench_early_exit(run_dir: Path, quick: bool, samples: int | None = None, dat
         "runtime": f"onnxruntime {_ort_version()}, {ENGINE_THREADS} intra-op thread per stage session "
         "(the enclave's session options)",
         "test_samples": len(s.x),
+        "latency_samples": len(lat["early"]),
         **accuracy,
         **_speed_figures(s, lat, throughputs),
         "onnxruntime_call_us": call_us,
@@ -277,12 +232,12 @@ def _ort_version() -> str:
     return ort.__version__
 
 
-def _speed_figures(s: Subject, lat: dict, throughputs: tuple[float, float, float, float]) -> dict:
+def _speed_figures(s: Subject, lat: dict, throughputs: tuple[float, float, float, float, float]) -> dict:
     """Latency and throughput speedups, the exits taken, the oracle costed with the measured latencies,
     and what the engine adds per stage."""
     from branchy_tee.evaluate.exits import collect_log_probs, decide, oracle
 
-    tp_early, tp_full, tp_default, tp_cores = throughputs
+    tp_early, tp_full, tp_default, tp_cores, tp_stages = throughputs
     data = torch.utils.data.TensorDataset(torch.from_numpy(s.x), torch.from_numpy(s.y))
     logits, labels = collect_log_probs(s.stages, data, show=False)
     orc = oracle(logits, labels, list(range(s.num_exits)))
@@ -312,6 +267,13 @@ def _speed_figures(s: Subject, lat: dict, throughputs: tuple[float, float, float
             "throughput_early_exit": tp_cores,
             "workers": os.cpu_count() or 1,
             "throughput_speedup_one_worker": tp_early / tp_default,
+        },
+        "vs_every_stage": {
+            "what": "the full model on the same engine: every stage and exit, as predict --full-model runs it",
+            "latency_ms": 1000 * per_exit[-1],
+            "throughput": tp_stages,
+            "latency_speedup": per_exit[-1] / mean_early,
+            "throughput_speedup": tp_early / tp_stages,
         },
         "oracle_accuracy": orc["accuracy"],
         "oracle_latency_ms": 1000 * oracle_latency,

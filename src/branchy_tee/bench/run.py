@@ -29,10 +29,11 @@ from pathlib import Path
 import torch
 
 from branchy_tee.bench.common import ENGINE_THREADS, log, machine, predict_subprocess, timer
-from branchy_tee.bench.early_exit import bench_early_exit, ensure_bench_model
+from branchy_tee.bench.early_exit import bench_early_exit
 from branchy_tee.bench.sealed import bench_sealed
+from branchy_tee.train.cache import DEFAULT_CACHE, cached_model, recipe
 
-__all__ = ["run_bench", "format_report", "bench_early_exit", "ensure_bench_model", "machine"]
+__all__ = ["run_bench", "format_report", "bench_early_exit", "machine"]
 
 
 # --------------------------------------------------------------------------- per-exit profile of every model
@@ -227,7 +228,7 @@ def bench_quote_verify(quick: bool) -> dict | None:
 
 # --------------------------------------------------------------------------- the whole suite
 def run_bench(
-    quick: bool = False, cache_dir: str | os.PathLike = "runs/bench-cache", skip: tuple = (), serve: bool = False
+    quick: bool = False, cache_dir: str | os.PathLike = DEFAULT_CACHE, skip: tuple = (), serve: bool = False
 ) -> dict:
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +238,7 @@ def run_bench(
     result: dict = {"machine": machine(), "quick": quick, "date": time.strftime("%Y-%m-%d")}
     t0 = time.perf_counter()
     if "early_exit" not in skip or "enclave" not in skip or serve:
-        run = ensure_bench_model(cache_dir, quick)
+        run = cached_model(cache_dir, recipe(quick), quiet=True, log=log)
     if "early_exit" not in skip:
         result["early_exit"] = bench_early_exit(run, quick)
     if "enclave" not in skip:
@@ -297,7 +298,7 @@ def format_report(r: dict) -> str:
 
 
 def _format_early_exit(e: dict) -> list[str]:
-    v = e["vs_onnxruntime"]
+    v, w = e["vs_onnxruntime"], e["vs_every_stage"]
     budget = e.get("calibration_budget_pp")
     verdict = ""
     if budget is not None:
@@ -314,6 +315,9 @@ def _format_early_exit(e: dict) -> list[str]:
         f"{e['throughput_speedup']:.2f}x  (on {v['workers']} cores {v['throughput_early_exit']:.0f}/s vs ONNX "
         f"Runtime defaults {v['throughput']:.0f}/s -> {v['throughput_speedup']:.2f}x; one core "
         f"{v['throughput_speedup_one_worker']:.2f}x)",
+        f"  every stage on the same engine (predict --full-model): {w['latency_ms']:.3f} ms -> "
+        f"{w['latency_speedup']:.2f}x at batch 1, {w['throughput']:.0f} samples/s -> {w['throughput_speedup']:.2f}x "
+        "at batch 128",
         f"  oracle speedup  {e['oracle_speedup']:.2f}x (early exit reaches "
         f"{100 * e['fraction_of_oracle_speedup']:.0f}% of it)",
         f"  exits taken     {' / '.join(f'{100 * f:.1f}%' for f in e['exit_fractions'])}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from branchy_tee.cli.common import emit_json
+from branchy_tee.train.cache import DEFAULT_CACHE
 
 
 def add_predict(sub) -> None:
@@ -101,6 +102,9 @@ def add_demo(sub) -> None:
         "--data-dir", default=None, help="Fashion-MNIST location (default /usr/share/datasets/fashion-mnist)"
     )
     p.add_argument("--epochs", type=int, default=None, help="override the demo model's training epochs")
+    p.add_argument(
+        "--cache-dir", default=DEFAULT_CACHE, help="where the trained model is kept and reused (shared with bench)"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON at the end")
     p.set_defaults(func=cmd_demo)
 
@@ -111,7 +115,7 @@ def cmd_demo(args) -> int:
     from branchy_tee.demo.run import run_demo
 
     out = args.out or f"runs/demo-{_time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_demo(out, quick=args.quick, data_dir=args.data_dir, epochs=args.epochs)
+    summary = run_demo(out, quick=args.quick, data_dir=args.data_dir, epochs=args.epochs, cache_dir=args.cache_dir)
     if args.json:
         emit_json(
             {k: v for k, v in summary.items() if k != "data_owners"}
@@ -133,7 +137,7 @@ def add_bench(sub) -> None:
         "--quick", action="store_true", help="tiny models and few repetitions (for tests; figures are not meaningful)"
     )
     p.add_argument(
-        "--cache-dir", default="runs/bench-cache", help="where the trained benchmark model is kept and reused"
+        "--cache-dir", default=DEFAULT_CACHE, help="where the trained model is kept and reused (shared with demo)"
     )
     p.add_argument(
         "--skip",

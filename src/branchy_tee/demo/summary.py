@@ -44,7 +44,11 @@ def summarize(demo: Demo) -> dict:
 
     say("\n    measuring batch-1 latency and batch-128 throughput, early exit vs the full model ...")
     timing = bench_early_exit(
-        demo.run_dir, quick=demo.quick, samples=200 if demo.quick else 2000, data_dir=demo.data_dir
+        demo.run_dir,
+        quick=demo.quick,
+        samples=200 if demo.quick else 2000,
+        data_dir=demo.data_dir,
+        latency_samples=60 if demo.quick else 300,
     )
     traces = {"early exit (staged loading)": demo.stats, "full model": demo.full}
     if demo.easy:
@@ -59,7 +63,8 @@ def summarize(demo: Demo) -> dict:
     s["test"] = accuracy_on_test(r, card.calibration.max_accuracy_drop if card.calibration else 0.01)
     s.update(
         {
-            "model": f"{card.arch} {card.config}",
+            "model": card.arch
+            + "".join(f" {k}={v}" for k, v in card.config.items() if k not in ("num_classes", "in_channels")),
             "exits": r["exits"],
             "final_accuracy": r["final_accuracy"],
             "calibrated": r["calibrated"],
@@ -89,62 +94,103 @@ def summarize(demo: Demo) -> dict:
     return s
 
 
+def _row(label: str, *cells: str) -> str:
+    return f"  {label:<26}" + "".join(f"{c:>16}" for c in cells)
+
+
 def format_summary(s: dict) -> str:
-    cal, full_acc = s["calibrated"], s["final_accuracy"]
-    t, e, f = s["timing"], s["enclave"]["early_exit"], s["enclave"]["full_model"]
-    lines = ["", "=" * 78, f"branchy-tee demo: {s['model']} on {s['dataset']}  ({s['seconds']:.0f} s)", "=" * 78]
-    lines.append(
-        "accuracy per exit (test):  " + "  ".join(f"exit {x['index']}: {100 * x['accuracy']:.2f}%" for x in s["exits"])
-    )
-    tst = s["test"]
-    lines.append(f"final exit (test split):   {100 * full_acc:.2f}%")
-    lines.append(
-        f"calibrated setting (test): {100 * cal['accuracy']:.2f}%, a loss of {tst['calibrated_loss_pp']:.2f} points "
-        f"against the {tst['budget_pp']:.2f}-point budget: {'within' if tst['within_budget'] else 'OVER'}"
-    )
-    lines.append(
-        "exit distribution (enclave): "
-        + " / ".join(f"{c}" for c in e["exit_counts"])
-        + f" samples; stages loaded {e['stages_loaded']}"
-    )
-    lines.append(
-        f"batch-1 latency:           {t['latency_ms_early_exit']:.3f} ms early exit vs {t['latency_ms_full']:.3f} ms "
-        f"full model ({t['latency_speedup']:.2f}x)"
-    )
-    lines.append(
-        f"batch-128 throughput:      {t['throughput_early_exit']:.0f} vs {t['throughput_full']:.0f} samples/s "
-        f"({t['throughput_speedup']:.2f}x)"
-    )
+    """The closing figures in four blocks (accuracy, speed, memory, the parties), one line per figure."""
+    cal, tst = s["calibrated"], s["test"]
+    t, enc = s["timing"], s["enclave"]
+    e, ort = enc["early_exit"], t["vs_onnxruntime"]
+    n = sum(e["exit_counts"])
+    rule = "=" * 90
+    title = f"branchy-tee demo: {s['model']} on {s['dataset']}, {n} test images ({s['seconds']:.0f} s)"
+    lines = ["", rule, title, rule]
+    lines += [
+        "ACCURACY (test split)",
+        _row("final exit", f"{100 * s['final_accuracy']:.2f} %"),
+        _row("early exit (calibrated)", f"{100 * cal['accuracy']:.2f} %")
+        + f"   {tst['calibrated_loss_pp']:.2f} points lost, budget {tst['budget_pp']:.2f}: "
+        + ("within" if tst["within_budget"] else "OVER BUDGET"),
+        _row("per exit", *(f"{k}: {100 * x['accuracy']:.1f} %" for k, x in enumerate(s["exits"]))),
+        _row("answered at exit", *(f"{k}: {100 * c / n:.1f} %" for k, c in enumerate(e["exit_counts"]))),
+        "",
+        f"SPEED: the enclave's engine on ONNX Runtime, 1 thread ({t['test_samples']} test images; batch 1 over the "
+        f"first {t['latency_samples']})",
+        _row("", "early exit", "full model", "early exit is"),
+        *_speed(t, t["vs_every_stage"], "the full model on the same engine (every stage, as predict --full-model):"),
+        *_speed(t, t, "the full model as one ONNX graph (no exit heads), the same session options:"),
+        *_speed(
+            t,
+            ort,
+            f"the full model as one ONNX graph on ONNX Runtime's defaults ({ort['workers']} cores; "
+            f"early exit on {ort['workers']} workers at batch 128):",
+            ort["throughput_early_exit"],
+        ),
+    ]
     if t["latency_speedup"] < 1:
-        lines.append("  (this model's stages cost less than the engine's call per stage: early exit does not pay here;")
-        lines.append("   `branchy-tee bench` measures a deeper model)")
-    lines.append(
-        f"enclave peak RSS:          {e['peak_rss_mib']:.0f} MiB staged vs {f['peak_rss_mib']:.0f} MiB full model; "
-        f"resident weights {e['resident_weights_peak_mib']:.2f} vs {f['resident_weights_peak_mib']:.2f} MiB"
-    )
-    easy, budget = s["enclave"]["easy_images"], s["enclave"]["memory_budget"]
-    if easy:
-        lines.append(
-            f"easy images only:          stages loaded {easy['stages_loaded']}, resident weights "
-            f"{easy['resident_weights_peak_mib']:.2f} MiB, peak RSS {easy['peak_rss_mib']:.0f} MiB"
-        )
-    lines.append(
-        f"under --memory-budget:     resident weights at most {budget['resident_weights_peak_mib']:.2f} MiB, "
-        f"{budget['evictions']} evictions"
-    )
+        lines.append("  (this model's stages cost less than the engine's call per stage: early exit does not pay here)")
+    lines += _memory_block(enc)
     o = s["online"]
-    lines.append(
-        f"online (RA-TLS, 2 owners): p50 {o['early_exit']['p50_ms']:.2f} ms early exit vs "
-        f"{o['full_model']['p50_ms']:.2f} ms full model per single-image request"
-    )
+    lines += [
+        "",
+        "PARTIES",
+        f"  online (RA-TLS, both owners at once): p50 {o['early_exit']['p50_ms']:.2f} ms early exit vs "
+        f"{o['full_model']['p50_ms']:.2f} ms full model per one-image request",
+    ]
     for who, own in s["data_owners"].items():
         lines.append(
-            f"data owner {who[-1].upper()}:              {own['samples']} answers, "
-            f"accuracy {100 * own['accuracy']:.2f}%, "
-            f"result.txt (decrypted by the data owner): {own['result_txt']}"
+            f"  data owner {who[-1].upper()}: {own['samples']} answers, accuracy {100 * own['accuracy']:.2f} %, "
+            f"decrypted by itself to {own['result_txt']}"
         )
     files = s["files"]
-    lines.append(f"memory traces (mprof):     {', '.join(files['mprofile'])}")
-    lines.append(f"plots:                     {files['accuracy_plot']}, {files['memory_plot']}")
-    lines.append("attestation was SIMULATED (no SGX here); see docs/sgx.md.")
+    lines += [
+        "",
+        f"PLOTS: {files['accuracy_plot']} (accuracy against cost), {files['memory_plot']} (memory over time)",
+        f"memory traces (mprof): {', '.join(files['mprofile'])}",
+        f"every figure: {Path(files['bundle']).parent / 'summary.json'}",
+        "attestation was SIMULATED (no SGX here); see docs/sgx.md.",
+    ]
     return "\n".join(lines)
+
+
+def _speed(t: dict, full: dict, title: str, early_throughput: float | None = None) -> list[str]:
+    """Batch-1 latency and batch-128 throughput of early exit against one baseline (``full``: the
+    bench's figures, or one of its ``vs_*`` blocks)."""
+    latency, tp = full.get("latency_ms", t["latency_ms_full"]), full.get("throughput", t["throughput_full"])
+    early_tp = early_throughput or t["throughput_early_exit"]
+    return [
+        f"  {title}",
+        _row(
+            "  batch-1 latency",
+            f"{t['latency_ms_early_exit']:.3f} ms",
+            f"{latency:.3f} ms",
+            f"{full['latency_speedup']:.2f}x faster",
+        ),
+        _row(
+            "  batch-128 throughput", f"{early_tp:.0f} /s", f"{tp:.0f} /s", f"{full['throughput_speedup']:.2f}x higher"
+        ),
+    ]
+
+
+def _memory_block(enc: dict) -> list[str]:
+    easy, budget = enc["easy_images"], enc["memory_budget"]
+    lines = [
+        "",
+        "MEMORY (the enclave runtime: the stage store's resident weights and the process's peak RSS)",
+        _row("", "weights", "peak RSS", "stages loaded"),
+        _row("full model", *_memory(enc["full_model"])),
+        _row("early exit, on demand", *_memory(enc["early_exit"])),
+    ]
+    if easy:
+        lines.append(_row("easy images only", *_memory(easy)))
+    lines.append(
+        _row("under --memory-budget", *_memory(budget)) + f"   ({budget['evictions']} evictions, same answers)"
+    )
+    return lines
+
+
+def _memory(stats: dict) -> tuple[str, str, str]:
+    stages = ",".join(str(k) for k in stats["stages_loaded"])
+    return f"{stats['resident_weights_peak_mib']:.2f} MiB", f"{stats['peak_rss_mib']:.0f} MiB", stages
