@@ -39,8 +39,8 @@ demo: demo-banner setup data
 	$(BT) demo
 
 demo-banner:
-	@echo "make demo: on a fresh clone about 7 minutes here (set-up 1-2, training the model 4, the rest 1);"
-	@echo "           about 1 minute once the model is cached in runs/cache/"
+	@echo "make demo: on a fresh clone about 5 minutes here (set-up about 1, training the model about 3,"
+	@echo "           the rest under 1); under a minute once the model is cached in runs/cache/"
 
 # ruff (lint and format) and mypy (strict for the enclave side), configured in pyproject.toml.
 lint: setup

@@ -1,6 +1,6 @@
 """The enclave under Gramine's LibOS (gramine-direct) beside the same enclave run natively, in one run.
 
-On the benchmark model (`branchy-tee bench`'s cached MobileNet V1, trained on first use), with
+On the showcase model (the demo's and `branchy-tee bench`'s cached MobileNet V1, trained on first use), with
 simulated attestation and two key brokers on loopback, `enclave run --backend native|direct` runs
 predict on 1, 256 and 1,024 test images, early exit and --full-model:
 

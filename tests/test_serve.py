@@ -596,9 +596,11 @@ def _start_server_process(world, broker_url: str, port: int):
         "1",
         "--quiet",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = world["d"] / f"serve-{port}-{time.monotonic_ns()}.log"  # why, should it not start (seen once under load)
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     line = proc.stdout.readline()
-    assert line.startswith("serving lenet5"), line
+    assert line.startswith("serving lenet5"), (line, log.read_text()[-2000:])
     return proc
 
 

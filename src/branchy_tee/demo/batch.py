@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 MINUTES_BESIDES_TRAINING = 1
 
 
+def _minutes(m: float) -> str:
+    return f"{m:.0f} minute{'s' if round(m) > 1 else ''}" if m >= 1 else f"{60 * m:.0f} seconds"
+
+
 class Demo:
     """The demo's state, one method per act. Every party's files are in its own folder of ``d``."""
 
@@ -38,7 +42,7 @@ class Demo:
         self.quick, self.data_dir, self.cache_dir = quick, data_dir, cache_dir
         self.spec = recipe(quick, data_dir, epochs)
         self.dataset = self.spec["dataset"]
-        self.cached = is_cached(cache_entry(cache_dir, self.spec))
+        self.cached = is_cached(cache_entry(cache_dir, self.spec), self.spec)
         if self.dataset == "synthetic" and not quick:
             say(
                 "NOTICE: Fashion-MNIST was not found (install the Debian package dataset-fashion-mnist, or pass "
@@ -46,7 +50,6 @@ class Demo:
                 "        the demo uses the synthetic data set instead. The flow is the same; the figures are not "
                 "comparable."
             )
-        self.synthetic = self.spec["synthetic"] if self.dataset == "synthetic" else {}
         # The simulated provider's dev key lives under XDG_CONFIG_HOME: the demo's stays in the demo folder.
         self.env = dict(os.environ, XDG_CONFIG_HOME=str((self.d / "config").resolve()), OMP_NUM_THREADS="2")
         self.summary: dict = {"dataset": self.dataset}
@@ -56,11 +59,11 @@ class Demo:
 
         entry, rest = cache_entry(self.cache_dir, self.spec), 0.5 if self.quick else MINUTES_BESIDES_TRAINING
         if self.cached:
-            say(f"branchy-tee demo: about {rest:.0f} minute(s) on a 2-core machine (the model is cached: {entry})")
+            say(f"branchy-tee demo: about {_minutes(rest)} on a 2-core machine (the model is cached: {entry})")
         else:
             train = self.spec["minutes"]
             say(
-                f"branchy-tee demo: about {rest + train:.0f} minute(s) on a 2-core machine, {train:.0f} of them "
+                f"branchy-tee demo: about {_minutes(rest + train)} on a 2-core machine, {_minutes(train)} of it "
                 f"training the model\n    (once: it is cached in {entry} for later demos and `branchy-tee bench`)"
             )
 
@@ -72,15 +75,13 @@ class Demo:
         from branchy_tee.evaluate.plots import plot_accuracy_vs_cost
         from branchy_tee.models.rundir import read_model_card
         from branchy_tee.seal.bundle import seal_run
-        from branchy_tee.train.cache import cached_model
+        from branchy_tee.train.cache import cached_model, describe
 
         s = self.spec
         step(
             1,
             "model owner",
-            f"{'take the cached' if self.cached else 'train'} {s['net']}"
-            + "".join(f" {k}={v}" for k, v in s["model_config"].items())
-            + f" on {self.dataset} "
+            f"{'take the cached' if self.cached else 'train'} {describe(s)} on {self.dataset} "
             f"({s['epochs']} epoch(s)), calibrated to a 1-point accuracy budget; evaluate on the test split, seal",
         )
         cached = cached_model(self.cache_dir, s, self.data_dir, log=lambda msg: say(f"    {msg}"))
@@ -98,6 +99,8 @@ class Demo:
         self.mo_key = generate_key()
         write_key_file(self.d / "mo" / "model.key", self.mo_key)
         self.card = read_model_card(self.run_dir)
+        data = self.card.data
+        self.synthetic = data.synthetic if data and self.dataset == "synthetic" else {}  # the model's own data
         header = seal_run(self.run_dir, self.mo_key, self.d / "model.btee", version=1)
         say(f"    sealed {self.d / 'model.btee'}: {header.num_stages} stage graphs, model key id {key_id(self.mo_key)}")
 
@@ -301,6 +304,8 @@ class Demo:
             if model.bundle_id != self.release.bundle_id:
                 raise BranchyError(f"{who}: the result names bundle {model.bundle_id}, not the released one")
             acc = float((torch.tensor([r["label"] for r in records]) == self.truth[who]).float().mean())
+            budget_file = f"{who}-result-budget.enc"
+            budgeted = open_result((self.d / "io" / budget_file).read_bytes(), self.keys[who], budget_file, mine)[1]
             lines = ["index\tlabel\tclass_name\tconfidence\texit"]
             lines += [
                 f"{r['index']}\t{r['label']}\t{r['class_name']}\t{r['confidence']:.4f}\t{r['exit']}" for r in records
@@ -319,6 +324,7 @@ class Demo:
                 "accuracy": acc,
                 "result_txt": str(self.d / who / "result.txt"),
                 "cannot_read_other_owner": isolated,
+                "same_answers_under_budget": budgeted == records,
                 "answered_by": model.to_json(),
                 "records": records,
             }

@@ -1,7 +1,7 @@
 """``branchy-tee demo``: every party of a secure early-exit deployment, played on this machine.
 
 1. The model owner trains a multi-exit model on Fashion-MNIST (the showcase model of
-   ``branchy_tee.train.cache``, a narrow MobileNet V1 whose first exit costs 9 % of the whole; trained
+   ``branchy_tee.train.cache``, a narrow MobileNet V1 whose first exit costs 7 % of its FLOPs; trained
    once and cached, shared with ``branchy-tee bench``), calibrated to a 1-point accuracy budget,
    evaluates it on the test split and seals it.
 2. Every owner makes its Ed25519 identity; the host builds the enclave for the bundle, measuring the

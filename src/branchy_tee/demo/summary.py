@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from branchy_tee.bench.common import ENGINE_THREADS
 from branchy_tee.demo.common import OWNERS, say
+from branchy_tee.train.cache import describe
 
 if TYPE_CHECKING:
     from branchy_tee.demo.batch import Demo
@@ -63,8 +65,7 @@ def summarize(demo: Demo) -> dict:
     s["test"] = accuracy_on_test(r, card.calibration.max_accuracy_drop if card.calibration else 0.01)
     s.update(
         {
-            "model": card.arch
-            + "".join(f" {k}={v}" for k, v in card.config.items() if k not in ("num_classes", "in_channels")),
+            "model": describe(demo.spec),
             "exits": r["exits"],
             "final_accuracy": r["final_accuracy"],
             "calibrated": r["calibrated"],
@@ -116,7 +117,8 @@ def format_summary(s: dict) -> str:
         _row("per exit", *(f"{k}: {100 * x['accuracy']:.1f} %" for k, x in enumerate(s["exits"]))),
         _row("answered at exit", *(f"{k}: {100 * c / n:.1f} %" for k, c in enumerate(e["exit_counts"]))),
         "",
-        f"SPEED: the enclave's engine on ONNX Runtime, 1 thread ({t['test_samples']} test images; batch 1 over the "
+        f"SPEED: the enclave's engine on ONNX Runtime, {ENGINE_THREADS} intra-op thread ({t['test_samples']} test "
+        "images; batch 1 over the "
         f"first {t['latency_samples']})",
         _row("", "early exit", "full model", "early exit is"),
         *_speed(t, t["vs_every_stage"], "the full model on the same engine (every stage, as predict --full-model):"),
@@ -131,7 +133,7 @@ def format_summary(s: dict) -> str:
     ]
     if t["latency_speedup"] < 1:
         lines.append("  (this model's stages cost less than the engine's call per stage: early exit does not pay here)")
-    lines += _memory_block(enc)
+    lines += _memory_block(enc, all(o["same_answers_under_budget"] for o in s["data_owners"].values()))
     o = s["online"]
     lines += [
         "",
@@ -159,7 +161,7 @@ def _speed(t: dict, full: dict, title: str, early_throughput: float | None = Non
     """Batch-1 latency and batch-128 throughput of early exit against one baseline (``full``: the
     bench's figures, or one of its ``vs_*`` blocks)."""
     latency, tp = full.get("latency_ms", t["latency_ms_full"]), full.get("throughput", t["throughput_full"])
-    early_tp = early_throughput or t["throughput_early_exit"]
+    early_tp = t["throughput_early_exit"] if early_throughput is None else early_throughput
     return [
         f"  {title}",
         _row(
@@ -174,7 +176,7 @@ def _speed(t: dict, full: dict, title: str, early_throughput: float | None = Non
     ]
 
 
-def _memory_block(enc: dict) -> list[str]:
+def _memory_block(enc: dict, same_answers: bool) -> list[str]:
     easy, budget = enc["easy_images"], enc["memory_budget"]
     lines = [
         "",
@@ -186,7 +188,8 @@ def _memory_block(enc: dict) -> list[str]:
     if easy:
         lines.append(_row("easy images only", *_memory(easy)))
     lines.append(
-        _row("under --memory-budget", *_memory(budget)) + f"   ({budget['evictions']} evictions, same answers)"
+        _row("under --memory-budget", *_memory(budget))
+        + f"   ({budget['evictions']} evictions, {'the same answers' if same_answers else 'DIFFERENT ANSWERS'})"
     )
     return lines
 
