@@ -42,7 +42,8 @@ class Demo:
         self.quick, self.data_dir, self.cache_dir = quick, data_dir, cache_dir
         self.spec = recipe(quick, data_dir, epochs)
         self.dataset = self.spec["dataset"]
-        self.cached = is_cached(cache_entry(cache_dir, self.spec), self.spec)
+        self.entry = cache_entry(cache_dir, self.spec)
+        self.cached = is_cached(self.entry, self.spec)
         if self.dataset == "synthetic" and not quick:
             say(
                 "NOTICE: Fashion-MNIST was not found (install the Debian package dataset-fashion-mnist, or pass "
@@ -55,16 +56,14 @@ class Demo:
         self.summary: dict = {"dataset": self.dataset}
 
     def announce_duration(self) -> None:
-        from branchy_tee.train.cache import cache_entry
-
-        entry, rest = cache_entry(self.cache_dir, self.spec), 0.5 if self.quick else MINUTES_BESIDES_TRAINING
+        rest = 0.5 if self.quick else MINUTES_BESIDES_TRAINING
         if self.cached:
-            say(f"branchy-tee demo: about {_minutes(rest)} on a 2-core machine (the model is cached: {entry})")
+            say(f"branchy-tee demo: about {_minutes(rest)} on a 2-core machine (the model is cached: {self.entry})")
         else:
             train = self.spec["minutes"]
             say(
                 f"branchy-tee demo: about {_minutes(rest + train)} on a 2-core machine, {_minutes(train)} of it "
-                f"training the model\n    (once: it is cached in {entry} for later demos and `branchy-tee bench`)"
+                f"training the model\n    (once: it is cached in {self.entry} for later demos and `branchy-tee bench`)"
             )
 
     # ------------------------------------------------------------------ model owner

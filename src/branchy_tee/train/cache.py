@@ -78,12 +78,14 @@ def _train_config(spec: dict[str, Any], out: Path, data_dir, quiet: bool):
 
 
 def stale_because(run: Path, spec: dict[str, Any]) -> str | None:
-    """Why the run in ``run`` is not a finished, calibrated run of ``spec`` (None when it is)."""
+    """Why ``run`` is not a finished, calibrated run of ``spec`` to reuse (None when it is)."""
     from branchy_tee.models.rundir import MODEL_CARD, read_model_card
     from branchy_tee.train.config import jsonable
 
+    if not run.exists():
+        return "it is not there"
     if not (run / MODEL_CARD).is_file():
-        return None if not run.exists() else "it holds no model card (interrupted)"
+        return "it holds no model card (interrupted)"
     card = read_model_card(run)
     if not card.thresholds:
         return "it was never calibrated (interrupted)"
@@ -96,7 +98,7 @@ def stale_because(run: Path, spec: dict[str, Any]) -> str | None:
 
 
 def is_cached(run: Path, spec: dict[str, Any]) -> bool:
-    return run.exists() and stale_because(run, spec) is None
+    return stale_because(run, spec) is None
 
 
 def cached_model(
@@ -115,7 +117,8 @@ def cached_model(
     from branchy_tee.train.trainer import fit
 
     run = cache_entry(cache_dir, spec)
-    if is_cached(run, spec):
+    stale = stale_because(run, spec)
+    if stale is None:
         calibration = read_model_card(run).calibration
         if read_export(run) is None or calibration is None or calibration.margin_se != DEFAULT_MARGIN_SE:
             log(f"calibrating the cached model {run} again, on its stage graphs with the current margin")
@@ -124,7 +127,7 @@ def cached_model(
         log(f"reusing the cached model {run}")
         return run
     if run.exists():
-        log(f"not reusing {run}: {stale_because(run, spec)}")
+        log(f"not reusing {run}: {stale}")
     log(
         f"training {describe(spec)} on {spec['dataset']} for {spec['epochs']} epoch(s) -> {run} (cached for later "
         "runs of the demo and the benchmark)"
